@@ -1,0 +1,45 @@
+// The pybind11 module fastcore_ai._C: binds the torch glue of every op and reports how the
+// extension was built. The only file that includes torch/extension.h (pybind11 + tensor casters).
+#include <torch/extension.h>
+
+#ifndef FASTCORE_TORCH_VERSION
+#define FASTCORE_TORCH_VERSION "unknown"
+#endif
+#ifndef FASTCORE_CUDA_ARCHS
+#define FASTCORE_CUDA_ARCHS ""
+#endif
+#ifndef FASTCORE_CUDA_VERSION
+#define FASTCORE_CUDA_VERSION ""
+#endif
+
+namespace fastcore {
+namespace moe {
+std::vector<at::Tensor> topk_route(const at::Tensor& logits, int64_t k, bool renormalize);
+at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& expert_ids,
+                               const at::Tensor& weights, const at::Tensor& lse,
+                               const at::Tensor& grad_weights, const at::Tensor& grad_z_loss,
+                               const at::Tensor& grad_mean_prob, bool renormalize);
+}  // namespace moe
+}  // namespace fastcore
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastcore_ai native kernels (CPU always, CUDA when built with nvcc)";
+  m.def("build_config", []() {
+    pybind11::dict d;
+#ifdef FASTCORE_WITH_CUDA
+    d["cuda_compiled"] = true;
+#else
+    d["cuda_compiled"] = false;
+#endif
+    d["torch_version"] = FASTCORE_TORCH_VERSION;
+    d["cuda_archs"] = FASTCORE_CUDA_ARCHS;
+    d["cuda_version"] = FASTCORE_CUDA_VERSION;
+    return d;
+  });
+  m.def("moe_topk_route", &fastcore::moe::topk_route, "fused softmax + top-k router",
+        pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("renormalize"));
+  m.def("moe_topk_route_backward", &fastcore::moe::topk_route_backward, "router backward",
+        pybind11::arg("logits"), pybind11::arg("expert_ids"), pybind11::arg("weights"),
+        pybind11::arg("lse"), pybind11::arg("grad_weights"), pybind11::arg("grad_z_loss"),
+        pybind11::arg("grad_mean_prob"), pybind11::arg("renormalize"));
+}

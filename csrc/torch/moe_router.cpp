@@ -1,0 +1,152 @@
+// Torch glue of the fused MoE router: validation of what the kernels rely on, output allocation,
+// TopkRouteParams filling, and the CPU (at::parallel_for) or CUDA launch. The user-facing
+// validation with full messages lives in fastcore_ai.ops (one helper); these checks guard the
+// kernels when _C is called directly.
+#include <ATen/Parallel.h>
+
+#include "moe/topk_route.h"
+#include "tensor_params.h"
+
+#ifdef FASTCORE_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace fastcore {
+namespace moe {
+namespace {
+
+constexpr const char* kOp = "moe_topk_route";
+
+void check_route_inputs(const at::Tensor& logits, int64_t k) {
+  FC_CHECK(logits.dim() == 2, kOp, "logits must have shape [T, E], got ", logits.dim(), " dims");
+  scalar_kind_of(logits, kOp, "logits");
+  const int64_t E = logits.size(1);
+  FC_CHECK(E >= 1 && E <= kMaxExperts, kOp, "logits must have 1 <= E <= ", kMaxExperts, " experts, got E=", E);
+  FC_CHECK(k >= 1 && k <= std::min<int64_t>(E, kMaxTopK), kOp, "k must satisfy 1 <= k <= min(E, ",
+           kMaxTopK, "), got k=", k, " with E=", E);
+}
+
+bool device_is_cuda(const at::Tensor& t) { return t.is_cuda(); }
+
+void fill_logits(const at::Tensor& logits, const void*& data, ScalarKind& kind, int64_t& T, int64_t& E,
+                 int64_t& row_stride, int64_t& col_stride) {
+  data = logits.data_ptr();
+  kind = scalar_kind_of(logits, kOp, "logits");
+  T = logits.size(0);
+  E = logits.size(1);
+  row_stride = logits.stride(0);
+  col_stride = logits.stride(1);
+}
+
+void check_cuda_status(int status, const char* what) {
+  TORCH_CHECK(status == 0, "fastcore_ai.ops.", kOp, ": CUDA ", what, " failed with cudaError ", status);
+}
+
+}  // namespace
+
+// Returns (weights [T,k], expert_ids [T,k] int64, z_loss [], tokens_per_expert [E] int64,
+//          mean_prob [E], lse [T]); float tensors are float32 (float64 for float64 logits).
+std::vector<at::Tensor> topk_route(const at::Tensor& logits, int64_t k, bool renormalize) {
+  check_route_inputs(logits, k);
+  const bool on_cuda = device_is_cuda(logits);
+  const auto acc = accumulate_type_of(logits);
+  const auto float_opts = logits.options().dtype(acc);
+  const auto long_opts = logits.options().dtype(at::kLong);
+  TopkRouteParams p;
+  fill_logits(logits, p.logits, p.logits_kind, p.num_tokens, p.num_experts, p.row_stride, p.col_stride);
+  const int64_t T = p.num_tokens, E = p.num_experts;
+  p.k = static_cast<int32_t>(k);
+  p.renormalize = renormalize;
+
+  at::Tensor weights = at::empty({T, k}, float_opts);
+  at::Tensor expert_ids = at::empty({T, k}, long_opts);
+  at::Tensor lse = at::empty({T}, float_opts);
+  at::Tensor z_loss = at::zeros({}, float_opts);
+  at::Tensor mean_prob = at::zeros({E}, float_opts);
+  at::Tensor counts = at::zeros({E}, long_opts);
+  if (T == 0) return {weights, expert_ids, z_loss, counts, mean_prob, lse};
+
+  p.weights = weights.data_ptr();
+  p.expert_ids = expert_ids.data_ptr<int64_t>();
+  p.lse = lse.data_ptr();
+  p.counts = counts.data_ptr<int64_t>();
+  p.rows_per_block = route_rows_per_block(T, E, on_cuda ? 64 : 256);
+  p.num_blocks = (T + p.rows_per_block - 1) / p.rows_per_block;
+  at::Tensor partial_prob = at::empty({p.num_blocks, E}, float_opts);
+  at::Tensor partial_lse_sq = at::empty({p.num_blocks}, float_opts);
+  p.partial_prob_sum = partial_prob.data_ptr();
+  p.partial_lse_sq_sum = partial_lse_sq.data_ptr();
+
+  if (on_cuda) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(logits.scalar_type() != at::kDouble, kOp,
+             "the cuda backend takes float32, float16 or bfloat16 logits, got float64");
+    c10::cuda::CUDAGuard guard(logits.device());
+    check_cuda_status(topk_route_cuda(p, z_loss.data_ptr(), mean_prob.data_ptr(),
+                                      at::cuda::getCurrentCUDAStream().stream()),
+                      "kernel launch");
+#else
+    FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with "
+             "nvcc and a CUDA build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
+#endif
+  } else {
+    at::Tensor partial_counts = at::empty({p.num_blocks, E}, logits.options().dtype(at::kInt));
+    p.partial_counts = partial_counts.data_ptr<int32_t>();
+    at::parallel_for(0, p.num_blocks, 1, [&](int64_t begin, int64_t end) {
+      topk_route_cpu_blocks(p, begin, end);
+    });
+    topk_route_cpu_reduce(p, z_loss.data_ptr(), mean_prob.data_ptr());
+  }
+  return {weights, expert_ids, z_loss, counts, mean_prob, lse};
+}
+
+// Gradient of (weights, z_loss, mean_prob) w.r.t. logits, in the accumulate type (the Python layer
+// casts to the logits' dtype).
+at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& expert_ids,
+                               const at::Tensor& weights, const at::Tensor& lse,
+                               const at::Tensor& grad_weights, const at::Tensor& grad_z_loss,
+                               const at::Tensor& grad_mean_prob, bool renormalize) {
+  check_route_inputs(logits, expert_ids.size(-1));
+  const auto acc = accumulate_type_of(logits);
+  const int64_t T = logits.size(0), E = logits.size(1), k = expert_ids.size(-1);
+  FC_CHECK(expert_ids.sizes() == at::IntArrayRef({T, k}) && expert_ids.scalar_type() == at::kLong, kOp,
+           "expert_ids must be int64 [T, k]");
+  FC_CHECK(weights.sizes() == at::IntArrayRef({T, k}) && lse.sizes() == at::IntArrayRef({T}), kOp,
+           "weights/lse must be the forward's outputs");
+  at::Tensor grad_logits = at::empty({T, E}, logits.options().dtype(acc));
+  if (T == 0) return grad_logits;
+  const auto on = [&](const at::Tensor& t) { return t.to(logits.device(), acc).contiguous(); };
+  at::Tensor ids_c = expert_ids.contiguous();
+  at::Tensor w_c = on(weights), lse_c = on(lse), gw_c = on(grad_weights).expand({T, k}).contiguous();
+  at::Tensor gz_c = on(grad_z_loss).reshape({1}), gp_c = on(grad_mean_prob).expand({E}).contiguous();
+
+  TopkRouteBackwardParams p;
+  fill_logits(logits, p.logits, p.logits_kind, p.num_tokens, p.num_experts, p.row_stride, p.col_stride);
+  p.k = static_cast<int32_t>(k);
+  p.renormalize = renormalize;
+  p.expert_ids = ids_c.data_ptr<int64_t>();
+  p.weights = w_c.data_ptr();
+  p.lse = lse_c.data_ptr();
+  p.grad_weights = gw_c.data_ptr();
+  p.grad_z_loss = gz_c.data_ptr();
+  p.grad_mean_prob = gp_c.data_ptr();
+  p.grad_logits = grad_logits.data_ptr();
+  if (logits.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(logits.device());
+    check_cuda_status(topk_route_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream()),
+                      "backward kernel launch");
+#else
+    FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels");
+#endif
+  } else {
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+      topk_route_backward_cpu_rows(p, begin, end);
+    });
+  }
+  return grad_logits;
+}
+
+}  // namespace moe
+}  // namespace fastcore

@@ -1,0 +1,200 @@
+"""Backends as data, and the choice among them (DESIGN rule 5).
+
+Each backend declares where it can run (tensor device types) and what its environment needs; each
+op declares, per backend, the dtypes and limits it supports and a priority list for "auto".
+`select(...)` returns the first backend with no reason against it, or raises an error that lists
+every candidate with its reasons. An explicit backend (argument, `use_backend(...)` or the
+FASTCORE_AI_BACKEND environment variable) that cannot serve the call is an error, never a silent
+fallback.
+
+Precedence: an explicit `backend=` argument, then the innermost `use_backend(...)`, then
+FASTCORE_AI_BACKEND, then "auto".
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from . import _native
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+_ENV_VAR = "FASTCORE_AI_BACKEND"
+_context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastcore_ai_backend", default=None)
+
+
+def _check_name(name: str) -> str:
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"fastcore_ai: unknown backend {name!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within the block, ops called with backend="auto" use `name` (which must then serve them)."""
+    token = _context_backend.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _context_backend.reset(token)
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    import sys
+    kernels = sys.modules.get("fastcore_ai.triton_kernels")
+    if kernels is not None and hasattr(kernels, "INTERPRETED"):
+        return bool(kernels.INTERPRETED)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# ---- environment checks: why a backend cannot run on a device at all --------------------------
+
+def _cpu_reasons(device: torch.device) -> List[str]:
+    reasons = []
+    if device.type != "cpu":
+        reasons.append(f"the cpu backend takes CPU tensors, got a tensor on {device}")
+    error = _native.load_error()
+    if error:
+        reasons.append(error)
+    return reasons
+
+
+def _cuda_reasons(device: torch.device) -> List[str]:
+    reasons = []
+    error = _native.load_error()
+    if error:
+        return [error]
+    if not _native.build_config().get("cuda_compiled", False):
+        reasons.append("fastcore_ai was built without CUDA kernels (no nvcc or a CPU-only torch at build time); "
+                       "rebuild on a machine with nvcc: FASTCORE_AI_CUDA=1 pip install --no-build-isolation -e .")
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    if device.type != "cuda":
+        reasons.append(f"the cuda backend takes CUDA tensors, got a tensor on {device} (move it with .cuda())")
+    return reasons
+
+
+def _triton_reasons(device: torch.device) -> List[str]:
+    if importlib.util.find_spec("triton") is None:
+        return ["triton is not installed (pip install triton)"]
+    if device.type == "cuda":
+        return []
+    if device.type == "cpu":
+        if triton_interpreted():
+            return []
+        return ["Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before triton "
+                "is imported (tests do), or pass CUDA tensors"]
+    return [f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}"]
+
+
+def _reference_reasons(device: torch.device) -> List[str]:
+    return []
+
+
+_ENVIRONMENT_CHECKS: Dict[str, Callable[[torch.device], List[str]]] = {
+    "cpu": _cpu_reasons, "cuda": _cuda_reasons, "triton": _triton_reasons, "reference": _reference_reasons,
+}
+
+
+# ---- per-op capability tables -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Support:
+    """What one backend supports for one op: dtypes of the main input, and extra limits
+    (a function of the call's arguments returning the reasons it cannot serve them)."""
+    dtypes: FrozenSet[torch.dtype]
+    limits: Optional[Callable[..., List[str]]] = None
+
+
+@dataclass(frozen=True)
+class OpTable:
+    op: str
+    priority: Tuple[str, ...]           # order tried by "auto"
+    support: Dict[str, Support] = field(default_factory=dict)
+
+
+_OPS: Dict[str, OpTable] = {}
+
+
+def register_op(table: OpTable) -> OpTable:
+    for name in table.support:
+        _check_name(name)
+    _OPS[table.op] = table
+    return table
+
+
+def op_table(op: str) -> OpTable:
+    return _OPS[op]
+
+
+def reasons_against(op: str, backend: str, device: torch.device, dtype: torch.dtype, **call) -> List[str]:
+    """Every reason `backend` cannot run `op` on this device/dtype/call ([] when it can)."""
+    table = _OPS[op]
+    support = table.support.get(backend)
+    if support is None:
+        return [f"{op} has no {backend} implementation"]
+    reasons = list(_ENVIRONMENT_CHECKS[backend](device))
+    if dtype not in support.dtypes:
+        allowed = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
+        reasons.append(f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {allowed})")
+    if support.limits is not None:
+        reasons.extend(support.limits(**call))
+    return reasons
+
+
+def requested_backend(backend: str) -> Tuple[str, str]:
+    """(name, where it came from) after applying argument > use_backend > FASTCORE_AI_BACKEND > auto."""
+    _check_name(backend)
+    if backend != "auto":
+        return backend, "backend argument"
+    context = _context_backend.get()
+    if context is not None and context != "auto":
+        return context, "fastcore_ai.use_backend"
+    env = os.environ.get(_ENV_VAR, "").strip()
+    if env and env != "auto":
+        return _check_name(env), f"{_ENV_VAR}={env}"
+    return "auto", ""
+
+
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, **call) -> str:
+    """The backend that will run `op`, or a RuntimeError listing why none (or the requested one) can."""
+    name, source = requested_backend(backend)
+    if name != "auto":
+        reasons = reasons_against(op, name, device, dtype, **call)
+        if reasons:
+            raise RuntimeError(f"fastcore_ai.ops.{op}: backend '{name}' (from {source}) cannot run this call: "
+                               + "; ".join(reasons))
+        return name
+    report = []
+    for candidate in _OPS[op].priority:
+        reasons = reasons_against(op, candidate, device, dtype, **call)
+        if candidate == "triton" and device.type == "cpu" and not reasons:
+            reasons = ["auto never picks the Triton CPU interpreter (ask for backend='triton' explicitly)"]
+        if not reasons:
+            return candidate
+        report.append(f"  {candidate}: " + "; ".join(reasons))
+    raise RuntimeError(f"fastcore_ai.ops.{op}: no backend can run this call "
+                       f"(device {device}, dtype {dtype}):\n" + "\n".join(report))
+
+
+def describe() -> List[Tuple[str, str, str, str]]:
+    """(op, backend, dtypes, available-here) rows, for the README table and `python -m fastcore_ai`."""
+    rows = []
+    for table in _OPS.values():
+        for name in table.priority:
+            support = table.support[name]
+            dtypes = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
+            device = torch.device("cuda" if name in ("cuda", "triton") else "cpu")
+            env = _ENVIRONMENT_CHECKS[name](device)
+            rows.append((table.op, name, dtypes, "yes" if not env else "no: " + env[0]))
+    return rows
+
+
+def priority_names(op: str) -> Sequence[str]:
+    return _OPS[op].priority

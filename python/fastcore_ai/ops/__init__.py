@@ -1,0 +1,7 @@
+"""Public functional API: `import fastcore_ai.ops`. Every op validates its input, picks a backend
+(argument `backend=`, `fastcore_ai.use_backend`, FASTCORE_AI_BACKEND, else the op's priority list)
+and runs as a registered torch op (`torch.ops.fastcore_ai.*`) with a fake implementation and
+autograd, so it works under torch.compile(fullgraph=True)."""
+from .moe import MAX_EXPERTS, MAX_TOP_K, RouterOutput, moe_topk_route, switch_load_balancing_loss
+
+__all__ = ["moe_topk_route", "RouterOutput", "switch_load_balancing_loss", "MAX_EXPERTS", "MAX_TOP_K"]

@@ -1,0 +1,175 @@
+"""MoE ops: the fused top-k router.
+
+Layering (DESIGN): validate -> choose backend -> registered torch op `fastcore_ai::moe_topk_route`
+(fake impl, autograd, opcheck, torch.compile) -> backend implementation (`_C`, Triton launcher or
+the pure-torch reference).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native, backends, reference
+from .._validation import check_bool, check_int, check_size, check_tensor
+
+MAX_EXPERTS = 1024
+MAX_TOP_K = 16
+_OP = "moe_topk_route"
+_LOW_PRECISION = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+class RouterOutput(NamedTuple):
+    """Result of `moe_topk_route`.
+
+    weights [T, k] float32: routing weight of each chosen expert (float64 for float64 logits).
+    expert_ids [T, k] int64: chosen experts, best first, always in [0, E).
+    z_loss [] float32: ST-MoE router z-loss mean_t (logsumexp_e logits[t, e])² (0 when T = 0).
+    tokens_per_expert [E] int64: number of (token, slot) assignments per expert.
+    mean_prob [E] float32: mean softmax probability per expert (differentiable; 0 when T = 0).
+    """
+    weights: Tensor
+    expert_ids: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    mean_prob: Tensor
+
+    def load_balancing_loss(self) -> Tensor:
+        """Switch load-balancing loss E · Σ_e f_e · P_e (see `switch_load_balancing_loss`)."""
+        return switch_load_balancing_loss(self.tokens_per_expert, self.mean_prob)
+
+
+def switch_load_balancing_loss(tokens_per_expert: Tensor, mean_prob: Tensor) -> Tensor:
+    """Switch Transformer auxiliary loss L_B = E · Σ_e f_e · P_e.
+
+    f_e = tokens_per_expert_e / Σ tokens_per_expert is the fraction of (token, slot) assignments sent
+    to expert e (all k slots count, as in MegaBlocks), P_e = mean_prob_e. A perfectly balanced router
+    gives L_B = 1 for every k. Gradients flow through P_e (f_e is a count). Scale it by the usual
+    coefficient c_B = 1e-2 (Switch, ST-MoE) yourself.
+    """
+    counts = tokens_per_expert.to(mean_prob.dtype)
+    fraction = counts / counts.sum().clamp_min(1)
+    return mean_prob.shape[0] * (fraction * mean_prob).sum()
+
+
+# ---- backend implementations: (logits, k, renormalize) -> 6 tensors ----------------------------
+
+def _route_native(logits: Tensor, k: int, renormalize: bool):
+    return tuple(_native.native().moe_topk_route(logits, k, renormalize))
+
+
+def _route_triton(logits: Tensor, k: int, renormalize: bool):
+    from ..triton_kernels import moe as triton_moe
+    return triton_moe.moe_topk_route(logits, k, renormalize)
+
+
+_FORWARD: Dict[str, Callable] = {
+    "cpu": _route_native, "cuda": _route_native, "triton": _route_triton, "reference": reference.moe_topk_route,
+}
+
+
+def _backward_native(*args):
+    return _native.native().moe_topk_route_backward(*args)
+
+
+def _backward_triton(*args):
+    from ..triton_kernels import moe as triton_moe
+    return triton_moe.moe_topk_route_backward(*args)
+
+
+_BACKWARD: Dict[str, Callable] = {
+    "cpu": _backward_native, "cuda": _backward_native, "triton": _backward_triton,
+    "reference": reference.moe_topk_route_backward,
+}
+
+
+backends.register_op(backends.OpTable(
+    op=_OP,
+    priority=("cuda", "triton", "cpu", "reference"),
+    support={
+        "cuda": backends.Support(_LOW_PRECISION),
+        "triton": backends.Support(_LOW_PRECISION),
+        "cpu": backends.Support(_LOW_PRECISION | {torch.float64}),
+        "reference": backends.Support(_LOW_PRECISION | {torch.float64}),
+    },
+))
+
+
+# ---- the registered torch ops -----------------------------------------------------------------
+
+@torch.library.custom_op("fastcore_ai::moe_topk_route", mutates_args=())
+def _route_op(logits: Tensor, k: int, renormalize: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _FORWARD[backend](logits, k, renormalize)
+
+
+@_route_op.register_fake
+def _route_fake(logits, k, renormalize, backend):
+    T, E = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    floats = dict(dtype=acc, device=logits.device)
+    longs = dict(dtype=torch.int64, device=logits.device)
+    return (logits.new_empty((T, k), **floats), logits.new_empty((T, k), **longs), logits.new_empty((), **floats),
+            logits.new_empty((E,), **longs), logits.new_empty((E,), **floats), logits.new_empty((T,), **floats))
+
+
+@torch.library.custom_op("fastcore_ai::moe_topk_route_backward", mutates_args=())
+def _route_backward_op(logits: Tensor, expert_ids: Tensor, weights: Tensor, lse: Tensor, grad_weights: Tensor,
+                       grad_z_loss: Tensor, grad_mean_prob: Tensor, renormalize: bool, backend: str) -> Tensor:
+    grad = _BACKWARD[backend](logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob, renormalize)
+    return grad.to(logits.dtype)
+
+
+@_route_backward_op.register_fake
+def _route_backward_fake(logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob, renormalize, backend):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, k, renormalize, backend = inputs
+    weights, expert_ids, _, _, _, lse = output
+    ctx.save_for_backward(logits, expert_ids, weights, lse)
+    ctx.renormalize = renormalize
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_weights, grad_ids, grad_z_loss, grad_counts, grad_mean_prob, grad_lse):
+    logits, expert_ids, weights, lse = ctx.saved_tensors
+    if grad_lse is not None and bool((grad_lse != 0).any()):
+        raise RuntimeError("fastcore_ai.ops.moe_topk_route: lse is internal and not differentiable")
+    grad = _route_backward_op(logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob,
+                              ctx.renormalize, ctx.backend)
+    return grad, None, None, None
+
+
+_route_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API -------------------------------------------------------------------------------
+
+def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, backend: str = "auto") -> RouterOutput:
+    """Fused MoE router: softmax over experts, top-k, optional renormalisation and router statistics,
+    in one pass per row with float32 math whatever the input dtype.
+
+    Args:
+      logits: [T, E] float32, bfloat16 or float16 router logits (float64 on the cpu/reference
+        backends, for gradcheck), any strides. 1 <= E <= 1024.
+      k: experts per token, 1 <= k <= min(E, 16).
+      renormalize: divide the k chosen probabilities by their sum (Mixtral, GShard) instead of
+        returning the raw softmax probabilities (Switch, ST-MoE reference code).
+      backend: "auto" | "cpu" | "cuda" | "triton" | "reference" (see fastcore_ai.backends).
+
+    Selection is by logit with ties broken toward the lower expert index, identically in every
+    backend. A row containing NaN gives NaN weights and z-loss, yet ids in [0, E). A row of only −inf
+    has no distribution: its weights are NaN. Gradients flow from `weights`, `z_loss` and `mean_prob`
+    to `logits`.
+    """
+    check_tensor(_OP, "logits", logits, ndim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+                 layout="[T, E]")
+    num_experts = logits.shape[1]
+    check_size(_OP, "E (logits.shape[1])", num_experts, 1, MAX_EXPERTS, logits)
+    check_int(_OP, "k", k, 1, min(num_experts, MAX_TOP_K), f"at most min(E, {MAX_TOP_K}) with E={num_experts}")
+    check_bool(_OP, "renormalize", renormalize)
+    chosen = backends.select(_OP, backend, logits.device, logits.dtype, k=k, num_experts=num_experts)
+    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, _ = _route_op(logits, k, renormalize, chosen)
+    return RouterOutput(weights, expert_ids, z_loss, tokens_per_expert, mean_prob)
