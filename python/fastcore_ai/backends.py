@@ -55,17 +55,17 @@ def triton_interpreted() -> bool:
 
 # ---- environment checks: why a backend cannot run on a device at all --------------------------
 
-def _cpu_reasons(device: torch.device) -> List[str]:
+def _cpu_reasons(device: torch.device, argument: str) -> List[str]:
     reasons = []
     if device.type != "cpu":
-        reasons.append(f"the cpu backend takes CPU tensors, got a tensor on {device}")
+        reasons.append(f"the cpu backend takes CPU tensors, but {argument} is on {device}")
     error = _native.load_error()
     if error:
         reasons.append(error)
     return reasons
 
 
-def _cuda_reasons(device: torch.device) -> List[str]:
+def _cuda_reasons(device: torch.device, argument: str) -> List[str]:
     reasons = []
     error = _native.load_error()
     if error:
@@ -76,11 +76,11 @@ def _cuda_reasons(device: torch.device) -> List[str]:
     if not torch.cuda.is_available():
         reasons.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
     if device.type != "cuda":
-        reasons.append(f"the cuda backend takes CUDA tensors, got a tensor on {device} (move it with .cuda())")
+        reasons.append(f"the cuda backend takes CUDA tensors, but {argument} is on {device} (move it with .cuda())")
     return reasons
 
 
-def _triton_reasons(device: torch.device) -> List[str]:
+def _triton_reasons(device: torch.device, argument: str) -> List[str]:
     if importlib.util.find_spec("triton") is None:
         return ["triton is not installed (pip install triton)"]
     if device.type == "cuda":
@@ -88,16 +88,16 @@ def _triton_reasons(device: torch.device) -> List[str]:
     if device.type == "cpu":
         if triton_interpreted():
             return []
-        return ["Triton runs on CPU tensors only under its interpreter: set TRITON_INTERPRET=1 before triton "
-                "is imported (tests do), or pass CUDA tensors"]
-    return [f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}"]
+        return [f"{argument} is a CPU tensor and Triton runs on CPU tensors only under its interpreter: set "
+                "TRITON_INTERPRET=1 before triton is imported (tests do), or pass CUDA tensors"]
+    return [f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), but {argument} is on {device}"]
 
 
-def _reference_reasons(device: torch.device) -> List[str]:
+def _reference_reasons(device: torch.device, argument: str) -> List[str]:
     return []
 
 
-_ENVIRONMENT_CHECKS: Dict[str, Callable[[torch.device], List[str]]] = {
+_ENVIRONMENT_CHECKS: Dict[str, Callable[[torch.device, str], List[str]]] = {
     "cpu": _cpu_reasons, "cuda": _cuda_reasons, "triton": _triton_reasons, "reference": _reference_reasons,
 }
 
@@ -133,16 +133,18 @@ def op_table(op: str) -> OpTable:
     return _OPS[op]
 
 
-def reasons_against(op: str, backend: str, device: torch.device, dtype: torch.dtype, **call) -> List[str]:
-    """Every reason `backend` cannot run `op` on this device/dtype/call ([] when it can)."""
+def reasons_against(op: str, backend: str, device: torch.device, dtype: torch.dtype, argument: str = "input",
+                    **call) -> List[str]:
+    """Every reason `backend` cannot run `op` on this device/dtype/call ([] when it can); `argument`
+    names the tensor whose device and dtype decide (for the messages)."""
     table = _OPS[op]
     support = table.support.get(backend)
     if support is None:
         return [f"{op} has no {backend} implementation"]
-    reasons = list(_ENVIRONMENT_CHECKS[backend](device))
+    reasons = list(_ENVIRONMENT_CHECKS[backend](device, argument))
     if dtype not in support.dtypes:
         allowed = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
-        reasons.append(f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {allowed})")
+        reasons.append(f"{argument} dtype {str(dtype).replace('torch.', '')} is not supported (supported: {allowed})")
     if support.limits is not None:
         reasons.extend(support.limits(**call))
     return reasons
@@ -162,25 +164,25 @@ def requested_backend(backend: str) -> Tuple[str, str]:
     return "auto", ""
 
 
-def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, **call) -> str:
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype, argument: str = "input", **call) -> str:
     """The backend that will run `op`, or a RuntimeError listing why none (or the requested one) can."""
     name, source = requested_backend(backend)
     if name != "auto":
-        reasons = reasons_against(op, name, device, dtype, **call)
+        reasons = reasons_against(op, name, device, dtype, argument, **call)
         if reasons:
             raise RuntimeError(f"fastcore_ai.ops.{op}: backend '{name}' (from {source}) cannot run this call: "
                                + "; ".join(reasons))
         return name
     report = []
     for candidate in _OPS[op].priority:
-        reasons = reasons_against(op, candidate, device, dtype, **call)
+        reasons = reasons_against(op, candidate, device, dtype, argument, **call)
         if candidate == "triton" and device.type == "cpu" and not reasons:
             reasons = ["auto never picks the Triton CPU interpreter (ask for backend='triton' explicitly)"]
         if not reasons:
             return candidate
         report.append(f"  {candidate}: " + "; ".join(reasons))
     raise RuntimeError(f"fastcore_ai.ops.{op}: no backend can run this call "
-                       f"(device {device}, dtype {dtype}):\n" + "\n".join(report))
+                       f"({argument} on {device}, dtype {dtype}):\n" + "\n".join(report))
 
 
 def describe() -> List[Tuple[str, str, str, str]]:
@@ -191,7 +193,7 @@ def describe() -> List[Tuple[str, str, str, str]]:
             support = table.support[name]
             dtypes = ", ".join(sorted(str(d).replace("torch.", "") for d in support.dtypes))
             device = torch.device("cuda" if name in ("cuda", "triton") else "cpu")
-            env = _ENVIRONMENT_CHECKS[name](device)
+            env = _ENVIRONMENT_CHECKS[name](device, "input")
             rows.append((table.op, name, dtypes, "yes" if not env else "no: " + env[0]))
     return rows
 

@@ -129,14 +129,13 @@ def _setup_context(ctx, inputs, output):
     logits, k, renormalize, backend = inputs
     weights, expert_ids, _, _, _, lse = output
     ctx.save_for_backward(logits, expert_ids, weights, lse)
+    ctx.mark_non_differentiable(lse)  # internal: saved for the backward, hidden by the public API
     ctx.renormalize = renormalize
     ctx.backend = backend
 
 
 def _backward(ctx, grad_weights, grad_ids, grad_z_loss, grad_counts, grad_mean_prob, grad_lse):
     logits, expert_ids, weights, lse = ctx.saved_tensors
-    if grad_lse is not None and bool((grad_lse != 0).any()):
-        raise RuntimeError("fastcore_ai.ops.moe_topk_route: lse is internal and not differentiable")
     grad = _route_backward_op(logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob,
                               ctx.renormalize, ctx.backend)
     return grad, None, None, None
@@ -170,6 +169,6 @@ def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, backend:
     check_size(_OP, "E (logits.shape[1])", num_experts, 1, MAX_EXPERTS, logits)
     check_int(_OP, "k", k, 1, min(num_experts, MAX_TOP_K), f"at most min(E, {MAX_TOP_K}) with E={num_experts}")
     check_bool(_OP, "renormalize", renormalize)
-    chosen = backends.select(_OP, backend, logits.device, logits.dtype, k=k, num_experts=num_experts)
+    chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits", k=k, num_experts=num_experts)
     weights, expert_ids, z_loss, tokens_per_expert, mean_prob, _ = _route_op(logits, k, renormalize, chosen)
     return RouterOutput(weights, expert_ids, z_loss, tokens_per_expert, mean_prob)

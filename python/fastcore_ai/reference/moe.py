@@ -27,7 +27,7 @@ def select_top_k(x: Tensor, k: int) -> Tensor:
     """Indices of the k largest logits per row, best first; NaN counts as −inf; equal values keep the
     lower index first (a stable sort preserves index order among equal keys)."""
     key = torch.where(torch.isnan(x), torch.full_like(x, -torch.inf), x)
-    return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
 
 
 def moe_topk_route(logits: Tensor, k: int, renormalize: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

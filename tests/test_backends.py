@@ -1,0 +1,96 @@
+"""Backend registry: selection order, overrides, and the error messages when a backend cannot run."""
+import pytest
+import torch
+
+import fastcore_ai
+from fastcore_ai import _native, backends, ops
+
+
+def test_auto_picks_cpu_for_cpu_tensors():
+    assert backends.select("moe_topk_route", "auto", torch.device("cpu"), torch.float32, "logits") == "cpu"
+
+
+def test_auto_never_picks_the_triton_interpreter():
+    assert backends.select("moe_topk_route", "auto", torch.device("cpu"), torch.bfloat16, "logits") == "cpu"
+
+
+def test_use_backend_context_manager():
+    with fastcore_ai.use_backend("reference"):
+        assert backends.select("moe_topk_route", "auto", torch.device("cpu"), torch.float32) == "reference"
+        # An explicit argument still wins over the context.
+        assert backends.select("moe_topk_route", "cpu", torch.device("cpu"), torch.float32) == "cpu"
+    assert backends.select("moe_topk_route", "auto", torch.device("cpu"), torch.float32) == "cpu"
+
+
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv("FASTCORE_AI_BACKEND", "reference")
+    assert backends.select("moe_topk_route", "auto", torch.device("cpu"), torch.float32) == "reference"
+    with fastcore_ai.use_backend("cpu"):
+        assert backends.select("moe_topk_route", "auto", torch.device("cpu"), torch.float32) == "cpu"
+    monkeypatch.setenv("FASTCORE_AI_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match=r"backend 'cuda' \(from FASTCORE_AI_BACKEND=cuda\) cannot run"):
+        ops.moe_topk_route(torch.randn(3, 4), 1)
+    monkeypatch.setenv("FASTCORE_AI_BACKEND", "fast")
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        ops.moe_topk_route(torch.randn(3, 4), 1)
+
+
+def test_unknown_backend_argument():
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        ops.moe_topk_route(torch.randn(3, 4), 1, backend="gpu")
+
+
+def test_explicit_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(backends, "triton_interpreted", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ops.moe_topk_route(torch.randn(3, 4), 1, backend="triton")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_explicit_cuda_without_gpu_lists_every_reason():
+    with pytest.raises(RuntimeError) as info:
+        ops.moe_topk_route(torch.randn(3, 4), 1, backend="cuda")
+    message = str(info.value)
+    assert "no CUDA GPU is visible" in message and "logits is on cpu" in message
+    if not fastcore_ai.build_info()["cuda_kernels_compiled"]:
+        assert "built without CUDA kernels" in message
+
+
+def test_missing_extension_gives_a_build_hint(monkeypatch):
+    monkeypatch.setattr(_native, "_module", None)
+    monkeypatch.setattr(_native, "_tried", True)
+    monkeypatch.setattr(_native, "_load_error", ImportError("libfoo.so: cannot open shared object file"))
+    with pytest.raises(RuntimeError) as info:
+        ops.moe_topk_route(torch.randn(3, 4), 1, backend="cpu")
+    assert "pip install --no-build-isolation -e ." in str(info.value) and "libfoo" in str(info.value)
+    # auto falls through to the reference, which needs no extension
+    out = ops.moe_topk_route(torch.randn(3, 4), 1)
+    assert out.weights.shape == (3, 1)
+
+
+def test_no_backend_at_all_lists_each_candidate(monkeypatch):
+    table = backends.op_table("moe_topk_route")
+    monkeypatch.setitem(backends._OPS, "moe_topk_route",
+                        backends.OpTable(table.op, ("cuda", "cpu"), {k: table.support[k] for k in ("cuda", "cpu")}))
+    with pytest.raises(RuntimeError) as info:
+        backends.select("moe_topk_route", "auto", torch.device("meta"), torch.float32, "logits")
+    message = str(info.value)
+    assert "no backend can run this call" in message and "  cuda:" in message and "  cpu:" in message
+    assert "logits is on meta" in message
+
+
+def test_build_info_fields():
+    info = fastcore_ai.build_info()
+    for key in ("version", "torch_built_against", "cuda_kernels_compiled", "cuda_archs", "cpu_capability",
+                "triton_importable", "gpu_visible"):
+        assert key in info
+    assert info["version"] == fastcore_ai.__version__
+    assert info["native_extension"] == "loaded"
+    assert info["torch_built_against"] == torch.__version__
+    if info["cuda_kernels_compiled"]:
+        assert "sm_80" in info["cuda_archs"] and "sm_90" in info["cuda_archs"]
+
+
+def test_describe_rows_cover_every_backend():
+    rows = [row for row in backends.describe() if row[0] == "moe_topk_route"]
+    assert [row[1] for row in rows] == ["cuda", "triton", "cpu", "reference"]

@@ -1,0 +1,357 @@
+"""fastcore_ai.ops.moe_topk_route: parity of every backend with the float64 reference, edge cases,
+gradients, registration (opcheck, torch.compile) and error paths."""
+import pytest
+import torch
+
+import fastcore_ai
+from fastcore_ai import ops, reference
+from fastcore_ai.reference import moe as reference_moe
+from _helpers import BACKEND_DEVICES, relative_error, require_backend
+
+OP = "moe_topk_route"
+FP32_BOUND = 1e-5  # relative Frobenius error of float32 math against the float64 oracle
+
+
+def oracle(logits, k, renormalize):
+    """The float64 reference on the exact (upcast) input values."""
+    return reference.moe_topk_route(logits.detach().double().cpu(), k, renormalize)
+
+
+def assert_matches_oracle(out, logits, k, renormalize, bound=FP32_BOUND):
+    weights, ids, z_loss, counts, mean_prob, _ = oracle(logits, k, renormalize)
+    assert out.expert_ids.dtype == torch.int64 and out.tokens_per_expert.dtype == torch.int64
+    assert out.weights.dtype == torch.float32 or logits.dtype == torch.float64
+    assert torch.equal(out.expert_ids.cpu(), ids), "expert ids differ from the reference"
+    assert torch.equal(out.tokens_per_expert.cpu(), counts)
+    assert relative_error(out.weights, weights) < bound
+    assert relative_error(out.mean_prob, mean_prob) < bound
+    assert relative_error(out.z_loss.reshape(1), z_loss.reshape(1)) < bound
+
+
+def shape_cases():
+    cases = []
+    for T in (0, 1, 7, 1000, 4099):
+        for E in (1, 3, 8, 61, 128, 1024):
+            for k in sorted({1, min(E, 8), min(E, 16)}):
+                for renormalize in (True, False):
+                    cases.append(pytest.param(T, E, k, renormalize, id=f"T{T}-E{E}-k{k}-{'renorm' if renormalize else 'raw'}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("T,E,k,renormalize", shape_cases())
+def test_parity_random(backend, device, T, E, k, renormalize, poisoned_outputs):
+    require_backend(OP, backend, device)
+    logits = torch.randn(T, E, device=device) * 3
+    out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend=backend)
+    assert out.weights.shape == (T, k) and out.expert_ids.shape == (T, k)
+    assert out.tokens_per_expert.shape == (E,) and out.mean_prob.shape == (E,) and out.z_loss.shape == ()
+    assert out.weights.device.type == device
+    assert_matches_oracle(out, logits, k, renormalize)
+    if T > 0:
+        assert int(out.tokens_per_expert.sum()) == T * k
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_parity_dtypes(backend, device, dtype, poisoned_outputs):
+    require_backend(OP, backend, device, dtype)
+    logits = (torch.randn(333, 61, device=device) * 4).to(dtype)
+    out = ops.moe_topk_route(logits, 6, backend=backend)
+    # Math is float32 on the upcast input, so the bound does not depend on the input dtype.
+    assert_matches_oracle(out, logits, 6, True)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_float64_where_supported(backend, device):
+    if backend not in ("cpu", "reference"):
+        pytest.skip("float64 logits are a cpu/reference feature (gradcheck); others reject them, see test_errors")
+    logits = torch.randn(50, 9, dtype=torch.float64)
+    out = ops.moe_topk_route(logits, 3, backend=backend)
+    assert out.weights.dtype == torch.float64
+    assert_matches_oracle(out, logits, 3, True, bound=1e-12)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("layout", ["transposed", "column-slice", "row-step"])
+def test_non_contiguous(backend, device, layout):
+    require_backend(OP, backend, device)
+    if layout == "transposed":
+        logits = torch.randn(61, 300, device=device).t()
+    elif layout == "column-slice":
+        logits = torch.randn(300, 100, device=device)[:, 13:74]
+    else:
+        logits = torch.randn(600, 61, device=device)[::2]
+    assert not logits.is_contiguous()
+    out = ops.moe_topk_route(logits, 5, renormalize=False, backend=backend)
+    assert_matches_oracle(out, logits, 5, False)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_exact_ties_pick_lower_index(backend, device):
+    require_backend(OP, backend, device)
+    T, E, k = 5, 37, 7
+    logits = torch.zeros(T, E, device=device)
+    logits[1] = 1.0
+    logits[2, 30:] = 2.0                  # 7 tied winners at the end
+    logits[3, ::3] = -1.0                 # ties interleaved with lower values
+    logits[4] = torch.arange(E, device=device).remainder(4).float()  # many 4-way ties
+    out = ops.moe_topk_route(logits, k, backend=backend)
+    assert torch.equal(out.expert_ids[0].cpu(), torch.arange(k))
+    assert torch.equal(out.expert_ids[1].cpu(), torch.arange(k))
+    assert torch.equal(out.expert_ids[2].cpu(), torch.arange(30, 37))
+    assert torch.equal(out.expert_ids[4].cpu(), torch.tensor([3, 7, 11, 15, 19, 23, 27]))
+    assert_matches_oracle(out, logits, k, True)
+    torch.testing.assert_close(out.weights[0].cpu(), torch.full((k,), 1.0 / k))
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_negative_infinity_logits(backend, device):
+    require_backend(OP, backend, device)
+    T, E, k = 4, 10, 4
+    logits = torch.randn(T, E, device=device)
+    logits[0, :] = -torch.inf
+    logits[0, 7] = 0.5                    # one finite expert: the other picks are -inf, lowest index first
+    logits[1, ::2] = -torch.inf
+    logits[2, 3] = torch.inf              # +inf: probability NaN (inf − inf); ids still valid
+    out = ops.moe_topk_route(logits, k, renormalize=False, backend=backend)
+    assert torch.equal(out.expert_ids[0].cpu(), torch.tensor([7, 0, 1, 2]))
+    torch.testing.assert_close(out.weights[0].cpu(), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert set(out.expert_ids[1].tolist()) <= {1, 3, 5, 7, 9}
+    assert int(out.expert_ids[2, 0]) == 3
+    ref = oracle(logits, k, False)
+    assert torch.equal(out.expert_ids.cpu(), ref[1])
+    assert relative_error(out.weights[[0, 1, 3]], ref[0][[0, 1, 3]]) < FP32_BOUND
+    ids = out.expert_ids.cpu()
+    assert bool(((ids >= 0) & (ids < E)).all())
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_nan_rows_give_nan_weights_and_valid_ids(backend, device):
+    require_backend(OP, backend, device)
+    T, E, k = 6, 33, 5
+    logits = torch.randn(T, E, device=device)
+    logits[1, 4] = torch.nan
+    logits[3, :] = torch.nan
+    logits[4, :] = -torch.inf             # no distribution at all
+    out = ops.moe_topk_route(logits, k, backend=backend)
+    ids = out.expert_ids.cpu()
+    assert bool(((ids >= 0) & (ids < E)).all()), "an out-of-range id would make dispatch read out of bounds"
+    for row in range(T):
+        assert len(set(ids[row].tolist())) == k, "ids within a row must be distinct"
+    for row in (1, 3, 4):
+        assert bool(torch.isnan(out.weights[row]).all())
+    for row in (0, 2, 5):
+        assert bool(torch.isfinite(out.weights[row]).all())
+    assert torch.equal(ids, oracle(logits, k, True)[1])
+    assert bool(torch.isnan(out.z_loss)) and bool(torch.isnan(out.mean_prob).all())
+    assert torch.equal(ids[3], torch.arange(k)), "an all-NaN row ranks every expert equal: lowest indices"
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_deterministic(backend, device):
+    require_backend(OP, backend, device)
+    logits = torch.randn(3000, 128, device=device)
+    first = ops.moe_topk_route(logits, 8, backend=backend)
+    second = ops.moe_topk_route(logits, 8, backend=backend)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_cpu_statistics_do_not_depend_on_thread_count():
+    logits = torch.randn(5000, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.moe_topk_route(logits, 4, backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        many = ops.moe_topk_route(logits, 4, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+# ---- gradients ----------------------------------------------------------------------------------
+
+def _route_losses(backend, renormalize, k):
+    """A scalar-free function of logits returning every differentiable output, for gradcheck."""
+    def fn(logits):
+        out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend=backend)
+        return out.weights, out.z_loss, out.mean_prob
+    return fn
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("T,E,k", [(1, 1, 1), (6, 7, 3), (9, 16, 16)])
+def test_gradcheck_float64(backend, renormalize, T, E, k):
+    logits = (torch.randn(T, E, dtype=torch.float64) * 2).requires_grad_()
+    assert torch.autograd.gradcheck(_route_losses(backend, renormalize, k), (logits,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_reference_backward_matches_torch_autograd(renormalize):
+    """The closed-form backward against autograd through a plain torch composition (independent check)."""
+    T, E, k = 40, 12, 4
+    logits = torch.randn(T, E, dtype=torch.float64, requires_grad=True)
+    probs = torch.softmax(logits, dim=1)
+    ids = reference_moe.select_top_k(logits.detach(), k)
+    weights = probs.gather(1, ids)
+    if renormalize:
+        weights = weights / weights.sum(1, keepdim=True)
+    z_loss = torch.logsumexp(logits, 1).pow(2).mean()
+    mean_prob = probs.mean(0)
+    gw, gz, gp = torch.randn(T, k, dtype=torch.float64), torch.randn((), dtype=torch.float64), torch.randn(E, dtype=torch.float64)
+    expected, = torch.autograd.grad((weights * gw).sum() + z_loss * gz + (mean_prob * gp).sum(), logits)
+    out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend="reference")
+    actual, = torch.autograd.grad((out.weights * gw).sum() + out.z_loss * gz + (out.mean_prob * gp).sum(), logits)
+    assert relative_error(actual, expected) < 1e-12
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("renormalize", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_parity(backend, device, renormalize, dtype):
+    require_backend(OP, backend, device, dtype)
+    T, E, k = 257, 61, 6
+    logits = (torch.randn(T, E, device=device) * 2).to(dtype).requires_grad_()
+    gw, gz, gp = torch.randn(T, k, device=device), torch.randn((), device=device), torch.randn(E, device=device)
+    out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend=backend)
+    (out.weights * gw).sum().add(out.z_loss * gz).add((out.mean_prob * gp).sum()).backward()
+    assert logits.grad.dtype == dtype and logits.grad.shape == logits.shape
+    x = logits.detach().double().cpu().requires_grad_()
+    ref = ops.moe_topk_route(x, k, renormalize=renormalize, backend="reference")
+    (ref.weights * gw.double().cpu()).sum().add(ref.z_loss * gz.double().cpu()).add((ref.mean_prob * gp.double().cpu()).sum()).backward()
+    # float32 gradients: 1e-5; bfloat16 gradients are rounded to bfloat16 (2^-8 relative).
+    bound = FP32_BOUND if dtype == torch.float32 else 8e-3
+    assert relative_error(logits.grad, x.grad) < bound
+
+
+def test_gradient_of_unused_outputs_is_zero():
+    logits = torch.randn(20, 8, requires_grad=True)
+    out = ops.moe_topk_route(logits, 2, backend="cpu")
+    out.z_loss.backward()
+    lse = torch.logsumexp(logits.detach(), 1)
+    expected = 2 * lse[:, None] * torch.softmax(logits.detach(), 1) / 20
+    torch.testing.assert_close(logits.grad, expected)
+
+
+# ---- registration: opcheck and torch.compile ----------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(backend):
+    logits = torch.randn(17, 9, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastcore_ai.moe_topk_route.default, (logits, 3, True, backend))
+    torch.library.opcheck(torch.ops.fastcore_ai.moe_topk_route.default, (logits.detach()[:, 1:8], 2, False, backend))
+    weights, ids, z, counts, mean_prob, lse = torch.ops.fastcore_ai.moe_topk_route(logits.detach(), 3, True, backend)
+    torch.library.opcheck(torch.ops.fastcore_ai.moe_topk_route_backward.default,
+                          (logits.detach(), ids, weights, lse, torch.randn(17, 3), torch.randn(()), torch.randn(9), True, backend))
+
+
+def test_torch_compile_fullgraph_cpu():
+    def step(logits):
+        out = ops.moe_topk_route(logits, 2, backend="cpu")
+        loss = (out.weights ** 2).sum() + 1e-3 * out.z_loss + 1e-2 * out.load_balancing_loss()
+        return loss, out.expert_ids
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    logits = torch.randn(64, 8, requires_grad=True)
+    loss, ids = compiled(logits)
+    loss.backward()
+    eager_logits = logits.detach().clone().requires_grad_()
+    eager_loss, eager_ids = step(eager_logits)
+    eager_loss.backward()
+    assert torch.equal(ids, eager_ids)
+    torch.testing.assert_close(loss, eager_loss)
+    torch.testing.assert_close(logits.grad, eager_logits.grad)
+
+
+def test_torch_compile_inductor_cpu():
+    compiled = torch.compile(lambda x: ops.moe_topk_route(x, 3, backend="cpu").weights.sum(1), fullgraph=True)
+    x = torch.randn(33, 12)
+    torch.testing.assert_close(compiled(x), torch.ones(33))
+
+
+# ---- loss helper and layer ----------------------------------------------------------------------
+
+def test_switch_load_balancing_loss_balanced_is_one():
+    E = 8
+    counts = torch.full((E,), 10, dtype=torch.int64)
+    mean_prob = torch.full((E,), 1.0 / E)
+    torch.testing.assert_close(ops.switch_load_balancing_loss(counts, mean_prob), torch.tensor(1.0))
+    skewed = torch.tensor([80, 0, 0, 0, 0, 0, 0, 0])
+    one_hot = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0])
+    torch.testing.assert_close(ops.switch_load_balancing_loss(skewed, one_hot), torch.tensor(float(E)))
+
+
+def test_load_balancing_loss_has_gradient():
+    logits = torch.randn(100, 8, requires_grad=True)
+    out = ops.moe_topk_route(logits, 2, backend="cpu")
+    out.load_balancing_loss().backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+def test_top_k_router_layer():
+    router = fastcore_ai.nn.TopKRouter(32, 8, k=2, backend="cpu")
+    x = torch.randn(4, 5, 32, dtype=torch.bfloat16)
+    out = router(x)
+    assert out.weights.shape == (20, 2) and out.weights.dtype == torch.float32
+    router.aux_loss(out).add(out.weights.sum()).backward()
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    assert "num_experts=8" in repr(router)
+
+
+# ---- error paths: every message names the op and the argument -----------------------------------
+
+@pytest.mark.parametrize("make_args,error,words", [
+    (lambda: (torch.randn(4, 5, 6), 2), ValueError, ["logits", "2-D", "3-D"]),
+    (lambda: (torch.randn(8), 2), ValueError, ["logits", "2-D"]),
+    (lambda: (torch.randint(0, 5, (4, 8)), 2), TypeError, ["logits", "int64"]),
+    (lambda: (torch.randn(4, 8, dtype=torch.complex64), 2), TypeError, ["logits", "complex64"]),
+    (lambda: ([[1.0, 2.0]], 1), TypeError, ["logits", "list"]),
+    (lambda: (torch.randn(4, 8), 0), ValueError, ["k", "got 0"]),
+    (lambda: (torch.randn(4, 8), 9), ValueError, ["k", "E=8"]),
+    (lambda: (torch.randn(4, 64), 17), ValueError, ["k", "16"]),
+    (lambda: (torch.randn(4, 8), 2.0), TypeError, ["k", "int"]),
+    (lambda: (torch.randn(4, 1025), 2), ValueError, ["E", "1024", "1025"]),
+    (lambda: (torch.randn(4, 0), 1), ValueError, ["E", "got 0"]),
+])
+def test_errors(make_args, error, words):
+    with pytest.raises(error) as info:
+        ops.moe_topk_route(*make_args())
+    message = str(info.value)
+    assert message.startswith("fastcore_ai.ops.moe_topk_route: ")
+    for word in words:
+        assert word in message
+
+
+def test_error_renormalize_type():
+    with pytest.raises(TypeError, match="moe_topk_route: renormalize must be a bool"):
+        ops.moe_topk_route(torch.randn(3, 4), 1, renormalize="yes")
+
+
+def test_error_mismatched_device():
+    with pytest.raises(RuntimeError) as info:
+        ops.moe_topk_route(torch.randn(4, 8), 2, backend="cuda")
+    assert "fastcore_ai.ops.moe_topk_route" in str(info.value) and "logits is on cpu" in str(info.value)
+
+
+def test_error_float64_on_a_float32_backend():
+    with pytest.raises(RuntimeError, match="moe_topk_route: backend 'triton'.*logits dtype float64"):
+        ops.moe_topk_route(torch.randn(4, 8, dtype=torch.float64), 2, backend="triton")
+
+
+@pytest.mark.cuda
+def test_error_cpu_backend_with_cuda_tensor():
+    with pytest.raises(RuntimeError, match="moe_topk_route: backend 'cpu'.*logits is on cuda"):
+        ops.moe_topk_route(torch.randn(4, 8, device="cuda"), 2, backend="cpu")
+
+
+def test_native_entry_point_checks_its_input():
+    """_C is reachable directly; it must refuse bad input with a message, not crash."""
+    from fastcore_ai._native import native
+    with pytest.raises(RuntimeError, match="moe_topk_route: k must satisfy"):
+        native().moe_topk_route(torch.randn(4, 8), 9, True)
+    with pytest.raises(RuntimeError, match="moe_topk_route: logits must be float32"):
+        native().moe_topk_route(torch.randint(0, 3, (4, 8)), 2, True)
