@@ -124,35 +124,43 @@ inline float exp_and_sum<float>(const float* x, float shift, int64_t E, float* p
   return sum;
 }
 
-// The k best keys of a row under ranks_before, best first. First a lower bound for the k-th best
-// key: the k-th largest of the kLanes column maxima (they are kLanes distinct elements, so their
-// k-th largest cannot exceed the row's). Only keys ≥ that bound are offered to the sorted top-k
-// insertion: about 1.5·k of them for random logits instead of all E. Keys must be NaN-free.
+// k-th largest of kLanes column maxima without sorting: count_i = #{j : max_j > max_i} for every
+// lane at once, then the smallest max_i with count_i < k (exactly the values ≥ the k-th largest).
 template <typename Acc>
-inline void select_top_k(const Acc* key, int64_t E, int k, Acc* top_keys, int64_t* top_ids) {
+inline Acc kth_largest_of_lanes(const Acc* column_max, int k) {
+  int32_t greater[kLanes] = {};
+  for (int j = 0; j < kLanes; ++j)
+    for (int i = 0; i < kLanes; ++i) greater[i] += column_max[j] > column_max[i] ? 1 : 0;
+  Acc bound = std::numeric_limits<Acc>::infinity();
+  for (int i = 0; i < kLanes; ++i) bound = (greater[i] < k && column_max[i] < bound) ? column_max[i] : bound;
+  return bound;
+}
+
+// The k best keys of a row under ranks_before, best first. A lower bound for the k-th best key is
+// the k-th largest of the kLanes column maxima (kLanes distinct elements: their k-th largest cannot
+// exceed the row's). Indices of keys ≥ bound are compacted without branches (about 1.5·k of them for
+// random logits), and only those reach the sorted insertion. Keys must be NaN-free.
+template <typename Acc>
+inline void select_top_k(const Acc* key, int64_t E, int k, Acc* top_keys, int64_t* top_ids, int32_t* candidates) {
   Acc bound = -std::numeric_limits<Acc>::infinity();
   if (E >= 2 * kLanes && k <= kLanes) {
     Acc column_max[kLanes];
     for (int l = 0; l < kLanes; ++l) column_max[l] = key[l];
-    for (int64_t e = kLanes; e + kLanes <= E; e += kLanes)
+    int64_t e = kLanes;
+    for (; e + kLanes <= E; e += kLanes)
       for (int l = 0; l < kLanes; ++l) column_max[l] = key[e + l] > column_max[l] ? key[e + l] : column_max[l];
-    for (int j = 1; j < kLanes; ++j) {  // sort the column maxima descending
-      const Acc v = column_max[j];
-      int pos = j;
-      while (pos > 0 && column_max[pos - 1] < v) {
-        column_max[pos] = column_max[pos - 1];
-        --pos;
-      }
-      column_max[pos] = v;
-    }
-    bound = column_max[k - 1];
+    bound = kth_largest_of_lanes(column_max, k);
+  }
+  int64_t count = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    candidates[count] = static_cast<int32_t>(e);
+    count += key[e] >= bound ? 1 : 0;
   }
   for (int j = 0; j < k; ++j) {
     top_keys[j] = -std::numeric_limits<Acc>::infinity();
     top_ids[j] = std::numeric_limits<int64_t>::max();  // loses to any real element, −inf included
   }
-  for (int64_t e = 0; e < E; ++e)
-    if (key[e] >= bound) topk_insert(top_keys, top_ids, k, key[e], e);
+  for (int64_t c = 0; c < count; ++c) topk_insert(top_keys, top_ids, k, key[candidates[c]], int64_t(candidates[c]));
 }
 
 // One row: writes weights/ids/lse and adds this row's probabilities and lse² to the block partials.
@@ -177,7 +185,8 @@ FC_CPU_CLONES void route_one_row(Acc* x, int64_t E, int k, bool renormalize, Acc
     for (int64_t e = 0; e < E; ++e) x[e] = selection_key(x[e]);
   Acc top_keys[kMaxTopK];
   int64_t top_ids[kMaxTopK];
-  select_top_k(x, E, k, top_keys, top_ids);
+  int32_t candidates[kMaxExperts];
+  select_top_k(x, E, k, top_keys, top_ids, candidates);
 
   Acc selected_sum = 0;
   for (int j = 0; j < k; ++j) selected_sum += probs[top_ids[j]];

@@ -1,0 +1,165 @@
+"""Benchmark harness behind `python -m fastcore_ai bench` and the pytest-benchmark suites.
+
+One table per family: shape, backend, median time, speedup against the pure-torch reference and
+against the named peer, max relative error against the float64 oracle, and peak extra memory (GPU).
+All providers of a row are timed in the same process run, interleaved, so ratios are comparable;
+GPU times use CUDA events after a synchronising warm-up, CPU times use perf_counter.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import build_info, ops, reference
+
+
+@dataclass
+class Row:
+    family: str
+    shape: str
+    backend: str
+    median_ms: float
+    speedup_vs_reference: float
+    speedup_vs_peer: float
+    peer: str
+    max_rel_error: float
+    peak_extra_mb: Optional[float] = None
+
+
+@dataclass
+class Case:
+    """One benchmark shape: `setup(device)` returns the inputs; providers map a name to fn(*inputs);
+    `error(output, inputs)` gives the relative error of an output against the float64 oracle."""
+    family: str
+    shape: str
+    setup: Callable
+    providers: Dict[str, Callable]
+    error: Callable
+    peer: str
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn: Callable, device: str, min_time_s: float = 0.2, max_repeats: int = 50) -> float:
+    """Median milliseconds of fn() over repeated calls (at least 5, until about min_time_s)."""
+    fn()
+    _sync(device)
+    samples: List[float] = []
+    start_all = time.perf_counter()
+    while len(samples) < 5 or (time.perf_counter() - start_all < min_time_s and len(samples) < max_repeats):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        else:
+            begin_s = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - begin_s) * 1e3)
+    return statistics.median(samples)
+
+
+# ---- moe ----------------------------------------------------------------------------------------
+
+def torch_composition_router(logits: torch.Tensor, k: int, renormalize: bool = True):
+    """The router as separate torch calls, as a user would write it (the peer for moe_topk_route)."""
+    x = logits.float()
+    probs = torch.softmax(x, dim=-1)
+    weights, expert_ids = torch.topk(probs, k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    z_loss = torch.logsumexp(x, dim=-1).pow(2).mean()
+    tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=x.shape[1])
+    mean_prob = probs.mean(dim=0)
+    return weights, expert_ids, z_loss, tokens_per_expert, mean_prob
+
+
+def moe_router_cases(device: str, quick: bool = False) -> List[Case]:
+    fast_backends = ["cpu"] if device == "cpu" else ["cuda", "triton"]
+    cases = []
+    token_counts = (4096, 65536)
+    for T in token_counts:
+        for E in (8, 64, 128):
+            for k in (2, 8):
+                if quick and (T, E) not in ((4096, 8), (65536, 128)):
+                    continue
+
+                def setup(T=T, E=E):
+                    generator = torch.Generator().manual_seed(T * 1000 + E)
+                    return (torch.randn(T, E, generator=generator).to(device),)
+
+                providers = {b: (lambda x, k=k, b=b: ops.moe_topk_route(x, k, backend=b)) for b in fast_backends}
+                providers["reference"] = lambda x, k=k: ops.moe_topk_route(x, k, backend="reference")
+                providers["torch-composition"] = lambda x, k=k: torch_composition_router(x, k)
+
+                def error(output, inputs, k=k):
+                    oracle = reference.moe_topk_route(inputs[0].double().cpu(), k, True)
+                    weights = output[0].double().cpu()
+                    return float((weights - oracle[0]).norm() / oracle[0].norm())
+
+                cases.append(Case("moe", f"moe_topk_route T={T} E={E} k={k} float32", setup, providers, error,
+                                  peer="torch-composition"))
+    return cases
+
+
+FAMILIES = {"moe": moe_router_cases}
+
+
+def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[Row]:
+    rows: List[Row] = []
+    for family in families:
+        for case in FAMILIES[family](device, quick):
+            inputs = case.setup()
+            times: Dict[str, float] = {}
+            errors: Dict[str, float] = {}
+            peaks: Dict[str, Optional[float]] = {}
+            for name, fn in case.providers.items():
+                try:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    output = fn(*inputs)
+                    peaks[name] = ((torch.cuda.max_memory_allocated() - base) / 2**20) if device == "cuda" else None
+                    errors[name] = case.error(output, inputs)
+                    times[name] = time_call(lambda: fn(*inputs), device, min_time_s=0.05 if quick else 0.2)
+                except Exception as error:  # a provider that cannot run here is reported, not fatal
+                    times[name], errors[name], peaks[name] = float("nan"), float("nan"), None
+                    print(f"  [{case.shape}] {name} failed: {error}")
+            for name in case.providers:
+                rows.append(Row(case.family, case.shape, name, times[name],
+                                times.get("reference", float("nan")) / times[name],
+                                times.get(case.peer, float("nan")) / times[name], case.peer, errors[name], peaks[name]))
+    return rows
+
+
+def format_table(rows: List[Row]) -> str:
+    header = "| shape | backend | median ms | vs reference | vs peer | max rel err | peak extra MB |"
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        peak = "-" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
+        lines.append(f"| {r.shape} | {r.backend} | {r.median_ms:.3f} | {r.speedup_vs_reference:.2f}x | "
+                     f"{r.speedup_vs_peer:.2f}x ({r.peer}) | {r.max_rel_error:.1e} | {peak} |")
+    return "\n".join(lines)
+
+
+def main(families: List[str], device: str, json_path: Optional[str], quick: bool) -> List[Row]:
+    rows = run(families, device, quick)
+    for family in families:
+        print(f"\n## {family} ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})\n")
+        print(format_table([r for r in rows if r.family == family]))
+    if json_path:
+        with open(json_path, "w") as handle:
+            json.dump({"build_info": build_info(), "device": device, "rows": [asdict(r) for r in rows]}, handle, indent=2)
+    return rows
