@@ -15,6 +15,25 @@ from setuptools import setup
 ROOT = Path(__file__).parent.resolve()
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
+
+def locate_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`, which is wrong when nvcc is a wrapper script outside
+    the toolkit (e.g. /usr/local/bin/nvcc): prefer the toolkit that holds the runtime headers."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(os.path.realpath(nvcc)).parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for home in candidates:
+        if (home / "include" / "cuda_runtime_api.h").exists() and (home / "bin" / "nvcc").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
+locate_cuda_home()
+
 import torch  # noqa: E402  (the environment variable above must be set first)
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

@@ -8,7 +8,7 @@
 #include "tensor_params.h"
 
 #ifdef FASTCORE_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
@@ -84,7 +84,7 @@ std::vector<at::Tensor> topk_route(const at::Tensor& logits, int64_t k, bool ren
              "the cuda backend takes float32, float16 or bfloat16 logits, got float64");
     c10::cuda::CUDAGuard guard(logits.device());
     check_cuda_status(topk_route_cuda(p, z_loss.data_ptr(), mean_prob.data_ptr(),
-                                      at::cuda::getCurrentCUDAStream().stream()),
+                                      c10::cuda::getCurrentCUDAStream().stream()),
                       "kernel launch");
 #else
     FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with "
@@ -135,7 +135,7 @@ at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& exper
   if (logits.is_cuda()) {
 #ifdef FASTCORE_WITH_CUDA
     c10::cuda::CUDAGuard guard(logits.device());
-    check_cuda_status(topk_route_backward_cuda(p, at::cuda::getCurrentCUDAStream().stream()),
+    check_cuda_status(topk_route_backward_cuda(p, c10::cuda::getCurrentCUDAStream().stream()),
                       "backward kernel launch");
 #else
     FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels");
