@@ -194,9 +194,23 @@ void check_backward(bool renormalize, std::mt19937& gen) {
   }
 }
 
+// The statistics blocks: at least min_rows rows, partial buffers bounded (about 4M entries) for any T.
+void check_block_sizes() {
+  for (int64_t T : {int64_t(1), int64_t(255), int64_t(4099), int64_t(1) << 26, int64_t(30000000), int64_t(1) << 34})
+    for (int64_t E : {int64_t(1), int64_t(8), int64_t(1024)}) {
+      const int64_t rows = route_rows_per_block(T, E, 256);
+      const int64_t blocks = (T + rows - 1) / rows;
+      FC_EXPECT(rows >= 256, "rows per block %lld", (long long)rows);
+      FC_EXPECT(blocks * E <= (int64_t(1) << 22) + E, "T=%lld E=%lld: %lld partial entries", (long long)T,
+                (long long)E, (long long)(blocks * E));
+      FC_EXPECT(rows * kMaxTopK < (int64_t(1) << 31), "int32 partial counts would overflow");
+    }
+}
+
 }  // namespace
 
 int main() {
+  check_block_sizes();
   std::mt19937 gen(1234);
   for (int64_t E : {1, 3, 8, 17, 61, 128, 1024})
     for (int k : {1, 2, 8, 16})
