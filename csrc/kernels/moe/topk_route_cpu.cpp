@@ -4,13 +4,14 @@
 // exp(x − max) and its sum, a bounded top-k (only logits above a cheap lower bound of the k-th best
 // reach the insertion), then the k weights. The hot row function is compiled for AVX-512, AVX2 and baseline x86-64 and picked
 // at load time (GCC target_clones), so one binary is fast everywhere and portable.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
 #include "moe/topk_route.h"
 
-// 64-byte vectors only live inside this file's inline functions; the psABI note does not apply.
+// 32-byte vectors only live inside this file's inline functions; the psABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
@@ -28,22 +29,29 @@ namespace {
 // then the lanes in order. The order is fixed, so results do not depend on the machine.
 constexpr int kLanes = 16;
 
-// exp(x) for 16 float32 lanes at once (GCC vector extensions, lowered to AVX-512, AVX2 or SSE by
+// exp(x) for 8 float32 lanes at once (GCC vector extensions, lowered to AVX-512, AVX2 or SSE by
 // the target clone): x = n ln2 + r with |r| ≤ ln2/2, exp(r) by its degree-7 Taylor polynomial
 // (truncation < 5e-9 relative), 2^n through the exponent bits. Below −87.3 it returns 0 (true value
 // < 1.2e-38, far below what a probability sum resolves); above 88.7 +inf; NaN propagates.
-typedef float Float16Lanes __attribute__((vector_size(64)));
-typedef int32_t Int16Lanes __attribute__((vector_size(64)));
+typedef float Float8Lanes __attribute__((vector_size(32)));
+typedef int32_t Int8Lanes __attribute__((vector_size(32)));
 
-inline Float16Lanes exp_lanes(Float16Lanes x) {
-  const Float16Lanes low = x < -87.3f ? Float16Lanes{} - 87.3f : x;
-  const Float16Lanes clamped = low > 88.7f ? Float16Lanes{} + 88.7f : low;
+// mask ? a : b for a lane mask of all-ones/all-zeros, as bit operations (plain vector and/or on every ISA).
+inline Float8Lanes select_lanes(Int8Lanes mask, Float8Lanes a, Float8Lanes b) {
+  return reinterpret_cast<Float8Lanes>((reinterpret_cast<Int8Lanes>(a) & mask) |
+                                        (reinterpret_cast<Int8Lanes>(b) & ~mask));
+}
+
+inline Float8Lanes exp_lanes(Float8Lanes x) {
+  const Float8Lanes low_limit = Float8Lanes{} - 87.3f, high_limit = Float8Lanes{} + 88.7f;
+  const Int8Lanes too_low = x < low_limit, too_high = x > high_limit, is_nan = x != x;
+  const Float8Lanes clamped = select_lanes(too_low, low_limit, select_lanes(too_high, high_limit, x));
   // Round to nearest by adding and removing 1.5·2^23 (no libm call, so it vectorises).
-  const Float16Lanes n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const Float8Lanes n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   // Cody–Waite split of ln2 so r is exact to float precision.
-  Float16Lanes r = clamped - n * 0.693145751953125f;
+  Float8Lanes r = clamped - n * 0.693145751953125f;
   r = r - n * 1.428606765330187045e-06f;
-  Float16Lanes poly = Float16Lanes{} + 1.0f / 5040.0f;
+  Float8Lanes poly = Float8Lanes{} + 1.0f / 5040.0f;
   poly = poly * r + 1.0f / 720.0f;
   poly = poly * r + 1.0f / 120.0f;
   poly = poly * r + 1.0f / 24.0f;
@@ -51,15 +59,15 @@ inline Float16Lanes exp_lanes(Float16Lanes x) {
   poly = poly * r + 0.5f;
   poly = poly * r + 1.0f;
   poly = poly * r + 1.0f;
-  const Int16Lanes exponent_bits = (__builtin_convertvector(n, Int16Lanes) + 127) << 23;
-  Float16Lanes result = poly * reinterpret_cast<Float16Lanes>(exponent_bits);
-  result = x < -87.3f ? Float16Lanes{} : result;
-  result = x > 88.7f ? Float16Lanes{} + INFINITY : result;
-  return x != x ? x : result;
+  const Int8Lanes exponent_bits = (__builtin_convertvector(n, Int8Lanes) + 127) << 23;
+  Float8Lanes result = poly * reinterpret_cast<Float8Lanes>(exponent_bits);
+  result = select_lanes(too_low, Float8Lanes{}, result);
+  result = select_lanes(too_high, Float8Lanes{} + INFINITY, result);
+  return select_lanes(is_nan, x, result);
 }
 
 inline float vector_exp(float x) {
-  Float16Lanes lanes = Float16Lanes{} + x;
+  Float8Lanes lanes = Float8Lanes{} + x;
   return exp_lanes(lanes)[0];
 }
 inline double vector_exp(double x) { return std::exp(x); }
@@ -75,17 +83,30 @@ void widen_row(const TopkRouteParams& p, int64_t row, Acc* out) {
   for (int64_t e = 0; e < E; ++e) out[e] = load_as<Acc>(p.logits, p.logits_kind, base + e * p.col_stride);
 }
 
+// column_max[l] = max of key[e] over e ≡ l (mod kLanes); NaN is skipped, empty lanes stay −inf.
 template <typename Acc>
-inline Acc lane_max(const Acc* x, int64_t E) {
-  Acc lanes[kLanes];
-  for (int l = 0; l < kLanes; ++l) lanes[l] = -std::numeric_limits<Acc>::infinity();
+inline void column_maxima(const Acc* key, int64_t E, Acc* column_max) {
+  for (int l = 0; l < kLanes; ++l) column_max[l] = -std::numeric_limits<Acc>::infinity();
   int64_t e = 0;
   for (; e + kLanes <= E; e += kLanes)
-    for (int l = 0; l < kLanes; ++l) lanes[l] = x[e + l] > lanes[l] ? x[e + l] : lanes[l];
-  for (; e < E; ++e) lanes[0] = x[e] > lanes[0] ? x[e] : lanes[0];
-  Acc m = lanes[0];
-  for (int l = 1; l < kLanes; ++l) m = lanes[l] > m ? lanes[l] : m;
-  return m;
+    for (int l = 0; l < kLanes; ++l) column_max[l] = key[e + l] > column_max[l] ? key[e + l] : column_max[l];
+  for (int l = 0; e + l < E; ++l) column_max[l] = key[e + l] > column_max[l] ? key[e + l] : column_max[l];
+}
+
+template <>
+inline void column_maxima<float>(const float* key, int64_t E, float* column_max) {
+  Float8Lanes low = Float8Lanes{} - INFINITY, high = low;
+  int64_t e = 0;
+  for (; e + kLanes <= E; e += kLanes) {
+    Float8Lanes a, b;
+    std::memcpy(&a, key + e, sizeof(a));
+    std::memcpy(&b, key + e + 8, sizeof(b));
+    low = select_lanes(a > low, a, low);
+    high = select_lanes(b > high, b, high);
+  }
+  std::memcpy(column_max, &low, sizeof(low));
+  std::memcpy(column_max + 8, &high, sizeof(high));
+  for (int l = 0; e + l < E; ++l) column_max[l] = key[e + l] > column_max[l] ? key[e + l] : column_max[l];
 }
 
 // probs[e] = exp(x[e] − shift); returns Σ probs in lane order.
@@ -103,24 +124,29 @@ inline Acc exp_and_sum(const Acc* x, Acc shift, int64_t E, Acc* probs) {
 
 template <>
 inline float exp_and_sum<float>(const float* x, float shift, int64_t E, float* probs) {
-  Float16Lanes lanes{};
+  constexpr int kVector = 8;  // 32-byte vectors: one AVX2 register, half an AVX-512 one, two SSE ones
+  Float8Lanes lanes_low{}, lanes_high{};
   int64_t e = 0;
-  for (; e + kLanes <= E; e += kLanes) {
-    Float16Lanes chunk;
-    std::memcpy(&chunk, x + e, sizeof(chunk));
-    const Float16Lanes p = exp_lanes(chunk - shift);
-    std::memcpy(probs + e, &p, sizeof(p));
-    lanes += p;
+  for (; e + 2 * kVector <= E; e += 2 * kVector) {
+    Float8Lanes low, high;
+    std::memcpy(&low, x + e, sizeof(low));
+    std::memcpy(&high, x + e + kVector, sizeof(high));
+    const Float8Lanes p_low = exp_lanes(low - shift), p_high = exp_lanes(high - shift);
+    std::memcpy(probs + e, &p_low, sizeof(p_low));
+    std::memcpy(probs + e + kVector, &p_high, sizeof(p_high));
+    lanes_low += p_low;
+    lanes_high += p_high;
   }
-  if (e < E) {  // tail: pad with −inf, whose exp is 0
-    Float16Lanes chunk = Float16Lanes{} - INFINITY;
-    std::memcpy(&chunk, x + e, sizeof(float) * (E - e));
-    const Float16Lanes p = exp_lanes(chunk - shift);
-    std::memcpy(probs + e, &p, sizeof(float) * (E - e));
-    lanes += p;
+  for (; e < E; e += kVector) {  // tail: pad with −inf, whose exp is 0
+    const int64_t n = std::min<int64_t>(kVector, E - e);
+    Float8Lanes chunk = Float8Lanes{} - INFINITY;
+    std::memcpy(&chunk, x + e, sizeof(float) * n);
+    const Float8Lanes p = exp_lanes(chunk - shift);
+    std::memcpy(probs + e, &p, sizeof(float) * n);
+    lanes_low += p;
   }
   float sum = 0;
-  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  for (int l = 0; l < kVector; ++l) sum += lanes_low[l] + lanes_high[l];
   return sum;
 }
 
@@ -136,23 +162,44 @@ inline Acc kth_largest_of_lanes(const Acc* column_max, int k) {
   return bound;
 }
 
-// The k best keys of a row under ranks_before, best first. A lower bound for the k-th best key is
-// the k-th largest of the kLanes column maxima (kLanes distinct elements: their k-th largest cannot
-// exceed the row's). Indices of keys ≥ bound are compacted without branches (about 1.5·k of them for
-// random logits), and only those reach the sorted insertion. Keys must be NaN-free.
+// Whether any of key[0..8) is ≥ bound.
 template <typename Acc>
-inline void select_top_k(const Acc* key, int64_t E, int k, Acc* top_keys, int64_t* top_ids, int32_t* candidates) {
-  Acc bound = -std::numeric_limits<Acc>::infinity();
-  if (E >= 2 * kLanes && k <= kLanes) {
-    Acc column_max[kLanes];
-    for (int l = 0; l < kLanes; ++l) column_max[l] = key[l];
-    int64_t e = kLanes;
-    for (; e + kLanes <= E; e += kLanes)
-      for (int l = 0; l < kLanes; ++l) column_max[l] = key[e + l] > column_max[l] ? key[e + l] : column_max[l];
-    bound = kth_largest_of_lanes(column_max, k);
-  }
+inline bool block_has_candidate(const Acc* key, Acc bound) {
+  bool any = false;
+  for (int l = 0; l < 8; ++l) any |= key[l] >= bound;
+  return any;
+}
+
+template <>
+inline bool block_has_candidate<float>(const float* key, float bound) {
+  Float8Lanes block;
+  std::memcpy(&block, key, sizeof(block));
+  const Int8Lanes mask = block >= bound;
+  uint64_t words[4];  // OR the 32-byte mask as four words: no horizontal vector reduction needed
+  std::memcpy(words, &mask, sizeof(words));
+  return (words[0] | words[1] | words[2] | words[3]) != 0;
+}
+
+// The k best keys of a row under ranks_before, best first. A lower bound for the k-th best key is
+// the k-th largest of the column maxima (distinct elements, so their k-th largest cannot exceed the
+// row's; empty lanes only lower it). Indices of keys ≥ bound are compacted without branches inside
+// blocks of 8 that hold one (about 1.5·k keys for random logits), and only those reach the sorted
+// insertion. Keys must be NaN-free.
+template <typename Acc>
+inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max, Acc* top_keys,
+                         int64_t* top_ids, int32_t* candidates) {
+  const Acc bound = kth_largest_of_lanes(column_max, k);
   int64_t count = 0;
-  for (int64_t e = 0; e < E; ++e) {
+  int64_t e = 0;
+  constexpr int kBlock = 8;
+  for (; e + kBlock <= E; e += kBlock) {
+    if (!block_has_candidate(key + e, bound)) continue;
+    for (int l = 0; l < kBlock; ++l) {
+      candidates[count] = static_cast<int32_t>(e + l);
+      count += key[e + l] >= bound ? 1 : 0;
+    }
+  }
+  for (; e < E; ++e) {
     candidates[count] = static_cast<int32_t>(e);
     count += key[e] >= bound ? 1 : 0;
   }
@@ -169,7 +216,10 @@ template <typename Acc>
 FC_CPU_CLONES void route_one_row(Acc* x, int64_t E, int k, bool renormalize, Acc* probs,
                                  Acc* weights, int64_t* ids, Acc* lse_out, Acc* prob_sum,
                                  Acc* lse_sq_sum, int32_t* counts) {
-  const Acc row_max = lane_max(x, E);  // ignores NaN; a NaN still makes `sum` NaN below
+  Acc column_max[kLanes];
+  column_maxima(x, E, column_max);  // skips NaN; a NaN still makes `sum` NaN below
+  Acc row_max = column_max[0];
+  for (int l = 1; l < kLanes; ++l) row_max = column_max[l] > row_max ? column_max[l] : row_max;
   const Acc sum = exp_and_sum(x, row_max, E, probs);
   // NaN anywhere in the row, or a row of only −inf, makes sum NaN and so lse NaN (no distribution).
   const Acc lse = row_max + fc_log(sum);
@@ -181,12 +231,12 @@ FC_CPU_CLONES void route_one_row(Acc* x, int64_t E, int k, bool renormalize, Acc
   *lse_out = lse;
   *lse_sq_sum += lse * lse;
 
-  if (sum != sum)
+  if (sum != sum)  // NaN keys become −inf (column maxima already skip NaN, so they stay valid)
     for (int64_t e = 0; e < E; ++e) x[e] = selection_key(x[e]);
   Acc top_keys[kMaxTopK];
   int64_t top_ids[kMaxTopK];
   int32_t candidates[kMaxExperts];
-  select_top_k(x, E, k, top_keys, top_ids, candidates);
+  select_top_k(x, E, k, column_max, top_keys, top_ids, candidates);
 
   Acc selected_sum = 0;
   for (int j = 0; j < k; ++j) selected_sum += probs[top_ids[j]];
