@@ -28,7 +28,12 @@
 // columns get their sparse terms from the lane that owns them (no shared memory, no atomics).
 //
 // Registers: x[VPL] (logits), ex[VPL] (exp(x − max)) and acc[VPL] (probability sums) per lane in the
-// forward; the ptxas report (tests/test_cuda_build.py) must show no spills for sm_80 and sm_90.
+// forward; the ptxas report (tests/test_cuda_build.py) must show no spills for sm_80 and sm_90. The
+// kernels say __launch_bounds__(threads, 1) explicitly: with the minimum-blocks hint left out, ptxas
+// 13 capped the backward at 80-128 registers and spilled a few values to reach a higher occupancy.
+//
+// Lanes g < k of a group hold the k selections: k ≤ min(E, 16) ≤ GROUP for every layout below
+// (GROUP = 8 only for E ≤ 8, 16 only for E ≤ 16).
 #include <cuda_runtime.h>
 
 #include <climits>

@@ -72,15 +72,14 @@ inline float vector_exp(float x) {
 }
 inline double vector_exp(double x) { return std::exp(x); }
 
+// Copies row elements logits[base + e * col_stride], e < E, widened to Acc, into out.
 template <typename Acc>
-void widen_row(const TopkRouteParams& p, int64_t row, Acc* out) {
-  const int64_t base = row * p.row_stride;
-  const int64_t E = p.num_experts;
-  if (p.col_stride == 1 && p.logits_kind == ScalarKind::kFloat32 && sizeof(Acc) == sizeof(float)) {
-    std::memcpy(out, static_cast<const float*>(p.logits) + base, sizeof(float) * E);
+void widen_row(const void* logits, ScalarKind kind, int64_t base, int64_t col_stride, int64_t E, Acc* out) {
+  if (col_stride == 1 && kind == ScalarKind::kFloat32 && sizeof(Acc) == sizeof(float)) {
+    std::memcpy(out, static_cast<const float*>(logits) + base, sizeof(float) * E);
     return;
   }
-  for (int64_t e = 0; e < E; ++e) out[e] = load_as<Acc>(p.logits, p.logits_kind, base + e * p.col_stride);
+  for (int64_t e = 0; e < E; ++e) out[e] = load_as<Acc>(logits, kind, base + e * col_stride);
 }
 
 // column_max[l] = max of key[e] over e ≡ l (mod kLanes); NaN is skipped, empty lanes stay −inf.
@@ -265,7 +264,7 @@ void route_blocks(const TopkRouteParams& p, int64_t block_begin, int64_t block_e
     const int64_t row_begin = block * p.rows_per_block;
     const int64_t row_end = std::min(p.num_tokens, row_begin + p.rows_per_block);
     for (int64_t row = row_begin; row < row_end; ++row) {
-      widen_row(p, row, x);
+      widen_row(p.logits, p.logits_kind, row * p.row_stride, p.col_stride, E, x);
       route_one_row<Acc>(x, E, p.k, p.renormalize, probs, static_cast<Acc*>(p.weights) + row * p.k,
                          p.expert_ids + row * p.k, static_cast<Acc*>(p.lse) + row, prob_sum,
                          lse_sq_sum, counts);
@@ -300,6 +299,7 @@ void backward_rows(const TopkRouteBackwardParams& p, int64_t row_begin, int64_t 
   const int k = p.k;
   const Acc inv_tokens = Acc(1) / static_cast<Acc>(p.num_tokens);
   const Acc* grad_mean_prob = static_cast<const Acc*>(p.grad_mean_prob);
+  Acc x[kMaxExperts];
   Acc probs[kMaxExperts];
   Acc dense_grad[kMaxExperts];
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -308,8 +308,9 @@ void backward_rows(const TopkRouteBackwardParams& p, int64_t row_begin, int64_t 
     const Acc* w = static_cast<const Acc*>(p.weights) + row * k;
     const Acc* gw = static_cast<const Acc*>(p.grad_weights) + row * k;
     Acc* dx = static_cast<Acc*>(p.grad_logits) + row * E;
+    widen_row(p.logits, p.logits_kind, row * p.row_stride, p.col_stride, E, x);
     for (int64_t e = 0; e < E; ++e) {
-      probs[e] = route_probability(load_as<Acc>(p.logits, p.logits_kind, row * p.row_stride + e * p.col_stride), lse);
+      probs[e] = route_probability(x[e], lse);
       dense_grad[e] = grad_mean_prob[e] * inv_tokens;
     }
     Acc selected_dot = 0;  // Σ_i w_i gw_i
