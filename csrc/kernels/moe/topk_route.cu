@@ -34,6 +34,11 @@
 //
 // Lanes g < k of a group hold the k selections: k ≤ min(E, 16) ≤ GROUP for every layout below
 // (GROUP = 8 only for E ≤ 8, 16 only for E ≤ 16).
+//
+// tests/test_cuda_build.py also runs these kernels, source unchanged, on a small CPU emulation of the
+// CUDA features used here (shuffles, __syncthreads, shared memory, integer atomics); it rewrites each
+// `kernel<<<grid, block, smem, stream>>>(args)` launch, so keep launches in that form, and extend the
+// emulator there when a kernel starts using another CUDA feature.
 #include <cuda_runtime.h>
 
 #include <climits>
