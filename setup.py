@@ -74,6 +74,11 @@ def extension():
     with_cuda = want_cuda()
     sources = relative(ROOT.glob("csrc/torch/*.cpp")) + relative(ROOT.glob("csrc/kernels/*/*_cpu.cpp"))
     cxx = read_cxx_flags() + [f'-DFASTCORE_TORCH_VERSION="{torch.__version__}"']
+    if torch._C.has_openmp:
+        # at::parallel_for is inline: with torch's OpenMP backend it only runs in parallel when the
+        # caller is compiled with -fopenmp. Compile-only: the GOMP symbols then resolve to the
+        # libgomp torch already loaded (no -lgomp, so no second OpenMP runtime; DESIGN rule 3).
+        cxx.append("-fopenmp")
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xptxas=-warn-spills"]
     if with_cuda:
         sources += relative(ROOT.glob("csrc/kernels/*/*.cu"))

@@ -94,3 +94,11 @@ def test_build_info_fields():
 def test_describe_rows_cover_every_backend():
     rows = [row for row in backends.describe() if row[0] == "moe_topk_route"]
     assert [row[1] for row in rows] == ["cuda", "triton", "cpu", "reference"]
+
+
+def test_cpu_kernels_run_in_parallel():
+    """at::parallel_for is inline; without -fopenmp it silently runs on one thread."""
+    threads = torch.get_num_threads()
+    if threads < 2:
+        pytest.skip(f"torch uses {threads} thread here")
+    assert _native.native().parallel_for_threads_used() == threads

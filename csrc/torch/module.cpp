@@ -1,6 +1,9 @@
 // The pybind11 module fastcore_ai._C: binds the torch glue of every op and reports how the
 // extension was built. The only file that includes torch/extension.h (pybind11 + tensor casters).
+#include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include <atomic>
 
 #ifndef FASTCORE_TORCH_VERSION
 #define FASTCORE_TORCH_VERSION "unknown"
@@ -35,6 +38,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["cuda_archs"] = FASTCORE_CUDA_ARCHS;
     d["cuda_version"] = FASTCORE_CUDA_VERSION;
     return d;
+  });
+  // How many threads at::parallel_for actually used on a 64-chunk range: a build check that the
+  // CPU kernels run in parallel (tests/test_backends.py), not a user API.
+  m.def("parallel_for_threads_used", []() {
+    std::atomic<uint64_t> seen{0};
+    at::parallel_for(0, 64, 1, [&](int64_t begin, int64_t end) {
+      seen.fetch_or(uint64_t(1) << (at::get_thread_num() % 64));
+      volatile double sink = 0;  // a little work so one thread cannot take every chunk
+      for (int64_t i = begin; i < end; ++i)
+        for (int j = 0; j < 200000; ++j) sink = sink + j;
+    });
+    return __builtin_popcountll(seen.load());
   });
   m.def("moe_topk_route", &fastcore::moe::topk_route, "fused softmax + top-k router",
         pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("renormalize"));

@@ -179,6 +179,20 @@ inline bool block_has_candidate<float>(const float* key, float bound) {
   return (words[0] | words[1] | words[2] | words[3]) != 0;
 }
 
+// For short rows (E ≤ kLanes): every key's rank under ranks_before, counted without branches
+// (E² compares, vectorised over the row), then the first k ranks are placed directly.
+template <typename Acc>
+inline void select_top_k_by_rank(const Acc* key, int64_t E, int k, Acc* top_keys, int64_t* top_ids) {
+  int32_t rank[kLanes] = {};
+  for (int64_t j = 0; j < E; ++j)
+    for (int64_t i = 0; i < E; ++i) rank[i] += (key[j] > key[i]) | ((key[j] == key[i]) & (j < i)) ? 1 : 0;
+  for (int64_t i = 0; i < E; ++i)
+    if (rank[i] < k) {
+      top_keys[rank[i]] = key[i];
+      top_ids[rank[i]] = i;
+    }
+}
+
 // The k best keys of a row under ranks_before, best first. A lower bound for the k-th best key is
 // the k-th largest of the column maxima (distinct elements, so their k-th largest cannot exceed the
 // row's; empty lanes only lower it). Indices of keys ≥ bound are compacted without branches inside
@@ -187,6 +201,7 @@ inline bool block_has_candidate<float>(const float* key, float bound) {
 template <typename Acc>
 inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max, Acc* top_keys,
                          int64_t* top_ids, int32_t* candidates) {
+  if (E <= kLanes) return select_top_k_by_rank(key, E, k, top_keys, top_ids);
   const Acc bound = kth_largest_of_lanes(column_max, k);
   int64_t count = 0;
   int64_t e = 0;
