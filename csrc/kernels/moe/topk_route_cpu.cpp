@@ -179,17 +179,20 @@ inline bool block_has_candidate<float>(const float* key, float bound) {
   return (words[0] | words[1] | words[2] | words[3]) != 0;
 }
 
-// For short rows (E ≤ kLanes): every key's rank under ranks_before, counted without branches
-// (E² compares, vectorised over the row), then the first k ranks are placed directly.
+// Selection by rank for short lists (n ≤ kMaxRanked): every key's rank under ranks_before is
+// counted without branches (n² compares, vectorised), then the first k ranks are placed directly.
+// `ids[i]` is the expert index of key[i], increasing in i (so equal keys rank by position).
+constexpr int kMaxRanked = 32;
+
 template <typename Acc>
-inline void select_top_k_by_rank(const Acc* key, int64_t E, int k, Acc* top_keys, int64_t* top_ids) {
-  int32_t rank[kLanes] = {};
-  for (int64_t j = 0; j < E; ++j)
-    for (int64_t i = 0; i < E; ++i) rank[i] += (key[j] > key[i]) | ((key[j] == key[i]) & (j < i)) ? 1 : 0;
-  for (int64_t i = 0; i < E; ++i)
+inline void select_top_k_by_rank(const Acc* key, const int32_t* ids, int n, int k, Acc* top_keys, int64_t* top_ids) {
+  int32_t rank[kMaxRanked] = {};
+  for (int j = 0; j < n; ++j)
+    for (int i = 0; i < n; ++i) rank[i] += (key[j] > key[i]) | ((key[j] == key[i]) & (j < i)) ? 1 : 0;
+  for (int i = 0; i < n; ++i)
     if (rank[i] < k) {
       top_keys[rank[i]] = key[i];
-      top_ids[rank[i]] = i;
+      top_ids[rank[i]] = ids[i];
     }
 }
 
@@ -201,8 +204,7 @@ inline void select_top_k_by_rank(const Acc* key, int64_t E, int k, Acc* top_keys
 template <typename Acc>
 inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max, Acc* top_keys,
                          int64_t* top_ids, int32_t* candidates) {
-  if (E <= kLanes) return select_top_k_by_rank(key, E, k, top_keys, top_ids);
-  const Acc bound = kth_largest_of_lanes(column_max, k);
+  const Acc bound = E <= kLanes ? -std::numeric_limits<Acc>::infinity() : kth_largest_of_lanes(column_max, k);
   int64_t count = 0;
   int64_t e = 0;
   constexpr int kBlock = 8;
@@ -217,6 +219,12 @@ inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max
     candidates[count] = static_cast<int32_t>(e);
     count += key[e] >= bound ? 1 : 0;
   }
+  if (count <= kMaxRanked) {  // the usual case: rank the few candidates without branches
+    Acc candidate_keys[kMaxRanked];
+    for (int64_t c = 0; c < count; ++c) candidate_keys[c] = key[candidates[c]];
+    return select_top_k_by_rank(candidate_keys, candidates, static_cast<int>(count), k, top_keys, top_ids);
+  }
+  // Many keys tie at the bound (e.g. a constant row): sorted insertion, linear in the count.
   for (int j = 0; j < k; ++j) {
     top_keys[j] = -std::numeric_limits<Acc>::infinity();
     top_ids[j] = std::numeric_limits<int64_t>::max();  // loses to any real element, −inf included
