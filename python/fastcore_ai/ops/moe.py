@@ -17,7 +17,7 @@ from .._validation import check_bool, check_int, check_size, check_tensor
 MAX_EXPERTS = 1024
 MAX_TOP_K = 16
 _OP = "moe_topk_route"
-_LOW_PRECISION = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})  # float32 math for all three
 
 
 class RouterOutput(NamedTuple):
@@ -88,10 +88,10 @@ backends.register_op(backends.OpTable(
     op=_OP,
     priority=("cuda", "triton", "cpu", "reference"),
     support={
-        "cuda": backends.Support(_LOW_PRECISION),
-        "triton": backends.Support(_LOW_PRECISION),
-        "cpu": backends.Support(_LOW_PRECISION | {torch.float64}),
-        "reference": backends.Support(_LOW_PRECISION | {torch.float64}),
+        "cuda": backends.Support(_KERNEL_DTYPES),
+        "triton": backends.Support(_KERNEL_DTYPES),
+        "cpu": backends.Support(_KERNEL_DTYPES | {torch.float64}),
+        "reference": backends.Support(_KERNEL_DTYPES | {torch.float64}),
     },
 ))
 
