@@ -26,6 +26,7 @@ def main(argv=None) -> None:
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument("--json", dest="json_path", help="also write the rows and build info as JSON")
     run.add_argument("--quick", action="store_true", help="a subset of shapes, shorter timing")
+    run.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         print_info()
@@ -34,6 +35,8 @@ def main(argv=None) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         bench.main(sorted(bench.FAMILIES), device, None, quick=not args.full)
     else:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         bench.main(args.family or sorted(bench.FAMILIES), args.device, args.json_path, args.quick)
 
 
