@@ -22,6 +22,13 @@ at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& exper
                                const at::Tensor& weights, const at::Tensor& lse,
                                const at::Tensor& grad_weights, const at::Tensor& grad_z_loss,
                                const at::Tensor& grad_mean_prob, bool renormalize);
+std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_ids,
+                                 const std::optional<at::Tensor>& kept, int64_t num_experts);
+at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& token_slot,
+                   const std::optional<at::Tensor>& weights);
+std::vector<at::Tensor> combine_backward(const at::Tensor& grad_out, const at::Tensor& y_sorted,
+                                         const at::Tensor& slot_to_token, const at::Tensor& token_slot,
+                                         const at::Tensor& weights, bool need_weights);
 }  // namespace moe
 }  // namespace fastcore
 
@@ -57,4 +64,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("logits"), pybind11::arg("expert_ids"), pybind11::arg("weights"),
         pybind11::arg("lse"), pybind11::arg("grad_weights"), pybind11::arg("grad_z_loss"),
         pybind11::arg("grad_mean_prob"), pybind11::arg("renormalize"));
+  m.def("moe_dispatch", &fastcore::moe::dispatch, "group (token, slot) pairs by expert and gather x rows",
+        pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("kept"), pybind11::arg("num_experts"));
+  m.def("moe_combine", &fastcore::moe::combine, "weighted sum of expert rows back per token (fixed order)",
+        pybind11::arg("y_sorted"), pybind11::arg("token_slot"), pybind11::arg("weights"));
+  m.def("moe_combine_backward", &fastcore::moe::combine_backward, "combine backward (grad_y, grad_weights)",
+        pybind11::arg("grad_out"), pybind11::arg("y_sorted"), pybind11::arg("slot_to_token"),
+        pybind11::arg("token_slot"), pybind11::arg("weights"), pybind11::arg("need_weights"));
 }
