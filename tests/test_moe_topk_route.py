@@ -1,5 +1,7 @@
 """fastcore_ai.ops.moe_topk_route: parity of every backend with the float64 reference, edge cases,
 gradients, registration (opcheck, torch.compile) and error paths."""
+import math
+
 import pytest
 import torch
 
@@ -353,3 +355,98 @@ def test_native_entry_point_checks_its_input():
         native().moe_topk_route(torch.randn(4, 8), 9, True)
     with pytest.raises(RuntimeError, match="moe_topk_route: logits must be float32"):
         native().moe_topk_route(torch.randint(0, 3, (4, 8)), 2, True)
+
+
+# ---- capacity -----------------------------------------------------------------------------------
+
+def sequential_capacity(expert_ids, top1, E, capacity, priority):
+    """Independent oracle: fill expert slots one assignment at a time in priority order."""
+    T, k = expert_ids.shape
+    order = sorted(range(T), key=lambda t: (-float(top1[t]), t)) if priority == "batch" else list(range(T))
+    used = [0] * E
+    kept = torch.zeros(T, k, dtype=torch.bool)
+    for j in range(k):
+        for t in order:
+            e = int(expert_ids[t, j])
+            if used[e] < capacity:
+                used[e] += 1
+                kept[t, j] = True
+    return kept
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("priority", ["token", "batch"])
+@pytest.mark.parametrize("T,E,k,factor,min_capacity", [(1, 1, 1, 1.0, 0), (37, 5, 2, 0.5, 1), (300, 8, 2, 1.25, 4),
+                                                       (513, 61, 6, 0.3, 0), (64, 16, 16, 1.0, 2)])
+def test_capacity_matches_sequential_filling(backend, device, priority, T, E, k, factor, min_capacity):
+    require_backend(OP, backend, device)
+    logits = torch.randn(T, E, device=device) * 2
+    logits[:, 0] += 1.5  # skew the load so experts overflow
+    out = ops.moe_topk_route(logits, k, capacity_factor=factor, min_capacity=min_capacity, priority=priority,
+                             backend=backend)
+    capacity = max(min_capacity, math.ceil(factor * T * k / E))
+    x = logits.double().cpu()
+    top1 = torch.softmax(x, 1).max(1).values
+    expected = sequential_capacity(out.expert_ids.cpu(), top1, E, capacity, priority)
+    assert torch.equal(out.kept.cpu(), expected)
+    kept_per_expert = torch.bincount(out.expert_ids.cpu()[out.kept.cpu()], minlength=E)
+    assert int(kept_per_expert.max()) <= capacity
+    dropped = ~out.kept
+    assert bool((out.weights[dropped] == 0).all()), "a dropped assignment must weigh exactly 0"
+    reference_out = ops.moe_topk_route(logits, k, backend=backend)
+    torch.testing.assert_close(out.weights[out.kept], reference_out.weights[out.kept], rtol=0, atol=0)
+    assert torch.equal(out.tokens_per_expert, reference_out.tokens_per_expert), "routing counts are pre-capacity"
+
+
+def test_capacity_hand_built_first_choices_win():
+    # 4 tokens all choose expert 0 first and expert 1 second; capacity 2. Level 0: tokens 0 and 1 fill
+    # expert 0. Level 1: expert 1's two slots go, in token order, to tokens 0 and 1 again.
+    logits = torch.tensor([[3.0, 2.0, 0.0]] * 4)
+    out = ops.moe_topk_route(logits, 2, capacity_factor=0.75, min_capacity=0, backend="cpu")  # C = ceil(.75·8/3) = 2
+    assert torch.equal(out.kept, torch.tensor([[True, True], [True, True], [False, False], [False, False]]))
+    # Batch priority: the most confident tokens win.
+    logits = torch.tensor([[1.0, 0.0], [5.0, 0.0], [3.0, 0.0]])
+    out = ops.moe_topk_route(logits, 1, capacity_factor=1 / 3, min_capacity=1, priority="batch", backend="cpu")
+    assert torch.equal(out.kept.squeeze(1), torch.tensor([False, True, False]))
+    out = ops.moe_topk_route(logits, 1, capacity_factor=1 / 3, min_capacity=1, priority="token", backend="cpu")
+    assert torch.equal(out.kept.squeeze(1), torch.tensor([True, False, False]))
+
+
+def test_dropless_keeps_everything():
+    out = ops.moe_topk_route(torch.randn(50, 4), 2, backend="cpu")
+    assert out.kept.dtype == torch.bool and bool(out.kept.all())
+
+
+def test_capacity_gradient_is_zero_for_dropped_assignments():
+    logits = torch.randn(40, 4, dtype=torch.float64)
+    logits[:, 0] += 3
+    logits.requires_grad_()
+    out = ops.moe_topk_route(logits, 1, capacity_factor=0.5, min_capacity=0, backend="cpu")
+    assert not bool(out.kept.all())
+    out.weights.sum().backward()
+    dropped_rows = ~out.kept.squeeze(1)
+    assert bool((logits.grad[dropped_rows] == 0).all())
+
+
+def test_capacity_under_torch_compile():
+    fn = lambda x: ops.moe_topk_route(x, 2, capacity_factor=1.0, backend="cpu")
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(64, 8)
+    x[:, 3] += 2
+    for a, b in zip(compiled(x), fn(x)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs,error,words", [
+    (dict(capacity_factor=0.0), ValueError, ["capacity_factor", "> 0"]),
+    (dict(capacity_factor=-1.0), ValueError, ["capacity_factor"]),
+    (dict(capacity_factor="1.25"), TypeError, ["capacity_factor"]),
+    (dict(capacity_factor=1.0, min_capacity=-1), ValueError, ["min_capacity"]),
+    (dict(priority="random"), ValueError, ["priority", "'token'", "'batch'"]),
+])
+def test_capacity_errors(kwargs, error, words):
+    with pytest.raises(error) as info:
+        ops.moe_topk_route(torch.randn(4, 8), 2, **kwargs)
+    assert str(info.value).startswith("fastcore_ai.ops.moe_topk_route: ")
+    for word in words:
+        assert word in str(info.value)

@@ -42,6 +42,11 @@ def native():
     return _module
 
 
+# Load at package import, not on first use: the first op call may happen while torch.compile traces,
+# and dynamo cannot trace an import. A failed load is remembered and reported on use, never raised here.
+_load()
+
+
 def build_config() -> dict:
     """What the extension was compiled with ({} when it is not importable)."""
     return dict(native().build_config()) if load_error() is None else {}

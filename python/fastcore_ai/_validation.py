@@ -49,3 +49,16 @@ def check_size(op: str, what: str, value: int, low: int, high: int, given: torch
     if not low <= value <= high:
         raise ValueError(f"{_prefix(op)}{what} must satisfy {low} <= {what.split()[0]} <= {high}, "
                          f"got {value} ({_describe(given)})")
+
+
+def check_positive_float(op: str, name: str, value) -> None:
+    """`value` must be a finite real number > 0 (an int is accepted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{_prefix(op)}{name} must be a positive float, got {type(value).__name__} {value!r}")
+    if not (value > 0 and value != float("inf")):
+        raise ValueError(f"{_prefix(op)}{name} must be a finite number > 0, got {value}")
+
+
+def check_choice(op: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{_prefix(op)}{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")

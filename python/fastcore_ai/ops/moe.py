@@ -6,13 +6,14 @@ the pure-torch reference).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import _native, backends, reference
-from .._validation import check_bool, check_int, check_size, check_tensor
+from .._validation import check_bool, check_choice, check_int, check_positive_float, check_size, check_tensor
+from ..reference import moe as reference_moe
 
 MAX_EXPERTS = 1024
 MAX_TOP_K = 16
@@ -28,12 +29,15 @@ class RouterOutput(NamedTuple):
     z_loss [] float32: ST-MoE router z-loss mean_t (logsumexp_e logits[t, e])² (0 when T = 0).
     tokens_per_expert [E] int64: number of (token, slot) assignments per expert.
     mean_prob [E] float32: mean softmax probability per expert (differentiable; 0 when T = 0).
+    kept [T, k] bool: the assignments that fit their expert's capacity (all True when dropless);
+      the weights of dropped assignments are exactly 0, so they contribute nothing.
     """
     weights: Tensor
     expert_ids: Tensor
     z_loss: Tensor
     tokens_per_expert: Tensor
     mean_prob: Tensor
+    kept: Tensor
 
     def load_balancing_loss(self) -> Tensor:
         """Switch load-balancing loss E · Σ_e f_e · P_e (see `switch_load_balancing_loss`)."""
@@ -146,7 +150,8 @@ _route_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public API -------------------------------------------------------------------------------
 
-def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, backend: str = "auto") -> RouterOutput:
+def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, capacity_factor: Optional[float] = None,
+                   min_capacity: int = 4, priority: str = "token", backend: str = "auto") -> RouterOutput:
     """Fused MoE router: softmax over experts, top-k, optional renormalisation and router statistics,
     in one pass per row with float32 math whatever the input dtype.
 
@@ -156,6 +161,14 @@ def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, backend:
       k: experts per token, 1 <= k <= min(E, 16).
       renormalize: divide the k chosen probabilities by their sum (Mixtral, GShard) instead of
         returning the raw softmax probabilities (Switch, ST-MoE reference code).
+      capacity_factor: None for dropless routing; otherwise every expert takes at most
+        C = max(min_capacity, ceil(capacity_factor · T · k / E)) assignments. The factor multiplies
+        T·k as in DeepSpeed, Tutel and MegaBlocks, so 1.0 is exactly the balanced load; flaxformer's
+        ST-MoE code uses C = CF·T/E, so its CF equals capacity_factor·k here.
+      min_capacity: the floor of C (ST-MoE: 4).
+      priority: "token": all first choices before any second choice, each level in token order;
+        "batch": within a level, by descending top-1 router probability (batch-prioritised routing;
+        it looks at the whole batch, so use it in encoders only).
       backend: "auto" | "cpu" | "cuda" | "triton" | "reference" (see fastcore_ai.backends).
 
     Selection is by logit with ties broken toward the lower expert index, identically in every
@@ -169,6 +182,19 @@ def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, backend:
     check_size(_OP, "E (logits.shape[1])", num_experts, 1, MAX_EXPERTS, logits)
     check_int(_OP, "k", k, 1, min(num_experts, MAX_TOP_K), f"at most min(E, {MAX_TOP_K}) with E={num_experts}")
     check_bool(_OP, "renormalize", renormalize)
+    if capacity_factor is not None:
+        check_positive_float(_OP, "capacity_factor", capacity_factor)
+        check_int(_OP, "min_capacity", min_capacity, 0, 2**62)
+    check_choice(_OP, "priority", priority, ("token", "batch"))
     chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits", k=k, num_experts=num_experts)
-    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, _ = _route_op(logits, k, renormalize, chosen)
-    return RouterOutput(weights, expert_ids, z_loss, tokens_per_expert, mean_prob)
+    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize, chosen)
+    if capacity_factor is None:
+        kept = torch.ones_like(expert_ids, dtype=torch.bool)
+    else:
+        # Capacity is a stable sort by expert of the assignments in priority order, in torch ops on
+        # every backend (static shapes, deterministic); see reference.moe.capacity_mask.
+        capacity = reference_moe.expert_capacity(logits.shape[0], k, num_experts, capacity_factor, min_capacity)
+        top1_probability = torch.exp(logits.detach().gather(1, expert_ids[:, :1]).squeeze(1).to(lse.dtype) - lse)
+        kept = reference_moe.capacity_mask(expert_ids, top1_probability, num_experts, capacity, priority)
+        weights = weights * kept  # dropped assignments weigh exactly 0 (and get no gradient)
+    return RouterOutput(weights, expert_ids, z_loss, tokens_per_expert, mean_prob, kept)

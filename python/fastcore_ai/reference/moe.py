@@ -6,6 +6,7 @@ whatever the input dtype, and the oracle is this function called on `logits.doub
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
@@ -83,3 +84,39 @@ def moe_topk_route_backward(logits: Tensor, expert_ids: Tensor, weights: Tensor,
         w = weights.to(acc)
         grad.scatter_add_(1, expert_ids, w * (grad_weights - (w * grad_weights).sum(dim=1, keepdim=True)))
     return grad
+
+
+def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """Slots per expert: C = max(min_capacity, ceil(capacity_factor · T · k / E)).
+
+    The factor multiplies T·k, the number of (token, slot) assignments, as DeepSpeed, Tutel and
+    MegaBlocks do (flaxformer's ST-MoE code uses T / E, i.e. capacity_factor · k here)."""
+    return max(min_capacity, math.ceil(capacity_factor * num_tokens * k / num_experts))
+
+
+def capacity_mask(expert_ids: Tensor, top1_weight: Tensor, num_experts: int, capacity: int,
+                  priority: str = "token") -> Tensor:
+    """kept [T, k] bool: which (token, slot) assignments fit in their expert's `capacity` slots.
+
+    Slots are filled in priority order: every token's first choice before any second choice (choice
+    level j = 0, 1, ..., k−1), and within a level by token order (priority="token") or by descending
+    top-1 routing weight, ties by token order (priority="batch", batch-prioritised routing). A slot is
+    kept when fewer than `capacity` earlier slots in that order chose the same expert. Computed as a
+    stable sort by expert of the slots in priority order (static shapes, any device, deterministic).
+    """
+    T, k = expert_ids.shape
+    if priority == "batch":
+        token_order = torch.sort(-top1_weight, stable=True).indices
+    else:
+        token_order = torch.arange(T, device=expert_ids.device)
+    in_priority_order = expert_ids[token_order].t().reshape(-1)          # [k·T], level-major
+    grouped = torch.sort(in_priority_order, stable=True).indices          # slots grouped by expert
+    counts = torch.bincount(in_priority_order, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_grouped = torch.arange(k * T, device=expert_ids.device) - starts[in_priority_order[grouped]]
+    rank = torch.empty_like(rank_grouped)
+    rank[grouped] = rank_grouped                                          # rank within its expert
+    kept_in_order = (rank < capacity).reshape(k, T).t()                   # [T', k] in token_order rows
+    kept = torch.empty_like(kept_in_order)
+    kept[token_order] = kept_in_order
+    return kept
