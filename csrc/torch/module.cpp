@@ -29,6 +29,13 @@ at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& token_slot,
 std::vector<at::Tensor> combine_backward(const at::Tensor& grad_out, const at::Tensor& y_sorted,
                                          const at::Tensor& slot_to_token, const at::Tensor& token_slot,
                                          const at::Tensor& weights, bool need_weights);
+std::vector<at::Tensor> grouped_mlp_forward(const at::Tensor& x_sorted, const at::Tensor& expert_offsets,
+                                            const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                                            int64_t activation, bool gated);
+std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at::Tensor& x_sorted,
+                                             const at::Tensor& expert_offsets, const at::Tensor& w_gate_up,
+                                             const at::Tensor& w_down, const at::Tensor& gate_up_acc,
+                                             int64_t activation, bool gated);
 }  // namespace moe
 }  // namespace fastcore
 
@@ -58,6 +65,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     });
     return __builtin_popcountll(seen.load());
   });
+  m.def("moe_grouped_mlp", &fastcore::moe::grouped_mlp_forward, "expert MLP over expert segments (CPU)");
+  m.def("moe_grouped_mlp_backward", &fastcore::moe::grouped_mlp_backward, "expert MLP backward (CPU)");
   m.def("moe_topk_route", &fastcore::moe::topk_route, "fused softmax + top-k router",
         pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("renormalize"));
   m.def("moe_topk_route_backward", &fastcore::moe::topk_route_backward, "router backward",

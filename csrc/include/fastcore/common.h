@@ -3,6 +3,7 @@
 // everything under csrc/kernels/) compiles with a plain C++17 compiler or nvcc, never torch.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -46,6 +47,15 @@ FC_HOST_DEVICE float float16_bits_to_float(uint16_t bits) {
   }
   return bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
+
+// Math functions in the argument's own precision on host and device (unqualified exp(float) may
+// resolve to the double version on the host).
+FC_HOST_DEVICE float fc_exp(float x) { return expf(x); }
+FC_HOST_DEVICE double fc_exp(double x) { return exp(x); }
+FC_HOST_DEVICE float fc_log(float x) { return logf(x); }
+FC_HOST_DEVICE double fc_log(double x) { return log(x); }
+FC_HOST_DEVICE float fc_erf(float x) { return erff(x); }
+FC_HOST_DEVICE double fc_erf(double x) { return erf(x); }
 
 // Reads element `offset` of a tensor of kind `kind` and widens it to Acc (float or double).
 template <typename Acc>

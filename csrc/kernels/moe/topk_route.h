@@ -91,11 +91,6 @@ FC_HOST_DEVICE bool ranks_before(Acc key_a, int64_t index_a, Acc key_b, int64_t 
   return key_a > key_b || (key_a == key_b && index_a < index_b);
 }
 
-FC_HOST_DEVICE float fc_exp(float x) { return expf(x); }
-FC_HOST_DEVICE double fc_exp(double x) { return exp(x); }
-FC_HOST_DEVICE float fc_log(float x) { return logf(x); }
-FC_HOST_DEVICE double fc_log(double x) { return log(x); }
-
 // Probability of one logit given the row's log-sum-exp.
 template <typename Acc>
 FC_HOST_DEVICE Acc route_probability(Acc x, Acc lse) {

@@ -1,4 +1,4 @@
 """Drop-in torch.nn layers built on fastcore_ai.ops."""
-from .moe import TopKRouter
+from .moe import MoE, MoEExperts, TopKRouter
 
-__all__ = ["TopKRouter"]
+__all__ = ["TopKRouter", "MoEExperts", "MoE"]

@@ -1,0 +1,57 @@
+// CPU loops of the expert MLP's fused activation (math in grouped_mlp.h).
+#include "moe/grouped_mlp.h"
+
+namespace fastcore {
+namespace moe {
+namespace {
+
+template <typename Acc>
+void forward_rows(const GatedActivationParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t I = p.inner, width = p.gated ? 2 * I : I;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const Acc* gu = static_cast<const Acc*>(p.gate_up) + r * width;
+    Acc* h = static_cast<Acc*>(p.h) + r * I;
+    for (int64_t i = 0; i < I; ++i) {
+      const Acc a = activation_value(p.activation, gu[i]);
+      h[i] = p.gated ? a * gu[I + i] : a;
+    }
+  }
+}
+
+template <typename Acc>
+void backward_rows(const GatedActivationParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t I = p.inner, width = p.gated ? 2 * I : I;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const Acc* gu = static_cast<const Acc*>(p.gate_up) + r * width;
+    const Acc* gh = static_cast<const Acc*>(p.grad_h) + r * I;
+    Acc* ggu = static_cast<Acc*>(p.grad_gate_up) + r * width;
+    for (int64_t i = 0; i < I; ++i) {
+      const Acc d = activation_derivative(p.activation, gu[i]);
+      if (p.gated) {
+        ggu[i] = gh[i] * gu[I + i] * d;
+        ggu[I + i] = gh[i] * activation_value(p.activation, gu[i]);
+      } else {
+        ggu[i] = gh[i] * d;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gated_activation_forward_cpu(const GatedActivationParams& params, int64_t row_begin, int64_t row_end) {
+  if (params.is_double)
+    forward_rows<double>(params, row_begin, row_end);
+  else
+    forward_rows<float>(params, row_begin, row_end);
+}
+
+void gated_activation_backward_cpu(const GatedActivationParams& params, int64_t row_begin, int64_t row_end) {
+  if (params.is_double)
+    backward_rows<double>(params, row_begin, row_end);
+  else
+    backward_rows<float>(params, row_begin, row_end);
+}
+
+}  // namespace moe
+}  // namespace fastcore

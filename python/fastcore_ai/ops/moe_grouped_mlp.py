@@ -1,0 +1,131 @@
+"""MoE op: the expert MLP over rows grouped by expert (`moe_dispatch`'s x_sorted and expert_offsets),
+with Hugging Face MixtralExperts' weight layout, so HF weights are used without copies.
+
+Backends: cpu (one BLAS GEMM per expert segment on views + a fused activation kernel) and reference.
+The GPU backends (a Triton grouped GEMM, a CUDA tensor-core grouped GEMM) are not written yet (issue 4).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native, backends
+from .._validation import check_bool, check_choice, check_tensor
+from ..reference import moe_grouped_mlp as reference_mlp
+
+_OP = "moe_grouped_mlp"
+_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "relu": 2}  # fastcore::moe::Activation
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def _forward_native(x, offsets, w1, w2, act, gated):
+    return tuple(_native.native().moe_grouped_mlp(x, offsets, w1, w2, _ACTIVATION_CODES[act], gated))
+
+
+def _backward_native(gy, x, offsets, w1, w2, gate_up, act, gated):
+    return tuple(_native.native().moe_grouped_mlp_backward(gy, x, offsets, w1, w2, gate_up, _ACTIVATION_CODES[act],
+                                                           gated))
+
+
+_FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "reference": reference_mlp.moe_grouped_mlp}
+_BACKWARD: Dict[str, Callable] = {"cpu": _backward_native, "reference": reference_mlp.moe_grouped_mlp_backward}
+
+backends.register_op(backends.OpTable(
+    op=_OP,
+    priority=("cpu", "reference"),
+    support={
+        "cpu": backends.Support(_KERNEL_DTYPES | {torch.float64}),
+        "reference": backends.Support(_KERNEL_DTYPES | {torch.float64}),
+    },
+))
+
+
+@torch.library.custom_op("fastcore_ai::moe_grouped_mlp", mutates_args=())
+def _mlp_op(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor, activation: str,
+            gated: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    y, gate_up = _FORWARD[backend](x_sorted, expert_offsets, w_gate_up, w_down, activation, gated)
+    return y, gate_up
+
+
+@_mlp_op.register_fake
+def _mlp_fake(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated, backend):
+    acc = torch.float64 if x_sorted.dtype == torch.float64 else torch.float32
+    return (x_sorted.new_empty((x_sorted.shape[0], w_down.shape[1])),
+            x_sorted.new_empty((x_sorted.shape[0], w_gate_up.shape[1]), dtype=acc))
+
+
+@torch.library.custom_op("fastcore_ai::moe_grouped_mlp_backward", mutates_args=())
+def _mlp_backward_op(grad_y: Tensor, x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                     gate_up: Tensor, activation: str, gated: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_w1, grad_w2 = _BACKWARD[backend](grad_y, x_sorted, expert_offsets, w_gate_up, w_down, gate_up,
+                                                  activation, gated)
+    return grad_x, grad_w1, grad_w2
+
+
+@_mlp_backward_op.register_fake
+def _mlp_backward_fake(grad_y, x_sorted, expert_offsets, w_gate_up, w_down, gate_up, activation, gated, backend):
+    return (torch.empty_like(x_sorted, memory_format=torch.contiguous_format),
+            torch.empty_like(w_gate_up, memory_format=torch.contiguous_format),
+            torch.empty_like(w_down, memory_format=torch.contiguous_format))
+
+
+def _setup_context(ctx, inputs, output):
+    x_sorted, expert_offsets, w_gate_up, w_down, activation, gated, backend = inputs
+    _, gate_up = output
+    ctx.save_for_backward(x_sorted, expert_offsets, w_gate_up, w_down, gate_up)
+    ctx.mark_non_differentiable(gate_up)
+    ctx.activation, ctx.gated, ctx.backend = activation, gated, backend
+
+
+def _backward(ctx, grad_y, grad_gate_up):
+    x_sorted, expert_offsets, w_gate_up, w_down, gate_up = ctx.saved_tensors
+    grad_x, grad_w1, grad_w2 = _mlp_backward_op(grad_y.contiguous(), x_sorted, expert_offsets, w_gate_up, w_down,
+                                                gate_up, ctx.activation, ctx.gated, ctx.backend)
+    return grad_x, None, grad_w1, grad_w2, None, None, None
+
+
+_mlp_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def moe_grouped_mlp(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
+                    activation: str = "silu", gated: bool = True, backend: str = "auto") -> Tensor:
+    """y_sorted [S, H]: the expert MLP applied to each row of x_sorted by the expert that owns it.
+
+    x_sorted [S, H] (rows grouped by expert, as `moe_dispatch` returns them), expert_offsets [E + 1]
+    int64 (expert e owns rows expert_offsets[e] : expert_offsets[e + 1]), w_gate_up [E, 2I, H] (gated:
+    gate rows, then up rows) or [E, I, H], w_down [E, H, I] — Hugging Face MixtralExperts' layout.
+    y = W_down[e] (act(W_gate[e] x) ⊙ W_up[e] x), or W_down[e] act(W_gate_up[e] x) when not gated;
+    activation "silu" | "gelu" (exact) | "relu". Gradients for x_sorted and both weights.
+    Offsets are checked (start 0, end S, non-decreasing) on the cpu backend, where reading them is free.
+    """
+    dtypes = _FLOATS
+    check_tensor(_OP, "x_sorted", x_sorted, ndim=2, dtypes=dtypes, layout="[S, H]")
+    check_tensor(_OP, "expert_offsets", expert_offsets, ndim=1, dtypes=(torch.int64,), layout="[E + 1]")
+    check_tensor(_OP, "w_gate_up", w_gate_up, ndim=3, dtypes=dtypes, layout="[E, 2I, H]")
+    check_tensor(_OP, "w_down", w_down, ndim=3, dtypes=dtypes, layout="[E, H, I]")
+    check_choice(_OP, "activation", activation, tuple(_ACTIVATION_CODES))
+    check_bool(_OP, "gated", gated)
+    S, H = x_sorted.shape
+    E, _, I = w_down.shape
+    expected_gate_up = (E, 2 * I if gated else I, H)
+    if tuple(w_down.shape) != (E, H, I) or w_down.shape[1] != H:
+        raise ValueError(f"fastcore_ai.ops.{_OP}: w_down must have shape [E, H, I] with H = x_sorted.shape[1] = {H}, "
+                         f"got {tuple(w_down.shape)}")
+    if tuple(w_gate_up.shape) != expected_gate_up:
+        raise ValueError(f"fastcore_ai.ops.{_OP}: w_gate_up must have shape [E, {'2I' if gated else 'I'}, H] = "
+                         f"{expected_gate_up} (gated={gated}), got {tuple(w_gate_up.shape)}")
+    if expert_offsets.shape[0] != E + 1:
+        raise ValueError(f"fastcore_ai.ops.{_OP}: expert_offsets must have E + 1 = {E + 1} entries, "
+                         f"got {expert_offsets.shape[0]}")
+    if not (x_sorted.dtype == w_gate_up.dtype == w_down.dtype):
+        raise TypeError(f"fastcore_ai.ops.{_OP}: x_sorted, w_gate_up and w_down must share one dtype, got "
+                        f"{x_sorted.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
+    for name, t in (("expert_offsets", expert_offsets), ("w_gate_up", w_gate_up), ("w_down", w_down)):
+        if t.device != x_sorted.device:
+            raise ValueError(f"fastcore_ai.ops.{_OP}: {name} is on {t.device} but x_sorted is on {x_sorted.device}")
+    chosen = backends.select(_OP, backend, x_sorted.device, x_sorted.dtype, "x_sorted")
+    y, _ = _mlp_op(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated, chosen)
+    return y
