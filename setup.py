@@ -99,7 +99,7 @@ def extension():
 
 setup(
     version=read_version(),
-    packages=["fastcore_ai", "fastcore_ai.ops", "fastcore_ai.nn", "fastcore_ai.reference",
+    packages=["fastcore_ai", "fastcore_ai.ops", "fastcore_ai.nn", "fastcore_ai.reference", "fastcore_ai.integrations",
               "fastcore_ai.triton_kernels"],
     package_dir={"fastcore_ai": "python/fastcore_ai", "fastcore_ai.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],

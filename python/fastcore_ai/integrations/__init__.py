@@ -1,0 +1,1 @@
+"""Integrations with other libraries (imported on demand, never at `import fastcore_ai`)."""
