@@ -6,7 +6,7 @@ import torch
 import fastcore_ai
 from fastcore_ai import ops
 from fastcore_ai.reference import moe_grouped_mlp as reference_mlp
-from _helpers import relative_error
+from _helpers import BACKEND_DEVICES, relative_error, require_backend
 
 OP = "moe_grouped_mlp"
 
@@ -168,3 +168,23 @@ def test_moe_experts_hf_layout_and_repr():
     experts = fastcore_ai.nn.MoEExperts(4, 16, 8)
     assert experts.gate_up_proj.shape == (4, 16, 16) and experts.down_proj.shape == (4, 16, 8)
     assert "num_experts=4" in repr(experts)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("gated,activation", [(True, "silu"), (False, "relu")])
+def test_grouped_mlp_op_all_backends_forward_backward(backend, device, gated, activation):
+    """Through the registered op and its autograd (the triton launchers have their own kernel tests)."""
+    require_backend(OP, backend, device)
+    x, offsets, w1, w2 = (t.to(device) for t in random_problem(70, 24, 16, 4, gated))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2)]
+    y = ops.moe_grouped_mlp(leaves[0], offsets, leaves[1], leaves[2], activation=activation, gated=gated,
+                            backend=backend)
+    grad_out = torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape)
+    (y * grad_out).sum().backward()
+    x64 = [t.detach().double().cpu().requires_grad_() for t in (x, w1, w2)]
+    y64 = ops.moe_grouped_mlp(x64[0], offsets.cpu(), x64[1], x64[2], activation=activation, gated=gated,
+                              backend="reference")
+    (y64 * grad_out.double().cpu()).sum().backward()
+    assert relative_error(y, y64) < 1e-5
+    for ours, oracle in zip(leaves, x64):
+        assert relative_error(ours.grad, oracle.grad) < 1e-5

@@ -86,8 +86,8 @@ class MoEExperts(nn.Module):
         return ops.moe_combine(y_sorted, plan, weights.to(y_sorted.dtype), backend=self._backend_for("combine"))
 
     def _backend_for(self, stage: str) -> str:
-        # The grouped MLP has no GPU backend yet: an explicit "cuda"/"triton" runs that stage on "auto".
-        return "auto" if (stage == "mlp" and self.backend in ("cuda", "triton")) else self.backend
+        # The grouped MLP has no cuda backend yet: an explicit "cuda" runs that stage on "auto" (triton on a GPU).
+        return "auto" if (stage == "mlp" and self.backend == "cuda") else self.backend
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

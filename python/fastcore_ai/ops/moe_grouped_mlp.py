@@ -1,8 +1,9 @@
 """MoE op: the expert MLP over rows grouped by expert (`moe_dispatch`'s x_sorted and expert_offsets),
 with Hugging Face MixtralExperts' weight layout, so HF weights are used without copies.
 
-Backends: cpu (one BLAS GEMM per expert segment on views + a fused activation kernel) and reference.
-The GPU backends (a Triton grouped GEMM, a CUDA tensor-core grouped GEMM) are not written yet (issue 4).
+Backends: cpu (one BLAS GEMM per expert segment on views + a fused activation kernel), triton (a
+grouped GEMM over expert row tiles with the activation fused into its epilogue; float32 inputs use
+IEEE fp32 dots, not TF32) and reference. The CUDA tensor-core grouped GEMM is not written yet (issue 4).
 """
 from __future__ import annotations
 
@@ -30,13 +31,29 @@ def _backward_native(gy, x, offsets, w1, w2, gate_up, act, gated):
                                                            gated))
 
 
-_FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "reference": reference_mlp.moe_grouped_mlp}
-_BACKWARD: Dict[str, Callable] = {"cpu": _backward_native, "reference": reference_mlp.moe_grouped_mlp_backward}
+def _forward_triton(x, offsets, w1, w2, act, gated):
+    from ..triton_kernels import moe_grouped_mlp as triton_mlp
+    # Offset values are checked where reading them is free (CPU tensors); on a GPU the kernels read a
+    # clamped, non-decreasing copy, so bad offsets can never index out of bounds.
+    return tuple(triton_mlp.grouped_mlp_forward(x, offsets, w1, w2, act, gated, check_offsets=x.device.type == "cpu"))
+
+
+def _backward_triton(gy, x, offsets, w1, w2, gate_up, act, gated):
+    from ..triton_kernels import moe_grouped_mlp as triton_mlp
+    return tuple(triton_mlp.grouped_mlp_backward(gy, x, offsets, w1, w2, gate_up, act, gated,
+                                                 check_offsets=x.device.type == "cpu"))
+
+
+_FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "triton": _forward_triton,
+                                 "reference": reference_mlp.moe_grouped_mlp}
+_BACKWARD: Dict[str, Callable] = {"cpu": _backward_native, "triton": _backward_triton,
+                                  "reference": reference_mlp.moe_grouped_mlp_backward}
 
 backends.register_op(backends.OpTable(
     op=_OP,
-    priority=("cpu", "reference"),
+    priority=("triton", "cpu", "reference"),
     support={
+        "triton": backends.Support(_KERNEL_DTYPES),
         "cpu": backends.Support(_KERNEL_DTYPES | {torch.float64}),
         "reference": backends.Support(_KERNEL_DTYPES | {torch.float64}),
     },
