@@ -122,6 +122,18 @@ class OpTable:
 _OPS: Dict[str, OpTable] = {}
 
 
+# The dtypes of the common case: GPU kernels take the three float types with float32 math; the cpu
+# kernels and the reference also take float64 (gradcheck, the oracle).
+KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_FLOAT64_TOO = KERNEL_DTYPES | {torch.float64}
+
+
+def standard_table(op: str, priority: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")) -> OpTable:
+    """The OpTable of an op whose backends follow the common dtype rule above."""
+    return OpTable(op, priority, {name: Support(_FLOAT64_TOO if name in ("cpu", "reference") else KERNEL_DTYPES)
+                                  for name in priority})
+
+
 def register_op(table: OpTable) -> OpTable:
     for name in table.support:
         _check_name(name)

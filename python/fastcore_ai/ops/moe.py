@@ -18,7 +18,6 @@ from ..reference import moe as reference_moe
 MAX_EXPERTS = 1024
 MAX_TOP_K = 16
 _OP = "moe_topk_route"
-_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})  # float32 math for all three
 
 
 class RouterOutput(NamedTuple):
@@ -88,16 +87,7 @@ _BACKWARD: Dict[str, Callable] = {
 }
 
 
-backends.register_op(backends.OpTable(
-    op=_OP,
-    priority=("cuda", "triton", "cpu", "reference"),
-    support={
-        "cuda": backends.Support(_KERNEL_DTYPES),
-        "triton": backends.Support(_KERNEL_DTYPES),
-        "cpu": backends.Support(_KERNEL_DTYPES | {torch.float64}),
-        "reference": backends.Support(_KERNEL_DTYPES | {torch.float64}),
-    },
-))
+backends.register_op(backends.standard_table(_OP))
 
 
 # ---- the registered torch ops -----------------------------------------------------------------

@@ -19,7 +19,6 @@ from ..reference import moe_grouped_mlp as reference_mlp
 _OP = "moe_grouped_mlp"
 _ACTIVATION_CODES = {"silu": 0, "gelu": 1, "relu": 2}  # fastcore::moe::Activation
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
 def _forward_native(x, offsets, w1, w2, act, gated):
@@ -49,15 +48,7 @@ _FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "triton": _forward_trit
 _BACKWARD: Dict[str, Callable] = {"cpu": _backward_native, "triton": _backward_triton,
                                   "reference": reference_mlp.moe_grouped_mlp_backward}
 
-backends.register_op(backends.OpTable(
-    op=_OP,
-    priority=("triton", "cpu", "reference"),
-    support={
-        "triton": backends.Support(_KERNEL_DTYPES),
-        "cpu": backends.Support(_KERNEL_DTYPES | {torch.float64}),
-        "reference": backends.Support(_KERNEL_DTYPES | {torch.float64}),
-    },
-))
+backends.register_op(backends.standard_table(_OP, priority=("triton", "cpu", "reference")))  # no cuda yet
 
 
 @torch.library.custom_op("fastcore_ai::moe_grouped_mlp", mutates_args=())

@@ -32,7 +32,6 @@ MAX_DISPATCH_EXPERTS = 4096
 _DISPATCH = "moe_dispatch"
 _COMBINE = "moe_combine"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
 
 
 class DispatchPlan(NamedTuple):
@@ -95,21 +94,8 @@ _COMBINE_BACKWARD_IMPL: Dict[str, Callable] = {
 }
 
 
-def _support_table(op: str) -> backends.OpTable:
-    return backends.OpTable(
-        op=op,
-        priority=("cuda", "triton", "cpu", "reference"),
-        support={
-            "cuda": backends.Support(_KERNEL_DTYPES),
-            "triton": backends.Support(_KERNEL_DTYPES),
-            "cpu": backends.Support(_KERNEL_DTYPES | {torch.float64}),
-            "reference": backends.Support(_KERNEL_DTYPES | {torch.float64}),
-        },
-    )
-
-
-backends.register_op(_support_table(_DISPATCH))
-backends.register_op(_support_table(_COMBINE))
+backends.register_op(backends.standard_table(_DISPATCH))
+backends.register_op(backends.standard_table(_COMBINE))
 
 
 # ---- the registered torch ops -------------------------------------------------------------------
