@@ -113,7 +113,73 @@ def moe_router_cases(device: str, quick: bool = False) -> List[Case]:
     return cases
 
 
-FAMILIES = {"moe": moe_router_cases}
+def moe_experts_cases(device: str, quick: bool = False) -> List[Case]:
+    """The expert computation (dispatch -> expert MLPs -> combine) against Hugging Face transformers'
+    own experts implementations on the same MixtralExperts module and routing (needs transformers >= 5)."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    except ImportError:
+        print("  [moe_experts] transformers >= 5 is not installed (pip install fastcore_ai[bench]); skipped")
+        return []
+    from .integrations import transformers as fastcore_hf
+    fastcore_hf.register()
+    shapes = [("mixtral-like", 2048, 1024, 1024, 8, 2), ("qwen3-moe-like", 2048, 512, 256, 64, 8)]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    implementations = ["fastcore_ai", "eager", "batched_mm", "grouped_mm"]
+    cases = []
+    for name, T, H, I, E, k in shapes:
+        for dtype in dtypes:
+            for mode in ("forward", "forward+backward"):
+                def setup(T=T, H=H, I=I, E=E, k=k, dtype=dtype):
+                    torch.manual_seed(0)
+                    config = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
+                                           num_experts_per_tok=k)
+                    module = MixtralExperts(config).to(device=device, dtype=dtype)
+                    for p in module.parameters():
+                        torch.nn.init.normal_(p, std=0.02)
+                    x = torch.randn(T, H, device=device, dtype=dtype)
+                    probs = torch.softmax(torch.randn(T, E, device=device), dim=1)
+                    weights, ids = torch.topk(probs, k, dim=1)
+                    return module, x, ids, (weights / weights.sum(1, keepdim=True)).to(dtype)
+
+                def provider(module, x, ids, weights, implementation, mode=mode):
+                    module.config._experts_implementation = implementation
+                    if mode == "forward":
+                        with torch.no_grad():
+                            return module(x, ids, weights)
+                    module.zero_grad(set_to_none=True)
+                    x_leaf = x.detach().requires_grad_()
+                    out = module(x_leaf, ids, weights)
+                    out.float().square().mean().backward()
+                    return out.detach()
+
+                # HF's batched_mm gathers a weight matrix per (token, slot): T·k·3·I·H elements.
+                gathered_bytes = T * k * 3 * I * H * torch.finfo(dtype).bits // 8
+                usable = [impl for impl in implementations if impl != "batched_mm" or gathered_bytes < 2**32]
+                if len(usable) < len(implementations):
+                    print(f"  [moe_experts {name}] hf-batched_mm left out: it would gather "
+                          f"{gathered_bytes / 2**30:.0f} GiB of expert weights")
+                providers = {f"hf-{impl}" if impl != "fastcore_ai" else "fastcore":
+                             (lambda *a, impl=impl, run=provider: run(*a, impl))
+                             for impl in usable}
+
+                def error(output, inputs):
+                    module, x, ids, weights = inputs
+                    reference_module = type(module)(module.config).double()
+                    reference_module.load_state_dict({key: v.double() for key, v in module.state_dict().items()})
+                    reference_module.config._experts_implementation = "eager"
+                    with torch.no_grad():
+                        expected = reference_module(x.double(), ids, weights.double())
+                    return float((output.double() - expected).norm() / expected.norm())
+
+                cases.append(Case("moe_experts", f"experts {name} T={T} H={H} I={I} E={E} k={k} "
+                                  f"{str(dtype).replace('torch.', '')} {mode}", setup, providers, error,
+                                  peer="hf-grouped_mm"))
+    return cases
+
+
+FAMILIES = {"moe": moe_router_cases, "moe_experts": moe_experts_cases}
 
 
 def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[Row]:
@@ -147,10 +213,13 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
 def format_table(rows: List[Row]) -> str:
     header = "| shape | backend | median ms | vs reference | vs peer | max rel err | peak extra MB |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+    def ratio(value: float) -> str:
+        return "-" if value != value else f"{value:.2f}x"  # NaN: that provider is not in this table
+
     for r in rows:
         peak = "-" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
-        lines.append(f"| {r.shape} | {r.backend} | {r.median_ms:.3f} | {r.speedup_vs_reference:.2f}x | "
-                     f"{r.speedup_vs_peer:.2f}x ({r.peer}) | {r.max_rel_error:.1e} | {peak} |")
+        lines.append(f"| {r.shape} | {r.backend} | {r.median_ms:.3f} | {ratio(r.speedup_vs_reference)} | "
+                     f"{ratio(r.speedup_vs_peer)} ({r.peer}) | {r.max_rel_error:.1e} | {peak} |")
     return "\n".join(lines)
 
 
