@@ -1,9 +1,26 @@
 // CPU loops of the expert MLP's fused activation (math in grouped_mlp.h).
+#include <cstring>
+
+#include "fastcore/cpu_vector.h"
 #include "moe/grouped_mlp.h"
 
 namespace fastcore {
 namespace moe {
 namespace {
+
+// The common case (float32, SiLU), 8 lanes at a time: silu(g) = g / (1 + exp(−g)) with the vector exp.
+// Returns the first column it did not handle (the caller finishes the row with the scalar body).
+FC_CPU_CLONES int64_t silu_forward_vector(const float* gate, const float* up, float* h, int64_t inner, bool gated) {
+  int64_t i = 0;
+  for (; i + 8 <= inner; i += 8) {
+    Float8Lanes g, u = Float8Lanes{} + 1.0f;
+    std::memcpy(&g, gate + i, sizeof(g));
+    if (gated) std::memcpy(&u, up + i, sizeof(u));
+    const Float8Lanes out = g / (1.0f + exp_lanes(-g)) * u;
+    std::memcpy(h + i, &out, sizeof(out));
+  }
+  return i;
+}
 
 template <typename Acc>
 void forward_rows(const GatedActivationParams& p, int64_t row_begin, int64_t row_end) {
@@ -11,7 +28,11 @@ void forward_rows(const GatedActivationParams& p, int64_t row_begin, int64_t row
   for (int64_t r = row_begin; r < row_end; ++r) {
     const Acc* gu = static_cast<const Acc*>(p.gate_up) + r * width;
     Acc* h = static_cast<Acc*>(p.h) + r * I;
-    for (int64_t i = 0; i < I; ++i) {
+    int64_t first = 0;
+    if constexpr (sizeof(Acc) == sizeof(float))
+      if (p.activation == Activation::kSilu)
+        first = silu_forward_vector(gu, p.gated ? gu + I : nullptr, h, I, p.gated);
+    for (int64_t i = first; i < I; ++i) {
       const Acc a = activation_value(p.activation, gu[i]);
       h[i] = p.gated ? a * gu[I + i] : a;
     }
