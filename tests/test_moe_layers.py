@@ -207,3 +207,22 @@ def test_moe_layer_under_torch_compile(compile_backend):
     assert torch.equal(out, eager) or relative_error(out, eager) < 1e-6
     for p, expected in zip(layer.parameters(), eager_grads):
         assert relative_error(p.grad, expected) < 1e-6
+
+
+def test_moe_experts_op_matches_token_loop():
+    torch.manual_seed(4)
+    T, H, I, E, k = 45, 12, 10, 5, 2
+    x = torch.randn(T, H)
+    ids = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    weights = torch.rand(T, k)
+    kept = torch.rand(T, k) > 0.3
+    w1, w2 = torch.randn(E, 2 * I, H) / 4, torch.randn(E, H, I) / 4
+    out = ops.moe_experts(x, ids, weights, w1, w2, kept=kept, backend="cpu")
+    expected = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            if kept[t, j]:
+                e = int(ids[t, j])
+                gu = w1[e].double() @ x[t].double()
+                expected[t] += float(weights[t, j]) * (w2[e].double() @ (torch.nn.functional.silu(gu[:I]) * gu[I:]))
+    assert relative_error(out, expected) < 1e-5

@@ -43,11 +43,9 @@ def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weig
                          + ", which fastcore_ai.ops.moe_grouped_mlp does not support yet")
     gated = getattr(self, "has_gate", True)
     w_gate_up = self.gate_up_proj if gated else self.up_proj
-    x_sorted, plan = ops.moe_dispatch(hidden_states, top_k_index.to(torch.int64), None, self.num_experts)
-    y_sorted = ops.moe_grouped_mlp(x_sorted, plan.expert_offsets, w_gate_up, self.down_proj,
-                                   activation=_activation_name(self.act_fn), gated=gated)
-    weights = top_k_weights if top_k_weights.dtype in (torch.float32, y_sorted.dtype) else top_k_weights.float()
-    return ops.moe_combine(y_sorted, plan, weights).to(hidden_states.dtype)
+    out = ops.moe_experts(hidden_states, top_k_index.to(torch.int64), top_k_weights, w_gate_up, self.down_proj,
+                          activation=_activation_name(self.act_fn), gated=gated)
+    return out.to(hidden_states.dtype)
 
 
 def register() -> None:

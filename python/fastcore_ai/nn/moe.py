@@ -78,16 +78,15 @@ class MoEExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.hidden_size ** -0.5)
         nn.init.normal_(self.down_proj, std=self.intermediate_size ** -0.5)
 
-    def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor] = None) -> Tensor:
-        x_sorted, plan = ops.moe_dispatch(x, expert_ids, kept, self.num_experts, backend=self._backend_for("dispatch"))
-        y_sorted = ops.moe_grouped_mlp(x_sorted, plan.expert_offsets, self.gate_up_proj, self.down_proj,
-                                       activation=self.activation, gated=self.gated,
-                                       backend=self._backend_for("mlp"))
-        return ops.moe_combine(y_sorted, plan, weights.to(y_sorted.dtype), backend=self._backend_for("combine"))
+    @property
+    def mlp_backend(self) -> str:
+        """The grouped MLP has no cuda backend yet: an explicit "cuda" runs that stage on "auto" (triton on a GPU)."""
+        return "auto" if self.backend == "cuda" else self.backend
 
-    def _backend_for(self, stage: str) -> str:
-        # The grouped MLP has no cuda backend yet: an explicit "cuda" runs that stage on "auto" (triton on a GPU).
-        return "auto" if (stage == "mlp" and self.backend == "cuda") else self.backend
+    def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor] = None) -> Tensor:
+        return ops.moe_experts(x, expert_ids, weights.to(x.dtype), self.gate_up_proj, self.down_proj, kept=kept,
+                               activation=self.activation, gated=self.gated, backend=self.backend,
+                               mlp_backend=self.mlp_backend)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -125,7 +125,7 @@ class ExpertParallelMoE(nn.Module):
         W, E_local, experts = self.world_size, self.num_local_experts, self.experts
         # Rows grouped by global expert id: rank r's rows are the contiguous block at expert_offsets[r·E_local].
         x_sorted, plan = ops.moe_dispatch(tokens, expert_ids, kept, self.num_experts,
-                                          backend=experts._backend_for("dispatch"))
+                                          backend=experts.backend)
         send_counts = plan.tokens_per_expert()                       # [W·E_local], destination-rank major
         recv_counts = torch.empty_like(send_counts)                  # [W·E_local], source-rank major
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -143,9 +143,9 @@ class ExpertParallelMoE(nn.Module):
         local_offsets = torch.cat([per_expert.new_zeros(1), per_expert.cumsum(0)])
         y_local = ops.moe_grouped_mlp(x_recv.index_select(0, order), local_offsets, experts.gate_up_proj,
                                       experts.down_proj, activation=experts.activation, gated=experts.gated,
-                                      backend=experts._backend_for("mlp"))
+                                      backend=experts.mlp_backend)
         y_sorted = _AllToAll.apply(y_local.index_select(0, inverse), send_splits, recv_splits, self.group)
-        return ops.moe_combine(y_sorted, plan, weights.to(y_sorted.dtype), backend=experts._backend_for("combine"))
+        return ops.moe_combine(y_sorted, plan, weights.to(y_sorted.dtype), backend=experts.backend)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, world_size={self.world_size}, rank={self.rank}, "

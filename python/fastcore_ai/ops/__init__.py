@@ -3,8 +3,10 @@
 and runs as a registered torch op (`torch.ops.fastcore_ai.*`) with a fake implementation and
 autograd, so it works under torch.compile(fullgraph=True)."""
 from .moe import MAX_EXPERTS, MAX_TOP_K, RouterOutput, moe_topk_route, switch_load_balancing_loss
+from .moe_experts import moe_experts
 from .moe_grouped_mlp import moe_grouped_mlp
 from .moe_permute import MAX_DISPATCH_EXPERTS, DispatchPlan, moe_combine, moe_dispatch
 
 __all__ = ["moe_topk_route", "RouterOutput", "switch_load_balancing_loss", "MAX_EXPERTS", "MAX_TOP_K",
-           "moe_dispatch", "moe_combine", "DispatchPlan", "MAX_DISPATCH_EXPERTS", "moe_grouped_mlp"]
+           "moe_dispatch", "moe_combine", "DispatchPlan", "MAX_DISPATCH_EXPERTS", "moe_grouped_mlp",
+           "moe_experts"]
