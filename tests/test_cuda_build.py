@@ -351,28 +351,35 @@ int emu_backward(const void* logits, int kind, int64_t T, int64_t E, int64_t row
 """
 
 
-@pytest.fixture(scope="module")
-def emulated_router(tmp_path_factory):
+def build_emulated_kernels(work: Path, cuda_source: str, driver: str, name: str, extra_runtime: str = ""):
+    """Compiles csrc/kernels/<cuda_source> unchanged (launches rewritten) against the CPU emulation of the
+    CUDA runtime, with `driver` (C ABI entry points that #include "<name>_emulated.inc"), and loads it.
+    Skips, with the reason, where the emulator cannot be built."""
     if not sys.platform.startswith("linux"):
         pytest.skip("the CUDA emulator uses glibc ucontext fibers (Linux only)")
     compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         pytest.skip("no C++ compiler (c++, g++, clang++) on PATH to build the CUDA emulator")
-    work = tmp_path_factory.mktemp("cuda_emulator")
     (work / "fake").mkdir()
-    (work / "fake" / "cuda_runtime.h").write_text(EMULATED_RUNTIME)
-    source = (ROOT / "csrc" / "kernels" / "moe" / "topk_route.cu").read_text()
+    (work / "fake" / "cuda_runtime.h").write_text(EMULATED_RUNTIME + extra_runtime)
+    source = (ROOT / "csrc" / "kernels" / cuda_source).read_text()
     rewritten, launches = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", r"emu::Launch(\2).run(\1, ", source,
                                   flags=re.S)
     assert launches > 0 and "<<<" not in rewritten, "could not rewrite the kernel launches for the emulator"
-    (work / "topk_route_emulated.inc").write_text(rewritten)
-    (work / "driver.cpp").write_text(EMULATOR_DRIVER)
-    library = work / "libtopk_route_emulated.so"
-    command = [compiler, "-std=c++17", "-O2", "-fPIC", "-shared", "-Wno-unknown-pragmas", f"-I{work / 'fake'}",
+    (work / f"{name}_emulated.inc").write_text(rewritten)
+    (work / "driver.cpp").write_text(driver)
+    library = work / f"lib{name}_emulated.so"
+    command = [compiler, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wno-unknown-pragmas", f"-I{work / 'fake'}",
                f"-I{work}", *INCLUDES, str(work / "driver.cpp"), "-o", str(library)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"building the CUDA emulator failed:\n{result.stderr}"
     return ctypes.CDLL(str(library))
+
+
+@pytest.fixture(scope="module")
+def emulated_router(tmp_path_factory):
+    return build_emulated_kernels(tmp_path_factory.mktemp("cuda_emulator"), "moe/topk_route.cu", EMULATOR_DRIVER,
+                                  "topk_route")
 
 
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

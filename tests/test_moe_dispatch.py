@@ -2,10 +2,6 @@
 reference, round trips, dropped slots, determinism, gradients, registration (opcheck, torch.compile),
 error paths, and the CUDA kernels on the CPU emulator of tests/test_cuda_build.py."""
 import ctypes
-import re
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -568,27 +564,9 @@ int emu_combine(const void* y, int y_kind, const void* w, int w_kind, const int6
 
 @pytest.fixture(scope="module")
 def emulated_dispatch(tmp_path_factory):
-    if not sys.platform.startswith("linux"):
-        pytest.skip("the CUDA emulator uses glibc ucontext fibers (Linux only)")
-    compiler = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        pytest.skip("no C++ compiler (c++, g++, clang++) on PATH to build the CUDA emulator")
-    from test_cuda_build import EMULATED_RUNTIME, INCLUDES, ROOT
-    work = tmp_path_factory.mktemp("dispatch_emulator")
-    (work / "fake").mkdir()
-    (work / "fake" / "cuda_runtime.h").write_text(EMULATED_RUNTIME + _EXTRA_RUNTIME)
-    source = (ROOT / "csrc" / "kernels" / "moe" / "dispatch.cu").read_text()
-    rewritten, launches = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", r"emu::Launch(\2).run(\1, ", source,
-                                  flags=re.S)
-    assert launches > 0 and "<<<" not in rewritten, "could not rewrite the kernel launches for the emulator"
-    (work / "dispatch_emulated.inc").write_text(rewritten)
-    (work / "driver.cpp").write_text(_EMULATOR_DRIVER)
-    library = work / "libdispatch_emulated.so"
-    command = [compiler, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wno-unknown-pragmas", f"-I{work / 'fake'}",
-               f"-I{work}", *INCLUDES, str(work / "driver.cpp"), "-o", str(library)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"building the CUDA emulator failed:\n{result.stderr}"
-    return ctypes.CDLL(str(library))
+    from test_cuda_build import build_emulated_kernels
+    return build_emulated_kernels(tmp_path_factory.mktemp("dispatch_emulator"), "moe/dispatch.cu", _EMULATOR_DRIVER,
+                                  "dispatch", extra_runtime=_EXTRA_RUNTIME)
 
 
 def _ptr(t):

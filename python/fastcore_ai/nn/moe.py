@@ -119,10 +119,17 @@ class MoE(nn.Module):
         self.last_router: Optional[ops.RouterOutput] = None
 
     def forward(self, x: Tensor) -> Tensor:
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        routed = self.router(x, capacity_factor=factor)
-        self.last_router = routed
-        self.aux_loss = self.router.aux_loss(routed)
-        tokens = x.reshape(-1, self.d_model)
+        tokens, routed = route_tokens(self, x)
         out = self.experts(tokens, routed.expert_ids, routed.weights, routed.kept)
         return out.reshape(x.shape)
+
+
+def route_tokens(block: nn.Module, x: Tensor):
+    """The routing half of an MoE block's forward (shared by MoE and ExpertParallelMoE): the router with
+    the training or evaluation capacity factor; records `aux_loss` and `last_router` on the block.
+    Returns (tokens [T, d_model], RouterOutput)."""
+    factor = block.capacity_factor if block.training else block.eval_capacity_factor
+    routed = block.router(x, capacity_factor=factor)
+    block.last_router = routed
+    block.aux_loss = block.router.aux_loss(routed)
+    return x.reshape(-1, block.d_model), routed

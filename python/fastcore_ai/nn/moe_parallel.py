@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import ops
-from .moe import MoE, MoEExperts, TopKRouter
+from .moe import MoE, MoEExperts, TopKRouter, route_tokens
 
 
 class _AllToAll(torch.autograd.Function):
@@ -113,11 +113,7 @@ class ExpertParallelMoE(nn.Module):
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=self.group)
 
     def forward(self, x: Tensor) -> Tensor:
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        routed = self.router(x, capacity_factor=factor)
-        self.last_router = routed
-        self.aux_loss = self.router.aux_loss(routed)
-        tokens = x.reshape(-1, self.d_model)
+        tokens, routed = route_tokens(self, x)
         out = self._experts_parallel(tokens, routed.expert_ids, routed.weights, routed.kept)
         return out.reshape(x.shape)
 
