@@ -214,10 +214,10 @@ def torch_same_dtype(x, offsets, w_gate_up, w_down, grad_y, activation, gated):
 @pytest.mark.parametrize("S,E,H,I,gated,activation", [(200, 8, 64, 48, True, "silu"), (37, 3, 33, 17, False, "gelu")])
 def test_half_precision_within_twice_torch(dtype, S, E, H, I, gated, activation):
     """DESIGN: 16-bit results no worse than 2x the error of PyTorch doing the same math in that dtype.
-    Only checked natively for bf16: Triton's interpreter casts float32 -> bf16 by truncation (not
-    round-to-nearest-even), which puts its bf16 error at ~1.6-2.1x torch's on these shapes."""
-    if dtype == torch.bfloat16 and DEVICE.type == "cpu":
-        pytest.skip("interpreter truncates float32 -> bfloat16 casts; the 2x-torch bound is checked natively")
+    Triton's interpreter casts float32 -> bf16 by truncation (not round-to-nearest-even), which puts its
+    bf16 error at ~1.6-2.1x torch's on these shapes, so under the interpreter bf16 is held to 2.5x;
+    natively (and for fp16 everywhere) the DESIGN's 2x applies."""
+    factor = 2.5 if (dtype == torch.bfloat16 and DEVICE.type == "cpu") else 2.0
     seed = 7
     errors, _ = run_and_check(S, E, H, I, gated, activation, dtype=dtype, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1000 * S + 100 * E + 10 * H + I)   # same inputs as run_and_check
@@ -227,7 +227,7 @@ def test_half_precision_within_twice_torch(dtype, S, E, H, I, gated, activation)
     theirs = torch_same_dtype(x, offsets, w1, w2, gy, activation, gated)
     for name, got, ref in zip(("y", "grad_x", "grad_w_gate_up", "grad_w_down"), theirs,
                               (want[0], want[2], want[3], want[4])):
-        assert errors[name] <= 2.0 * rel(got, ref), (name, errors[name], rel(got, ref))
+        assert errors[name] <= factor * rel(got, ref), (name, errors[name], rel(got, ref))
 
 
 def test_deterministic():
