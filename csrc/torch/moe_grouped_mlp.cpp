@@ -26,6 +26,13 @@ std::vector<int64_t> segment_bounds(const at::Tensor& expert_offsets, int64_t ro
   return bounds;
 }
 
+// Calls fn(e, begin, rows) for every expert segment that holds rows, in expert order.
+template <typename Fn>
+void for_each_segment(const std::vector<int64_t>& bounds, Fn&& fn) {
+  for (size_t e = 0; e + 1 < bounds.size(); ++e)
+    if (bounds[e + 1] > bounds[e]) fn(static_cast<int64_t>(e), bounds[e], bounds[e + 1] - bounds[e]);
+}
+
 at::Tensor run_activation(const at::Tensor& gate_up_acc, int64_t inner, bool gated, int64_t activation,
                           const at::Tensor* grad_h_acc) {
   GatedActivationParams p;
@@ -61,20 +68,16 @@ std::vector<at::Tensor> grouped_mlp_forward(const at::Tensor& x_sorted, const at
   const auto acc = accumulate_type_of(x_sorted);
   at::Tensor gate_up = at::empty({S, w_gate_up.size(1)}, x_sorted.options());
   at::Tensor y = at::empty({S, H}, x_sorted.options());
-  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
-    const int64_t begin = bounds[e], rows = bounds[e + 1] - bounds[e];
-    if (rows == 0) continue;
+  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
     at::Tensor out = gate_up.narrow(0, begin, rows);
     at::mm_out(out, x_sorted.narrow(0, begin, rows), w_gate_up[e].t());
-  }
+  });
   at::Tensor gate_up_acc = gate_up.to(acc).contiguous();
   at::Tensor h = run_activation(gate_up_acc, I, gated, activation, nullptr).to(x_sorted.scalar_type());
-  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
-    const int64_t begin = bounds[e], rows = bounds[e + 1] - bounds[e];
-    if (rows == 0) continue;
+  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
     at::Tensor out = y.narrow(0, begin, rows);
     at::mm_out(out, h.narrow(0, begin, rows), w_down[e].t());
-  }
+  });
   return {y, gate_up_acc};
 }
 
@@ -92,24 +95,20 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
   at::Tensor grad_w_down = at::zeros_like(w_down, at::MemoryFormat::Contiguous);
   at::Tensor grad_w_gate_up = at::zeros_like(w_gate_up, at::MemoryFormat::Contiguous);
   at::Tensor grad_x = at::empty_like(x_sorted, at::MemoryFormat::Contiguous);
-  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
-    const int64_t begin = bounds[e], rows = bounds[e + 1] - bounds[e];
-    if (rows == 0) continue;
+  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
     at::Tensor gy_e = gy.narrow(0, begin, rows);
     at::Tensor grad_h_e = grad_h.narrow(0, begin, rows), grad_w_down_e = grad_w_down[e];
     at::mm_out(grad_h_e, gy_e, w_down[e]);
     at::mm_out(grad_w_down_e, gy_e.t(), h.narrow(0, begin, rows));
-  }
+  });
   at::Tensor grad_h_acc = grad_h.to(gate_up_acc.scalar_type()).contiguous();
   at::Tensor grad_gate_up = run_activation(gate_up_acc, I, gated, activation, &grad_h_acc).to(dtype);
-  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
-    const int64_t begin = bounds[e], rows = bounds[e + 1] - bounds[e];
-    if (rows == 0) continue;
+  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
     at::Tensor ggu_e = grad_gate_up.narrow(0, begin, rows);
     at::Tensor grad_x_e = grad_x.narrow(0, begin, rows), grad_w_gate_up_e = grad_w_gate_up[e];
     at::mm_out(grad_x_e, ggu_e, w_gate_up[e]);
     at::mm_out(grad_w_gate_up_e, ggu_e.t(), x_sorted.narrow(0, begin, rows));
-  }
+  });
   return {grad_x, grad_w_gate_up, grad_w_down};
 }
 
