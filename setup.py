@@ -70,6 +70,11 @@ def relative(paths) -> list:
     return sorted(str(p.relative_to(ROOT)) for p in paths)
 
 
+def python_packages() -> list:
+    """Every folder under python/ holding an __init__.py, as a dotted package name."""
+    return sorted(".".join(p.parent.relative_to(ROOT / "python").parts) for p in (ROOT / "python").rglob("__init__.py"))
+
+
 def extension():
     with_cuda = want_cuda()
     sources = relative(ROOT.glob("csrc/torch/*.cpp")) + relative(ROOT.glob("csrc/kernels/*/*_cpu.cpp"))
@@ -99,8 +104,7 @@ def extension():
 
 setup(
     version=read_version(),
-    packages=["fastcore_ai", "fastcore_ai.ops", "fastcore_ai.nn", "fastcore_ai.reference", "fastcore_ai.integrations",
-              "fastcore_ai.triton_kernels"],
+    packages=python_packages() + ["fastcore_ai.triton_kernels"],
     package_dir={"fastcore_ai": "python/fastcore_ai", "fastcore_ai.triton_kernels": "triton_kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -17,7 +17,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_80", "sm_90")
 # Every .cu whose kernels the ptxas check covers.
-CUDA_SOURCES = ("csrc/kernels/moe/topk_route.cu", "csrc/kernels/moe/dispatch.cu")
+CUDA_SOURCES = tuple(sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("csrc/kernels/*/*.cu")))
 INCLUDES = [f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'kernels'}"]
 
 

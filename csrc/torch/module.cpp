@@ -1,5 +1,6 @@
 // The pybind11 module fastcore_ai._C: binds the torch glue of every op and reports how the
-// extension was built. The only file that includes torch/extension.h (pybind11 + tensor casters).
+// extension was built. Only this file and csrc/torch/<family>_bindings.cpp include torch/extension.h
+// (pybind11 + tensor casters).
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -37,6 +38,15 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
                                              const at::Tensor& w_down, const at::Tensor& gate_up_acc,
                                              int64_t activation, bool gated);
 }  // namespace moe
+}  // namespace fastcore
+
+namespace fastcore {
+// Each family binds its own ops from csrc/torch/<family>_bindings.cpp (one file per family, so
+// families are added without touching this file's op list).
+void bind_s4(pybind11::module_& m);
+void bind_nerf(pybind11::module_& m);
+void bind_pq(pybind11::module_& m);
+void bind_mux(pybind11::module_& m);
 }  // namespace fastcore
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -80,4 +90,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("moe_combine_backward", &fastcore::moe::combine_backward, "combine backward (grad_y, grad_weights)",
         pybind11::arg("grad_out"), pybind11::arg("y_sorted"), pybind11::arg("slot_to_token"),
         pybind11::arg("token_slot"), pybind11::arg("weights"), pybind11::arg("need_weights"));
+  fastcore::bind_s4(m);
+  fastcore::bind_nerf(m);
+  fastcore::bind_pq(m);
+  fastcore::bind_mux(m);
 }

@@ -1,7 +1,8 @@
 """Benchmark harness behind `python -m fastcore_ai bench` and the pytest-benchmark suites.
 
 One table per family: shape, backend, median time, speedup against the pure-torch reference and
-against the named peer, max relative error against the float64 oracle, and peak extra memory (GPU).
+against the named peer, max relative error against the float64 oracle, and peak extra memory (GPU:
+allocator peak; CPU: resident-set peak, see cpu_peak_extra_mb).
 All providers of a row are timed in the same process run, interleaved, so ratios are comparable;
 GPU times use CUDA events after a synchronising warm-up, CPU times use perf_counter.
 """
@@ -47,6 +48,26 @@ class Case:
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def cpu_peak_extra_mb(fn: Callable) -> Optional[float]:
+    """Peak resident memory fn() adds on top of what the process holds before it, in MiB (Linux: the
+    peak-RSS counter is reset through /proc/self/clear_refs, then VmHWM read back); None elsewhere.
+    Counts every allocator (torch, BLAS/FFT workspaces, numpy), at page granularity."""
+    def status(field: str) -> int:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field):
+                    return int(line.split()[1])  # kB
+        raise KeyError(field)
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        before = status("VmRSS:")
+    except OSError:
+        return None
+    fn()
+    return max(0, status("VmHWM:") - before) / 1024
 
 
 def time_call(fn: Callable, device: str, min_time_s: float = 0.2, max_repeats: int = 50) -> float:
@@ -182,6 +203,16 @@ def moe_experts_cases(device: str, quick: bool = False) -> List[Case]:
 FAMILIES = {"moe": moe_router_cases, "moe_experts": moe_experts_cases}
 
 
+def _add_family_cases() -> None:
+    """Each other family keeps its cases in fastcore_ai/bench_<family>.py (FAMILIES: name -> cases)."""
+    from . import bench_mux, bench_nerf, bench_pq, bench_s4
+    for module in (bench_s4, bench_nerf, bench_pq, bench_mux):
+        FAMILIES.update(module.FAMILIES)
+
+
+_add_family_cases()
+
+
 def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[Row]:
     rows: List[Row] = []
     for family in families:
@@ -196,8 +227,13 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
-                    output = fn(*inputs)
-                    peaks[name] = ((torch.cuda.max_memory_allocated() - base) / 2**20) if device == "cuda" else None
+                        output = fn(*inputs)
+                        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                    else:
+                        fn(*inputs)  # warm-up first, so one-time workspaces do not count as the op's memory
+                        result = []
+                        peaks[name] = cpu_peak_extra_mb(lambda: result.append(fn(*inputs)))
+                        output = result[0]
                     errors[name] = case.error(output, inputs)
                     times[name] = time_call(lambda: fn(*inputs), device, min_time_s=0.05 if quick else 0.2)
                 except Exception as error:  # a provider that cannot run here is reported, not fatal

@@ -10,3 +10,14 @@ from .moe_permute import MAX_DISPATCH_EXPERTS, DispatchPlan, moe_combine, moe_di
 __all__ = ["moe_topk_route", "RouterOutput", "switch_load_balancing_loss", "MAX_EXPERTS", "MAX_TOP_K",
            "moe_dispatch", "moe_combine", "DispatchPlan", "MAX_DISPATCH_EXPERTS", "moe_grouped_mlp",
            "moe_experts"]
+
+from . import s4 as _s4
+from .s4 import *  # noqa: F401,F403  (each family module lists its public names in __all__)
+from . import nerf as _nerf
+from .nerf import *  # noqa: F401,F403  (each family module lists its public names in __all__)
+from . import pq as _pq
+from .pq import *  # noqa: F401,F403  (each family module lists its public names in __all__)
+from . import mux as _mux
+from .mux import *  # noqa: F401,F403  (each family module lists its public names in __all__)
+
+__all__ += _s4.__all__ + _nerf.__all__ + _pq.__all__ + _mux.__all__

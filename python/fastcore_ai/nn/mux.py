@@ -1,0 +1,2 @@
+"""DataMUX multiplexing and attention: layers."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""NeRF ray marching and rendering: layers."""
+__all__: list = []

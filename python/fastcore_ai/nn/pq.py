@@ -1,0 +1,2 @@
+"""product-quantization search: layers."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""DataMUX multiplexing and attention: functional ops."""
+__all__: list = []

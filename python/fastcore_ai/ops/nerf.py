@@ -1,0 +1,2 @@
+"""NeRF ray marching and rendering: functional ops."""
+__all__: list = []

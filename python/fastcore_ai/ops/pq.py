@@ -1,0 +1,2 @@
+"""product-quantization search: functional ops."""
+__all__: list = []

@@ -1,0 +1,2 @@
+"""DataMUX multiplexing and attention: float64 pure-torch references."""
+__all__: list = []

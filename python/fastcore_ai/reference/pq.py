@@ -1,0 +1,2 @@
+"""product-quantization search: float64 pure-torch references."""
+__all__: list = []
