@@ -1,2 +1,150 @@
-"""Benchmark cases of the s4 family (S4/S4D state-space kernels) for fastcore_ai.bench: family name -> cases(device, quick)."""
-FAMILIES: dict = {}
+"""Benchmark cases of the s4 family (S4/S4D state-space kernels) for fastcore_ai.bench: family name -> cases(device, quick).
+
+Shapes from S4/SaShiMi (issue 3): Cauchy and Vandermonde with B = 1024 rows (4·H, H = 256), N = 32
+(d_state 64), L = 8193 (the rfft length of 16384); fft_conv with B = 8, H = 256, L = 16384; ssm_step with
+B = 16, H = 256, N = 32. Peers, timed in the same run: the naive torch kernels that materialise
+[B, N, L] (state-spaces/s4's `cauchy_naive` / `log_vandermonde_naive`), the plain torch.fft composition
+of S4's FFTConv, and the torch composition of one S4D step. Errors are against a float64 oracle on the
+first rows (the full complex128 oracle would need ~8 GB).
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+_ORACLE_ROWS = 4
+
+
+def naive_cauchy(v, z, w):
+    """state-spaces/s4's naive symmetric Cauchy: materialises [B, N, L] complex terms."""
+    v2 = torch.cat([v, v.conj()], dim=-1)
+    w2 = torch.cat([w, w.conj()], dim=-1)
+    return (v2.unsqueeze(-1) / (z - w2.unsqueeze(-1))).sum(dim=-2)
+
+
+def naive_vandermonde(v, x, L):
+    """state-spaces/s4's naive log-Vandermonde: exp(x[..., None] · arange(L)) materialised [B, N, L]."""
+    vandermonde = torch.exp(x.unsqueeze(-1) * torch.arange(L, device=x.device))
+    return 2 * torch.einsum("bn,bnl->bl", v, vandermonde).real
+
+
+def torch_fft_conv(u, k, D):
+    """S4's FFTConv as plain torch calls: n = 2L, rfft/irfft, crop, D skip."""
+    L = u.shape[-1]
+    k_f = torch.fft.rfft(k, n=2 * L)
+    u_f = torch.fft.rfft(u, n=2 * L)
+    y = torch.fft.irfft(u_f * k_f, n=2 * L)[..., :L]
+    return y + u * D[:, None]
+
+
+def torch_ssm_step(state, u, dA, dB, C, D):
+    """One S4D step as torch calls (the reference loop of state-spaces/s4's SSMKernelDiag.step)."""
+    new_state = dA * state + dB * u.unsqueeze(-1)
+    y = 2 * torch.einsum("hn,bhn->bh", C, new_state).real + D * u
+    return y, new_state
+
+
+def _rel(a, b) -> float:
+    a, b = torch.as_tensor(a).detach().cpu(), torch.as_tensor(b).detach().cpu()
+    if a.is_complex():
+        a, b = torch.view_as_real(a.to(torch.complex128)), torch.view_as_real(b.to(torch.complex128))
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm())
+
+
+def _fast_backends(device: str) -> List[str]:
+    return ["cpu"] if device == "cpu" else ["cuda", "triton"]
+
+
+def s4_cases(device: str, quick: bool = False):
+    from . import bench, ops
+    from .reference import s4 as ref
+
+    cases = []
+    rows = 64 if quick else 1024
+    N, L = 32, (1025 if quick else 8193)
+
+    def cauchy_setup():
+        g = torch.Generator().manual_seed(0)
+        v = torch.randn(rows, N, dtype=torch.complex64, generator=g)
+        w = torch.complex(-0.5 * torch.rand(rows, N, generator=g) - 0.05,
+                          math.pi * torch.arange(N).float() * (0.5 + torch.rand(rows, N, generator=g)) * 0.1)
+        omega = torch.exp(-2j * math.pi * torch.arange(L, dtype=torch.float64) / (2 * (L - 1)))
+        omega[-1] = omega[-1] * (1 - 1e-6)
+        z = ((2 / 0.1) * (1 - omega) / (1 + omega)).to(torch.complex64)
+        return v.to(device), z.to(device), w.to(device)
+
+    def cauchy_error(out, inputs):
+        v, z, w = (t[:_ORACLE_ROWS].cpu() if t.dim() == 2 else t.cpu() for t in inputs)
+        expected = ref.cauchy(v.to(torch.complex128), z.to(torch.complex128), w.to(torch.complex128))
+        return _rel(out[:_ORACLE_ROWS], expected)
+
+    providers = {b: (lambda v, z, w, b=b: ops.cauchy(v, z, w, backend=b)) for b in _fast_backends(device)}
+    providers["naive-torch"] = naive_cauchy
+    cases.append(bench.Case("s4", f"cauchy B={rows} N={N} L={L} complex64", cauchy_setup, providers, cauchy_error,
+                            peer="naive-torch"))
+
+    def vand_setup():
+        g = torch.Generator().manual_seed(1)
+        A = torch.complex(-0.5 * torch.ones(N), math.pi * torch.arange(N).float())
+        dt = torch.exp(torch.rand(rows, 1, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        x = (dt * A).to(torch.complex64)
+        v = torch.randn(rows, N, dtype=torch.complex64, generator=g)
+        return v.to(device), x.to(device)
+
+    def vand_error(out, inputs):
+        v, x = (t[:_ORACLE_ROWS].cpu() for t in inputs)
+        return _rel(out[:_ORACLE_ROWS], ref.vandermonde(v.to(torch.complex128), x.to(torch.complex128), L))
+
+    providers = {b: (lambda v, x, b=b: ops.vandermonde(v, x, L, backend=b)) for b in _fast_backends(device)}
+    providers["naive-torch"] = lambda v, x: naive_vandermonde(v, x, L)
+    cases.append(bench.Case("s4", f"vandermonde B={rows} N={N} L={L} complex64", vand_setup, providers, vand_error,
+                            peer="naive-torch"))
+
+    B, H, Lc = (2, 64, 4096) if quick else (8, 256, 16384)
+
+    def fft_setup():
+        g = torch.Generator().manual_seed(2)
+        u = torch.randn(B, H, Lc, generator=g)
+        k = torch.randn(H, Lc, generator=g) / math.sqrt(Lc)
+        D = torch.randn(H, generator=g)
+        return u.to(device), k.to(device), D.to(device)
+
+    def fft_error(out, inputs):
+        u, k, D = (t.cpu() for t in inputs)
+        expected = ref.fft_conv(u[:1].double(), k.double(), D.double())
+        return _rel(out[:1], expected)
+
+    providers = {b: (lambda u, k, D, b=b: ops.fft_conv(u, k, D, backend=b)) for b in _fast_backends(device)}
+    providers["torch-fft"] = torch_fft_conv
+    cases.append(bench.Case("s4", f"fft_conv B={B} H={H} L={Lc} float32", fft_setup, providers, fft_error,
+                            peer="torch-fft"))
+
+    Bs, Hs, Ns = 16, 256, 32
+
+    def step_setup():
+        g = torch.Generator().manual_seed(3)
+        dA = torch.exp(torch.complex(-0.1 * torch.rand(Hs, Ns, generator=g), torch.randn(Hs, Ns, generator=g)))
+        dB = torch.randn(Hs, Ns, dtype=torch.complex64, generator=g)
+        C = torch.randn(Hs, Ns, dtype=torch.complex64, generator=g)
+        state = torch.randn(Bs, Hs, Ns, dtype=torch.complex64, generator=g)
+        u = torch.randn(Bs, Hs, generator=g)
+        D = torch.randn(Hs, generator=g)
+        return tuple(t.to(device) for t in (state, u, dA, dB, C, D))
+
+    def step_error(out, inputs):
+        up = [t.cpu().to(torch.complex128) if t.is_complex() else t.cpu().double() for t in inputs]
+        y, _ = ref.ssm_step(*up)
+        return _rel(out[0], y)
+
+    providers = {b: (lambda *a, b=b: ops.ssm_step(*a, backend=b)) for b in _fast_backends(device)}
+    providers["torch-composition"] = torch_ssm_step
+    with torch.no_grad():
+        cases.append(bench.Case("s4", f"ssm_step B={Bs} H={Hs} N={Ns} complex64", step_setup, providers, step_error,
+                                peer="torch-composition"))
+    return cases
+
+
+FAMILIES: dict = {"s4": s4_cases}

@@ -1,0 +1,547 @@
+// Torch glue of the s4 family: checks of what the kernels rely on (the user-facing validation with
+// full messages is in fastcore_ai.ops.s4), complex tensors -> interleaved (view_as_real) params,
+// at::parallel_for over the CPU work units or the CUDA launches, and the FFT-convolution driver
+// (torch's rfft/irfft around the fused pointwise kernels, chunked over rows to bound memory).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <optional>
+#include <type_traits>
+#include <tuple>
+#include <vector>
+
+#include "s4/s4.h"
+#include "tensor_params.h"
+
+#ifdef FASTCORE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fastcore {
+namespace s4 {
+namespace {
+
+void check_status(int status, const char* op, const char* what) {
+  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
+}
+
+#ifdef FASTCORE_WITH_CUDA
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#define FC_S4_CUDA(op, what, call) check_status((call), op, what)
+#else
+[[noreturn]] void no_cuda(const char* op) {
+  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a "
+           "CUDA build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
+  throw;
+}
+#endif
+
+// A complex tensor as contiguous interleaved real storage [..., 2] (resolving a lazy conjugate).
+at::Tensor interleaved(const at::Tensor& t) { return at::view_as_real(t.resolve_conj().contiguous()); }
+
+void check_complex(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  FC_CHECK(t.is_complex() && (t.scalar_type() == at::kComplexFloat || t.scalar_type() == at::kComplexDouble), op,
+           name, " must be complex64 or complex128, got ", t.scalar_type());
+  FC_CHECK(t.dim() == dim, op, name, " must have ", dim, " dims, got ", t.dim());
+}
+
+int64_t parallel_grain(int64_t cost_per_unit) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cost_per_unit, 1)); }
+
+}  // namespace
+
+// ---- Cauchy ------------------------------------------------------------------------------------
+
+at::Tensor cauchy(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w, bool conj_symmetric) {
+  constexpr const char* op = "cauchy";
+  check_complex(op, "v", v, 2);
+  check_complex(op, "w", w, 2);
+  check_complex(op, "z", z, 1);
+  FC_CHECK(v.sizes() == w.sizes() && v.scalar_type() == w.scalar_type() && z.scalar_type() == v.scalar_type(), op,
+           "v, w must have the same shape [B, N] and v, w, z one dtype");
+  FC_CHECK(v.device() == w.device() && v.device() == z.device(), op, "v, z, w must be on one device");
+  const int64_t B = v.size(0), N = v.size(1), L = z.size(0);
+  at::Tensor out = at::empty({B, L}, v.options());
+  if (B == 0 || L == 0) return out;
+  if (N == 0) return out.zero_();
+  const at::Tensor vr = interleaved(v), wr = interleaved(w), zr = interleaved(z);
+  at::Tensor out_r = at::view_as_real(out);
+  if (v.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
+    c10::cuda::CUDAGuard guard(v.device());
+    CauchyParams<float> p;
+    p.v = vr.data_ptr<float>(); p.w = wr.data_ptr<float>(); p.z = zr.data_ptr<float>(); p.out = out_r.data_ptr<float>();
+    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
+    FC_S4_CUDA(op, "forward launch", cauchy_forward_cuda(p, current_stream()));
+#else
+    no_cuda(op);
+#endif
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_cauchy", [&] {
+    using T = scalar_t;
+    // z deinterleaved once (shared by every row): the vector loops load 8 contiguous re / im values.
+    const at::Tensor z_re = zr.select(1, 0).contiguous(), z_im = zr.select(1, 1).contiguous();
+    CauchyParams<T> p;
+    p.v = vr.data_ptr<T>(); p.w = wr.data_ptr<T>(); p.z = zr.data_ptr<T>(); p.out = out_r.data_ptr<T>();
+    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
+    const int64_t tiles = (L + kCauchyTile - 1) / kCauchyTile;
+    const T* zre = z_re.data_ptr<T>();
+    const T* zim = z_im.data_ptr<T>();
+    at::parallel_for(0, B * tiles, parallel_grain(N * kCauchyTile),
+                     [&](int64_t b, int64_t e) { cauchy_forward_cpu<T>(p, zre, zim, b, e); });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> cauchy_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& z,
+                                        const at::Tensor& w, bool conj_symmetric) {
+  constexpr const char* op = "cauchy";
+  check_complex(op, "v", v, 2);
+  check_complex(op, "w", w, 2);
+  check_complex(op, "z", z, 1);
+  check_complex(op, "grad_out", grad, 2);
+  const int64_t B = v.size(0), N = v.size(1), L = z.size(0);
+  FC_CHECK(grad.size(0) == B && grad.size(1) == L && grad.scalar_type() == v.scalar_type(), op,
+           "grad_out must be [B, L] in v's dtype");
+  at::Tensor grad_v = at::empty({B, N}, v.options()), grad_w = at::empty({B, N}, v.options());
+  if (B == 0 || N == 0) return {grad_v, grad_w};
+  if (L == 0) return {grad_v.zero_(), grad_w.zero_()};
+  const at::Tensor vr = interleaved(v), wr = interleaved(w), zr = interleaved(z), gr = interleaved(grad);
+  at::Tensor gv = at::view_as_real(grad_v), gw = at::view_as_real(grad_w);
+  if (v.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
+    c10::cuda::CUDAGuard guard(v.device());
+    CauchyParams<float> p;
+    p.v = vr.data_ptr<float>(); p.w = wr.data_ptr<float>(); p.z = zr.data_ptr<float>();
+    p.grad_out = gr.data_ptr<float>(); p.grad_v = gv.data_ptr<float>(); p.grad_w = gw.data_ptr<float>();
+    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
+    FC_S4_CUDA(op, "backward launch", cauchy_backward_cuda(p, current_stream()));
+#else
+    no_cuda(op);
+#endif
+    return {grad_v, grad_w};
+  }
+  AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_cauchy_backward", [&] {
+    using T = scalar_t;
+    const at::Tensor z_re = zr.select(1, 0).contiguous(), z_im = zr.select(1, 1).contiguous();
+    const at::Tensor g_re = gr.select(2, 0).contiguous(), g_im = gr.select(2, 1).contiguous();
+    CauchyParams<T> p;
+    p.v = vr.data_ptr<T>(); p.w = wr.data_ptr<T>(); p.z = zr.data_ptr<T>();
+    p.grad_v = gv.data_ptr<T>(); p.grad_w = gw.data_ptr<T>();
+    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
+    const T *zre = z_re.data_ptr<T>(), *zim = z_im.data_ptr<T>(), *gre = g_re.data_ptr<T>(), *gim = g_im.data_ptr<T>();
+    at::parallel_for(0, B * N, parallel_grain(L),
+                     [&](int64_t b, int64_t e) { cauchy_backward_cpu<T>(p, zre, zim, gre, gim, b, e); });
+  });
+  return {grad_v, grad_w};
+}
+
+// ---- Vandermonde -------------------------------------------------------------------------------
+
+at::Tensor vandermonde(const at::Tensor& v, const at::Tensor& x, int64_t L) {
+  constexpr const char* op = "vandermonde";
+  check_complex(op, "v", v, 2);
+  check_complex(op, "x", x, 2);
+  FC_CHECK(v.sizes() == x.sizes() && v.scalar_type() == x.scalar_type() && v.device() == x.device(), op,
+           "v and x must have one shape [B, N], dtype and device");
+  FC_CHECK(L >= 0 && L < (int64_t(1) << 29), op, "L must satisfy 0 <= L < 2^29, got ", L);
+  const int64_t B = v.size(0), N = v.size(1);
+  const auto real_type = v.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
+  at::Tensor out = at::empty({B, L}, v.options().dtype(real_type));
+  if (B == 0 || L == 0) return out;
+  if (N == 0) return out.zero_();
+  const at::Tensor vr = interleaved(v), xr = interleaved(x);
+  if (v.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
+    c10::cuda::CUDAGuard guard(v.device());
+    VandermondeParams<float> p;
+    p.v = vr.data_ptr<float>(); p.x = xr.data_ptr<float>(); p.out = out.data_ptr<float>();
+    p.batch = B; p.states = N; p.length = L;
+    FC_S4_CUDA(op, "forward launch", vandermonde_forward_cuda(p, current_stream()));
+#else
+    no_cuda(op);
+#endif
+    return out;
+  }
+  AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_vandermonde", [&] {
+    using T = scalar_t;
+    VandermondeParams<T> p;
+    p.v = vr.data_ptr<T>(); p.x = xr.data_ptr<T>(); p.out = out.data_ptr<T>();
+    p.batch = B; p.states = N; p.length = L;
+    at::parallel_for(0, B, 1, [&](int64_t b, int64_t e) { vandermonde_forward_cpu<T>(p, b, e); });
+  });
+  return out;
+}
+
+std::vector<at::Tensor> vandermonde_backward(const at::Tensor& grad, const at::Tensor& v, const at::Tensor& x) {
+  constexpr const char* op = "vandermonde";
+  check_complex(op, "v", v, 2);
+  check_complex(op, "x", x, 2);
+  const int64_t B = v.size(0), N = v.size(1);
+  FC_CHECK(grad.dim() == 2 && grad.size(0) == B && !grad.is_complex(), op, "grad_out must be real [B, L]");
+  const int64_t L = grad.size(1);
+  at::Tensor grad_v = at::empty({B, N}, v.options()), grad_x = at::empty({B, N}, v.options());
+  if (B == 0 || N == 0) return {grad_v, grad_x};
+  if (L == 0) return {grad_v.zero_(), grad_x.zero_()};
+  const auto real_type = v.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
+  const at::Tensor g = grad.to(real_type).contiguous();
+  const at::Tensor vr = interleaved(v), xr = interleaved(x);
+  at::Tensor gv = at::view_as_real(grad_v), gx = at::view_as_real(grad_x);
+  if (v.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
+    c10::cuda::CUDAGuard guard(v.device());
+    VandermondeParams<float> p;
+    p.v = vr.data_ptr<float>(); p.x = xr.data_ptr<float>(); p.grad_out = g.data_ptr<float>();
+    p.grad_v = gv.data_ptr<float>(); p.grad_x = gx.data_ptr<float>();
+    p.batch = B; p.states = N; p.length = L;
+    FC_S4_CUDA(op, "backward launch", vandermonde_backward_cuda(p, current_stream()));
+#else
+    no_cuda(op);
+#endif
+    return {grad_v, grad_x};
+  }
+  AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_vandermonde_backward", [&] {
+    using T = scalar_t;
+    VandermondeParams<T> p;
+    p.v = vr.data_ptr<T>(); p.x = xr.data_ptr<T>(); p.grad_out = g.data_ptr<T>();
+    p.grad_v = gv.data_ptr<T>(); p.grad_x = gx.data_ptr<T>();
+    p.batch = B; p.states = N; p.length = L;
+    at::parallel_for(0, B * N, parallel_grain(L), [&](int64_t b, int64_t e) { vandermonde_backward_cpu<T>(p, b, e); });
+  });
+  return {grad_v, grad_x};
+}
+
+// ---- FFT convolution ---------------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kFFT = "fft_conv";
+
+// Rows per chunk: about 2^21 (CPU: cache-sized) or 2^26 (CUDA) elements of n per buffer.
+int64_t chunk_rows_for(int64_t rows, int64_t n, bool cuda, int64_t requested) {
+  if (requested > 0) return std::min(requested, std::max<int64_t>(rows, 1));
+  const int64_t budget = cuda ? (int64_t(1) << 26) : (int64_t(1) << 21);
+  return std::max<int64_t>(1, std::min(rows, budget / std::max<int64_t>(n, 1)));
+}
+
+enum class FFTKernel { kPad, kMul, kCrop, kGradSpectra, kRowDot };
+
+// One pointwise kernel over `units` work units: CPU at::parallel_for, or the CUDA launch.
+template <typename Acc>
+void run(FFTKernel kind, const FFTConvParams<Acc>& p, bool cuda, int64_t units, int64_t cost) {
+  if (units == 0) return;
+  if (cuda) {
+#ifdef FASTCORE_WITH_CUDA
+    if constexpr (std::is_same<Acc, float>::value) {
+      void* s = current_stream();
+      int status = 0;
+      switch (kind) {
+        case FFTKernel::kPad: status = fftconv_pad_cast_cuda(p, s); break;
+        case FFTKernel::kMul: status = fftconv_cmul_cuda(p, s); break;
+        case FFTKernel::kCrop: status = fftconv_crop_skip_cuda(p, s); break;
+        case FFTKernel::kGradSpectra: status = fftconv_grad_spectra_cuda(p, s); break;
+        case FFTKernel::kRowDot: status = fftconv_row_dot_cuda(p, s); break;
+      }
+      check_status(status, kFFT, "pointwise kernel launch");
+      return;
+    }
+    FC_CHECK(false, kFFT, "the cuda backend takes float32, float16 or bfloat16, got float64");
+#else
+    no_cuda(kFFT);
+#endif
+  }
+  at::parallel_for(0, units, parallel_grain(cost), [&](int64_t b, int64_t e) {
+    switch (kind) {
+      case FFTKernel::kPad: fftconv_pad_cast_cpu<Acc>(p, b, e); break;
+      case FFTKernel::kMul: fftconv_cmul_cpu<Acc>(p, b, e); break;
+      case FFTKernel::kCrop: fftconv_crop_skip_cpu<Acc>(p, b, e); break;
+      case FFTKernel::kGradSpectra: fftconv_grad_spectra_cpu<Acc>(p, b, e); break;
+      case FFTKernel::kRowDot: fftconv_row_dot_cpu<Acc>(p, b, e); break;
+    }
+  });
+}
+
+at::ScalarType acc_type_of(const at::Tensor& u) { return u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+at::ScalarType complex_of(at::ScalarType acc) { return acc == at::kDouble ? at::kComplexDouble : at::kComplexFloat; }
+
+void check_fft_args(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D, int64_t n) {
+  FC_CHECK(u.dim() == 3 && k.dim() == 2 && k.size(0) == u.size(1) && k.size(1) >= 1 && k.size(1) <= u.size(2), kFFT,
+           "u must be [B, H, L] and k [H, Lk] with 1 <= Lk <= L");
+  scalar_kind_of(u, kFFT, "u");
+  scalar_kind_of(k, kFFT, "k");
+  FC_CHECK(n >= u.size(2) + k.size(1) - 1, kFFT, "fft size n must be >= L + Lk - 1, got ", n);
+  FC_CHECK(k.device() == u.device(), kFFT, "k must be on u's device");
+  if (D.has_value())
+    FC_CHECK(D->dim() == 1 && D->size(0) == u.size(1) && D->device() == u.device(), kFFT, "D must be [H] on u's device");
+  FC_CHECK(!(u.is_cuda() && u.scalar_type() == at::kDouble), kFFT,
+           "the cuda backend takes float32, float16 or bfloat16, got float64");
+}
+
+template <typename Acc>
+FFTConvParams<Acc> fft_params(int64_t count, int64_t H, int64_t L, int64_t n, int64_t r0, at::Tensor& rb, at::Tensor& sp,
+                              const at::Tensor& Kf_r) {
+  FFTConvParams<Acc> p;
+  p.rows = count; p.heads = H; p.length = L; p.fft_size = n; p.freqs = n / 2 + 1; p.row_begin = r0;
+  p.real_buf = rb.data_ptr<Acc>();
+  p.spec = static_cast<Acc*>(sp.data_ptr());
+  p.kernel_spec = Kf_r.data_ptr<Acc>();
+  return p;
+}
+
+}  // namespace
+
+// y = irfft(rfft(u, n) · rfft(k, n))[..., :L] + D·u, in u's dtype (fp32 math; fp64 for fp64 u).
+at::Tensor fft_conv(const at::Tensor& u, const at::Tensor& k, const std::optional<at::Tensor>& D, int64_t n,
+                    int64_t chunk_rows) {
+  check_fft_args(u, k, D, n);
+  const ScalarKind u_kind = scalar_kind_of(u, kFFT, "u");
+  const int64_t B = u.size(0), H = u.size(1), L = u.size(2);
+  at::Tensor out = at::empty({B, H, L}, u.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t rows = B * H;
+  if (rows == 0 || L == 0) return out;
+  const bool cuda = u.is_cuda();
+  const at::ScalarType acc = acc_type_of(u);
+#ifdef FASTCORE_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (cuda) guard.emplace(u.device());
+#endif
+  const at::Tensor uc = u.contiguous();
+  const at::Tensor Kf = at::fft_rfft(k.to(acc), n, -1, std::nullopt).contiguous();
+  const at::Tensor Dc = D.has_value() ? D->to(acc).contiguous() : at::Tensor();
+  const int64_t F = n / 2 + 1;
+  const int64_t chunk = chunk_rows_for(rows, n, cuda, chunk_rows);
+  // Two reused chunk workspaces: the zero-padded real rows (also the irfft output) and their spectra.
+  at::Tensor real_buf = at::empty({chunk, n}, u.options().dtype(acc));
+  at::Tensor spec = at::empty({chunk, F}, u.options().dtype(complex_of(acc)));
+  AT_DISPATCH_FLOATING_TYPES(acc, "s4_fft_conv", [&] {
+    using Acc = scalar_t;
+    const at::Tensor Kf_r = at::view_as_real(Kf);
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+      const int64_t count = std::min(chunk, rows - r0);
+      at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
+      FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
+      p.in = uc.data_ptr(); p.in_kind = u_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
+      p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
+      p.out = out.data_ptr(); p.out_kind = u_kind;
+      run<Acc>(FFTKernel::kPad, p, cuda, count, n);
+      at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
+      run<Acc>(FFTKernel::kMul, p, cuda, count, F);
+      at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
+      run<Acc>(FFTKernel::kCrop, p, cuda, count, L);
+    }
+  });
+  return out;
+}
+
+// (grad_u [B, H, L] in u's dtype, grad_k [H, Lk] in k's dtype, grad_D [H] in D's dtype); an output
+// not needed is an empty [0] tensor.
+//   grad_u = irfft(rfft(G, n) · conj(K))[..., :L] + D·G,  grad_k = irfft(Σ_b rfft(G, n) · conj(rfft(u, n)))[:, :Lk],
+//   grad_D = Σ_{b, l} G·u.
+std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& k,
+                                          const std::optional<at::Tensor>& D, int64_t n, bool need_u, bool need_k,
+                                          bool need_D, int64_t chunk_rows) {
+  check_fft_args(u, k, D, n);
+  FC_CHECK(grad.sizes() == u.sizes() && grad.device() == u.device(), kFFT, "grad_out must have u's shape and device");
+  const ScalarKind u_kind = scalar_kind_of(u, kFFT, "u");
+  const int64_t B = u.size(0), H = u.size(1), L = u.size(2), Lk = k.size(1);
+  const int64_t rows = B * H, F = n / 2 + 1;
+  const bool cuda = u.is_cuda();
+  const at::ScalarType acc = acc_type_of(u);
+#ifdef FASTCORE_WITH_CUDA
+  std::optional<c10::cuda::CUDAGuard> guard;
+  if (cuda) guard.emplace(u.device());
+#endif
+  const at::Tensor G = grad.to(u.scalar_type()).contiguous();
+  const ScalarKind g_kind = scalar_kind_of(G, kFFT, "grad_out");
+  const at::Tensor uc = u.contiguous();
+  at::Tensor grad_u = need_u ? at::empty({B, H, L}, u.options().memory_format(at::MemoryFormat::Contiguous))
+                             : at::empty({0}, u.options());
+  at::Tensor grad_kf = need_k ? at::zeros({H, F}, u.options().dtype(complex_of(acc))) : at::Tensor();
+  at::Tensor grad_D = at::empty({0}, u.options());
+  if (need_D && D.has_value()) {
+    at::Tensor dots = at::empty({rows}, u.options().dtype(acc));
+    if (rows > 0) {
+      AT_DISPATCH_FLOATING_TYPES(acc, "s4_fft_conv_dot", [&] {
+        using Acc = scalar_t;
+        FFTConvParams<Acc> p;
+        p.rows = rows; p.heads = H; p.length = L;
+        p.in = G.data_ptr(); p.in_kind = g_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
+        p.dot = dots.data_ptr<Acc>();
+        run<Acc>(FFTKernel::kRowDot, p, cuda, rows, L);
+      });
+    }
+    grad_D = dots.view({B, H}).sum(0).to(D->scalar_type());
+  }
+  if ((need_u || need_k) && rows > 0 && L > 0) {
+    const at::Tensor Kf = at::fft_rfft(k.to(acc), n, -1, std::nullopt).contiguous();
+    const at::Tensor Dc = D.has_value() ? D->to(acc).contiguous() : at::Tensor();
+    // Whole b's per chunk is not needed: grad_kf[h] accumulates rows in increasing b in any chunking.
+    const int64_t chunk = chunk_rows_for(rows, n, cuda, chunk_rows);
+    at::Tensor real_buf = at::empty({chunk, n}, u.options().dtype(acc));
+    at::Tensor spec = at::empty({chunk, F}, u.options().dtype(complex_of(acc)));
+    at::Tensor spec_u = need_k ? at::empty({chunk, F}, u.options().dtype(complex_of(acc))) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(acc, "s4_fft_conv_backward", [&] {
+      using Acc = scalar_t;
+      const at::Tensor Kf_r = at::view_as_real(Kf);
+      for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+        const int64_t count = std::min(chunk, rows - r0);
+        at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
+        FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
+        if (need_k) {  // U spectra of the chunk first (the real buffer is then reused for G)
+          at::Tensor su = spec_u.narrow(0, 0, count);
+          p.in = uc.data_ptr(); p.in_kind = u_kind;
+          run<Acc>(FFTKernel::kPad, p, cuda, count, n);
+          at::fft_rfft_out(su, rb, n, -1, std::nullopt);
+          p.spec2 = static_cast<const Acc*>(su.data_ptr());
+          p.grad_kernel_spec = static_cast<Acc*>(grad_kf.data_ptr());
+        }
+        p.in = G.data_ptr(); p.in_kind = g_kind;
+        run<Acc>(FFTKernel::kPad, p, cuda, count, n);
+        at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
+        // grad_kf += G conj(U) per head (fixed order) and G *= conj(K), in one pass.
+        run<Acc>(FFTKernel::kGradSpectra, p, cuda, H * F, count / H + 1);
+        if (need_u) {
+          at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
+          p.in2 = G.data_ptr(); p.in2_kind = g_kind;
+          p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
+          p.out = grad_u.data_ptr(); p.out_kind = u_kind;
+          run<Acc>(FFTKernel::kCrop, p, cuda, count, L);
+        }
+      }
+    });
+  } else if (need_u) {
+    grad_u.zero_();
+  }
+  at::Tensor grad_k = at::empty({0}, k.options());
+  if (need_k) {
+    grad_k = rows > 0 && L > 0 ? at::fft_irfft(grad_kf, n, -1, std::nullopt).narrow(1, 0, Lk).to(k.scalar_type()).contiguous()
+                               : at::zeros({H, Lk}, k.options());
+  }
+  return {grad_u, grad_k, grad_D};
+}
+
+// ---- SSM step ----------------------------------------------------------------------------------
+
+namespace {
+constexpr const char* kStep = "ssm_step";
+
+void check_step_args(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
+                     const at::Tensor& C, const std::optional<at::Tensor>& D) {
+  check_complex(kStep, "state", state, 3);
+  const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
+  for (const at::Tensor* t : {&dA, &dB, &C}) {
+    check_complex(kStep, "dA/dB/C", *t, 2);
+    FC_CHECK(t->size(0) == H && t->size(1) == N && t->scalar_type() == state.scalar_type() &&
+             t->device() == state.device(), kStep, "dA, dB, C must be [H, N] in state's dtype and device");
+  }
+  FC_CHECK(u.dim() == 2 && u.size(0) == B && u.size(1) == H && u.device() == state.device(), kStep,
+           "u must be [B, H] on state's device");
+  scalar_kind_of(u, kStep, "u");
+  if (D.has_value()) FC_CHECK(D->dim() == 1 && D->size(0) == H && D->device() == state.device(), kStep, "D must be [H]");
+}
+}  // namespace
+
+// (y [B, H] in u's dtype, new_state [B, H, N]); state is not modified.
+std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D) {
+  check_step_args(state, u, dA, dB, C, D);
+  const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
+  at::Tensor new_state = at::empty({B, H, N}, state.options());
+  at::Tensor y = at::empty({B, H}, u.options().memory_format(at::MemoryFormat::Contiguous));
+  if (B * H == 0) return {y, new_state};
+  const at::ScalarType real = state.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
+  const at::Tensor s = interleaved(state), a = interleaved(dA), bb = interleaved(dB), c = interleaved(C);
+  const at::Tensor uc = u.contiguous();
+  const at::Tensor Dc = D.has_value() ? D->to(real).contiguous() : at::Tensor();
+  at::Tensor ns = at::view_as_real(new_state);
+  AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step", [&] {
+    using T = scalar_t;
+    StepParams<T> p;
+    p.state = s.data_ptr<T>(); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
+    p.dA = a.data_ptr<T>(); p.dB = bb.data_ptr<T>(); p.C = c.data_ptr<T>();
+    p.D = Dc.defined() ? Dc.data_ptr<T>() : nullptr;
+    p.y = y.data_ptr(); p.new_state = ns.data_ptr<T>();
+    p.batch = B; p.heads = H; p.states = N;
+    if (state.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+      if constexpr (std::is_same<T, float>::value) {
+        c10::cuda::CUDAGuard guard(state.device());
+        check_status(ssm_step_cuda(p, current_stream()), kStep, "launch");
+        return;
+      }
+      FC_CHECK(false, kStep, "the cuda backend takes complex64 state, got complex128");
+#else
+      no_cuda(kStep);
+#endif
+    }
+    at::parallel_for(0, B * H, parallel_grain(N * 8), [&](int64_t b, int64_t e) { ssm_step_cpu<T>(p, b, e); });
+  });
+  return {y, new_state};
+}
+
+// (grad_state, grad_u [B, H] in u's dtype, grad_dA, grad_dB, grad_C, grad_D [H] or [0]).
+std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_new_state,
+                                          const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
+                                          const at::Tensor& dB, const at::Tensor& C, const std::optional<at::Tensor>& D) {
+  check_step_args(state, u, dA, dB, C, D);
+  const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
+  const at::ScalarType real = state.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
+  FC_CHECK(grad_y.dim() == 2 && grad_y.size(0) == B && grad_y.size(1) == H, kStep, "grad_y must be [B, H]");
+  at::Tensor grad_state = at::empty({B, H, N}, state.options());
+  at::Tensor grad_u = at::empty({B, H}, u.options().dtype(real));
+  at::Tensor grad_dA = at::empty({H, N}, dA.options()), grad_dB = at::empty({H, N}, dA.options()),
+             grad_C = at::empty({H, N}, dA.options());
+  at::Tensor grad_D = at::empty({D.has_value() ? H : 0}, u.options().dtype(real));
+  if (H * N == 0 || B == 0) {
+    grad_dA.zero_(); grad_dB.zero_(); grad_C.zero_(); grad_D.zero_();
+    if (B * H == 0 || N == 0) {
+      grad_state.zero_();
+      if (D.has_value() && B * H > 0) grad_u.copy_(grad_y.to(real) * D->to(real));
+      else grad_u.zero_();
+      if (D.has_value() && B * H > 0) grad_D.copy_((grad_y.to(real) * u.to(real)).sum(0));
+      return {grad_state, grad_u.to(u.scalar_type()), grad_dA, grad_dB, grad_C, grad_D.to(D.has_value() ? D->scalar_type() : real)};
+    }
+  }
+  const at::Tensor s = interleaved(state), a = interleaved(dA), bb = interleaved(dB), c = interleaved(C);
+  const at::Tensor uc = u.contiguous(), gy = grad_y.to(real).contiguous();
+  const at::Tensor gns = grad_new_state.has_value() ? interleaved(*grad_new_state) : at::Tensor();
+  if (gns.defined()) FC_CHECK(grad_new_state->sizes() == state.sizes(), kStep, "grad_new_state must be [B, H, N]");
+  const at::Tensor Dc = D.has_value() ? D->to(real).contiguous() : at::Tensor();
+  at::Tensor gs = at::view_as_real(grad_state), gA = at::view_as_real(grad_dA), gB = at::view_as_real(grad_dB),
+             gC = at::view_as_real(grad_C);
+  AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step_backward", [&] {
+    using T = scalar_t;
+    StepParams<T> p;
+    p.state = s.data_ptr<T>(); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
+    p.dA = a.data_ptr<T>(); p.dB = bb.data_ptr<T>(); p.C = c.data_ptr<T>();
+    p.D = Dc.defined() ? Dc.data_ptr<T>() : nullptr;
+    p.grad_y = gy.data_ptr<T>(); p.grad_new_state = gns.defined() ? gns.data_ptr<T>() : nullptr;
+    p.grad_state = gs.data_ptr<T>(); p.grad_u = grad_u.data_ptr<T>();
+    p.grad_dA = gA.data_ptr<T>(); p.grad_dB = gB.data_ptr<T>(); p.grad_C = gC.data_ptr<T>();
+    p.grad_D = D.has_value() ? grad_D.data_ptr<T>() : nullptr;
+    p.batch = B; p.heads = H; p.states = N;
+    if (state.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+      if constexpr (std::is_same<T, float>::value) {
+        c10::cuda::CUDAGuard guard(state.device());
+        check_status(ssm_step_backward_cuda(p, current_stream()), kStep, "backward launch");
+        return;
+      }
+      FC_CHECK(false, kStep, "the cuda backend takes complex64 state, got complex128");
+#else
+      no_cuda(kStep);
+#endif
+    }
+    at::parallel_for(0, H, parallel_grain(B * N * 16), [&](int64_t b, int64_t e) { ssm_step_backward_cpu<T>(p, b, e); });
+  });
+  return {grad_state, grad_u.to(u.scalar_type()), grad_dA, grad_dB, grad_C,
+          D.has_value() ? grad_D.to(D->scalar_type()) : grad_D};
+}
+
+}  // namespace s4
+}  // namespace fastcore

@@ -1,0 +1,446 @@
+"""fastcore_ai.ops.{cauchy, vandermonde, fft_conv, ssm_step}: forward and backward parity of every
+backend with the float64/complex128 reference, Vandermonde accuracy at L = 2^20, gradcheck,
+registration (opcheck, torch.compile), empty inputs, error paths."""
+import math
+
+import pytest
+import torch
+
+from fastcore_ai import _native, ops
+from fastcore_ai.reference import s4 as ref
+from _helpers import BACKEND_DEVICES, relative_error, require_backend
+
+# complex64 / float32 bounds on the relative Frobenius error against the complex128 oracle. The sums
+# have N (Cauchy/Vandermonde forward, step) or L (backward) terms of well-conditioned S4-like inputs.
+FWD_BOUND = 2e-6
+BWD_BOUND = 2e-5
+
+
+def s4_like(B, N, generator=None, dtype=torch.complex64):
+    """Residues v and poles w like S4's (Re w < 0, Im w spread as in S4D-Lin)."""
+    v = torch.randn(B, N, dtype=torch.complex128, generator=generator)
+    w = (-0.5 * torch.rand(B, N, generator=generator, dtype=torch.float64) - 0.05
+         + 1j * math.pi * torch.arange(N, dtype=torch.float64) * (0.5 + torch.rand(B, N, dtype=torch.float64,
+                                                                                    generator=generator)))
+    return v.to(dtype), w.to(dtype)
+
+
+def bilinear_nodes(L, dtype=torch.complex64, dt=0.1):
+    """S4's nodes: z = (2/Δ)(1 − ω)/(1 + ω), ω the rfft grid of a length-2(L−1) signal (rows of a kernel)."""
+    omega = torch.exp(-2j * math.pi * torch.arange(L, dtype=torch.float64) / max(2 * (L - 1), 1))
+    omega = torch.where((omega + 1).abs() < 1e-9, omega * (1 - 1e-6), omega)
+    return ((2 / dt) * (1 - omega) / (1 + omega)).to(dtype)
+
+
+def cast_case(backend, device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def grads_of(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    torch.autograd.backward(out, grad_out)
+    return out, [t.grad for t in leaves]
+
+
+# ---- cauchy --------------------------------------------------------------------------------------
+
+CAUCHY_SHAPES = [(1, 1, 1), (3, 7, 33), (2, 33, 100), (2, 64, 17)]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("B,N,L", CAUCHY_SHAPES)
+@pytest.mark.parametrize("conj_symmetric", [True, False])
+def test_cauchy_parity(backend, device, B, N, L, conj_symmetric, poisoned_outputs):
+    require_backend("cauchy", backend, device, torch.complex64)
+    v, w = s4_like(B, N)
+    z = bilinear_nodes(L)
+    g = torch.randn(B, L, dtype=torch.complex64)
+    out, (gv, gw) = grads_of(lambda a, c: ops.cauchy(a, z.to(device), c, conj_symmetric=conj_symmetric,
+                                                    backend=backend), cast_case(backend, device, v, w), g.to(device))
+    ref_out, (rv, rw) = grads_of(lambda a, c: ref.cauchy(a, z.to(torch.complex128), c, conj_symmetric),
+                                 [v.to(torch.complex128), w.to(torch.complex128)], g.to(torch.complex128))
+    assert out.shape == (B, L) and out.dtype == torch.complex64
+    assert relative_error(torch.view_as_real(out), torch.view_as_real(ref_out)) < FWD_BOUND
+    assert relative_error(torch.view_as_real(gv), torch.view_as_real(rv)) < BWD_BOUND
+    assert relative_error(torch.view_as_real(gw), torch.view_as_real(rw)) < BWD_BOUND
+
+
+def test_cauchy_large_n_and_odd_l_cpu():
+    """N up to 4096 (not only powers of two) and an rfft-sized L, cpu backend."""
+    for N, L in ((4096, 9), (1000, 8193 // 64)):
+        v, w = s4_like(2, N)
+        z = bilinear_nodes(L)
+        out = ops.cauchy(v, z, w, backend="cpu")
+        expected = ref.cauchy(v.to(torch.complex128), z.to(torch.complex128), w.to(torch.complex128))
+        assert relative_error(torch.view_as_real(out), torch.view_as_real(expected)) < 1e-5
+
+
+def test_cauchy_complex128_cpu_matches_reference_tightly():
+    v, w = s4_like(3, 13, dtype=torch.complex128)
+    z = bilinear_nodes(50, torch.complex128)
+    out = ops.cauchy(v, z, w, backend="cpu")
+    assert relative_error(torch.view_as_real(out), torch.view_as_real(ref.cauchy(v, z, w))) < 1e-13
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_cauchy_gradcheck(backend):
+    v, w = s4_like(2, 5, dtype=torch.complex128)
+    z = bilinear_nodes(7, torch.complex128)
+    v.requires_grad_(True)
+    w.requires_grad_(True)
+    for conj in (True, False):
+        assert torch.autograd.gradcheck(lambda a, c: ops.cauchy(a, z, c, conj_symmetric=conj, backend=backend),
+                                        (v, w), eps=1e-6, atol=1e-7)
+
+
+def test_cauchy_empty():
+    v, w = s4_like(0, 3)
+    assert ops.cauchy(v, bilinear_nodes(4), w, backend="cpu").shape == (0, 4)
+    v, w = s4_like(2, 3)
+    assert ops.cauchy(v, bilinear_nodes(0), w, backend="cpu").shape == (2, 0)
+
+
+def test_cauchy_conjugate_input_is_resolved():
+    """A lazily conjugated view (conj bit) must give conj-input results, not the un-conjugated ones."""
+    v, w = s4_like(2, 6)
+    z = bilinear_nodes(9)
+    out = ops.cauchy(v.conj(), z, w, backend="cpu")
+    expected = ref.cauchy(v.conj().resolve_conj().to(torch.complex128), z.to(torch.complex128), w.to(torch.complex128))
+    assert relative_error(torch.view_as_real(out), torch.view_as_real(expected)) < 1e-5
+
+
+# ---- vandermonde ---------------------------------------------------------------------------------
+
+VAND_SHAPES = [(1, 1, 1), (3, 7, 100), (2, 32, 257), (2, 5, 64)]
+
+
+def s4d_like(B, N, dt=0.05, dtype=torch.complex64):
+    """x = Δ·A with S4D-Lin A = −1/2 + iπn, and v = C·B̄ random."""
+    A = -0.5 + 1j * math.pi * torch.arange(N, dtype=torch.float64)
+    dts = dt * (0.5 + torch.rand(B, 1, dtype=torch.float64))
+    x = (dts * A).to(dtype)
+    v = torch.randn(B, N, dtype=torch.complex128).to(dtype)
+    return v, x
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("B,N,L", VAND_SHAPES)
+def test_vandermonde_parity(backend, device, B, N, L, poisoned_outputs):
+    require_backend("vandermonde", backend, device, torch.complex64)
+    v, x = s4d_like(B, N)
+    g = torch.randn(B, L)
+    out, (gv, gx) = grads_of(lambda a, b: ops.vandermonde(a, b, L, backend=backend), cast_case(backend, device, v, x),
+                             g.to(device))
+    ref_out, (rv, rx) = grads_of(lambda a, b: ref.vandermonde(a, b, L), [v.to(torch.complex128), x.to(torch.complex128)],
+                                 g.double())
+    assert out.shape == (B, L) and out.dtype == torch.float32
+    assert relative_error(out, ref_out) < FWD_BOUND
+    assert relative_error(torch.view_as_real(gv), torch.view_as_real(rv)) < BWD_BOUND
+    assert relative_error(torch.view_as_real(gx), torch.view_as_real(rx)) < BWD_BOUND
+
+
+def _vandermonde_oracle_chunked(v, x, L, chunk=1 << 16):
+    """complex128 K for long L without materialising [B, N, L] at once."""
+    v, x = v.to(torch.complex128), x.to(torch.complex128)
+    parts = []
+    for start in range(0, L, chunk):
+        steps = torch.arange(start, min(start + chunk, L), dtype=torch.float64)
+        parts.append(2 * (v[:, :, None] * torch.exp(x[:, :, None] * steps)).sum(1).real)
+    return torch.cat(parts, dim=1)
+
+
+def test_vandermonde_accuracy_at_2_pow_20():
+    """L = 2^20: the stated per-element bound (N + 6)·2^-24·2Σ|v e^{xl}| holds against complex128, and
+    the kernel is far more accurate than repeated multiplication in complex64 (which drifts with l)."""
+    L, N = 1 << 20, 16
+    A = -1e-5 + 1j * math.pi * torch.arange(1, N + 1, dtype=torch.float64) / 7  # slow decay: long memory
+    x = (0.01 * A[None, :]).to(torch.complex64)
+    v = torch.randn(1, N, dtype=torch.complex128).to(torch.complex64)
+    out = ops.vandermonde(v, x, L, backend="cpu").double()
+    expected = _vandermonde_oracle_chunked(v, x, L)
+    steps = torch.arange(L, dtype=torch.float64)
+    magnitude = 2 * (v.abs().double()[:, :, None] * torch.exp(x.real.double()[:, :, None] * steps)).sum(1)
+    bound = (N + 6) * 2.0**-24 * magnitude
+    assert bool(((out - expected).abs() <= bound).all())
+    # naive: e_{l+1} = e_l · exp(x), complex64, over the first 2^16 steps (already visible drift).
+    M = 1 << 16
+    step = torch.exp(x)
+    e = torch.ones_like(x)
+    naive = torch.empty(1, M)
+    for l in range(0, M):
+        naive[:, l] = 2 * (v * e).sum(1).real
+        e = e * step
+    naive_error = relative_error(naive, expected[:, :M])
+    ours_error = relative_error(out[:, :M], expected[:, :M])
+    assert ours_error * 20 < naive_error
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_vandermonde_gradcheck(backend):
+    v, x = s4d_like(2, 4, dtype=torch.complex128)
+    v.requires_grad_(True)
+    x.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: ops.vandermonde(a, b, 70, backend=backend), (v, x), eps=1e-6,
+                                    atol=1e-6)
+
+
+def test_vandermonde_complex128_cpu_tight():
+    v, x = s4d_like(2, 9, dtype=torch.complex128)
+    assert relative_error(ops.vandermonde(v, x, 300, backend="cpu"), ref.vandermonde(v, x, 300)) < 1e-12
+
+
+def test_vandermonde_empty():
+    v, x = s4d_like(0, 3)
+    assert ops.vandermonde(v, x, 5, backend="cpu").shape == (0, 5)
+    v, x = s4d_like(2, 3)
+    assert ops.vandermonde(v, x, 0, backend="cpu").shape == (2, 0)
+
+
+# ---- fft_conv ------------------------------------------------------------------------------------
+
+FFT_SHAPES = [(1, 1, 1, 1), (2, 3, 17, 17), (2, 4, 100, 33), (1, 2, 64, 64)]
+FFT_BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("B,H,L,Lk", FFT_SHAPES)
+@pytest.mark.parametrize("with_D", [True, False])
+def test_fft_conv_parity(backend, device, B, H, L, Lk, with_D, poisoned_outputs):
+    require_backend("fft_conv", backend, device)
+    u, k = torch.randn(B, H, L), torch.randn(H, Lk) / math.sqrt(Lk)
+    D = torch.randn(H) if with_D else None
+    g = torch.randn(B, H, L)
+    inputs = [u, k] + ([D] if with_D else [])
+    out, grads = grads_of(lambda *a: ops.fft_conv(a[0], a[1], a[2] if with_D else None, backend=backend),
+                          [t.to(device) for t in inputs], g.to(device))
+    ref_out, ref_grads = grads_of(lambda *a: ref.fft_conv(a[0], a[1], a[2] if with_D else None),
+                                  [t.double() for t in inputs], g.double())
+    assert out.shape == (B, H, L) and out.dtype == torch.float32
+    assert relative_error(out, ref_out) < 1e-5
+    for actual, expected in zip(grads, ref_grads):
+        assert relative_error(actual, expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_fft_conv_dtypes_non_contiguous(backend, device, dtype, poisoned_outputs):
+    require_backend("fft_conv", backend, device, dtype)
+    base = torch.randn(2, 40, 3).to(dtype)
+    u = base.transpose(1, 2)  # [2, 3, 40], non-contiguous
+    k = torch.randn(3, 25) / 5
+    D = torch.randn(3)
+    out = ops.fft_conv(u.to(device), k.to(device), D.to(device), backend=backend)
+    expected = ref.fft_conv(u.double(), k.double(), D.double())
+    assert out.dtype == dtype and out.shape == u.shape
+    # the low-precision bound is the rounding of the output (the math is float32)
+    assert relative_error(out, expected) < FFT_BOUNDS[dtype]
+
+
+def test_fft_conv_chunked_equals_unchunked_cpu():
+    """Row chunking (a memory bound) must not change a bit of the result, forward or backward."""
+    native = _native.native()
+    u, k, D, g = torch.randn(3, 5, 50), torch.randn(5, 20), torch.randn(5), torch.randn(3, 5, 50)
+    n = ops.fft_conv_size(50, 20)
+    whole = native.s4_fft_conv(u, k, D, n, 0)
+    for chunk in (1, 2, 7):
+        assert torch.equal(native.s4_fft_conv(u, k, D, n, chunk), whole)
+        for a, b in zip(native.s4_fft_conv_backward(g, u, k, D, n, True, True, True, chunk),
+                        native.s4_fft_conv_backward(g, u, k, D, n, True, True, True, 0)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fft_conv_gradcheck(backend):
+    u = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    D = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.fft_conv(a, b, c, backend=backend), (u, k, D))
+    assert torch.autograd.gradcheck(lambda a, b: ops.fft_conv(a, b, None, backend=backend), (u, k))
+
+
+def test_fft_conv_empty():
+    assert ops.fft_conv(torch.randn(0, 3, 8), torch.randn(3, 4), backend="cpu").shape == (0, 3, 8)
+    assert ops.fft_conv(torch.randn(2, 0, 8), torch.randn(0, 4), backend="cpu").shape == (2, 0, 8)
+
+
+def test_fft_size_is_smooth_and_large_enough():
+    for L, Lk in ((1, 1), (16384, 16384), (1000, 7), (8193, 8193)):
+        n = ops.fft_conv_size(L, Lk)
+        assert n >= L + Lk - 1
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        assert m == 1
+    assert ops.fft_conv_size(16384, 16384) == 32768
+
+
+# ---- ssm_step ------------------------------------------------------------------------------------
+
+def step_inputs(B, H, N, dtype=torch.complex64):
+    real = torch.float64
+    dA = torch.exp(torch.complex(-0.1 * torch.rand(H, N, dtype=real), torch.randn(H, N, dtype=real))).to(dtype)
+    dB = torch.randn(H, N, dtype=torch.complex128).to(dtype)
+    C = torch.randn(H, N, dtype=torch.complex128).to(dtype)
+    state = torch.randn(B, H, N, dtype=torch.complex128).to(dtype)
+    u = torch.randn(B, H, dtype=real)
+    return state, u, dA, dB, C, torch.randn(H)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("B,H,N", [(1, 1, 1), (3, 5, 7), (2, 16, 32)])
+@pytest.mark.parametrize("with_D", [True, False])
+def test_ssm_step_parity(backend, device, B, H, N, with_D, poisoned_outputs):
+    require_backend("ssm_step", backend, device, torch.complex64)
+    state, u, dA, dB, C, D = step_inputs(B, H, N)
+    D = D if with_D else None
+    gy, gs = torch.randn(B, H), torch.randn(B, H, N, dtype=torch.complex64)
+    inputs = [state, u.float(), dA, dB, C] + ([D] if with_D else [])
+    fn = lambda *a: ops.ssm_step(*a[:5], a[5] if with_D else None, backend=backend)  # noqa: E731
+    (y, s2), grads = grads_of(fn, [t.to(device) for t in inputs], (gy.to(device), gs.to(device)))
+    up = [t.to(torch.complex128) if t.is_complex() else t.double() for t in inputs]
+    (ry, rs), rgrads = grads_of(lambda *a: ref.ssm_step(*a[:5], a[5] if with_D else None), up,
+                                (gy.double(), gs.to(torch.complex128)))
+    assert y.shape == (B, H) and y.dtype == torch.float32 and s2.shape == (B, H, N)
+    assert relative_error(y, ry) < 1e-5
+    assert relative_error(torch.view_as_real(s2), torch.view_as_real(rs)) < 1e-6
+    for actual, expected in zip(grads, rgrads):
+        if actual.is_complex():
+            actual, expected = torch.view_as_real(actual), torch.view_as_real(expected)
+        assert relative_error(actual, expected) < 1e-5
+
+
+def test_ssm_step_does_not_modify_state():
+    state, u, dA, dB, C, D = step_inputs(2, 3, 4)
+    before = state.clone()
+    ops.ssm_step(state, u.float(), dA, dB, C, D, backend="cpu")
+    assert torch.equal(state, before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_ssm_step_gradcheck(backend):
+    state, u, dA, dB, C, D = step_inputs(2, 3, 4, torch.complex128)
+    tensors = [t.detach().requires_grad_(True) for t in (state, u.double(), dA, dB, C, D.double())]
+    assert torch.autograd.gradcheck(lambda *a: ops.ssm_step(*a, backend=backend), tensors)
+
+
+def test_ssm_step_bf16_u_and_empty():
+    state, u, dA, dB, C, D = step_inputs(2, 3, 4)
+    y, _ = ops.ssm_step(state, u.bfloat16(), dA, dB, C, D, backend="cpu")
+    ry, _ = ref.ssm_step(state.to(torch.complex128), u.bfloat16().double(), dA.to(torch.complex128),
+                         dB.to(torch.complex128), C.to(torch.complex128), D.double())
+    assert y.dtype == torch.bfloat16 and relative_error(y, ry) < 8e-3
+    state, u, dA, dB, C, D = step_inputs(0, 3, 4)
+    y, s = ops.ssm_step(state, u.float(), dA, dB, C, D, backend="cpu")
+    assert y.shape == (0, 3) and s.shape == (0, 3, 4)
+
+
+# ---- registration --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_opcheck(backend):
+    v, w = s4_like(2, 3)
+    z = bilinear_nodes(5)
+    torch.library.opcheck(torch.ops.fastcore_ai.s4_cauchy.default, (v.requires_grad_(), z, w.requires_grad_(), True,
+                                                                     backend))
+    v2, x = s4d_like(2, 3)
+    torch.library.opcheck(torch.ops.fastcore_ai.s4_vandermonde.default, (v2.requires_grad_(), x.requires_grad_(), 9,
+                                                                         backend))
+    u, k, D = torch.randn(2, 3, 8, requires_grad=True), torch.randn(3, 5, requires_grad=True), torch.randn(3)
+    torch.library.opcheck(torch.ops.fastcore_ai.s4_fft_conv.default, (u, k, D, ops.fft_conv_size(8, 5), backend))
+    state, uu, dA, dB, C, DD = step_inputs(2, 3, 4)
+    torch.library.opcheck(torch.ops.fastcore_ai.s4_ssm_step.default,
+                          (state, uu.float().requires_grad_(), dA.requires_grad_(), dB, C, DD, backend))
+
+
+def test_torch_compile_fullgraph_cpu():
+    v, w = s4_like(2, 3)
+    z = bilinear_nodes(6)
+    u, k, D = torch.randn(2, 3, 16), torch.randn(3, 16), torch.randn(3)
+    state, uu, dA, dB, C, DD = step_inputs(2, 3, 4)
+
+    def model(v, w, u, k):
+        kernel = ops.cauchy(v, z, w, backend="cpu").real.sum() + ops.vandermonde(v, w * 0.01, 16, backend="cpu").sum()
+        y = ops.fft_conv(u, k * kernel, D, backend="cpu")
+        y2, _ = ops.ssm_step(state, y[..., 0], dA, dB, C, DD, backend="cpu")
+        return y.square().mean() + y2.square().mean()
+
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    leaves = [t.clone().requires_grad_() for t in (v, w, u, k)]
+    loss = compiled(*leaves)
+    loss.backward()
+    eager = [t.clone().requires_grad_() for t in (v, w, u, k)]
+    expected = model(*eager)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---- error paths ---------------------------------------------------------------------------------
+
+def test_errors_name_op_and_argument():
+    v, w = s4_like(2, 3)
+    z = bilinear_nodes(4)
+    with pytest.raises(TypeError, match=r"fastcore_ai.ops.cauchy: v must be complex64, complex128"):
+        ops.cauchy(v.real, z, w)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.cauchy: w must have v's shape"):
+        ops.cauchy(v, z, w[:, :2])
+    with pytest.raises(TypeError, match=r"fastcore_ai.ops.cauchy: z must have v's dtype"):
+        ops.cauchy(v, z.to(torch.complex128), w)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.cauchy: N"):
+        ops.cauchy(v[:, :0], z, w[:, :0])
+    big_v, big_w = s4_like(1, 4097)
+    with pytest.raises(ValueError, match=r"4096"):
+        ops.cauchy(big_v, z, big_w)
+    with pytest.raises(ValueError, match=r"z must not require grad"):
+        ops.cauchy(v, z.clone().requires_grad_(), w)
+    with pytest.raises(TypeError, match=r"conj_symmetric must be a bool"):
+        ops.cauchy(v, z, w, conj_symmetric=1)
+    with pytest.raises(RuntimeError, match=r"backend 'cuda'"):
+        ops.cauchy(v, z, w, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"complex128 is not supported"):
+        ops.cauchy(v.to(torch.complex128), z.to(torch.complex128), w.to(torch.complex128), backend="triton")
+
+    vv, x = s4d_like(2, 3)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.vandermonde: L must satisfy 0 <= L"):
+        ops.vandermonde(vv, x, -1)
+    with pytest.raises(TypeError, match=r"fastcore_ai.ops.vandermonde: L must be an int"):
+        ops.vandermonde(vv, x, 3.0)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.vandermonde: x must have v's shape"):
+        ops.vandermonde(vv, x[:1], 4)
+
+    u, k = torch.randn(2, 3, 8), torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.fft_conv: Lk"):
+        ops.fft_conv(u, torch.randn(3, 9))
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.fft_conv: k must have H"):
+        ops.fft_conv(u, torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.fft_conv: D must have H"):
+        ops.fft_conv(u, k, torch.randn(4))
+    with pytest.raises(TypeError, match=r"fastcore_ai.ops.fft_conv: u must be"):
+        ops.fft_conv(u.to(torch.int32), k)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.fft_conv: u must be a 3-D"):
+        ops.fft_conv(u[0], k)
+
+    state, uu, dA, dB, C, D = step_inputs(2, 3, 4)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.ssm_step: u must have shape"):
+        ops.ssm_step(state, uu.float()[:1], dA, dB, C, D)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.ssm_step: dB must be"):
+        ops.ssm_step(state, uu.float(), dA, dB[:, :2], C, D)
+    with pytest.raises(ValueError, match=r"fastcore_ai.ops.ssm_step: dA must be"):
+        ops.ssm_step(state, uu.float(), dA.to(torch.complex128), dB, C, D)
+    with pytest.raises(TypeError, match=r"fastcore_ai.ops.ssm_step: state must be"):
+        ops.ssm_step(state.real, uu.float(), dA, dB, C, D)
+
+
+def test_native_checks_guard_direct_calls():
+    """The C++ glue refuses what the kernels cannot take (when _C is called directly)."""
+    native = _native.native()
+    v, w = s4_like(2, 3)
+    with pytest.raises(RuntimeError, match=r"fastcore_ai.ops.cauchy"):
+        native.s4_cauchy(v.real.contiguous(), bilinear_nodes(4), w, True)
+    with pytest.raises(RuntimeError, match=r"fastcore_ai.ops.fft_conv"):
+        native.s4_fft_conv(torch.randn(1, 2, 8), torch.randn(2, 4), None, 4, 0)
+    with pytest.raises(RuntimeError, match=r"fastcore_ai.ops.vandermonde"):
+        native.s4_vandermonde(v, w, -3)
