@@ -60,7 +60,7 @@ def test_recurrent_step_reproduces_convolution(mode):
     """Stepping through a sequence gives the convolutional output (relative error < 1e-4, float32)."""
     torch.manual_seed(1)
     B, H, L = 2, 4, 64
-    layer = fnn.S4Conv(H, d_state=16, l_max=L, mode=mode)
+    layer = fnn.S4Conv(H, d_state=64, l_max=L, mode=mode)
     u = torch.randn(B, H, L)
     with torch.no_grad():
         y_conv = layer(u)
@@ -114,9 +114,9 @@ def test_bidirectional_is_acausal_and_causal_is_causal():
     u = torch.randn(1, H, L)
     u2 = u.clone()
     u2[..., -1] += 1.0
-    with torch.no_grad():
-        assert torch.equal(causal(u)[..., :-1], causal(u2)[..., :-1])
-        assert not torch.allclose(bi(u)[..., :-1], bi(u2)[..., :-1])
+    with torch.no_grad():  # FFT rounding reaches every output; causality holds to float32 rounding
+        assert (causal(u)[..., :-1] - causal(u2)[..., :-1]).abs().max() < 1e-5
+        assert (bi(u)[..., :-1] - bi(u2)[..., :-1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="bidirectional"):
         bi.setup_step()
 

@@ -8,8 +8,10 @@
 
 Recurrent mode (autoregressive generation): `setup_step()` once after training, then
 `state = layer.default_state(batch)` and `y, state = layer.step(u, state)` per time step, which runs
-ops.ssm_step on the diagonal discrete system. For S4 (DPLR) the discrete system is diagonalised in
-float64 (and C is recovered from S4's stored C̃ = (I − Ā^L)ᴴ C), so the state has d_state complex modes.
+ops.ssm_step on the diagonal discrete system (S4D). S4 (DPLR) steps with the O(N) Woodbury form of the
+bilinear step (S4's "linear" mode) in torch ops, C recovered once from S4's stored C̃ = (I − Ā^L)ᵀ C;
+diagonalising the HiPPO-LegS system is avoided (its eigenvectors are ill-conditioned). The state is
+[B, H, d_state / 2] complex64 in both modes.
 """
 from __future__ import annotations
 
@@ -190,13 +192,31 @@ class S4Kernel(nn.Module):
         return dA, dB, C_true
 
     @torch.no_grad()
-    def step_params(self) -> Tuple[Tensor, Tensor, Tensor]:
-        """Diagonalised (dA, dB, C) [H, d_state] complex64 with y = 2 Re Σ C s' (eigenbasis of Ā, float64)."""
-        dA, dB, C = self.discrete_dense()
-        mu, V = torch.linalg.eig(dA)
-        dB_diag = torch.linalg.solve(V, dB[..., None])[..., 0]
-        C_diag = (C[:, None, :] @ V)[:, 0, :] / 2  # y = Cᵀx is real: = 2 Re((CᵀV/2) s)
-        return mu.to(torch.complex64), dB_diag.to(torch.complex64), C_diag.to(torch.complex64)
+    def step_params(self) -> Tuple[Tensor, ...]:
+        """Parameters of the O(N) DPLR bilinear step on the stored half state (S4's "linear" step mode;
+        diagonalising Ā is not used: HiPPO-LegS eigenvectors are ill-conditioned, cond(V) ≈ 3e7 at
+        d_state = 16). Returns (Λ, P, B, C_half, Δ) with C_half the first half of C = (I − Ā^L)⁻ᵀ C̃."""
+        _, _, C_true = self.discrete_dense()
+        Lambda, P, B, _, dt = self._params()
+        return (Lambda.detach(), P.detach(), B.detach(), C_true[:, : self.N].to(torch.complex64), dt.detach())
+
+    @staticmethod
+    def step(params: Tuple[Tensor, ...], u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
+        """x' = (I − hA)⁻¹[(I + hA) x + Δ B u], h = Δ/2, A = diag(Λ) − P Pᴴ on the full (x, x̄) state,
+        in O(N) on the half x [B, H, N/2]: with s = 2 Re(Pᴴx), m = 1 − hΛ,
+          y1 = x + h(Λx − P s) + Δ B u,   x' = y1/m − (P/m) · h t / (1 + h q),
+          t = 2 Re Σ P̄ y1/m,  q = 2 Re Σ |P|²/m  (Sherman–Morrison);   y = 2 Re Σ C x'."""
+        Lambda, P, B, C, dt = params
+        h = (dt / 2)[:, None]
+        uu = u.to(torch.float32)[..., None]
+        s = 2 * (P.conj() * state).sum(-1, keepdim=True).real
+        y1 = state + h * (Lambda * state - P * s) + (2 * h) * B * uu
+        m = 1 - h * Lambda
+        t = 2 * (P.conj() * y1 / m).sum(-1, keepdim=True).real
+        q = 2 * ((P.abs() ** 2) / m).sum(-1, keepdim=True).real
+        new_state = y1 / m - (P / m) * (h * t / (1 + h * q))
+        y = 2 * (C * new_state).sum(-1).real
+        return y, new_state
 
 
 class S4Conv(nn.Module):
@@ -244,19 +264,21 @@ class S4Conv(nn.Module):
         """Precompute the diagonal recurrence (call after training / whenever parameters change)."""
         if self.bidirectional:
             raise ValueError("fastcore_ai.nn.S4Conv: a bidirectional layer has no recurrent (causal) step")
-        dA, dB, C = self.kernel.step_params()
         device = self.D.device
-        self._step = (dA.to(device), dB.to(device), C.to(device))
+        self._step = tuple(t.to(device) for t in self.kernel.step_params())
 
     def default_state(self, batch: int) -> Tensor:
         if self._step is None:
             raise RuntimeError("fastcore_ai.nn.S4Conv: call setup_step() before default_state()/step()")
-        return torch.zeros(batch, self.d_model, self._step[0].shape[1], dtype=torch.complex64, device=self.D.device)
+        return torch.zeros(batch, self.d_model, self.d_state // 2, dtype=torch.complex64, device=self.D.device)
 
     def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
         """One time step: u [B, H] -> (y [B, H], new state). Functional (state is not modified)."""
         if self._step is None:
             raise RuntimeError("fastcore_ai.nn.S4Conv: call setup_step() before step()")
+        if self.mode == "s4":  # O(N) DPLR step (torch ops), then the D skip
+            y, state = S4Kernel.step(self._step, u, state)
+            return (y + self.D * u.to(y.dtype)).to(u.dtype), state
         dA, dB, C = self._step
         return ops.ssm_step(state, u, dA, dB, C, self.D)
 

@@ -58,27 +58,6 @@ def _triton():
     return triton_s4
 
 
-def _vjp(fn, inputs, grads):
-    """Reference backward: autograd through the reference formula (float64 oracle)."""
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) if t is not None else None
-                  for t in inputs]
-        outputs = fn(*leaves)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        wanted = [t for t in leaves if t is not None]
-        result = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
-    it = iter(result)
-    out = []
-    for t in leaves:
-        if t is None:
-            out.append(None)
-        else:
-            g = next(it)
-            out.append(torch.zeros_like(t) if g is None else g)
-    return out
-
-
 # ---- cauchy --------------------------------------------------------------------------------------
 
 def _cauchy_impl(backend: str, v, z, w, conj_symmetric):
@@ -94,8 +73,7 @@ def _cauchy_backward_impl(backend: str, grad, v, z, w, conj_symmetric):
         return tuple(_native_module().s4_cauchy_backward(grad, v, z, w, conj_symmetric))
     if backend == "triton":
         return _triton().cauchy_backward(grad, v, z, w, conj_symmetric)
-    gv, _, gw = _vjp(lambda a, b, c: _ref.cauchy(a, b, c, conj_symmetric), [v, z, w], [grad])
-    return gv, gw
+    return _ref.cauchy_backward(grad, v, z, w, conj_symmetric)
 
 
 @torch.library.custom_op("fastcore_ai::s4_cauchy", mutates_args=())
@@ -183,8 +161,7 @@ def _vand_backward_impl(backend, grad, v, x):
         return tuple(_native_module().s4_vandermonde_backward(grad, v, x))
     if backend == "triton":
         return _triton().vandermonde_backward(grad, v, x)
-    gv, gx = _vjp(lambda a, b: _ref.vandermonde(a, b, grad.shape[1]), [v, x], [grad])
-    return gv, gx
+    return _ref.vandermonde_backward(grad, v, x)
 
 
 @torch.library.custom_op("fastcore_ai::s4_vandermonde", mutates_args=())
@@ -261,7 +238,7 @@ def _fft_backward_impl(backend, grad, u, k, D, n, need_u, need_k, need_D):
         return tuple(_native_module().s4_fft_conv_backward(grad, u, k, D, n, need_u, need_k, need_D))
     if backend == "triton":
         return _triton().fft_conv_backward(grad, u, k, D, n, need_u, need_k, need_D)
-    gu, gk, gD = _vjp(lambda a, b, c: _ref.fft_conv(a, b, c), [u, k, D], [grad])
+    gu, gk, gD = _ref.fft_conv_backward(grad, u, k, D)
     empty = u.new_empty((0,))
     return (gu if need_u else empty, gk if need_k else empty, gD if (need_D and D is not None) else empty)
 
@@ -354,7 +331,7 @@ def _step_backward_impl(backend, grad_y, grad_state, state, u, dA, dB, C, D):
         return tuple(_native_module().s4_ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D))
     if backend == "triton":
         return _triton().ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D)
-    grads = _vjp(lambda *a: _ref.ssm_step(*a), [state, u, dA, dB, C, D], [grad_y, grad_state])
+    grads = list(_ref.ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D))
     if D is None:
         grads[5] = u.new_empty((0,))
     return tuple(grads)
