@@ -222,10 +222,12 @@ namespace {
 
 constexpr const char* kFFT = "fft_conv";
 
-// Rows per chunk: about 2^21 (CPU: cache-sized) or 2^26 (CUDA) elements of n per buffer.
+// Rows per chunk: about 2^23 (CPU, 32 MB per fp32 buffer) or 2^26 (CUDA) elements per workspace. The
+// workspaces (real rows + spectra) are the only full-length temporaries, so the peak extra memory is
+// the output plus ~2 chunk buffers; larger chunks mean fewer FFT calls (each has a fixed setup cost).
 int64_t chunk_rows_for(int64_t rows, int64_t n, bool cuda, int64_t requested) {
   if (requested > 0) return std::min(requested, std::max<int64_t>(rows, 1));
-  const int64_t budget = cuda ? (int64_t(1) << 26) : (int64_t(1) << 21);
+  const int64_t budget = cuda ? (int64_t(1) << 26) : (int64_t(1) << 23);
   return std::max<int64_t>(1, std::min(rows, budget / std::max<int64_t>(n, 1)));
 }
 

@@ -141,9 +141,8 @@ def s4_cases(device: str, quick: bool = False):
 
     providers = {b: (lambda *a, b=b: ops.ssm_step(*a, backend=b)) for b in _fast_backends(device)}
     providers["torch-composition"] = torch_ssm_step
-    with torch.no_grad():
-        cases.append(bench.Case("s4", f"ssm_step B={Bs} H={Hs} N={Ns} complex64", step_setup, providers, step_error,
-                                peer="torch-composition"))
+    cases.append(bench.Case("s4", f"ssm_step B={Bs} H={Hs} N={Ns} complex64", step_setup, providers, step_error,
+                            peer="torch-composition"))
     return cases
 
 
