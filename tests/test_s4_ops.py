@@ -313,6 +313,29 @@ def test_ssm_step_parity(backend, device, B, H, N, with_D, poisoned_outputs):
         assert relative_error(actual, expected) < 1e-5
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_ssm_step_inplace(backend, device):
+    require_backend("ssm_step", backend, device, torch.complex64)
+    state, u, dA, dB, C, D = (t.to(device) for t in step_inputs(3, 5, 9))
+    u = u.float()
+    y_ref, s_ref = ops.ssm_step(state, u, dA, dB, C, D, backend=backend)
+    work = state.clone()
+    y, returned = ops.ssm_step(work, u, dA, dB, C, D, inplace=True, backend=backend)
+    assert returned is work
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(work, s_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_ssm_step_inplace_errors():
+    state, u, dA, dB, C, D = step_inputs(2, 3, 4)
+    with pytest.raises(ValueError, match="inplace=True has no autograd"):
+        ops.ssm_step(state, u.float().requires_grad_(), dA, dB, C, D, inplace=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.ssm_step(state.transpose(0, 1).contiguous().transpose(0, 1), u.float(), dA, dB, C, D, inplace=True)
+    with pytest.raises(TypeError, match="inplace must be a bool"):
+        ops.ssm_step(state, u.float(), dA, dB, C, D, inplace=1)
+
+
 def test_ssm_step_does_not_modify_state():
     state, u, dA, dB, C, D = step_inputs(2, 3, 4)
     before = state.clone()

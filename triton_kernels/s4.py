@@ -514,16 +514,18 @@ def _step_bwd_kernel(s_ptr, u_ptr, a_ptr, b_ptr, c_ptr, d_ptr, gy_ptr, gns_ptr, 
         tl.store(gd_ptr + h, gd)
 
 
-def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor]):
+def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor],
+             out: Optional[Tensor] = None):
+    """out: write the new state there (may be `state` itself: each element is loaded before it is stored)."""
     B, H, N = state.shape
     y = torch.empty((B, H), dtype=u.dtype, device=u.device)
-    new_state = torch.empty_like(state, memory_format=torch.contiguous_format)
+    new_state = out if out is not None else torch.empty_like(state, memory_format=torch.contiguous_format)
     rows = B * H
     if rows == 0:
         return y, new_state
     BN = min(128, max(16, triton.next_power_of_2(N)))
     BR = max(1, 1024 // BN)
-    s = _interleaved(state)
+    s = torch.view_as_real(state) if out is state else _interleaved(state)
     Dc = D.float().contiguous() if D is not None else s
     _step_kernel[(triton.cdiv(rows, BR),)](s, u.contiguous(), _interleaved(dA), _interleaved(dB), _interleaved(C), Dc,
                                            y, torch.view_as_real(new_state), rows, H, N, HAS_D=D is not None, BR=BR,

@@ -118,7 +118,7 @@ void test_vandermonde() {
 }
 
 void test_step() {
-  const int64_t B = 2, H = 3, N = 4;
+  const int64_t B = 2, H = 3, N = 5;  // one 4-state vector + a tail state
   std::vector<float> s = random_complex(B * H * N), a = random_complex(H * N), bb = random_complex(H * N),
                      c = random_complex(H * N), u(B * H), D(H), y(B * H), ns(2 * B * H * N);
   for (auto& value : u) value = static_cast<float>(uniform());

@@ -17,7 +17,7 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
                                           const std::optional<at::Tensor>& D, int64_t n, bool need_u, bool need_k,
                                           bool need_D, int64_t chunk_rows);
 std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
-                                 const at::Tensor& C, const std::optional<at::Tensor>& D);
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D, bool inplace);
 std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_new_state,
                                           const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
                                           const at::Tensor& dB, const at::Tensor& C, const std::optional<at::Tensor>& D);
@@ -39,7 +39,7 @@ void bind_s4(pybind11::module_& m) {
         py::arg("grad"), py::arg("u"), py::arg("k"), py::arg("D"), py::arg("n"), py::arg("need_u"),
         py::arg("need_k"), py::arg("need_D"), py::arg("chunk_rows") = 0);
   m.def("s4_ssm_step", &s4::ssm_step, "diagonal SSM recurrent step (y, new_state)", py::arg("state"), py::arg("u"),
-        py::arg("dA"), py::arg("dB"), py::arg("C"), py::arg("D"));
+        py::arg("dA"), py::arg("dB"), py::arg("C"), py::arg("D"), py::arg("inplace") = false);
   m.def("s4_ssm_step_backward", &s4::ssm_step_backward, "SSM step backward", py::arg("grad_y"),
         py::arg("grad_new_state"), py::arg("state"), py::arg("u"), py::arg("dA"), py::arg("dB"), py::arg("C"),
         py::arg("D"));

@@ -432,6 +432,15 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
 namespace {
 constexpr const char* kStep = "ssm_step";
 
+#ifdef FASTCORE_WITH_CUDA
+// The CUDA step kernels are float only (the callers refuse complex128 first); a plain overload pair,
+// because AT_DISPATCH lambdas are not templates (an `if constexpr` there would not discard).
+int step_cuda(const StepParams<float>& p, void* stream, bool backward) {
+  return backward ? ssm_step_backward_cuda(p, stream) : ssm_step_cuda(p, stream);
+}
+int step_cuda(const StepParams<double>&, void*, bool) { return 1; }  // cudaErrorInvalidValue (never reached)
+#endif
+
 void check_step_args(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
                      const at::Tensor& C, const std::optional<at::Tensor>& D) {
   check_complex(kStep, "state", state, 3);
@@ -448,12 +457,15 @@ void check_step_args(const at::Tensor& state, const at::Tensor& u, const at::Ten
 }
 }  // namespace
 
-// (y [B, H] in u's dtype, new_state [B, H, N]); state is not modified.
+// (y [B, H] in u's dtype, new_state [B, H, N]); state is not modified unless `inplace` (then the
+// returned new_state is `state` itself, which must be contiguous and not conjugated).
 std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
-                                 const at::Tensor& C, const std::optional<at::Tensor>& D) {
+                                 const at::Tensor& C, const std::optional<at::Tensor>& D, bool inplace) {
   check_step_args(state, u, dA, dB, C, D);
   const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
-  at::Tensor new_state = at::empty({B, H, N}, state.options());
+  FC_CHECK(!inplace || (state.is_contiguous() && !state.is_conj()), kStep,
+           "an in-place step needs a contiguous, non-conjugated state");
+  at::Tensor new_state = inplace ? state : at::empty({B, H, N}, state.options());
   at::Tensor y = at::empty({B, H}, u.options().memory_format(at::MemoryFormat::Contiguous));
   if (B * H == 0) return {y, new_state};
   const at::ScalarType real = state.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
@@ -471,12 +483,10 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
     p.batch = B; p.heads = H; p.states = N;
     if (state.is_cuda()) {
 #ifdef FASTCORE_WITH_CUDA
-      if constexpr (std::is_same<T, float>::value) {
-        c10::cuda::CUDAGuard guard(state.device());
-        check_status(ssm_step_cuda(p, current_stream()), kStep, "launch");
-        return;
-      }
-      FC_CHECK(false, kStep, "the cuda backend takes complex64 state, got complex128");
+      FC_CHECK((std::is_same<T, float>::value), kStep, "the cuda backend takes complex64 state, got complex128");
+      c10::cuda::CUDAGuard guard(state.device());
+      check_status(step_cuda(p, current_stream(), false), kStep, "launch");
+      return;
 #else
       no_cuda(kStep);
 #endif
@@ -529,12 +539,10 @@ std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::o
     p.batch = B; p.heads = H; p.states = N;
     if (state.is_cuda()) {
 #ifdef FASTCORE_WITH_CUDA
-      if constexpr (std::is_same<T, float>::value) {
-        c10::cuda::CUDAGuard guard(state.device());
-        check_status(ssm_step_backward_cuda(p, current_stream()), kStep, "backward launch");
-        return;
-      }
-      FC_CHECK(false, kStep, "the cuda backend takes complex64 state, got complex128");
+      FC_CHECK((std::is_same<T, float>::value), kStep, "the cuda backend takes complex64 state, got complex128");
+      c10::cuda::CUDAGuard guard(state.device());
+      check_status(step_cuda(p, current_stream(), true), kStep, "backward launch");
+      return;
 #else
       no_cuda(kStep);
 #endif

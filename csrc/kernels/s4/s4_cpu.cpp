@@ -3,6 +3,7 @@
 // term bodies as the CUDA kernels; a scalar tail handles the last l % 8 nodes. Every sum has a fixed
 // order (lane partial sums, then lanes 0..7), so results do not depend on the thread count.
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "fastcore/cpu_vector.h"
@@ -189,6 +190,47 @@ FC_CPU_CLONES void vandermonde_backward_impl(const VandermondeParams<T>& p, int6
   }
 }
 
+// The float step, 4 complex states per 8-lane vector on the interleaved layout:
+//   dA·s = dup_re(dA)·s + dup_im(dA)·swap(s)·(−1, 1, …), s' = dA·s + dB·u, Re(C s') = Σ (C ∘ s')·(1, −1, …).
+// In place is allowed (new_state == state): each vector is loaded before it is stored.
+FC_CPU_CLONES void ssm_step_float_rows(const StepParams<float>& p, int64_t begin, int64_t end) {
+  typedef float V __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+  const I dup_re = {0, 0, 2, 2, 4, 4, 6, 6}, dup_im = {1, 1, 3, 3, 5, 5, 7, 7}, swap = {1, 0, 3, 2, 5, 4, 7, 6};
+  const V sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f}, re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
+  const int64_t N = p.states;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t h = row % p.heads;
+    const float u = load_as<float>(p.u, p.u_kind, row);
+    const float* s = p.state + 2 * row * N;
+    float* s_new = p.new_state + 2 * row * N;
+    const float* a = p.dA + 2 * h * N;
+    const float* bb = p.dB + 2 * h * N;
+    const float* c = p.C + 2 * h * N;
+    V acc = V{};
+    int64_t i = 0;
+    for (; i + 8 <= 2 * N; i += 8) {
+      const V sv = load_lanes(s + i), av = load_lanes(a + i), bv = load_lanes(bb + i), cv = load_lanes(c + i);
+      const V next = __builtin_shuffle(av, dup_re) * sv + __builtin_shuffle(av, dup_im) * __builtin_shuffle(sv, swap) * sign +
+                     bv * u;
+      std::memcpy(s_new + i, &next, sizeof(next));
+      acc += cv * next * re_sign;
+    }
+    float tail = 0.f;
+    for (int64_t n = i / 2; n < N; ++n) {
+      const float sr = s[2 * n], si = s[2 * n + 1];
+      const float nr = a[2 * n] * sr - a[2 * n + 1] * si + bb[2 * n] * u;
+      const float ni = a[2 * n] * si + a[2 * n + 1] * sr + bb[2 * n + 1] * u;
+      s_new[2 * n] = nr;
+      s_new[2 * n + 1] = ni;
+      tail += c[2 * n] * nr - c[2 * n + 1] * ni;
+    }
+    float y = 2.f * (sum_lanes<float>(acc) + tail);
+    if (p.D != nullptr) y += p.D[h] * u;
+    store_as<float>(p.y, p.u_kind, row, y);
+  }
+}
+
 }  // namespace
 
 template <typename T>
@@ -260,7 +302,11 @@ void fftconv_row_dot_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end
 
 template <typename T>
 void ssm_step_cpu(const StepParams<T>& p, int64_t begin, int64_t end) {
-  for (int64_t row = begin; row < end; ++row) ssm_step_row<T>(p, row);
+  if constexpr (std::is_same<T, float>::value) {
+    ssm_step_float_rows(p, begin, end);
+  } else {
+    for (int64_t row = begin; row < end; ++row) ssm_step_row<T>(p, row);
+  }
 }
 
 template <typename T>

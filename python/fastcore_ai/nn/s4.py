@@ -272,15 +272,16 @@ class S4Conv(nn.Module):
             raise RuntimeError("fastcore_ai.nn.S4Conv: call setup_step() before default_state()/step()")
         return torch.zeros(batch, self.d_model, self.d_state // 2, dtype=torch.complex64, device=self.D.device)
 
-    def step(self, u: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
-        """One time step: u [B, H] -> (y [B, H], new state). Functional (state is not modified)."""
+    def step(self, u: Tensor, state: Tensor, inplace: bool = False) -> Tuple[Tensor, Tensor]:
+        """One time step: u [B, H] -> (y [B, H], new state). Functional unless inplace=True (S4D: the state
+        tensor is updated in place, no allocation; needs no autograd)."""
         if self._step is None:
             raise RuntimeError("fastcore_ai.nn.S4Conv: call setup_step() before step()")
         if self.mode == "s4":  # O(N) DPLR step (torch ops), then the D skip
             y, state = S4Kernel.step(self._step, u, state)
             return (y + self.D * u.to(y.dtype)).to(u.dtype), state
         dA, dB, C = self._step
-        return ops.ssm_step(state, u, dA, dB, C, self.D)
+        return ops.ssm_step(state, u, dA, dB, C, self.D, inplace=inplace)
 
 
 class S4Block(nn.Module):

@@ -381,17 +381,40 @@ def _step_backward(ctx, grad_y, grad_state):
 _step_op.register_autograd(_step_backward, setup_context=_step_setup)
 
 
+def _step_inplace_impl(backend, state, u, dA, dB, C, D):
+    if backend in ("cpu", "cuda"):
+        return _native_module().s4_ssm_step(state, u, dA, dB, C, D, True)[0]
+    if backend == "triton":
+        return _triton().ssm_step(state, u, dA, dB, C, D, out=state)[0]
+    y, new_state = _ref.ssm_step(state, u, dA, dB, C, D)
+    state.copy_(new_state)
+    return y
+
+
+@torch.library.custom_op("fastcore_ai::s4_ssm_step_", mutates_args=("state",))
+def _step_inplace_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor],
+                     backend: str) -> Tensor:
+    return _step_inplace_impl(backend, state, u, dA, dB, C, D)
+
+
+@_step_inplace_op.register_fake
+def _step_inplace_fake(state, u, dA, dB, C, D, backend):
+    return u.new_empty(u.shape)
+
+
 def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None, *,
-             backend: str = "auto") -> Tuple[Tensor, Tensor]:
+             inplace: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """One recurrent step of a diagonal SSM (S4D, or S4 after diagonalisation), conjugate half stored:
         state' = dA ∘ state + dB · u,   y = 2 · Re Σ_n C · state' + D · u.
 
     Args:
       state: [B, H, N] complex64 (complex128 on cpu/reference), 1 <= N <= 4096.
       u: [B, H] float (float32/bfloat16/float16/float64); dA, dB, C: [H, N] in state's dtype; D: [H] float or None.
-    Returns (y [B, H] in u's dtype, new_state [B, H, N]). Functional: `state` is NOT modified (so the
-    step is differentiable w.r.t. every input and safe under torch.compile); rebind it:
-    `y, state = ssm_step(state, u, ...)`.
+    Returns (y [B, H] in u's dtype, new_state [B, H, N]). By default functional: `state` is NOT modified
+    (so the step is differentiable w.r.t. every input and safe under torch.compile); rebind it:
+    `y, state = ssm_step(state, u, ...)`. With inplace=True the new state is written into `state` (which
+    must be contiguous and not require grad; no autograd) and returned as new_state: no allocation per
+    step, the generation fast path.
     """
     check_tensor(_STEP, "state", state, ndim=3, dtypes=_COMPLEX, layout="[B, H, N]")
     B, H, N = state.shape
@@ -411,5 +434,14 @@ def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Opt
         if D.shape[0] != H:
             raise ValueError(f"fastcore_ai.ops.{_STEP}: D must have H = {H} entries, got {_describe(D)}")
         _same_device(_STEP, "D", D, "state", state)
+    check_bool(_STEP, "inplace", inplace)
     chosen = backends.select(_STEP, backend, state.device, state.dtype, "state")
+    if inplace:
+        if not state.is_contiguous() or state.is_conj():
+            raise ValueError(f"fastcore_ai.ops.{_STEP}: inplace=True needs a contiguous, non-conjugated state, "
+                             f"got {_describe(state)} with strides {state.stride()}")
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (state, u, dA, dB, C, D)):
+            raise ValueError(f"fastcore_ai.ops.{_STEP}: inplace=True has no autograd; use inplace=False to "
+                             "differentiate (or run under torch.no_grad())")
+        return _step_inplace_op(state, u, dA, dB, C, D, chosen), state
     return _step_op(state, u, dA, dB, C, D, chosen)
