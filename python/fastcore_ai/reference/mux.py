@@ -43,14 +43,17 @@ def mux(x: Tensor, keys: Tensor, mode: str = "hadamard") -> Tensor:
 
 
 def mux_backward(grad_out: Tensor, x: Tensor, keys: Tensor, mode: str, need_keys: bool) -> Tuple[Tensor, Tensor]:
-    """(grad_x, grad_keys) by autograd of `mux`; grad_keys is an empty tensor when not need_keys."""
-    with torch.enable_grad():
-        x_ = x.detach().requires_grad_(True)
-        keys_ = keys.detach().requires_grad_(need_keys)
-        out = mux(x_, keys_, mode)
-        inputs = (x_, keys_) if need_keys else (x_,)
-        grads = torch.autograd.grad(out, inputs, grad_out)
-    return grads[0], (grads[1] if need_keys else keys.new_empty((0,)))
+    """(grad_x, grad_keys) written out (grad_keys is an empty tensor when not need_keys):
+    hadamard: dx_i = (1/N) dout ⊙ v_i,  dv_i = (1/N) Σ_{b,l} dout ⊙ x_i;
+    ortho:    dx_i = (1/√N) dout Φ_i,   dΦ_i = (1/√N) Σ_{b,l} doutᵀ x_i."""
+    n = x.shape[1]
+    if mode == "hadamard":
+        grad_x = grad_out[:, None] * keys[None, :, None, :] / n
+        grad_keys = torch.einsum("bld,bild->id", grad_out, x) / n if need_keys else keys.new_empty((0,))
+    else:
+        grad_x = torch.einsum("ble,iec->bilc", grad_out, keys) / math.sqrt(n)
+        grad_keys = torch.einsum("ble,bilc->iec", grad_out, x) / math.sqrt(n) if need_keys else keys.new_empty((0,))
+    return grad_x, grad_keys
 
 
 # ---- demux ---------------------------------------------------------------------------------------
@@ -71,11 +74,32 @@ def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weig
 
 def demux_backward(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor,
                    norm_weight: Tensor, norm_bias: Tensor, eps: float = 1e-5) -> Tuple[Tensor, ...]:
-    """Gradients of `demux` for (h, index_keys, weight, bias, norm_weight, norm_bias), by autograd."""
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (h, index_keys, weight, bias, norm_weight, norm_bias)]
-        out = demux(*inputs, eps=eps)
-        return tuple(torch.autograd.grad(out, inputs, grad_out))
+    """Gradients of `demux` for (h, index_keys, weight, bias, norm_weight, norm_bias), written out with
+    z = W_L p_i + b + W_R h_t, g = GELU(z), ĝ = (g − μ) r:
+      dγ = Σ dy ĝ, dβ = Σ dy, dg = r (dĝ − mean(dĝ) − ĝ mean(dĝ ĝ)) with dĝ = dy γ,
+      dz = dg (Φ(z) + z φ(z)), dA_{b,i} = Σ_t dz, dC_{b,t} = Σ_i dz, then the two GEMMs' gradients."""
+    B, L, d = h.shape
+    shared = index_keys.dim() == 2
+    p = index_keys.expand(B, *index_keys.shape) if shared else index_keys
+    N, e = p.shape[1], weight.shape[0]
+    w_l, w_r = weight[:, :d], weight[:, d:]
+    z = (p @ w_l.t() + bias)[:, :, None, :] + (h @ w_r.t())[:, None, :, :]            # [B, N, L, e]
+    g = torch.nn.functional.gelu(z)
+    mean = g.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
+    ghat = (g - mean) * rstd
+    dy = grad_out.reshape(B, N, L, e)
+    d_norm_weight = (dy * ghat).sum((0, 1, 2))
+    d_norm_bias = dy.sum((0, 1, 2))
+    dghat = dy * norm_weight
+    dg = rstd * (dghat - dghat.mean(-1, keepdim=True) - ghat * (dghat * ghat).mean(-1, keepdim=True))
+    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    dz = dg * (cdf + z * pdf)
+    dA, dC = dz.sum(2), dz.sum(1)                                                         # [B, N, e], [B, L, e]
+    d_keys = dA @ w_l
+    d_weight = torch.cat([torch.einsum("bne,bnd->ed", dA, p), torch.einsum("ble,bld->ed", dC, h)], dim=1)
+    return dC @ w_r, (d_keys.sum(0) if shared else d_keys), d_weight, dA.sum((0, 1)), d_norm_weight, d_norm_bias
 
 
 # ---- attention -----------------------------------------------------------------------------------
@@ -127,8 +151,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], causal: bool, scale: Optional[float]) -> Tuple[Tensor, ...]:
-    """(grad_q, grad_k, grad_v) by autograd of `attention` (the masks are not differentiated)."""
-    with torch.enable_grad():
-        inputs = [t.detach().requires_grad_(True) for t in (q, k, v)]
-        out = attention(*inputs, attn_mask, key_padding_mask, causal, scale)
-        return tuple(torch.autograd.grad(out, inputs, grad_out))
+    """(grad_q, grad_k, grad_v) written out (the masks are not differentiated):
+    dV = pᵀ dO,  dp = dO vᵀ,  ds = p (dp − rowsum(dp ∘ p)),  dQ = scale ds k,  dK = scale dsᵀ q."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s + attention_bias(B, H, Lq, Lk, attn_mask, key_padding_mask, causal, s.dtype, s.device)
+    m = s.amax(dim=-1, keepdim=True) if Lk > 0 else s.new_full((B, H, Lq, 1), float("-inf"))
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    grad_v = p.transpose(-1, -2) @ grad_out
+    dp = grad_out @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, grad_v
