@@ -44,7 +44,8 @@ def _attention_limits(head_dim: int = 1, **_) -> list:
     return [] if 1 <= head_dim <= MAX_HEAD_DIM else [f"head size {head_dim} is outside 1..{MAX_HEAD_DIM}"]
 
 
-backends.register_op(backends.OpTable(_ATTENTION, ("cuda", "triton", "cpu", "reference"), {
+# On a GPU "auto" prefers Triton (tensor cores through tl.dot for bf16/fp16) over the SIMT cuda kernel.
+backends.register_op(backends.OpTable(_ATTENTION, ("triton", "cuda", "cpu", "reference"), {
     "cuda": backends.Support(_LOW, _attention_limits),
     "triton": backends.Support(_LOW, _attention_limits),
     "cpu": backends.Support(_LOW | {torch.float64}, _attention_limits),
