@@ -1,2 +1,455 @@
-"""DataMUX multiplexing and attention: functional ops."""
-__all__: list = []
+"""DataMUX ops: multiplexing (`mux`), index demultiplexing (`demux`) and fused flash-style `attention`.
+
+Layering (DESIGN): validate -> choose backend -> registered torch ops `fastcore_ai::mux_attention`,
+`fastcore_ai::mux_mux`, `fastcore_ai::mux_demux` (+ their backward ops; fake impls, autograd, opcheck,
+torch.compile) -> backend implementation (`_C`, Triton launcher or the pure-torch reference).
+The math of each op is written out in `fastcore_ai.reference.mux`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import _native, backends
+from .._validation import _describe, check_bool, check_choice, check_int, check_tensor
+import importlib
+
+# the module, not the function `mux` the reference package star-exports under the same name
+ref = importlib.import_module("fastcore_ai.reference.mux")
+
+__all__ = ["attention", "attention_with_lse", "mux", "demux", "MAX_HEAD_DIM", "MUX_MODES"]
+
+MAX_HEAD_DIM = 256
+MUX_MODES = ("hadamard", "ortho")
+_ATTENTION, _MUX, _DEMUX = "attention", "mux", "demux"
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_LOW = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
+def _triton_module():
+    from ..triton_kernels import mux as triton_mux
+    return triton_mux
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- backend tables -----------------------------------------------------------------------------
+
+def _attention_limits(head_dim: int = 1, **_) -> list:
+    return [] if 1 <= head_dim <= MAX_HEAD_DIM else [f"head size {head_dim} is outside 1..{MAX_HEAD_DIM}"]
+
+
+# On a GPU "auto" prefers Triton (tensor cores through tl.dot for bf16/fp16) over the SIMT cuda kernel.
+backends.register_op(backends.OpTable(_ATTENTION, ("triton", "cuda", "cpu", "reference"), {
+    "cuda": backends.Support(_LOW, _attention_limits),
+    "triton": backends.Support(_LOW, _attention_limits),
+    "cpu": backends.Support(_LOW | {torch.float64}, _attention_limits),
+    "reference": backends.Support(_LOW | {torch.float64}),
+}))
+backends.register_op(backends.OpTable(_MUX, ("triton", "cpu", "reference"), {
+    "triton": backends.Support(_LOW), "cpu": backends.Support(_LOW | {torch.float64}),
+    "reference": backends.Support(_LOW | {torch.float64}),
+}))
+backends.register_op(backends.OpTable(_DEMUX, ("triton", "cpu", "reference"), {
+    "triton": backends.Support(_LOW), "cpu": backends.Support(_LOW | {torch.float64}),
+    "reference": backends.Support(_LOW | {torch.float64}),
+}))
+
+
+# ---- attention: backend implementations ---------------------------------------------------------
+
+def _attention_reference(q, k, v, attn_mask, key_padding_mask, causal, scale):
+    acc = _acc_dtype(q.dtype)
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
+    out, lse = ref.attention_with_lse(q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal, scale)
+    return out.to(q.dtype), lse.to(acc)
+
+
+def _attention_backward_reference(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale):
+    acc = _acc_dtype(q.dtype)
+    mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
+    grads = ref.attention_backward(grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal,
+                                   scale)
+    return tuple(g.to(q.dtype) for g in grads)
+
+
+def _attention_native(q, k, v, attn_mask, key_padding_mask, causal, scale):
+    return tuple(_native.native().mux_attention(q, k, v, attn_mask, key_padding_mask, causal, scale))
+
+
+def _attention_backward_native(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale):
+    return tuple(_native.native().mux_attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
+                                                         causal, scale))
+
+
+def _attention_triton(q, k, v, attn_mask, key_padding_mask, causal, scale):
+    return _triton_module().attention_forward(q, k, v, attn_mask, key_padding_mask, causal, scale)
+
+
+def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale):
+    return _triton_module().attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
+
+
+_ATTENTION_IMPL: Dict[str, Callable] = {"cpu": _attention_native, "cuda": _attention_native,
+                                         "triton": _attention_triton, "reference": _attention_reference}
+_ATTENTION_BACKWARD_IMPL: Dict[str, Callable] = {
+    "cpu": _attention_backward_native, "cuda": _attention_backward_native, "triton": _attention_backward_triton,
+    "reference": _attention_backward_reference}
+
+
+@torch.library.custom_op("fastcore_ai::mux_attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  causal: bool, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    return tuple(_ATTENTION_IMPL[backend](q, k, v, attn_mask, key_padding_mask, causal, scale))
+
+
+@_attention_op.register_fake
+def _attention_fake(q, k, v, attn_mask, key_padding_mask, causal, scale, backend):
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=_acc_dtype(q.dtype))
+
+
+@torch.library.custom_op("fastcore_ai::mux_attention_backward", mutates_args=())
+def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                           attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, scale: float,
+                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(_ATTENTION_BACKWARD_IMPL[backend](grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal,
+                                                   scale))
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, backend):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, key_padding_mask, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, key_padding_mask)
+    ctx.mark_non_differentiable(lse)
+    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
+                                        ctx.causal, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(_ATTENTION, name, t, ndim=4, dtypes=_FLOATS, layout="[B, H, L, D]")
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: head size D = q.shape[3] must satisfy 1 <= D <= "
+                         f"{MAX_HEAD_DIM}, got {D} ({_describe(q)})")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: {name} must have q's dtype {q.dtype}, got {_describe(t)}")
+        if t.device != q.device:
+            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: {name} must be on q's device {q.device}, got {_describe(t)}")
+        if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: {name} must have shape [B, H, Lk, D] = "
+                             f"[{B}, {H}, Lk, {D}] to match q {tuple(q.shape)}, got {_describe(t)}")
+    if v.shape[2] != Lk:
+        raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: v must have k's length Lk = {Lk}, got {_describe(v)}")
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be a tensor or None, got "
+                            f"{type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOATS:
+            raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be bool (True = attend) or a float "
+                            f"additive mask, got {_describe(attn_mask)}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be on q's device, got {_describe(attn_mask)}")
+        try:
+            ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be broadcastable to [B, H, Lq, Lk] = "
+                             f"{[B, H, Lq, Lk]}, got {_describe(attn_mask)}")
+    if key_padding_mask is not None:
+        check_tensor(_ATTENTION, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), layout="[B, Lk]")
+        if tuple(key_padding_mask.shape) != (B, Lk) or key_padding_mask.device != q.device:
+            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: key_padding_mask must be bool [B, Lk] = [{B}, {Lk}] on "
+                             f"q's device, got {_describe(key_padding_mask)}")
+    check_bool(_ATTENTION, "causal", causal)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: scale must be a finite float or None, got {scale!r}")
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
+                       key_padding_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
+                       backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """`attention` that also returns the log-sum-exp per query row, lse [B, H, Lq] (float32; float64 for
+    float64 inputs; −inf for a fully masked row). lse is not differentiable."""
+    _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
+        attn_mask = attn_mask.to(q.dtype)
+    chosen = backends.select(_ATTENTION, backend, q.device, q.dtype, "q", head_dim=q.shape[3])
+    return _attention_op(q, k, v, attn_mask, key_padding_mask, causal, scale, chosen)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
+              backend: str = "auto") -> Tensor:
+    """Fused attention softmax(scale · q kᵀ + mask) v without materialising [Lq, Lk] (tiled online softmax).
+
+    Args:
+      q: [B, H, Lq, D]; k, v: [B, H, Lk, D] (Lq ≠ Lk is cross-attention). D any of 1..256, any Lq, Lk.
+        float32, bfloat16, float16 (float32 softmax and accumulation), float64 on cpu/reference. Any strides.
+      attn_mask: optional, broadcastable to [B, H, Lq, Lk]: bool (True = attend, as torch SDPA) or an
+        additive float mask (not differentiated).
+      key_padding_mask: optional bool [B, Lk], True = ignore that key (as nn.MultiheadAttention).
+      causal: mask keys j > i (top-left aligned, as SDPA's is_causal).
+      scale: score scale, default 1/√D.
+      backend: "auto" | "cpu" | "cuda" | "triton" | "reference".
+
+    Returns out [B, H, Lq, D] in q's dtype. A query row whose keys are all masked gets out = 0 (and zero
+    gradients), never NaN. Differentiable w.r.t. q, k, v (the backward recomputes the probabilities from
+    the saved log-sum-exp).
+    """
+    return attention_with_lse(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal,
+                              scale=scale, backend=backend)[0]
+
+
+# ---- mux ----------------------------------------------------------------------------------------
+
+def _mux_reference(x, keys, mode):
+    acc = _acc_dtype(x.dtype)
+    return ref.mux(x.to(acc), keys.to(acc), MUX_MODES[mode]).to(x.dtype)
+
+
+def _mux_backward_reference(grad_out, x, keys, mode, need_keys):
+    acc = _acc_dtype(x.dtype)
+    gx, gk = ref.mux_backward(grad_out.to(acc), x.to(acc), keys.to(acc), MUX_MODES[mode], need_keys)
+    return gx.to(x.dtype), gk.to(keys.dtype)
+
+
+def _mux_native(x, keys, mode):
+    return _native.native().mux_mux(x, keys, mode)
+
+
+def _mux_backward_native(grad_out, x, keys, mode, need_keys):
+    return tuple(_native.native().mux_mux_backward(grad_out, x, keys, mode, need_keys))
+
+
+def _mux_triton(x, keys, mode):
+    return _triton_module().mux_forward(x, keys, mode)
+
+
+def _mux_backward_triton(grad_out, x, keys, mode, need_keys):
+    return _triton_module().mux_backward(grad_out, x, keys, mode, need_keys)
+
+
+_MUX_IMPL = {"cpu": _mux_native, "triton": _mux_triton, "reference": _mux_reference}
+_MUX_BACKWARD_IMPL = {"cpu": _mux_backward_native, "triton": _mux_backward_triton,
+                      "reference": _mux_backward_reference}
+
+
+@torch.library.custom_op("fastcore_ai::mux_mux", mutates_args=())
+def _mux_op(x: Tensor, keys: Tensor, mode: int, backend: str) -> Tensor:
+    return _MUX_IMPL[backend](x, keys, mode)
+
+
+@_mux_op.register_fake
+def _mux_fake(x, keys, mode, backend):
+    B, N, L, d = x.shape
+    return x.new_empty((B, L, d))
+
+
+@torch.library.custom_op("fastcore_ai::mux_mux_backward", mutates_args=())
+def _mux_backward_op(grad_out: Tensor, x: Tensor, keys: Tensor, mode: int, need_keys: bool,
+                     backend: str) -> Tuple[Tensor, Tensor]:
+    gx, gk = _MUX_BACKWARD_IMPL[backend](grad_out, x, keys, mode, need_keys)
+    return gx, (gk if need_keys else keys.new_empty((0,)))
+
+
+@_mux_backward_op.register_fake
+def _mux_backward_fake(grad_out, x, keys, mode, need_keys, backend):
+    gk = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device) if need_keys else keys.new_empty((0,))
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), gk
+
+
+def _mux_setup_context(ctx, inputs, output):
+    x, keys, mode, backend = inputs
+    ctx.save_for_backward(x, keys)
+    ctx.mode, ctx.backend = mode, backend
+
+
+def _mux_backward(ctx, grad_out):
+    x, keys = ctx.saved_tensors
+    need_keys = ctx.needs_input_grad[1]
+    gx, gk = _mux_backward_op(grad_out.contiguous(), x, keys, ctx.mode, need_keys, ctx.backend)
+    return gx, (gk if need_keys else None), None, None
+
+
+_mux_op.register_autograd(_mux_backward, setup_context=_mux_setup_context)
+
+
+def mux(x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optional[int] = None,
+        backend: str = "auto") -> Tensor:
+    """DataMUX multiplexing of N instances into one: [B, N, L, d] (or [B·N, L, d] with num_instances=N) -> [B, L, d].
+
+    mode "hadamard": out = (1/N) Σ_i x_i ⊙ v_i with keys v [N, d] (DataMUX: Gaussian vectors scaled to a norm);
+    mode "ortho":    out = (1/√N) Σ_i x_i Φ_iᵀ with keys Φ [N, d, d] (orthogonal matrices).
+    float32/bfloat16/float16 (float32 accumulation), float64 on cpu/reference; keys in x's dtype.
+    Differentiable w.r.t. x and keys (learned multiplexing). A flat batch whose size is not a multiple of
+    N raises (pad it explicitly, as nn.DataMUXEncoder does).
+    """
+    check_choice(_MUX, "mode", mode, MUX_MODES)
+    if isinstance(x, Tensor) and x.dim() == 3:
+        if num_instances is None:
+            raise ValueError(f"fastcore_ai.ops.{_MUX}: x [B·N, L, d] needs num_instances=N, got None "
+                             f"(or pass x as [B, N, L, d])")
+        check_int(_MUX, "num_instances", num_instances, 1, 2**31 - 1)
+        if x.shape[0] % num_instances != 0:
+            raise ValueError(f"fastcore_ai.ops.{_MUX}: x.shape[0] = {x.shape[0]} must be a multiple of "
+                             f"num_instances = {num_instances} (pad the batch, e.g. with nn.DataMUXEncoder, which "
+                             f"masks and removes the padding), got {_describe(x)}")
+        x = x.reshape(x.shape[0] // num_instances, num_instances, *x.shape[1:])
+    check_tensor(_MUX, "x", x, ndim=4, dtypes=_FLOATS, layout="[B, N, L, d]")
+    B, N, L, d = x.shape
+    if num_instances is not None and num_instances != N:
+        raise ValueError(f"fastcore_ai.ops.{_MUX}: num_instances = {num_instances} must equal x.shape[1] = {N}")
+    if N < 1:
+        raise ValueError(f"fastcore_ai.ops.{_MUX}: x must hold N >= 1 instances, got {_describe(x)}")
+    want = (N, d) if mode == "hadamard" else (N, d, d)
+    check_tensor(_MUX, "keys", keys, ndim=len(want), dtypes=_FLOATS, layout="[N, d]" if mode == "hadamard" else "[N, d, d]")
+    if tuple(keys.shape) != want:
+        raise ValueError(f"fastcore_ai.ops.{_MUX}: keys must have shape {list(want)} for mode {mode!r}, "
+                         f"got {_describe(keys)}")
+    if keys.dtype != x.dtype or keys.device != x.device:
+        raise TypeError(f"fastcore_ai.ops.{_MUX}: keys must have x's dtype and device ({x.dtype}, {x.device}), "
+                        f"got {_describe(keys)}")
+    chosen = backends.select(_MUX, backend, x.device, x.dtype, "x")
+    return _mux_op(x, keys, MUX_MODES.index(mode), chosen)
+
+
+# ---- demux --------------------------------------------------------------------------------------
+
+def _demux_reference(h, keys, weight, bias, norm_weight, norm_bias, eps):
+    acc = _acc_dtype(h.dtype)
+    return ref.demux(*(t.to(acc) for t in (h, keys, weight, bias, norm_weight, norm_bias)), eps=eps).to(h.dtype)
+
+
+def _demux_backward_reference(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
+    acc = _acc_dtype(h.dtype)
+    inputs = (h, keys, weight, bias, norm_weight, norm_bias)
+    grads = ref.demux_backward(grad_out.to(acc), *(t.to(acc) for t in inputs), eps=eps)
+    return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
+
+
+def _demux_native(h, keys, weight, bias, norm_weight, norm_bias, eps):
+    return _native.native().mux_demux(h, keys, weight, bias, norm_weight, norm_bias, eps)
+
+
+def _demux_backward_native(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
+    return tuple(_native.native().mux_demux_backward(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps))
+
+
+def _demux_triton(h, keys, weight, bias, norm_weight, norm_bias, eps):
+    return _triton_module().demux_forward(h, keys, weight, bias, norm_weight, norm_bias, eps)
+
+
+def _demux_backward_triton(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
+    return _triton_module().demux_backward(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps)
+
+
+_DEMUX_IMPL = {"cpu": _demux_native, "triton": _demux_triton, "reference": _demux_reference}
+_DEMUX_BACKWARD_IMPL = {"cpu": _demux_backward_native, "triton": _demux_backward_triton,
+                        "reference": _demux_backward_reference}
+
+
+@torch.library.custom_op("fastcore_ai::mux_demux", mutates_args=())
+def _demux_op(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+              eps: float, backend: str) -> Tensor:
+    return _DEMUX_IMPL[backend](h, index_keys, weight, bias, norm_weight, norm_bias, eps)
+
+
+@_demux_op.register_fake
+def _demux_fake(h, index_keys, weight, bias, norm_weight, norm_bias, eps, backend):
+    B, L, _ = h.shape
+    return h.new_empty((B * index_keys.shape[-2], L, weight.shape[0]))
+
+
+@torch.library.custom_op("fastcore_ai::mux_demux_backward", mutates_args=())
+def _demux_backward_op(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor,
+                       norm_weight: Tensor, norm_bias: Tensor, eps: float,
+                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_DEMUX_BACKWARD_IMPL[backend](grad_out, h, index_keys, weight, bias, norm_weight, norm_bias, eps))
+
+
+@_demux_backward_op.register_fake
+def _demux_backward_fake(grad_out, h, index_keys, weight, bias, norm_weight, norm_bias, eps, backend):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                 for t in (h, index_keys, weight, bias, norm_weight, norm_bias))
+
+
+def _demux_setup_context(ctx, inputs, output):
+    *tensors, eps, backend = inputs
+    ctx.save_for_backward(*tensors)
+    ctx.eps, ctx.backend = eps, backend
+
+
+def _demux_backward(ctx, grad_out):
+    grads = _demux_backward_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.eps, ctx.backend)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None, None)
+
+
+_demux_op.register_autograd(_demux_backward, setup_context=_demux_setup_context)
+
+
+def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, *,
+          eps: float = 1e-5, backend: str = "auto") -> Tensor:
+    """DataMUX index demultiplexing: out[b·N + i, t] = LayerNorm(GELU(W [p_i ; h_t] + bias)), [B·N, L, e].
+
+    Computed as (W_L p_i + bias) + W_R h_t with W = [W_L | W_R]: the index term once per index and the
+    token term once per token (two small GEMMs), then GELU (exact erf form) and LayerNorm fused per row.
+
+    Args:
+      h: [B, L, d] the multiplexed encoder output; index_keys: [N, d] (shared learned keys, MUX-PLMs
+        index_pos) or [B, N, d] (per-sequence prefix outputs, DataMUX index demux).
+      weight: [e, 2d]; bias, norm_weight, norm_bias: [e]. All in h's dtype.
+    Differentiable w.r.t. every tensor input.
+    """
+    check_tensor(_DEMUX, "h", h, ndim=3, dtypes=_FLOATS, layout="[B, L, d]")
+    B, L, d = h.shape
+    if not isinstance(index_keys, Tensor) or index_keys.dim() not in (2, 3):
+        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: index_keys must be a 2-D [N, d] or 3-D [B, N, d] tensor, got "
+                         f"{_describe(index_keys) if isinstance(index_keys, Tensor) else type(index_keys).__name__}")
+    if index_keys.shape[-1] != d or (index_keys.dim() == 3 and index_keys.shape[0] != B) or index_keys.shape[-2] < 1:
+        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: index_keys must be [N, {d}] or [{B}, N, {d}] with N >= 1 to match "
+                         f"h {tuple(h.shape)}, got {_describe(index_keys)}")
+    check_tensor(_DEMUX, "weight", weight, ndim=2, dtypes=_FLOATS, layout="[e, 2d]")
+    if weight.shape[1] != 2 * d or weight.shape[0] < 1:
+        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: weight must be [e, 2d] = [e, {2 * d}] with e >= 1, "
+                         f"got {_describe(weight)}")
+    e = weight.shape[0]
+    for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+        check_tensor(_DEMUX, name, t, ndim=1, dtypes=_FLOATS, layout="[e]")
+        if t.shape[0] != e:
+            raise ValueError(f"fastcore_ai.ops.{_DEMUX}: {name} must be [e] = [{e}], got {_describe(t)}")
+    for name, t in (("index_keys", index_keys), ("weight", weight), ("bias", bias), ("norm_weight", norm_weight),
+                    ("norm_bias", norm_bias)):
+        if t.dtype != h.dtype or t.device != h.device:
+            raise TypeError(f"fastcore_ai.ops.{_DEMUX}: {name} must have h's dtype and device ({h.dtype}, {h.device}), "
+                            f"got {_describe(t)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: eps must be a float > 0, got {eps!r}")
+    chosen = backends.select(_DEMUX, backend, h.device, h.dtype, "h")
+    return _demux_op(h, index_keys, weight, bias, norm_weight, norm_bias, float(eps), chosen)

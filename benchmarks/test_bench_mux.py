@@ -1,0 +1,61 @@
+"""mux family benchmarks (pytest-benchmark): fused attention vs torch SDPA (forward, forward+backward) at
+DataMUX shapes and odd head sizes, and mux + demux vs the torch composition. The same shapes as
+`python -m fastcore_ai bench --family mux_attention --family mux`; compare rows of one run
+(`--benchmark-group-by=group`)."""
+import pytest
+import torch
+
+from fastcore_ai import ops
+from fastcore_ai.bench_mux import torch_composition_mux_demux
+from fastcore_ai.nn.mux import hadamard_keys
+
+SHAPES = [(16, 12, 128, 64), (16, 12, 169, 64), (16, 12, 169, 13), (16, 12, 169, 48), (16, 12, 169, 96),
+          (16, 12, 169, 200)]
+PROVIDERS = {
+    "fastcore-cpu": lambda q, k, v: ops.attention(q, k, v, backend="cpu"),
+    "torch-sdpa": torch.nn.functional.scaled_dot_product_attention,
+}
+
+
+def _step(fn, mode, q, k, v, grad):
+    if mode == "forward":
+        with torch.no_grad():
+            return fn(q, k, v)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach()
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("provider", sorted(PROVIDERS))
+def test_attention_cpu(benchmark, provider, shape, mode):
+    B, H, L, D = shape
+    q, k, v, grad = (torch.randn(B, H, L, D) for _ in range(4))
+    benchmark.group = f"attention cpu B={B} H={H} L={L} D={D} {mode}"
+    out = benchmark(_step, PROVIDERS[provider], mode, q, k, v, grad)
+    assert out.shape == (B, H, L, D)
+
+
+@pytest.mark.parametrize("N", [2, 10, 40])
+@pytest.mark.parametrize("provider", ["fastcore-cpu", "torch-composition"])
+def test_mux_demux_cpu(benchmark, provider, N):
+    B, L, d = (24 if N < 40 else 16), 128, 256
+    x = torch.randn(B, N, L, d)
+    keys = hadamard_keys(N, d)
+    p = torch.randn(B, N, d)
+    w = torch.randn(d, 2 * d) / (2 * d) ** 0.5
+    b, gamma, beta = torch.zeros(d), torch.ones(d), torch.zeros(d)
+    benchmark.group = f"mux+demux cpu B={B} N={N} L={L} d={d}"
+
+    def fused():
+        with torch.no_grad():
+            return ops.demux(ops.mux(x, keys, backend="cpu"), p, w, b, gamma, beta, backend="cpu")
+
+    def composition():
+        with torch.no_grad():
+            return torch_composition_mux_demux(x, keys, p, w, b, gamma, beta)
+
+    out = benchmark(fused if provider == "fastcore-cpu" else composition)
+    assert out.shape == (B * N, L, d)

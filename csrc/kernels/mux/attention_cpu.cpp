@@ -1,0 +1,404 @@
+// CPU fused attention (see attention.h for the math). Specialised for the short sequences DataMUX runs
+// (L' = 128..169, D = 64): a forward task owns one (batch, head, q-tile) and packs the whole key block
+// of its head once (K transposed, V row-major, both padded to the vector width with zeros), so every
+// inner product is a register-blocked micro-GEMM over cache-resident panels, the scores tile is
+// [q_tile, kv_block] (no [Lq, Lk] for long sequences), and exp runs 8 lanes at a time.
+// A backward task owns one (batch, head): it recomputes p from the saved lse and accumulates dK, dV
+// over all query tiles in a fixed order (no atomics), so results are thread-count independent.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "fastcore/cpu_vector.h"
+#include "mux/attention.h"
+#include "mux/convert.h"
+
+#define FC_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace fastcore {
+namespace mux {
+namespace {
+
+template <typename T>
+struct Lanes {
+  static constexpr int64_t kCount = 32 / sizeof(T);
+  typedef T Vec __attribute__((vector_size(32)));
+};
+
+template <typename V, typename T>
+FC_ALWAYS_INLINE V load_vec(const T* src) {
+  V v;
+  std::memcpy(&v, src, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+FC_ALWAYS_INLINE void store_vec(T* dst, V v) {
+  std::memcpy(dst, &v, sizeof(V));
+}
+
+inline int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// C[MR rows, NV vectors] (+)= Σ_k A[r, k] · B[k, :]: MR·NV accumulators stay in registers for the whole
+// k loop (6 × 2 ymm = 12 of the 16 AVX2 registers, plus 2 for B and 1 for the broadcast).
+template <typename T, int MR, int NV>
+FC_ALWAYS_INLINE void gemm_block(int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B, int64_t ldb, T* C,
+                                 int64_t ldc, bool accumulate) {
+  typedef typename Lanes<T>::Vec V;
+  constexpr int64_t L = Lanes<T>::kCount;
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = load_vec<V>(B + k * ldb + v * L);
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * a_row + k * a_col];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* c = C + r * ldc + v * L;
+      store_vec(c, accumulate ? load_vec<V>(c) + acc[r][v] : acc[r][v]);
+    }
+}
+
+template <typename T, int NV>
+FC_ALWAYS_INLINE void gemm_rows(int64_t M, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                                int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int MR = 6;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR)
+    gemm_block<T, MR, NV>(K, A + i * a_row, a_row, a_col, B, ldb, C + i * ldc, ldc, accumulate);
+  const T* a = A + i * a_row;
+  T* c = C + i * ldc;
+  switch (M - i) {
+    case 5: gemm_block<T, 5, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 4: gemm_block<T, 4, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 3: gemm_block<T, 3, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 2: gemm_block<T, 2, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    case 1: gemm_block<T, 1, NV>(K, a, a_row, a_col, B, ldb, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// C [M, N] (+)= A [M, K] · B [K, N] with A addressed by (row, column) strides (so Aᵀ is free), B and C
+// row-major with N a multiple of the vector width (the padded panels guarantee it).
+template <typename T>
+FC_ALWAYS_INLINE void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_row, int64_t a_col, const T* B,
+                           int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int64_t L = Lanes<T>::kCount;
+  int64_t n = 0;
+  for (; n + 2 * L <= N; n += 2 * L) gemm_rows<T, 2>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, accumulate);
+  if (n < N) gemm_rows<T, 1>(M, K, A, a_row, a_col, B + n, ldb, C + n, ldc, accumulate);
+}
+
+// Row loads in the input dtype, widened to T (one dtype switch per row, not per element).
+template <typename T>
+FC_ALWAYS_INLINE void load_row(const void* base, ScalarKind kind, int64_t offset, int64_t stride, int64_t n, T scale,
+                               T* dst) {
+  switch (kind) {
+    case ScalarKind::kFloat32: {
+      const float* src = static_cast<const float*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c * stride]) * scale;
+      break;
+    }
+    case ScalarKind::kFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(float16_bits_to_float(src[c * stride])) * scale;
+      break;
+    }
+    case ScalarKind::kBFloat16: {
+      const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(bfloat16_bits_to_float(src[c * stride])) * scale;
+      break;
+    }
+    case ScalarKind::kFloat64:
+    default: {
+      const double* src = static_cast<const double*>(base) + offset;
+      for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<T>(src[c * stride]) * scale;
+      break;
+    }
+  }
+}
+
+template <typename T>
+FC_ALWAYS_INLINE void store_row(void* base, ScalarKind kind, int64_t offset, int64_t n, T scale, const T* src) {
+  if (kind == ScalarKind::kFloat32) {
+    float* dst = static_cast<float*>(base) + offset;
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<float>(src[c] * scale);
+  } else if (kind == ScalarKind::kFloat64) {
+    double* dst = static_cast<double*>(base) + offset;
+    for (int64_t c = 0; c < n; ++c) dst[c] = static_cast<double>(src[c] * scale);
+  } else {
+    for (int64_t c = 0; c < n; ++c) store_as<T>(base, kind, offset + c, src[c] * scale);
+  }
+}
+
+// max over s[0, n) (n a multiple of the vector width), −inf for an empty/all −inf row.
+FC_ALWAYS_INLINE float row_max(const float* s, int64_t n) {
+  Float8Lanes m = Float8Lanes{} - INFINITY;
+  for (int64_t j = 0; j < n; j += 8) {
+    const Float8Lanes x = load_vec<Float8Lanes>(s + j);
+    m = select_lanes(x > m, x, m);
+  }
+  float result = -INFINITY;
+  for (int lane = 0; lane < 8; ++lane) result = std::max(result, m[lane]);
+  return result;
+}
+
+FC_ALWAYS_INLINE double row_max(const double* s, int64_t n) {
+  double result = -INFINITY;
+  for (int64_t j = 0; j < n; ++j) result = std::max(result, s[j]);
+  return result;
+}
+
+// s[j] = exp(s[j] − shift) in place (−inf -> 0); returns Σ_j s[j].
+FC_ALWAYS_INLINE float exp_shift_sum(float* s, int64_t n, float shift) {
+  Float8Lanes sum = Float8Lanes{};
+  for (int64_t j = 0; j < n; j += 8) {
+    const Float8Lanes e = exp_lanes(load_vec<Float8Lanes>(s + j) - shift);
+    store_vec(s + j, e);
+    sum += e;
+  }
+  float total = 0.0f;
+  for (int lane = 0; lane < 8; ++lane) total += sum[lane];
+  return total;
+}
+
+FC_ALWAYS_INLINE double exp_shift_sum(double* s, int64_t n, double shift) {
+  double total = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - shift);
+    total += s[j];
+  }
+  return total;
+}
+
+inline bool has_bias(const AttentionParams& p) {
+  return p.mask_kind != MaskKind::kNone || p.key_padding != nullptr || p.causal;
+}
+
+// Adds the mask terms of query row `qi` to scores s[0, n) of keys j0 .. j0 + n − 1 (−inf where masked).
+template <typename T>
+FC_ALWAYS_INLINE void add_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t qi, int64_t j0, int64_t n, T* s) {
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  if (p.mask_kind != MaskKind::kNone) {
+    const int64_t base = b * p.mask_stride[0] + h * p.mask_stride[1] + qi * p.mask_stride[2];
+    const int64_t stride = p.mask_stride[3];
+    if (p.mask_kind == MaskKind::kBool) {
+      const bool* mask = static_cast<const bool*>(p.mask) + base;
+      for (int64_t j = 0; j < n; ++j)
+        if (!mask[(j0 + j) * stride]) s[j] = neg_inf;
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] += load_as<T>(p.mask, p.mask_scalar, base + (j0 + j) * stride);
+    }
+  }
+  if (p.key_padding != nullptr) {
+    const bool* pad = p.key_padding + b * p.key_padding_stride[0];
+    for (int64_t j = 0; j < n; ++j)
+      if (pad[(j0 + j) * p.key_padding_stride[1]]) s[j] = neg_inf;
+  }
+  if (p.causal)
+    for (int64_t j = std::max<int64_t>(0, qi + 1 - j0); j < n; ++j) s[j] = neg_inf;
+}
+
+// Packs keys j0 .. j0 + n − 1 of head (b, h): Kt [D, n_pad] (transposed, zero-padded columns) when kt
+// is given, Krow [n, D_pad] (zero-padded) when krow is given; likewise any [L, D] input.
+template <typename T>
+FC_ALWAYS_INLINE void pack_rows(const void* base, ScalarKind kind, const int64_t* stride, int64_t b, int64_t h,
+                                int64_t j0, int64_t n, int64_t D, int64_t d_pad, T scale, T* rows) {
+  const int64_t offset = b * stride[0] + h * stride[1];
+  for (int64_t j = 0; j < n; ++j) {
+    load_row<T>(base, kind, offset + (j0 + j) * stride[2], stride[3], D, scale, rows + j * d_pad);
+    for (int64_t c = D; c < d_pad; ++c) rows[j * d_pad + c] = T(0);
+  }
+}
+
+template <typename T>
+FC_ALWAYS_INLINE void transpose_panel(const T* rows, int64_t n, int64_t D, int64_t d_pad, int64_t n_pad, T* cols) {
+  for (int64_t c = 0; c < D; ++c) {
+    T* dst = cols + c * n_pad;
+    for (int64_t j = 0; j < n; ++j) dst[j] = rows[j * d_pad + c];
+    for (int64_t j = n; j < n_pad; ++j) dst[j] = T(0);
+  }
+}
+
+template <typename T>
+struct Shapes {
+  int64_t D, d_pad, block, block_pad, tile;
+  explicit Shapes(const AttentionParams& p, int64_t tile_rows) {
+    constexpr int64_t L = Lanes<T>::kCount;
+    D = p.head_dim;
+    d_pad = round_up(std::max<int64_t>(D, 1), L);
+    block = std::max<int64_t>(1, std::min(p.kv_block, p.len_k));
+    block_pad = round_up(block, L);
+    tile = std::max<int64_t>(1, std::min(tile_rows, p.len_q));
+  }
+};
+
+template <typename T>
+FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+  const Shapes<T> s(p, p.q_tile);
+  const int64_t D = s.D, Dp = s.d_pad, Bk = s.block, Bkp = s.block_pad, Tq = s.tile;
+  std::vector<T> q_panel(Tq * Dp), k_rows(Bk * Dp), k_cols(D * Bkp), v_rows(Bk * Dp), scores(Tq * Bkp),
+      o_acc(Tq * Dp), row_max_(Tq), row_sum(Tq);
+  const int64_t tiles = (p.len_q + Tq - 1) / Tq;
+  const bool bias = has_bias(p);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t bh = task / tiles, tile = task % tiles, b = bh / p.heads, h = bh % p.heads;
+    const int64_t q0 = tile * Tq, rows = std::min(Tq, p.len_q - q0);
+    pack_rows<T>(p.q, p.kind, p.q_stride, b, h, q0, rows, D, Dp, static_cast<T>(p.scale), q_panel.data());
+    std::fill(o_acc.begin(), o_acc.begin() + rows * Dp, T(0));
+    std::fill(row_max_.begin(), row_max_.end(), neg_inf);
+    std::fill(row_sum.begin(), row_sum.end(), T(0));
+    for (int64_t j0 = 0; j0 < p.len_k; j0 += Bk) {
+      if (p.causal && j0 > q0 + rows - 1) break;  // every later key is above the diagonal
+      const int64_t n = std::min(Bk, p.len_k - j0), n_pad = round_up(n, Lanes<T>::kCount);
+      pack_rows<T>(p.k, p.kind, p.k_stride, b, h, j0, n, D, Dp, T(1), k_rows.data());
+      transpose_panel<T>(k_rows.data(), n, D, Dp, n_pad, k_cols.data());
+      pack_rows<T>(p.v, p.kind, p.v_stride, b, h, j0, n, D, Dp, T(1), v_rows.data());
+      // scores = (scale q) kᵀ  [rows, n_pad]
+      gemm<T>(rows, n_pad, D, q_panel.data(), Dp, 1, k_cols.data(), n_pad, scores.data(), Bkp, false);
+      for (int64_t i = 0; i < rows; ++i) {
+        T* si = scores.data() + i * Bkp;
+        for (int64_t j = n; j < n_pad; ++j) si[j] = neg_inf;
+        if (bias) add_bias<T>(p, b, h, q0 + i, j0, n, si);
+        const T m_old = row_max_[i], m_new = std::max(m_old, row_max(si, n_pad));
+        if (m_new == neg_inf) {  // nothing attended yet: p = 0 for this block
+          std::fill(si, si + n_pad, T(0));
+          continue;
+        }
+        const T block_sum = exp_shift_sum(si, n_pad, m_new);
+        if (m_old != neg_inf && m_old != m_new) {  // rescale the running sums to the new max
+          const T alpha = std::exp(m_old - m_new);
+          row_sum[i] *= alpha;
+          T* oi = o_acc.data() + i * Dp;
+          for (int64_t c = 0; c < Dp; ++c) oi[c] *= alpha;
+        }
+        row_sum[i] += block_sum;
+        row_max_[i] = m_new;
+      }
+      // o += p v  [rows, Dp]
+      gemm<T>(rows, Dp, n, scores.data(), Bkp, 1, v_rows.data(), Dp, o_acc.data(), Dp, true);
+    }
+    T* lse = static_cast<T*>(p.lse) + bh * p.len_q + q0;
+    const int64_t out_offset = (bh * p.len_q + q0) * D;
+    for (int64_t i = 0; i < rows; ++i) {
+      const T l = row_sum[i];
+      const T inv = l > T(0) ? T(1) / l : T(0);  // fully masked row: out = 0
+      lse[i] = l > T(0) ? row_max_[i] + std::log(l) : neg_inf;
+      store_row<T>(p.out, p.kind, out_offset + i * D, D, inv, o_acc.data() + i * Dp);
+    }
+  }
+}
+
+template <typename T>
+FC_ALWAYS_INLINE void backward_range(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+  constexpr int64_t kTile = 64;
+  const Shapes<T> s(p, kTile);
+  const int64_t D = s.D, Dp = s.d_pad, Bk = s.block, Bkp = s.block_pad, Tq = s.tile, Lq = p.len_q;
+  std::vector<T> q_rows(Lq * Dp), do_rows(Lq * Dp), o_row(Dp), delta(Lq), dq(Lq * Dp), k_rows(Bk * Dp),
+      k_cols(D * Bkp), v_cols(D * Bkp), v_rows(Bk * Dp), dk(Bk * Dp), dv(Bk * Dp), probs(Tq * Bkp), dprobs(Tq * Bkp);
+  const int64_t contiguous[4] = {p.heads * Lq * D, Lq * D, D, 1};
+  const bool bias = has_bias(p);
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t bh = task_begin; bh < task_end; ++bh) {
+    const int64_t b = bh / p.heads, h = bh % p.heads;
+    const T* lse = static_cast<const T*>(p.lse) + bh * Lq;
+    pack_rows<T>(p.q, p.kind, p.q_stride, b, h, 0, Lq, D, Dp, static_cast<T>(p.scale), q_rows.data());
+    pack_rows<T>(p.grad_out, p.kind, contiguous, b, h, 0, Lq, D, Dp, T(1), do_rows.data());
+    for (int64_t i = 0; i < Lq; ++i) {  // δ_i = dO_i · O_i
+      load_row<T>(p.out, p.kind, (bh * Lq + i) * D, 1, D, T(1), o_row.data());
+      T sum = T(0);
+      for (int64_t c = 0; c < D; ++c) sum += o_row[c] * do_rows[i * Dp + c];
+      delta[i] = sum;
+    }
+    std::fill(dq.begin(), dq.end(), T(0));
+    for (int64_t j0 = 0; j0 < p.len_k; j0 += Bk) {
+      const int64_t n = std::min(Bk, p.len_k - j0), n_pad = round_up(n, Lanes<T>::kCount);
+      pack_rows<T>(p.k, p.kind, p.k_stride, b, h, j0, n, D, Dp, T(1), k_rows.data());
+      transpose_panel<T>(k_rows.data(), n, D, Dp, n_pad, k_cols.data());
+      pack_rows<T>(p.v, p.kind, p.v_stride, b, h, j0, n, D, Dp, T(1), v_rows.data());
+      transpose_panel<T>(v_rows.data(), n, D, Dp, n_pad, v_cols.data());
+      std::fill(dk.begin(), dk.begin() + n * Dp, T(0));
+      std::fill(dv.begin(), dv.begin() + n * Dp, T(0));
+      const int64_t q_start = p.causal ? (j0 / Tq) * Tq : 0;  // tiles wholly above the diagonal add nothing
+      for (int64_t i0 = q_start; i0 < Lq; i0 += Tq) {
+        const int64_t rows = std::min(Tq, Lq - i0);
+        const T* qi = q_rows.data() + i0 * Dp;
+        const T* doi = do_rows.data() + i0 * Dp;
+        gemm<T>(rows, n_pad, D, qi, Dp, 1, k_cols.data(), n_pad, probs.data(), Bkp, false);
+        for (int64_t i = 0; i < rows; ++i) {  // p = exp(s − lse), 0 where masked or the row is fully masked
+          T* pi = probs.data() + i * Bkp;
+          for (int64_t j = n; j < n_pad; ++j) pi[j] = neg_inf;
+          if (bias) add_bias<T>(p, b, h, i0 + i, j0, n, pi);
+          const T l = lse[i0 + i];
+          if (l == neg_inf) {
+            std::fill(pi, pi + n_pad, T(0));
+          } else {
+            exp_shift_sum(pi, n_pad, l);
+          }
+        }
+        // dV += pᵀ dO
+        gemm<T>(n, Dp, rows, probs.data(), 1, Bkp, doi, Dp, dv.data(), Dp, true);
+        // dp = dO vᵀ, then ds = p (dp − δ) in place
+        gemm<T>(rows, n_pad, D, doi, Dp, 1, v_cols.data(), n_pad, dprobs.data(), Bkp, false);
+        for (int64_t i = 0; i < rows; ++i) {
+          const T* pi = probs.data() + i * Bkp;
+          T* dsi = dprobs.data() + i * Bkp;
+          const T di = delta[i0 + i];
+          for (int64_t j = 0; j < n_pad; ++j) dsi[j] = pi[j] * (dsi[j] - di);
+        }
+        // dQ += ds k (scaled at the end), dK += dsᵀ (scale q)
+        gemm<T>(rows, Dp, n, dprobs.data(), Bkp, 1, k_rows.data(), Dp, dq.data() + i0 * Dp, Dp, true);
+        gemm<T>(n, Dp, rows, dprobs.data(), 1, Bkp, qi, Dp, dk.data(), Dp, true);
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t offset = (bh * p.len_k + j0 + j) * D;
+        store_row<T>(p.grad_k, p.kind, offset, D, T(1), dk.data() + j * Dp);
+        store_row<T>(p.grad_v, p.kind, offset, D, T(1), dv.data() + j * Dp);
+      }
+    }
+    for (int64_t i = 0; i < Lq; ++i)
+      store_row<T>(p.grad_q, p.kind, (bh * Lq + i) * D, D, static_cast<T>(p.scale), dq.data() + i * Dp);
+  }
+}
+
+FC_CPU_CLONES void forward_float(const AttentionParams& p, int64_t begin, int64_t end) {
+  forward_range<float>(p, begin, end);
+}
+FC_CPU_CLONES void forward_double(const AttentionParams& p, int64_t begin, int64_t end) {
+  forward_range<double>(p, begin, end);
+}
+FC_CPU_CLONES void backward_float(const AttentionParams& p, int64_t begin, int64_t end) {
+  backward_range<float>(p, begin, end);
+}
+FC_CPU_CLONES void backward_double(const AttentionParams& p, int64_t begin, int64_t end) {
+  backward_range<double>(p, begin, end);
+}
+
+}  // namespace
+
+void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+  if (task_begin >= task_end) return;
+  if (p.kind == ScalarKind::kFloat64)
+    forward_double(p, task_begin, task_end);
+  else
+    forward_float(p, task_begin, task_end);
+}
+
+void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+  if (task_begin >= task_end) return;
+  if (p.kind == ScalarKind::kFloat64)
+    backward_double(p, task_begin, task_end);
+  else
+    backward_float(p, task_begin, task_end);
+}
+
+}  // namespace mux
+}  // namespace fastcore

@@ -1,0 +1,175 @@
+// Torch glue of the fused attention: checks what the kernels rely on, allocation, params filling, and
+// the CPU (at::parallel_for) or CUDA launches. User-facing validation with full messages lives in
+// fastcore_ai.ops.mux; these checks guard the kernels when _C is called directly.
+#include <ATen/Parallel.h>
+
+#include <optional>
+
+#include "mux/attention.h"
+#include "tensor_params.h"
+
+#ifdef FASTCORE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fastcore {
+namespace mux {
+namespace {
+
+constexpr const char* kOp = "attention";
+
+void fill_strides(int64_t* dst, const at::Tensor& t) {
+  for (int64_t d = 0; d < t.dim(); ++d) dst[d] = t.stride(d);
+}
+
+// Validates q, k, v, the masks, and fills everything but the outputs.
+AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& key_padding,
+                            bool causal, double scale, at::Tensor& mask_holder) {
+  FC_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, kOp, "q, k, v must be 4-D [B, H, L, D]");
+  const ScalarKind kind = scalar_kind_of(q, kOp, "q");
+  FC_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
+           "q, k, v must have one dtype");
+  FC_CHECK(k.device() == q.device() && v.device() == q.device(), kOp, "q, k, v must be on one device");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
+  FC_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), kOp,
+           "k and v must have shape [B, H, Lk, D] matching q [B, H, Lq, D]");
+  FC_CHECK(D >= 1 && D <= kMaxHeadDim, kOp, "head size D must satisfy 1 <= D <= ", kMaxHeadDim, ", got ", D);
+  AttentionParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.kind = kind;
+  fill_strides(p.q_stride, q);
+  fill_strides(p.k_stride, k);
+  fill_strides(p.v_stride, v);
+  p.batch = B;
+  p.heads = H;
+  p.len_q = Lq;
+  p.len_k = Lk;
+  p.head_dim = D;
+  p.causal = causal;
+  p.scale = scale;
+  if (attn_mask.has_value()) {
+    at::Tensor m = *attn_mask;
+    FC_CHECK(m.dim() <= 4 && m.device() == q.device(), kOp, "attn_mask must be broadcastable to [B, H, Lq, Lk] on q's device");
+    while (m.dim() < 4) m = m.unsqueeze(0);
+    mask_holder = m.expand({B, H, Lq, Lk});
+    fill_strides(p.mask_stride, mask_holder);
+    p.mask = mask_holder.data_ptr();
+    if (m.scalar_type() == at::kBool) {
+      p.mask_kind = MaskKind::kBool;
+    } else {
+      p.mask_kind = MaskKind::kAdditive;
+      p.mask_scalar = scalar_kind_of(m, kOp, "attn_mask");
+    }
+  }
+  if (key_padding.has_value()) {
+    const at::Tensor& kp = *key_padding;
+    FC_CHECK(kp.dim() == 2 && kp.size(0) == B && kp.size(1) == Lk && kp.scalar_type() == at::kBool &&
+                 kp.device() == q.device(),
+             kOp, "key_padding_mask must be bool [B, Lk]");
+    p.key_padding = kp.data_ptr<bool>();
+    p.key_padding_stride[0] = kp.stride(0);
+    p.key_padding_stride[1] = kp.stride(1);
+  }
+  return p;
+}
+
+#ifdef FASTCORE_WITH_CUDA
+void check_status(int status, const char* what) {
+  TORCH_CHECK(status == 0, "fastcore_ai.ops.", kOp, ": CUDA ", what, " failed with cudaError ", status);
+}
+#endif
+
+[[noreturn]] void no_cuda() {
+  FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc");
+  throw;  // unreachable
+}
+
+// Query rows per forward task: a short sequence's whole query block (K/V of the head are packed once
+// per task, so bigger tiles amortise the packing), halved until there are ≥ 4 tasks per thread.
+int64_t choose_q_tile(int64_t B, int64_t H, int64_t Lq) {
+  int64_t tile = Lq <= 192 ? std::max<int64_t>(Lq, 1) : 128;
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  while (tile > 16 && B * H * ((Lq + tile - 1) / tile) < want) tile = (tile + 1) / 2;
+  return tile;
+}
+
+}  // namespace
+
+// (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32 (float64 for float64 q)).
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& attn_mask,
+                                          const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                          double scale) {
+  at::Tensor mask_holder;
+  AttentionParams p = make_params(q, k, v, attn_mask, key_padding_mask, causal, scale, mask_holder);
+  at::Tensor out = at::empty({p.batch, p.heads, p.len_q, p.head_dim}, q.options());
+  at::Tensor lse = at::empty({p.batch, p.heads, p.len_q}, q.options().dtype(accumulate_type_of(q)));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  if (p.batch * p.heads * p.len_q == 0) return {out, lse};
+  if (q.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
+    c10::cuda::CUDAGuard guard(q.device());
+    check_status(attention_forward_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), "forward launch");
+#else
+    no_cuda();
+#endif
+  } else {
+    p.q_tile = choose_q_tile(p.batch, p.heads, p.len_q);
+    p.kv_block = 512;
+    const int64_t tasks = attention_forward_tasks(p);
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { attention_forward_cpu(p, b, e); });
+  }
+  return {out, lse};
+}
+
+// (grad_q, grad_k, grad_v) in q's dtype; out and lse are what attention_forward returned.
+std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                           const std::optional<at::Tensor>& attn_mask,
+                                           const std::optional<at::Tensor>& key_padding_mask, bool causal,
+                                           double scale) {
+  at::Tensor mask_holder;
+  AttentionParams p = make_params(q, k, v, attn_mask, key_padding_mask, causal, scale, mask_holder);
+  FC_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
+               out.scalar_type() == q.scalar_type(),
+           kOp, "grad_out and out must have q's shape and dtype");
+  FC_CHECK(lse.dim() == 3 && lse.size(0) == p.batch && lse.size(1) == p.heads && lse.size(2) == p.len_q &&
+               lse.scalar_type() == accumulate_type_of(q),
+           kOp, "lse must be [B, H, Lq] in the accumulate dtype");
+  at::Tensor go = grad_out.contiguous(), o = out.contiguous(), l = lse.contiguous();
+  at::Tensor gq = at::empty(q.sizes(), q.options()), gk = at::empty(k.sizes(), k.options()),
+             gv = at::empty(v.sizes(), v.options());
+  p.grad_out = go.data_ptr();
+  p.out = o.data_ptr();
+  p.lse = l.data_ptr();
+  p.grad_q = gq.data_ptr();
+  p.grad_k = gk.data_ptr();
+  p.grad_v = gv.data_ptr();
+  if (p.batch * p.heads == 0 || (p.len_q == 0 && p.len_k == 0)) return {gq, gk, gv};
+  if (p.len_q == 0 || p.len_k == 0) return {gq.zero_(), gk.zero_(), gv.zero_()};
+  if (q.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
+    c10::cuda::CUDAGuard guard(q.device());
+    // float32 δ_i = dO_i · O_i per query row
+    at::Tensor workspace = at::empty({p.batch * p.heads * p.len_q}, q.options().dtype(at::kFloat));
+    check_status(attention_backward_cuda(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+                 "backward launch");
+#else
+    no_cuda();
+#endif
+  } else {
+    p.kv_block = 512;
+    at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t b, int64_t e) { attention_backward_cpu(p, b, e); });
+  }
+  return {gq, gk, gv};
+}
+
+}  // namespace mux
+}  // namespace fastcore
