@@ -26,15 +26,17 @@ def _clustered(n, d, centers=20, seed=0, dtype=torch.float32):
 
 # ---- tables, encode, decode --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
+                                            pytest.param("reference", "cpu", id="reference"),
+                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("shape", [(7, 3, 16, 5), (1, 1, 256, 1), (33, 8, 256, 4), (0, 2, 16, 3)])
-def test_lut_matches_reference(backend, metric, shape, poisoned_outputs):
-    require_backend("pq_lut", backend, "cpu")
+def test_lut_matches_reference(backend, device, metric, shape, poisoned_outputs):
+    require_backend("pq_lut", backend, device)
     nq, M, ksub, dsub = shape
     cb = _codebooks(M, ksub, dsub)
     q = torch.randn(nq, M * dsub)
-    out = ops.pq_lut(q, cb, metric, backend=backend)
+    out = ops.pq_lut(q.to(device), cb.to(device), metric, backend=backend).cpu()
     expected = ref.pq_lut(q.double(), cb.double(), metric)
     assert out.shape == (nq, M, ksub) and out.dtype == torch.float32
     if nq:
@@ -65,7 +67,8 @@ def test_encode_decode(backend, poisoned_outputs):
 # ---- exact ADC search ----------------------------------------------------------------------------------
 
 SEARCH_BACKENDS = BACKENDS + [pytest.param("triton", "cpu", id="triton-interpreter", marks=pytest.mark.triton),
-                              pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.triton, pytest.mark.cuda])]
+                              pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.triton, pytest.mark.cuda]),
+                              pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)]
 
 
 @pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
@@ -81,6 +84,7 @@ def test_search_matches_reference(backend, device, metric, nq, n, k, poisoned_ou
     codes = torch.randint(0, ksub, (n, M), dtype=torch.uint8)
     q = torch.randn(nq, M * dsub)
     d, i = ops.pq_search(q.to(device), codes.to(device), cb.to(device), k, metric, backend=backend)
+    assert d.device.type == device
     d, i = d.cpu(), i.cpu()
     ed, ei = ref.pq_search(q.double(), codes, cb.double(), k, metric)
     assert d.shape == (nq, k) and i.dtype == torch.int64
@@ -94,6 +98,21 @@ def test_search_matches_reference(backend, device, metric, nq, n, k, poisoned_ou
     diff = i != ei
     if diff.any():
         assert torch.allclose(d[diff].double(), ed[diff], rtol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_cuda_lut_and_large_k_with_m64(metric):
+    """M = 64 with float32 tables (64 KiB of shared memory: the opt-in path) and k = 4096 > FAISS GPU's 2048."""
+    cb = _codebooks(64, 256, 2)
+    codes = torch.randint(0, 256, (20000, 64), dtype=torch.uint8)
+    q = torch.randn(3, 128)
+    lut = ops.pq_lut(q.cuda(), cb.cuda(), metric, backend="cuda")
+    assert relative_error(lut, ref.pq_lut(q.double(), cb.double(), metric)) < 1e-6
+    d, i = ops.pq_search(q.cuda(), codes.cuda(), cb.cuda(), 4096, metric, backend="cuda")
+    ed, ei = ref.pq_search(q.double(), codes, cb.double(), 4096, metric)
+    assert relative_error(d, ed) < 1e-6
+    assert (i.cpu() == ei).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
@@ -367,3 +386,87 @@ def test_torch_compile_fullgraph():
     a, ia = compiled(q, codes, cb)
     b, ib = f(q, codes, cb)
     assert torch.equal(ia, ib) and torch.allclose(a, b)
+
+
+# ---- the CUDA kernels, source unchanged, on the CPU emulator of tests/test_cuda_build.py -------------
+
+_EMU_RUNTIME = r"""
+// What pq.cu uses beyond the router's features (host-side stand-ins).
+inline unsigned long long* emu_dynamic_smem() {
+  static std::vector<unsigned long long> buffer(1 << 17);  // 1 MiB, one block at a time
+  return buffer.data();
+}
+inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+constexpr cudaDeviceAttr cudaDevAttrMaxSharedMemoryPerBlockOptin = static_cast<cudaDeviceAttr>(97);
+template <typename F> cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int) { return cudaSuccess; }
+"""
+
+_EMU_DRIVER = r"""
+#include "pq_emulated.inc"
+using namespace fastcore;
+using namespace fastcore::pq;
+extern "C" {
+int emu_lut(const float* x, const float* ct, int64_t n, int64_t M, int64_t dsub, int64_t ksub, int metric, float* lut) {
+  TableParams<float> p;
+  p.x = x; p.x_stride = M * dsub; p.codebooks_t = ct; p.n = n; p.M = M; p.dsub = dsub; p.ksub = ksub;
+  p.metric = metric ? Metric::kIP : Metric::kL2; p.lut = lut;
+  return pq_lut_cuda(p, nullptr);
+}
+int emu_scan(const float* lut, const uint8_t* codes, int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k,
+             int64_t chunk, int metric, unsigned long long* partial) {
+  AdcCudaParams p;
+  p.lut = lut; p.codes = codes; p.nq = nq; p.n = n; p.M = M; p.ksub = ksub; p.k = k; p.chunk = chunk;
+  p.nchunks = (n + chunk - 1) / chunk; p.metric = metric ? Metric::kIP : Metric::kL2; p.partial = partial;
+  return adc_topk_cuda(p, nullptr);
+}
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_pq(tmp_path_factory):
+    from test_cuda_build import build_emulated_kernels
+    return build_emulated_kernels(tmp_path_factory.mktemp("pq_emulator"), "pq/pq.cu", _EMU_DRIVER, "pq",
+                                  extra_runtime=_EMU_RUNTIME)
+
+
+def _unpack_partial(partial: torch.Tensor, n: int, ip: bool):
+    """The torch layer's merge (csrc/torch/pq_ops.cpp), in Python: sort, unpack key bits and rows."""
+    import numpy as np
+    u = partial.numpy().view(np.uint64).reshape(partial.shape[0], -1)
+    u = np.sort(u, axis=1)
+    rows = (u & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    ukey = (u >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(ukey & np.uint32(0x80000000), ukey & np.uint32(0x7FFFFFFF), ~ukey).astype(np.uint32)
+    key = torch.from_numpy(bits.view(np.float32).copy())
+    rows = torch.from_numpy(rows)
+    return (-key if ip else key), rows
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nq,n,M,ksub,k,chunk", [(2, 300, 3, 16, 5, 128), (1, 70, 4, 256, 64, 64), (3, 9, 2, 16, 4, 32)])
+def test_cuda_kernels_on_emulator(emulated_pq, metric, nq, n, M, ksub, k, chunk):
+    import ctypes
+    lib = emulated_pq
+    dsub = 3
+    cb = _codebooks(M, ksub, dsub)
+    q = torch.randn(nq, M * dsub)
+    lut = torch.full((nq, M, ksub), float("nan"))
+    ct = cb.permute(0, 2, 1).contiguous()
+    ip = metric == "ip"
+    i64 = ctypes.c_int64
+    assert lib.emu_lut(ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(ct.data_ptr()), i64(nq), i64(M), i64(dsub),
+                       i64(ksub), int(ip), ctypes.c_void_p(lut.data_ptr())) == 0
+    assert relative_error(lut, ref.pq_lut(q.double(), cb.double(), metric)) < 1e-6
+    codes = torch.randint(0, ksub, (n, M), dtype=torch.uint8)
+    nchunks = (n + chunk - 1) // chunk
+    partial = torch.full((nq, nchunks, k), -7, dtype=torch.int64)
+    assert lib.emu_scan(ctypes.c_void_p(lut.data_ptr()), ctypes.c_void_p(codes.data_ptr()), i64(nq), i64(n), i64(M),
+                        i64(ksub), i64(k), i64(chunk), int(ip), ctypes.c_void_p(partial.data_ptr())) == 0
+    key, rows = _unpack_partial(partial, n, ip)
+    d, i = key[:, :k], rows[:, :k]
+    valid = i < n
+    ed, ei = ref.topk_with_ties(ref.pq_adc_distances(q.double(), codes, cb.double(), metric), k, metric)
+    assert torch.equal(torch.where(valid, i, torch.full_like(i, -1)), ei)
+    assert torch.allclose(d[valid].double(), ed[ei >= 0], rtol=1e-5, atol=1e-5)

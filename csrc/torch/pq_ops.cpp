@@ -8,10 +8,16 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <limits>
 #include <optional>
 
 #include "pq/pq.h"
 #include "tensor_params.h"
+
+#ifdef FASTCORE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 namespace fastcore {
 namespace pq {
@@ -24,6 +30,16 @@ Metric metric_of(int64_t metric, const char* op) {
 
 void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
   FC_CHECK(t.device().is_cpu(), op, arg, " must be a CPU tensor, got ", t.device());
+}
+
+void check_status(int status, const char* op, const char* what) {
+  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
+}
+
+[[noreturn]] void no_cuda(const char* op) {
+  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a CUDA "
+           "build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
+  throw;  // unreachable
 }
 
 // Row parts for a scan of n rows by nq queries (1 = split by queries only).
@@ -40,8 +56,10 @@ int64_t scan_parts(int64_t nq, int64_t n, int64_t query_block, int64_t min_rows)
 std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks, int64_t metric, bool want_lut,
                                bool want_codes) {
   const char* op = want_codes ? "pq_encode" : "pq_lut";
-  check_cpu(x, op, "x");
-  check_cpu(codebooks, op, "codebooks");
+  FC_CHECK(x.device() == codebooks.device(), op, "x and codebooks must be on the same device");
+  FC_CHECK(!x.is_cuda() || (want_lut && !want_codes && x.scalar_type() == at::kFloat), op,
+           "on CUDA only float32 tables are computed here");
+  if (!x.is_cuda()) check_cpu(x, op, "x");
   FC_CHECK(x.dim() == 2 && codebooks.dim() == 3, op, "x must be [n, d] and codebooks [M, ksub, dsub]");
   FC_CHECK(x.scalar_type() == codebooks.scalar_type() &&
                (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
@@ -57,6 +75,25 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
   at::Tensor lut = want_lut ? at::empty({n, M, ksub}, x.options()) : at::Tensor();
   at::Tensor codes = want_codes ? at::empty({n, M}, x.options().dtype(at::kByte)) : at::Tensor();
   if (n == 0 || M == 0) return {lut, codes};
+  if (x.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    TableParams<float> p;
+    p.x = xc.data_ptr<float>();
+    p.x_stride = xc.stride(0);
+    p.codebooks_t = ct.data_ptr<float>();
+    p.n = n;
+    p.M = M;
+    p.dsub = dsub;
+    p.ksub = ksub;
+    p.metric = m;
+    p.lut = lut.data_ptr<float>();
+    check_status(pq_lut_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op, "table kernel launch");
+    return {lut, codes};
+#else
+    no_cuda(op);
+#endif
+  }
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
     TableParams<scalar_t> p;
@@ -108,11 +145,74 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
   return {assign, min_dist};
 }
 
+// CUDA flat ADC top-k (see pq.cu): per-chunk block-wide top-k of packed (ordered key, row) uint64
+// values, merged here by one sort over the nchunks·k candidates per query, then unpacked.
+std::vector<at::Tensor> search_flat_cuda(const at::Tensor& lut, const at::Tensor& codes, int64_t k, int64_t metric) {
+  const char* op = "pq_search";
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat, op, "lut must be float32 [nq, M, ksub]");
+  FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == lut.size(1), op,
+           "codes must be uint8 [n, M] with lut's M");
+  FC_CHECK(k >= 1 && k <= 4096, op, "the cuda backend supports 1 <= k <= 4096, got ", k);
+  const int64_t nq = lut.size(0), M = lut.size(1), ksub = lut.size(2), n = codes.size(0);
+  FC_CHECK(n < (int64_t(1) << 32), op, "the cuda backend takes n < 2^32 codes");
+  const Metric m = metric_of(metric, op);
+  const bool ip = m == Metric::kIP;
+  const float pad = ip ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+  if (nq == 0 || n == 0)
+    return {at::full({nq, k}, pad, lut.options()), at::full({nq, k}, -1, lut.options().dtype(at::kLong))};
+#ifdef FASTCORE_WITH_CUDA
+  c10::cuda::CUDAGuard guard(lut.device());
+  at::Tensor lc = lut.contiguous(), cc = codes.contiguous();
+  if (ksub < 256)
+    TORCH_CHECK_VALUE(cc.max().item<uint8_t>() < ksub, "fastcore_ai.ops.", op, ": codes must lie in [0, ksub)");
+  AdcCudaParams p;
+  p.lut = lc.data_ptr<float>();
+  p.codes = cc.data_ptr<uint8_t>();
+  p.nq = nq;
+  p.n = n;
+  p.M = M;
+  p.ksub = ksub;
+  p.k = k;
+  p.metric = m;
+  int64_t chunk = 1024;
+  while (chunk < k) chunk <<= 1;
+  p.chunk = chunk;
+  p.nchunks = (n + chunk - 1) / chunk;
+  at::Tensor partial = at::empty({nq, p.nchunks, k}, lut.options().dtype(at::kLong));
+  p.partial = reinterpret_cast<unsigned long long*>(partial.data_ptr<int64_t>());
+  for (int64_t q0 = 0; q0 < nq; q0 += 65535) {  // grid.y limit
+    AdcCudaParams slice = p;
+    slice.nq = std::min<int64_t>(65535, nq - q0);
+    slice.lut = p.lut + q0 * M * ksub;
+    slice.partial = p.partial + q0 * p.nchunks * k;
+    check_status(adc_topk_cuda(slice, c10::cuda::getCurrentCUDAStream().stream()), op,
+                 "ADC scan launch (shared memory for the table + chunk keys may exceed the device's opt-in limit)");
+  }
+  // Unsigned order = signed order after flipping the top bit.
+  const int64_t flip = std::numeric_limits<int64_t>::min();
+  at::Tensor merged = std::get<0>(at::sort(partial.reshape({nq, p.nchunks * k}).bitwise_xor(flip), 1)).narrow(1, 0, k);
+  at::Tensor u = merged.bitwise_xor(flip);
+  at::Tensor rows = u.bitwise_and(0xffffffffLL);
+  at::Tensor ukey = u.bitwise_right_shift(32).bitwise_and(0xffffffffLL);
+  // inverse of ordered_bits: top bit set -> clear it; else -> complement (32-bit)
+  at::Tensor bits = at::where(ukey.ge(0x80000000LL), ukey - 0x80000000LL, ukey.bitwise_xor(0xffffffffLL));
+  bits = at::where(bits.ge(0x80000000LL), bits - 0x100000000LL, bits).to(at::kInt);
+  at::Tensor key = bits.view(at::kFloat);
+  at::Tensor valid = rows.lt(n);
+  at::Tensor dist = at::where(valid, ip ? key.neg() : key, at::full_like(key, pad));
+  at::Tensor ids = at::where(valid, rows, at::full_like(rows, -1));
+  return {dist, ids};
+#else
+  no_cuda(op);
+#endif
+}
+
 // Flat ADC top-k: lut [nq, M, ksub] float32, codes [n, M] uint8 -> (dist [nq, k] float32, ids [nq, k]).
 std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& codes, int64_t k, int64_t metric) {
   const char* op = "pq_search";
+  FC_CHECK(lut.device() == codes.device(), op, "lut and codes must be on the same device");
+  if (lut.is_cuda()) return search_flat_cuda(lut, codes, k, metric);
   check_cpu(lut, op, "lut");
-  check_cpu(codes, op, "codes");
   FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat, op, "lut must be float32 [nq, M, ksub]");
   FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == lut.size(1), op,
            "codes must be uint8 [n, M] with lut's M");

@@ -107,6 +107,23 @@ void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut,
 // +inf for padding), so partial results merge exactly; the caller dequantizes (D / a + b, ip: negated).
 void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64_t block_begin, int64_t block_end,
                   float* out_dist, int64_t* out_ids, int64_t ld);
+// IVF fast-scan (non-residual tables, one per query): lists are packed one after another, each padded
+// to whole blocks; list l holds list_sizes[l] vectors in blocks list_blocks[l] .. list_blocks[l + 1],
+// row r of the packed layout has id row_ids[r] (−1 for padding). Query q scans its probed lists
+// probes[q, 0..nprobe−1] (−1 = skip). out_dist holds raw quantized sums as in pq4_scan_cpu.
+// Returns the number of probes outside [−1, nlist).
+struct FastScanIvfParams {
+  FastScanParams base;              // packed, pairs, qlut, nq, k, metric (n, nblocks unused)
+  const int64_t* list_blocks = nullptr;  // [nlist + 1]
+  const int64_t* list_sizes = nullptr;   // [nlist]
+  const int64_t* row_ids = nullptr;      // [total_blocks · 32]
+  int64_t nlist = 0;
+  const int64_t* probes = nullptr;       // [nq, nprobe]
+  int64_t nprobe = 0;
+  float* out_dist = nullptr;             // [nq, k]
+  int64_t* out_ids = nullptr;            // [nq, k]
+};
+int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end);
 // Which kernel pq4_scan_cpu uses on this CPU: "avx512bw", "avx2" or "portable"; `force` selects one for
 // tests (0 auto, 1 portable, 2 avx2, 3 avx512bw; a request the CPU lacks falls back to auto).
 const char* pq4_kernel_name();
@@ -114,6 +131,24 @@ void pq4_force_kernel(int force);
 // The quantized distances of all 32 vectors of one block for one query (used by the native tests to
 // compare the SIMD and portable kernels): out[32].
 void pq4_block_distances(const uint8_t* block, const uint8_t* qlut, int64_t pairs, uint16_t* out);
+
+// ---- CUDA (pq.cu); entry points return a cudaError_t as int (0 = success) --------------------------
+// Tables: p.x, p.codebooks_t, p.lut on the device (float32; p.codes unused).
+int pq_lut_cuda(const TableParams<float>& p, void* stream);
+
+// Flat ADC scan with a block-wide top-k per chunk of rows: partial[q, c, 0..k) = the k smallest
+// packed keys (ordered key bits << 32 | row) of rows [c·chunk, (c+1)·chunk), ascending; padding
+// entries are ~0. chunk: a power of two ≥ k, ≤ 8192. n < 2^32.
+struct AdcCudaParams {
+  const float* lut = nullptr;          // [nq, M, ksub]
+  const uint8_t* codes = nullptr;      // [n, M]
+  int64_t nq = 0, n = 0, M = 0, ksub = 256, k = 1;
+  int64_t chunk = 1024, nchunks = 0;
+  Metric metric = Metric::kL2;
+  unsigned long long* partial = nullptr;  // [nq, nchunks, k]
+};
+int64_t adc_cuda_smem_bytes(const AdcCudaParams& p);
+int adc_topk_cuda(const AdcCudaParams& p, void* stream);
 
 }  // namespace pq
 }  // namespace fastcore

@@ -506,5 +506,50 @@ void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64
   }
 }
 
+int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end) {
+  const int kernel = active_kernel();
+  const BlockFn block = block_fn(kernel);
+  const BelowFn below = below_fn(kernel);
+  const int64_t k = p.base.k, pairs = p.base.pairs;
+  std::vector<uint16_t> keys(static_cast<size_t>(k));
+  std::vector<int64_t> ids(static_cast<size_t>(k));
+  alignas(64) uint16_t d[32];
+  int64_t bad = 0;
+  for (int64_t q = q_begin; q < q_end; ++q) {
+    TopK<uint16_t> heap{keys.data(), ids.data(), k};
+    const uint8_t* qlut = p.base.qlut + q * pairs * 32;
+    for (int64_t j = 0; j < p.nprobe; ++j) {
+      const int64_t list = p.probes[q * p.nprobe + j];
+      if (list == -1) continue;
+      if (list < 0 || list >= p.nlist) {
+        ++bad;
+        continue;
+      }
+      const int64_t first = p.list_blocks[list], last = p.list_blocks[list + 1];
+      const int64_t size = p.list_sizes[list];
+      for (int64_t b = first; b < last; ++b) {
+        block(p.base.packed + b * pairs * 32, qlut, pairs, d);
+        // Ids are not monotone across lists: keep keys equal to the root's too and let the heap's
+        // (key, id) order decide.
+        const uint32_t threshold = heap.full() ? heap.keys[0] + 1u : 65536u;
+        uint32_t mask = below(d, threshold);
+        const int64_t valid = size - (b - first) * 32;
+        if (valid < 32) mask &= (1u << valid) - 1u;
+        while (mask) {
+          const int v = __builtin_ctz(mask);
+          mask &= mask - 1;
+          const int64_t id = p.row_ids[b * 32 + v];
+          if (!heap.full() || TopK<uint16_t>::worse(heap.keys[0], heap.ids[0], d[v], id)) heap.push(d[v], id);
+        }
+      }
+    }
+    heap.write_sorted(p.out_dist + q * k, p.out_ids + q * k, [](uint16_t key) {
+      return key == std::numeric_limits<uint16_t>::max() ? std::numeric_limits<float>::infinity()
+                                                          : static_cast<float>(key);
+    });
+  }
+  return bad;
+}
+
 }  // namespace pq
 }  // namespace fastcore

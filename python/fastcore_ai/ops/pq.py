@@ -34,11 +34,17 @@ def _table(op: str) -> backends.OpTable:
                                                        "reference": backends.Support(dtypes)})
 
 
-for _op in ("kmeans", "pq_encode", "pq_decode", "pq_lut", "pq4_search", "ivfpq_search"):
+for _op in ("kmeans", "pq_encode", "pq_decode", "pq4_search", "ivfpq_search"):
     backends.register_op(_table(_op))
-# pq_search also has the Triton ADC scan (float32 queries; CUDA tensors, or CPU ones under the interpreter).
-backends.register_op(backends.OpTable("pq_search", ("triton", "cpu", "reference"), {
-    "triton": backends.Support(frozenset({torch.float32})),
+_F32 = frozenset({torch.float32})
+# pq_lut has a CUDA kernel; pq_search has the CUDA scan (table in shared memory, block-wide top-k, k <= 4096)
+# and the Triton ADC scan (CUDA tensors, or CPU ones under the interpreter).
+backends.register_op(backends.OpTable("pq_lut", ("cuda", "cpu", "reference"), {
+    "cuda": backends.Support(_F32), "cpu": backends.Support(frozenset(_FLOATS)),
+    "reference": backends.Support(frozenset(_FLOATS))}))
+backends.register_op(backends.OpTable("pq_search", ("cuda", "triton", "cpu", "reference"), {
+    "cuda": backends.Support(_F32, limits=lambda k=1, **_: [] if k <= 4096 else [f"the cuda scan supports k <= 4096, got {k}"]),
+    "triton": backends.Support(_F32),
     "cpu": backends.Support(frozenset(_FLOATS)), "reference": backends.Support(frozenset(_FLOATS))}))
 
 
@@ -242,7 +248,7 @@ def _lut_reference(queries, codebooks, metric):
     return _ref.pq_lut(queries, codebooks, metric).to(queries.dtype)
 
 
-_LUT_IMPL = {"cpu": _lut_cpu, "reference": _lut_reference}
+_LUT_IMPL = {"cpu": _lut_cpu, "cuda": _lut_cpu, "reference": _lut_reference}
 
 
 @torch.library.custom_op("fastcore_ai::pq_lut", mutates_args=())
@@ -316,7 +322,7 @@ def _search_triton(queries, codes, codebooks, k, metric):
     return triton_pq.adc_search(lut.contiguous(), codes, k, metric)
 
 
-_SEARCH_IMPL = {"cpu": _search_cpu, "reference": _search_reference, "triton": _search_triton}
+_SEARCH_IMPL = {"cpu": _search_cpu, "cuda": _search_cpu, "reference": _search_reference, "triton": _search_triton}
 
 
 @torch.library.custom_op("fastcore_ai::pq_search", mutates_args=())
@@ -354,7 +360,7 @@ def pq_search(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric:
     _check_k(op, k)
     check_choice(op, "metric", metric, METRICS)
     _check_code_range(op, codes, codebooks.shape[1])
-    chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
+    chosen = backends.select(op, backend, queries.device, queries.dtype, "queries", k=k)
     return _search_op(queries, codes.contiguous(), codebooks, k, metric, chosen)
 
 
