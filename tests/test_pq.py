@@ -336,8 +336,10 @@ def test_errors_name_op_and_argument():
         ops.pq4_search(torch.randn(1, 12), torch.zeros(1, 2, 32, dtype=torch.uint8), 40, _codebooks(4, 16, 3), 1)
     with pytest.raises(ValueError, match=r"pq4_search: codebooks must have ksub = 16"):
         ops.pq4_search(torch.randn(1, 12), torch.zeros(1, 2, 32, dtype=torch.uint8), 4, cb, 1)
-    with pytest.raises(RuntimeError, match=r"pq_search: backend 'cuda' .* cannot run this call: pq_search has no cuda"):
+    with pytest.raises(RuntimeError, match=r"pq_search: backend 'cuda' .* cannot run this call: .*queries is on cpu"):
         ops.pq_search(torch.randn(2, 12), torch.zeros(3, 4, dtype=torch.uint8), cb, 1, backend="cuda")
+    with pytest.raises(RuntimeError, match=r"pq_encode: backend 'cuda' .* cannot run this call: pq_encode has no cuda"):
+        ops.pq_encode(torch.randn(2, 12), cb, backend="cuda")
 
 
 def test_native_guards_out_of_range_codes():

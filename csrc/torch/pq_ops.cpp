@@ -32,7 +32,7 @@ void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
   FC_CHECK(t.device().is_cpu(), op, arg, " must be a CPU tensor, got ", t.device());
 }
 
-void check_status(int status, const char* op, const char* what) {
+[[maybe_unused]] void check_status(int status, const char* op, const char* what) {
   TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
 }
 
@@ -154,6 +154,8 @@ std::vector<at::Tensor> search_flat_cuda(const at::Tensor& lut, const at::Tensor
            "codes must be uint8 [n, M] with lut's M");
   FC_CHECK(k >= 1 && k <= 4096, op, "the cuda backend supports 1 <= k <= 4096, got ", k);
   const int64_t nq = lut.size(0), M = lut.size(1), ksub = lut.size(2), n = codes.size(0);
+  (void)M;
+  (void)ksub;
   FC_CHECK(n < (int64_t(1) << 32), op, "the cuda backend takes n < 2^32 codes");
   const Metric m = metric_of(metric, op);
   const bool ip = m == Metric::kIP;
