@@ -40,6 +40,9 @@ def _timed(label: str, fn):
     return out
 
 
+_KEEP_ALIVE: list = []
+
+
 @functools.lru_cache(maxsize=4)
 def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, nq: int, metric: str):
     import faiss
@@ -59,7 +62,7 @@ def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, 
         else:  # IVF{nlist},PQ{M}x4fs: non-residual (the factory's default for x4fs)
             theirs = faiss.IndexIVFPQFastScan(quantizer, d, nlist, M, 4, fmetric)
             theirs.by_residual = False
-        theirs._quantizer = quantizer  # keep it alive
+        _KEEP_ALIVE.append(quantizer)  # the IVF index does not own its quantizer
         name = f"IVF{nlist},PQ{M}" + ("x4fs" if nbits == 4 else "")
     _timed(f"{name} {metric} fastcore train", lambda: ours.train(torch.from_numpy(xt)))
     _timed(f"{name} {metric} faiss train", lambda: theirs.train(xt))
