@@ -113,7 +113,7 @@ def pq_cases(device: str, quick: bool = False) -> List:
                 _case("flat", 16, 4, 0, d, nt, nb, nq, "l2", 10),
                 _case("ivf", 16, 4, 64, d, nt, nb, nq, "l2", 10, nprobe=8),
                 _case("ivf", 16, 8, 64, d, nt, nb, nq, "l2", 10, nprobe=8)]
-    d, nt, nb = 128, 100000, 1000000
+    d, nt, nb = 128, 50000, 1000000  # nt = 50k: the anchor's CI-sized training set (FAISS's PQ train caps at 256·ksub anyway)
     cases = []
     for M in (16, 32):
         for k in (10, 100):
@@ -123,7 +123,7 @@ def pq_cases(device: str, quick: bool = False) -> List:
     for nprobe in (1, 8, 32):
         cases.append(_case("ivf", 32, 4, 1024, d, nt, nb, 1000, "l2", 10, nprobe=nprobe))
     # RepCONC setting: 768-d, M = 48, 8-bit, inner product, 200k vectors.
-    cases.append(_case("flat", 48, 8, 0, 768, 50000, 200000, 100, "ip", 10))
+    cases.append(_case("flat", 48, 8, 0, 768, 20000, 200000, 100, "ip", 10))
     return cases
 
 
