@@ -472,3 +472,14 @@ def test_cuda_kernels_on_emulator(emulated_pq, metric, nq, n, M, ksub, k, chunk)
     ed, ei = ref.topk_with_ties(ref.pq_adc_distances(q.double(), codes, cb.double(), metric), k, metric)
     assert torch.equal(torch.where(valid, i, torch.full_like(i, -1)), ei)
     assert torch.allclose(d[valid].double(), ed[ei >= 0], rtol=1e-5, atol=1e-5)
+
+
+def test_pq_train_batched_cpu_matches_per_subspace_kmeans():
+    """The cpu pq_train (all sub-spaces in one kernel call per iteration) equals one kmeans per sub-space."""
+    x = _clustered(1500, 12, centers=6, seed=9)
+    books = ops.pq_train(x, 3, 4, niter=6, backend="cpu")
+    for m in range(3):
+        c = ops.kmeans(x[:, 4 * m:4 * m + 4], 16, niter=6, backend="cpu")
+        assert torch.allclose(books[m], c, atol=1e-5)
+    rb = ops.pq_train(x.double(), 3, 4, niter=6, backend="reference")
+    assert relative_error(books, rb) < 1e-4

@@ -169,9 +169,51 @@ def pq_train(x: Tensor, M: int, nbits: int = 8, metric: str = "l2", niter: int =
     if x.shape[0] < ksub:
         raise ValueError(_err(op, f"x must have at least 2^nbits = {ksub} rows, got {_describe(x)}"))
     dsub = d // M
-    books = [kmeans(x[:, m * dsub:(m + 1) * dsub], ksub, niter, seed + m, max_points_per_centroid, constrained,
-                    backend=backend) for m in range(M)]
+    chosen = backends.select("kmeans", backend, x.device, x.dtype, "x")
+    if chosen == "cpu" and not constrained:
+        return _pq_train_batched_cpu(x, M, ksub, niter, seed, max_points_per_centroid)
+    books = [kmeans(x[:, m * dsub:(m + 1) * dsub], ksub, niter, seed, max_points_per_centroid, constrained,
+                    backend=chosen) for m in range(M)]
     return torch.stack(books).contiguous()
+
+
+def _pq_train_batched_cpu(x: Tensor, M: int, ksub: int, niter: int, seed: int, max_points_per_centroid: int) -> Tensor:
+    """All M sub-space k-means at once (the same training rows and initial rows in every sub-space, as
+    the per-sub-space loop with one seed): each iteration is one call of the encode kernel for the
+    assignments of every sub-space and one index_add for all the sums, instead of M small calls."""
+    n, d = x.shape
+    dsub = d // M
+    sample, init = _ref.kmeans_init(x.float(), ksub, seed, max_points_per_centroid)
+    sample = sample.contiguous()
+    c = init.reshape(ksub, M, dsub).permute(1, 0, 2).contiguous()  # [M, ksub, dsub]
+    rows = sample.double().reshape(-1, dsub)  # [ns·M, dsub], sub-space m of row i at i·M + m
+    offsets = (torch.arange(M) * ksub)[None, :]
+    for _ in range(niter):
+        codes = _native.native().pq_tables(sample, c, 0, False, True)[1].long()  # [ns, M]
+        flat = (codes + offsets).reshape(-1)
+        sums = torch.zeros(M * ksub, dsub, dtype=torch.float64).index_add_(0, flat, rows)
+        counts = torch.bincount(flat, minlength=M * ksub).reshape(M, ksub)
+        old = c.double()
+        new = torch.where(counts[..., None] > 0, sums.reshape(M, ksub, dsub) / counts.clamp_min(1)[..., None], old)
+        if bool((counts == 0).any()):  # rare: split the largest cluster per sub-space (kmeans_update's rule)
+            for m in torch.nonzero((counts == 0).any(1)).reshape(-1).tolist():
+                new[m] = _split_empty(new[m], counts[m].double())
+        c = new.float().contiguous()
+    return c.to(x.dtype) if x.dtype == torch.float64 else c
+
+
+def _split_empty(centroids: Tensor, counts: Tensor) -> Tensor:
+    """kmeans_update's empty-cluster rule on already-averaged centroids."""
+    new, counts = centroids.clone(), counts.clone()
+    for j in range(new.shape[0]):
+        if counts[j] == 0:
+            big = int(torch.argmax(counts))
+            new[j] = new[big] * (1.0 + _ref._SPLIT_EPS)
+            new[big] = new[big] * (1.0 - _ref._SPLIT_EPS)
+            half = torch.floor(counts[big] / 2)
+            counts[j] = half
+            counts[big] = counts[big] - half
+    return new
 
 
 # ---- encode / decode / tables ----------------------------------------------------------------------

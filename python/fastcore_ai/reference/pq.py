@@ -116,11 +116,12 @@ def kmeans(x: Tensor, k: int, niter: int = 25, seed: int = 0, max_points_per_cen
 
 def pq_train(x: Tensor, M: int, nbits: int, metric: str = "l2", niter: int = 25, constrained: bool = False,
              seed: int = 0, max_points_per_centroid: int = 256) -> Tensor:
-    """Codebooks [M, 2^nbits, d/M]: one k-means per sub-space (seed + m for sub-space m). Like FAISS, the
-    sub-quantizers are L2 k-means for both metrics (`metric` only changes how they are searched)."""
+    """Codebooks [M, 2^nbits, d/M]: one k-means per sub-space, all with the same seed (so the same
+    training rows and initial rows in every sub-space, as FAISS's ProductQuantizer::train). Like FAISS,
+    the sub-quantizers are L2 k-means for both metrics (`metric` only changes how they are searched)."""
     n, d = x.shape
     dsub = d // M
-    books = [kmeans(x[:, m * dsub:(m + 1) * dsub], 2 ** nbits, niter, seed + m, max_points_per_centroid, constrained)
+    books = [kmeans(x[:, m * dsub:(m + 1) * dsub], 2 ** nbits, niter, seed, max_points_per_centroid, constrained)
              for m in range(M)]
     return torch.stack(books).to(torch.float32 if x.dtype != torch.float64 else torch.float64)
 
