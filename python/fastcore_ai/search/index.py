@@ -236,7 +236,10 @@ class IVFPQIndex(PQIndex):
         return 2.0 * dots - (coarse * coarse).sum(1)[None]
 
     def _assign(self, x: Tensor, coarse: Tensor) -> Tensor:
-        return self._coarse_scores(x, coarse).argmax(1)
+        # In row chunks: the [n, nlist] score matrix of a whole database would be n·nlist·4 bytes.
+        step = max(1, (1 << 24) // max(coarse.shape[0], 1))
+        return torch.cat([self._coarse_scores(x[i:i + step], coarse).argmax(1) for i in range(0, x.shape[0], step)]
+                         or [torch.zeros(0, dtype=torch.int64)])
 
     def _add_encoded(self, x: Tensor, ids: Tensor) -> None:
         lists = self._assign(x, self.coarse)
