@@ -43,7 +43,7 @@ def _timed(label: str, fn):
 _KEEP_ALIVE: list = []
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=2)
 def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, nq: int, metric: str):
     import faiss
     from .search import IVFPQIndex, PQIndex
@@ -113,18 +113,37 @@ def pq_cases(device: str, quick: bool = False) -> List:
                 _case("flat", 16, 4, 0, d, nt, nb, nq, "l2", 10),
                 _case("ivf", 16, 4, 64, d, nt, nb, nq, "l2", 10, nprobe=8),
                 _case("ivf", 16, 8, 64, d, nt, nb, nq, "l2", 10, nprobe=8)]
-    d, nt, nb = 128, 50000, 1000000  # nt = 50k: the anchor's CI-sized training set (FAISS's PQ train caps at 256·ksub anyway)
-    cases = []
-    for M in (16, 32):
-        for k in (10, 100):
-            cases.append(_case("flat", M, 8, 0, d, nt, nb, 100, "l2", k))
-    for k in (10, 100):
-        cases.append(_case("flat", 32, 4, 0, d, nt, nb, 1000, "l2", k))
-    for nprobe in (1, 8, 32):
-        cases.append(_case("ivf", 32, 4, 1024, d, nt, nb, 1000, "l2", 10, nprobe=nprobe))
+    return _flat8_cases() + _fastscan_cases() + _ivf_cases() + _repconc_cases()
+
+
+# The full matrix in parts (`--family pq_fastscan` etc.), so each part's table prints as soon as it is done.
+_D, _NT, _NB = 128, 50000, 1000000  # nt = 50k: the anchor's CI-sized training set (PQ training caps at 256·ksub)
+
+
+def _flat8_cases():
+    return [_case("flat", M, 8, 0, _D, _NT, _NB, 100, "l2", k) for M in (16, 32) for k in (10, 100)]
+
+
+def _fastscan_cases():
+    return [_case("flat", 32, 4, 0, _D, _NT, _NB, 1000, "l2", k) for k in (10, 100)]
+
+
+def _ivf_cases():
+    return [_case("ivf", 32, 4, 1024, _D, _NT, _NB, 1000, "l2", 10, nprobe=nprobe) for nprobe in (1, 8, 32)]
+
+
+def _repconc_cases():
     # RepCONC setting: 768-d, M = 48, 8-bit, inner product, 200k vectors.
-    cases.append(_case("flat", 48, 8, 0, 768, 20000, 200000, 100, "ip", 10))
+    return [_case("flat", 48, 8, 0, 768, 20000, 200000, 100, "ip", 10)]
+
+
+def _full_part(make):
+    def cases(device: str, quick: bool = False) -> List:
+        if quick or device != "cpu":
+            return []  # the quick set (and the device notice) come from the "pq" family alone
+        return make()
     return cases
 
 
-FAMILIES: dict = {"pq": pq_cases}
+FAMILIES: dict = {"pq": pq_cases, "pq_flat8": _full_part(_flat8_cases), "pq_fastscan": _full_part(_fastscan_cases),
+                  "pq_ivf": _full_part(_ivf_cases), "pq_repconc": _full_part(_repconc_cases)}
