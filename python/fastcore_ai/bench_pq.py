@@ -137,13 +137,17 @@ def _repconc_cases():
     return [_case("flat", 48, 8, 0, 768, 20000, 200000, 100, "ip", 10)]
 
 
-def _full_part(make):
+def _full_part(family: str, make):
     def cases(device: str, quick: bool = False) -> List:
         if quick or device != "cpu":
             return []  # the quick set (and the device notice) come from the "pq" family alone
-        return make()
+        made = make()
+        for case in made:
+            case.family = family  # the table of `--family pq_x` lists the rows of family pq_x
+        return made
     return cases
 
 
-FAMILIES: dict = {"pq": pq_cases, "pq_flat8": _full_part(_flat8_cases), "pq_fastscan": _full_part(_fastscan_cases),
-                  "pq_ivf": _full_part(_ivf_cases), "pq_repconc": _full_part(_repconc_cases)}
+FAMILIES: dict = {"pq": pq_cases, "pq_flat8": _full_part("pq_flat8", _flat8_cases),
+                  "pq_fastscan": _full_part("pq_fastscan", _fastscan_cases),
+                  "pq_ivf": _full_part("pq_ivf", _ivf_cases), "pq_repconc": _full_part("pq_repconc", _repconc_cases)}
