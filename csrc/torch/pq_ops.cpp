@@ -36,7 +36,7 @@ void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
 }
 
-[[noreturn]] void no_cuda(const char* op) {
+[[noreturn, maybe_unused]] void no_cuda(const char* op) {
   FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a CUDA "
            "build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
   throw;  // unreachable
