@@ -1,0 +1,187 @@
+// The pq CPU kernels against naive double-precision code written here from the math in pq.h: tables
+// and encode, the 8-bit flat and IVF scans with their top-k (ties by lower id, padding, split into row
+// parts + merge), and the 4-bit fast-scan block sums of every kernel this CPU has (portable, AVX2,
+// AVX-512BW) against each other and against the table sums.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "pq/pq.h"
+
+using namespace fastcore;
+using namespace fastcore::pq;
+
+namespace {
+
+std::vector<float> randn(int64_t count, std::mt19937& gen) {
+  std::normal_distribution<float> dist;
+  std::vector<float> v(count);
+  for (auto& x : v) x = dist(gen);
+  return v;
+}
+
+void check_tables(int64_t n, int64_t M, int64_t dsub, int64_t ksub, std::mt19937& gen) {
+  auto x = randn(n * M * dsub, gen), cb = randn(M * ksub * dsub, gen);
+  std::vector<float> ct(M * dsub * ksub);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < ksub; ++j)
+      for (int64_t t = 0; t < dsub; ++t) ct[(m * dsub + t) * ksub + j] = cb[(m * ksub + j) * dsub + t];
+  for (int metric = 0; metric < 2; ++metric) {
+    std::vector<float> lut(n * M * ksub);
+    std::vector<uint8_t> codes(n * M);
+    TableParams<float> p;
+    p.x = x.data();
+    p.x_stride = M * dsub;
+    p.codebooks_t = ct.data();
+    p.n = n;
+    p.M = M;
+    p.dsub = dsub;
+    p.ksub = ksub;
+    p.metric = metric ? Metric::kIP : Metric::kL2;
+    p.lut = lut.data();
+    p.codes = metric ? nullptr : codes.data();
+    pq_tables_cpu(p, 0, n);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t m = 0; m < M; ++m) {
+        int64_t best = 0;
+        double best_d = 1e300;
+        for (int64_t j = 0; j < ksub; ++j) {
+          double s = 0;
+          for (int64_t t = 0; t < dsub; ++t) {
+            const double a = x[i * M * dsub + m * dsub + t], b = cb[(m * ksub + j) * dsub + t];
+            s += metric ? a * b : (a - b) * (a - b);
+          }
+          const double got = lut[(i * M + m) * ksub + j];
+          FC_EXPECT(std::fabs(got - s) <= 1e-4 * (1 + std::fabs(s)), "table (%ld, %ld, %ld): %g vs %g", (long)i,
+                    (long)m, (long)j, got, s);
+          if (s < best_d) best_d = s, best = j;
+        }
+        if (!metric) {
+          // The float and double argmins may differ only on a near tie.
+          const int64_t c = codes[i * M + m];
+          const double dc = lut[(i * M + m) * ksub + c], db = lut[(i * M + m) * ksub + best];
+          FC_EXPECT(c == best || std::fabs(dc - db) <= 1e-5 * (1 + std::fabs(db)), "code (%ld, %ld)", (long)i, (long)m);
+        }
+      }
+  }
+}
+
+// Naive top-k with the (key, id) order; key = dist or −dist.
+void naive_topk(const std::vector<double>& dist, bool ip, int64_t k, std::vector<double>& out_d, std::vector<int64_t>& out_i) {
+  std::vector<std::pair<double, int64_t>> items;
+  for (size_t i = 0; i < dist.size(); ++i) items.push_back({ip ? -dist[i] : dist[i], (int64_t)i});
+  std::sort(items.begin(), items.end());
+  out_d.assign(k, ip ? -INFINITY : INFINITY);
+  out_i.assign(k, -1);
+  for (int64_t i = 0; i < k && i < (int64_t)items.size(); ++i) {
+    out_d[i] = ip ? -items[i].first : items[i].first;
+    out_i[i] = items[i].second;
+  }
+}
+
+void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool ip, std::mt19937& gen) {
+  // Tables of small integers: exact float sums, many ties (checks the lower-id rule).
+  std::uniform_int_distribution<int> small(0, 3), code(0, (int)ksub - 1);
+  std::vector<float> lut(nq * M * ksub);
+  for (auto& v : lut) v = (float)small(gen);
+  std::vector<uint8_t> codes(n * M);
+  for (auto& c : codes) c = (uint8_t)code(gen);
+  ScanParams p;
+  p.lut = lut.data();
+  p.codes = codes.data();
+  p.nq = nq;
+  p.n = n;
+  p.M = M;
+  p.ksub = ksub;
+  p.k = k;
+  p.metric = ip ? Metric::kIP : Metric::kL2;
+  std::vector<float> d(nq * k), part_d(nq * 3 * k), merged_d(nq * k);
+  std::vector<int64_t> ids(nq * k), part_i(nq * 3 * k), merged_i(nq * k);
+  pq_scan_flat_cpu(p, 0, nq, 0, n, d.data(), ids.data(), k);
+  // The same in three row parts, merged.
+  const int64_t per = (n + 2) / 3;
+  for (int64_t part = 0; part < 3; ++part) {
+    const int64_t r0 = std::min(n, part * per), r1 = std::min(n, r0 + per);
+    pq_scan_flat_cpu(p, 0, nq, r0, r1, part_d.data() + part * k, part_i.data() + part * k, 3 * k);
+  }
+  pq_merge_topk_cpu(part_d.data(), part_i.data(), 3, k, p.metric, 0, nq, merged_d.data(), merged_i.data());
+  // IVF: every row in one of 3 lists, all probed (plus a skipped −1 probe), bias 0.
+  std::vector<int64_t> offsets = {0, n / 3, n / 2, n}, probes(nq * 4), ivf_ids(n);
+  for (int64_t q = 0; q < nq; ++q) probes[q * 4] = 2, probes[q * 4 + 1] = -1, probes[q * 4 + 2] = 0, probes[q * 4 + 3] = 1;
+  for (int64_t i = 0; i < n; ++i) ivf_ids[i] = i;
+  std::vector<float> ivf_d(nq * k);
+  std::vector<int64_t> ivf_i(nq * k);
+  ScanParams v = p;
+  v.list_offsets = offsets.data();
+  v.nlist = 3;
+  v.probes = probes.data();
+  v.nprobe = 4;
+  v.ids = ivf_ids.data();
+  v.out_dist = ivf_d.data();
+  v.out_ids = ivf_i.data();
+  FC_EXPECT(pq_scan_ivf_cpu(v, 0, nq) == 0, "ivf bad probes");
+  for (int64_t q = 0; q < nq; ++q) {
+    std::vector<double> dist(n);
+    for (int64_t i = 0; i < n; ++i) {
+      double s = 0;
+      for (int64_t m = 0; m < M; ++m) s += lut[(q * M + m) * ksub + codes[i * M + m]];
+      dist[i] = s;
+    }
+    std::vector<double> ed;
+    std::vector<int64_t> ei;
+    naive_topk(dist, ip, k, ed, ei);
+    for (int64_t j = 0; j < k; ++j) {
+      FC_EXPECT(ids[q * k + j] == ei[j] && d[q * k + j] == ed[j], "flat q=%ld j=%ld: %ld/%g vs %ld/%g", (long)q, (long)j,
+                (long)ids[q * k + j], d[q * k + j], (long)ei[j], ed[j]);
+      FC_EXPECT(merged_i[q * k + j] == ei[j] && merged_d[q * k + j] == ed[j], "merged q=%ld j=%ld", (long)q, (long)j);
+      FC_EXPECT(ivf_i[q * k + j] == ei[j] && ivf_d[q * k + j] == ed[j], "ivf q=%ld j=%ld", (long)q, (long)j);
+    }
+  }
+}
+
+void check_fastscan(int64_t M, std::mt19937& gen) {
+  const int64_t pairs = (M + 1) / 2;
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<uint8_t> block(pairs * 32), qlut(pairs * 32);
+  for (auto& b : block) b = (uint8_t)byte(gen);
+  for (auto& b : qlut) b = (uint8_t)byte(gen);
+  // Expected sums from the layout definition.
+  uint32_t expected[32] = {0};
+  for (int64_t p = 0; p < pairs; ++p)
+    for (int h = 0; h < 2; ++h)
+      for (int t = 0; t < 16; ++t) {
+        const uint8_t c = block[p * 32 + h * 16 + t];
+        expected[t] += qlut[p * 32 + h * 16 + (c & 15)];
+        expected[t + 16] += qlut[p * 32 + h * 16 + (c >> 4)];
+      }
+  for (int kernel = 1; kernel <= 3; ++kernel) {
+    pq4_force_kernel(kernel);
+    uint16_t out[32];
+    pq4_block_distances(block.data(), qlut.data(), pairs, out);
+    for (int v = 0; v < 32; ++v)
+      FC_EXPECT(out[v] == expected[v], "fast-scan kernel %s M=%ld vector %d: %u vs %u", pq4_kernel_name(), (long)M, v,
+                out[v], expected[v]);
+  }
+  pq4_force_kernel(0);
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 gen(7);
+  for (int64_t ksub : {16, 256}) {
+    check_tables(5, 3, 4, ksub, gen);
+    check_tables(3, 2, 17, ksub, gen);
+  }
+  for (bool ip : {false, true}) {
+    check_scan(9, 1000, 5, 256, 10, ip, gen);
+    check_scan(3, 7, 4, 16, 12, ip, gen);  // k > n: padding
+    check_scan(2, 300, 1, 16, 1, ip, gen);
+  }
+  for (int64_t M : {1, 2, 7, 16, 33, 64, 256}) check_fastscan(M, gen);
+  std::printf("test_pq (fast-scan kernel %s): %d failure(s)\n", pq4_kernel_name(), fc_failures());
+  return fc_failures() == 0 ? 0 : 1;
+}

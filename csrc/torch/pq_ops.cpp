@@ -1,0 +1,467 @@
+// Torch glue of the pq family: checks of what the kernels rely on (the user-facing validation with
+// full messages lives in fastcore_ai.ops.pq), allocation, params filling and at::parallel_for.
+//
+// Work split of the scans: with enough queries every thread takes whole query blocks over all codes;
+// with few queries (a single query included) the code rows are split into parts scanned in parallel,
+// each keeping its own top-k, then merged. The top-k is unique under (key, id) order, so the result
+// is the same for any split and thread count.
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <limits>
+#include <optional>
+
+#include "pq/pq.h"
+#include "tensor_params.h"
+
+#ifdef FASTCORE_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fastcore {
+namespace pq {
+namespace {
+
+Metric metric_of(int64_t metric, const char* op) {
+  FC_CHECK(metric == 0 || metric == 1, op, "metric must be 0 (l2) or 1 (ip), got ", metric);
+  return metric == 0 ? Metric::kL2 : Metric::kIP;
+}
+
+void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
+  FC_CHECK(t.device().is_cpu(), op, arg, " must be a CPU tensor, got ", t.device());
+}
+
+[[maybe_unused]] void check_status(int status, const char* op, const char* what) {
+  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
+}
+
+[[noreturn, maybe_unused]] void no_cuda(const char* op) {
+  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a CUDA "
+           "build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
+  throw;  // unreachable
+}
+
+// Row parts for a scan of n rows by nq queries (1 = split by queries only).
+int64_t scan_parts(int64_t nq, int64_t n, int64_t query_block, int64_t min_rows) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || nq >= threads * query_block) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(threads * 2, n / min_rows));
+}
+
+}  // namespace
+
+// (lut [n, M, ksub] or empty, codes [n, M] uint8 or empty). x [n, M·dsub] float32/float64, unit column
+// stride; codebooks [M, ksub, dsub] of x's dtype.
+std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks, int64_t metric, bool want_lut,
+                               bool want_codes) {
+  const char* op = want_codes ? "pq_encode" : "pq_lut";
+  FC_CHECK(x.device() == codebooks.device(), op, "x and codebooks must be on the same device");
+  FC_CHECK(!x.is_cuda() || (want_lut && !want_codes && x.scalar_type() == at::kFloat), op,
+           "on CUDA only float32 tables are computed here");
+  if (!x.is_cuda()) check_cpu(x, op, "x");
+  FC_CHECK(x.dim() == 2 && codebooks.dim() == 3, op, "x must be [n, d] and codebooks [M, ksub, dsub]");
+  FC_CHECK(x.scalar_type() == codebooks.scalar_type() &&
+               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+           op, "x and codebooks must both be float32 or both float64, got ", x.scalar_type(), " and ",
+           codebooks.scalar_type());
+  const int64_t n = x.size(0), M = codebooks.size(0), ksub = codebooks.size(1), dsub = codebooks.size(2);
+  FC_CHECK(x.size(1) == M * dsub, op, "x must have d = M·dsub = ", M * dsub, " columns, got ", x.size(1));
+  FC_CHECK(ksub >= 1 && ksub <= 256, op, "codebooks must have 1 <= ksub <= 256, got ", ksub);
+  const Metric m = metric_of(metric, op);
+  FC_CHECK(!want_codes || m == Metric::kL2, op, "encoding uses the l2 metric");
+  at::Tensor xc = (x.size(1) > 0 && x.stride(1) != 1) ? x.contiguous() : x;
+  at::Tensor ct = codebooks.permute({0, 2, 1}).contiguous();  // [M, dsub, ksub]
+  at::Tensor lut = want_lut ? at::empty({n, M, ksub}, x.options()) : at::Tensor();
+  at::Tensor codes = want_codes ? at::empty({n, M}, x.options().dtype(at::kByte)) : at::Tensor();
+  if (n == 0 || M == 0) return {lut, codes};
+  if (x.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    TableParams<float> p;
+    p.x = xc.data_ptr<float>();
+    p.x_stride = xc.stride(0);
+    p.codebooks_t = ct.data_ptr<float>();
+    p.n = n;
+    p.M = M;
+    p.dsub = dsub;
+    p.ksub = ksub;
+    p.metric = m;
+    p.lut = lut.data_ptr<float>();
+    check_status(pq_lut_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op, "table kernel launch");
+    return {lut, codes};
+#else
+    no_cuda(op);
+#endif
+  }
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
+    TableParams<scalar_t> p;
+    p.x = xc.data_ptr<scalar_t>();
+    p.x_stride = xc.stride(0);
+    p.codebooks_t = ct.data_ptr<scalar_t>();
+    p.n = n;
+    p.M = M;
+    p.dsub = dsub;
+    p.ksub = ksub;
+    p.metric = m;
+    p.lut = want_lut ? lut.data_ptr<scalar_t>() : nullptr;
+    p.codes = want_codes ? codes.data_ptr<uint8_t>() : nullptr;
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_tables_cpu(p, b, e); });
+  });
+  return {lut, codes};
+}
+
+// (assign [n] int64, min_dist [n] float32): nearest centroid by ‖x‖² − 2x·c + ‖c‖², GEMM in chunks of
+// rows so the [chunk, k] product stays small.
+std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids) {
+  const char* op = "kmeans";
+  check_cpu(x, op, "x");
+  FC_CHECK(x.dim() == 2 && centroids.dim() == 2 && x.size(1) == centroids.size(1) && x.scalar_type() == at::kFloat &&
+               centroids.scalar_type() == at::kFloat,
+           op, "x [n, d] and centroids [k, d] must be float32 with the same d");
+  const int64_t n = x.size(0), k = centroids.size(0);
+  FC_CHECK(k >= 1, op, "centroids must have k >= 1 rows");
+  at::Tensor xc = x.contiguous(), cc = centroids.contiguous();
+  at::Tensor assign = at::empty({n}, x.options().dtype(at::kLong));
+  at::Tensor min_dist = at::empty({n}, x.options());
+  if (n == 0) return {assign, min_dist};
+  at::Tensor x_norms = (xc * xc).sum(1), c_norms = (cc * cc).sum(1);
+  const int64_t chunk = std::max<int64_t>(256, (int64_t(1) << 22) / k);
+  at::Tensor ct = cc.t();
+  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+    const int64_t rows = std::min(chunk, n - r0);
+    at::Tensor gram = at::mm(xc.narrow(0, r0, rows), ct);  // [rows, k], contiguous
+    AssignParams p;
+    p.gram = gram.data_ptr<float>();
+    p.x_norms = x_norms.data_ptr<float>() + r0;
+    p.c_norms = c_norms.data_ptr<float>();
+    p.n = rows;
+    p.k = k;
+    p.assign = assign.data_ptr<int64_t>() + r0;
+    p.min_dist = min_dist.data_ptr<float>() + r0;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) { pq_assign_cpu(p, b, e); });
+  }
+  return {assign, min_dist};
+}
+
+// CUDA flat ADC top-k (see pq.cu): per-chunk block-wide top-k of packed (ordered key, row) uint64
+// values, merged here by one sort over the nchunks·k candidates per query, then unpacked.
+std::vector<at::Tensor> search_flat_cuda(const at::Tensor& lut, const at::Tensor& codes, int64_t k, int64_t metric) {
+  const char* op = "pq_search";
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat, op, "lut must be float32 [nq, M, ksub]");
+  FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == lut.size(1), op,
+           "codes must be uint8 [n, M] with lut's M");
+  FC_CHECK(k >= 1 && k <= 4096, op, "the cuda backend supports 1 <= k <= 4096, got ", k);
+  const int64_t nq = lut.size(0), M = lut.size(1), ksub = lut.size(2), n = codes.size(0);
+  (void)M;
+  (void)ksub;
+  FC_CHECK(n < (int64_t(1) << 32), op, "the cuda backend takes n < 2^32 codes");
+  const Metric m = metric_of(metric, op);
+  const bool ip = m == Metric::kIP;
+  const float pad = ip ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
+  if (nq == 0 || n == 0)
+    return {at::full({nq, k}, pad, lut.options()), at::full({nq, k}, -1, lut.options().dtype(at::kLong))};
+#ifdef FASTCORE_WITH_CUDA
+  c10::cuda::CUDAGuard guard(lut.device());
+  at::Tensor lc = lut.contiguous(), cc = codes.contiguous();
+  if (ksub < 256)
+    TORCH_CHECK_VALUE(cc.max().item<uint8_t>() < ksub, "fastcore_ai.ops.", op, ": codes must lie in [0, ksub)");
+  AdcCudaParams p;
+  p.lut = lc.data_ptr<float>();
+  p.codes = cc.data_ptr<uint8_t>();
+  p.nq = nq;
+  p.n = n;
+  p.M = M;
+  p.ksub = ksub;
+  p.k = k;
+  p.metric = m;
+  int64_t chunk = 1024;
+  while (chunk < k) chunk <<= 1;
+  p.chunk = chunk;
+  p.nchunks = (n + chunk - 1) / chunk;
+  at::Tensor partial = at::empty({nq, p.nchunks, k}, lut.options().dtype(at::kLong));
+  p.partial = reinterpret_cast<unsigned long long*>(partial.data_ptr<int64_t>());
+  for (int64_t q0 = 0; q0 < nq; q0 += 65535) {  // grid.y limit
+    AdcCudaParams slice = p;
+    slice.nq = std::min<int64_t>(65535, nq - q0);
+    slice.lut = p.lut + q0 * M * ksub;
+    slice.partial = p.partial + q0 * p.nchunks * k;
+    check_status(adc_topk_cuda(slice, c10::cuda::getCurrentCUDAStream().stream()), op,
+                 "ADC scan launch (shared memory for the table + chunk keys may exceed the device's opt-in limit)");
+  }
+  // Unsigned order = signed order after flipping the top bit.
+  const int64_t flip = std::numeric_limits<int64_t>::min();
+  at::Tensor merged = std::get<0>(at::sort(partial.reshape({nq, p.nchunks * k}).bitwise_xor(flip), 1)).narrow(1, 0, k);
+  at::Tensor u = merged.bitwise_xor(flip);
+  at::Tensor rows = u.bitwise_and(0xffffffffLL);
+  at::Tensor ukey = u.bitwise_right_shift(32).bitwise_and(0xffffffffLL);
+  // inverse of ordered_bits: top bit set -> clear it; else -> complement (32-bit)
+  at::Tensor bits = at::where(ukey.ge(0x80000000LL), ukey - 0x80000000LL, ukey.bitwise_xor(0xffffffffLL));
+  bits = at::where(bits.ge(0x80000000LL), bits - 0x100000000LL, bits).to(at::kInt);
+  at::Tensor key = bits.view(at::kFloat);
+  at::Tensor valid = rows.lt(n);
+  at::Tensor dist = at::where(valid, ip ? key.neg() : key, at::full_like(key, pad));
+  at::Tensor ids = at::where(valid, rows, at::full_like(rows, -1));
+  return {dist, ids};
+#else
+  no_cuda(op);
+#endif
+}
+
+// Flat ADC top-k: lut [nq, M, ksub] float32, codes [n, M] uint8 -> (dist [nq, k] float32, ids [nq, k]).
+std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& codes, int64_t k, int64_t metric) {
+  const char* op = "pq_search";
+  FC_CHECK(lut.device() == codes.device(), op, "lut and codes must be on the same device");
+  if (lut.is_cuda()) return search_flat_cuda(lut, codes, k, metric);
+  check_cpu(lut, op, "lut");
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat, op, "lut must be float32 [nq, M, ksub]");
+  FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == lut.size(1), op,
+           "codes must be uint8 [n, M] with lut's M");
+  FC_CHECK(k >= 1, op, "k must be >= 1, got ", k);
+  const int64_t nq = lut.size(0), M = lut.size(1), ksub = lut.size(2), n = codes.size(0);
+  FC_CHECK(ksub <= 256, op, "ksub must be <= 256");
+  ScanParams p;
+  at::Tensor lc = lut.contiguous(), cc = codes.contiguous();
+  // A code indexes its table row: one >= ksub would read past it (uint8 codes are always < 256).
+  if (ksub < 256 && cc.numel() > 0)
+    TORCH_CHECK_VALUE(cc.max().item<uint8_t>() < ksub, "fastcore_ai.ops.", op, ": codes must lie in [0, ksub) = [0, ",
+                      ksub, ")");
+  p.lut = lc.data_ptr<float>();
+  p.codes = cc.data_ptr<uint8_t>();
+  p.nq = nq;
+  p.n = n;
+  p.M = M;
+  p.ksub = ksub;
+  p.k = k;
+  p.metric = metric_of(metric, op);
+  at::Tensor dist = at::empty({nq, k}, lut.options());
+  at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
+  if (nq == 0) return {dist, ids};
+  const int64_t parts = scan_parts(nq, n, 8, 16384);
+  if (parts == 1) {
+    at::parallel_for(0, nq, 8, [&](int64_t b, int64_t e) {
+      pq_scan_flat_cpu(p, b, e, 0, n, dist.data_ptr<float>(), ids.data_ptr<int64_t>(), k);
+    });
+    return {dist, ids};
+  }
+  at::Tensor part_dist = at::empty({nq, parts, k}, dist.options());
+  at::Tensor part_ids = at::empty({nq, parts, k}, ids.options());
+  const int64_t rows_per_part = (n + parts - 1) / parts;
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      const int64_t r0 = std::min(n, part * rows_per_part), r1 = std::min(n, r0 + rows_per_part);
+      pq_scan_flat_cpu(p, 0, nq, r0, r1, part_dist.data_ptr<float>() + part * k, part_ids.data_ptr<int64_t>() + part * k,
+                       parts * k);
+    }
+  });
+  at::parallel_for(0, nq, 16, [&](int64_t b, int64_t e) {
+    pq_merge_topk_cpu(part_dist.data_ptr<float>(), part_ids.data_ptr<int64_t>(), parts, k, p.metric, b, e,
+                      dist.data_ptr<float>(), ids.data_ptr<int64_t>());
+  });
+  return {dist, ids};
+}
+
+// IVF ADC top-k over probed lists. lut [nq, L, M, ksub] float32 (L = nprobe: per probe; L = 1: shared),
+// codes [n, M] grouped by list, list_offsets [nlist + 1], probes [nq, nprobe] int64 (−1 = none),
+// bias [nq, nprobe] float32 or empty, ids [n] int64.
+std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& codes, const at::Tensor& list_offsets,
+                                   const at::Tensor& probes, const std::optional<at::Tensor>& bias,
+                                   const at::Tensor& ids, int64_t k, int64_t metric) {
+  const char* op = "ivfpq_search";
+  FC_CHECK(lut.dim() == 4 && lut.scalar_type() == at::kFloat && lut.device().is_cpu(), op,
+           "lut must be a CPU float32 [nq, L, M, ksub]");
+  const int64_t nq = lut.size(0), L = lut.size(1), M = lut.size(2), ksub = lut.size(3);
+  FC_CHECK(probes.dim() == 2 && probes.size(0) == nq && probes.scalar_type() == at::kLong, op,
+           "probes must be int64 [nq, nprobe]");
+  const int64_t nprobe = probes.size(1);
+  FC_CHECK(L == 1 || L == nprobe, op, "lut must have L = 1 or nprobe tables per query");
+  FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == M, op, "codes must be uint8 [n, M]");
+  const int64_t n = codes.size(0);
+  FC_CHECK(list_offsets.dim() == 1 && list_offsets.size(0) >= 1 && list_offsets.scalar_type() == at::kLong, op,
+           "list_offsets must be int64 [nlist + 1]");
+  FC_CHECK(ids.dim() == 1 && ids.size(0) == n && ids.scalar_type() == at::kLong, op, "ids must be int64 [n]");
+  FC_CHECK(k >= 1 && ksub <= 256, op, "k must be >= 1 and ksub <= 256");
+  at::Tensor offsets = list_offsets.contiguous();
+  const int64_t nlist = offsets.size(0) - 1;
+  {
+    const int64_t* o = offsets.data_ptr<int64_t>();
+    bool ok = o[0] == 0 && o[nlist] == n;
+    for (int64_t l = 0; l < nlist && ok; ++l) ok = o[l] <= o[l + 1];
+    FC_CHECK(ok, op, "list_offsets must rise from 0 to n = ", n);
+  }
+  at::Tensor lc = lut.contiguous(), cc = codes.contiguous(), pc = probes.contiguous(), ic = ids.contiguous();
+  if (ksub < 256 && cc.numel() > 0)
+    TORCH_CHECK_VALUE(cc.max().item<uint8_t>() < ksub, "fastcore_ai.ops.", op, ": codes must lie in [0, ksub) = [0, ",
+                      ksub, ")");
+  at::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    FC_CHECK(bias->dim() == 2 && bias->size(0) == nq && bias->size(1) == nprobe && bias->scalar_type() == at::kFloat, op,
+             "bias must be float32 [nq, nprobe]");
+    bc = bias->contiguous();
+  }
+  ScanParams p;
+  p.lut = lc.data_ptr<float>();
+  p.lut_per_probe = L == nprobe && nprobe > 1 ? 1 : (L == 1 ? 0 : 1);
+  p.codes = cc.data_ptr<uint8_t>();
+  p.nq = nq;
+  p.n = n;
+  p.M = M;
+  p.ksub = ksub;
+  p.k = k;
+  p.metric = metric_of(metric, op);
+  p.list_offsets = offsets.data_ptr<int64_t>();
+  p.nlist = nlist;
+  p.probes = pc.data_ptr<int64_t>();
+  p.nprobe = nprobe;
+  p.bias = bc.defined() ? bc.data_ptr<float>() : nullptr;
+  p.ids = ic.data_ptr<int64_t>();
+  at::Tensor dist = at::empty({nq, k}, lut.options());
+  at::Tensor out_ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
+  p.out_dist = dist.data_ptr<float>();
+  p.out_ids = out_ids.data_ptr<int64_t>();
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, nq, 1, [&](int64_t b, int64_t e) { bad += pq_scan_ivf_cpu(p, b, e); });
+  TORCH_CHECK_VALUE(bad.load() == 0, "fastcore_ai.ops.", op, ": probes must lie in [-1, nlist) = [-1, ", nlist, ")");
+  return {dist, out_ids};
+}
+
+// 4-bit fast-scan top-k: lut [nq, M, 16] float32 (the float tables), packed [nblocks, pairs, 32] uint8
+// holding n vectors. Returns (dist [nq, k] float32 dequantized, ids [nq, k]).
+std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& packed, int64_t n, int64_t k, int64_t metric) {
+  const char* op = "pq4_search";
+  check_cpu(lut, op, "lut");
+  check_cpu(packed, op, "packed");
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat && lut.size(2) == 16, op, "lut must be float32 [nq, M, 16]");
+  const int64_t nq = lut.size(0), M = lut.size(1), pairs = (M + 1) / 2;
+  FC_CHECK(M >= 1 && M <= 256, op, "M must satisfy 1 <= M <= 256 (uint16 sums), got ", M);
+  FC_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(1) == pairs && packed.size(2) == 32, op,
+           "packed must be uint8 [nblocks, ceil(M/2), 32]");
+  FC_CHECK(n >= 0 && (n + 31) / 32 == packed.size(0), op, "packed must hold ceil(n/32) blocks for n = ", n);
+  FC_CHECK(k >= 1, op, "k must be >= 1");
+  const Metric m = metric_of(metric, op);
+  at::Tensor lc = lut.contiguous(), pc = packed.contiguous();
+  at::Tensor qlut = at::empty({nq, pairs, 32}, packed.options());
+  at::Tensor scale = at::empty({nq}, lut.options()), offset = at::empty({nq}, lut.options());
+  at::Tensor dist = at::empty({nq, k}, lut.options());
+  at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
+  if (nq == 0) return {dist, ids};
+  at::parallel_for(0, nq, 64, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q)
+      pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
+                       scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
+  });
+  FastScanParams p;
+  p.packed = pc.data_ptr<uint8_t>();
+  p.n = n;
+  p.nblocks = pc.size(0);
+  p.pairs = pairs;
+  p.qlut = qlut.data_ptr<uint8_t>();
+  p.scale = scale.data_ptr<float>();
+  p.offset = offset.data_ptr<float>();
+  p.nq = nq;
+  p.k = k;
+  p.metric = m;
+  const int64_t parts = std::min<int64_t>(scan_parts(nq, n, 4, 32768), std::max<int64_t>(p.nblocks, 1));
+  if (parts == 1) {
+    at::parallel_for(0, nq, 4, [&](int64_t b, int64_t e) {
+      pq4_scan_cpu(p, b, e, 0, p.nblocks, dist.data_ptr<float>(), ids.data_ptr<int64_t>(), k);
+    });
+  } else {
+  at::Tensor part_dist = at::empty({nq, parts, k}, dist.options());
+  at::Tensor part_ids = at::empty({nq, parts, k}, ids.options());
+  const int64_t blocks_per_part = (p.nblocks + parts - 1) / parts;
+  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+    for (int64_t part = b; part < e; ++part) {
+      const int64_t b0 = std::min(p.nblocks, part * blocks_per_part), b1 = std::min(p.nblocks, b0 + blocks_per_part);
+      pq4_scan_cpu(p, 0, nq, b0, b1, part_dist.data_ptr<float>() + part * k, part_ids.data_ptr<int64_t>() + part * k,
+                   parts * k);
+    }
+  });
+  at::parallel_for(0, nq, 16, [&](int64_t b, int64_t e) {
+    // Raw quantized sums: merged in the l2 (ascending) order whatever the metric.
+    pq_merge_topk_cpu(part_dist.data_ptr<float>(), part_ids.data_ptr<int64_t>(), parts, k, Metric::kL2, b, e,
+                      dist.data_ptr<float>(), ids.data_ptr<int64_t>());
+  });
+  }
+  // Dequantize: key = D / a + b (padding stays +inf); ip scores are −key.
+  dist.div_(scale.unsqueeze(1)).add_(offset.unsqueeze(1));
+  if (m == Metric::kIP) dist.neg_();
+  return {dist, ids};
+}
+
+// IVF 4-bit fast-scan (non-residual): lut [nq, M, 16] float32; packed [total_blocks, pairs, 32] with the
+// lists one after another, list l in blocks list_blocks[l] .. list_blocks[l + 1] holding list_sizes[l]
+// vectors; row_ids [total_blocks·32]; probes [nq, nprobe]. Returns (dist [nq, k] dequantized, ids).
+std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& packed, const at::Tensor& list_blocks,
+                                       const at::Tensor& list_sizes, const at::Tensor& row_ids,
+                                       const at::Tensor& probes, int64_t k, int64_t metric) {
+  const char* op = "ivfpq_search";
+  check_cpu(lut, op, "lut");
+  check_cpu(packed, op, "packed");
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat && lut.size(2) == 16, op, "lut must be float32 [nq, M, 16]");
+  const int64_t nq = lut.size(0), M = lut.size(1), pairs = (M + 1) / 2;
+  FC_CHECK(M >= 1 && M <= 256, op, "M must satisfy 1 <= M <= 256, got ", M);
+  FC_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(1) == pairs && packed.size(2) == 32, op,
+           "packed must be uint8 [blocks, ceil(M/2), 32]");
+  const int64_t total_blocks = packed.size(0);
+  FC_CHECK(list_blocks.dim() == 1 && list_blocks.scalar_type() == at::kLong && list_blocks.size(0) >= 1, op,
+           "list_blocks must be int64 [nlist + 1]");
+  const int64_t nlist = list_blocks.size(0) - 1;
+  FC_CHECK(list_sizes.dim() == 1 && list_sizes.size(0) == nlist && list_sizes.scalar_type() == at::kLong, op,
+           "list_sizes must be int64 [nlist]");
+  FC_CHECK(row_ids.dim() == 1 && row_ids.size(0) == total_blocks * 32 && row_ids.scalar_type() == at::kLong, op,
+           "row_ids must be int64 [blocks·32]");
+  FC_CHECK(probes.dim() == 2 && probes.size(0) == nq && probes.scalar_type() == at::kLong, op,
+           "probes must be int64 [nq, nprobe]");
+  FC_CHECK(k >= 1, op, "k must be >= 1");
+  at::Tensor lb = list_blocks.contiguous(), ls = list_sizes.contiguous();
+  {
+    const int64_t* o = lb.data_ptr<int64_t>();
+    const int64_t* sz = ls.data_ptr<int64_t>();
+    bool ok = o[0] == 0 && o[nlist] == total_blocks;
+    for (int64_t l = 0; l < nlist && ok; ++l) ok = o[l] <= o[l + 1] && sz[l] >= 0 && sz[l] <= (o[l + 1] - o[l]) * 32;
+    FC_CHECK(ok, op, "list_blocks must rise from 0 to the number of blocks and hold each list's size");
+  }
+  const Metric m = metric_of(metric, op);
+  at::Tensor lc = lut.contiguous(), pc = packed.contiguous(), rc = row_ids.contiguous(), prc = probes.contiguous();
+  at::Tensor qlut = at::empty({nq, pairs, 32}, packed.options());
+  at::Tensor scale = at::empty({nq}, lut.options()), offset = at::empty({nq}, lut.options());
+  at::Tensor dist = at::empty({nq, k}, lut.options());
+  at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
+  if (nq == 0) return {dist, ids};
+  at::parallel_for(0, nq, 64, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q)
+      pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
+                       scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
+  });
+  FastScanIvfParams p;
+  p.base.packed = pc.data_ptr<uint8_t>();
+  p.base.pairs = pairs;
+  p.base.qlut = qlut.data_ptr<uint8_t>();
+  p.base.nq = nq;
+  p.base.k = k;
+  p.base.metric = m;
+  p.list_blocks = lb.data_ptr<int64_t>();
+  p.list_sizes = ls.data_ptr<int64_t>();
+  p.row_ids = rc.data_ptr<int64_t>();
+  p.nlist = nlist;
+  p.probes = prc.data_ptr<int64_t>();
+  p.nprobe = probes.size(1);
+  p.out_dist = dist.data_ptr<float>();
+  p.out_ids = ids.data_ptr<int64_t>();
+  std::atomic<int64_t> bad{0};
+  at::parallel_for(0, nq, 1, [&](int64_t b, int64_t e) { bad += pq4_scan_ivf_cpu(p, b, e); });
+  TORCH_CHECK_VALUE(bad.load() == 0, "fastcore_ai.ops.", op, ": probes must lie in [-1, nlist) = [-1, ", nlist, ")");
+  dist.div_(scale.unsqueeze(1)).add_(offset.unsqueeze(1));
+  if (m == Metric::kIP) dist.neg_();
+  return {dist, ids};
+}
+
+std::string fastscan_kernel(int64_t force) {
+  if (force >= 0) pq4_force_kernel(static_cast<int>(force));
+  return pq4_kernel_name();
+}
+
+}  // namespace pq
+}  // namespace fastcore
