@@ -9,12 +9,12 @@
 //         down GEMM applies the routing weight of each row in its epilogue (row_scale, built with torch ops
 //         on the device: no sync); then the fixed-order combine kernel with unit weights sums each token's
 //         k rows (deterministic, no atomics).
-//   CPU   per expert segment, in row chunks that stay in cache: gather the chunk's x rows into a buffer,
-//         one BLAS GEMM for gate_up, the fused activation, one BLAS GEMM for the down projection written
-//         straight into y_sorted, with the routing weight folded into the activation's output rows
-//         (h·w, so y = w · W_down h comes out of the GEMM already weighted); then the fixed-order combine
-//         with unit weights. The chunks of one expert run in order and BLAS threads within a GEMM, so the
-//         result does not depend on the thread count.
+//   CPU   work items of up to R rows of one expert (R keeps the item's x rows, gate_up and h within a few
+//         MB): gather the item's x rows into a buffer, one BLAS GEMM for gate_up, the fused activation, one
+//         BLAS GEMM for the down projection written straight into y_sorted, with the routing weight folded
+//         into the activation's output rows (w · W_down h = W_down (w · h), so y comes out of the GEMM
+//         already weighted); then the fixed-order combine with unit weights. Items run in parallel with
+//         single-threaded GEMMs when there are enough of them, else one after another with threaded GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -55,6 +55,15 @@ at::Tensor routing_scale_of_rows(const at::Tensor& token_slot, const at::Tensor&
   return buffer.narrow(0, 1, S);
 }
 
+// Parallel over work items from this many on. A function of the shapes only (never of the thread count),
+// so the same GEMM calls run whatever torch.get_num_threads() says: bitwise reproducible results.
+constexpr int64_t kMinParallelItems = 8;
+
+// One unit of CPU work: rows [begin, begin + rows) of expert e's segment.
+struct WorkItem {
+  int64_t expert, begin, rows;
+};
+
 at::Tensor experts_forward_cpu(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& slot_to_token,
                                const at::Tensor& token_slot, const at::Tensor& weights, const at::Tensor& w_gate_up,
                                const at::Tensor& w_down, int64_t activation, bool gated) {
@@ -68,39 +77,58 @@ at::Tensor experts_forward_cpu(const at::Tensor& x, const at::Tensor& offsets, c
     const int64_t* bounds = offsets.data_ptr<int64_t>();
     const int64_t E = offsets.size(0) - 1;
     const int64_t R = chunk_rows(H, n1);
-    at::Tensor xb = at::empty({std::min(R, S), H}, x.options());
-    at::Tensor gu = at::empty({std::min(R, S), n1}, x.options());
-    at::Tensor h_acc = at::empty({std::min(R, S), I}, x.options().dtype(acc));
-    at::Tensor gu_acc;
-    at::Tensor h = dtype == acc ? h_acc : at::empty({std::min(R, S), I}, x.options());
-    GatedActivationParams ap;
-    ap.inner = I;
-    ap.gated = gated;
-    ap.is_double = acc == at::kDouble;
-    ap.activation = static_cast<Activation>(activation);
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t begin = bounds[e]; begin < bounds[e + 1]; begin += R) {
-        const int64_t rows = std::min(R, bounds[e + 1] - begin);
+    std::vector<WorkItem> items;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t begin = bounds[e]; begin < bounds[e + 1]; begin += R)
+        items.push_back({e, begin, std::min(R, bounds[e + 1] - begin)});
+    const int64_t num_items = static_cast<int64_t>(items.size());
+    // Each item writes only its own rows of y_sorted, with a fixed computation: the result is the same
+    // whichever thread runs it. Enough items: one item per thread at a time with single-threaded BLAS
+    // (small expert GEMMs scale better that way than split across threads); few items: one after
+    // another, each GEMM using every thread (the BLAS's own partitioning).
+    const bool across_items = num_items >= kMinParallelItems;
+    auto run_items = [&](int64_t item_begin, int64_t item_end) {
+      const int64_t rows_max = std::min(R, S);
+      at::Tensor xb = at::empty({rows_max, H}, x.options());
+      at::Tensor gu = at::empty({rows_max, n1}, x.options());
+      at::Tensor h_acc = at::empty({rows_max, I}, x.options().dtype(acc));
+      at::Tensor h = dtype == acc ? h_acc : at::empty({rows_max, I}, x.options());
+      GatedActivationParams ap;
+      ap.inner = I;
+      ap.gated = gated;
+      ap.is_double = acc == at::kDouble;
+      ap.activation = static_cast<Activation>(activation);
+      for (int64_t i = item_begin; i < item_end; ++i) {
+        const WorkItem& item = items[i];
+        const int64_t rows = item.rows;
         at::Tensor x_chunk = xb.narrow(0, 0, rows), gu_chunk = gu.narrow(0, 0, rows);
-        at::index_select_out(x_chunk, x, 0, slot_to_token.narrow(0, begin, rows));
-        at::mm_out(gu_chunk, x_chunk, w_gate_up[e].t());
-        at::Tensor gu_in = gu_chunk;
-        if (dtype != acc) gu_in = gu_chunk.to(acc);
+        at::index_select_out(x_chunk, x, 0, slot_to_token.narrow(0, item.begin, rows));  // the one permutation
+        at::mm_out(gu_chunk, x_chunk, w_gate_up[item.expert].t());
+        const at::Tensor gu_in = dtype == acc ? gu_chunk : gu_chunk.to(acc);
         at::Tensor h_chunk = h_acc.narrow(0, 0, rows);
         ap.gate_up = gu_in.data_ptr();
         ap.h = h_chunk.data_ptr();
         ap.rows = rows;
-        at::parallel_for(0, rows, 16, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
+        if (across_items) {
+          gated_activation_forward_cpu(ap, 0, rows);
+        } else {
+          at::parallel_for(0, rows, 16, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
+        }
         // Fold the routing weight into h's rows: w · (W_down h) = W_down (w · h).
-        h_chunk.mul_(scale.narrow(0, begin, rows).unsqueeze(1));
+        h_chunk.mul_(scale.narrow(0, item.begin, rows).unsqueeze(1));
         at::Tensor h_in = h_chunk;
         if (dtype != acc) {
           h_in = h.narrow(0, 0, rows);
           h_in.copy_(h_chunk);
         }
-        at::Tensor y_chunk = y_sorted.narrow(0, begin, rows);
-        at::mm_out(y_chunk, h_in, w_down[e].t());
+        at::Tensor y_chunk = y_sorted.narrow(0, item.begin, rows);
+        at::mm_out(y_chunk, h_in, w_down[item.expert].t());
       }
+    };
+    if (across_items) {
+      at::parallel_for(0, num_items, 1, run_items);
+    } else {
+      run_items(0, num_items);
     }
   }
   return combine(y_sorted, token_slot, std::nullopt);

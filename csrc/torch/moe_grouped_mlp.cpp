@@ -45,8 +45,7 @@ void for_each_segment(const std::vector<int64_t>& bounds, Fn&& fn) {
     if (bounds[e + 1] > bounds[e]) fn(static_cast<int64_t>(e), bounds[e], bounds[e + 1] - bounds[e]);
 }
 
-at::Tensor run_activation(const at::Tensor& gate_up_acc, int64_t inner, bool gated, int64_t activation,
-                          const at::Tensor* grad_h_acc) {
+GatedActivationParams activation_params(const at::Tensor& gate_up_acc, int64_t inner, bool gated, int64_t activation) {
   GatedActivationParams p;
   p.gate_up = gate_up_acc.data_ptr();
   p.rows = gate_up_acc.size(0);
@@ -54,18 +53,42 @@ at::Tensor run_activation(const at::Tensor& gate_up_acc, int64_t inner, bool gat
   p.gated = gated;
   p.is_double = gate_up_acc.scalar_type() == at::kDouble;
   p.activation = static_cast<Activation>(activation);
-  at::Tensor out;
-  if (grad_h_acc == nullptr) {
-    out = at::empty({p.rows, inner}, gate_up_acc.options());
-    p.h = out.data_ptr();
-    at::parallel_for(0, p.rows, 64, [&](int64_t b, int64_t e) { gated_activation_forward_cpu(p, b, e); });
+  return p;
+}
+
+// Parallel over expert segments from this many non-empty ones on: a function of the shapes only (never
+// of the thread count), so the same GEMM calls run whatever torch.get_num_threads() says.
+constexpr int64_t kMinParallelSegments = 8;
+
+// Calls fn(e, begin, rows, threaded) for every non-empty expert segment. With many segments they run in
+// parallel (at::parallel_for; BLAS and fn's row loops single-threaded inside: small expert GEMMs scale
+// better that way); with few, one after another with threaded = true (fn's loops and BLAS use every thread).
+template <typename Fn>
+void for_each_segment_work(const std::vector<int64_t>& bounds, Fn&& fn) {
+  std::vector<int64_t> active;
+  for (size_t e = 0; e + 1 < bounds.size(); ++e)
+    if (bounds[e + 1] > bounds[e]) active.push_back(static_cast<int64_t>(e));
+  const int64_t n = static_cast<int64_t>(active.size());
+  if (n >= kMinParallelSegments) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t end) {
+      for (int64_t i = b; i < end; ++i) {
+        const int64_t e = active[i];
+        fn(e, bounds[e], bounds[e + 1] - bounds[e], false);
+      }
+    });
   } else {
-    out = at::empty_like(gate_up_acc);
-    p.grad_h = grad_h_acc->data_ptr();
-    p.grad_gate_up = out.data_ptr();
-    at::parallel_for(0, p.rows, 64, [&](int64_t b, int64_t e) { gated_activation_backward_cpu(p, b, e); });
+    for (const int64_t e : active) fn(e, bounds[e], bounds[e + 1] - bounds[e], true);
   }
-  return out;
+}
+
+// Runs body(b, end) over rows [begin, begin + rows), split across threads when `threaded`.
+template <typename Body>
+void rows_loop(int64_t begin, int64_t rows, bool threaded, Body&& body) {
+  if (threaded) {
+    at::parallel_for(begin, begin + rows, 64, body);
+  } else {
+    body(begin, begin + rows);
+  }
 }
 
 #ifdef FASTCORE_WITH_CUDA
@@ -224,20 +247,24 @@ std::vector<at::Tensor> grouped_mlp_forward(const at::Tensor& x_sorted, const at
 #endif
   }
   FC_CHECK(x_sorted.device().is_cpu(), kOp, "the cpu backend takes CPU tensors");
-  const int64_t S = x_sorted.size(0), H = x_sorted.size(1), I = w_down.size(2);
+  const int64_t S = x_sorted.size(0), H = x_sorted.size(1), I = w_down.size(2), n1 = w_gate_up.size(1);
   const auto bounds = segment_bounds(expert_offsets, S);
+  const auto dtype = x_sorted.scalar_type();
   const auto acc = accumulate_type_of(x_sorted);
-  at::Tensor gate_up = at::empty({S, w_gate_up.size(1)}, x_sorted.options());
+  at::Tensor gate_up_acc = at::empty({S, n1}, x_sorted.options().dtype(acc));
+  at::Tensor gate_up = dtype == acc ? gate_up_acc : at::empty({S, n1}, x_sorted.options());
+  at::Tensor h_acc = at::empty({S, I}, x_sorted.options().dtype(acc));
+  at::Tensor h = dtype == acc ? h_acc : at::empty({S, I}, x_sorted.options());
   at::Tensor y = at::empty({S, H}, x_sorted.options());
-  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
-    at::Tensor out = gate_up.narrow(0, begin, rows);
-    at::mm_out(out, x_sorted.narrow(0, begin, rows), w_gate_up[e].t());
-  });
-  at::Tensor gate_up_acc = gate_up.to(acc).contiguous();
-  at::Tensor h = run_activation(gate_up_acc, I, gated, activation, nullptr).to(x_sorted.scalar_type());
-  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
-    at::Tensor out = y.narrow(0, begin, rows);
-    at::mm_out(out, h.narrow(0, begin, rows), w_down[e].t());
+  GatedActivationParams ap = activation_params(gate_up_acc, I, gated, activation);
+  ap.h = h_acc.data_ptr();
+  for_each_segment_work(bounds, [&](int64_t e, int64_t begin, int64_t rows, bool threaded) {
+    at::Tensor gu_e = gate_up.narrow(0, begin, rows), y_e = y.narrow(0, begin, rows);
+    at::mm_out(gu_e, x_sorted.narrow(0, begin, rows), w_gate_up[e].t());
+    if (dtype != acc) gate_up_acc.narrow(0, begin, rows).copy_(gu_e);
+    rows_loop(begin, rows, threaded, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
+    if (dtype != acc) h.narrow(0, begin, rows).copy_(h_acc.narrow(0, begin, rows));
+    at::mm_out(y_e, h.narrow(0, begin, rows), w_down[e].t());
   });
   return {y, gate_up_acc};
 }
@@ -255,25 +282,43 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
     grouped_mlp_no_cuda(kOp);
 #endif
   }
-  const int64_t S = x_sorted.size(0), I = w_down.size(2);
+  const int64_t S = x_sorted.size(0), I = w_down.size(2), n1 = w_gate_up.size(1);
   const auto bounds = segment_bounds(expert_offsets, S);
   const auto dtype = x_sorted.scalar_type();
+  const auto acc = gate_up_acc.scalar_type();
+  FC_CHECK(gate_up_acc.dim() == 2 && gate_up_acc.size(0) == S && gate_up_acc.size(1) == n1 &&
+               acc == accumulate_type_of(x_sorted),
+           kOp, "gate_up must be the forward's [S, ", n1, "] tensor in the accumulate dtype");
+  at::Tensor gu = gate_up_acc.contiguous();
   at::Tensor gy = grad_y.to(dtype).contiguous();
-  at::Tensor h = run_activation(gate_up_acc, I, gated, activation, nullptr).to(dtype);
+  at::Tensor h_acc = at::empty({S, I}, x_sorted.options().dtype(acc));
+  at::Tensor h = dtype == acc ? h_acc : at::empty({S, I}, x_sorted.options());
   at::Tensor grad_h = at::empty({S, I}, x_sorted.options());
+  at::Tensor grad_h_acc = dtype == acc ? grad_h : at::empty({S, I}, x_sorted.options().dtype(acc));
+  at::Tensor grad_gu_acc = at::empty({S, n1}, x_sorted.options().dtype(acc));
+  at::Tensor grad_gu = dtype == acc ? grad_gu_acc : at::empty({S, n1}, x_sorted.options());
   at::Tensor grad_w_down = at::zeros_like(w_down, at::MemoryFormat::Contiguous);
   at::Tensor grad_w_gate_up = at::zeros_like(w_gate_up, at::MemoryFormat::Contiguous);
   at::Tensor grad_x = at::empty_like(x_sorted, at::MemoryFormat::Contiguous);
-  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
-    at::Tensor gy_e = gy.narrow(0, begin, rows);
+  GatedActivationParams ap = activation_params(gu, I, gated, activation);
+  ap.h = h_acc.data_ptr();
+  ap.grad_h = grad_h_acc.data_ptr();
+  ap.grad_gate_up = grad_gu_acc.data_ptr();
+  // Per expert segment (each writes only its own rows and its own weight-gradient slice):
+  //   h = act(gate) ⊙ up (recomputed from the saved gate_up), grad_h = grad_y W_down[e],
+  //   grad_W_down[e] = grad_yᵀ h, grad_gu = activation backward, grad_x = grad_gu W_gate_up[e],
+  //   grad_W_gate_up[e] = grad_guᵀ x.
+  for_each_segment_work(bounds, [&](int64_t e, int64_t begin, int64_t rows, bool threaded) {
+    at::Tensor gy_e = gy.narrow(0, begin, rows), h_e = h.narrow(0, begin, rows);
     at::Tensor grad_h_e = grad_h.narrow(0, begin, rows), grad_w_down_e = grad_w_down[e];
+    rows_loop(begin, rows, threaded, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
+    if (dtype != acc) h_e.copy_(h_acc.narrow(0, begin, rows));
     at::mm_out(grad_h_e, gy_e, w_down[e]);
-    at::mm_out(grad_w_down_e, gy_e.t(), h.narrow(0, begin, rows));
-  });
-  at::Tensor grad_h_acc = grad_h.to(gate_up_acc.scalar_type()).contiguous();
-  at::Tensor grad_gate_up = run_activation(gate_up_acc, I, gated, activation, &grad_h_acc).to(dtype);
-  for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
-    at::Tensor ggu_e = grad_gate_up.narrow(0, begin, rows);
+    at::mm_out(grad_w_down_e, gy_e.t(), h_e);
+    if (dtype != acc) grad_h_acc.narrow(0, begin, rows).copy_(grad_h_e);
+    rows_loop(begin, rows, threaded, [&](int64_t b, int64_t end) { gated_activation_backward_cpu(ap, b, end); });
+    at::Tensor ggu_e = grad_gu.narrow(0, begin, rows);
+    if (dtype != acc) ggu_e.copy_(grad_gu_acc.narrow(0, begin, rows));
     at::Tensor grad_x_e = grad_x.narrow(0, begin, rows), grad_w_gate_up_e = grad_w_gate_up[e];
     at::mm_out(grad_x_e, ggu_e, w_gate_up[e]);
     at::mm_out(grad_w_gate_up_e, ggu_e.t(), x_sorted.narrow(0, begin, rows));
