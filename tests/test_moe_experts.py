@@ -222,3 +222,20 @@ def test_errors():
         ops.moe_experts(x, ids, weights[:, :1], w1, w2, backend="cpu")
     with pytest.raises(ValueError, match="moe_experts: kept must have"):
         ops.moe_experts(x, ids, weights, w1, w2, kept=kept[:5], backend="cpu")
+
+
+def test_cpu_parallel_items_with_parameters():
+    """Many experts (the CPU paths then run expert work items in parallel worker threads) and weights that
+    are nn.Parameters: the inference path under no_grad and the training path both work and match."""
+    import fastcore_ai
+    torch.manual_seed(15)
+    T, H, I, E, k = 64, 16, 12, 16, 2
+    layer = fastcore_ai.nn.MoEExperts(E, H, I, backend="cpu")
+    x, ids, weights, kept, _, _ = make_inputs(T, H, I, E, k, seed=15)
+    expected = oracle(x, ids, weights, kept, layer.gate_up_proj, layer.down_proj)
+    with torch.no_grad():
+        assert relative_error(layer(x, ids, weights, kept), expected) < 1e-5
+    out = layer(x.requires_grad_(), ids, weights, kept)
+    assert relative_error(out, expected) < 1e-5
+    out.square().sum().backward()
+    assert x.grad is not None and layer.down_proj.grad is not None

@@ -88,6 +88,9 @@ at::Tensor experts_forward_cpu(const at::Tensor& x, const at::Tensor& offsets, c
     // another, each GEMM using every thread (the BLAS's own partitioning).
     const bool across_items = num_items >= kMinParallelItems;
     auto run_items = [&](int64_t item_begin, int64_t item_end) {
+      // at::parallel_for's worker threads do not inherit the caller's dispatch state: skip autograd
+      // explicitly (the weights may be parameters that require grad; this is a kernel, not a graph).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       const int64_t rows_max = std::min(R, S);
       at::Tensor xb = at::empty({rows_max, H}, x.options());
       at::Tensor gu = at::empty({rows_max, n1}, x.options());

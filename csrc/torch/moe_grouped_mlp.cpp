@@ -71,6 +71,9 @@ void for_each_segment_work(const std::vector<int64_t>& bounds, Fn&& fn) {
   const int64_t n = static_cast<int64_t>(active.size());
   if (n >= kMinParallelSegments) {
     at::parallel_for(0, n, 1, [&](int64_t b, int64_t end) {
+      // Worker threads do not inherit the caller's dispatch state: skip autograd explicitly (weights may
+      // be parameters that require grad; this is a kernel, not a graph).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
       for (int64_t i = b; i < end; ++i) {
         const int64_t e = active[i];
         fn(e, bounds[e], bounds[e + 1] - bounds[e], false);
