@@ -37,6 +37,9 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
                                              const at::Tensor& expert_offsets, const at::Tensor& w_gate_up,
                                              const at::Tensor& w_down, const at::Tensor& gate_up_acc,
                                              int64_t activation, bool gated);
+at::Tensor experts_forward(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
+                           const std::optional<at::Tensor>& kept, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                           int64_t activation, bool gated);
 }  // namespace moe
 }  // namespace fastcore
 
@@ -75,8 +78,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     });
     return __builtin_popcountll(seen.load());
   });
-  m.def("moe_grouped_mlp", &fastcore::moe::grouped_mlp_forward, "expert MLP over expert segments (CPU)");
-  m.def("moe_grouped_mlp_backward", &fastcore::moe::grouped_mlp_backward, "expert MLP backward (CPU)");
+  m.def("moe_grouped_mlp", &fastcore::moe::grouped_mlp_forward, "expert MLP over expert segments (CPU, CUDA)");
+  m.def("moe_grouped_mlp_backward", &fastcore::moe::grouped_mlp_backward, "expert MLP backward (CPU, CUDA)");
+  m.def("moe_experts", &fastcore::moe::experts_forward,
+        "fused expert computation: plan, gathered gate_up GEMM + activation, weighted down GEMM, combine",
+        pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("weights"), pybind11::arg("kept"),
+        pybind11::arg("w_gate_up"), pybind11::arg("w_down"), pybind11::arg("activation"), pybind11::arg("gated"));
   m.def("moe_topk_route", &fastcore::moe::topk_route, "fused softmax + top-k router",
         pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("renormalize"));
   m.def("moe_topk_route_backward", &fastcore::moe::topk_route_backward, "router backward",

@@ -56,9 +56,11 @@ int32_t element_size_of(const at::Tensor& t) { return static_cast<int32_t>(t.ele
 
 }  // namespace
 
-// Returns (x_sorted [S, H] in x's dtype, expert_offsets [E+1], slot_to_token [S], token_slot [T, k]).
-std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const std::optional<at::Tensor>& kept,
-                                 int64_t num_experts) {
+// Returns (x_sorted [S, H] in x's dtype, expert_offsets [E+1], slot_to_token [S], token_slot [T, k]);
+// with gather = false, x_sorted is an empty [0, H] tensor and x is only read for its device and shape
+// (the fused moe_experts paths gather x rows inside their GEMMs instead).
+std::vector<at::Tensor> dispatch_impl(const at::Tensor& x, const at::Tensor& expert_ids,
+                                      const std::optional<at::Tensor>& kept, int64_t num_experts, bool gather) {
   FC_CHECK(x.dim() == 2, kDispatch, "x must have shape [T, H], got ", x.dim(), " dims");
   scalar_kind_of(x, kDispatch, "x");
   FC_CHECK(expert_ids.dim() == 2 && expert_ids.scalar_type() == at::kLong && expert_ids.size(0) == x.size(0),
@@ -120,7 +122,7 @@ std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_i
   }
 
   at::Tensor slot_to_token = at::empty({S}, long_opts);
-  at::Tensor x_sorted = at::empty({S, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor x_sorted = at::empty({gather ? S : 0, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
   p.slot_to_token = slot_to_token.data_ptr<int64_t>();
   GatherRowsParams g;
   g.in = x.data_ptr();
@@ -136,13 +138,13 @@ std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_i
 #ifdef FASTCORE_WITH_CUDA
     // The scatter runs whenever there are slots: it writes token_slot = -1 for the dropped ones (S may be 0).
     if (T * k > 0) check_status(dispatch_plan_scatter_cuda(p, current_stream()), kDispatch, "plan (scatter) launch");
-    if (S > 0 && H > 0) check_status(gather_rows_cuda(g, current_stream()), kDispatch, "row gather launch");
+    if (gather && S > 0 && H > 0) check_status(gather_rows_cuda(g, current_stream()), kDispatch, "row gather launch");
 #else
     no_cuda(kDispatch);
 #endif
   } else {
     at::parallel_for(0, p.num_chunks, 1, [&](int64_t b, int64_t e) { dispatch_scatter_cpu(p, b, e); });
-    if (H > 0) {
+    if (gather && H > 0) {
       std::atomic<int64_t> bad_rows{0};
       at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t b, int64_t e) {
         bad_rows += gather_rows_cpu(g, b, e);
@@ -151,6 +153,11 @@ std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_i
     }
   }
   return {x_sorted, offsets, slot_to_token, token_slot};
+}
+
+std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const std::optional<at::Tensor>& kept,
+                                 int64_t num_experts) {
+  return dispatch_impl(x, expert_ids, kept, num_experts, /*gather=*/true);
 }
 
 namespace {

@@ -184,6 +184,16 @@ def moe_experts_cases(device: str, quick: bool = False) -> List[Case]:
                 providers = {f"hf-{impl}" if impl != "fastcore_ai" else "fastcore":
                              (lambda *a, impl=impl, run=provider: run(*a, impl))
                              for impl in usable}
+                if mode == "forward":
+                    # The same computation as three separate ops (dispatch -> grouped MLP -> combine): the
+                    # gain of the fused moe_experts path over its own composition.
+                    def unfused(module, x, ids, weights):
+                        with torch.no_grad():
+                            x_sorted, plan = ops.moe_dispatch(x, ids, None, module.gate_up_proj.shape[0])
+                            y = ops.moe_grouped_mlp(x_sorted, plan.expert_offsets, module.gate_up_proj,
+                                                    module.down_proj)
+                            return ops.moe_combine(y, plan, weights)
+                    providers["fastcore-unfused"] = unfused
 
                 def error(output, inputs):
                     module, x, ids, weights = inputs

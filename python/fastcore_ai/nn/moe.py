@@ -78,15 +78,9 @@ class MoEExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=self.hidden_size ** -0.5)
         nn.init.normal_(self.down_proj, std=self.intermediate_size ** -0.5)
 
-    @property
-    def mlp_backend(self) -> str:
-        """The grouped MLP has no cuda backend yet: an explicit "cuda" runs that stage on "auto" (triton on a GPU)."""
-        return "auto" if self.backend == "cuda" else self.backend
-
     def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor] = None) -> Tensor:
         return ops.moe_experts(x, expert_ids, weights.to(x.dtype), self.gate_up_proj, self.down_proj, kept=kept,
-                               activation=self.activation, gated=self.gated, backend=self.backend,
-                               mlp_backend=self.mlp_backend)
+                               activation=self.activation, gated=self.gated, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

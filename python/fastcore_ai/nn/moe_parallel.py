@@ -139,7 +139,7 @@ class ExpertParallelMoE(nn.Module):
         local_offsets = torch.cat([per_expert.new_zeros(1), per_expert.cumsum(0)])
         y_local = ops.moe_grouped_mlp(x_recv.index_select(0, order), local_offsets, experts.gate_up_proj,
                                       experts.down_proj, activation=experts.activation, gated=experts.gated,
-                                      backend=experts.mlp_backend)
+                                      backend=experts.backend)
         y_sorted = _AllToAll.apply(y_local.index_select(0, inverse), send_splits, recv_splits, self.group)
         return ops.moe_combine(y_sorted, plan, weights.to(y_sorted.dtype), backend=experts.backend)
 

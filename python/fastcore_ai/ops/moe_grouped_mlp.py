@@ -1,9 +1,12 @@
 """MoE op: the expert MLP over rows grouped by expert (`moe_dispatch`'s x_sorted and expert_offsets),
 with Hugging Face MixtralExperts' weight layout, so HF weights are used without copies.
 
-Backends: cpu (one BLAS GEMM per expert segment on views + a fused activation kernel), triton (a
-grouped GEMM over expert row tiles with the activation fused into its epilogue; float32 inputs use
-IEEE fp32 dots, not TF32) and reference. The CUDA tensor-core grouped GEMM is not written yet (issue 4).
+Backends: cuda (csrc/kernels/moe/grouped_gemm.cu: one grouped-GEMM launch over all experts per
+projection, bf16/fp16 on tensor cores with float32 accumulation, float32 on an exact SIMT path, the
+activation fused into the epilogues; the backward's two weight-gradient GEMMs are cuBLAS at::mm on
+per-expert segment views, which reads the offsets on the host once), cpu (one BLAS GEMM per expert
+segment on views + a fused activation kernel), triton (a grouped GEMM over expert row tiles with the
+activation fused into its epilogue; float32 inputs use IEEE fp32 dots, not TF32) and reference.
 """
 from __future__ import annotations
 
@@ -43,12 +46,12 @@ def _backward_triton(gy, x, offsets, w1, w2, gate_up, act, gated):
                                                  check_offsets=x.device.type == "cpu"))
 
 
-_FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "triton": _forward_triton,
+_FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "cuda": _forward_native, "triton": _forward_triton,
                                  "reference": reference_mlp.moe_grouped_mlp}
-_BACKWARD: Dict[str, Callable] = {"cpu": _backward_native, "triton": _backward_triton,
+_BACKWARD: Dict[str, Callable] = {"cpu": _backward_native, "cuda": _backward_native, "triton": _backward_triton,
                                   "reference": reference_mlp.moe_grouped_mlp_backward}
 
-backends.register_op(backends.standard_table(_OP, priority=("triton", "cpu", "reference")))  # no cuda yet
+backends.register_op(backends.standard_table(_OP))  # cuda, triton, cpu, reference
 
 
 @torch.library.custom_op("fastcore_ai::moe_grouped_mlp", mutates_args=())
