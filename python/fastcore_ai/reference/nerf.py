@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ray_aabb_intersect", "occupancy_grid_update", "pack_bitfield", "grid_level_aabbs", "ray_march",
-           "volume_render", "composite_blocks", "composite_blocks_weights"]
+           "volume_render", "volume_render_backward", "composite_blocks", "composite_blocks_weights"]
 
 
 # ---- 1. ray / AABB --------------------------------------------------------------------------------
@@ -260,6 +260,47 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
     opacity = torch.zeros(R, dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights)
     depth = torch.zeros(R, dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights * mid)
     return color, opacity, depth, weights
+
+
+def volume_render_backward(grad_color: Tensor, grad_opacity: Tensor, grad_depth: Tensor, grad_weights: Optional[Tensor],
+                           sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
+                           early_stop_eps: float = 1e-4) -> Tuple[Tensor, Tensor]:
+    """Closed-form gradient of volume_render (torch ops, no autograd) -> (grad_sigmas [S], grad_rgbs [S, 3]).
+
+    Every output is linear in w, so with u_i = g_C·c_i + g_A + g_D m_i + g_w,i (per-ray g's of the sample's
+    ray) and the per-ray suffix Σ_{j>i} w_j u_j:
+      ∂L/∂c_i = w_i g_C,   ∂L/∂σ_i = δ_i (T_{i+1} u_i − Σ_{j>i} w_j u_j)   for samples with T_i >= eps, else 0
+    (∂w_j/∂σ_i = δ_i T_{i+1} for j = i, −δ_i w_j for j > i; samples after the stop have w = 0).
+    """
+    R, S = packed_info.shape[0], sigmas.shape[0]
+    dtype, device = sigmas.dtype, sigmas.device
+    counts = packed_info[:, 1]
+    ray_of = torch.repeat_interleave(torch.arange(R, device=device), counts)
+    delta = (t_ends - t_starts).to(dtype)
+    tau_i = sigmas * delta
+    inclusive = torch.cumsum(tau_i, 0)
+    ray_base = torch.zeros(R, dtype=dtype, device=device)
+    nonempty = counts > 0
+    first = packed_info[:, 0][nonempty]
+    ray_base[nonempty] = inclusive[first] - tau_i[first]
+    exclusive = inclusive - tau_i - ray_base[ray_of]
+    trans = torch.exp(-exclusive)
+    alive = trans >= early_stop_eps
+    weights = torch.where(alive, trans * -torch.expm1(-tau_i), torch.zeros_like(trans))
+    trans_next = torch.exp(-(exclusive + tau_i))
+    mid = 0.5 * (t_starts + t_ends).to(dtype)
+    u = (grad_color[ray_of] * rgbs).sum(1) + grad_opacity[ray_of] + grad_depth[ray_of] * mid
+    if grad_weights is not None:
+        u = u + grad_weights
+    wu = weights * u
+    total = torch.zeros(R, dtype=dtype, device=device).index_add(0, ray_of, wu)
+    wu_inclusive = torch.cumsum(wu, 0)
+    wu_base = torch.zeros(R, dtype=dtype, device=device)
+    wu_base[nonempty] = wu_inclusive[first] - wu[first]
+    suffix = total[ray_of] - (wu_inclusive - wu_base[ray_of])
+    grad_sigmas = torch.where(alive, delta * (trans_next * u - suffix), torch.zeros_like(u))
+    grad_rgbs = weights[:, None] * grad_color[ray_of]
+    return grad_sigmas, grad_rgbs
 
 
 def _ranks(counts: Tensor) -> Tensor:
