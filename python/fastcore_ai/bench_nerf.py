@@ -20,7 +20,8 @@ BALLS = [((0.3, 0.2, -0.1), 0.35), ((-0.35, -0.25, 0.2), 0.3), ((0.1, -0.4, -0.4
 
 
 class _BallsMLP(torch.nn.Module):
-    """Small MLP radiance field; density = softplus(MLP) · smooth ball mask (zero outside the balls)."""
+    """Small MLP radiance field; density = 200·softplus(MLP) · smooth ball mask: zero outside the balls (so the
+    grid is exact) and opaque within a few steps of a ball's surface, like a trained field."""
 
     def __init__(self, hidden: int = 32):
         super().__init__()
@@ -39,7 +40,7 @@ class _BallsMLP(torch.nn.Module):
 
     def forward(self, x, d):
         h = self.l2(torch.relu(self.l1(torch.cat([x, d], -1))))
-        sigma = torch.nn.functional.softplus(h[:, 0]) * 30.0 * self.mask(x)
+        sigma = torch.nn.functional.softplus(h[:, 0]) * 200.0 * self.mask(x)  # opaque surfaces, as trained fields
         return sigma, torch.sigmoid(h[:, 1:])
 
 

@@ -251,9 +251,10 @@ def _march_op(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, re
               near: float, far: float, step_size: float, cone_angle: float, max_samples: int,
               jitter_u: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_ray_values(_MARCH, rays_o, rays_d)
-    out = _MARCH_IMPL[backend](rays_o, rays_d, aabb, bitfield, resolution, levels, near, far, step_size, cone_angle,
-                               max_samples, jitter_u)
-    return tuple(t.clone() if t.is_inference() else t for t in out)
+    ray_indices, t_starts, t_ends, packed_info = _MARCH_IMPL[backend](rays_o, rays_d, aabb, bitfield, resolution, levels,
+                                                                      near, far, step_size, cone_angle, max_samples,
+                                                                      jitter_u)
+    return ray_indices, t_starts, t_ends, packed_info
 
 
 @_march_op.register_fake
