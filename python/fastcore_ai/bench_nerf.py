@@ -1,6 +1,7 @@
 """Benchmark cases of the nerf family for fastcore_ai.bench (`python -m fastcore_ai bench --family nerf`).
 
-  nerf-render    R rays through a 128³ grid with ~10% of the cells occupied (four balls), step √3/1024 of the
+  nerf-render    (fastcore-cpu: NeRFRenderer.forward, all rays at once as in training; fastcore-cpu-inference:
+                 render_inference in chunks of 16384 rays with rounds and early termination) R rays through a 128³ grid with ~10% of the cells occupied (four balls), step √3/1024 of the
                  box, a small MLP field whose density is zero outside the balls: march + field + render
                  (fastcore) against the pure-torch dense path (uniform samples along the whole box chord,
                  cumprod transmittance, rendered in ray chunks) — the peer — in the same run. The error
@@ -114,6 +115,9 @@ def render_cases(device: str, quick: bool = False) -> List:
         with torch.no_grad():
             return renderer(rays_o, rays_d).rgb
 
+    def fastcore_inference(renderer, rays_o, rays_d, dense):
+        return renderer.render_inference(rays_o, rays_d, chunk=16384).rgb
+
     def dense_peer(renderer, rays_o, rays_d, dense):
         with torch.no_grad():
             return dense_render(renderer.field, rays_o, rays_d, step)
@@ -124,8 +128,8 @@ def render_cases(device: str, quick: bool = False) -> List:
         return float((output.double() - dense.double()).norm() / dense.double().norm())
 
     shape = f"render R={R} grid={res}^3 ~10% occupied step=sqrt3/1024 MLP32 (march+field+render)"
-    return [Case("nerf", shape, setup, {"fastcore-cpu": fastcore, "dense-torch": dense_peer}, error,
-                 peer="dense-torch")]
+    providers = {"fastcore-cpu": fastcore, "fastcore-cpu-inference": fastcore_inference, "dense-torch": dense_peer}
+    return [Case("nerf", shape, setup, providers, error, peer="dense-torch")]
 
 
 def torch_composition_render(sigmas, rgbs, t_starts, t_ends, packed_info):
