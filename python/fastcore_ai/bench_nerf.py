@@ -83,7 +83,7 @@ def _psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
-def render_cases(device: str, quick: bool = False) -> List:
+def render_cases(device: str, quick: bool = False, family: str = "nerf") -> List:
     from . import nn as fnn
     from .bench import Case
     if device != "cpu":
@@ -129,7 +129,7 @@ def render_cases(device: str, quick: bool = False) -> List:
 
     shape = f"render R={R} grid={res}^3 ~10% occupied step=sqrt3/1024 MLP32 (march+field+render)"
     providers = {"fastcore-cpu": fastcore, "fastcore-cpu-inference": fastcore_inference, "dense-torch": dense_peer}
-    return [Case("nerf", shape, setup, providers, error, peer="dense-torch")]
+    return [Case(family, shape, setup, providers, error, peer="dense-torch")]
 
 
 def torch_composition_render(sigmas, rgbs, t_starts, t_ends, packed_info):
@@ -172,7 +172,7 @@ def saved_bytes(fn, *inputs) -> int:
     return sum(unique.values())
 
 
-def render_backward_cases(device: str, quick: bool = False) -> List:
+def render_backward_cases(device: str, quick: bool = False, family: str = "nerf") -> List:
     from . import ops
     from .bench import Case
     if device != "cpu":
@@ -219,7 +219,7 @@ def render_backward_cases(device: str, quick: bool = False) -> List:
         return float((output.double() - expected).norm() / expected.norm())
 
     shape = f"volume_render fwd+bwd R={R} ~{n} samples/ray float32"
-    return [Case("nerf", shape, setup, {"fastcore-cpu": run(ours("cpu")), "torch-composition": run(torch_composition_render)},
+    return [Case(family, shape, setup, {"fastcore-cpu": run(ours("cpu")), "torch-composition": run(torch_composition_render)},
                  error, peer="torch-composition")]
 
 
@@ -227,4 +227,8 @@ def nerf_cases(device: str, quick: bool = False) -> List:
     return render_cases(device, quick) + render_backward_cases(device, quick)
 
 
-FAMILIES: dict = {"nerf": nerf_cases, "nerf_render": render_cases, "nerf_backward": render_backward_cases}
+FAMILIES: dict = {
+    "nerf": nerf_cases,
+    "nerf_render": lambda device, quick=False: render_cases(device, quick, "nerf_render"),
+    "nerf_backward": lambda device, quick=False: render_backward_cases(device, quick, "nerf_backward"),
+}
