@@ -1,2 +1,234 @@
-"""Benchmark cases of the nerf family (NeRF ray marching and rendering) for fastcore_ai.bench: family name -> cases(device, quick)."""
-FAMILIES: dict = {}
+"""Benchmark cases of the nerf family for fastcore_ai.bench (`python -m fastcore_ai bench --family nerf`).
+
+  nerf-render    (fastcore-cpu: NeRFRenderer.forward, all rays at once as in training; fastcore-cpu-inference:
+                 render_inference in chunks of 16384 rays with rounds and early termination) R rays through a 128³ grid with ~10% of the cells occupied (four balls), step √3/1024 of the
+                 box, a small MLP field whose density is zero outside the balls: march + field + render
+                 (fastcore) against the pure-torch dense path (uniform samples along the whole box chord,
+                 cumprod transmittance, rendered in ray chunks) — the peer — in the same run. The error
+                 column is ‖fastcore − dense‖ / ‖dense‖ of the image; the PSNR is printed.
+  nerf-render-bwd  volume_render forward + backward on packed samples: fastcore (O(R) saved, recomputing
+                 backward) against autograd through the torch composition (cumsum/exp/index_add, the peer):
+                 the peak column compares their extra memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+
+BALLS = [((0.3, 0.2, -0.1), 0.44), ((-0.35, -0.25, 0.2), 0.38), ((0.1, -0.4, -0.4), 0.28), ((-0.2, 0.45, 0.35), 0.25)]
+
+
+class _BallsMLP(torch.nn.Module):
+    """Small MLP radiance field; density = 200·softplus(MLP) · smooth ball mask: zero outside the balls (so the
+    grid is exact) and opaque within a few steps of a ball's surface, like a trained field."""
+
+    def __init__(self, hidden: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l1 = torch.nn.Linear(6, hidden)
+        self.l2 = torch.nn.Linear(hidden, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.register_buffer("centres", torch.tensor([b[0] for b in BALLS]))
+        self.register_buffer("radii", torch.tensor([b[1] for b in BALLS]))
+
+    def mask(self, x):
+        u = (1.0 - torch.cdist(x, self.centres.to(x.dtype)) / self.radii.to(x.dtype)).clamp(0, 1)
+        return (u * u * (3 - 2 * u)).amax(-1)
+
+    def forward(self, x, d):
+        h = self.l2(torch.relu(self.l1(torch.cat([x, d], -1))))
+        sigma = torch.nn.functional.softplus(h[:, 0]) * 200.0 * self.mask(x)  # opaque surfaces, as trained fields
+        return sigma, torch.sigmoid(h[:, 1:])
+
+
+def _rays(R: int, generator: torch.Generator):
+    """Rays from points on a sphere of radius 3 towards random points in the central half of the box."""
+    o = torch.nn.functional.normalize(torch.randn(R, 3, generator=generator), dim=-1) * 3.0
+    target = (torch.rand(R, 3, generator=generator) - 0.5)
+    return o, torch.nn.functional.normalize(target - o, dim=-1)
+
+
+def dense_render(field, rays_o, rays_d, step: float, chunk: int = 1024):
+    """The peer: uniform samples t_k = t0 + k·step over each ray's box chord, σ and rgb from the field,
+    T by torch.cumprod of (1 − α), C = Σ T α c — in ray chunks (a padded [chunk, N] batch)."""
+    lo, hi = -1.0, 1.0
+    inv = 1.0 / rays_d
+    t_a, t_b = (lo - rays_o) * inv, (hi - rays_o) * inv
+    t0 = torch.minimum(t_a, t_b).amax(-1).clamp_min(0)
+    t1 = torch.maximum(t_a, t_b).amin(-1)
+    n_max = int(math.ceil(float((t1 - t0).clamp_min(0).max()) / step))
+    out = torch.zeros(rays_o.shape[0], 3, device=rays_o.device)
+    k = torch.arange(n_max, dtype=torch.float32, device=rays_o.device)
+    for begin in range(0, rays_o.shape[0], chunk):
+        o, d = rays_o[begin:begin + chunk], rays_d[begin:begin + chunk]
+        a, b = t0[begin:begin + chunk, None], t1[begin:begin + chunk, None]
+        ts = a + k * step
+        te = torch.minimum(ts + step, b)
+        valid = ts < b
+        x = o[:, None, :] + (0.5 * (ts + te))[..., None] * d[:, None, :]
+        sigma, rgb = field(x.reshape(-1, 3), d[:, None, :].expand_as(x).reshape(-1, 3))
+        sigma = sigma.reshape(ts.shape) * valid
+        alpha = 1 - torch.exp(-sigma * (te - ts).clamp_min(0))
+        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
+        out[begin:begin + chunk] = ((trans * alpha)[..., None] * rgb.reshape(*ts.shape, 3)).sum(1)
+    return out
+
+
+def _psnr(a, b) -> float:
+    mse = float((a.double() - b.double()).square().mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def render_cases(device: str, quick: bool = False, family: str = "nerf") -> List:
+    from . import nn as fnn
+    from .bench import Case
+    if device != "cpu":
+        return []  # nerfacc / CUDA peers run under make gpu-check (benchmarks/test_bench_nerf.py)
+    R = 4096 if quick else 65536
+    res = 32 if quick else 128
+    step = math.sqrt(3) * 2 / 1024  # √3/1024 of the box (side 2)
+
+    def setup():
+        torch.manual_seed(0)
+        field = _BallsMLP().eval()
+        renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=res, step_size=step,
+                                    early_stop_eps=1e-4).eval()
+        with torch.no_grad():  # occupancy: the cells any point of which lies in a ball (conservative)
+            grid = renderer.grid
+            ijk = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
+            centres = (ijk.float() + 0.5) / res * 2 - 1
+            half_diag = math.sqrt(3) / res
+            dist = torch.cdist(centres, field.centres) - field.radii
+            occupied = (dist < half_diag).any(-1)
+            grid.set_occupied(occupied)
+        rays_o, rays_d = _rays(R, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            dense = dense_render(field, rays_o, rays_d, step)
+        print(f"  [nerf-render] grid {res}^3, {occupied.float().mean().item():.1%} cells occupied, R={R}")
+        return renderer, rays_o, rays_d, dense
+
+    def fastcore(renderer, rays_o, rays_d, dense):
+        with torch.no_grad():
+            return renderer(rays_o, rays_d).rgb
+
+    def fastcore_inference(renderer, rays_o, rays_d, dense):
+        return renderer.render_inference(rays_o, rays_d, chunk=16384).rgb
+
+    def dense_peer(renderer, rays_o, rays_d, dense):
+        with torch.no_grad():
+            return dense_render(renderer.field, rays_o, rays_d, step)
+
+    def error(output, inputs):
+        dense = inputs[3]
+        print(f"  [nerf-render] PSNR against the dense render: {_psnr(output, dense):.1f} dB")
+        return float((output.double() - dense.double()).norm() / dense.double().norm())
+
+    shape = f"render R={R} grid={res}^3 ~10% occupied step=sqrt3/1024 MLP32 (march+field+render)"
+    providers = {"fastcore-cpu": fastcore, "fastcore-cpu-inference": fastcore_inference, "dense-torch": dense_peer}
+    return [Case(family, shape, setup, providers, error, peer="dense-torch")]
+
+
+def torch_composition_render(sigmas, rgbs, t_starts, t_ends, packed_info):
+    """volume_render as plain torch ops (what autograd would store per sample): segmented exclusive sum
+    of σδ by a global cumsum minus each ray's base, exp, index_add."""
+    R = packed_info.shape[0]
+    counts = packed_info[:, 1]
+    ray_of = torch.repeat_interleave(torch.arange(R), counts)
+    tau = sigmas * (t_ends - t_starts)
+    inclusive = torch.cumsum(tau, 0)
+    base = (inclusive - tau)[packed_info[:, 0].clamp_max(max(sigmas.shape[0] - 1, 0))]
+    trans = torch.exp(-(inclusive - tau - base[ray_of]))
+    w = trans * -torch.expm1(-tau)
+    color = torch.zeros(R, 3, dtype=sigmas.dtype).index_add(0, ray_of, w[:, None] * rgbs)
+    opacity = torch.zeros(R, dtype=sigmas.dtype).index_add(0, ray_of, w)
+    return color, opacity
+
+
+def _fixed_mmap_threshold() -> None:
+    """glibc raises its mmap threshold after the first large free (up to 32 MiB), after which big tensors
+    live in the heap and the peak-RSS column misses them; a fixed 64 KiB threshold makes every tensor an
+    mmap, so the peak column sees each op's real extra memory."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def saved_bytes(fn, *inputs) -> int:
+    """Bytes autograd keeps for the backward of fn(*inputs), leaving out the inputs themselves."""
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        fn(*inputs)
+    own = {t.data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+    unique = {t.data_ptr(): t.numel() * t.element_size() for t in seen if t.data_ptr() not in own}
+    return sum(unique.values())
+
+
+def render_backward_cases(device: str, quick: bool = False, family: str = "nerf") -> List:
+    from . import ops
+    from .bench import Case
+    if device != "cpu":
+        return []
+    R, n = (4096, 64) if quick else (65536, 64)
+
+    def setup():
+        _fixed_mmap_threshold()
+        g = torch.Generator().manual_seed(0)
+        counts = torch.randint(n // 2, 3 * n // 2, (R,), generator=g)
+        starts = torch.cumsum(counts, 0) - counts
+        S = int(counts.sum())
+        ranks = torch.arange(S) - torch.repeat_interleave(starts, counts)
+        t_starts = 0.1 + ranks.float() * 0.01
+        sigmas = torch.rand(S, generator=g) * 5
+        rgbs = torch.rand(S, 3, generator=g)
+        inputs = (sigmas, rgbs, t_starts, t_starts + 0.01, torch.stack([starts, counts], 1))
+        for name, fn in (("fastcore-cpu", ours("cpu")), ("torch-composition", torch_composition_render)):
+            s, c = sigmas.detach().requires_grad_(), rgbs.detach().requires_grad_()
+            mb = saved_bytes(lambda s, c, *rest: fn(s, c, *rest), s, c, *inputs[2:]) / 2**20
+            print(f"  [nerf-render-bwd] {name}: {mb:.1f} MiB saved for backward besides the inputs (S={S})")
+        return inputs
+
+    def run(fn):
+        def provider(sigmas, rgbs, ts, te, packed):
+            s, c = sigmas.detach().requires_grad_(), rgbs.detach().requires_grad_()
+            color, opacity = fn(s, c, ts, te, packed)
+            (color.sum() + opacity.sum()).backward()
+            return torch.cat([s.grad, c.grad.reshape(-1)])
+        return provider
+
+    def ours(backend):
+        def fn(s, c, ts, te, packed):
+            out = ops.volume_render(s, c, ts, te, packed, early_stop_eps=0.0, backend=backend)
+            return out.rgb, out.opacity
+        return fn
+
+    def error(output, inputs):
+        sigmas, rgbs, ts, te, packed = inputs
+        s, c = sigmas.double().requires_grad_(), rgbs.double().requires_grad_()
+        out = ops.volume_render(s, c, ts.double(), te.double(), packed, early_stop_eps=0.0, backend="cpu")
+        (out.rgb.sum() + out.opacity.sum()).backward()
+        expected = torch.cat([s.grad, c.grad.reshape(-1)])
+        return float((output.double() - expected).norm() / expected.norm())
+
+    shape = f"volume_render fwd+bwd R={R} ~{n} samples/ray float32"
+    return [Case(family, shape, setup, {"fastcore-cpu": run(ours("cpu")), "torch-composition": run(torch_composition_render)},
+                 error, peer="torch-composition")]
+
+
+def nerf_cases(device: str, quick: bool = False) -> List:
+    return render_cases(device, quick) + render_backward_cases(device, quick)
+
+
+FAMILIES: dict = {
+    "nerf": nerf_cases,
+    "nerf_render": lambda device, quick=False: render_cases(device, quick, "nerf_render"),
+    "nerf_backward": lambda device, quick=False: render_backward_cases(device, quick, "nerf_backward"),
+}
