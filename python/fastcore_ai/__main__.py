@@ -22,7 +22,7 @@ def main(argv=None) -> None:
     demo = sub.add_parser("demo", help="build info plus the benchmark tables of every family")
     demo.add_argument("--full", action="store_true", help="every benchmark shape (default: a quick subset)")
     run = sub.add_parser("bench", help="benchmark tables")
-    run.add_argument("--family", action="append", choices=sorted(bench.FAMILIES), help="repeatable; default all")
+    run.add_argument("--family", action="append", choices=sorted(bench.FAMILIES), help="repeatable; default: every family's main table")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument("--json", dest="json_path", help="also write the rows and build info as JSON")
     run.add_argument("--quick", action="store_true", help="a subset of shapes, shorter timing")
@@ -33,11 +33,11 @@ def main(argv=None) -> None:
     elif args.command == "demo":
         print_info()
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        bench.main(sorted(bench.FAMILIES), device, None, quick=not args.full)
+        bench.main(bench.DEFAULT_FAMILIES, device, None, quick=not args.full)
     else:
         if args.threads:
             torch.set_num_threads(args.threads)
-        bench.main(args.family or sorted(bench.FAMILIES), args.device, args.json_path, args.quick)
+        bench.main(args.family or bench.DEFAULT_FAMILIES, args.device, args.json_path, args.quick)
 
 
 if __name__ == "__main__":
