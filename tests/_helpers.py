@@ -14,6 +14,21 @@ BACKEND_DEVICES = [
 ]
 
 
+
+def backend_dtype_cases(op: str, dtypes) -> list:
+    """(backend, device, dtype) parameters over BACKEND_DEVICES x dtypes, leaving out the combinations
+    the op's capability table (fastcore_ai.backends) declares unsupported, e.g. Triton with float64:
+    those are not generated rather than generated and skipped."""
+    support = backends.op_table(op).support
+    cases = []
+    for param in BACKEND_DEVICES:
+        backend, device = param.values
+        for dtype in dtypes:
+            if backend in support and dtype in support[backend].dtypes:
+                cases.append(pytest.param(backend, device, dtype, marks=param.marks,
+                                          id=f"{param.id}-{str(dtype).replace('torch.', '')}"))
+    return cases
+
 def require_backend(op: str, backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
     """Skip (with the registry's reasons) when `backend` cannot run here, e.g. Triton on CPU tensors
     without TRITON_INTERPRET=1 during `make gpu-check`. Never hides a failure of a backend that can run."""

@@ -11,7 +11,7 @@ from fastcore_ai.nn.mux import hadamard_keys, ortho_keys
 import importlib
 
 ref = importlib.import_module("fastcore_ai.reference.mux")  # the module (the package exports a function `mux`)
-from _helpers import BACKEND_DEVICES, relative_error, require_backend
+from _helpers import BACKEND_DEVICES, backend_dtype_cases, relative_error, require_backend
 
 FP32_BOUND = 1e-5
 
@@ -63,8 +63,7 @@ def test_mux_parity(backend, device, mode, B, N, L, d, poisoned_outputs):
     assert relative_error(gx, ex) < FP32_BOUND and relative_error(gk, ek) < FP32_BOUND
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("mux", [torch.bfloat16, torch.float16]))
 def test_mux_low_precision(backend, device, dtype):
     require_backend("mux", backend, device, dtype)
     x, keys = mux_inputs(2, 5, 6, 16, "hadamard", dtype=dtype, device=device)

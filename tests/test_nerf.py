@@ -10,7 +10,7 @@ from fastcore_ai import nn as fnn
 from fastcore_ai import ops, reference
 from fastcore_ai.reference import nerf as ref
 
-from _helpers import BACKEND_DEVICES, relative_error, require_backend
+from _helpers import BACKEND_DEVICES, backend_dtype_cases, relative_error, require_backend
 
 
 class Grid:
@@ -75,8 +75,7 @@ def test_ray_aabb_reference_edge_cases():
     assert not torch.isnan(near).any() and not torch.isnan(far).any()
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("ray_aabb_intersect", [torch.float32, torch.float64]))
 def test_ray_aabb_parity(backend, device, dtype, poisoned_outputs):
     require_backend("ray_aabb_intersect", backend, device, dtype)
     o, d = random_rays(33)
@@ -94,8 +93,7 @@ def test_ray_aabb_parity(backend, device, dtype, poisoned_outputs):
 
 # ---- 2. occupancy_grid_update ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKEND_DEVICES if "triton" not in p.id])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("occupancy_grid_update", [torch.float32, torch.float64]))
 def test_occupancy_grid_update_parity(backend, device, dtype, poisoned_outputs):
     require_backend("occupancy_grid_update", backend, device, dtype)
     N = 1001  # not a multiple of 8: the last byte is partial
@@ -251,8 +249,7 @@ def test_ray_march_jitter_generator_reproducible():
 
 # ---- 4. volume_render ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("volume_render", [torch.float32, torch.float64]))
 def test_volume_render_forward_parity(backend, device, dtype, poisoned_outputs):
     require_backend("volume_render", backend, device, dtype)
     sigmas, rgbs, ts, te, packed = packed_samples(37, max_count=12 if "triton" not in backend else 6)

@@ -8,7 +8,7 @@ import torch
 
 from fastcore_ai import _native, ops
 from fastcore_ai.reference import s4 as ref
-from _helpers import BACKEND_DEVICES, relative_error, require_backend
+from _helpers import BACKEND_DEVICES, backend_dtype_cases, relative_error, require_backend
 
 # complex64 / float32 bounds on the relative Frobenius error against the complex128 oracle. The sums
 # have N (Cauchy/Vandermonde forward, step) or L (backward) terms of well-conditioned S4-like inputs.
@@ -223,8 +223,7 @@ def test_fft_conv_parity(backend, device, B, H, L, Lk, with_D, poisoned_outputs)
         assert relative_error(actual, expected) < 1e-5
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("fft_conv", [torch.bfloat16, torch.float16, torch.float64]))
 def test_fft_conv_dtypes_non_contiguous(backend, device, dtype, poisoned_outputs):
     require_backend("fft_conv", backend, device, dtype)
     base = torch.randn(2, 40, 3).to(dtype)
