@@ -301,3 +301,72 @@ def test_native_entry_point_checks_its_input():
                                        None, None, False, 1.0)
     with pytest.raises(RuntimeError, match="key_padding_mask"):
         _native.native().mux_attention(q, k, v, None, torch.zeros(2, 6, dtype=torch.bool), False, 1.0)
+
+
+# ---- the CUDA tensor-core (WMMA) forward: bf16/fp16 on sm_80+ (csrc/kernels/mux/attention.cu)
+
+TC_SHAPES = [  # (B, H, Lq, Lk, D): head sizes padded to 16 in shared memory, masked row/key tails, Lq ≠ Lk
+    (1, 1, 1, 1, 1),
+    (2, 3, 7, 23, 13),
+    (1, 2, 33, 19, 64),
+    (1, 1, 130, 257, 96),
+    (1, 2, 45, 67, 200),
+    (1, 1, 17, 300, 256),
+]
+
+
+def _tensor_cores_or_skip():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible")
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core attention path needs sm_80+")
+    require_backend(OP, "cuda", "cuda", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,H,Lq,Lk,D", TC_SHAPES, ids=["-".join(map(str, s)) for s in TC_SHAPES])
+@pytest.mark.parametrize("case", ["none", "causal", "additive", "all", "masked_row"])
+def test_cuda_tensor_core_forward(dtype, B, H, Lq, Lk, D, case):
+    """Output within 2× torch's SDPA math path in that dtype (+1e-3) of the float64 reference, lse float32
+    within 1e-2; a fully masked row gives out = 0, lse = −inf; the SIMT backward still runs on the result."""
+    _tensor_cores_or_skip()
+    generator = torch.Generator().manual_seed(D * 7 + Lq)
+    q, k, v = make_qkv(B, H, Lq, Lk, D, dtype=dtype, device="cuda", seed=D + Lk)
+    masks = {} if case in ("none", "masked_row") else make_masks(case, B, H, Lq, Lk, "cuda", generator)
+    if case == "masked_row":
+        mask = torch.ones(Lq, Lk, dtype=torch.bool)
+        mask[Lq // 2] = False
+        masks["attn_mask"] = mask.cuda()
+    out, lse = ops.attention_with_lse(q, k, v, backend="cuda", **masks)
+    expected, expected_lse = ref.attention_with_lse(*(t.double().cpu() for t in (q, k, v)),
+                                                    **{n: (m.cpu() if isinstance(m, torch.Tensor) else m)
+                                                       for n, m in masks.items()})
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    out, lse = out.cpu(), lse.cpu()
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    dead = torch.isneginf(expected_lse)
+    assert torch.equal(torch.isneginf(lse), dead)
+    assert torch.all(out[dead] == 0)
+    live = ~dead
+    torch_bias = ref.attention_bias(B, H, Lq, Lk, masks.get("attn_mask"), masks.get("key_padding_mask"),
+                                    masks.get("causal", False), torch.float64, "cpu") \
+        if masks else None
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch_out = torch.nn.functional.scaled_dot_product_attention(
+            *(t.cpu() for t in (q, k, v)), attn_mask=torch_bias.to(dtype) if torch_bias is not None else None)
+    if live.any():
+        bound = 2 * relative_error(torch_out[live], expected[live]) + 1e-3
+        assert relative_error(out[live], expected[live]) <= bound
+        assert torch.allclose(lse[live].double(), expected_lse[live], atol=1e-2, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_cuda_tensor_core_forward_matches_simt_within_bound(dtype):
+    """The tensor-core forward (bf16/fp16) and the SIMT forward on float32 copies agree to the 16-bit bound."""
+    _tensor_cores_or_skip()
+    q, k, v = make_qkv(2, 2, 77, 91, 40, dtype=dtype, device="cuda")
+    out = ops.attention(q, k, v, backend="cuda", causal=True)
+    out32 = ops.attention(q.float(), k.float(), v.float(), backend="cuda", causal=True)
+    assert relative_error(out.float(), out32) < 1e-2

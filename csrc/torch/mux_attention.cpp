@@ -11,6 +11,7 @@
 #ifdef FASTCORE_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 namespace fastcore {
@@ -115,7 +116,14 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
 #ifdef FASTCORE_WITH_CUDA
     FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
     c10::cuda::CUDAGuard guard(q.device());
-    check_status(attention_forward_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), "forward launch");
+    // float16 / bfloat16 on sm_80+: the tensor-core (WMMA) forward; float32 (and older GPUs): SIMT.
+    int major = 0;
+    check_status(static_cast<int>(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device())),
+                 "device query");
+    const bool tensor_cores = (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) && major >= 8;
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    check_status(tensor_cores ? attention_forward_wmma_cuda(p, stream) : attention_forward_cuda(p, stream),
+                 "forward launch");
 #else
     no_cuda();
 #endif

@@ -75,6 +75,9 @@ void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_
 
 // ---- CUDA entry points (attention.cu); return a cudaError_t as int (0 = success).
 int attention_forward_cuda(const AttentionParams& p, void* stream);
+// Tensor-core (WMMA m16n16k16, float32 accumulation) forward for float16 / bfloat16 on sm_80+; same
+// outputs and mask semantics as attention_forward_cuda.
+int attention_forward_wmma_cuda(const AttentionParams& p, void* stream);
 int attention_backward_cuda(const AttentionParams& p, void* workspace, void* stream);
 
 }  // namespace mux

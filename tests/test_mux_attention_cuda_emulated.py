@@ -1,0 +1,185 @@
+"""The tensor-core (WMMA) forward of the CUDA attention (csrc/kernels/mux/attention.cu,
+attention_forward_wmma_cuda) checked against the float64 reference on the CPU CUDA emulator of
+tests/test_cuda_build.py (kernel source unchanged, launches rewritten), with a functional WMMA stand-in
+where each emulated thread holds whole 16×16 fragments: the staging, zero padding of D to a multiple of
+16, masked tails, the online softmax, the mask/causal/fully-masked-row rules and the output/LSE stores
+are checked, not the hardware fragment layout (the GPU parity tests in tests/test_mux_attention.py do that).
+
+Bounds are those of tests/test_mux_attention.py for 16-bit inputs: relative error vs float64 no worse than
+2× torch's SDPA math path in that dtype + 1e-3; LSE (float32) within 1e-2 absolute.
+"""
+import ctypes
+import importlib
+
+import pytest
+import torch
+
+from test_cuda_build import build_emulated_kernels
+
+ref = importlib.import_module("fastcore_ai.reference.mux")
+
+WMMA_EMULATION = r"""
+#define __align__(n) __attribute__((aligned(n)))
+#define __device__
+#define __forceinline__ inline
+#include <cmath>
+#include <cstring>
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float emu_widen(float v) { return v; }
+inline float emu_widen(__nv_bfloat16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float emu_widen(__half v) {
+  const uint32_t e = (v.bits >> 10) & 0x1f, m = v.bits & 0x3ff;
+  float magnitude = e == 0 ? std::ldexp(float(m), -24)
+                  : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 0x400), int(e) - 25);
+  return (v.bits & 0x8000) ? -magnitude : magnitude;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::block->warp_barriers[emu::thread_idx.x / 32]); }
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int num_elements = 256;
+  float x[256];
+};
+template <class Use, class T, class L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = emu_widen(p[r * ldm + c]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ldm + c];
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (int i = 0; i < 256; ++i) f.x[i] = v;
+}
+template <class T>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+              const fragment<matrix_b, 16, 16, 16, T, row_major>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float sum = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k) sum += a.x[i * 16 + k] * b.x[k * 16 + j];
+      out[i * 16 + j] = sum;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda
+"""
+
+DRIVER = r"""
+#include "attention_emulated.inc"
+using namespace fastcore;
+using namespace fastcore::mux;
+extern "C" int emu_attention_forward_wmma(int kind, const void* q, const void* k, const void* v, const int64_t* qs,
+                                          const int64_t* ks, const int64_t* vs, int64_t B, int64_t H, int64_t Lq,
+                                          int64_t Lk, int64_t D, const bool* mask, const int64_t* ms, int causal,
+                                          double scale, void* out, float* lse) {
+  AttentionParams p;
+  p.q = q; p.k = k; p.v = v; p.kind = ScalarKind(kind);
+  for (int i = 0; i < 4; ++i) { p.q_stride[i] = qs[i]; p.k_stride[i] = ks[i]; p.v_stride[i] = vs[i]; }
+  p.batch = B; p.heads = H; p.len_q = Lq; p.len_k = Lk; p.head_dim = D;
+  if (mask != nullptr) {
+    p.mask = mask; p.mask_kind = MaskKind::kBool;
+    for (int i = 0; i < 4; ++i) p.mask_stride[i] = ms[i];
+  }
+  p.causal = causal != 0; p.scale = scale; p.out = out; p.lse = lse;
+  return attention_forward_wmma_cuda(p, nullptr);
+}
+"""
+
+KIND = {torch.float16: 1, torch.bfloat16: 2}
+
+
+@pytest.fixture(scope="module")
+def emulated_attention(tmp_path_factory):
+    return build_emulated_kernels(tmp_path_factory.mktemp("mux_attention_emulator"), "mux/attention.cu", DRIVER,
+                                  "attention", extra_runtime=WMMA_EMULATION)
+
+
+def _strides(t):
+    return (ctypes.c_int64 * 4)(*t.stride())
+
+
+def run_emulated(lib, q, k, v, mask=None, causal=False):
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    out = torch.full((B, H, Lq, D), float("nan"), dtype=q.dtype)
+    lse = torch.full((B, H, Lq), float("nan"), dtype=torch.float32)
+    mask_e = mask.expand(B, H, Lq, Lk) if mask is not None else None
+    status = lib.emu_attention_forward_wmma(
+        KIND[q.dtype], ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
+        _strides(q), _strides(k), _strides(v), *(ctypes.c_int64(x) for x in (B, H, Lq, Lk, D)),
+        ctypes.c_void_p(mask_e.data_ptr()) if mask is not None else None,
+        _strides(mask_e) if mask is not None else None, int(causal), ctypes.c_double(D ** -0.5),
+        ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()))
+    assert status == 0, f"emulated attention_forward_wmma_cuda returned cudaError {status}"
+    return out, lse
+
+
+def relative_error(a, e):
+    a, e = a.double(), e.double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def reference(q, k, v, mask=None, causal=False):
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    return ref.attention_with_lse(q64, k64, v64, attn_mask=mask, causal=causal)
+
+
+def torch_in_dtype(q, k, v, mask=None, causal=False):
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+CASES = [  # (B, H, Lq, Lk, D, causal, masked_row)
+    (1, 2, 7, 23, 13, False, False),
+    (2, 1, 33, 19, 64, False, True),
+    (1, 1, 21, 21, 200, True, False),
+    (1, 2, 18, 37, 64, True, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,H,Lq,Lk,D,causal,masked_row", CASES)
+def test_wmma_forward_on_emulator(emulated_attention, dtype, B, H, Lq, Lk, D, causal, masked_row):
+    g = torch.Generator().manual_seed(Lq * 31 + D)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype) for L in (Lq, Lk, Lk))
+    mask = None
+    if masked_row:
+        mask = torch.ones(Lq, Lk, dtype=torch.bool)
+        mask[3] = False  # row 3 sees no key
+        mask[5, ::2] = False
+    out, lse = run_emulated(emulated_attention, q, k, v, mask, causal)
+    expected, expected_lse = reference(q, k, v, mask, causal)
+    if masked_row:
+        assert torch.all(out[:, :, 3] == 0) and torch.all(torch.isneginf(lse[:, :, 3]))
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    rows = [i for i in range(Lq) if not (masked_row and i == 3)]
+    tmask = mask[rows] if mask is not None else None
+    if causal:  # the in-dtype comparison uses an explicit causal mask for Lq != Lk (top-left aligned)
+        cm = torch.ones(Lq, Lk, dtype=torch.bool).tril()[rows]
+        tmask = cm if tmask is None else (tmask & cm)
+    torch_out = torch_in_dtype(q[:, :, rows], k, v, tmask)
+    bound = 2 * relative_error(torch_out, expected[:, :, rows]) + 1e-3
+    assert out.dtype == dtype
+    assert relative_error(out[:, :, rows], expected[:, :, rows]) <= bound
+    assert torch.allclose(lse[:, :, rows].double(), expected_lse[:, :, rows], atol=1e-2, rtol=0)
