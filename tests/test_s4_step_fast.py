@@ -226,3 +226,22 @@ def test_s4conv_step_uses_fast_path_under_no_grad(monkeypatch):
         y2, returned = layer.step(u, work, inplace=True)
     assert slow == [] and returned is work
     assert torch.equal(y, y_grad.detach()) and torch.equal(s, s_grad) and torch.equal(y2, y) and torch.equal(work, s)
+
+
+def test_s4block_inplace_step_matches_functional_and_forward():
+    torch.manual_seed(2)
+    B, H, L = 2, 8, 24
+    block = fnn.S4Block(H, d_state=16, l_max=L).eval()
+    x = torch.randn(B, L, H)
+    with torch.no_grad():
+        y_full = block(x)
+        block.setup_step()
+        state = block.default_state(B)
+        work = block.default_state(B)
+        ys = []
+        for t in range(L):
+            y, state = block.step(x[:, t], state)
+            y2, returned = block.step(x[:, t], work, inplace=True)
+            assert returned is work and torch.equal(y2, y) and torch.equal(work, state)
+            ys.append(y2)
+    assert (torch.stack(ys, 1) - y_full).norm() / y_full.norm() < 1e-4
