@@ -493,7 +493,7 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
     }
     // A step is tiny (the bench shape, 16·256·32 states, is ~20 µs on one core): stay on one thread below
     // ~2^17 states, where waking a second thread costs more than it saves.
-    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 17) / N),
+    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 15) / N),
                      [&](int64_t b, int64_t e) { ssm_step_cpu<T>(p, b, e); });
   });
   return {y, new_state};

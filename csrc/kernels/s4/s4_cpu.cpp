@@ -199,23 +199,40 @@ FC_CPU_CLONES void ssm_step_float_rows(const StepParams<float>& p, int64_t begin
   const I dup_re = {0, 0, 2, 2, 4, 4, 6, 6}, dup_im = {1, 1, 3, 3, 5, 5, 7, 7}, swap = {1, 0, 3, 2, 5, 4, 7, 6};
   const V sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f}, re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
   const int64_t N = p.states;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t h = row % p.heads;
-    const float u = load_as<float>(p.u, p.u_kind, row);
+  int64_t h = begin % p.heads;  // advanced with the row: no division per row
+  for (int64_t row = begin; row < end; ++row, h = (h + 1 == p.heads) ? 0 : h + 1) {
+    const float u = p.u_kind == ScalarKind::kFloat32 ? static_cast<const float*>(p.u)[row]
+                                                     : load_as<float>(p.u, p.u_kind, row);
     const float* s = p.state + 2 * row * N;
     float* s_new = p.new_state + 2 * row * N;
     const float* a = p.dA + 2 * h * N;
     const float* bb = p.dB + 2 * h * N;
     const float* c = p.C + 2 * h * N;
-    V acc = V{};
+    const V uv = V{} + u;
+    // two independent accumulators (N = 32 is 8 vectors: halves the add-latency chain)
+    V acc0 = V{}, acc1 = V{};
     int64_t i = 0;
+    for (; i + 16 <= 2 * N; i += 16) {
+      const V sv0 = load_lanes(s + i), av0 = load_lanes(a + i), bv0 = load_lanes(bb + i), cv0 = load_lanes(c + i);
+      const V sv1 = load_lanes(s + i + 8), av1 = load_lanes(a + i + 8), bv1 = load_lanes(bb + i + 8),
+              cv1 = load_lanes(c + i + 8);
+      const V next0 = __builtin_shuffle(av0, dup_re) * sv0 +
+                      __builtin_shuffle(av0, dup_im) * __builtin_shuffle(sv0, swap) * sign + bv0 * uv;
+      const V next1 = __builtin_shuffle(av1, dup_re) * sv1 +
+                      __builtin_shuffle(av1, dup_im) * __builtin_shuffle(sv1, swap) * sign + bv1 * uv;
+      std::memcpy(s_new + i, &next0, sizeof(next0));
+      std::memcpy(s_new + i + 8, &next1, sizeof(next1));
+      acc0 += cv0 * next0;
+      acc1 += cv1 * next1;
+    }
     for (; i + 8 <= 2 * N; i += 8) {
       const V sv = load_lanes(s + i), av = load_lanes(a + i), bv = load_lanes(bb + i), cv = load_lanes(c + i);
       const V next = __builtin_shuffle(av, dup_re) * sv + __builtin_shuffle(av, dup_im) * __builtin_shuffle(sv, swap) * sign +
-                     bv * u;
+                     bv * uv;
       std::memcpy(s_new + i, &next, sizeof(next));
-      acc += cv * next * re_sign;
+      acc0 += cv * next;
     }
+    const V acc = (acc0 + acc1) * re_sign;  // Re(C s') = c_re s_re − c_im s_im: the sign once per row
     float tail = 0.f;
     for (int64_t n = i / 2; n < N; ++n) {
       const float sr = s[2 * n], si = s[2 * n + 1];

@@ -274,7 +274,12 @@ class S4Conv(nn.Module):
 
     def step(self, u: Tensor, state: Tensor, inplace: bool = False) -> Tuple[Tensor, Tensor]:
         """One time step: u [B, H] -> (y [B, H], new state). Functional unless inplace=True (S4D: the state
-        tensor is updated in place, no allocation; needs no autograd)."""
+        tensor is updated in place, no allocation; needs no autograd).
+
+        Generation should run under torch.no_grad() / torch.inference_mode(): S4D then takes
+        ops.ssm_step's lean per-step path (cached validation, the native kernel called directly, bitwise
+        the registered op's result). With grad enabled, D (a parameter) makes the step differentiable
+        through the registered op instead."""
         if self._step is None:
             raise RuntimeError("fastcore_ai.nn.S4Conv: call setup_step() before step()")
         if self.mode == "s4":  # O(N) DPLR step (torch ops), then the D skip
@@ -320,7 +325,8 @@ class S4Block(nn.Module):
     def default_state(self, batch: int) -> Tensor:
         return self.conv.default_state(batch)
 
-    def step(self, x: Tensor, state: Tensor) -> Tuple[Tensor, Tensor]:
-        """x [B, H] -> (y [B, H], new state); the same activation as forward (SaShiMi's step bug, s4#126)."""
-        y, state = self.conv.step(self.norm(x), state)
+    def step(self, x: Tensor, state: Tensor, inplace: bool = False) -> Tuple[Tensor, Tensor]:
+        """x [B, H] -> (y [B, H], new state); the same activation as forward (SaShiMi's step bug, s4#126).
+        inplace=True updates `state` in place (S4D; see S4Conv.step, run under torch.no_grad())."""
+        y, state = self.conv.step(self.norm(x), state, inplace=inplace)
         return x + self._mix(y), state

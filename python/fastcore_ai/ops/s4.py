@@ -14,6 +14,7 @@ follow PyTorch's complex convention. The nodes z of `cauchy` are constants (no g
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -402,20 +403,9 @@ def _step_inplace_fake(state, u, dA, dB, C, D, backend):
     return u.new_empty(u.shape)
 
 
-def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None, *,
-             inplace: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
-    """One recurrent step of a diagonal SSM (S4D, or S4 after diagonalisation), conjugate half stored:
-        state' = dA ∘ state + dB · u,   y = 2 · Re Σ_n C · state' + D · u.
-
-    Args:
-      state: [B, H, N] complex64 (complex128 on cpu/reference), 1 <= N <= 4096.
-      u: [B, H] float (float32/bfloat16/float16/float64); dA, dB, C: [H, N] in state's dtype; D: [H] float or None.
-    Returns (y [B, H] in u's dtype, new_state [B, H, N]). By default functional: `state` is NOT modified
-    (so the step is differentiable w.r.t. every input and safe under torch.compile); rebind it:
-    `y, state = ssm_step(state, u, ...)`. With inplace=True the new state is written into `state` (which
-    must be contiguous and not require grad; no autograd) and returned as new_state: no allocation per
-    step, the generation fast path.
-    """
+def _step_validate(state, u, dA, dB, C, D, inplace, backend) -> str:
+    """Every check of ssm_step (shapes, dtypes, devices, N range, inplace rules) and the backend choice;
+    raises the documented errors, returns the chosen backend."""
     check_tensor(_STEP, "state", state, ndim=3, dtypes=_COMPLEX, layout="[B, H, N]")
     B, H, N = state.shape
     check_size(_STEP, "N (state.shape[2])", N, 1, MAX_STATES, state)
@@ -443,5 +433,103 @@ def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Opt
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (state, u, dA, dB, C, D)):
             raise ValueError(f"fastcore_ai.ops.{_STEP}: inplace=True has no autograd; use inplace=False to "
                              "differentiate (or run under torch.no_grad())")
+    return chosen
+
+
+# The per-step fast path. At the generation shape (B=16, H=256, N=32) the kernel is tens of µs and the
+# generic path (validation, backend selection, torch.library dispatch) adds ~25 µs, so a step is dispatched
+# lean when that changes nothing observable:
+#   - no input requires grad under grad mode (the registered op's autograd is then a no-op),
+#   - nothing intercepts calls: not compiling (torch.compiler), not jit-tracing, no functorch transform,
+#     no torch function / dispatch mode, and every tensor is a plain torch.Tensor (no subclass, no
+#     FakeTensor), so the registered op would run the very same native call;
+#   - the chosen backend is the native one (cpu/cuda): then the native kernel is called directly, so the
+#     result is bitwise the one the registered op gives (tests/test_s4_step_fast.py).
+# Validation is cached: the first call with a given signature (shapes, dtypes, devices, D present or not,
+# inplace and, for inplace, the state's contiguity and conjugate bit, the backend argument and the
+# use_backend / FASTCORE_AI_BACKEND selection) runs every check of _step_validate; only signatures that
+# passed are cached, so a bad input always reaches the same checks and raises the same error. Nothing
+# the checks depend on is left out of the key (values are never checked). The native entry point
+# re-checks shapes, dtypes and devices in C++ on every call (cheap), so even a cache bug cannot crash.
+# An in-place step bumps the state's version counter, as the registered mutating op does, so autograd
+# still detects a state that another graph saved.
+_STEP_FAST_CACHE: Dict[tuple, str] = {}
+_STEP_FAST_CACHE_SIZE = 256
+_NATIVE_BACKENDS = ("cpu", "cuda")
+# nn.Parameter adds no __torch_function__ / __torch_dispatch__ behaviour (S4Conv passes its D)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend) -> bool:
+    if torch.compiler.is_compiling():  # first: under dynamo the rest is never traced
+        return False
+    if type(inplace) is not bool or type(backend) is not str:
+        return False
+    plain = _PLAIN_TENSORS
+    if not (type(state) in plain and type(u) in plain and type(dA) in plain and type(dB) in plain
+            and type(C) in plain and (D is None or type(D) in plain)):
+        return False
+    if torch.is_grad_enabled() and (state.requires_grad or u.requires_grad or dA.requires_grad or dB.requires_grad
+                                    or C.requires_grad or (D is not None and D.requires_grad)):
+        return False
+    _C = torch._C
+    return not (_C._get_tracing_state() is not None or _C._are_functorch_transforms_active()
+                or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() > 0)
+
+
+def _step_fast_key(state, u, dA, dB, C, D, inplace, backend) -> tuple:
+    return (backend, backends._context_backend.get(), os.environ.get(backends._ENV_VAR), inplace,
+            state.shape, state.dtype, state.device, u.shape, u.dtype, u.device,
+            dA.shape, dA.dtype, dA.device, dB.shape, dB.dtype, dB.device, C.shape, C.dtype, C.device,
+            None if D is None else (D.shape, D.dtype, D.device),
+            (state.is_contiguous(), state.is_conj()) if inplace else None)
+
+
+def _step_fast(state, u, dA, dB, C, D, inplace, backend):
+    """(y, new_state) through the lean path, or None when the call must take the registered op."""
+    if not _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend):
+        return None
+    key = _step_fast_key(state, u, dA, dB, C, D, inplace, backend)
+    chosen = _STEP_FAST_CACHE.get(key)
+    if chosen is None:
+        chosen = _step_validate(state, u, dA, dB, C, D, inplace, backend)  # raises exactly as the slow path
+        if chosen not in _NATIVE_BACKENDS:
+            return None
+        if len(_STEP_FAST_CACHE) >= _STEP_FAST_CACHE_SIZE:
+            _STEP_FAST_CACHE.clear()
+        _STEP_FAST_CACHE[key] = chosen
+    native = _native_module()
+    if inplace:
+        y = native.s4_ssm_step(state, u, dA, dB, C, D, True)[0]
+        torch._C._increment_version((state,))
+        return y, state
+    y, new_state = native.s4_ssm_step(state, u, dA, dB, C, D)
+    return y, new_state
+
+
+def step_fast_path_cache_clear() -> None:
+    """Forget the cached validations of ssm_step's fast path (tests; never needed for correctness)."""
+    _STEP_FAST_CACHE.clear()
+
+
+def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None, *,
+             inplace: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """One recurrent step of a diagonal SSM (S4D, or S4 after diagonalisation), conjugate half stored:
+        state' = dA ∘ state + dB · u,   y = 2 · Re Σ_n C · state' + D · u.
+
+    Args:
+      state: [B, H, N] complex64 (complex128 on cpu/reference), 1 <= N <= 4096.
+      u: [B, H] float (float32/bfloat16/float16/float64); dA, dB, C: [H, N] in state's dtype; D: [H] float or None.
+    Returns (y [B, H] in u's dtype, new_state [B, H, N]). By default functional: `state` is NOT modified
+    (so the step is differentiable w.r.t. every input and safe under torch.compile); rebind it:
+    `y, state = ssm_step(state, u, ...)`. With inplace=True the new state is written into `state` (which
+    must be contiguous and not require grad; no autograd) and returned as new_state: no allocation per
+    step, the generation fast path.
+    """
+    fast = _step_fast(state, u, dA, dB, C, D, inplace, backend)
+    if fast is not None:
+        return fast
+    chosen = _step_validate(state, u, dA, dB, C, D, inplace, backend)
+    if inplace:
         return _step_inplace_op(state, u, dA, dB, C, D, chosen), state
     return _step_op(state, u, dA, dB, C, D, chosen)
