@@ -351,6 +351,77 @@ int emu_backward(const void* logits, int kind, int64_t T, int64_t E, int64_t row
 """
 
 
+# A functional stand-in for the WMMA API and the 16-bit float types, appended to EMULATED_RUNTIME by the
+# tensor-core kernels' emulator tests (extra_runtime=WMMA_EMULATION): each emulated thread holds whole
+# 16x16 fragments, so tile indexing, staging and epilogues are checked, not the hardware fragment layout.
+WMMA_EMULATION = r"""
+#define __align__(n) __attribute__((aligned(n)))
+#define __device__
+#define __forceinline__ inline
+#include <cmath>
+#include <cstring>
+struct __half { uint16_t bits; };
+struct __nv_bfloat16 { uint16_t bits; };
+inline float emu_widen(float v) { return v; }
+inline float emu_widen(__nv_bfloat16 v) {
+  const uint32_t u = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline float emu_widen(__half v) {
+  const uint32_t e = (v.bits >> 10) & 0x1f, m = v.bits & 0x3ff;
+  float magnitude = e == 0 ? std::ldexp(float(m), -24)
+                  : e == 31 ? (m ? NAN : INFINITY) : std::ldexp(float(m | 0x400), int(e) - 25);
+  return (v.bits & 0x8000) ? -magnitude : magnitude;
+}
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::wait(emu::block->warp_barriers[emu::thread_idx.x / 32]); }
+namespace nvcuda {
+namespace wmma {
+struct row_major {};
+struct col_major {};
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+enum layout_t { mem_row_major, mem_col_major };
+// Each emulated thread holds the whole 16 x 16 tile (the real layout is opaque to the kernel anyway).
+template <class Use, int M, int N, int K, class T, class Layout = void>
+struct fragment {
+  static constexpr int num_elements = 256;
+  float x[256];
+};
+template <class Use, class T, class L>
+void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, unsigned ldm) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = emu_widen(p[r * ldm + c]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ldm, layout_t) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ldm + c];
+}
+inline void fill_fragment(fragment<accumulator, 16, 16, 16, float>& f, float v) {
+  for (int i = 0; i < 256; ++i) f.x[i] = v;
+}
+template <class T>
+void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment<matrix_a, 16, 16, 16, T, row_major>& a,
+              const fragment<matrix_b, 16, 16, 16, T, row_major>& b, const fragment<accumulator, 16, 16, 16, float>& c) {
+  float out[256];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      float sum = c.x[i * 16 + j];
+      for (int k = 0; k < 16; ++k) sum += a.x[i * 16 + k] * b.x[k * 16 + j];
+      out[i * 16 + j] = sum;
+    }
+  std::memcpy(d.x, out, sizeof(out));
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ldm, layout_t) {
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) p[r * ldm + c] = f.x[r * 16 + c];
+}
+}  // namespace wmma
+}  // namespace nvcuda
+"""
+
 def build_emulated_kernels(work: Path, cuda_source: str, driver: str, name: str, extra_runtime: str = ""):
     """Compiles csrc/kernels/<cuda_source> unchanged (launches rewritten) against the CPU emulation of the
     CUDA runtime, with `driver` (C ABI entry points that #include "<name>_emulated.inc"), and loads it.
