@@ -370,3 +370,32 @@ def test_cuda_tensor_core_forward_matches_simt_within_bound(dtype):
     out = ops.attention(q, k, v, backend="cuda", causal=True)
     out32 = ops.attention(q.float(), k.float(), v.float(), backend="cuda", causal=True)
     assert relative_error(out.float(), out32) < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("B,H,Lq,Lk,D", TC_SHAPES, ids=["-".join(map(str, s)) for s in TC_SHAPES])
+@pytest.mark.parametrize("case", ["none", "causal", "all"])
+def test_cuda_tensor_core_backward(dtype, B, H, Lq, Lk, D, case):
+    """dQ, dK, dV of the tensor-core backward (bf16/fp16 on sm_80+) within 2× torch's SDPA math path in
+    that dtype (+1e-3) of the float64 reference."""
+    _tensor_cores_or_skip()
+    generator = torch.Generator().manual_seed(D * 5 + Lk)
+    q, k, v = make_qkv(B, H, Lq, Lk, D, dtype=dtype, device="cuda", seed=D + Lq)
+    grad_out = torch.randn(B, H, Lq, D, generator=generator).to(device="cuda", dtype=dtype)
+    masks = {} if case == "none" else make_masks(case, B, H, Lq, Lk, "cuda", generator)
+    _, grads = run("cuda", q, k, v, grad_out, **masks)
+    _, expected = oracle(q, k, v, grad_out, **masks)
+    bias = ref.attention_bias(B, H, Lq, Lk, masks.get("attn_mask"), masks.get("key_padding_mask"),
+                              masks.get("causal", False), torch.float64, "cpu") if masks else None
+    live = torch.isfinite(bias).any(-1) if bias is not None else torch.ones(B, H, Lq, dtype=torch.bool)
+    # torch gives NaN for fully masked rows: for torch's own error, unmask them and give them dO = 0, so
+    # they add nothing to dK, dV and get dQ = 0, as the reference's (and ours) do
+    torch_bias = bias.masked_fill(~live[..., None], 0).to(dtype) if bias is not None else None
+    leaves = [t.detach().cpu().requires_grad_(True) for t in (q, k, v)]
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch_out = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=torch_bias)
+    torch_grads = torch.autograd.grad(torch_out, leaves, grad_out.cpu() * live[..., None])
+    for name, g, e, t in zip("qkv", grads, expected, torch_grads):
+        assert g.dtype == dtype and not torch.isnan(g).any(), name
+        assert relative_error(g.cpu(), e) <= 2 * relative_error(t, e) + 1e-3, name

@@ -82,6 +82,15 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
 void check_status(int status, const char* what) {
   TORCH_CHECK(status == 0, "fastcore_ai.ops.", kOp, ": CUDA ", what, " failed with cudaError ", status);
 }
+
+// The tensor-core (WMMA) kernels take float16 / bfloat16 on sm_80+ devices.
+bool uses_tensor_cores(const at::Tensor& q) {
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  int major = 0;
+  check_status(static_cast<int>(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device())),
+               "device query");
+  return major >= 8;
+}
 #endif
 
 [[noreturn]] void no_cuda() {
@@ -117,10 +126,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
     FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
     c10::cuda::CUDAGuard guard(q.device());
     // float16 / bfloat16 on sm_80+: the tensor-core (WMMA) forward; float32 (and older GPUs): SIMT.
-    int major = 0;
-    check_status(static_cast<int>(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device())),
-                 "device query");
-    const bool tensor_cores = (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) && major >= 8;
+    const bool tensor_cores = uses_tensor_cores(q);
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     check_status(tensor_cores ? attention_forward_wmma_cuda(p, stream) : attention_forward_cuda(p, stream),
                  "forward launch");
@@ -167,7 +173,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     c10::cuda::CUDAGuard guard(q.device());
     // float32 δ_i = dO_i · O_i per query row
     at::Tensor workspace = at::empty({p.batch * p.heads * p.len_q}, q.options().dtype(at::kFloat));
-    check_status(attention_backward_cuda(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream()),
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    // float16 / bfloat16 on sm_80+: the tensor-core (WMMA) backward; float32 (and older GPUs): SIMT.
+    check_status(uses_tensor_cores(q) ? attention_backward_wmma_cuda(p, workspace.data_ptr(), stream)
+                                      : attention_backward_cuda(p, workspace.data_ptr(), stream),
                  "backward launch");
 #else
     no_cuda();

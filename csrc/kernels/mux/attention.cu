@@ -62,6 +62,12 @@ __device__ __forceinline__ float attention_bias_of(const AttentionParams& p, int
   return bias;
 }
 
+// The backward's recomputed probability p_ij = exp(scale · q_i·k_j + a_ij − lse_i) from the raw dot
+// product: 0 for a masked score (a_ij = −inf) or a fully masked row (lse_i = −inf), never NaN.
+__device__ __forceinline__ float recomputed_probability(float dot, float scale, float bias, float lse) {
+  return bias == -INFINITY || lse == -INFINITY ? 0.0f : expf(dot * scale + bias - lse);
+}
+
 __device__ __forceinline__ float warp_sum(float value) {
   for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
   return value;
@@ -187,7 +193,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) attention_dkdv_kernel(Attentio
     float q[kMaxPerLane], dout[kMaxPerLane];
     load_lane_row(p.q, p.kind, row_offset(p.q_stride, b, h, i), p.q_stride[3], D, lane, 1.0f, q);
     load_lane_row(p.grad_out, p.kind, (bh * p.len_q + i) * p.head_dim, 1, D, lane, 1.0f, dout);
-    const float prob = expf(lane_dot(q, k, D, lane) * scale + bias - lse[i]);
+    const float prob = recomputed_probability(lane_dot(q, k, D, lane), scale, bias, lse[i]);
     const float ds = prob * (lane_dot(dout, v, D, lane) - delta[bh * p.len_q + i]);
 #pragma unroll
     for (int c = 0; c < kMaxPerLane; ++c) {
@@ -227,7 +233,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionPara
     float k[kMaxPerLane], v[kMaxPerLane];
     load_lane_row(p.k, p.kind, row_offset(p.k_stride, b, h, j), p.k_stride[3], D, lane, 1.0f, k);
     load_lane_row(p.v, p.kind, row_offset(p.v_stride, b, h, j), p.v_stride[3], D, lane, 1.0f, v);
-    const float prob = expf(lane_dot(q, k, D, lane) * scale + bias - lse);
+    const float prob = recomputed_probability(lane_dot(q, k, D, lane), scale, bias, lse);
     const float ds = prob * (lane_dot(dout, v, D, lane) - di);
 #pragma unroll
     for (int c = 0; c < kMaxPerLane; ++c) dq[c] += ds * k[c];
@@ -248,6 +254,30 @@ constexpr int kTcKeys = 16;                    // keys per tile
 constexpr int kQLd = kMaxHeadDim + 8;          // 16-bit elements per staged Q / V row
 constexpr int kOLd = kMaxHeadDim + 4;          // floats per O row
 constexpr int kKtLd = kTcKeys;                 // 16-bit elements per K^T row
+constexpr int kTcTilesPerWarp = kMaxHeadDim / 16 / kTcWarps;  // 16-column output tiles a warp owns (≤ 4)
+
+// Staging of 16 rows (row0 … row0 + 15) of a [B, H, L, D] 16-bit tensor into shared memory, the whole
+// block cooperating; rows ≥ len and features ≥ D (up to Dp, the multiple of 16) are zero, so padded
+// operands add nothing to a product. Row-major: dst[r · ld + d]. Transposed: dst[d · 16 + r].
+__device__ __forceinline__ void stage_rows(uint16_t* dst, int ld, const void* src, const int64_t* stride, int64_t b,
+                                           int64_t h, int64_t row0, int64_t len, int D, int Dp) {
+  const uint16_t* g = static_cast<const uint16_t*>(src);
+  for (int idx = threadIdx.x; idx < 16 * Dp; idx += blockDim.x) {
+    const int r = idx / Dp, d = idx % Dp;
+    const int64_t row = row0 + r;
+    dst[r * ld + d] = row < len && d < D ? g[row_offset(stride, b, h, row) + d * stride[3]] : 0;
+  }
+}
+
+__device__ __forceinline__ void stage_rows_transposed(uint16_t* dst, const void* src, const int64_t* stride, int64_t b,
+                                                      int64_t h, int64_t row0, int64_t len, int D, int Dp) {
+  const uint16_t* g = static_cast<const uint16_t*>(src);
+  for (int idx = threadIdx.x; idx < 16 * Dp; idx += blockDim.x) {
+    const int r = idx / Dp, d = idx % Dp;
+    const int64_t row = row0 + r;
+    dst[d * 16 + r] = row < len && d < D ? g[row_offset(stride, b, h, row) + d * stride[3]] : 0;
+  }
+}
 
 template <typename Wmma>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(AttentionParams p) {
@@ -267,15 +297,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(A
   const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTcRows;
   const bool bf16 = p.kind == ScalarKind::kBFloat16;
-  const uint16_t* qg = static_cast<const uint16_t*>(p.q);
-  const uint16_t* kg = static_cast<const uint16_t*>(p.k);
-  const uint16_t* vg = static_cast<const uint16_t*>(p.v);
-  for (int idx = tid; idx < kTcRows * Dp; idx += blockDim.x) {
-    const int r = idx / Dp, d = idx % Dp;
-    const int64_t row = row0 + r;
-    q_s[r * kQLd + d] = row < p.len_q && d < D ? qg[row_offset(p.q_stride, b, h, row) + d * p.q_stride[3]] : 0;
-    o_s[r * kOLd + d] = 0.0f;
-  }
+  stage_rows(q_s, kQLd, p.q, p.q_stride, b, h, row0, p.len_q, D, Dp);
+  for (int idx = tid; idx < kTcRows * Dp; idx += blockDim.x) o_s[(idx / Dp) * kOLd + idx % Dp] = 0.0f;
   if (tid < kTcRows) {
     m_s[tid] = -INFINITY;
     l_s[tid] = 0.0f;
@@ -286,13 +309,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(A
   for (int64_t j0 = 0; j0 < end; j0 += kTcKeys) {
     const int n = static_cast<int>(p.len_k - j0 < kTcKeys ? p.len_k - j0 : kTcKeys);
     __syncthreads();  // the previous tile's P V is done with kt_s, v_s, p_s
-    for (int idx = tid; idx < kTcKeys * Dp; idx += blockDim.x) {
-      const int j = idx / Dp, d = idx % Dp;
-      const int64_t key = j0 + j;
-      const bool in = j < n && d < D;
-      kt_s[d * kKtLd + j] = in ? kg[row_offset(p.k_stride, b, h, key) + d * p.k_stride[3]] : 0;
-      v_s[j * kQLd + d] = in ? vg[row_offset(p.v_stride, b, h, key) + d * p.v_stride[3]] : 0;
-    }
+    stage_rows_transposed(kt_s, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
+    stage_rows(v_s, kQLd, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
     __syncthreads();
     {  // S partials: warp w sums the k-steps w, w + kTcWarps, …
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -374,6 +392,219 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(A
 #endif
 }
 
+
+// ---- tensor-core backward (float16 / bfloat16), FlashAttention-2 algebra with P recomputed per tile
+//
+// Two deterministic kernels (no atomics), as the SIMT backward, each tile 16 query rows × 16 keys:
+//   dkdv: a block owns 16 key rows; for every query tile it recomputes S = Q Kᵀ and dP = dO Vᵀ (WMMA,
+//         the Dp/16 k-steps split over the warps, partial sums in shared memory), then per element
+//         P = exp(scale S + a − lse) and dS = P ∘ (dP − δ) in float32 (recomputed_probability), rounds
+//         Pᵀ and dSᵀ to the input dtype and accumulates dV += Pᵀ dO, dK += dSᵀ Q in float32 fragments
+//         held in registers (warp w owns the 16-column tiles w, w + 4, …); dK is scaled at the store.
+//   dq:   a block owns 16 query rows; for every key tile it recomputes Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (so K is
+//         staged once, row-major, and serves both Sᵀ and dQ += dS K), dS as above, dQ += dS K.
+// δ_i = dO_i · O_i comes from the SIMT attention_delta_kernel (float32 workspace); lse is the forward's
+// float32 log-sum-exp. Row and key tails are zero operands with P = dS = 0; fully masked rows give zero
+// gradients. Shared memory stays under the 48 KB static limit (≈ 42 KB for D = 256).
+
+// The per-element step of both backward kernels for the 16 × 16 tile (query rows i0 + r, keys j0 + c):
+// sums the warps' partial S and dP (element [r][c] at partial index r · row_stride + c · col_stride), and
+// writes P and dS rounded to the input dtype at p_out / ds_out[r · out_row_stride + c · out_col_stride].
+__device__ __forceinline__ void backward_tile_elements(const AttentionParams& p, int64_t b, int64_t h, int64_t i0,
+                                                       int64_t j0, const float (*s_part)[256],
+                                                       const float (*dp_part)[256], int row_stride, int col_stride,
+                                                       const float* lse_s, const float* delta_s, uint16_t* p_out,
+                                                       uint16_t* ds_out, int out_row_stride, int out_col_stride,
+                                                       bool bf16) {
+  const float scale = static_cast<float>(p.scale);
+  for (int idx = threadIdx.x; idx < 256; idx += blockDim.x) {
+    const int r = idx / 16, c = idx % 16;
+    const int64_t i = i0 + r, j = j0 + c;
+    float prob = 0.0f, ds = 0.0f;
+    if (i < p.len_q && j < p.len_k) {
+      const int at = r * row_stride + c * col_stride;
+      float dot = 0.0f, dp = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kTcWarps; ++w) {
+        dot += s_part[w][at];
+        dp += dp_part[w][at];
+      }
+      prob = recomputed_probability(dot, scale, attention_bias_of(p, b, h, i, j), lse_s[r]);
+      ds = prob * (dp - delta_s[r]);
+    }
+    const int out = r * out_row_stride + c * out_col_stride;
+    if (p_out != nullptr) p_out[out] = bf16 ? float_to_bfloat16_bits(prob) : float_to_float16_bits(prob);
+    ds_out[out] = bf16 ? float_to_bfloat16_bits(ds) : float_to_float16_bits(ds);
+  }
+}
+
+// Warp-split partial products of a 16 × 16 tile: part[w] = Σ_{steps s ≡ w mod kTcWarps} A_s B_s with
+// A_s = a + 16 s (row-major, leading dimension lda) and B_s = bt + 16 s · 16 (row-major 16 columns).
+template <typename Wmma>
+__device__ __forceinline__ void partial_tile_product(const uint16_t* a, int lda, const uint16_t* bt, int steps,
+                                                     float* part) {
+  namespace wmma = nvcuda::wmma;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.0f);
+  for (int step = warp; step < steps; step += kTcWarps) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, Wmma, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, Wmma, wmma::row_major> fb;
+    wmma::load_matrix_sync(fa, reinterpret_cast<const Wmma*>(a) + step * 16, lda);
+    wmma::load_matrix_sync(fb, reinterpret_cast<const Wmma*>(bt) + step * 16 * 16, 16);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(part, acc, 16, wmma::mem_row_major);
+}
+
+// acc[t] += A (16 × 16, row-major, ld 16) · B[:, 16 tile .. 16 tile + 15] for the warp's tiles
+// tile = warp + kTcWarps t < tiles (B row-major, leading dimension ldb).
+template <typename Wmma, typename Fragment>
+__device__ __forceinline__ void accumulate_tiles(Fragment* acc, const uint16_t* a, const uint16_t* b, int ldb,
+                                                 int tiles) {
+  namespace wmma = nvcuda::wmma;
+  const int warp = threadIdx.x / 32;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, Wmma, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, reinterpret_cast<const Wmma*>(a), 16);
+#pragma unroll
+  for (int t = 0; t < kTcTilesPerWarp; ++t) {
+    const int tile = warp + kTcWarps * t;
+    if (tile < tiles) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, Wmma, wmma::row_major> fb;
+      wmma::load_matrix_sync(fb, reinterpret_cast<const Wmma*>(b) + tile * 16, ldb);
+      wmma::mma_sync(acc[t], fa, fb, acc[t]);
+    }
+  }
+}
+
+// Stores the warp's accumulator tiles, times `factor`, as rows row0 … row0 + 15 (< len) of the
+// contiguous [B·H, len, D] output `dst` (of the input's kind), through the 16 × 16 float scratch.
+template <typename Fragment>
+__device__ __forceinline__ void store_tiles(const AttentionParams& p, Fragment* acc, float* scratch, void* dst,
+                                            int64_t bh, int64_t row0, int64_t len, int D, int tiles, float factor) {
+  namespace wmma = nvcuda::wmma;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int t = 0; t < kTcTilesPerWarp; ++t) {
+    const int tile = warp + kTcWarps * t;
+    if (tile < tiles) {
+      wmma::store_matrix_sync(scratch, acc[t], 16, wmma::mem_row_major);
+      __syncwarp();
+      for (int idx = lane; idx < 256; idx += 32) {
+        const int r = idx / 16, d = tile * 16 + idx % 16;
+        const int64_t row = row0 + r;
+        if (row < len && d < D) store_as<float>(dst, p.kind, (bh * len + row) * D + d, scratch[idx] * factor);
+      }
+      __syncwarp();  // every lane has read the scratch before the next tile overwrites it
+    }
+  }
+}
+
+template <typename Wmma>
+__global__ void __launch_bounds__(kTcWarps * 32) attention_dkdv_wmma_kernel(AttentionParams p, const float* delta) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) uint16_t kt_s[kMaxHeadDim * 16];     // Kᵀ of the block's 16 keys
+  __shared__ __align__(32) uint16_t vt_s[kMaxHeadDim * 16];     // Vᵀ
+  __shared__ __align__(32) uint16_t q_s[kTcRows * kQLd];        // the query tile's Q
+  __shared__ __align__(32) uint16_t do_s[kTcRows * kQLd];       // and dO
+  __shared__ __align__(32) uint16_t pt_s[kTcKeys * kTcRows];    // Pᵀ (keys × queries), input dtype
+  __shared__ __align__(32) uint16_t dst_s[kTcKeys * kTcRows];   // dSᵀ
+  __shared__ __align__(32) float s_part[kTcWarps][256];         // per-warp partial S, then the store scratch
+  __shared__ __align__(32) float dp_part[kTcWarps][256];        // per-warp partial dP
+  __shared__ float lse_s[kTcRows], delta_s[kTcRows];
+  namespace wmma = nvcuda::wmma;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int D = static_cast<int>(p.head_dim);
+  const int Dp = (D + 15) / 16 * 16;
+  const int steps = Dp / 16;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTcKeys;
+  const bool bf16 = p.kind == ScalarKind::kBFloat16;
+  const int64_t grad_out_stride[4] = {p.heads * p.len_q * p.head_dim, p.len_q * p.head_dim, p.head_dim, 1};
+  stage_rows_transposed(kt_s, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
+  stage_rows_transposed(vt_s, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[kTcTilesPerWarp], dv[kTcTilesPerWarp];
+#pragma unroll
+  for (int t = 0; t < kTcTilesPerWarp; ++t) {
+    wmma::fill_fragment(dk[t], 0.0f);
+    wmma::fill_fragment(dv[t], 0.0f);
+  }
+  const float* lse = static_cast<const float*>(p.lse) + bh * p.len_q;
+  // causal: query rows i < j0 see none of these keys (query tiles start at multiples of 16, as j0)
+  for (int64_t i0 = p.causal ? j0 : 0; i0 < p.len_q; i0 += kTcRows) {
+    __syncthreads();  // the previous tile's products are done with q_s, do_s, pt_s, dst_s
+    stage_rows(q_s, kQLd, p.q, p.q_stride, b, h, i0, p.len_q, D, Dp);
+    stage_rows(do_s, kQLd, p.grad_out, grad_out_stride, b, h, i0, p.len_q, D, Dp);
+    if (tid < kTcRows) {
+      const bool in = i0 + tid < p.len_q;
+      lse_s[tid] = in ? lse[i0 + tid] : -INFINITY;
+      delta_s[tid] = in ? delta[bh * p.len_q + i0 + tid] : 0.0f;
+    }
+    __syncthreads();
+    partial_tile_product<Wmma>(q_s, kQLd, kt_s, steps, s_part[warp]);    // S  = Q Kᵀ
+    partial_tile_product<Wmma>(do_s, kQLd, vt_s, steps, dp_part[warp]);  // dP = dO Vᵀ
+    __syncthreads();
+    backward_tile_elements(p, b, h, i0, j0, s_part, dp_part, 16, 1, lse_s, delta_s, pt_s, dst_s, 1, 16, bf16);
+    __syncthreads();
+    accumulate_tiles<Wmma>(dv, pt_s, do_s, kQLd, steps);  // dV += Pᵀ dO
+    accumulate_tiles<Wmma>(dk, dst_s, q_s, kQLd, steps);  // dK += dSᵀ Q
+  }
+  __syncthreads();
+  store_tiles(p, dk, s_part[warp], p.grad_k, bh, j0, p.len_k, D, steps, static_cast<float>(p.scale));
+  store_tiles(p, dv, s_part[warp], p.grad_v, bh, j0, p.len_k, D, steps, 1.0f);
+#endif
+}
+
+template <typename Wmma>
+__global__ void __launch_bounds__(kTcWarps * 32) attention_dq_wmma_kernel(AttentionParams p, const float* delta) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  __shared__ __align__(32) uint16_t qt_s[kMaxHeadDim * 16];     // Qᵀ of the block's 16 query rows
+  __shared__ __align__(32) uint16_t dot_s[kMaxHeadDim * 16];    // dOᵀ
+  __shared__ __align__(32) uint16_t k_s[kTcKeys * kQLd];        // the key tile's K
+  __shared__ __align__(32) uint16_t v_s[kTcKeys * kQLd];        // and V
+  __shared__ __align__(32) uint16_t ds_s[kTcRows * kTcKeys];    // dS (queries × keys), input dtype
+  __shared__ __align__(32) float s_part[kTcWarps][256];         // per-warp partial Sᵀ, then the store scratch
+  __shared__ __align__(32) float dp_part[kTcWarps][256];        // per-warp partial dPᵀ
+  __shared__ float lse_s[kTcRows], delta_s[kTcRows];
+  namespace wmma = nvcuda::wmma;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int D = static_cast<int>(p.head_dim);
+  const int Dp = (D + 15) / 16 * 16;
+  const int steps = Dp / 16;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTcRows;
+  const bool bf16 = p.kind == ScalarKind::kBFloat16;
+  const int64_t grad_out_stride[4] = {p.heads * p.len_q * p.head_dim, p.len_q * p.head_dim, p.head_dim, 1};
+  stage_rows_transposed(qt_s, p.q, p.q_stride, b, h, i0, p.len_q, D, Dp);
+  stage_rows_transposed(dot_s, p.grad_out, grad_out_stride, b, h, i0, p.len_q, D, Dp);
+  if (tid < kTcRows) {
+    const bool in = i0 + tid < p.len_q;
+    lse_s[tid] = in ? static_cast<const float*>(p.lse)[bh * p.len_q + i0 + tid] : -INFINITY;
+    delta_s[tid] = in ? delta[bh * p.len_q + i0 + tid] : 0.0f;
+  }
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> dq[kTcTilesPerWarp];
+#pragma unroll
+  for (int t = 0; t < kTcTilesPerWarp; ++t) wmma::fill_fragment(dq[t], 0.0f);
+  const int64_t last_row = min(p.len_q, i0 + kTcRows) - 1;
+  const int64_t end = p.causal ? min(p.len_k, last_row + 1) : p.len_k;
+  for (int64_t j0 = 0; j0 < end; j0 += kTcKeys) {
+    __syncthreads();  // the previous tile's dS K is done with k_s, ds_s
+    stage_rows(k_s, kQLd, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
+    stage_rows(v_s, kQLd, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
+    __syncthreads();
+    partial_tile_product<Wmma>(k_s, kQLd, qt_s, steps, s_part[warp]);   // Sᵀ  = K Qᵀ
+    partial_tile_product<Wmma>(v_s, kQLd, dot_s, steps, dp_part[warp]); // dPᵀ = V dOᵀ
+    __syncthreads();
+    // partials are keys × queries: element (query r, key c) sits at c · 16 + r
+    backward_tile_elements(p, b, h, i0, j0, s_part, dp_part, 1, 16, lse_s, delta_s, nullptr, ds_s, 16, 1, bf16);
+    __syncthreads();
+    accumulate_tiles<Wmma>(dq, ds_s, k_s, kQLd, steps);  // dQ += dS K
+  }
+  __syncthreads();
+  store_tiles(p, dq, s_part[warp], p.grad_q, bh, i0, p.len_q, D, steps, static_cast<float>(p.scale));
+#endif
+}
+
 }  // namespace
 
 int attention_forward_cuda(const AttentionParams& p, void* stream) {
@@ -392,6 +623,32 @@ int attention_forward_wmma_cuda(const AttentionParams& p, void* stream) {
     attention_forward_wmma_kernel<__half><<<grid, kTcWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
   else
     attention_forward_wmma_kernel<__nv_bfloat16><<<grid, kTcWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return static_cast<int>(cudaGetLastError());
+}
+
+// workspace: float32 [B·H·Lq] for δ (the caller allocates at least that much).
+int attention_backward_wmma_cuda(const AttentionParams& p, void* workspace, void* stream) {
+  const int64_t rows = p.batch * p.heads * p.len_q;
+  if (rows == 0 || p.len_k == 0) return 0;
+  if (p.kind != ScalarKind::kFloat16 && p.kind != ScalarKind::kBFloat16) return 1;  // cudaErrorInvalidValue
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  float* delta = static_cast<float*>(workspace);
+  attention_delta_kernel<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, s>>>(p, delta);
+  int status = static_cast<int>(cudaGetLastError());
+  if (status != 0) return status;
+  const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
+  const dim3 key_grid(static_cast<unsigned>((p.len_k + kTcKeys - 1) / kTcKeys), bh);
+  const dim3 query_grid(static_cast<unsigned>((p.len_q + kTcRows - 1) / kTcRows), bh);
+  if (p.kind == ScalarKind::kFloat16)
+    attention_dkdv_wmma_kernel<__half><<<key_grid, kTcWarps * 32, 0, s>>>(p, delta);
+  else
+    attention_dkdv_wmma_kernel<__nv_bfloat16><<<key_grid, kTcWarps * 32, 0, s>>>(p, delta);
+  status = static_cast<int>(cudaGetLastError());
+  if (status != 0) return status;
+  if (p.kind == ScalarKind::kFloat16)
+    attention_dq_wmma_kernel<__half><<<query_grid, kTcWarps * 32, 0, s>>>(p, delta);
+  else
+    attention_dq_wmma_kernel<__nv_bfloat16><<<query_grid, kTcWarps * 32, 0, s>>>(p, delta);
   return static_cast<int>(cudaGetLastError());
 }
 

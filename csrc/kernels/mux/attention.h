@@ -79,6 +79,9 @@ int attention_forward_cuda(const AttentionParams& p, void* stream);
 // outputs and mask semantics as attention_forward_cuda.
 int attention_forward_wmma_cuda(const AttentionParams& p, void* stream);
 int attention_backward_cuda(const AttentionParams& p, void* workspace, void* stream);
+// Tensor-core backward for float16 / bfloat16 on sm_80+: same gradients and mask semantics as
+// attention_backward_cuda (δ from the same SIMT kernel, P recomputed per 16 × 16 tile from lse).
+int attention_backward_wmma_cuda(const AttentionParams& p, void* workspace, void* stream);
 
 }  // namespace mux
 }  // namespace fastcore
