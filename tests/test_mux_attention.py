@@ -233,7 +233,85 @@ def test_opcheck():
     out, lse = torch.ops.fastcore_ai.mux_attention(q.detach(), k.detach(), v.detach(), None, None, False, scale, "cpu")
     torch.library.opcheck(torch.ops.fastcore_ai.mux_attention_backward.default,
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, False,
-                           scale, "cpu"))
+                           scale, False, "cpu"))
+    additive = torch.randn(1, 1, 9, 11)
+    out, lse = torch.ops.fastcore_ai.mux_attention(q.detach(), k.detach(), v.detach(), additive, pad, True, scale, "cpu")
+    torch.library.opcheck(torch.ops.fastcore_ai.mux_attention_backward.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, additive, pad, True,
+                           scale, True, "cpu"))
+
+
+# ---- the additive mask's gradient (cpu and reference backends)
+
+MASK_GRAD_SHAPES = {  # attn_mask shapes broadcast to [B, H, Lq, Lk] = [2, 3, 6, 9] (ALiBi-like biases are [H, Lq, Lk])
+    "full": (2, 3, 6, 9), "per_head": (3, 6, 9), "shared": (6, 9), "per_batch": (2, 1, 6, 9), "per_key": (9,)}
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("shape", list(MASK_GRAD_SHAPES), ids=list(MASK_GRAD_SHAPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["dense", "causal"])
+def test_additive_mask_gradcheck_float64(backend, shape, causal):
+    """gradcheck w.r.t. q, k, v and the additive mask together (float64), with a partly padded batch
+    (key_padding_mask), causal or dense, and the mask broadcast along any of its dimensions."""
+    generator = torch.Generator().manual_seed(len(MASK_GRAD_SHAPES[shape]))
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(2, 3, 6, 9, 4, dtype=torch.float64, seed=2))
+    mask = torch.randn(MASK_GRAD_SHAPES[shape], generator=generator, dtype=torch.float64).requires_grad_(True)
+    pad = torch.zeros(2, 9, dtype=torch.bool)
+    pad[1, -3:] = True
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, m: ops.attention(a, b, c, attn_mask=m, key_padding_mask=pad, causal=causal, backend=backend),
+        (q, k, v, mask), eps=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", ["full", "per_head", "shared"])
+def test_additive_mask_gradient_float32_matches_reference(shape):
+    """The cpu backend's float32 mask gradient (ds from the fused backward, summed over broadcast dims)
+    against the float64 reference, with a fully masked query row (its gradient is 0, not NaN)."""
+    generator = torch.Generator().manual_seed(5)
+    B, H, Lq, Lk, D = 2, 3, 37, 53, 24
+    q, k, v = make_qkv(B, H, Lq, Lk, D, seed=4)
+    mask_shape = {"full": (B, H, Lq, Lk), "per_head": (H, Lq, Lk), "shared": (Lq, Lk)}[shape]
+    mask = torch.randn(mask_shape, generator=generator)
+    mask[..., 4, :] = float("-inf")  # query row 4 sees no key
+    grad_out = torch.randn(B, H, Lq, D, generator=generator)
+    leaf = mask.clone().requires_grad_(True)
+    out = ops.attention(q, k, v, attn_mask=leaf, backend="cpu")
+    (grad_mask,) = torch.autograd.grad(out, leaf, grad_out)
+    leaf64 = mask.double().requires_grad_(True)
+    expected_out = ref.attention(q.double(), k.double(), v.double(), attn_mask=leaf64)
+    (expected,) = torch.autograd.grad(expected_out, leaf64, grad_out.double())
+    assert grad_mask.shape == mask.shape and grad_mask.dtype == torch.float32
+    assert torch.isfinite(grad_mask).all() and torch.all(grad_mask[..., 4, :] == 0)
+    assert relative_error(grad_mask, expected) < 1e-4
+
+
+def test_mask_gradient_leaves_the_other_gradients_unchanged():
+    """Asking for the mask's gradient does not change dq, dk, dv (bitwise), and a mask that does not
+    require grad gets none."""
+    q, k, v = make_qkv(1, 2, 19, 23, 16, seed=6)
+    mask = torch.randn(19, 23)
+    grad_out = torch.randn(1, 2, 19, 16)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with_mask_grad = torch.autograd.grad(ops.attention(*leaves, attn_mask=mask.requires_grad_(True), backend="cpu"),
+                                         leaves, grad_out)
+    leaves2 = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    without = torch.autograd.grad(ops.attention(*leaves2, attn_mask=mask.detach(), backend="cpu"), leaves2, grad_out)
+    assert all(torch.equal(a, b) for a, b in zip(with_mask_grad, without))
+
+
+@pytest.mark.triton
+def test_mask_gradient_on_other_backends_raises():
+    """Backends without the mask gradient raise a clear error for a mask that requires grad (and run
+    when the mask is detached or under no_grad)."""
+    require_backend(OP, "triton", "cpu")
+    q, k, v = make_qkv(1, 1, 5, 6, 8)
+    mask = torch.randn(5, 6, requires_grad=True)
+    with pytest.raises(ValueError, match="attn_mask requires grad") as info:
+        ops.attention(q, k, v, attn_mask=mask, backend="triton")
+    assert str(info.value).startswith("fastcore_ai.ops.attention: ")
+    with torch.no_grad():
+        ops.attention(q, k, v, attn_mask=mask, backend="triton")
+    ops.attention(q, k, v, attn_mask=mask.detach(), backend="triton")
 
 
 def test_torch_compile_fullgraph_cpu():

@@ -121,6 +121,39 @@ def test_demux_parity(backend, device, B, N, L, d, e, shared, poisoned_outputs):
         assert relative_error(g, eg) < 5 * FP32_BOUND, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("B,N,L,d,e,shared", [(3, 2, 300, 24, 13, False), (2, 3, 129, 16, 40, True),
+                                               (1, 4, 128, 8, 8, False)])
+def test_demux_cpu_token_chunks(dtype, B, N, L, d, e, shared, poisoned_outputs):
+    """The cpu forward works in chunks of ≤ 128 tokens per sequence (L = 300 -> 3 chunks of 100, 129 -> 2
+    uneven ones), with e not a multiple of the 8-lane width (scalar tails), shared or per-sequence keys,
+    and float32 / bfloat16 / float64 outputs, against the float64 reference; every row is written."""
+    inputs = demux_inputs(B, N, L, d, e, shared, dtype=dtype)
+    out = ops.demux(*inputs, backend="cpu")
+    inputs64 = [t.double() for t in inputs]
+    expected = ref.demux(*inputs64)
+    assert out.shape == (B * N, L, e) and out.dtype == dtype and not torch.isnan(out).any()
+    if dtype == torch.bfloat16:
+        torch_err = relative_error(ref.demux(*inputs), expected)  # torch doing the same math in bfloat16
+        assert relative_error(out, expected) <= 2 * torch_err + 1e-3
+    else:
+        assert relative_error(out, expected) < (FP32_BOUND if dtype == torch.float32 else 1e-12)
+
+
+def test_demux_cpu_forward_independent_of_thread_count():
+    """Each output row is computed by one task in a fixed order: bitwise equal with 1 and 2 threads."""
+    inputs = demux_inputs(5, 3, 200, 32, 24, False)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append(ops.demux(*inputs, backend="cpu"))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 @pytest.mark.parametrize("shared", [False, True])
 def test_demux_gradcheck_float64(backend, shared):

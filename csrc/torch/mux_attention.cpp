@@ -142,14 +142,19 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   return {out, lse};
 }
 
-// (grad_q, grad_k, grad_v) in q's dtype; out and lse are what attention_forward returned.
+// (grad_q, grad_k, grad_v) in q's dtype, and the additive attn_mask's gradient in its shape and dtype
+// (need_mask_grad; CPU only) or an empty tensor; out and lse are what attention_forward returned.
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                            const std::optional<at::Tensor>& attn_mask,
                                            const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                           double scale) {
+                                           double scale, bool need_mask_grad) {
   at::Tensor mask_holder;
   AttentionParams p = make_params(q, k, v, attn_mask, key_padding_mask, causal, scale, mask_holder);
+  FC_CHECK(!need_mask_grad || (attn_mask.has_value() && p.mask_kind == MaskKind::kAdditive), kOp,
+           "the attn_mask gradient needs an additive (float) attn_mask");
+  FC_CHECK(!need_mask_grad || q.device().is_cpu(), kOp,
+           "the additive attn_mask gradient is computed by the cpu and reference backends only");
   FC_CHECK(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes() && grad_out.scalar_type() == q.scalar_type() &&
                out.scalar_type() == q.scalar_type(),
            kOp, "grad_out and out must have q's shape and dtype");
@@ -165,8 +170,18 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   p.grad_q = gq.data_ptr();
   p.grad_k = gk.data_ptr();
   p.grad_v = gv.data_ptr();
-  if (p.batch * p.heads == 0 || (p.len_q == 0 && p.len_k == 0)) return {gq, gk, gv};
-  if (p.len_q == 0 || p.len_k == 0) return {gq.zero_(), gk.zero_(), gv.zero_()};
+  // ds [B, H, Lq, Lk] in the accumulate dtype, zero where the kernel skips (causal tiles) or nothing flows
+  at::Tensor grad_scores = need_mask_grad
+                               ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options().dtype(accumulate_type_of(q)))
+                               : at::Tensor();
+  p.grad_scores = need_mask_grad ? grad_scores.data_ptr() : nullptr;
+  // an additive mask broadcast to [B, H, Lq, Lk] gets ds summed over its broadcast dimensions
+  auto mask_grad = [&]() {
+    if (!need_mask_grad) return at::empty({0}, q.options());
+    return grad_scores.sum_to_size(attn_mask->sizes()).to(attn_mask->scalar_type());
+  };
+  if (p.batch * p.heads == 0 || (p.len_q == 0 && p.len_k == 0)) return {gq, gk, gv, mask_grad()};
+  if (p.len_q == 0 || p.len_k == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), mask_grad()};
   if (q.is_cuda()) {
 #ifdef FASTCORE_WITH_CUDA
     FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
@@ -185,7 +200,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     p.kv_block = 512;
     at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t b, int64_t e) { attention_backward_cpu(p, b, e); });
   }
-  return {gq, gk, gv};
+  return {gq, gk, gv, mask_grad()};
 }
 
 }  // namespace mux

@@ -104,13 +104,14 @@ std::vector<at::Tensor> mux_backward(const at::Tensor& grad_out, const at::Tenso
 namespace {
 
 struct DemuxInputs {
-  at::Tensor a, c, gamma, beta;  // Acc
+  at::Tensor a, c, gamma, beta;  // Acc; c is undefined when the forward computes it per chunk
+  at::Tensor h_rows, w_right_t;  // h [B·L, d] and W_Rᵀ [d, e] in Acc, for C = h W_Rᵀ
   int64_t B, N, L, d, e;
   bool shared_keys;
 };
 
 DemuxInputs demux_prepare(const at::Tensor& h, const at::Tensor& keys, const at::Tensor& weight, const at::Tensor& bias,
-                          const at::Tensor& norm_weight, const at::Tensor& norm_bias) {
+                          const at::Tensor& norm_weight, const at::Tensor& norm_bias, bool compute_c = true) {
   FC_CHECK(h.dim() == 3, kDemux, "h must be [B, L, d]");
   check_cpu(h, kDemux, "h");
   scalar_kind_of(h, kDemux, "h");
@@ -133,7 +134,9 @@ DemuxInputs demux_prepare(const at::Tensor& h, const at::Tensor& keys, const at:
   // A = p W_Lᵀ + bias: once per index (per (b, i), or per i when the keys are shared)
   in.a = at::addmm(bias.to(acc), keys.to(acc).reshape({-1, d}), w.narrow(1, 0, d).t()).contiguous();
   // C = h W_Rᵀ: once per token
-  in.c = at::matmul(h.to(acc).reshape({B * L, d}), w.narrow(1, d, d).t()).contiguous();
+  in.h_rows = h.to(acc).reshape({B * L, d});
+  in.w_right_t = w.narrow(1, d, d).t();
+  if (compute_c) in.c = at::matmul(in.h_rows, in.w_right_t).contiguous();
   in.gamma = norm_weight.to(acc).contiguous();
   in.beta = norm_bias.to(acc).contiguous();
   return in;
@@ -143,7 +146,7 @@ DemuxParams demux_params(const DemuxInputs& in, const at::Tensor& h, double eps)
   DemuxParams p;
   p.a = in.a.data_ptr();
   p.a_batch_stride = in.shared_keys ? 0 : in.N * in.e;
-  p.c = in.c.data_ptr();
+  p.c = in.c.defined() ? in.c.data_ptr() : nullptr;
   p.gamma = in.gamma.data_ptr();
   p.beta = in.beta.data_ptr();
   p.is_double = h.scalar_type() == at::kDouble;
@@ -159,15 +162,44 @@ DemuxParams demux_params(const DemuxInputs& in, const at::Tensor& h, double eps)
 }  // namespace
 
 // out [B·N, L, e] = LayerNorm(GELU(W [p_i ; h_t] + b)) in h's dtype.
+// A task is a chunk of up to kTokenChunk tokens of one sequence b: it computes its rows of the token
+// term C = h W_Rᵀ into a per-thread buffer (an ATen GEMM, [chunk, d] × [d, e]) and at once runs the
+// epilogue for the N instances of those tokens while C is cache-hot, so C [B, L, e] is never allocated.
 at::Tensor demux_forward(const at::Tensor& h, const at::Tensor& keys, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
-  DemuxInputs in = demux_prepare(h, keys, weight, bias, norm_weight, norm_bias);
+  // detached: the per-chunk GEMMs write into a buffer (out= ops refuse inputs that require grad); the
+  // registered op's autograd formula is the backward below
+  DemuxInputs in = demux_prepare(h.detach(), keys.detach(), weight.detach(), bias.detach(), norm_weight.detach(),
+                                 norm_bias.detach(), /*compute_c=*/false);
   at::Tensor out = at::empty({in.B * in.N, in.L, in.e}, h.options());
-  DemuxParams p = demux_params(in, h, eps);
-  p.out = out.data_ptr();
-  const int64_t rows = in.B * in.N * in.L;
-  if (rows > 0)
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / in.e), [&](int64_t b, int64_t e) { demux_forward_cpu(p, b, e); });
+  const DemuxParams p = demux_params(in, h, eps);
+  const int64_t B = in.B, N = in.N, L = in.L, e = in.e;
+  if (B * N * L == 0) return out;
+  constexpr int64_t kTokenChunk = 128;
+  const int64_t chunks = (L + kTokenChunk - 1) / kTokenChunk, chunk = (L + chunks - 1) / chunks;
+  const int64_t out_row_bytes = e * out.element_size(), a_row_bytes = e * in.a.element_size();
+  char* const out_base = static_cast<char*>(out.data_ptr());
+  const char* const a_base = static_cast<const char*>(in.a.data_ptr());
+  at::parallel_for(0, B * chunks, 1, [&](int64_t task_begin, int64_t task_end) {
+    at::Tensor c_rows = at::empty({chunk, e}, in.a.options());
+    for (int64_t task = task_begin; task < task_end; ++task) {
+      const int64_t b = task / chunks, t0 = (task % chunks) * chunk, n = std::min(chunk, L - t0);
+      at::Tensor c = c_rows.narrow(0, 0, n);
+      at::mm_out(c, in.h_rows.narrow(0, b * L + t0, n), in.w_right_t);
+      // the epilogue of rows (b·N + i, t0 … t0 + n − 1) for each i: a one-index, n-token sub-problem
+      DemuxParams sub = p;
+      sub.batch = 1;
+      sub.instances = 1;
+      sub.length = n;
+      sub.c = c.data_ptr();
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t a_row = (in.shared_keys ? 0 : b * N) + i;  // A is [N, e] (shared keys) or [B·N, e]
+        sub.a = a_base + a_row * a_row_bytes;
+        sub.out = out_base + ((b * N + i) * L + t0) * out_row_bytes;
+        demux_forward_cpu(sub, 0, n);
+      }
+    }
+  });
   return out;
 }
 

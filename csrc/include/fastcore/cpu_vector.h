@@ -6,8 +6,11 @@
 #include <cmath>
 #include <cstdint>
 
-// 32-byte vectors only live inside inline functions; the psABI note does not apply.
+// 32-byte vectors only live inside inline functions; the psABI note does not apply. The helpers taking
+// or returning them are always inlined: an out-of-line copy is compiled for the default target and
+// passes vectors in memory, while its target_clones callers expect them in registers (a crash).
 #pragma GCC diagnostic ignored "-Wpsabi"
+#define FC_VECTOR_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
 #define FC_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -21,7 +24,7 @@ typedef float Float8Lanes __attribute__((vector_size(32)));
 typedef int32_t Int8Lanes __attribute__((vector_size(32)));
 
 // mask ? a : b for a lane mask of all-ones/all-zeros, as bit operations (plain vector and/or on every ISA).
-inline Float8Lanes select_lanes(Int8Lanes mask, Float8Lanes a, Float8Lanes b) {
+FC_VECTOR_INLINE Float8Lanes select_lanes(Int8Lanes mask, Float8Lanes a, Float8Lanes b) {
   return reinterpret_cast<Float8Lanes>((reinterpret_cast<Int8Lanes>(a) & mask) |
                                        (reinterpret_cast<Int8Lanes>(b) & ~mask));
 }
@@ -29,7 +32,7 @@ inline Float8Lanes select_lanes(Int8Lanes mask, Float8Lanes a, Float8Lanes b) {
 // exp(x) for 8 float32 lanes at once: x = n ln2 + r with |r| ≤ ln2/2, exp(r) by its degree-7 Taylor
 // polynomial (truncation < 5e-9 relative), 2^n through the exponent bits. Below −87.3 it returns 0
 // (true value < 1.2e-38); above 88.7 +inf; NaN propagates.
-inline Float8Lanes exp_lanes(Float8Lanes x) {
+FC_VECTOR_INLINE Float8Lanes exp_lanes(Float8Lanes x) {
   const Float8Lanes low_limit = Float8Lanes{} - 87.3f, high_limit = Float8Lanes{} + 88.7f;
   const Int8Lanes too_low = x < low_limit, too_high = x > high_limit, is_nan = x != x;
   const Float8Lanes clamped = select_lanes(too_low, low_limit, select_lanes(too_high, high_limit, x));

@@ -12,7 +12,9 @@
 // Backward (recompute from lse, FlashAttention-2): with δ_i = Σ_c dO_ic O_ic,
 //   p_ij = exp(s_ij − lse_i),  dV_j = Σ_i p_ij dO_i,  dp_ij = dO_i·v_j,  ds_ij = p_ij (dp_ij − δ_i),
 //   dQ_i = scale Σ_j ds_ij k_j,  dK_j = scale Σ_i ds_ij q_i.
-// Masks are constants (not differentiated). Each output element is produced by one task in a fixed
+// An additive mask a enters s_ij with coefficient 1, so its gradient is ds_ij (summed over the
+// dimensions it was broadcast along); the CPU backward writes ds when asked (grad_scores), bool masks
+// and the other mask arguments are constants. Each output element is produced by one task in a fixed
 // order, so results do not depend on the thread count (DESIGN rule 8).
 #pragma once
 
@@ -60,6 +62,10 @@ struct AttentionParams {
   void* grad_q = nullptr;
   void* grad_k = nullptr;
   void* grad_v = nullptr;
+  // Optional (CPU backward): ds = ∂loss/∂s [B, H, Lq, Lk] contiguous in Acc, the gradient of an additive
+  // mask before it is summed over the mask's broadcast dimensions. The caller zero-fills it (tiles the
+  // causal rule skips are not written).
+  void* grad_scores = nullptr;
 };
 
 // Number of forward tasks: (b, h, q-tile) triples.

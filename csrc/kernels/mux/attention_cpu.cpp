@@ -353,6 +353,8 @@ FC_ALWAYS_INLINE void backward_range(const AttentionParams& p, int64_t task_begi
           T* dsi = dprobs.data() + i * Bkp;
           const T di = delta[i0 + i];
           for (int64_t j = 0; j < n_pad; ++j) dsi[j] = pi[j] * (dsi[j] - di);
+          if (p.grad_scores != nullptr)  // the additive mask's gradient, before its broadcast reduction
+            std::copy(dsi, dsi + n, static_cast<T*>(p.grad_scores) + (bh * Lq + i0 + i) * p.len_k + j0);
         }
         // dQ += ds k (scaled at the end), dK += dsᵀ (scale q)
         gemm<T>(rows, Dp, n, dprobs.data(), Bkp, 1, k_rows.data(), Dp, dq.data() + i0 * Dp, Dp, true);

@@ -30,6 +30,27 @@ void hadamard_forward(const HadamardMuxParams& p, int64_t row_begin, int64_t row
   }
 }
 
+// float32 fast path (contiguous float rows): out_row = (Σ_i x_i ⊙ v_i) · (1/N), accumulated in the output
+// row itself in the same fixed instance order; the feature loop is plain elementwise and vectorises.
+FC_CPU_CLONES void hadamard_forward_float(const HadamardMuxParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t N = p.instances, L = p.length, d = p.dim;
+  const float inv_n = 1.0f / static_cast<float>(N);
+  const float* x = static_cast<const float*>(p.x);
+  const float* keys = static_cast<const float*>(p.keys);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t b = row / L, l = row % L;
+    float* __restrict__ out = static_cast<float*>(p.out) + row * d;
+    const float* __restrict__ x0 = x + (b * N * L + l) * d;
+    for (int64_t c = 0; c < d; ++c) out[c] = x0[c] * keys[c];
+    for (int64_t i = 1; i < N; ++i) {
+      const float* __restrict__ xi = x + ((b * N + i) * L + l) * d;
+      const float* __restrict__ vi = keys + i * d;
+      for (int64_t c = 0; c < d; ++c) out[c] += xi[c] * vi[c];
+    }
+    for (int64_t c = 0; c < d; ++c) out[c] *= inv_n;
+  }
+}
+
 template <typename Acc>
 void hadamard_backward(const HadamardMuxParams& p, int64_t task_begin, int64_t task_end) {
   const int64_t N = p.instances, L = p.length, d = p.dim;
@@ -57,7 +78,7 @@ void hadamard_backward(const HadamardMuxParams& p, int64_t task_begin, int64_t t
 // erf for 8 float32 lanes: Abramowitz & Stegun 7.1.26, erf(|x|) = 1 − t·P(t)·exp(−x²) with
 // t = 1/(1 + 0.3275911 |x|), absolute error < 1.5e-7 (below float32's resolution of GELU's output scale);
 // the sign is restored by symmetry.
-inline Float8Lanes erf_lanes(Float8Lanes x) {
+FC_VECTOR_INLINE Float8Lanes erf_lanes(Float8Lanes x) {
   const Int8Lanes negative = x < Float8Lanes{};
   const Float8Lanes ax = select_lanes(negative, -x, x);
   const Float8Lanes t = 1.0f / (1.0f + 0.3275911f * ax);
@@ -112,6 +133,71 @@ inline void demux_row_stats(const Acc* a, const Acc* c, int64_t e, double eps, A
   for (int64_t k = 0; k < e; ++k) var += (g[k] - mean) * (g[k] - mean);
   var /= static_cast<Acc>(e);
   rstd = Acc(1) / std::sqrt(var + static_cast<Acc>(eps));
+}
+
+FC_VECTOR_INLINE float sum_lanes(Float8Lanes v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// float32 forward rows, every pass 8 lanes wide (a scalar loop takes the e % 8 tail):
+//   g = GELU(a + c) and Σ g;  Σ (g − μ)² (two-pass variance);  out = (g − μ) r γ + β.
+// Row-wise float reductions do not vectorise by themselves (no reassociation without -ffast-math),
+// hence the explicit lanes.
+FC_CPU_CLONES void demux_forward_float(const DemuxParams& p, int64_t row_begin, int64_t row_end) {
+  const int64_t N = p.instances, L = p.length, e = p.dim, e8 = e / 8 * 8;
+  const float* A = static_cast<const float*>(p.a);
+  const float* C = static_cast<const float*>(p.c);
+  const float* gamma = static_cast<const float*>(p.gamma);
+  const float* beta = static_cast<const float*>(p.beta);
+  const bool float_out = p.out_kind == ScalarKind::kFloat32;
+  std::vector<float> g_row(e);
+  float* g = g_row.data();
+  for (int64_t row = row_begin; row < row_end; ++row) {  // row = (b·N + i)·L + t
+    const int64_t t = row % L, bi = row / L, b = bi / N, i = bi % N;
+    const float* a = A + b * p.a_batch_stride + i * e;
+    const float* c = C + (b * L + t) * e;
+    Float8Lanes sum8{};
+    float sum = 0.0f;
+    for (int64_t k = 0; k < e8; k += 8) {
+      Float8Lanes za, zc;
+      std::memcpy(&za, a + k, sizeof(za));
+      std::memcpy(&zc, c + k, sizeof(zc));
+      const Float8Lanes z = za + zc;
+      const Float8Lanes gg = 0.5f * z * (1.0f + erf_lanes(z * 0.70710678118654752f));
+      std::memcpy(g + k, &gg, sizeof(gg));
+      sum8 += gg;
+    }
+    for (int64_t k = e8; k < e; ++k) {
+      g[k] = gelu_exact<float>(a[k] + c[k]);
+      sum += g[k];
+    }
+    const float mean = (sum_lanes(sum8) + sum) / static_cast<float>(e);
+    Float8Lanes var8{};
+    float var = 0.0f;
+    for (int64_t k = 0; k < e8; k += 8) {
+      Float8Lanes gg;
+      std::memcpy(&gg, g + k, sizeof(gg));
+      const Float8Lanes centred = gg - mean;
+      var8 += centred * centred;
+    }
+    for (int64_t k = e8; k < e; ++k) var += (g[k] - mean) * (g[k] - mean);
+    const float rstd = 1.0f / std::sqrt((sum_lanes(var8) + var) / static_cast<float>(e) + static_cast<float>(p.eps));
+    if (float_out) {
+      float* out = static_cast<float*>(p.out) + row * e;
+      for (int64_t k = 0; k < e8; k += 8) {
+        Float8Lanes gg, gm, bt;
+        std::memcpy(&gg, g + k, sizeof(gg));
+        std::memcpy(&gm, gamma + k, sizeof(gm));
+        std::memcpy(&bt, beta + k, sizeof(bt));
+        const Float8Lanes y = (gg - mean) * rstd * gm + bt;
+        std::memcpy(out + k, &y, sizeof(y));
+      }
+      for (int64_t k = e8; k < e; ++k) out[k] = (g[k] - mean) * rstd * gamma[k] + beta[k];
+    } else {
+      for (int64_t k = 0; k < e; ++k)
+        store_as<float>(p.out, p.out_kind, row * e + k, (g[k] - mean) * rstd * gamma[k] + beta[k]);
+    }
+  }
 }
 
 template <typename Acc>
@@ -186,6 +272,8 @@ void demux_backward(const DemuxParams& p, int64_t batch_begin, int64_t batch_end
 void hadamard_mux_forward_cpu(const HadamardMuxParams& p, int64_t row_begin, int64_t row_end) {
   if (p.x_kind == ScalarKind::kFloat64)
     hadamard_forward<double>(p, row_begin, row_end);
+  else if (p.x_kind == ScalarKind::kFloat32)
+    hadamard_forward_float(p, row_begin, row_end);
   else
     hadamard_forward<float>(p, row_begin, row_end);
 }
@@ -201,7 +289,7 @@ void demux_forward_cpu(const DemuxParams& p, int64_t row_begin, int64_t row_end)
   if (p.is_double)
     demux_forward<double>(p, row_begin, row_end);
   else
-    demux_forward<float>(p, row_begin, row_end);
+    demux_forward_float(p, row_begin, row_end);
 }
 
 void demux_backward_cpu(const DemuxParams& p, int64_t batch_begin, int64_t batch_end) {

@@ -70,29 +70,39 @@ def _attention_reference(q, k, v, attn_mask, key_padding_mask, causal, scale):
     return out.to(q.dtype), lse.to(acc)
 
 
-def _attention_backward_reference(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale):
+def _attention_backward_reference(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
+                                  need_mask_grad):
     acc = _acc_dtype(q.dtype)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
-    grads = ref.attention_backward(grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal,
-                                   scale)
-    return tuple(g.to(q.dtype) for g in grads)
+    *grads, grad_mask = ref.attention_backward(grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), mask,
+                                               key_padding_mask, causal, scale, need_mask_grad=need_mask_grad)
+    grad_mask = grad_mask.to(attn_mask.dtype) if need_mask_grad else q.new_empty((0,))
+    return (*(g.to(q.dtype) for g in grads), grad_mask)
 
 
 def _attention_native(q, k, v, attn_mask, key_padding_mask, causal, scale):
     return tuple(_native.native().mux_attention(q, k, v, attn_mask, key_padding_mask, causal, scale))
 
 
-def _attention_backward_native(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale):
+def _attention_backward_native(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
+                               need_mask_grad):
     return tuple(_native.native().mux_attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
-                                                         causal, scale))
+                                                         causal, scale, need_mask_grad))
 
 
 def _attention_triton(q, k, v, attn_mask, key_padding_mask, causal, scale):
     return _triton_module().attention_forward(q, k, v, attn_mask, key_padding_mask, causal, scale)
 
 
-def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale):
-    return _triton_module().attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
+def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
+                               need_mask_grad):
+    # need_mask_grad is never True here: ops.attention rejects a differentiable mask for this backend
+    grads = _triton_module().attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
+    return (*grads, q.new_empty((0,)))
+
+
+# Backends whose backward also returns the additive attn_mask's gradient (ds summed over its broadcast dims).
+_MASK_GRAD_BACKENDS = ("cpu", "reference")
 
 
 _ATTENTION_IMPL: Dict[str, Callable] = {"cpu": _attention_native, "cuda": _attention_native,
@@ -117,15 +127,20 @@ def _attention_fake(q, k, v, attn_mask, key_padding_mask, causal, scale, backend
 @torch.library.custom_op("fastcore_ai::mux_attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-                           backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                           need_mask_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d attn_mask): the last is the additive mask's gradient in its shape and dtype when
+    need_mask_grad (cpu and reference backends), else an empty tensor."""
     return tuple(_ATTENTION_BACKWARD_IMPL[backend](grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal,
-                                                   scale))
+                                                   scale, need_mask_grad))
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, backend):
+def _attention_backward_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, need_mask_grad,
+                             backend):
+    grad_mask = (torch.empty(attn_mask.shape, dtype=attn_mask.dtype, device=attn_mask.device) if need_mask_grad
+                 else q.new_empty((0,)))
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+            torch.empty(v.shape, dtype=v.dtype, device=v.device), grad_mask)
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -138,9 +153,10 @@ def _attention_setup_context(ctx, inputs, output):
 
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
-                                        ctx.causal, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None
+    need_mask_grad = bool(ctx.needs_input_grad[3])  # only ever True for an additive mask (bool has no grad)
+    dq, dk, dv, dmask = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
+                                               ctx.causal, ctx.scale, need_mask_grad, ctx.backend)
+    return dq, dk, dv, (dmask if need_mask_grad else None), None, None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -201,6 +217,12 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[T
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
         attn_mask = attn_mask.to(q.dtype)
     chosen = backends.select(_ATTENTION, backend, q.device, q.dtype, "q", head_dim=q.shape[3])
+    if (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
+            and chosen not in _MASK_GRAD_BACKENDS):
+        raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask requires grad, and the gradient of an additive "
+                         f"mask is computed by the {' and '.join(_MASK_GRAD_BACKENDS)} backends only; the chosen "
+                         f"backend is {chosen!r} (pass backend='cpu' for CPU tensors, or detach the mask), got "
+                         f"{_describe(attn_mask)}")
     return _attention_op(q, k, v, attn_mask, key_padding_mask, causal, scale, chosen)
 
 
@@ -213,7 +235,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
       q: [B, H, Lq, D]; k, v: [B, H, Lk, D] (Lq ≠ Lk is cross-attention). D any of 1..256, any Lq, Lk.
         float32, bfloat16, float16 (float32 softmax and accumulation), float64 on cpu/reference. Any strides.
       attn_mask: optional, broadcastable to [B, H, Lq, Lk]: bool (True = attend, as torch SDPA) or an
-        additive float mask (not differentiated).
+        additive float mask, differentiable on the cpu and reference backends (its gradient is ds, the
+        softmax input's gradient, summed over the dimensions it was broadcast along; other backends raise
+        for a mask that requires grad).
       key_padding_mask: optional bool [B, Lk], True = ignore that key (as nn.MultiheadAttention).
       causal: mask keys j > i (top-left aligned, as SDPA's is_causal).
       scale: score scale, default 1/√D.

@@ -150,9 +150,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
 
 
 def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
-                       key_padding_mask: Optional[Tensor], causal: bool, scale: Optional[float]) -> Tuple[Tensor, ...]:
-    """(grad_q, grad_k, grad_v) written out (the masks are not differentiated):
-    dV = pᵀ dO,  dp = dO vᵀ,  ds = p (dp − rowsum(dp ∘ p)),  dQ = scale ds k,  dK = scale dsᵀ q."""
+                       key_padding_mask: Optional[Tensor], causal: bool, scale: Optional[float],
+                       need_mask_grad: bool = False) -> Tuple[Tensor, ...]:
+    """(grad_q, grad_k, grad_v, grad_attn_mask) written out:
+    dV = pᵀ dO,  dp = dO vᵀ,  ds = p (dp − rowsum(dp ∘ p)),  dQ = scale ds k,  dK = scale dsᵀ q.
+    An additive attn_mask enters s with coefficient 1, so its gradient is ds summed over the dimensions
+    it was broadcast along (returned when need_mask_grad, else None); bool masks, key_padding_mask and
+    causal are constants."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -166,4 +170,5 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_m
     grad_v = p.transpose(-1, -2) @ grad_out
     dp = grad_out @ v.transpose(-1, -2)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, grad_v
+    grad_mask = ds.sum_to_size(attn_mask.shape) if need_mask_grad else None
+    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, grad_v, grad_mask
