@@ -8,6 +8,7 @@ GPU times use CUDA events after a synchronising warm-up, CPU times use perf_coun
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import statistics
 import time
@@ -50,16 +51,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _release_free_heap() -> None:
+    """Hands glibc's free heap pages back to the OS (malloc_trim), so the next call's allocations fault
+    fresh pages whether or not an earlier provider left freed memory behind: without it the first
+    provider measured in a process pays for its buffers and later ones reuse them for free (an
+    order effect of several MB). A no-op where glibc is absent."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cpu_peak_extra_mb(fn: Callable) -> Optional[float]:
-    """Peak resident memory fn() adds on top of what the process holds before it, in MiB (Linux: the
-    peak-RSS counter is reset through /proc/self/clear_refs, then VmHWM read back); None elsewhere.
-    Counts every allocator (torch, BLAS/FFT workspaces, numpy), at page granularity."""
+    """Peak resident memory fn() adds on top of what the process holds before it, in MiB (Linux: free
+    heap pages are released first, the peak-RSS counter is reset through /proc/self/clear_refs, then
+    VmHWM read back); None elsewhere. Counts every allocator (torch, BLAS/FFT workspaces, numpy), at
+    page granularity."""
     def status(field: str) -> int:
         with open("/proc/self/status") as handle:
             for line in handle:
                 if line.startswith(field):
                     return int(line.split()[1])  # kB
         raise KeyError(field)
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")

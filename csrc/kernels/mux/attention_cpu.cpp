@@ -240,32 +240,58 @@ struct Shapes {
   }
 };
 
+// The forward's scratch panels, cached per thread between calls and grown on demand (bounded by the tile
+// sizes: q_tile ≤ 192, kv_block ≤ 512, D ≤ 256 give at most ≈ 2.3 MB per thread in float): a call then
+// allocates only its outputs, and the panels are not zero-filled again on every call. Nothing relies on
+// their initial contents: packing writes every element a product reads, padding included.
+template <typename T>
+struct ForwardScratch {
+  std::vector<T> q_panel, k_rows, k_cols, v_rows, scores, o_acc, row_max, row_sum;
+  static ForwardScratch& of_this_thread() {
+    static thread_local ForwardScratch scratch;
+    return scratch;
+  }
+};
+
+template <typename T>
+T* at_least(std::vector<T>& buffer, int64_t size) {
+  if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(static_cast<size_t>(size));
+  return buffer.data();
+}
+
 template <typename T>
 FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
   const Shapes<T> s(p, p.q_tile);
   const int64_t D = s.D, Dp = s.d_pad, Bk = s.block, Bkp = s.block_pad, Tq = s.tile;
-  std::vector<T> q_panel(Tq * Dp), k_rows(Bk * Dp), k_cols(D * Bkp), v_rows(Bk * Dp), scores(Tq * Bkp),
-      o_acc(Tq * Dp), row_max_(Tq), row_sum(Tq);
+  ForwardScratch<T>& scratch = ForwardScratch<T>::of_this_thread();
+  T* const q_panel = at_least(scratch.q_panel, Tq * Dp);
+  T* const k_rows = at_least(scratch.k_rows, Bk * Dp);
+  T* const k_cols = at_least(scratch.k_cols, D * Bkp);
+  T* const v_rows = at_least(scratch.v_rows, Bk * Dp);
+  T* const scores = at_least(scratch.scores, Tq * Bkp);
+  T* const o_acc = at_least(scratch.o_acc, Tq * Dp);
+  T* const row_max_ = at_least(scratch.row_max, Tq);
+  T* const row_sum = at_least(scratch.row_sum, Tq);
   const int64_t tiles = (p.len_q + Tq - 1) / Tq;
   const bool bias = has_bias(p);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t bh = task / tiles, tile = task % tiles, b = bh / p.heads, h = bh % p.heads;
     const int64_t q0 = tile * Tq, rows = std::min(Tq, p.len_q - q0);
-    pack_rows<T>(p.q, p.kind, p.q_stride, b, h, q0, rows, D, Dp, static_cast<T>(p.scale), q_panel.data());
-    std::fill(o_acc.begin(), o_acc.begin() + rows * Dp, T(0));
-    std::fill(row_max_.begin(), row_max_.end(), neg_inf);
-    std::fill(row_sum.begin(), row_sum.end(), T(0));
+    pack_rows<T>(p.q, p.kind, p.q_stride, b, h, q0, rows, D, Dp, static_cast<T>(p.scale), q_panel);
+    std::fill(o_acc, o_acc + rows * Dp, T(0));
+    std::fill(row_max_, row_max_ + Tq, neg_inf);
+    std::fill(row_sum, row_sum + Tq, T(0));
     for (int64_t j0 = 0; j0 < p.len_k; j0 += Bk) {
       if (p.causal && j0 > q0 + rows - 1) break;  // every later key is above the diagonal
       const int64_t n = std::min(Bk, p.len_k - j0), n_pad = round_up(n, Lanes<T>::kCount);
-      pack_rows<T>(p.k, p.kind, p.k_stride, b, h, j0, n, D, Dp, T(1), k_rows.data());
-      transpose_panel<T>(k_rows.data(), n, D, Dp, n_pad, k_cols.data());
-      pack_rows<T>(p.v, p.kind, p.v_stride, b, h, j0, n, D, Dp, T(1), v_rows.data());
+      pack_rows<T>(p.k, p.kind, p.k_stride, b, h, j0, n, D, Dp, T(1), k_rows);
+      transpose_panel<T>(k_rows, n, D, Dp, n_pad, k_cols);
+      pack_rows<T>(p.v, p.kind, p.v_stride, b, h, j0, n, D, Dp, T(1), v_rows);
       // scores = (scale q) kᵀ  [rows, n_pad]
-      gemm<T>(rows, n_pad, D, q_panel.data(), Dp, 1, k_cols.data(), n_pad, scores.data(), Bkp, false);
+      gemm<T>(rows, n_pad, D, q_panel, Dp, 1, k_cols, n_pad, scores, Bkp, false);
       for (int64_t i = 0; i < rows; ++i) {
-        T* si = scores.data() + i * Bkp;
+        T* si = scores + i * Bkp;
         for (int64_t j = n; j < n_pad; ++j) si[j] = neg_inf;
         if (bias) add_bias<T>(p, b, h, q0 + i, j0, n, si);
         const T m_old = row_max_[i], m_new = std::max(m_old, row_max(si, n_pad));
@@ -277,14 +303,14 @@ FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin
         if (m_old != neg_inf && m_old != m_new) {  // rescale the running sums to the new max
           const T alpha = std::exp(m_old - m_new);
           row_sum[i] *= alpha;
-          T* oi = o_acc.data() + i * Dp;
+          T* oi = o_acc + i * Dp;
           for (int64_t c = 0; c < Dp; ++c) oi[c] *= alpha;
         }
         row_sum[i] += block_sum;
         row_max_[i] = m_new;
       }
       // o += p v  [rows, Dp]
-      gemm<T>(rows, Dp, n, scores.data(), Bkp, 1, v_rows.data(), Dp, o_acc.data(), Dp, true);
+      gemm<T>(rows, Dp, n, scores, Bkp, 1, v_rows, Dp, o_acc, Dp, true);
     }
     T* lse = static_cast<T*>(p.lse) + bh * p.len_q + q0;
     const int64_t out_offset = (bh * p.len_q + q0) * D;
@@ -292,7 +318,7 @@ FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin
       const T l = row_sum[i];
       const T inv = l > T(0) ? T(1) / l : T(0);  // fully masked row: out = 0
       lse[i] = l > T(0) ? row_max_[i] + std::log(l) : neg_inf;
-      store_row<T>(p.out, p.kind, out_offset + i * D, D, inv, o_acc.data() + i * Dp);
+      store_row<T>(p.out, p.kind, out_offset + i * D, D, inv, o_acc + i * Dp);
     }
   }
 }
