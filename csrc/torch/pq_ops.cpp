@@ -95,6 +95,21 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
 #endif
   }
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
+  if (want_codes && !want_lut && x.scalar_type() == at::kFloat) {
+    // float32 encode: the GEMM form with the centroid norms precomputed once per call.
+    at::Tensor c_norms = (codebooks * codebooks).sum(2).contiguous();  // [M, ksub]
+    TableParams<float> p;
+    p.x = xc.data_ptr<float>();
+    p.x_stride = xc.stride(0);
+    p.codebooks_t = ct.data_ptr<float>();
+    p.n = n;
+    p.M = M;
+    p.dsub = dsub;
+    p.ksub = ksub;
+    p.codes = codes.data_ptr<uint8_t>();
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_encode_cpu(p, c_norms.data_ptr<float>(), b, e); });
+    return {lut, codes};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
     TableParams<scalar_t> p;
     p.x = xc.data_ptr<scalar_t>();

@@ -38,6 +38,13 @@ struct TableParams {
 void pq_tables_cpu(const TableParams<float>& p, int64_t begin, int64_t end);
 void pq_tables_cpu(const TableParams<double>& p, int64_t begin, int64_t end);
 
+// float32 encode in the GEMM form: code[i, m] = argmin_j (‖c_mj‖² − 2⟨x_im, c_mj⟩) (‖x_im‖² is the same
+// for every j, so it is left out; lower j on ties), p.codes only. c_norms [M, ksub] = ‖c_mj‖². Per
+// sub-space the ksub dot products are one row of the GEMM x_m·C_mᵀ, accumulated in SIMD registers
+// (AVX-512: ksub/16 registers, one FMA per dimension each) and reduced by a SIMD argmin, so the
+// [n, ksub] product never goes to memory. Rows [begin, end).
+void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end);
+
 // ---- k-means assignment from a GEMM ----------------------------------------------------------------
 // dist(i, j) = ‖x_i‖² − 2 G[i, j] + ‖c_j‖² with G = x·cᵀ computed by a GEMM; assign[i] = argmin_j
 // (lower j on ties), min_dist[i] = max(0, that minimum).
