@@ -165,6 +165,18 @@ void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool 
   v.out_dist = ivf_d.data();
   v.out_ids = ivf_i.data();
   FC_EXPECT(pq_scan_ivf_cpu(v, 0, nq) == 0, "ivf bad probes");
+  // The same with per-list tables added (the L2 residual decomposition) and a per-probe bias.
+  std::vector<float> terms(3 * M * ksub), bias(nq * 4);
+  for (auto& t : terms) t = (float)small(gen);
+  for (auto& b : bias) b = (float)small(gen);
+  std::vector<float> term_d(nq * k);
+  std::vector<int64_t> term_i(nq * k);
+  ScanParams w = v;
+  w.list_terms = terms.data();
+  w.bias = bias.data();
+  w.out_dist = term_d.data();
+  w.out_ids = term_i.data();
+  FC_EXPECT(pq_scan_ivf_cpu(w, 0, nq) == 0, "ivf (terms) bad probes");
   for (int64_t q = 0; q < nq; ++q) {
     std::vector<double> dist(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -174,6 +186,19 @@ void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool 
     }
     std::vector<double> ed;
     std::vector<int64_t> ei;
+    // With list tables and bias (probe slots 0, 2, 3 hold lists 2, 0, 1).
+    std::vector<double> term_dist(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t list = i < offsets[1] ? 0 : i < offsets[2] ? 1 : 2;
+      const int64_t slot = list == 2 ? 0 : list + 2;
+      double s = bias[q * 4 + slot];
+      for (int64_t m = 0; m < M; ++m) s += terms[(list * M + m) * ksub + codes[i * M + m]];
+      term_dist[i] = dist[i] + s;
+    }
+    naive_topk(term_dist, ip, k, ed, ei);
+    for (int64_t j = 0; j < k; ++j)
+      FC_EXPECT(term_i[q * k + j] == ei[j] && term_d[q * k + j] == ed[j], "ivf terms q=%ld j=%ld: %ld/%g vs %ld/%g",
+                (long)q, (long)j, (long)term_i[q * k + j], term_d[q * k + j], (long)ei[j], ed[j]);
     naive_topk(dist, ip, k, ed, ei);
     for (int64_t j = 0; j < k; ++j) {
       FC_EXPECT(ids[q * k + j] == ei[j] && d[q * k + j] == ed[j], "flat q=%ld j=%ld: %ld/%g vs %ld/%g", (long)q, (long)j,

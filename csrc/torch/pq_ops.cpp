@@ -279,10 +279,12 @@ std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& cod
 
 // IVF ADC top-k over probed lists. lut [nq, L, M, ksub] float32 (L = nprobe: per probe; L = 1: shared),
 // codes [n, M] grouped by list, list_offsets [nlist + 1], probes [nq, nprobe] int64 (−1 = none),
-// bias [nq, nprobe] float32 or empty, ids [n] int64.
+// bias [nq, nprobe] float32 or empty, ids [n] int64; list_terms [nlist, M, ksub] float32 or None: the
+// per-list tables of the L2 residual decomposition (then L must be 1; see ScanParams::list_terms).
 std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& codes, const at::Tensor& list_offsets,
                                    const at::Tensor& probes, const std::optional<at::Tensor>& bias,
-                                   const at::Tensor& ids, int64_t k, int64_t metric) {
+                                   const at::Tensor& ids, int64_t k, int64_t metric,
+                                   const std::optional<at::Tensor>& list_terms) {
   const char* op = "ivfpq_search";
   FC_CHECK(lut.dim() == 4 && lut.scalar_type() == at::kFloat && lut.device().is_cpu(), op,
            "lut must be a CPU float32 [nq, L, M, ksub]");
@@ -315,8 +317,16 @@ std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& code
              "bias must be float32 [nq, nprobe]");
     bc = bias->contiguous();
   }
+  at::Tensor tc;
+  if (list_terms.has_value() && list_terms->defined()) {
+    FC_CHECK(L == 1 && list_terms->dim() == 3 && list_terms->size(0) == nlist && list_terms->size(1) == M &&
+                 list_terms->size(2) == ksub && list_terms->scalar_type() == at::kFloat && list_terms->device().is_cpu(),
+             op, "list_terms must be a CPU float32 [nlist, M, ksub] used with one table per query (L = 1)");
+    tc = list_terms->contiguous();
+  }
   ScanParams p;
   p.lut = lc.data_ptr<float>();
+  p.list_terms = tc.defined() ? tc.data_ptr<float>() : nullptr;
   p.lut_per_probe = L == nprobe && nprobe > 1 ? 1 : (L == 1 ? 0 : 1);
   p.codes = cc.data_ptr<uint8_t>();
   p.nq = nq;

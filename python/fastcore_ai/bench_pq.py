@@ -8,9 +8,10 @@ table. Train and add times are measured once per index in setup and printed.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -71,7 +72,23 @@ def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, 
     return name, ours, theirs, torch.from_numpy(xq), gt
 
 
-def _case(kind, M, nbits, nlist, d, nt, nb, nq, metric, k, nprobe=None):
+@contextlib.contextmanager
+def _threads(count: Optional[int]):
+    """Run the body on `count` threads (torch and FAISS's OpenMP alike); None: the run's setting."""
+    import faiss
+    before = torch.get_num_threads()
+    count = count or before
+    torch.set_num_threads(count)
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        faiss.omp_set_num_threads(before)
+
+
+def _case(kind, M, nbits, nlist, d, nt, nb, nq, metric, k, nprobe=None, threads=None):
+    """One search row; threads = 1 pins both libraries to one thread (the issue asks for 1 and 2)."""
     from .bench import Case
 
     def setup():
@@ -79,14 +96,15 @@ def _case(kind, M, nbits, nlist, d, nt, nb, nq, metric, k, nprobe=None):
         return ours, theirs, xq, gt
 
     def fastcore(ours, theirs, xq, gt):
-        return ours.search(xq, k, nprobe=nprobe)[1]
+        with _threads(threads):
+            return ours.search(xq, k, nprobe=nprobe)[1]
 
     def faiss_search(ours, theirs, xq, gt):
-        import faiss
-        faiss.omp_set_num_threads(torch.get_num_threads())
         if nprobe is not None:
+            import faiss
             faiss.extract_index_ivf(theirs).nprobe = nprobe
-        return torch.from_numpy(theirs.search(xq.numpy(), k)[1])
+        with _threads(threads):
+            return torch.from_numpy(theirs.search(xq.numpy(), k)[1])
 
     def error(output, inputs):
         return _miss_rate(output, inputs[3])
@@ -94,7 +112,8 @@ def _case(kind, M, nbits, nlist, d, nt, nb, nq, metric, k, nprobe=None):
     name = (f"PQ{M}" + ("x4fs" if nbits == 4 else "")) if kind == "flat" else (
         f"IVF{nlist},PQ{M}" + ("x4fs" if nbits == 4 else ""))
     probe = f" nprobe={nprobe}" if nprobe else ""
-    shape = f"{name} {metric} nb={nb} d={d} nq={nq} k={k}{probe} (err = 1-10R@10)"
+    pinned = f" {threads}T" if threads else ""
+    shape = f"{name} {metric} nb={nb} d={d} nq={nq} k={k}{probe}{pinned} (err = 1-10R@10)"
     return Case("pq", shape, setup, {"fastcore": fastcore, "faiss": faiss_search}, error, peer="faiss")
 
 
@@ -109,10 +128,12 @@ def pq_cases(device: str, quick: bool = False) -> List:
         return []
     if quick:
         d, nt, nb, nq = 64, 20000, 50000, 200
-        return [_case("flat", 16, 8, 0, d, nt, nb, nq, "l2", 10),
-                _case("flat", 16, 4, 0, d, nt, nb, nq, "l2", 10),
-                _case("ivf", 16, 4, 64, d, nt, nb, nq, "l2", 10, nprobe=8),
-                _case("ivf", 16, 8, 64, d, nt, nb, nq, "l2", 10, nprobe=8)]
+        # The run's thread count (--threads), then the same four rows pinned to one thread.
+        return [case for threads in (None, 1) for case in (
+            _case("flat", 16, 8, 0, d, nt, nb, nq, "l2", 10, threads=threads),
+            _case("flat", 16, 4, 0, d, nt, nb, nq, "l2", 10, threads=threads),
+            _case("ivf", 16, 4, 64, d, nt, nb, nq, "l2", 10, nprobe=8, threads=threads),
+            _case("ivf", 16, 8, 64, d, nt, nb, nq, "l2", 10, nprobe=8, threads=threads))]
     return _flat8_cases() + _fastscan_cases() + _ivf_cases() + _repconc_cases()
 
 

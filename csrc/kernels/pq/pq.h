@@ -72,6 +72,10 @@ struct ScanParams {
   const int64_t* probes = nullptr;        // [nq, nprobe]
   int64_t nprobe = 0;
   const float* bias = nullptr;            // [nq, nprobe] or nullptr (0)
+  // L2 residual decomposition (FAISS's precomputed table): with list_terms, the table of (q, list l)
+  // is lut[q] + list_terms[l] entry by entry (lut = −2⟨q_m, y_mj⟩, list_terms = ‖y_mj‖² + 2⟨c_l,m, y_mj⟩,
+  // bias = ‖q − c_l‖²), so no table per (query, probe) is built. Needs lut_per_probe = 0.
+  const float* list_terms = nullptr;      // [nlist, M, ksub] or nullptr
   const int64_t* ids = nullptr;           // [n] row -> id, or nullptr (id = row)
   float* out_dist = nullptr;              // [nq, k]
   int64_t* out_ids = nullptr;             // [nq, k]
@@ -83,7 +87,9 @@ struct ScanParams {
 // several ranges are stacked; see merge). Distances in the user's sign (ip: larger is better).
 void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64_t row_begin, int64_t row_end,
                       float* out_dist, int64_t* out_ids, int64_t ld);
-// IVF scan of queries [q_begin, q_end) over their probed lists into p.out_dist / p.out_ids.
+// IVF scan of queries [q_begin, q_end) over their probed lists into p.out_dist / p.out_ids:
+// dist = bias + Σ_m table[m, code_m] (sum in m order from 0). With AVX-512 and one table per query,
+// 16 queries are scanned together list by list (a list probed by several of them is read once).
 // Returns the number of probes outside [−1, nlist) (skipped; the caller raises).
 int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end);
 // Merge `parts` sorted top-k lists per query (stacked [nq, parts, k]) into the final [nq, k].

@@ -439,11 +439,139 @@ void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64
   }
 }
 
+#ifdef FC_PQ_X86
+namespace {
+
+// One inverted list for the lanes (queries) in `lanes`: as scan_flat_avx512, plus the per-lane bias
+// and, with HasTerms, the list's table added entry by entry (t3 + t2, then summed in m order, the
+// same arithmetic as the scalar path). Ids are not monotone across lists: candidates with a key equal
+// to the root's are looked at too and the heap's (key, id) order decides.
+template <bool HasTerms>
+__attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, const float* lut_t, int64_t list,
+                                                         uint32_t lanes, const float* bias_lanes, TopK<float>* heaps) {
+  const int64_t M = p.M, ksub = p.ksub;
+  const bool ip = p.metric == Metric::kIP;
+  const float* terms = HasTerms ? p.list_terms + list * M * ksub : nullptr;
+  alignas(64) float roots[kWideQueries];
+  uint32_t not_full = 0;
+  auto refresh = [&](int j) {
+    roots[j] = heaps[j].full() ? heaps[j].keys[0] : std::numeric_limits<float>::infinity();
+    not_full = heaps[j].full() ? (not_full & ~(1u << j)) : (not_full | (1u << j));
+  };
+  for (int j = 0; j < kWideQueries; ++j) {
+    if (lanes >> j & 1u) refresh(j);
+    else roots[j] = 0.0f;
+  }
+  __m512 limit = _mm512_load_ps(roots);
+  const __m512 bias = _mm512_loadu_ps(bias_lanes);
+  const __m512 sign = _mm512_set1_ps(ip ? -0.0f : 0.0f);
+  alignas(64) float keys[kWideQueries];
+  auto offer = [&](__m512 sum, int64_t row) __attribute__((target("avx512f"))) {
+    const __m512 d = _mm512_add_ps(bias, sum);
+    const __m512 key = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d), _mm512_castps_si512(sign)));
+    uint32_t mask = (_mm512_cmp_ps_mask(key, limit, _CMP_LE_OQ) | not_full) & lanes;
+    if (!mask) return;
+    _mm512_store_ps(keys, key);
+    const int64_t id = p.ids ? p.ids[row] : row;
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (!heaps[j].full() || TopK<float>::worse(heaps[j].keys[0], heaps[j].ids[0], keys[j], id)) {
+        heaps[j].push(keys[j], id);
+        refresh(j);
+      }
+    }
+    limit = _mm512_load_ps(roots);
+  };
+  auto entry = [&](int64_t m, uint8_t c) __attribute__((target("avx512f"))) {
+    const __m512 t = _mm512_loadu_ps(lut_t + (m * ksub + c) * kWideQueries);
+    return HasTerms ? _mm512_add_ps(t, _mm512_set1_ps(terms[m * ksub + c])) : t;
+  };
+  const int64_t begin = p.list_offsets[list], end = p.list_offsets[list + 1];
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const uint8_t* c0 = p.codes + r * M;
+    const uint8_t* c1 = c0 + M;
+    const uint8_t* c2 = c1 + M;
+    const uint8_t* c3 = c2 + M;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t m = 0; m < M; ++m) {
+      s0 = _mm512_add_ps(s0, entry(m, c0[m]));
+      s1 = _mm512_add_ps(s1, entry(m, c1[m]));
+      s2 = _mm512_add_ps(s2, entry(m, c2[m]));
+      s3 = _mm512_add_ps(s3, entry(m, c3[m]));
+    }
+    offer(s0, r);
+    offer(s1, r + 1);
+    offer(s2, r + 2);
+    offer(s3, r + 3);
+  }
+  for (; r < end; ++r) {
+    const uint8_t* c = p.codes + r * M;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, entry(m, c[m]));
+    offer(s, r);
+  }
+}
+
+// Queries in groups of 16: their tables interleaved once, then every list probed by the group is
+// scanned once for all its probing queries (lanes), in list order.
+int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_end) {
+  const int64_t M = p.M, ksub = p.ksub, k = p.k, nprobe = p.nprobe;
+  std::vector<float> lut_t(static_cast<size_t>(M * ksub * kWideQueries));
+  std::vector<float> keys(static_cast<size_t>(kWideQueries * k));
+  std::vector<int64_t> ids(static_cast<size_t>(kWideQueries * k));
+  std::vector<std::pair<int64_t, int64_t>> visits;  // (list, j·nprobe + probe slot)
+  alignas(64) float bias_lanes[kWideQueries];
+  int64_t bad = 0;
+  for (int64_t g0 = q_begin; g0 < q_end; g0 += kWideQueries) {
+    const int qn = static_cast<int>(std::min<int64_t>(kWideQueries, q_end - g0));
+    interleave_tables(p, g0, qn, lut_t.data());
+    std::vector<TopK<float>> heaps;
+    for (int j = 0; j < qn; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
+    visits.clear();
+    for (int64_t slot = 0; slot < qn * nprobe; ++slot) {
+      const int64_t list = p.probes[g0 * nprobe + slot];
+      if (list == -1) continue;
+      if (list < 0 || list >= p.nlist) {
+        ++bad;
+        continue;
+      }
+      visits.push_back({list, slot});
+    }
+    std::sort(visits.begin(), visits.end());
+    for (size_t i = 0; i < visits.size();) {
+      const int64_t list = visits[i].first;
+      uint32_t lanes = 0;
+      for (int j = 0; j < kWideQueries; ++j) bias_lanes[j] = 0.0f;
+      for (; i < visits.size() && visits[i].first == list; ++i) {
+        const int j = static_cast<int>(visits[i].second / nprobe);
+        lanes |= 1u << j;
+        bias_lanes[j] = p.bias ? p.bias[g0 * nprobe + visits[i].second] : 0.0f;
+      }
+      if (p.list_offsets[list] == p.list_offsets[list + 1]) continue;
+      if (p.list_terms) scan_list_avx512<true>(p, lut_t.data(), list, lanes, bias_lanes, heaps.data());
+      else scan_list_avx512<false>(p, lut_t.data(), list, lanes, bias_lanes, heaps.data());
+    }
+    for (int j = 0; j < qn; ++j)
+      heaps[j].write_sorted(p.out_dist + (g0 + j) * k, p.out_ids + (g0 + j) * k,
+                            [&](float key) { return key_to_dist(p.metric, key); });
+  }
+  return bad;
+}
+
+}  // namespace
+#endif
+
 int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end) {
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3 && !p.lut_per_probe) return scan_ivf_grouped_avx512(p, q_begin, q_end);
+#endif
   const int64_t M = p.M, ksub = p.ksub, k = p.k;
   const bool ip = p.metric == Metric::kIP;
   std::vector<float> keys(static_cast<size_t>(k));
   std::vector<int64_t> ids(static_cast<size_t>(k));
+  std::vector<float> table(p.list_terms ? static_cast<size_t>(M * ksub) : 0);
   float dist[kRowBlock];
   int64_t bad = 0;
   for (int64_t q = q_begin; q < q_end; ++q) {
@@ -456,6 +584,11 @@ int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end) {
         continue;
       }
       const float* lut = p.lut + (p.lut_per_probe ? (q * p.nprobe + j) : q) * M * ksub;
+      if (p.list_terms) {  // the table of (q, list): lut[q] + list_terms[list]
+        const float* terms = p.list_terms + list * M * ksub;
+        for (int64_t e = 0; e < M * ksub; ++e) table[e] = lut[e] + terms[e];
+        lut = table.data();
+      }
       const float bias = p.bias ? p.bias[q * p.nprobe + j] : 0.0f;
       const int64_t begin = p.list_offsets[list], end = p.list_offsets[list + 1];
       for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {

@@ -218,6 +218,7 @@ class IVFPQIndex(PQIndex):
         self.coarse: Optional[Tensor] = None
         self.list_no = torch.zeros(0, dtype=torch.int64)
         self._csr = None
+        self._list_terms: Optional[Tensor] = None
 
     def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False) -> "IVFPQIndex":
         x = _as_matrix("IVFPQIndex", "x", x, self.d)
@@ -226,6 +227,7 @@ class IVFPQIndex(PQIndex):
         self.codebooks = ops.pq_train(target, self.M, self.nbits, self.metric, niter=niter, constrained=constrained,
                                       seed=seed + 1)
         self.coarse = coarse
+        self._list_terms = None
         return self
 
     def _coarse_scores(self, x: Tensor, coarse: Tensor) -> Tensor:
@@ -289,7 +291,16 @@ class IVFPQIndex(PQIndex):
             return ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, self.codebooks, k, self.metric)
         codes, ids, offsets = self._lists()
         return ops.ivfpq_search(q, self.coarse, probes, codes, offsets, ids, self.codebooks, k, self.metric,
-                                self.by_residual)
+                                self.by_residual, list_terms=self._residual_terms())
+
+    def _residual_terms(self) -> Optional[Tensor]:
+        """The per-list tables of the L2 residual decomposition, built once per trained/loaded model
+        (nlist·M·ksub floats); None where the decomposition does not apply (ip, non-residual)."""
+        if self.metric != "l2" or not self.by_residual:
+            return None
+        if self._list_terms is None:
+            self._list_terms = ops.ivfpq_list_terms(self.coarse, self.codebooks)
+        return self._list_terms
 
     def _meta(self) -> dict:
         meta = super()._meta()
@@ -315,6 +326,7 @@ class IVFPQIndex(PQIndex):
             if coarse is None or coarse.dtype != torch.float32 or tuple(coarse.shape) != (self.nlist, self.d):
                 raise IndexFileError(f"fastcore_ai.search: {path!r}: coarse centroids are missing or malformed")
             self.coarse = coarse
+            self._list_terms = None
 
 
 def load_index(path: str):
