@@ -89,7 +89,7 @@ void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64
                       float* out_dist, int64_t* out_ids, int64_t ld);
 // IVF scan of queries [q_begin, q_end) over their probed lists into p.out_dist / p.out_ids:
 // dist = bias + Σ_m table[m, code_m] (sum in m order from 0). With AVX-512 and one table per query,
-// 16 queries are scanned together list by list (a list probed by several of them is read once).
+// the probes are inverted and each list is read once per 16 of the queries that probe it.
 // Returns the number of probes outside [−1, nlist) (skipped; the caller raises).
 int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end);
 // Merge `parts` sorted top-k lists per query (stacked [nq, parts, k]) into the final [nq, k].

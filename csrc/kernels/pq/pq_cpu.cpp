@@ -442,28 +442,54 @@ void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64
 #ifdef FC_PQ_X86
 namespace {
 
-// One inverted list for the lanes (queries) in `lanes`: as scan_flat_avx512, plus the per-lane bias
-// and, with HasTerms, the list's table added entry by entry (t3 + t2, then summed in m order, the
-// same arithmetic as the scalar path). Ids are not monotone across lists: candidates with a key equal
-// to the root's are looked at too and the heap's (key, id) order decides.
-template <bool HasTerms>
+// The interleaved table of up to 16 (query, list) visits to one list: lut_t[e·16 + j] = lut[q_j, e]
+// (+ list_terms[list, e]), one AVX-512 gather per table entry e (lanes j ≥ count are 0).
+__attribute__((target("avx512f"))) void gather_tables(const ScanParams& p, int64_t list, const int64_t* queries,
+                                                      int count, float* lut_t) {
+  const int64_t entries = p.M * p.ksub;
+  const float* terms = p.list_terms ? p.list_terms + list * entries : nullptr;
+  // queries[] ascends (visits are sorted), so the offsets from the first query's table fit int32
+  // unless the group spans 2^31 floats; then plain loads.
+  const float* base = p.lut + queries[0] * entries;
+  if ((queries[count - 1] - queries[0] + 1) * entries >= (int64_t(1) << 31)) {
+    for (int64_t e = 0; e < entries; ++e)
+      for (int j = 0; j < kWideQueries; ++j)
+        lut_t[e * kWideQueries + j] = j < count ? p.lut[queries[j] * entries + e] + (terms ? terms[e] : 0.0f) : 0.0f;
+    return;
+  }
+  alignas(64) int32_t offsets[kWideQueries];
+  for (int j = 0; j < kWideQueries; ++j)
+    offsets[j] = static_cast<int32_t>(j < count ? (queries[j] - queries[0]) * entries : 0);
+  const __m512i index = _mm512_load_si512(offsets);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1u);
+  for (int64_t e = 0; e < entries; ++e) {
+    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, base + e, 4);
+    if (terms) v = _mm512_maskz_add_ps(lanes, v, _mm512_set1_ps(terms[e]));
+    _mm512_store_ps(lut_t + e * kWideQueries, v);
+  }
+}
+
+// One inverted list for up to 16 (query, list) visits (lanes): as scan_flat_avx512 plus the per-lane
+// bias (dist = bias + Σ_m table entries, the sum in m order from 0: the scalar path's arithmetic).
+// Ids are not monotone across lists: candidates with a key equal to the root's are looked at too and
+// the heap's (key, id) order decides.
 __attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, const float* lut_t, int64_t list,
-                                                         uint32_t lanes, const float* bias_lanes, TopK<float>* heaps) {
+                                                         int count, const float* bias_lanes, TopK<float>* const* heaps) {
   const int64_t M = p.M, ksub = p.ksub;
   const bool ip = p.metric == Metric::kIP;
-  const float* terms = HasTerms ? p.list_terms + list * M * ksub : nullptr;
+  const uint32_t lanes = (1u << count) - 1u;
   alignas(64) float roots[kWideQueries];
   uint32_t not_full = 0;
   auto refresh = [&](int j) {
-    roots[j] = heaps[j].full() ? heaps[j].keys[0] : std::numeric_limits<float>::infinity();
-    not_full = heaps[j].full() ? (not_full & ~(1u << j)) : (not_full | (1u << j));
+    roots[j] = heaps[j]->full() ? heaps[j]->keys[0] : std::numeric_limits<float>::infinity();
+    not_full = heaps[j]->full() ? (not_full & ~(1u << j)) : (not_full | (1u << j));
   };
   for (int j = 0; j < kWideQueries; ++j) {
-    if (lanes >> j & 1u) refresh(j);
+    if (j < count) refresh(j);
     else roots[j] = 0.0f;
   }
   __m512 limit = _mm512_load_ps(roots);
-  const __m512 bias = _mm512_loadu_ps(bias_lanes);
+  const __m512 bias = _mm512_load_ps(bias_lanes);
   const __m512 sign = _mm512_set1_ps(ip ? -0.0f : 0.0f);
   alignas(64) float keys[kWideQueries];
   auto offer = [&](__m512 sum, int64_t row) __attribute__((target("avx512f"))) {
@@ -476,16 +502,13 @@ __attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, co
     while (mask) {
       const int j = __builtin_ctz(mask);
       mask &= mask - 1;
-      if (!heaps[j].full() || TopK<float>::worse(heaps[j].keys[0], heaps[j].ids[0], keys[j], id)) {
-        heaps[j].push(keys[j], id);
+      TopK<float>& heap = *heaps[j];
+      if (!heap.full() || TopK<float>::worse(heap.keys[0], heap.ids[0], keys[j], id)) {
+        heap.push(keys[j], id);
         refresh(j);
       }
     }
     limit = _mm512_load_ps(roots);
-  };
-  auto entry = [&](int64_t m, uint8_t c) __attribute__((target("avx512f"))) {
-    const __m512 t = _mm512_loadu_ps(lut_t + (m * ksub + c) * kWideQueries);
-    return HasTerms ? _mm512_add_ps(t, _mm512_set1_ps(terms[m * ksub + c])) : t;
   };
   const int64_t begin = p.list_offsets[list], end = p.list_offsets[list + 1];
   int64_t r = begin;
@@ -496,10 +519,11 @@ __attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, co
     const uint8_t* c3 = c2 + M;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t m = 0; m < M; ++m) {
-      s0 = _mm512_add_ps(s0, entry(m, c0[m]));
-      s1 = _mm512_add_ps(s1, entry(m, c1[m]));
-      s2 = _mm512_add_ps(s2, entry(m, c2[m]));
-      s3 = _mm512_add_ps(s3, entry(m, c3[m]));
+      const float* t = lut_t + m * ksub * kWideQueries;
+      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
+      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
+      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
+      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
     }
     offer(s0, r);
     offer(s1, r + 1);
@@ -509,54 +533,56 @@ __attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, co
   for (; r < end; ++r) {
     const uint8_t* c = p.codes + r * M;
     __m512 s = _mm512_setzero_ps();
-    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, entry(m, c[m]));
+    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
     offer(s, r);
   }
 }
 
-// Queries in groups of 16: their tables interleaved once, then every list probed by the group is
-// scanned once for all its probing queries (lanes), in list order.
+// The probes of queries [q_begin, q_end) inverted (sorted by list), then every list is scanned once
+// per 16 of its visits: the visiting queries' tables (+ the list's table) are interleaved by gathers
+// and each code byte serves all of them.
 int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_end) {
-  const int64_t M = p.M, ksub = p.ksub, k = p.k, nprobe = p.nprobe;
-  std::vector<float> lut_t(static_cast<size_t>(M * ksub * kWideQueries));
-  std::vector<float> keys(static_cast<size_t>(kWideQueries * k));
-  std::vector<int64_t> ids(static_cast<size_t>(kWideQueries * k));
-  std::vector<std::pair<int64_t, int64_t>> visits;  // (list, j·nprobe + probe slot)
-  alignas(64) float bias_lanes[kWideQueries];
+  const int64_t M = p.M, ksub = p.ksub, k = p.k, nprobe = p.nprobe, nq = q_end - q_begin;
   int64_t bad = 0;
-  for (int64_t g0 = q_begin; g0 < q_end; g0 += kWideQueries) {
-    const int qn = static_cast<int>(std::min<int64_t>(kWideQueries, q_end - g0));
-    interleave_tables(p, g0, qn, lut_t.data());
-    std::vector<TopK<float>> heaps;
-    for (int j = 0; j < qn; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
-    visits.clear();
-    for (int64_t slot = 0; slot < qn * nprobe; ++slot) {
-      const int64_t list = p.probes[g0 * nprobe + slot];
-      if (list == -1) continue;
-      if (list < 0 || list >= p.nlist) {
-        ++bad;
-        continue;
-      }
-      visits.push_back({list, slot});
+  std::vector<std::pair<int64_t, int64_t>> visits;  // (list, q·nprobe + probe slot)
+  visits.reserve(static_cast<size_t>(nq * nprobe));
+  for (int64_t slot = q_begin * nprobe; slot < q_end * nprobe; ++slot) {
+    const int64_t list = p.probes[slot];
+    if (list == -1) continue;
+    if (list < 0 || list >= p.nlist) {
+      ++bad;
+      continue;
     }
-    std::sort(visits.begin(), visits.end());
-    for (size_t i = 0; i < visits.size();) {
-      const int64_t list = visits[i].first;
-      uint32_t lanes = 0;
-      for (int j = 0; j < kWideQueries; ++j) bias_lanes[j] = 0.0f;
-      for (; i < visits.size() && visits[i].first == list; ++i) {
-        const int j = static_cast<int>(visits[i].second / nprobe);
-        lanes |= 1u << j;
-        bias_lanes[j] = p.bias ? p.bias[g0 * nprobe + visits[i].second] : 0.0f;
-      }
-      if (p.list_offsets[list] == p.list_offsets[list + 1]) continue;
-      if (p.list_terms) scan_list_avx512<true>(p, lut_t.data(), list, lanes, bias_lanes, heaps.data());
-      else scan_list_avx512<false>(p, lut_t.data(), list, lanes, bias_lanes, heaps.data());
-    }
-    for (int j = 0; j < qn; ++j)
-      heaps[j].write_sorted(p.out_dist + (g0 + j) * k, p.out_ids + (g0 + j) * k,
-                            [&](float key) { return key_to_dist(p.metric, key); });
+    if (p.list_offsets[list] < p.list_offsets[list + 1]) visits.push_back({list, slot});
   }
+  std::sort(visits.begin(), visits.end());
+  std::vector<float> keys(static_cast<size_t>(nq * k));
+  std::vector<int64_t> ids(static_cast<size_t>(nq * k));
+  std::vector<TopK<float>> heaps;
+  heaps.reserve(static_cast<size_t>(nq));
+  for (int64_t j = 0; j < nq; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
+  // 64-byte aligned interleaved tables (aligned loads in the scan).
+  std::vector<float> storage(static_cast<size_t>(M * ksub * kWideQueries + 16));
+  float* lut_t = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  alignas(64) float bias_lanes[kWideQueries];
+  int64_t queries[kWideQueries];
+  TopK<float>* lane_heaps[kWideQueries];
+  for (size_t i = 0; i < visits.size();) {
+    const int64_t list = visits[i].first;
+    int count = 0;
+    for (; i < visits.size() && visits[i].first == list && count < kWideQueries; ++i, ++count) {
+      const int64_t slot = visits[i].second, q = slot / nprobe;
+      queries[count] = q;
+      bias_lanes[count] = p.bias ? p.bias[slot] : 0.0f;
+      lane_heaps[count] = &heaps[q - q_begin];
+    }
+    for (int j = count; j < kWideQueries; ++j) bias_lanes[j] = 0.0f;
+    gather_tables(p, list, queries, count, lut_t);
+    scan_list_avx512(p, lut_t, list, count, bias_lanes, lane_heaps);
+  }
+  for (int64_t q = q_begin; q < q_end; ++q)
+    heaps[q - q_begin].write_sorted(p.out_dist + q * k, p.out_ids + q * k,
+                                    [&](float key) { return key_to_dist(p.metric, key); });
   return bad;
 }
 
