@@ -312,17 +312,43 @@ inline void adc_rows(const float* lut, const uint8_t* codes, int64_t M, int64_t 
 }
 
 #ifdef FC_PQ_X86
-constexpr int kWideQueries = 16;  // queries per pass of the AVX-512 flat scan (one float lane each)
+constexpr int kWideQueries = 16;  // queries per pass of the AVX-512 8-bit scans (one float lane each)
 
-// The tables of queries q0 .. q0 + qn − 1 interleaved: lut_t[(m·ksub + c)·16 + j] = lut[q0 + j, m, c]
-// (lanes j ≥ qn are 0), so the code byte of (row, m) selects one 64-byte vector holding that entry
-// for all 16 queries.
-void interleave_tables(const ScanParams& p, int64_t q0, int qn, float* lut_t) {
+// Interleaved tables, entries·16 floats, 64-byte aligned (one aligned vector per entry).
+struct AlignedTables {
+  std::vector<float> storage;
+  float* data;
+  explicit AlignedTables(int64_t entries) : storage(static_cast<size_t>(entries * kWideQueries + 16)) {
+    data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  }
+  AlignedTables(const AlignedTables&) = delete;  // `data` points into `storage`
+  AlignedTables& operator=(const AlignedTables&) = delete;
+};
+
+// The tables of up to 16 queries (ascending) interleaved: lut_t[e·16 + j] = lut[q_j, e] (+ terms[e],
+// a list's table, when given), one AVX-512 gather per table entry e; lanes j ≥ count are 0. The code
+// byte of (row, m) then selects one 64-byte vector holding entry (m, code) for all of them.
+__attribute__((target("avx512f"))) void gather_tables(const ScanParams& p, const int64_t* queries, int count,
+                                                      const float* terms, float* lut_t) {
   const int64_t entries = p.M * p.ksub;
+  // queries[] ascends (visits are sorted), so the offsets from the first query's table fit int32
+  // unless the group spans 2^31 floats; then plain loads.
+  const float* base = p.lut + queries[0] * entries;
+  if ((queries[count - 1] - queries[0] + 1) * entries >= (int64_t(1) << 31)) {
+    for (int64_t e = 0; e < entries; ++e)
+      for (int j = 0; j < kWideQueries; ++j)
+        lut_t[e * kWideQueries + j] = j < count ? p.lut[queries[j] * entries + e] + (terms ? terms[e] : 0.0f) : 0.0f;
+    return;
+  }
+  alignas(64) int32_t offsets[kWideQueries];
+  for (int j = 0; j < kWideQueries; ++j)
+    offsets[j] = static_cast<int32_t>(j < count ? (queries[j] - queries[0]) * entries : 0);
+  const __m512i index = _mm512_load_si512(offsets);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1u);
   for (int64_t e = 0; e < entries; ++e) {
-    float* out = lut_t + e * kWideQueries;
-    for (int j = 0; j < qn; ++j) out[j] = p.lut[(q0 + j) * entries + e];
-    for (int j = qn; j < kWideQueries; ++j) out[j] = 0.0f;
+    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, base + e, 4);
+    if (terms) v = _mm512_maskz_add_ps(lanes, v, _mm512_set1_ps(terms[e]));
+    _mm512_store_ps(lut_t + e * kWideQueries, v);
   }
 }
 
@@ -370,10 +396,10 @@ __attribute__((target("avx512f"))) void scan_flat_avx512(const ScanParams& p, co
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t m = 0; m < M; ++m) {
       const float* t = lut_t + m * ksub * kWideQueries;
-      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(t + c0[m] * kWideQueries));
-      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(t + c1[m] * kWideQueries));
-      s2 = _mm512_add_ps(s2, _mm512_loadu_ps(t + c2[m] * kWideQueries));
-      s3 = _mm512_add_ps(s3, _mm512_loadu_ps(t + c3[m] * kWideQueries));
+      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
+      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
+      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
+      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
     }
     offer(s0, r);
     offer(s1, r + 1);
@@ -383,7 +409,7 @@ __attribute__((target("avx512f"))) void scan_flat_avx512(const ScanParams& p, co
   for (; r < row_end; ++r) {
     const uint8_t* c = p.codes + r * M;
     __m512 s = _mm512_setzero_ps();
-    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_loadu_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
+    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
     offer(s, r);
   }
 }
@@ -397,15 +423,17 @@ void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64
   const bool ip = p.metric == Metric::kIP;
 #ifdef FC_PQ_X86
   if (active_kernel() == 3) {
-    std::vector<float> lut_t(static_cast<size_t>(M * ksub * kWideQueries));
+    AlignedTables lut_t(M * ksub);
     std::vector<float> keys(static_cast<size_t>(kWideQueries * k));
     std::vector<int64_t> ids(static_cast<size_t>(kWideQueries * k));
     for (int64_t q0 = q_begin; q0 < q_end; q0 += kWideQueries) {
       const int qn = static_cast<int>(std::min<int64_t>(kWideQueries, q_end - q0));
-      interleave_tables(p, q0, qn, lut_t.data());
+      int64_t queries[kWideQueries];
+      for (int j = 0; j < qn; ++j) queries[j] = q0 + j;
+      gather_tables(p, queries, qn, nullptr, lut_t.data);
       std::vector<TopK<float>> heaps;
       for (int j = 0; j < qn; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
-      scan_flat_avx512(p, lut_t.data(), qn, row_begin, row_end, heaps.data());
+      scan_flat_avx512(p, lut_t.data, qn, row_begin, row_end, heaps.data());
       for (int j = 0; j < qn; ++j)
         heaps[j].write_sorted(out_dist + (q0 + j) * ld, out_ids + (q0 + j) * ld,
                               [&](float key) { return key_to_dist(p.metric, key); });
@@ -441,33 +469,6 @@ void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64
 
 #ifdef FC_PQ_X86
 namespace {
-
-// The interleaved table of up to 16 (query, list) visits to one list: lut_t[e·16 + j] = lut[q_j, e]
-// (+ list_terms[list, e]), one AVX-512 gather per table entry e (lanes j ≥ count are 0).
-__attribute__((target("avx512f"))) void gather_tables(const ScanParams& p, int64_t list, const int64_t* queries,
-                                                      int count, float* lut_t) {
-  const int64_t entries = p.M * p.ksub;
-  const float* terms = p.list_terms ? p.list_terms + list * entries : nullptr;
-  // queries[] ascends (visits are sorted), so the offsets from the first query's table fit int32
-  // unless the group spans 2^31 floats; then plain loads.
-  const float* base = p.lut + queries[0] * entries;
-  if ((queries[count - 1] - queries[0] + 1) * entries >= (int64_t(1) << 31)) {
-    for (int64_t e = 0; e < entries; ++e)
-      for (int j = 0; j < kWideQueries; ++j)
-        lut_t[e * kWideQueries + j] = j < count ? p.lut[queries[j] * entries + e] + (terms ? terms[e] : 0.0f) : 0.0f;
-    return;
-  }
-  alignas(64) int32_t offsets[kWideQueries];
-  for (int j = 0; j < kWideQueries; ++j)
-    offsets[j] = static_cast<int32_t>(j < count ? (queries[j] - queries[0]) * entries : 0);
-  const __m512i index = _mm512_load_si512(offsets);
-  const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1u);
-  for (int64_t e = 0; e < entries; ++e) {
-    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, base + e, 4);
-    if (terms) v = _mm512_maskz_add_ps(lanes, v, _mm512_set1_ps(terms[e]));
-    _mm512_store_ps(lut_t + e * kWideQueries, v);
-  }
-}
 
 // One inverted list for up to 16 (query, list) visits (lanes): as scan_flat_avx512 plus the per-lane
 // bias (dist = bias + Σ_m table entries, the sum in m order from 0: the scalar path's arithmetic).
@@ -561,9 +562,8 @@ int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_
   std::vector<TopK<float>> heaps;
   heaps.reserve(static_cast<size_t>(nq));
   for (int64_t j = 0; j < nq; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
-  // 64-byte aligned interleaved tables (aligned loads in the scan).
-  std::vector<float> storage(static_cast<size_t>(M * ksub * kWideQueries + 16));
-  float* lut_t = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  AlignedTables tables(M * ksub);
+  float* lut_t = tables.data;
   alignas(64) float bias_lanes[kWideQueries];
   int64_t queries[kWideQueries];
   TopK<float>* lane_heaps[kWideQueries];
@@ -577,7 +577,7 @@ int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_
       lane_heaps[count] = &heaps[q - q_begin];
     }
     for (int j = count; j < kWideQueries; ++j) bias_lanes[j] = 0.0f;
-    gather_tables(p, list, queries, count, lut_t);
+    gather_tables(p, queries, count, p.list_terms ? p.list_terms + list * M * ksub : nullptr, lut_t);
     scan_list_avx512(p, lut_t, list, count, bias_lanes, lane_heaps);
   }
   for (int64_t q = q_begin; q < q_end; ++q)
