@@ -142,15 +142,18 @@ _D, _NT, _NB = 128, 50000, 1000000  # nt = 50k: the anchor's CI-sized training s
 
 
 def _flat8_cases():
-    return [_case("flat", M, 8, 0, _D, _NT, _NB, 100, "l2", k) for M in (16, 32) for k in (10, 100)]
+    return ([_case("flat", M, 8, 0, _D, _NT, _NB, 100, "l2", k) for M in (16, 32) for k in (10, 100)]
+            + [_case("flat", 32, 8, 0, _D, _NT, _NB, 100, "l2", 10, threads=1)])
 
 
 def _fastscan_cases():
-    return [_case("flat", 32, 4, 0, _D, _NT, _NB, 1000, "l2", k) for k in (10, 100)]
+    return ([_case("flat", 32, 4, 0, _D, _NT, _NB, 1000, "l2", k) for k in (10, 100)]
+            + [_case("flat", 32, 4, 0, _D, _NT, _NB, 1000, "l2", 10, threads=1)])
 
 
 def _ivf_cases():
-    return [_case("ivf", 32, 4, 1024, _D, _NT, _NB, 1000, "l2", 10, nprobe=nprobe) for nprobe in (1, 8, 32)]
+    return ([_case("ivf", 32, 4, 1024, _D, _NT, _NB, 1000, "l2", 10, nprobe=nprobe) for nprobe in (1, 8, 32)]
+            + [_case("ivf", 32, 4, 1024, _D, _NT, _NB, 1000, "l2", 10, nprobe=8, threads=1)])
 
 
 def _repconc_cases():
