@@ -587,7 +587,9 @@ __attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, co
 int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_end) {
   const int64_t M = p.M, ksub = p.ksub, k = p.k, nprobe = p.nprobe, nq = q_end - q_begin;
   int64_t bad = 0;
-  std::vector<std::pair<int64_t, int64_t>> visits;  // (list, q·nprobe + probe slot)
+  // (phase · nlist + list, q·nprobe + probe slot): phase 0 holds every query's best list (slot 0),
+  // which fills its heap with good candidates early (a tight threshold for the rest), phase 1 the others.
+  std::vector<std::pair<int64_t, int64_t>> visits;
   visits.reserve(static_cast<size_t>(nq * nprobe));
   for (int64_t slot = q_begin * nprobe; slot < q_end * nprobe; ++slot) {
     const int64_t list = p.probes[slot];
@@ -596,7 +598,7 @@ int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_
       ++bad;
       continue;
     }
-    if (p.list_offsets[list] < p.list_offsets[list + 1]) visits.push_back({list, slot});
+    if (p.list_offsets[list] < p.list_offsets[list + 1]) visits.push_back({(slot % nprobe > 0) * p.nlist + list, slot});
   }
   std::sort(visits.begin(), visits.end());
   std::vector<float> keys(static_cast<size_t>(nq * k));
@@ -610,9 +612,9 @@ int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_
   int64_t queries[kWideQueries];
   TopK<float>* lane_heaps[kWideQueries];
   for (size_t i = 0; i < visits.size();) {
-    const int64_t list = visits[i].first;
+    const int64_t bucket = visits[i].first, list = bucket % p.nlist;
     int count = 0;
-    for (; i < visits.size() && visits[i].first == list && count < kWideQueries; ++i, ++count) {
+    for (; i < visits.size() && visits[i].first == bucket && count < kWideQueries; ++i, ++count) {
       const int64_t slot = visits[i].second, q = slot / nprobe;
       queries[count] = q;
       bias_lanes[count] = p.bias ? p.bias[slot] : 0.0f;
@@ -1014,9 +1016,12 @@ int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_
   const int kernel = active_kernel();
   const int64_t k = p.base.k, pairs = p.base.pairs, nq = q_end - q_begin;
   int64_t bad = 0;
-  // Invert the probes of this query range: for each list, the queries that probe it (a counting
-  // sort), so that the queries sharing a list are scanned together in groups.
-  std::vector<int64_t> first(static_cast<size_t>(p.nlist + 1), 0);
+  // Invert the probes of this query range (a counting sort by bucket), so that the queries sharing
+  // a list are scanned together in groups. Two phases: first every query's best list (probe slot 0),
+  // which fills its heap with good candidates and tightens its threshold early, then all other
+  // (query, list) visits; bucket = phase · nlist + list.
+  const int64_t buckets = 2 * p.nlist;
+  std::vector<int64_t> first(static_cast<size_t>(buckets + 1), 0);
   for (int64_t q = q_begin; q < q_end; ++q)
     for (int64_t j = 0; j < p.nprobe; ++j) {
       const int64_t list = p.probes[q * p.nprobe + j];
@@ -1025,26 +1030,27 @@ int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_
         ++bad;
         continue;
       }
-      ++first[list + 1];
+      ++first[(j > 0) * p.nlist + list + 1];
     }
-  for (int64_t l = 0; l < p.nlist; ++l) first[l + 1] += first[l];
+  for (int64_t b = 0; b < buckets; ++b) first[b + 1] += first[b];
   std::vector<int64_t> fill(first.begin(), first.end() - 1);
-  std::vector<int64_t> by_list(static_cast<size_t>(first[p.nlist]));
+  std::vector<int64_t> by_list(static_cast<size_t>(first[buckets]));
   for (int64_t q = q_begin; q < q_end; ++q)
     for (int64_t j = 0; j < p.nprobe; ++j) {
       const int64_t list = p.probes[q * p.nprobe + j];
-      if (list >= 0 && list < p.nlist) by_list[fill[list]++] = q;
+      if (list >= 0 && list < p.nlist) by_list[fill[(j > 0) * p.nlist + list]++] = q;
     }
   std::vector<uint16_t> keys(static_cast<size_t>(nq * k));
   std::vector<int64_t> ids(static_cast<size_t>(nq * k));
   std::vector<TopK<uint16_t>> heaps;
   heaps.reserve(static_cast<size_t>(nq));
   for (int64_t j = 0; j < nq; ++j) heaps.push_back(TopK<uint16_t>{keys.data() + j * k, ids.data() + j * k, k});
-  for (int64_t list = 0; list < p.nlist; ++list) {
+  for (int64_t bucket = 0; bucket < buckets; ++bucket) {
+    const int64_t list = bucket % p.nlist;
     const int64_t b0 = p.list_blocks[list], b1 = p.list_blocks[list + 1];
     if (b0 == b1 || p.list_sizes[list] == 0) continue;
-    for (int64_t i = first[list]; i < first[list + 1]; i += kFastQueryGroup) {
-      FastScanGroup g{p.base.packed, pairs, static_cast<int>(std::min<int64_t>(kFastQueryGroup, first[list + 1] - i)),
+    for (int64_t i = first[bucket]; i < first[bucket + 1]; i += kFastQueryGroup) {
+      FastScanGroup g{p.base.packed, pairs, static_cast<int>(std::min<int64_t>(kFastQueryGroup, first[bucket + 1] - i)),
                       {}, {}, p.row_ids, b0 * 32 + p.list_sizes[list]};
       for (int j = 0; j < g.count; ++j) {
         const int64_t q = by_list[i + j];
