@@ -115,15 +115,17 @@ struct FastScanParams {
 
 // Quantize the float tables lut [M, 16] of one query into qlut [pairs, 32]; returns (a, b) by pointer.
 void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut, float* scale, float* offset);
-// Scan blocks [block_begin, block_end) for queries [q_begin, q_end); sorted top-k (by quantized
-// distance, then id) into out + q·ld. out_dist holds the exact quantized sums D (integers as float,
+// Scan blocks [block_begin, block_end) for queries [q_begin, q_end), 4 queries per pass over a block
+// (AVX-512BW: their sums stay in registers and are compared with the heap roots there); sorted top-k
+// (by quantized distance, then id) into out + q·ld. out_dist holds the exact quantized sums D (integers as float,
 // +inf for padding), so partial results merge exactly; the caller dequantizes (D / a + b, ip: negated).
 void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64_t block_begin, int64_t block_end,
                   float* out_dist, int64_t* out_ids, int64_t ld);
 // IVF fast-scan (non-residual tables, one per query): lists are packed one after another, each padded
 // to whole blocks; list l holds list_sizes[l] vectors in blocks list_blocks[l] .. list_blocks[l + 1],
 // row r of the packed layout has id row_ids[r] (−1 for padding). Query q scans its probed lists
-// probes[q, 0..nprobe−1] (−1 = skip). out_dist holds raw quantized sums as in pq4_scan_cpu.
+// probes[q, 0..nprobe−1] (−1 = skip); the probes are inverted so the queries sharing a list are
+// scanned together (best list of every query first). out_dist holds raw quantized sums as in pq4_scan_cpu.
 // Returns the number of probes outside [−1, nlist).
 struct FastScanIvfParams {
   FastScanParams base;              // packed, pairs, qlut, nq, k, metric (n, nblocks unused)
@@ -137,8 +139,9 @@ struct FastScanIvfParams {
   int64_t* out_ids = nullptr;            // [nq, k]
 };
 int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end);
-// Which kernel pq4_scan_cpu uses on this CPU: "avx512bw", "avx2" or "portable"; `force` selects one for
-// tests (0 auto, 1 portable, 2 avx2, 3 avx512bw; a request the CPU lacks falls back to auto).
+// Which SIMD family the CPU kernels use: "avx512bw" (AVX-512 fast-scan, encode and 8-bit scans), "avx2"
+// (AVX2 fast-scan, portable loops elsewhere) or "portable"; `force` selects one for tests (0 auto,
+// 1 portable, 2 avx2, 3 avx512bw; a request the CPU lacks falls back to auto).
 const char* pq4_kernel_name();
 void pq4_force_kernel(int force);
 // The quantized distances of all 32 vectors of one block for one query (used by the native tests to

@@ -547,8 +547,10 @@ def pq4_search(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: in
 
 
 def pq4_kernel(force: Optional[str] = None) -> str:
-    """The fast-scan kernel the cpu backend uses ("avx512bw", "avx2" or "portable"). `force` selects
-    one ("auto" restores the run-time choice; a kernel this CPU lacks falls back to auto)."""
+    """The SIMD family the cpu backend's pq kernels use ("avx512bw", "avx2" or "portable"): the fast-scan
+    kernel, and for "avx512bw" also the AVX-512 encode and 8-bit scans (the others run their portable
+    loops). `force` selects one ("auto" restores the run-time choice; a kernel this CPU lacks falls
+    back to auto)."""
     codes = {None: -1, "auto": 0, "portable": 1, "avx2": 2, "avx512bw": 3}
     check_choice("pq4_kernel", "force", force, tuple(codes))
     return _native.native().pq4_kernel(codes[force])
