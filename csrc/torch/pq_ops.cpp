@@ -94,7 +94,10 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
     no_cuda(op);
 #endif
   }
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
+  // At least ~2^20 multiply-adds per thread: smaller jobs (a search's query tables) run on the calling
+  // thread, since waking the pool costs more than the work (and much more on a loaded machine).
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
   if (want_codes && !want_lut && x.scalar_type() == at::kFloat) {
     // float32 encode: the GEMM form with the centroid norms precomputed once per call.
     at::Tensor c_norms = (codebooks * codebooks).sum(2).contiguous();  // [M, ksub]
@@ -371,11 +374,11 @@ std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& pack
   at::Tensor dist = at::empty({nq, k}, lut.options());
   at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
   if (nq == 0) return {dist, ids};
-  at::parallel_for(0, nq, 64, [&](int64_t b, int64_t e) {
+  auto quantize = [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q)
       pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
                        scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
-  });
+  };
   FastScanParams p;
   p.packed = pc.data_ptr<uint8_t>();
   p.n = n;
@@ -389,10 +392,12 @@ std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& pack
   p.metric = m;
   const int64_t parts = std::min<int64_t>(scan_parts(nq, n, 4, 32768), std::max<int64_t>(p.nblocks, 1));
   if (parts == 1) {
-    at::parallel_for(0, nq, 4, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, nq, 4, [&](int64_t b, int64_t e) {  // one region: quantize own queries, then scan
+      quantize(b, e);
       pq4_scan_cpu(p, b, e, 0, p.nblocks, dist.data_ptr<float>(), ids.data_ptr<int64_t>(), k);
     });
   } else {
+  quantize(0, nq);  // few queries (parts > 1): cheap on the calling thread
   at::Tensor part_dist = at::empty({nq, parts, k}, dist.options());
   at::Tensor part_ids = at::empty({nq, parts, k}, ids.options());
   const int64_t blocks_per_part = (p.nblocks + parts - 1) / parts;
@@ -455,11 +460,6 @@ std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& 
   at::Tensor dist = at::empty({nq, k}, lut.options());
   at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
   if (nq == 0) return {dist, ids};
-  at::parallel_for(0, nq, 64, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q)
-      pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
-                       scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
-  });
   FastScanIvfParams p;
   p.base.packed = pc.data_ptr<uint8_t>();
   p.base.pairs = pairs;
@@ -476,7 +476,13 @@ std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& 
   p.out_dist = dist.data_ptr<float>();
   p.out_ids = ids.data_ptr<int64_t>();
   std::atomic<int64_t> bad{0};
-  at::parallel_for(0, nq, 1, [&](int64_t b, int64_t e) { bad += pq4_scan_ivf_cpu(p, b, e); });
+  // One parallel region per search: each thread quantizes the tables of its own queries, then scans.
+  at::parallel_for(0, nq, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q)
+      pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
+                       scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
+    bad += pq4_scan_ivf_cpu(p, b, e);
+  });
   TORCH_CHECK_VALUE(bad.load() == 0, "fastcore_ai.ops.", op, ": probes must lie in [-1, nlist) = [-1, ", nlist, ")");
   dist.div_(scale.unsqueeze(1)).add_(offset.unsqueeze(1));
   if (m == Metric::kIP) dist.neg_();
