@@ -43,7 +43,7 @@ def _timed(label: str, fn):
 _KEEP_ALIVE: list = []
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)  # the quick set's four indexes serve its 2- and 1-thread rows
 def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, nq: int, metric: str):
     import faiss
     from .search import IVFPQIndex, PQIndex

@@ -631,7 +631,7 @@ def _ivf_cpu(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, me
         # per-list tables, and bias ‖q − c_l‖² per probe. Without given list tables they are built
         # here when that is cheaper than one table per (query, probe) (nlist ≤ nq·nprobe).
         terms = list_terms.float().contiguous() if list_terms is not None else ivfpq_list_terms(coarse, codebooks)
-        lut = _native_or_ref_lut(queries, codebooks, "ip").mul_(-2.0)[:, None]
+        lut = _native_or_ref_lut(queries * -2.0, codebooks, "ip")[:, None]  # ⟨−2q, c⟩: the scaling is exact
         bias = ((queries.float()[:, None, :] - coarse.float()[probes.clamp_min(0)]) ** 2).sum(-1)
         return tuple(_native.native().pq_search_ivf(lut.contiguous(), codes, list_offsets, probes, bias.contiguous(),
                                                     ids, k, _METRIC_ID[metric], terms))
