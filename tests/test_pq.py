@@ -1,6 +1,8 @@
 """pq family: every backend against the float64 reference (tables, encode, decode, ADC distances,
 top-k with ties), FAISS equality with shared codebooks and codes, fast-scan bounds, k-means (incl.
 the balanced Sinkhorn variant), error paths, registered-op checks (opcheck, gradcheck, compile)."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -483,3 +485,118 @@ def test_pq_train_batched_cpu_matches_per_subspace_kmeans():
         assert torch.allclose(books[m], c, atol=1e-5)
     rb = ops.pq_train(x.double(), 3, 4, niter=6, backend="reference")
     assert relative_error(books, rb) < 1e-4
+
+
+# ---- SIMD kernels against the portable loops ----------------------------------------------------------
+
+@contextlib.contextmanager
+def _kernel(name):
+    """Run the body with the cpu backend's SIMD family forced (encode, 8-bit scans, fast-scan)."""
+    chosen = ops.pq4_kernel(name)
+    try:
+        yield chosen
+    finally:
+        ops.pq4_kernel("auto")
+
+
+@pytest.mark.parametrize("ksub,dsub", [(256, 4), (16, 2), (100, 3), (256, 16)])
+def test_encode_simd_and_portable_agree(ksub, dsub):
+    """GEMM-form encode: the AVX-512 register argmin (ksub 16, 256) and the portable loop pick the exact
+    float64 argmin except on near ties."""
+    cb = _codebooks(5, ksub, dsub)
+    x = torch.randn(700, 5 * dsub)[::2]  # non-contiguous rows
+    expected = ref.pq_encode(x.double(), cb.double())
+    lut = ref.pq_lut(x.double(), cb.double())
+    best = lut.gather(2, expected.long()[..., None])[..., 0]
+    for kernel in ("portable", "auto"):
+        with _kernel(kernel):
+            codes = ops.pq_encode(x, cb, backend="cpu")
+        assert codes.shape == (350, 5) and int(codes.max()) < ksub
+        got = lut.gather(2, codes.long()[..., None])[..., 0]
+        mismatch = codes != expected
+        assert mismatch.float().mean() < 0.01, kernel
+        assert torch.allclose(got[mismatch], best[mismatch], rtol=1e-5, atol=1e-5), kernel
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("nq,n,k", [(37, 2001, 10), (3, 500, 600), (16, 64, 1)])
+def test_flat_scan_simd_equals_portable_bits(metric, nq, n, k):
+    """The 16-query AVX-512 scan sums each lane in m order from 0 like the scalar loop: same bits."""
+    cb = _codebooks(6, 256, 2)
+    codes = torch.randint(0, 256, (n, 6), dtype=torch.uint8)
+    q = torch.randn(nq, 12)
+    with _kernel("portable"):
+        d1, i1 = ops.pq_search(q, codes, cb, k, metric, backend="cpu")
+    with _kernel("auto"):
+        d2, i2 = ops.pq_search(q, codes, cb, k, metric, backend="cpu")
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)
+
+
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512bw"])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("M,nq,k", [(8, 11, 10), (5, 3, 40), (16, 6, 1)])
+def test_ivfpq4_search_matches_quantized_reference(kernel, metric, M, nq, k):
+    """IVF fast-scan (queries grouped by list) against the quantized reference: same ids, same sums."""
+    g = torch.Generator().manual_seed(M * 100 + nq)
+    nlist, n = 7, 900
+    codes = torch.randint(0, 16, (n, M), dtype=torch.uint8, generator=g)
+    list_no = torch.randint(0, nlist, (n,), generator=g)
+    list_no[list_no == 3] = 4  # an empty list
+    ids = torch.randperm(n, generator=g) * 2 + 5
+    packed, list_blocks, sizes, row_ids = ops.pq4_pack_lists(codes, list_no, ids, nlist)
+    cb = _codebooks(M, 16, 2)
+    q = torch.randn(nq, M * 2, generator=g)
+    probes = torch.stack([torch.randperm(nlist, generator=g)[:4] for _ in range(nq)])
+    probes[0, 1] = -1
+    with _kernel(kernel):
+        d, i = ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, cb, k, metric, backend="cpu")
+    rd, ri = ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, cb, k, metric, backend="reference")
+    assert torch.equal(i, ri)
+    assert torch.allclose(d, rd, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("nq,nprobe", [(21, 3), (2, 8)])
+def test_ivfpq_list_terms_decomposition(nq, nprobe):
+    """L2 residual search through the per-list tables (given, or built by the op when nlist <= nq·nprobe)
+    agrees with the per-probe tables and the exact reference; SIMD and portable give the same bits."""
+    g = torch.Generator().manual_seed(nq)
+    nlist, M, dsub, n = 8, 4, 3, 2500
+    coarse = torch.randn(nlist, M * dsub, generator=g) * 3
+    cb = _codebooks(M, 256, dsub)
+    codes = torch.randint(0, 256, (n, M), dtype=torch.uint8, generator=g)
+    counts = torch.bincount(torch.randint(0, nlist, (n,), generator=g), minlength=nlist)
+    offsets = torch.zeros(nlist + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    ids = torch.randperm(n, generator=g)
+    q = torch.randn(nq, M * dsub, generator=g) * 3
+    probes = torch.stack([torch.randperm(nlist, generator=g)[:nprobe] for _ in range(nq)])
+    terms = ops.ivfpq_list_terms(coarse, cb)
+    assert terms.shape == (nlist, M, 256) and terms.dtype == torch.float32
+    args = (q, coarse, probes, codes, offsets, ids, cb, 15)
+    rd, ri = ops.ivfpq_search(*args, backend="reference")
+    results = []
+    for kernel in ("portable", "auto"):
+        with _kernel(kernel):
+            results.append(ops.ivfpq_search(*args, list_terms=terms, backend="cpu"))
+            d_auto, i_auto = ops.ivfpq_search(*args, backend="cpu")  # builds or skips the tables itself
+        assert torch.allclose(d_auto, rd, rtol=1e-4, atol=1e-3)
+        assert (i_auto == ri).float().mean() > 0.97
+    (d1, i1), (d2, i2) = results
+    assert torch.equal(d1, d2) and torch.equal(i1, i2)
+    assert torch.allclose(d1, rd, rtol=1e-4, atol=1e-3)
+    assert (i1 == ri).float().mean() > 0.97
+
+
+def test_ivfpq_list_terms_errors():
+    coarse, cb = torch.randn(4, 8), _codebooks(2, 256, 4)
+    codes = torch.zeros(3, 2, dtype=torch.uint8)
+    offsets = torch.tensor([0, 3, 3, 3, 3])
+    args = (torch.randn(2, 8), coarse, torch.zeros(2, 1, dtype=torch.int64), codes, offsets, torch.arange(3), cb, 2)
+    with pytest.raises(ValueError, match=r"ivfpq_search: list_terms must have shape \[nlist, M, ksub\]"):
+        ops.ivfpq_search(*args, list_terms=torch.zeros(3, 2, 256))
+    with pytest.raises(ValueError, match=r"ivfpq_search: list_terms apply to metric 'l2' with by_residual=True"):
+        ops.ivfpq_search(*args[:-1], 2, "ip", list_terms=torch.zeros(4, 2, 256))
+    with pytest.raises(TypeError, match=r"ivfpq_search: list_terms"):
+        ops.ivfpq_search(*args, list_terms=torch.zeros(4, 2, 256, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"ivfpq_list_terms: coarse_centroids must have d"):
+        ops.ivfpq_list_terms(torch.randn(4, 7), cb)

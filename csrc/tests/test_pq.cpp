@@ -69,6 +69,48 @@ void check_tables(int64_t n, int64_t M, int64_t dsub, int64_t ksub, std::mt19937
   }
 }
 
+// pq_encode_cpu (GEMM form, SIMD argmin for ksub 16 / 256, portable otherwise) against the double
+// argmin of the exact distances: equal except on a near tie.
+void check_encode(int64_t n, int64_t M, int64_t dsub, int64_t ksub, std::mt19937& gen) {
+  auto x = randn(n * M * dsub, gen), cb = randn(M * ksub * dsub, gen);
+  std::vector<float> ct(M * dsub * ksub), norms(M * ksub, 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < ksub; ++j)
+      for (int64_t t = 0; t < dsub; ++t) {
+        const float c = cb[(m * ksub + j) * dsub + t];
+        ct[(m * dsub + t) * ksub + j] = c;
+        norms[m * ksub + j] += c * c;
+      }
+  std::vector<uint8_t> codes(n * M, 255);
+  TableParams<float> p;
+  p.x = x.data();
+  p.x_stride = M * dsub;
+  p.codebooks_t = ct.data();
+  p.n = n;
+  p.M = M;
+  p.dsub = dsub;
+  p.ksub = ksub;
+  p.codes = codes.data();
+  pq_encode_cpu(p, norms.data(), 0, n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t m = 0; m < M; ++m) {
+      std::vector<double> dist(ksub);
+      int64_t best = 0;
+      for (int64_t j = 0; j < ksub; ++j) {
+        double s = 0;
+        for (int64_t t = 0; t < dsub; ++t) {
+          const double a = x[i * M * dsub + m * dsub + t], b = cb[(m * ksub + j) * dsub + t];
+          s += (a - b) * (a - b);
+        }
+        dist[j] = s;
+        if (s < dist[best]) best = j;
+      }
+      const int64_t c = codes[i * M + m];
+      FC_EXPECT(c < ksub && (c == best || std::fabs(dist[c] - dist[best]) <= 1e-5 * (1 + dist[best])),
+                "encode ksub=%ld (%ld, %ld): code %ld vs %ld", (long)ksub, (long)i, (long)m, (long)c, (long)best);
+    }
+}
+
 // Naive top-k with the (key, id) order; key = dist or −dist.
 void naive_topk(const std::vector<double>& dist, bool ip, int64_t k, std::vector<double>& out_d, std::vector<int64_t>& out_i) {
   std::vector<std::pair<double, int64_t>> items;
@@ -123,6 +165,18 @@ void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool 
   v.out_dist = ivf_d.data();
   v.out_ids = ivf_i.data();
   FC_EXPECT(pq_scan_ivf_cpu(v, 0, nq) == 0, "ivf bad probes");
+  // The same with per-list tables added (the L2 residual decomposition) and a per-probe bias.
+  std::vector<float> terms(3 * M * ksub), bias(nq * 4);
+  for (auto& t : terms) t = (float)small(gen);
+  for (auto& b : bias) b = (float)small(gen);
+  std::vector<float> term_d(nq * k);
+  std::vector<int64_t> term_i(nq * k);
+  ScanParams w = v;
+  w.list_terms = terms.data();
+  w.bias = bias.data();
+  w.out_dist = term_d.data();
+  w.out_ids = term_i.data();
+  FC_EXPECT(pq_scan_ivf_cpu(w, 0, nq) == 0, "ivf (terms) bad probes");
   for (int64_t q = 0; q < nq; ++q) {
     std::vector<double> dist(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -132,6 +186,19 @@ void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool 
     }
     std::vector<double> ed;
     std::vector<int64_t> ei;
+    // With list tables and bias (probe slots 0, 2, 3 hold lists 2, 0, 1).
+    std::vector<double> term_dist(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t list = i < offsets[1] ? 0 : i < offsets[2] ? 1 : 2;
+      const int64_t slot = list == 2 ? 0 : list + 2;
+      double s = bias[q * 4 + slot];
+      for (int64_t m = 0; m < M; ++m) s += terms[(list * M + m) * ksub + codes[i * M + m]];
+      term_dist[i] = dist[i] + s;
+    }
+    naive_topk(term_dist, ip, k, ed, ei);
+    for (int64_t j = 0; j < k; ++j)
+      FC_EXPECT(term_i[q * k + j] == ei[j] && term_d[q * k + j] == ed[j], "ivf terms q=%ld j=%ld: %ld/%g vs %ld/%g",
+                (long)q, (long)j, (long)term_i[q * k + j], term_d[q * k + j], (long)ei[j], ed[j]);
     naive_topk(dist, ip, k, ed, ei);
     for (int64_t j = 0; j < k; ++j) {
       FC_EXPECT(ids[q * k + j] == ei[j] && d[q * k + j] == ed[j], "flat q=%ld j=%ld: %ld/%g vs %ld/%g", (long)q, (long)j,
@@ -176,11 +243,21 @@ int main() {
     check_tables(5, 3, 4, ksub, gen);
     check_tables(3, 2, 17, ksub, gen);
   }
-  for (bool ip : {false, true}) {
-    check_scan(9, 1000, 5, 256, 10, ip, gen);
-    check_scan(3, 7, 4, 16, 12, ip, gen);  // k > n: padding
-    check_scan(2, 300, 1, 16, 1, ip, gen);
+  // Encode and the 8-bit scan with the portable loops (kernel 1) and with this CPU's SIMD kernels.
+  for (int kernel : {1, 0}) {
+    pq4_force_kernel(kernel);
+    for (int64_t ksub : {16, 256, 100, 1}) {
+      check_encode(300, 3, 4, ksub, gen);
+      check_encode(130, 2, 17, ksub, gen);
+    }
+    for (bool ip : {false, true}) {
+      check_scan(9, 1000, 5, 256, 10, ip, gen);
+      check_scan(21, 333, 3, 256, 7, ip, gen);  // more queries than one 16-query pass, odd row count
+      check_scan(3, 7, 4, 16, 12, ip, gen);  // k > n: padding
+      check_scan(2, 300, 1, 16, 1, ip, gen);
+    }
   }
+  pq4_force_kernel(0);
   for (int64_t M : {1, 2, 7, 16, 33, 64, 256}) check_fastscan(M, gen);
   std::printf("test_pq (fast-scan kernel %s): %d failure(s)\n", pq4_kernel_name(), fc_failures());
   return fc_failures() == 0 ? 0 : 1;

@@ -9,7 +9,8 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
 std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& codes, int64_t k, int64_t metric);
 std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& codes, const at::Tensor& list_offsets,
                                    const at::Tensor& probes, const std::optional<at::Tensor>& bias,
-                                   const at::Tensor& ids, int64_t k, int64_t metric);
+                                   const at::Tensor& ids, int64_t k, int64_t metric,
+                                   const std::optional<at::Tensor>& list_terms);
 std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& packed, int64_t n, int64_t k, int64_t metric);
 std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& packed, const at::Tensor& list_blocks,
                                        const at::Tensor& list_sizes, const at::Tensor& row_ids,
@@ -21,7 +22,8 @@ void bind_pq(pybind11::module_& m) {
   m.def("pq_tables", &pq::tables, "PQ distance tables [n, M, ksub] and/or codes [n, M] (metric 0 l2, 1 ip)");
   m.def("pq_kmeans_assign", &pq::kmeans_assign, "nearest centroid (GEMM form): (assign [n] int64, min_dist [n])");
   m.def("pq_search_flat", &pq::search_flat, "flat ADC top-k from tables: (dist [nq, k], ids [nq, k])");
-  m.def("pq_search_ivf", &pq::search_ivf, "IVF ADC top-k over probed lists: (dist [nq, k], ids [nq, k])");
+  m.def("pq_search_ivf", &pq::search_ivf, "IVF ADC top-k over probed lists (list_terms: per-list tables of the L2 residual decomposition or None): "
+        "(dist [nq, k], ids [nq, k])");
   m.def("pq4_search", &pq::search_pq4, "4-bit fast-scan top-k: (dist [nq, k], ids [nq, k])");
   m.def("pq4_search_ivf", &pq::search_pq4_ivf, "IVF 4-bit fast-scan top-k (non-residual): (dist [nq, k], ids)");
   m.def("pq4_kernel", &pq::fastscan_kernel,

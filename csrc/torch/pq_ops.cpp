@@ -94,7 +94,25 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
     no_cuda(op);
 #endif
   }
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
+  // At least ~2^20 multiply-adds per thread: smaller jobs (a search's query tables) run on the calling
+  // thread, since waking the pool costs more than the work (and much more on a loaded machine).
+  const int64_t grain =
+      std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(M * ksub * std::max<int64_t>(dsub, 1), 1));
+  if (want_codes && !want_lut && x.scalar_type() == at::kFloat) {
+    // float32 encode: the GEMM form with the centroid norms precomputed once per call.
+    at::Tensor c_norms = (codebooks * codebooks).sum(2).contiguous();  // [M, ksub]
+    TableParams<float> p;
+    p.x = xc.data_ptr<float>();
+    p.x_stride = xc.stride(0);
+    p.codebooks_t = ct.data_ptr<float>();
+    p.n = n;
+    p.M = M;
+    p.dsub = dsub;
+    p.ksub = ksub;
+    p.codes = codes.data_ptr<uint8_t>();
+    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_encode_cpu(p, c_norms.data_ptr<float>(), b, e); });
+    return {lut, codes};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
     TableParams<scalar_t> p;
     p.x = xc.data_ptr<scalar_t>();
@@ -264,10 +282,12 @@ std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& cod
 
 // IVF ADC top-k over probed lists. lut [nq, L, M, ksub] float32 (L = nprobe: per probe; L = 1: shared),
 // codes [n, M] grouped by list, list_offsets [nlist + 1], probes [nq, nprobe] int64 (−1 = none),
-// bias [nq, nprobe] float32 or empty, ids [n] int64.
+// bias [nq, nprobe] float32 or empty, ids [n] int64; list_terms [nlist, M, ksub] float32 or None: the
+// per-list tables of the L2 residual decomposition (then L must be 1; see ScanParams::list_terms).
 std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& codes, const at::Tensor& list_offsets,
                                    const at::Tensor& probes, const std::optional<at::Tensor>& bias,
-                                   const at::Tensor& ids, int64_t k, int64_t metric) {
+                                   const at::Tensor& ids, int64_t k, int64_t metric,
+                                   const std::optional<at::Tensor>& list_terms) {
   const char* op = "ivfpq_search";
   FC_CHECK(lut.dim() == 4 && lut.scalar_type() == at::kFloat && lut.device().is_cpu(), op,
            "lut must be a CPU float32 [nq, L, M, ksub]");
@@ -300,8 +320,16 @@ std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& code
              "bias must be float32 [nq, nprobe]");
     bc = bias->contiguous();
   }
+  at::Tensor tc;
+  if (list_terms.has_value() && list_terms->defined()) {
+    FC_CHECK(L == 1 && list_terms->dim() == 3 && list_terms->size(0) == nlist && list_terms->size(1) == M &&
+                 list_terms->size(2) == ksub && list_terms->scalar_type() == at::kFloat && list_terms->device().is_cpu(),
+             op, "list_terms must be a CPU float32 [nlist, M, ksub] used with one table per query (L = 1)");
+    tc = list_terms->contiguous();
+  }
   ScanParams p;
   p.lut = lc.data_ptr<float>();
+  p.list_terms = tc.defined() ? tc.data_ptr<float>() : nullptr;
   p.lut_per_probe = L == nprobe && nprobe > 1 ? 1 : (L == 1 ? 0 : 1);
   p.codes = cc.data_ptr<uint8_t>();
   p.nq = nq;
@@ -346,11 +374,11 @@ std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& pack
   at::Tensor dist = at::empty({nq, k}, lut.options());
   at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
   if (nq == 0) return {dist, ids};
-  at::parallel_for(0, nq, 64, [&](int64_t b, int64_t e) {
+  auto quantize = [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q)
       pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
                        scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
-  });
+  };
   FastScanParams p;
   p.packed = pc.data_ptr<uint8_t>();
   p.n = n;
@@ -364,10 +392,12 @@ std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& pack
   p.metric = m;
   const int64_t parts = std::min<int64_t>(scan_parts(nq, n, 4, 32768), std::max<int64_t>(p.nblocks, 1));
   if (parts == 1) {
-    at::parallel_for(0, nq, 4, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, nq, 4, [&](int64_t b, int64_t e) {  // one region: quantize own queries, then scan
+      quantize(b, e);
       pq4_scan_cpu(p, b, e, 0, p.nblocks, dist.data_ptr<float>(), ids.data_ptr<int64_t>(), k);
     });
   } else {
+  quantize(0, nq);  // few queries (parts > 1): cheap on the calling thread
   at::Tensor part_dist = at::empty({nq, parts, k}, dist.options());
   at::Tensor part_ids = at::empty({nq, parts, k}, ids.options());
   const int64_t blocks_per_part = (p.nblocks + parts - 1) / parts;
@@ -430,11 +460,6 @@ std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& 
   at::Tensor dist = at::empty({nq, k}, lut.options());
   at::Tensor ids = at::empty({nq, k}, lut.options().dtype(at::kLong));
   if (nq == 0) return {dist, ids};
-  at::parallel_for(0, nq, 64, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q)
-      pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
-                       scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
-  });
   FastScanIvfParams p;
   p.base.packed = pc.data_ptr<uint8_t>();
   p.base.pairs = pairs;
@@ -451,7 +476,13 @@ std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& 
   p.out_dist = dist.data_ptr<float>();
   p.out_ids = ids.data_ptr<int64_t>();
   std::atomic<int64_t> bad{0};
-  at::parallel_for(0, nq, 1, [&](int64_t b, int64_t e) { bad += pq4_scan_ivf_cpu(p, b, e); });
+  // One parallel region per search: each thread quantizes the tables of its own queries, then scans.
+  at::parallel_for(0, nq, 1, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q)
+      pq4_quantize_lut(lc.data_ptr<float>() + q * M * 16, M, m, qlut.data_ptr<uint8_t>() + q * pairs * 32,
+                       scale.data_ptr<float>() + q, offset.data_ptr<float>() + q);
+    bad += pq4_scan_ivf_cpu(p, b, e);
+  });
   TORCH_CHECK_VALUE(bad.load() == 0, "fastcore_ai.ops.", op, ": probes must lie in [-1, nlist) = [-1, ", nlist, ")");
   dist.div_(scale.unsqueeze(1)).add_(offset.unsqueeze(1));
   if (m == Metric::kIP) dist.neg_();

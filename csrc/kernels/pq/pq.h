@@ -38,6 +38,13 @@ struct TableParams {
 void pq_tables_cpu(const TableParams<float>& p, int64_t begin, int64_t end);
 void pq_tables_cpu(const TableParams<double>& p, int64_t begin, int64_t end);
 
+// float32 encode in the GEMM form: code[i, m] = argmin_j (‖c_mj‖² − 2⟨x_im, c_mj⟩) (‖x_im‖² is the same
+// for every j, so it is left out; lower j on ties), p.codes only. c_norms [M, ksub] = ‖c_mj‖². Per
+// sub-space the ksub dot products are one row of the GEMM x_m·C_mᵀ, accumulated in SIMD registers
+// (AVX-512: ksub/16 registers, one FMA per dimension each) and reduced by a SIMD argmin, so the
+// [n, ksub] product never goes to memory. Rows [begin, end).
+void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end);
+
 // ---- k-means assignment from a GEMM ----------------------------------------------------------------
 // dist(i, j) = ‖x_i‖² − 2 G[i, j] + ‖c_j‖² with G = x·cᵀ computed by a GEMM; assign[i] = argmin_j
 // (lower j on ties), min_dist[i] = max(0, that minimum).
@@ -65,6 +72,10 @@ struct ScanParams {
   const int64_t* probes = nullptr;        // [nq, nprobe]
   int64_t nprobe = 0;
   const float* bias = nullptr;            // [nq, nprobe] or nullptr (0)
+  // L2 residual decomposition (FAISS's precomputed table): with list_terms, the table of (q, list l)
+  // is lut[q] + list_terms[l] entry by entry (lut = −2⟨q_m, y_mj⟩, list_terms = ‖y_mj‖² + 2⟨c_l,m, y_mj⟩,
+  // bias = ‖q − c_l‖²), so no table per (query, probe) is built. Needs lut_per_probe = 0.
+  const float* list_terms = nullptr;      // [nlist, M, ksub] or nullptr
   const int64_t* ids = nullptr;           // [n] row -> id, or nullptr (id = row)
   float* out_dist = nullptr;              // [nq, k]
   int64_t* out_ids = nullptr;             // [nq, k]
@@ -76,7 +87,9 @@ struct ScanParams {
 // several ranges are stacked; see merge). Distances in the user's sign (ip: larger is better).
 void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64_t row_begin, int64_t row_end,
                       float* out_dist, int64_t* out_ids, int64_t ld);
-// IVF scan of queries [q_begin, q_end) over their probed lists into p.out_dist / p.out_ids.
+// IVF scan of queries [q_begin, q_end) over their probed lists into p.out_dist / p.out_ids:
+// dist = bias + Σ_m table[m, code_m] (sum in m order from 0). With AVX-512 and one table per query,
+// the probes are inverted and each list is read once per 16 of the queries that probe it.
 // Returns the number of probes outside [−1, nlist) (skipped; the caller raises).
 int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end);
 // Merge `parts` sorted top-k lists per query (stacked [nq, parts, k]) into the final [nq, k].
@@ -102,15 +115,17 @@ struct FastScanParams {
 
 // Quantize the float tables lut [M, 16] of one query into qlut [pairs, 32]; returns (a, b) by pointer.
 void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut, float* scale, float* offset);
-// Scan blocks [block_begin, block_end) for queries [q_begin, q_end); sorted top-k (by quantized
-// distance, then id) into out + q·ld. out_dist holds the exact quantized sums D (integers as float,
+// Scan blocks [block_begin, block_end) for queries [q_begin, q_end), 4 queries per pass over a block
+// (AVX-512BW: their sums stay in registers and are compared with the heap roots there); sorted top-k
+// (by quantized distance, then id) into out + q·ld. out_dist holds the exact quantized sums D (integers as float,
 // +inf for padding), so partial results merge exactly; the caller dequantizes (D / a + b, ip: negated).
 void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64_t block_begin, int64_t block_end,
                   float* out_dist, int64_t* out_ids, int64_t ld);
 // IVF fast-scan (non-residual tables, one per query): lists are packed one after another, each padded
 // to whole blocks; list l holds list_sizes[l] vectors in blocks list_blocks[l] .. list_blocks[l + 1],
 // row r of the packed layout has id row_ids[r] (−1 for padding). Query q scans its probed lists
-// probes[q, 0..nprobe−1] (−1 = skip). out_dist holds raw quantized sums as in pq4_scan_cpu.
+// probes[q, 0..nprobe−1] (−1 = skip); the probes are inverted so the queries sharing a list are
+// scanned together (best list of every query first). out_dist holds raw quantized sums as in pq4_scan_cpu.
 // Returns the number of probes outside [−1, nlist).
 struct FastScanIvfParams {
   FastScanParams base;              // packed, pairs, qlut, nq, k, metric (n, nblocks unused)
@@ -124,8 +139,9 @@ struct FastScanIvfParams {
   int64_t* out_ids = nullptr;            // [nq, k]
 };
 int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end);
-// Which kernel pq4_scan_cpu uses on this CPU: "avx512bw", "avx2" or "portable"; `force` selects one for
-// tests (0 auto, 1 portable, 2 avx2, 3 avx512bw; a request the CPU lacks falls back to auto).
+// Which SIMD family the CPU kernels use: "avx512bw" (AVX-512 fast-scan, encode and 8-bit scans), "avx2"
+// (AVX2 fast-scan, portable loops elsewhere) or "portable"; `force` selects one for tests (0 auto,
+// 1 portable, 2 avx2, 3 avx512bw; a request the CPU lacks falls back to auto).
 const char* pq4_kernel_name();
 void pq4_force_kernel(int force);
 // The quantized distances of all 32 vectors of one block for one query (used by the native tests to

@@ -72,6 +72,126 @@ FC_CPU_CLONES void tables_rows(const TableParams<T>& p, int64_t begin, int64_t e
 void pq_tables_cpu(const TableParams<float>& p, int64_t begin, int64_t end) { tables_rows<float>(p, begin, end); }
 void pq_tables_cpu(const TableParams<double>& p, int64_t begin, int64_t end) { tables_rows<double>(p, begin, end); }
 
+// ---- float32 encode (GEMM form, SIMD argmin) ------------------------------------------------------
+
+namespace {
+
+// Rows are taken in blocks so that the block's slice of x stays in L2 while the sub-spaces are
+// visited one by one (each sub-space's codebook, dsub·ksub floats, then stays in L1).
+constexpr int64_t kEncodeRowBlock = 128;
+
+// Any ksub ≤ 256: the ksub values ‖c‖² − 2⟨x, c⟩ in a stack buffer (vectorised by the target
+// clones), then a scalar argmin (strict <: the lower j wins ties).
+FC_CPU_CLONES void encode_rows_portable(const TableParams<float>& p, const float* c_norms, int64_t begin,
+                                        int64_t end) {
+  const int64_t M = p.M, dsub = p.dsub, ksub = p.ksub;
+  float dist[256];
+  for (int64_t i0 = begin; i0 < end; i0 += kEncodeRowBlock) {
+    const int64_t i1 = std::min(end, i0 + kEncodeRowBlock);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* ct = p.codebooks_t + m * dsub * ksub;
+      const float* cn = c_norms + m * ksub;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* x = p.x + i * p.x_stride + m * dsub;
+        for (int64_t j = 0; j < ksub; ++j) dist[j] = cn[j];
+        for (int64_t t = 0; t < dsub; ++t) {
+          const float xv = -2.0f * x[t];
+          const float* row = ct + t * ksub;
+          for (int64_t j = 0; j < ksub; ++j) dist[j] += xv * row[j];
+        }
+        int64_t best = 0;
+        for (int64_t j = 1; j < ksub; ++j)
+          if (dist[j] < dist[best]) best = j;
+        p.codes[i * M + m] = static_cast<uint8_t>(best);
+      }
+    }
+  }
+}
+
+#ifdef FC_PQ_X86
+// GCC 12's AVX-512 headers start some results from a deliberately undefined register, which
+// -Wmaybe-uninitialized reports once inlined (as in the fast-scan section below).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// ksub = 16·NV: the NV registers of 16 distances stay in registers through the dsub FMAs; the argmin
+// is a tree of vminps, one horizontal min, and the first lane equal to it (lower j on ties).
+template <int NV>
+__attribute__((target("avx512f"))) void encode_rows_avx512(const TableParams<float>& p, const float* c_norms,
+                                                            int64_t begin, int64_t end) {
+  const int64_t M = p.M, dsub = p.dsub, ksub = 16 * NV;
+  for (int64_t i0 = begin; i0 < end; i0 += kEncodeRowBlock) {
+    const int64_t i1 = std::min(end, i0 + kEncodeRowBlock);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* ct = p.codebooks_t + m * dsub * ksub;
+      const float* cn = c_norms + m * ksub;
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* x = p.x + i * p.x_stride + m * dsub;
+        __m512 acc[NV];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(cn + 16 * v);
+        for (int64_t t = 0; t < dsub; ++t) {
+          const __m512 xv = _mm512_set1_ps(-2.0f * x[t]);
+          const float* row = ct + t * ksub;
+#pragma GCC unroll 16
+          for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row + 16 * v), acc[v]);
+        }
+        __m512 low[NV];
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) low[v] = acc[v];
+#pragma GCC unroll 4
+        for (int step = 1; step < NV; step *= 2)
+#pragma GCC unroll 16
+          for (int v = 0; v + step < NV; v += 2 * step) low[v] = _mm512_min_ps(low[v], low[v + step]);
+        const __m512 best = _mm512_set1_ps(_mm512_reduce_min_ps(low[0]));
+        int code = 0;  // stays 0 when every distance is NaN
+#pragma GCC unroll 16
+        for (int v = 0; v < NV; ++v) {
+          const uint32_t hit = _mm512_cmpeq_ps_mask(acc[v], best);
+          if (hit) {
+            code = 16 * v + __builtin_ctz(hit);
+            break;
+          }
+        }
+        p.codes[i * M + m] = static_cast<uint8_t>(code);
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+// The SIMD kernel family of every CPU path here (encode, 8-bit scan, fast-scan): 3 = AVX-512 (F + BW),
+// 2 = AVX2, 1 = portable; pq4_force_kernel picks a lower one for tests.
+std::atomic<int> g_force{0};
+
+int detected_kernel() {
+#ifdef FC_PQ_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 3;
+  if (__builtin_cpu_supports("avx2")) return 2;
+#endif
+  return 1;
+}
+
+int active_kernel() {
+  static const int detected = detected_kernel();
+  const int force = g_force.load();
+  return (force >= 1 && force <= detected) ? force : detected;
+}
+
+}  // namespace
+
+void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end) {
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3) {
+    if (p.ksub == 256) return encode_rows_avx512<16>(p, c_norms, begin, end);
+    if (p.ksub == 16) return encode_rows_avx512<1>(p, c_norms, begin, end);
+  }
+#endif
+  encode_rows_portable(p, c_norms, begin, end);
+}
+
 // ---- k-means assignment ---------------------------------------------------------------------------
 
 void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end) {
@@ -191,12 +311,174 @@ inline void adc_rows(const float* lut, const uint8_t* codes, int64_t M, int64_t 
   }
 }
 
+#ifdef FC_PQ_X86
+// GCC 12's AVX-512 headers start some results from an undefined register (see the encode section).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+constexpr int kWideQueries = 16;  // queries per pass of the AVX-512 8-bit scans (one float lane each)
+
+// Interleaved tables, entries·16 floats, 64-byte aligned (one aligned vector per entry).
+struct AlignedTables {
+  std::vector<float> storage;
+  float* data;
+  explicit AlignedTables(int64_t entries) : storage(static_cast<size_t>(entries * kWideQueries + 16)) {
+    data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  }
+  AlignedTables(const AlignedTables&) = delete;  // `data` points into `storage`
+  AlignedTables& operator=(const AlignedTables&) = delete;
+};
+
+// The tables of up to 16 queries (ascending) interleaved: lut_t[e·16 + j] = lut[q_j, e] (+ terms[e],
+// a list's table, when given); lanes j ≥ count hold 0 (or terms[e]) and are never read. The code
+// byte of (row, m) then selects one 64-byte vector holding entry (m, code) for all of them.
+__attribute__((target("avx512f"))) void gather_tables(const ScanParams& p, const int64_t* queries, int count,
+                                                      const float* terms, float* lut_t) {
+  const int64_t entries = p.M * p.ksub;
+  // queries[] ascends (visits are sorted), so the offsets from the first query's table fit int32
+  // unless the group spans 2^31 floats; then plain loads.
+  const float* base = p.lut + queries[0] * entries;
+  if ((queries[count - 1] - queries[0] + 1) * entries >= (int64_t(1) << 31)) {
+    for (int64_t e = 0; e < entries; ++e)
+      for (int j = 0; j < kWideQueries; ++j)
+        lut_t[e * kWideQueries + j] = j < count ? p.lut[queries[j] * entries + e] + (terms ? terms[e] : 0.0f) : 0.0f;
+    return;
+  }
+  // 16 entries at a time: the 16 queries' rows of 16 consecutive entries, transposed in registers
+  // (32-bit and 64-bit unpacks within 128-bit lanes, then two rounds of 128-bit lane shuffles: 64
+  // shuffles per 256 floats, far cheaper than 16 gathers). Rows j ≥ count are zero.
+  int64_t e0 = 0;
+  for (; e0 + 16 <= entries; e0 += 16) {
+    __m512 r[16];
+    for (int j = 0; j < 16; ++j) r[j] = j < count ? _mm512_loadu_ps(p.lut + queries[j] * entries + e0) : _mm512_setzero_ps();
+    __m512 t[16], u[16];
+    for (int j = 0; j < 16; j += 2) {
+      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);      // lane L: r_j[4L], r_j+1[4L], r_j[4L+1], r_j+1[4L+1]
+      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);  // lane L: the same for 4L+2, 4L+3
+    }
+    for (int g = 0; g < 4; ++g) {  // u[4g + c], lane L: rows 4g..4g+3 of entry 4L + c
+      const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+      const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+      u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+      u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+      u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+      u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int c = 0; c < 4; ++c) {  // entry 4L + c = lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+      const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xee);
+      const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+      const __m512 v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xee);
+      __m512 out[4] = {_mm512_shuffle_f32x4(v0, v2, 0x88), _mm512_shuffle_f32x4(v0, v2, 0xdd),
+                       _mm512_shuffle_f32x4(v1, v3, 0x88), _mm512_shuffle_f32x4(v1, v3, 0xdd)};
+      for (int L = 0; L < 4; ++L) {
+        const int64_t e = e0 + 4 * L + c;
+        if (terms) out[L] = _mm512_add_ps(out[L], _mm512_set1_ps(terms[e]));  // lanes ≥ count are never read
+        _mm512_store_ps(lut_t + e * kWideQueries, out[L]);
+      }
+    }
+  }
+  alignas(64) int32_t offsets[kWideQueries];
+  for (int j = 0; j < kWideQueries; ++j)
+    offsets[j] = static_cast<int32_t>(j < count ? (queries[j] - queries[0]) * entries : 0);
+  const __m512i index = _mm512_load_si512(offsets);
+  const __mmask16 lanes = static_cast<__mmask16>((1u << count) - 1u);
+  for (int64_t e = e0; e < entries; ++e) {
+    __m512 v = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes, index, base + e, 4);
+    if (terms) v = _mm512_maskz_add_ps(lanes, v, _mm512_set1_ps(terms[e]));
+    _mm512_store_ps(lut_t + e * kWideQueries, v);
+  }
+}
+
+// 8-bit flat ADC for 16 queries at once: per (row, m) one load + one add serve the 16 queries (cross-
+// query code reuse: each code byte is read once for all of them). Every lane sums its M entries in m
+// order starting from 0, like the scalar loop, so the distances are the same bits. Four rows are in
+// flight at a time (four independent add chains). A row's 16 keys are compared with the 16 heap roots
+// in one instruction; only lanes that beat their root (or whose heap is not yet full) touch a heap.
+// Rows arrive in increasing id order, so an equal key never beats the root: strict test.
+__attribute__((target("avx512f"))) void scan_flat_avx512(const ScanParams& p, const float* lut_t, int qn,
+                                                         int64_t row_begin, int64_t row_end, TopK<float>* heaps) {
+  const int64_t M = p.M, ksub = p.ksub;
+  const bool ip = p.metric == Metric::kIP;
+  const __mmask16 lanes = static_cast<__mmask16>((1u << qn) - 1u);
+  alignas(64) float roots[kWideQueries];
+  uint32_t not_full = 0;
+  auto refresh = [&](int j) {
+    roots[j] = heaps[j].full() ? heaps[j].keys[0] : std::numeric_limits<float>::infinity();
+    not_full = heaps[j].full() ? (not_full & ~(1u << j)) : (not_full | (1u << j));
+  };
+  for (int j = 0; j < qn; ++j) refresh(j);
+  for (int j = qn; j < kWideQueries; ++j) roots[j] = 0.0f;
+  __m512 limit = _mm512_load_ps(roots);
+  const __m512 sign = _mm512_set1_ps(ip ? -0.0f : 0.0f);
+  alignas(64) float keys[kWideQueries];
+  auto offer = [&](__m512 sum, int64_t row) __attribute__((target("avx512f"))) {
+    const __m512 key = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(sum), _mm512_castps_si512(sign)));
+    uint32_t mask = (_mm512_cmp_ps_mask(key, limit, _CMP_LT_OQ) | not_full) & lanes;
+    if (!mask) return;
+    _mm512_store_ps(keys, key);
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      heaps[j].push(keys[j], row);
+      refresh(j);
+    }
+    limit = _mm512_load_ps(roots);
+  };
+  int64_t r = row_begin;
+  for (; r + 4 <= row_end; r += 4) {
+    const uint8_t* c0 = p.codes + r * M;
+    const uint8_t* c1 = c0 + M;
+    const uint8_t* c2 = c1 + M;
+    const uint8_t* c3 = c2 + M;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* t = lut_t + m * ksub * kWideQueries;
+      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
+      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
+      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
+      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
+    }
+    offer(s0, r);
+    offer(s1, r + 1);
+    offer(s2, r + 2);
+    offer(s3, r + 3);
+  }
+  for (; r < row_end; ++r) {
+    const uint8_t* c = p.codes + r * M;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
+    offer(s, r);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace
 
 void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64_t row_begin, int64_t row_end,
                       float* out_dist, int64_t* out_ids, int64_t ld) {
   const int64_t M = p.M, ksub = p.ksub, k = p.k;
   const bool ip = p.metric == Metric::kIP;
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3) {
+    AlignedTables lut_t(M * ksub);
+    std::vector<float> keys(static_cast<size_t>(kWideQueries * k));
+    std::vector<int64_t> ids(static_cast<size_t>(kWideQueries * k));
+    for (int64_t q0 = q_begin; q0 < q_end; q0 += kWideQueries) {
+      const int qn = static_cast<int>(std::min<int64_t>(kWideQueries, q_end - q0));
+      int64_t queries[kWideQueries];
+      for (int j = 0; j < qn; ++j) queries[j] = q0 + j;
+      gather_tables(p, queries, qn, nullptr, lut_t.data);
+      std::vector<TopK<float>> heaps;
+      for (int j = 0; j < qn; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
+      scan_flat_avx512(p, lut_t.data, qn, row_begin, row_end, heaps.data());
+      for (int j = 0; j < qn; ++j)
+        heaps[j].write_sorted(out_dist + (q0 + j) * ld, out_ids + (q0 + j) * ld,
+                              [&](float key) { return key_to_dist(p.metric, key); });
+    }
+    return;
+  }
+#endif
   std::vector<float> keys(static_cast<size_t>(kQueryBlock * k));
   std::vector<int64_t> ids(static_cast<size_t>(kQueryBlock * k));
   float dist[kRowBlock];
@@ -223,11 +505,144 @@ void pq_scan_flat_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end, int64
   }
 }
 
+#ifdef FC_PQ_X86
+// GCC 12's AVX-512 headers start some results from an undefined register (see the encode section).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace {
+
+// One inverted list for up to 16 (query, list) visits (lanes): as scan_flat_avx512 plus the per-lane
+// bias (dist = bias + Σ_m table entries, the sum in m order from 0: the scalar path's arithmetic).
+// Ids are not monotone across lists: candidates with a key equal to the root's are looked at too and
+// the heap's (key, id) order decides.
+__attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, const float* lut_t, int64_t list,
+                                                         int count, const float* bias_lanes, TopK<float>* const* heaps) {
+  const int64_t M = p.M, ksub = p.ksub;
+  const bool ip = p.metric == Metric::kIP;
+  const uint32_t lanes = (1u << count) - 1u;
+  alignas(64) float roots[kWideQueries];
+  uint32_t not_full = 0;
+  auto refresh = [&](int j) {
+    roots[j] = heaps[j]->full() ? heaps[j]->keys[0] : std::numeric_limits<float>::infinity();
+    not_full = heaps[j]->full() ? (not_full & ~(1u << j)) : (not_full | (1u << j));
+  };
+  for (int j = 0; j < kWideQueries; ++j) {
+    if (j < count) refresh(j);
+    else roots[j] = 0.0f;
+  }
+  __m512 limit = _mm512_load_ps(roots);
+  const __m512 bias = _mm512_load_ps(bias_lanes);
+  const __m512 sign = _mm512_set1_ps(ip ? -0.0f : 0.0f);
+  alignas(64) float keys[kWideQueries];
+  auto offer = [&](__m512 sum, int64_t row) __attribute__((target("avx512f"))) {
+    const __m512 d = _mm512_add_ps(bias, sum);
+    const __m512 key = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(d), _mm512_castps_si512(sign)));
+    uint32_t mask = (_mm512_cmp_ps_mask(key, limit, _CMP_LE_OQ) | not_full) & lanes;
+    if (!mask) return;
+    _mm512_store_ps(keys, key);
+    const int64_t id = p.ids ? p.ids[row] : row;
+    while (mask) {
+      const int j = __builtin_ctz(mask);
+      mask &= mask - 1;
+      TopK<float>& heap = *heaps[j];
+      if (!heap.full() || TopK<float>::worse(heap.keys[0], heap.ids[0], keys[j], id)) {
+        heap.push(keys[j], id);
+        refresh(j);
+      }
+    }
+    limit = _mm512_load_ps(roots);
+  };
+  const int64_t begin = p.list_offsets[list], end = p.list_offsets[list + 1];
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const uint8_t* c0 = p.codes + r * M;
+    const uint8_t* c1 = c0 + M;
+    const uint8_t* c2 = c1 + M;
+    const uint8_t* c3 = c2 + M;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* t = lut_t + m * ksub * kWideQueries;
+      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
+      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
+      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
+      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
+    }
+    offer(s0, r);
+    offer(s1, r + 1);
+    offer(s2, r + 2);
+    offer(s3, r + 3);
+  }
+  for (; r < end; ++r) {
+    const uint8_t* c = p.codes + r * M;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
+    offer(s, r);
+  }
+}
+
+// The probes of queries [q_begin, q_end) inverted (sorted by list), then every list is scanned once
+// per 16 of its visits: the visiting queries' tables (+ the list's table) are interleaved by gathers
+// and each code byte serves all of them.
+int64_t scan_ivf_grouped_avx512(const ScanParams& p, int64_t q_begin, int64_t q_end) {
+  const int64_t M = p.M, ksub = p.ksub, k = p.k, nprobe = p.nprobe, nq = q_end - q_begin;
+  int64_t bad = 0;
+  // (phase · nlist + list, q·nprobe + probe slot): phase 0 holds every query's best list (slot 0),
+  // which fills its heap with good candidates early (a tight threshold for the rest), phase 1 the others.
+  std::vector<std::pair<int64_t, int64_t>> visits;
+  visits.reserve(static_cast<size_t>(nq * nprobe));
+  for (int64_t slot = q_begin * nprobe; slot < q_end * nprobe; ++slot) {
+    const int64_t list = p.probes[slot];
+    if (list == -1) continue;
+    if (list < 0 || list >= p.nlist) {
+      ++bad;
+      continue;
+    }
+    if (p.list_offsets[list] < p.list_offsets[list + 1]) visits.push_back({(slot % nprobe > 0) * p.nlist + list, slot});
+  }
+  std::sort(visits.begin(), visits.end());
+  std::vector<float> keys(static_cast<size_t>(nq * k));
+  std::vector<int64_t> ids(static_cast<size_t>(nq * k));
+  std::vector<TopK<float>> heaps;
+  heaps.reserve(static_cast<size_t>(nq));
+  for (int64_t j = 0; j < nq; ++j) heaps.push_back(TopK<float>{keys.data() + j * k, ids.data() + j * k, k});
+  AlignedTables tables(M * ksub);
+  float* lut_t = tables.data;
+  alignas(64) float bias_lanes[kWideQueries];
+  int64_t queries[kWideQueries];
+  TopK<float>* lane_heaps[kWideQueries];
+  for (size_t i = 0; i < visits.size();) {
+    const int64_t bucket = visits[i].first, list = bucket % p.nlist;
+    int count = 0;
+    for (; i < visits.size() && visits[i].first == bucket && count < kWideQueries; ++i, ++count) {
+      const int64_t slot = visits[i].second, q = slot / nprobe;
+      queries[count] = q;
+      bias_lanes[count] = p.bias ? p.bias[slot] : 0.0f;
+      lane_heaps[count] = &heaps[q - q_begin];
+    }
+    for (int j = count; j < kWideQueries; ++j) bias_lanes[j] = 0.0f;
+    gather_tables(p, queries, count, p.list_terms ? p.list_terms + list * M * ksub : nullptr, lut_t);
+    scan_list_avx512(p, lut_t, list, count, bias_lanes, lane_heaps);
+  }
+  for (int64_t q = q_begin; q < q_end; ++q)
+    heaps[q - q_begin].write_sorted(p.out_dist + q * k, p.out_ids + q * k,
+                                    [&](float key) { return key_to_dist(p.metric, key); });
+  return bad;
+}
+
+}  // namespace
+#pragma GCC diagnostic pop
+#endif
+
 int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end) {
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3 && !p.lut_per_probe) return scan_ivf_grouped_avx512(p, q_begin, q_end);
+#endif
   const int64_t M = p.M, ksub = p.ksub, k = p.k;
   const bool ip = p.metric == Metric::kIP;
   std::vector<float> keys(static_cast<size_t>(k));
   std::vector<int64_t> ids(static_cast<size_t>(k));
+  std::vector<float> table(p.list_terms ? static_cast<size_t>(M * ksub) : 0);
   float dist[kRowBlock];
   int64_t bad = 0;
   for (int64_t q = q_begin; q < q_end; ++q) {
@@ -240,6 +655,11 @@ int64_t pq_scan_ivf_cpu(const ScanParams& p, int64_t q_begin, int64_t q_end) {
         continue;
       }
       const float* lut = p.lut + (p.lut_per_probe ? (q * p.nprobe + j) : q) * M * ksub;
+      if (p.list_terms) {  // the table of (q, list): lut[q] + list_terms[list]
+        const float* terms = p.list_terms + list * M * ksub;
+        for (int64_t e = 0; e < M * ksub; ++e) table[e] = lut[e] + terms[e];
+        lut = table.data();
+      }
       const float bias = p.bias ? p.bias[q * p.nprobe + j] : 0.0f;
       const int64_t begin = p.list_offsets[list], end = p.list_offsets[list + 1];
       for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
@@ -359,38 +779,64 @@ __attribute__((target("avx2"))) void block_avx2(const uint8_t* codes, const uint
   finish_avx2(b0, b1, out + 16);
 }
 
-// Same with 512-bit registers: two pairs per instruction (lanes: 2p, 2p+1, 2p+2, 2p+3); an odd last
-// pair goes in through a zero-extended 256-bit load (the zero upper table entries add nothing).
-__attribute__((target("avx512f,avx512bw"))) inline void finish_avx512(__m512i a0, __m512i a1, uint16_t* out) {
-  const __m512i even = _mm512_sub_epi16(a0, _mm512_slli_epi16(a1, 8));
-  const __m256i e2 = _mm256_add_epi16(_mm512_castsi512_si256(even), _mm512_extracti64x4_epi64(even, 1));
-  const __m256i o2 = _mm256_add_epi16(_mm512_castsi512_si256(a1), _mm512_extracti64x4_epi64(a1, 1));
-  const __m128i e = _mm_add_epi16(_mm256_castsi256_si128(e2), _mm256_extracti128_si256(e2, 1));
-  const __m128i o = _mm_add_epi16(_mm256_castsi256_si128(o2), _mm256_extracti128_si256(o2, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_unpacklo_epi16(e, o));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 8), _mm_unpackhi_epi16(e, o));
+// AVX-512BW, several queries per block. A 512-bit register holds the 32-byte rows of two pairs
+// (128-bit lanes: sub-quantizers 2p, 2p+1, 2p+2, 2p+3 of the same 16 vectors), so one vpshufb does 64
+// look-ups; the nibbles of a block are split once and reused by all QB queries of the group, whose
+// accumulators (4 registers each) stay in registers for the whole block. An odd last pair goes in
+// through a zero-extended 256-bit load (the zero upper table entries add nothing).
+template <int QB>
+__attribute__((target("avx512f,avx512bw"))) inline void block_sums_avx512(const uint8_t* codes,
+                                                                          const uint8_t* const* qluts, int64_t pairs,
+                                                                          __m512i* sums) {
+  const __m512i mask = _mm512_set1_epi8(0x0f);
+  __m512i a0[QB], a1[QB], b0[QB], b1[QB];
+  for (int j = 0; j < QB; ++j) a0[j] = a1[j] = b0[j] = b1[j] = _mm512_setzero_si512();
+  auto step = [&](__m512i c, auto table_of) __attribute__((target("avx512f,avx512bw"))) {
+    const __m512i lo = _mm512_and_si512(c, mask);
+    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), mask);
+    for (int j = 0; j < QB; ++j) {
+      const __m512i t = table_of(j);
+      const __m512i rl = _mm512_shuffle_epi8(t, lo);
+      const __m512i rh = _mm512_shuffle_epi8(t, hi);
+      // uint16 sums of uint8 look-ups: the register read as words adds low + 256·high bytes, the
+      // register shifted right by 8 adds the high (odd-vector) bytes alone.
+      a0[j] = _mm512_add_epi16(a0[j], rl);
+      a1[j] = _mm512_add_epi16(a1[j], _mm512_srli_epi16(rl, 8));
+      b0[j] = _mm512_add_epi16(b0[j], rh);
+      b1[j] = _mm512_add_epi16(b1[j], _mm512_srli_epi16(rh, 8));
+    }
+  };
+  int64_t p = 0;
+  for (; p + 2 <= pairs; p += 2)
+    step(_mm512_loadu_si512(codes + p * 32), [&](int j) __attribute__((target("avx512f,avx512bw"))) {
+      return _mm512_loadu_si512(qluts[j] + p * 32);
+    });
+  if (p < pairs) {
+    const __m256i* tail = reinterpret_cast<const __m256i*>(codes + p * 32);
+    step(_mm512_zextsi256_si512(_mm256_loadu_si256(tail)), [&](int j) __attribute__((target("avx512f,avx512bw"))) {
+      return _mm512_zextsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qluts[j] + p * 32)));
+    });
+  }
+  // Per query: even-vector sums = a0 − (a1 << 8) (exact mod 2^16), odd = a1; the 4 lanes of each are
+  // summed by two rounds of lane shuffles, giving R = [even 0..15 | odd 0..15 | even 16..31 | odd 16..31]
+  // (8 words per lane), and one vpermw puts the 32 sums in vector order.
+  const __m512i order = _mm512_set_epi16(31, 23, 30, 22, 29, 21, 28, 20, 27, 19, 26, 18, 25, 17, 24, 16,  //
+                                         15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+  for (int j = 0; j < QB; ++j) {
+    const __m512i ea = _mm512_sub_epi16(a0[j], _mm512_slli_epi16(a1[j], 8));
+    const __m512i eb = _mm512_sub_epi16(b0[j], _mm512_slli_epi16(b1[j], 8));
+    const __m512i sa = _mm512_add_epi16(_mm512_shuffle_i64x2(ea, a1[j], 0x44), _mm512_shuffle_i64x2(ea, a1[j], 0xee));
+    const __m512i sb = _mm512_add_epi16(_mm512_shuffle_i64x2(eb, b1[j], 0x44), _mm512_shuffle_i64x2(eb, b1[j], 0xee));
+    const __m512i r = _mm512_add_epi16(_mm512_shuffle_i64x2(sa, sb, 0x88), _mm512_shuffle_i64x2(sa, sb, 0xdd));
+    sums[j] = _mm512_permutexvar_epi16(order, r);
+  }
 }
 
 __attribute__((target("avx512f,avx512bw"))) void block_avx512(const uint8_t* codes, const uint8_t* qlut, int64_t pairs,
                                                              uint16_t* out) {
-  const __m512i mask = _mm512_set1_epi8(0x0f);
-  __m512i a0 = _mm512_setzero_si512(), a1 = a0, b0 = a0, b1 = a0;
-  int64_t p = 0;
-  auto step = [&](__m512i c, __m512i t) __attribute__((target("avx512f,avx512bw"))) {
-    const __m512i rl = _mm512_shuffle_epi8(t, _mm512_and_si512(c, mask));
-    const __m512i rh = _mm512_shuffle_epi8(t, _mm512_and_si512(_mm512_srli_epi16(c, 4), mask));
-    a0 = _mm512_add_epi16(a0, rl);
-    a1 = _mm512_add_epi16(a1, _mm512_srli_epi16(rl, 8));
-    b0 = _mm512_add_epi16(b0, rh);
-    b1 = _mm512_add_epi16(b1, _mm512_srli_epi16(rh, 8));
-  };
-  for (; p + 2 <= pairs; p += 2)
-    step(_mm512_loadu_si512(codes + p * 32), _mm512_loadu_si512(qlut + p * 32));
-  if (p < pairs)
-    step(_mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32)), 0),
-         _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qlut + p * 32)), 0));
-  finish_avx512(a0, a1, out);
-  finish_avx512(b0, b1, out + 16);
+  __m512i sums;
+  block_sums_avx512<1>(codes, &qlut, pairs, &sums);
+  _mm512_storeu_si512(out, sums);
 }
 
 // Bit v of the result is set when out[v] < threshold (threshold ≥ 1), vectors 0..31.
@@ -416,23 +862,6 @@ uint32_t below_portable(const uint16_t* d, uint32_t threshold) {
 using BlockFn = void (*)(const uint8_t*, const uint8_t*, int64_t, uint16_t*);
 using BelowFn = uint32_t (*)(const uint16_t*, uint32_t);
 
-std::atomic<int> g_force{0};
-
-int detected_kernel() {
-#ifdef FC_PQ_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return 3;
-  if (__builtin_cpu_supports("avx2")) return 2;
-#endif
-  return 1;
-}
-
-int active_kernel() {
-  static const int detected = detected_kernel();
-  const int force = g_force.load();
-  return (force >= 1 && force <= detected) ? force : detected;
-}
-
 BlockFn block_fn(int kernel) {
 #ifdef FC_PQ_X86
   if (kernel == 3) return block_avx512;
@@ -448,8 +877,97 @@ BelowFn below_fn(int kernel) {
   return below_portable;
 }
 
-constexpr int64_t kFastQueryBlock = 4;
+constexpr int kFastQueryGroup = 4;       // queries sharing each block of codes (AVX-512: 16 accumulators)
 constexpr int64_t kFastBlockChunk = 64;  // 32-vector blocks per chunk: ≤ 64·pairs·32 bytes of codes in L1/L2
+
+// One group of up to kFastQueryGroup queries over blocks [b0, b1). Row r = 32·b + v is valid below
+// row_end and has id row_ids[r] (row_ids == nullptr: id = r). A vector reaches its query's heap only
+// when its quantized sum is ≤ the heap's root key (or the heap is not full); the heap's (key, id)
+// order then decides, so the result does not depend on the scan order.
+struct FastScanGroup {
+  const uint8_t* packed;
+  int64_t pairs;
+  int count;                                 // queries in the group, 1..kFastQueryGroup
+  const uint8_t* qluts[kFastQueryGroup];     // [pairs, 32] each
+  TopK<uint16_t>* heaps[kFastQueryGroup];
+  const int64_t* row_ids;
+  int64_t row_end;
+};
+
+// The largest key a candidate may have to be looked at: the root's key (−1: none can enter).
+inline int32_t entry_limit(const TopK<uint16_t>& heap) { return heap.full() ? heap.keys[0] : 65535; }
+
+inline void push_survivors(const FastScanGroup& g, int j, int64_t block, uint32_t mask, const uint16_t* d) {
+  TopK<uint16_t>& heap = *g.heaps[j];
+  const int64_t base = block * 32;
+  while (mask) {
+    const int v = __builtin_ctz(mask);
+    mask &= mask - 1;
+    const int64_t id = g.row_ids ? g.row_ids[base + v] : base + v;
+    if (!heap.full() || TopK<uint16_t>::worse(heap.keys[0], heap.ids[0], d[v], id)) heap.push(d[v], id);
+  }
+}
+
+inline uint32_t valid_rows(const FastScanGroup& g, int64_t block) {
+  const int64_t valid = g.row_end - block * 32;
+  return valid >= 32 ? 0xffffffffu : valid <= 0 ? 0u : (1u << valid) - 1u;
+}
+
+// Portable / AVX2: one query at a time, 32 sums per call, then a SIMD compare against the limit.
+void scan_group_generic(int kernel, const FastScanGroup& g, int64_t b0, int64_t b1) {
+  const BlockFn block = block_fn(kernel);
+  const BelowFn below = below_fn(kernel);
+  alignas(64) uint16_t d[32];
+  for (int j = 0; j < g.count; ++j)
+    for (int64_t b = b0; b < b1; ++b) {
+      block(g.packed + b * g.pairs * 32, g.qluts[j], g.pairs, d);
+      const uint32_t mask = below(d, static_cast<uint32_t>(entry_limit(*g.heaps[j])) + 1u) & valid_rows(g, b);
+      if (mask) push_survivors(g, j, b, mask, d);
+    }
+}
+
+#ifdef FC_PQ_X86
+// AVX-512: the group's sums stay in registers; one unsigned compare per query gives the 32-bit mask
+// of candidates, and only blocks with a candidate are stored and looked at one by one.
+template <int QB>
+__attribute__((target("avx512f,avx512bw"))) void scan_group_avx512(const FastScanGroup& g, int64_t b0, int64_t b1) {
+  alignas(64) uint16_t d[32];
+  int32_t limit[QB];
+  for (int j = 0; j < QB; ++j) limit[j] = entry_limit(*g.heaps[j]);
+  for (int64_t b = b0; b < b1; ++b) {
+    __m512i sums[QB];
+    block_sums_avx512<QB>(g.packed + b * g.pairs * 32, g.qluts, g.pairs, sums);
+    const uint32_t valid = valid_rows(g, b);
+    for (int j = 0; j < QB; ++j) {
+      const uint32_t mask = _mm512_mask_cmple_epu16_mask(valid, sums[j], _mm512_set1_epi16(static_cast<short>(limit[j])));
+      if (mask) {
+        _mm512_store_si512(d, sums[j]);
+        push_survivors(g, j, b, mask, d);
+        limit[j] = entry_limit(*g.heaps[j]);
+      }
+    }
+  }
+}
+#endif
+
+void scan_group(int kernel, const FastScanGroup& g, int64_t b0, int64_t b1) {
+#ifdef FC_PQ_X86
+  if (kernel == 3) {
+    switch (g.count) {
+      case 4: return scan_group_avx512<4>(g, b0, b1);
+      case 3: return scan_group_avx512<3>(g, b0, b1);
+      case 2: return scan_group_avx512<2>(g, b0, b1);
+      default: return scan_group_avx512<1>(g, b0, b1);
+    }
+  }
+#endif
+  scan_group_generic(kernel, g, b0, b1);
+}
+
+float key_or_inf(uint16_t key) {
+  return key == std::numeric_limits<uint16_t>::max() ? std::numeric_limits<float>::infinity()
+                                                      : static_cast<float>(key);
+}
 
 }  // namespace
 
@@ -467,57 +985,44 @@ void pq4_block_distances(const uint8_t* block, const uint8_t* qlut, int64_t pair
 void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64_t block_begin, int64_t block_end,
                   float* out_dist, int64_t* out_ids, int64_t ld) {
   const int kernel = active_kernel();
-  const BlockFn block = block_fn(kernel);
-  const BelowFn below = below_fn(kernel);
-  const int64_t k = p.k, pairs = p.pairs;
-  std::vector<uint16_t> keys(static_cast<size_t>(kFastQueryBlock * k));
-  std::vector<int64_t> ids(static_cast<size_t>(kFastQueryBlock * k));
-  alignas(64) uint16_t d[32];
-  for (int64_t q0 = q_begin; q0 < q_end; q0 += kFastQueryBlock) {
-    const int64_t qn = std::min(kFastQueryBlock, q_end - q0);
+  const int64_t k = p.k;
+  // Queries in super-groups of 4 groups: each chunk of blocks is read from memory once per
+  // super-group and then served from L1/L2 to its groups.
+  constexpr int64_t kSuper = 4 * kFastQueryGroup;
+  std::vector<uint16_t> keys(static_cast<size_t>(kSuper * k));
+  std::vector<int64_t> ids(static_cast<size_t>(kSuper * k));
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += kSuper) {
+    const int64_t qn = std::min(kSuper, q_end - q0);
     std::vector<TopK<uint16_t>> heaps;
+    heaps.reserve(static_cast<size_t>(qn));
     for (int64_t j = 0; j < qn; ++j) heaps.push_back(TopK<uint16_t>{keys.data() + j * k, ids.data() + j * k, k});
     for (int64_t b0 = block_begin; b0 < block_end; b0 += kFastBlockChunk) {
       const int64_t b1 = std::min(block_end, b0 + kFastBlockChunk);
-      for (int64_t j = 0; j < qn; ++j) {
-        const uint8_t* qlut = p.qlut + (q0 + j) * pairs * 32;
-        TopK<uint16_t>& heap = heaps[j];
-        for (int64_t b = b0; b < b1; ++b) {
-          block(p.packed + b * pairs * 32, qlut, pairs, d);
-          // Strictly below the root's key (ids rise within the scan, so an equal key never wins).
-          const uint32_t threshold = heap.full() ? heap.keys[0] : 65536u;
-          if (threshold == 0) continue;
-          uint32_t mask = below(d, threshold);
-          const int64_t base = b * 32;
-          if (base + 32 > p.n) mask &= (1u << (p.n - base)) - 1u;  // drop the padding rows of the last block
-          while (mask) {
-            const int v = __builtin_ctz(mask);
-            mask &= mask - 1;
-            if (!heap.full() || d[v] < heap.keys[0]) heap.push(d[v], base + v);
-          }
+      for (int64_t g0 = 0; g0 < qn; g0 += kFastQueryGroup) {
+        FastScanGroup g{p.packed, p.pairs, static_cast<int>(std::min<int64_t>(kFastQueryGroup, qn - g0)), {}, {},
+                        nullptr, p.n};
+        for (int j = 0; j < g.count; ++j) {
+          g.qluts[j] = p.qlut + (q0 + g0 + j) * p.pairs * 32;
+          g.heaps[j] = &heaps[g0 + j];
         }
+        scan_group(kernel, g, b0, b1);
       }
     }
-    for (int64_t j = 0; j < qn; ++j)
-      heaps[j].write_sorted(out_dist + (q0 + j) * ld, out_ids + (q0 + j) * ld, [](uint16_t key) {
-        return key == std::numeric_limits<uint16_t>::max() ? std::numeric_limits<float>::infinity()
-                                                            : static_cast<float>(key);
-      });
+    for (int64_t j = 0; j < qn; ++j) heaps[j].write_sorted(out_dist + (q0 + j) * ld, out_ids + (q0 + j) * ld, key_or_inf);
   }
 }
 
 int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end) {
   const int kernel = active_kernel();
-  const BlockFn block = block_fn(kernel);
-  const BelowFn below = below_fn(kernel);
-  const int64_t k = p.base.k, pairs = p.base.pairs;
-  std::vector<uint16_t> keys(static_cast<size_t>(k));
-  std::vector<int64_t> ids(static_cast<size_t>(k));
-  alignas(64) uint16_t d[32];
+  const int64_t k = p.base.k, pairs = p.base.pairs, nq = q_end - q_begin;
   int64_t bad = 0;
-  for (int64_t q = q_begin; q < q_end; ++q) {
-    TopK<uint16_t> heap{keys.data(), ids.data(), k};
-    const uint8_t* qlut = p.base.qlut + q * pairs * 32;
+  // Invert the probes of this query range (a counting sort by bucket), so that the queries sharing
+  // a list are scanned together in groups. Two phases: first every query's best list (probe slot 0),
+  // which fills its heap with good candidates and tightens its threshold early, then all other
+  // (query, list) visits; bucket = phase · nlist + list.
+  const int64_t buckets = 2 * p.nlist;
+  std::vector<int64_t> first(static_cast<size_t>(buckets + 1), 0);
+  for (int64_t q = q_begin; q < q_end; ++q)
     for (int64_t j = 0; j < p.nprobe; ++j) {
       const int64_t list = p.probes[q * p.nprobe + j];
       if (list == -1) continue;
@@ -525,29 +1030,38 @@ int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_
         ++bad;
         continue;
       }
-      const int64_t first = p.list_blocks[list], last = p.list_blocks[list + 1];
-      const int64_t size = p.list_sizes[list];
-      for (int64_t b = first; b < last; ++b) {
-        block(p.base.packed + b * pairs * 32, qlut, pairs, d);
-        // Ids are not monotone across lists: keep keys equal to the root's too and let the heap's
-        // (key, id) order decide.
-        const uint32_t threshold = heap.full() ? heap.keys[0] + 1u : 65536u;
-        uint32_t mask = below(d, threshold);
-        const int64_t valid = size - (b - first) * 32;
-        if (valid < 32) mask &= (1u << valid) - 1u;
-        while (mask) {
-          const int v = __builtin_ctz(mask);
-          mask &= mask - 1;
-          const int64_t id = p.row_ids[b * 32 + v];
-          if (!heap.full() || TopK<uint16_t>::worse(heap.keys[0], heap.ids[0], d[v], id)) heap.push(d[v], id);
-        }
-      }
+      ++first[(j > 0) * p.nlist + list + 1];
     }
-    heap.write_sorted(p.out_dist + q * k, p.out_ids + q * k, [](uint16_t key) {
-      return key == std::numeric_limits<uint16_t>::max() ? std::numeric_limits<float>::infinity()
-                                                          : static_cast<float>(key);
-    });
+  for (int64_t b = 0; b < buckets; ++b) first[b + 1] += first[b];
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  std::vector<int64_t> by_list(static_cast<size_t>(first[buckets]));
+  for (int64_t q = q_begin; q < q_end; ++q)
+    for (int64_t j = 0; j < p.nprobe; ++j) {
+      const int64_t list = p.probes[q * p.nprobe + j];
+      if (list >= 0 && list < p.nlist) by_list[fill[(j > 0) * p.nlist + list]++] = q;
+    }
+  std::vector<uint16_t> keys(static_cast<size_t>(nq * k));
+  std::vector<int64_t> ids(static_cast<size_t>(nq * k));
+  std::vector<TopK<uint16_t>> heaps;
+  heaps.reserve(static_cast<size_t>(nq));
+  for (int64_t j = 0; j < nq; ++j) heaps.push_back(TopK<uint16_t>{keys.data() + j * k, ids.data() + j * k, k});
+  for (int64_t bucket = 0; bucket < buckets; ++bucket) {
+    const int64_t list = bucket % p.nlist;
+    const int64_t b0 = p.list_blocks[list], b1 = p.list_blocks[list + 1];
+    if (b0 == b1 || p.list_sizes[list] == 0) continue;
+    for (int64_t i = first[bucket]; i < first[bucket + 1]; i += kFastQueryGroup) {
+      FastScanGroup g{p.base.packed, pairs, static_cast<int>(std::min<int64_t>(kFastQueryGroup, first[bucket + 1] - i)),
+                      {}, {}, p.row_ids, b0 * 32 + p.list_sizes[list]};
+      for (int j = 0; j < g.count; ++j) {
+        const int64_t q = by_list[i + j];
+        g.qluts[j] = p.base.qlut + q * pairs * 32;
+        g.heaps[j] = &heaps[q - q_begin];
+      }
+      scan_group(kernel, g, b0, b1);
+    }
   }
+  for (int64_t q = q_begin; q < q_end; ++q)
+    heaps[q - q_begin].write_sorted(p.out_dist + q * k, p.out_ids + q * k, key_or_inf);
   return bad;
 }
 

@@ -547,8 +547,10 @@ def pq4_search(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: in
 
 
 def pq4_kernel(force: Optional[str] = None) -> str:
-    """The fast-scan kernel the cpu backend uses ("avx512bw", "avx2" or "portable"). `force` selects
-    one ("auto" restores the run-time choice; a kernel this CPU lacks falls back to auto)."""
+    """The SIMD family the cpu backend's pq kernels use ("avx512bw", "avx2" or "portable"): the fast-scan
+    kernel, and for "avx512bw" also the AVX-512 encode and 8-bit scans (the others run their portable
+    loops). `force` selects one ("auto" restores the run-time choice; a kernel this CPU lacks falls
+    back to auto)."""
     codes = {None: -1, "auto": 0, "portable": 1, "avx2": 2, "avx512bw": 3}
     check_choice("pq4_kernel", "force", force, tuple(codes))
     return _native.native().pq4_kernel(codes[force])
@@ -584,7 +586,8 @@ def _native_or_ref_lut(x, codebooks, metric):
     return _ref.pq_lut(x, codebooks, metric).float()
 
 
-def _ivf_reference(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual):
+def _ivf_reference(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual,
+                   list_terms=None):
     """Exact: gather the probed lists' rows and compute the float64 distance to the reconstruction."""
     nq = queries.shape[0]
     out_d = torch.empty(nq, k, dtype=torch.float64)
@@ -605,10 +608,36 @@ def _ivf_reference(queries, coarse, probes, codes, list_offsets, ids, codebooks,
     return out_d.float(), out_i
 
 
-def _ivf_cpu(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual):
+def ivfpq_list_terms(coarse_centroids: Tensor, codebooks: Tensor) -> Tensor:
+    """The per-list tables of the L2 residual decomposition (FAISS's precomputed table), float32
+    [nlist, M, ksub]: T[l, m, j] = ‖C[m, j]‖² + 2⟨c_l,m, C[m, j]⟩, where c_l,m is sub-vector m of
+    coarse centroid l. With them ‖q − c_l − y‖² = ‖q − c_l‖² + Σ_m (T[l, m, code_m] − 2⟨q_m, C[m, code_m]⟩),
+    so a search needs one table per query instead of one per (query, probe). Cost nlist·M·ksub·dsub;
+    an index computes them once (ivfpq_search(list_terms=...))."""
+    op = "ivfpq_list_terms"
+    _check_codebooks(op, codebooks)
+    _check_vectors(op, "coarse_centroids", coarse_centroids, codebooks)
+    M, ksub, dsub = codebooks.shape
+    cb = codebooks.float()
+    sub = coarse_centroids.float().reshape(-1, M, dsub).permute(1, 0, 2)  # [M, nlist, dsub]
+    cross = torch.bmm(sub, cb.transpose(1, 2))  # [M, nlist, ksub]
+    return (2.0 * cross + (cb * cb).sum(2)[:, None, :]).permute(1, 0, 2).contiguous()
+
+
+def _ivf_cpu(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual, list_terms):
+    nq, nprobe = probes.shape
+    if by_residual and metric == "l2" and (list_terms is not None or nq * nprobe >= coarse.shape[0]):
+        # Decomposition: one table per query (−2⟨q_m, C[m, j]⟩: the ip table times −2, exact), the
+        # per-list tables, and bias ‖q − c_l‖² per probe. Without given list tables they are built
+        # here when that is cheaper than one table per (query, probe) (nlist ≤ nq·nprobe).
+        terms = list_terms.float().contiguous() if list_terms is not None else ivfpq_list_terms(coarse, codebooks)
+        lut = _native_or_ref_lut(queries * -2.0, codebooks, "ip")[:, None]  # ⟨−2q, c⟩: the scaling is exact
+        bias = ((queries.float()[:, None, :] - coarse.float()[probes.clamp_min(0)]) ** 2).sum(-1)
+        return tuple(_native.native().pq_search_ivf(lut.contiguous(), codes, list_offsets, probes, bias.contiguous(),
+                                                    ids, k, _METRIC_ID[metric], terms))
     lut, bias = _ivf_tables(queries, coarse, probes, codebooks, metric, by_residual)
     return tuple(_native.native().pq_search_ivf(lut.contiguous(), codes, list_offsets, probes, bias, ids, k,
-                                                _METRIC_ID[metric]))
+                                                _METRIC_ID[metric], None))
 
 
 _IVF_IMPL = {"cpu": _ivf_cpu, "reference": _ivf_reference}
@@ -616,19 +645,22 @@ _IVF_IMPL = {"cpu": _ivf_cpu, "reference": _ivf_reference}
 
 @torch.library.custom_op("fastcore_ai::ivfpq_search", mutates_args=())
 def _ivf_op(queries: Tensor, coarse: Tensor, probes: Tensor, codes: Tensor, list_offsets: Tensor, ids: Tensor,
-            codebooks: Tensor, k: int, metric: str, by_residual: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    return _IVF_IMPL[backend](queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual)
+            codebooks: Tensor, k: int, metric: str, by_residual: bool, list_terms: Optional[Tensor],
+            backend: str) -> Tuple[Tensor, Tensor]:
+    return _IVF_IMPL[backend](queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual,
+                              list_terms)
 
 
 @_ivf_op.register_fake
-def _ivf_fake(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual, backend):
+def _ivf_fake(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual, list_terms,
+              backend):
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
 
 def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, codes: Tensor, list_offsets: Tensor,
                  ids: Tensor, codebooks: Tensor, k: int, metric: str = "l2", by_residual: bool = True, *,
-                 backend: str = "auto") -> Tuple[Tensor, Tensor]:
+                 list_terms: Optional[Tensor] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """IVF-PQ scan of the probed inverted lists (FAISS IndexIVFPQ semantics).
 
     queries [nq, d]; coarse_centroids [nlist, d]; probes [nq, nprobe] int64 list numbers (−1 = none);
@@ -636,6 +668,9 @@ def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, code
     (list_offsets [nlist + 1] int64); ids [n] int64; codebooks of the residuals (by_residual) or of
     the vectors. Distance to the reconstruction c_l + y_R (l2: squared, ip: inner product), top-k as
     in pq_search. Returns (distances [nq, k] float32, ids [nq, k] int64).
+    list_terms = ivfpq_list_terms(coarse_centroids, codebooks) (l2 with by_residual only) lets the cpu
+    backend use the decomposition without rebuilding them; distances then differ from the per-probe
+    tables by float rounding (as FAISS's precomputed tables). The reference backend is exact either way.
     """
     op = "ivfpq_search"
     _check_codebooks(op, codebooks)
@@ -659,9 +694,18 @@ def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, code
     check_choice(op, "metric", metric, METRICS)
     check_bool(op, "by_residual", by_residual)
     _check_code_range(op, codes, codebooks.shape[1])
+    if list_terms is not None:
+        M, ksub = codebooks.shape[0], codebooks.shape[1]
+        check_tensor(op, "list_terms", list_terms, ndim=3, dtypes=(torch.float32,), layout="[nlist, M, ksub]")
+        if tuple(list_terms.shape) != (nlist, M, ksub):
+            raise ValueError(_err(op, f"list_terms must have shape [nlist, M, ksub] = {(nlist, M, ksub)}, "
+                                      f"got {_describe(list_terms)}"))
+        if metric != "l2" or not by_residual:
+            raise ValueError(_err(op, f"list_terms apply to metric 'l2' with by_residual=True, got metric {metric!r}, "
+                                      f"by_residual={by_residual}"))
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
     return _ivf_op(queries, coarse_centroids, probes, codes.contiguous(), list_offsets, ids, codebooks, k, metric,
-                   by_residual, chosen)
+                   by_residual, list_terms, chosen)
 
 
 # ---- IVF 4-bit fast-scan (non-residual) -----------------------------------------------------------------
@@ -760,4 +804,4 @@ def ivfpq4_search(queries: Tensor, probes: Tensor, packed: Tensor, list_blocks: 
     return _ivf4_op(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric, chosen)
 
 
-__all__ += ["ivfpq4_search", "pq4_pack_lists"]
+__all__ += ["ivfpq4_search", "pq4_pack_lists", "ivfpq_list_terms"]

@@ -218,6 +218,7 @@ class IVFPQIndex(PQIndex):
         self.coarse: Optional[Tensor] = None
         self.list_no = torch.zeros(0, dtype=torch.int64)
         self._csr = None
+        self._list_terms: Optional[Tensor] = None
 
     def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False) -> "IVFPQIndex":
         x = _as_matrix("IVFPQIndex", "x", x, self.d)
@@ -226,14 +227,15 @@ class IVFPQIndex(PQIndex):
         self.codebooks = ops.pq_train(target, self.M, self.nbits, self.metric, niter=niter, constrained=constrained,
                                       seed=seed + 1)
         self.coarse = coarse
+        self._list_terms = None
         return self
 
     def _coarse_scores(self, x: Tensor, coarse: Tensor) -> Tensor:
-        """Higher is better: −‖x − c‖² (l2) or ⟨x, c⟩ (ip)."""
-        dots = x @ coarse.T
+        """Higher is better: ⟨x, c⟩ (ip), or for l2 2⟨x, c⟩ − ‖c‖² (= ‖x‖² − ‖x − c‖², the same order):
+        one GEMM with the scale and the norms folded in (addmm), no [n, nlist] temporaries."""
         if self.metric == "ip":
-            return dots
-        return 2.0 * dots - (coarse * coarse).sum(1)[None]
+            return x @ coarse.T
+        return torch.addmm((coarse * coarse).sum(1)[None], x, coarse.T, beta=-1.0, alpha=2.0)
 
     def _assign(self, x: Tensor, coarse: Tensor) -> Tensor:
         # In row chunks: the [n, nlist] score matrix of a whole database would be n·nlist·4 bytes.
@@ -279,8 +281,9 @@ class IVFPQIndex(PQIndex):
             raise ValueError(_err("IVFPQIndex", f"nprobe must be a positive int, got {nprobe!r}"))
         nprobe = min(nprobe, self.nlist)
         scores = self._coarse_scores(q, self.coarse)
-        # The nprobe best lists (topk: a full stable argsort of [nq, nlist] cost 40x the fast-scan itself).
-        probes = torch.topk(scores, nprobe, dim=1).indices.contiguous()
+        # The nprobe best lists (topk: a full stable argsort of [nq, nlist] cost 40x the fast-scan itself;
+        # argmax for one probe is cheaper still).
+        probes = (scores.argmax(1, keepdim=True) if nprobe == 1 else torch.topk(scores, nprobe, dim=1).indices).contiguous()
         if self.nbits == 4 and not self.by_residual:
             # FAISS's IVF…,PQ…x4fs: non-residual 4-bit codes, fast-scan per list.
             if self._packed is None:
@@ -289,7 +292,16 @@ class IVFPQIndex(PQIndex):
             return ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, self.codebooks, k, self.metric)
         codes, ids, offsets = self._lists()
         return ops.ivfpq_search(q, self.coarse, probes, codes, offsets, ids, self.codebooks, k, self.metric,
-                                self.by_residual)
+                                self.by_residual, list_terms=self._residual_terms())
+
+    def _residual_terms(self) -> Optional[Tensor]:
+        """The per-list tables of the L2 residual decomposition, built once per trained/loaded model
+        (nlist·M·ksub floats); None where the decomposition does not apply (ip, non-residual)."""
+        if self.metric != "l2" or not self.by_residual:
+            return None
+        if self._list_terms is None:
+            self._list_terms = ops.ivfpq_list_terms(self.coarse, self.codebooks)
+        return self._list_terms
 
     def _meta(self) -> dict:
         meta = super()._meta()
@@ -315,6 +327,7 @@ class IVFPQIndex(PQIndex):
             if coarse is None or coarse.dtype != torch.float32 or tuple(coarse.shape) != (self.nlist, self.d):
                 raise IndexFileError(f"fastcore_ai.search: {path!r}: coarse centroids are missing or malformed")
             self.coarse = coarse
+            self._list_terms = None
 
 
 def load_index(path: str):
