@@ -250,6 +250,24 @@ def test_fft_conv_chunked_equals_unchunked_cpu():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_fft_conv_cpu_blocks_independent_of_threads():
+    """The CPU forward splits rows over threads, each running the pipeline on its own blocks (chunk_rows
+    sets the block): one thread or several, any block size, a bit-identical result."""
+    native = _native.native()
+    u, k, D = torch.randn(4, 5, 300), torch.randn(5, 120), torch.randn(5)
+    n = ops.fft_conv_size(300, 120)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results += [native.s4_fft_conv(u, k, D, n, block) for block in (0, 1, 3, 8)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    assert relative_error(results[0], ref.fft_conv(u.double(), k.double(), D.double())) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_fft_conv_gradcheck(backend):
     u = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)

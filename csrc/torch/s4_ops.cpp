@@ -40,6 +40,9 @@ void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 // A complex tensor as contiguous interleaved real storage [..., 2] (resolving a lazy conjugate).
 at::Tensor interleaved(const at::Tensor& t) { return at::view_as_real(t.resolve_conj().contiguous()); }
 
+// The same storage without the real view: the tensor itself when it is already contiguous and resolved.
+at::Tensor resolved(const at::Tensor& t) { return t.is_contiguous() && !t.is_conj() ? t : t.resolve_conj().contiguous(); }
+
 void check_complex(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   FC_CHECK(t.is_complex() && (t.scalar_type() == at::kComplexFloat || t.scalar_type() == at::kComplexDouble), op,
            name, " must be complex64 or complex128, got ", t.scalar_type());
@@ -516,17 +519,20 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
   at::Tensor y = at::empty({B, H}, u.options().memory_format(at::MemoryFormat::Contiguous));
   if (B * H == 0) return {y, new_state};
   const at::ScalarType real = state.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
-  const at::Tensor s = interleaved(state), a = interleaved(dA), bb = interleaved(dB), c = interleaved(C);
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor Dc = D.has_value() ? D->to(real).contiguous() : at::Tensor();
-  at::Tensor ns = at::view_as_real(new_state);
+  // Inputs already in the layout the kernels read are used as they are, without the view objects of
+  // interleaved() (this runs once per generated sample; each view is a dispatcher call).
+  const at::Tensor s = resolved(state), a = resolved(dA), bb = resolved(dB), c = resolved(C);
+  const at::Tensor uc = u.is_contiguous() ? u : u.contiguous();
+  const at::Tensor Dc = !D.has_value() ? at::Tensor()
+                        : (D->scalar_type() == real && D->is_contiguous()) ? *D : D->to(real).contiguous();
   AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step", [&] {
     using T = scalar_t;
-    StepParams<T> p;
-    p.state = s.data_ptr<T>(); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
-    p.dA = a.data_ptr<T>(); p.dB = bb.data_ptr<T>(); p.C = c.data_ptr<T>();
+    StepParams<T> p;  // complex storage read as interleaved (re, im) pairs of T
+    p.state = static_cast<const T*>(s.data_ptr()); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
+    p.dA = static_cast<const T*>(a.data_ptr()); p.dB = static_cast<const T*>(bb.data_ptr());
+    p.C = static_cast<const T*>(c.data_ptr());
     p.D = Dc.defined() ? Dc.data_ptr<T>() : nullptr;
-    p.y = y.data_ptr(); p.new_state = ns.data_ptr<T>();
+    p.y = y.data_ptr(); p.new_state = static_cast<T*>(new_state.data_ptr());
     p.batch = B; p.heads = H; p.states = N;
     if (state.is_cuda()) {
 #ifdef FASTCORE_WITH_CUDA
@@ -538,7 +544,7 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
       no_cuda(kStep);
 #endif
     }
-    // Work units are heads (each with its B rows: the coefficients are loaded once per head). A step is
+    // Work units are heads (the kernel prepares dA, dB, C once per tile of heads for all B rows). A step is
     // tiny, so a thread gets at least ~2^15 states: below that waking a second thread costs more than it saves.
     at::parallel_for(0, H, std::max<int64_t>(1, (int64_t(1) << 15) / (B * N)),
                      [&](int64_t b, int64_t e) { ssm_step_cpu<T>(p, b, e); });
