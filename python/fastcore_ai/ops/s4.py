@@ -50,8 +50,15 @@ backends.register_op(backends.standard_table(_FFT))
 backends.register_op(_complex_table(_STEP))
 
 
+_NATIVE = None
+
+
 def _native_module():
-    return _native.native()
+    """fastcore_ai._C (raises the build hint when missing); kept once loaded, as the per-step path calls it."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _native.native()
+    return _NATIVE
 
 
 def _triton():
@@ -460,6 +467,20 @@ _NATIVE_BACKENDS = ("cpu", "cuda")
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+# FASTCORE_AI_BACKEND as the fast path's key reads it: os.environ.get costs ~1 µs per call when the variable
+# is unset (a KeyError raised and caught inside os._Environ), a quarter of the fast path's Python time, so
+# the raw value is read from os.environ's own mapping where CPython has one (os.environ.__setitem__/putenv,
+# and so monkeypatch.setenv, update it). Any value change still changes the key.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_BACKEND_ENV_KEY = os.environ.encodekey(backends._ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _backend_env_value():
+    if _ENVIRON_DATA is not None and _BACKEND_ENV_KEY is not None:
+        return _ENVIRON_DATA.get(_BACKEND_ENV_KEY)
+    return os.environ.get(backends._ENV_VAR)
+
+
 def _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend) -> bool:
     if torch.compiler.is_compiling():  # first: under dynamo the rest is never traced
         return False
@@ -481,7 +502,7 @@ def _step_fast(state, u, dA, dB, C, D, inplace, backend):
     """(y, new_state) through the lean path, or None when the call must take the validating registered op."""
     if not _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend):
         return None
-    key = (backend, backends._context_backend.get(), os.environ.get(backends._ENV_VAR), state.device, state.dtype)
+    key = (backend, backends._context_backend.get(), _backend_env_value(), state.device, state.dtype)
     chosen = _STEP_FAST_BACKENDS.get(key)
     if chosen is None:
         chosen = _step_validate(state, u, dA, dB, C, D, inplace, backend)  # raises exactly as the slow path
