@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -320,12 +321,17 @@ void fft_conv_cpu_blocks(const at::Tensor& uc, ScalarKind u_kind, const at::Tens
     using Acc = scalar_t;
     const int64_t block = std::min(rows, cpu_block_rows_for(n, sizeof(Acc), block_rows_requested));
     const at::Tensor Kf_r = at::view_as_real(Kf);
-    // one block per grain at least: a thread with fewer rows than a block would pay a whole FFT set-up
-    at::parallel_for(0, rows, block, [&](int64_t begin, int64_t end) {
-      at::Tensor real_buf = at::empty({std::min(block, end - begin), n}, uc.options().dtype(Kf_r.scalar_type()));
-      at::Tensor spec = at::empty({std::min(block, end - begin), F}, Kf.options());
-      for (int64_t r0 = begin; r0 < end; r0 += block) {
-        const int64_t count = std::min(block, end - r0);
+    // Blocks are handed out one at a time (an atomic counter) rather than as one fixed range per thread:
+    // on a busy machine a descheduled thread then leaves its blocks to the other instead of making it wait
+    // at the join. Which thread transforms a row does not change its result.
+    const int64_t blocks = (rows + block - 1) / block;
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+    std::atomic<int64_t> next_block{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      at::Tensor real_buf = at::empty({block, n}, uc.options().dtype(Kf_r.scalar_type()));
+      at::Tensor spec = at::empty({block, F}, Kf.options());
+      for (int64_t index = next_block.fetch_add(1); index < blocks; index = next_block.fetch_add(1)) {
+        const int64_t r0 = index * block, count = std::min(block, rows - r0);
         at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
         FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
         p.in = uc.data_ptr(); p.in_kind = u_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
