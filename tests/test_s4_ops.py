@@ -250,6 +250,24 @@ def test_fft_conv_chunked_equals_unchunked_cpu():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_fft_conv_cpu_blocks_independent_of_threads():
+    """The CPU forward splits rows over threads, each running the pipeline on its own blocks (chunk_rows
+    sets the block): one thread or several, any block size, a bit-identical result."""
+    native = _native.native()
+    u, k, D = torch.randn(4, 5, 300), torch.randn(5, 120), torch.randn(5)
+    n = ops.fft_conv_size(300, 120)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads)):
+            torch.set_num_threads(count)
+            results += [native.s4_fft_conv(u, k, D, n, block) for block in (0, 1, 3, 8)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    assert relative_error(results[0], ref.fft_conv(u.double(), k.double(), D.double())) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_fft_conv_gradcheck(backend):
     u = torch.randn(2, 3, 12, dtype=torch.float64, requires_grad=True)
@@ -323,6 +341,39 @@ def test_ssm_step_inplace(backend, device):
     assert returned is work
     torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(work, s_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("B,H,N", [(1, 2, 8), (3, 2, 9), (2, 3, 17), (2, 2, 24), (3, 2, 31), (2, 2, 40), (1, 3, 100),
+                                   (2, 1, 130)])
+def test_ssm_step_cpu_block_and_tail_shapes(B, H, N, poisoned_outputs):
+    """The CPU float step keeps 1-4 vectors of 8 states per head in registers and finishes N % 8 states
+    scalar: every block size and tail combination against the complex128 reference, in place included."""
+    state, u, dA, dB, C, D = step_inputs(B, H, N)
+    u = u.float()
+    y, s2 = ops.ssm_step(state, u, dA, dB, C, D, backend="cpu")
+    ry, rs = ref.ssm_step(state.to(torch.complex128), u.double(), dA.to(torch.complex128), dB.to(torch.complex128),
+                          C.to(torch.complex128), D.double())
+    assert relative_error(y, ry) < 1e-5
+    assert relative_error(torch.view_as_real(s2), torch.view_as_real(rs)) < 1e-6
+    work = state.clone()
+    y2, _ = ops.ssm_step(work, u, dA, dB, C, D, inplace=True, backend="cpu")
+    assert torch.equal(y2, y) and torch.equal(work, s2)
+
+
+def test_ssm_step_cpu_independent_of_threads():
+    """Heads are split over threads; each head's rows are summed in a fixed order, so the result is
+    bitwise the same on one thread and on several (shape large enough to be split)."""
+    state, u, dA, dB, C, D = step_inputs(16, 64, 40)
+    u = u.float()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1, s1 = ops.ssm_step(state, u, dA, dB, C, D, backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        y2, s2 = ops.ssm_step(state, u, dA, dB, C, D, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2) and torch.equal(s1, s2)
 
 
 def test_ssm_step_inplace_errors():

@@ -67,7 +67,15 @@ def test_fast_path_is_taken_and_cached(monkeypatch):
     for _ in range(3):
         ops.ssm_step(state, u, dA, dB, C, D)
     assert slow == [] and len(validations) == 1
-    ops.ssm_step(state, u, dA, dB, C, None)  # another signature: validated once more
+    # other shapes, no D, another u dtype: the tensor checks run in C++ on every call, the cached backend
+    # selection (per device and state dtype) still holds, and the result is the registered op's
+    s2, u2, dA2, dB2, C2, _ = inputs(3, 5, 7)
+    for args in [(state, u, dA, dB, C, None), (s2, u2, dA2, dB2, C2, None), (state, u.bfloat16(), dA, dB, C, D)]:
+        y, s = ops.ssm_step(*args)
+        y_ref, s_ref = registered(*args)
+        assert torch.equal(y, y_ref) and torch.equal(s, s_ref)
+    assert slow == [] and len(validations) == 1
+    ops.ssm_step(*inputs(dtype=torch.complex128))  # another state dtype: validated once more
     assert slow == [] and len(validations) == 2
 
 
@@ -112,6 +120,22 @@ def test_bad_inputs_raise_the_same_errors_after_good_calls(make, error, match, i
         ops.ssm_step(*bad, inplace=inplace)
     with pytest.raises(error, match=match):  # and again: a failing signature is never cached
         ops.ssm_step(*bad, inplace=inplace)
+
+
+@pytest.mark.parametrize("make,error,match", BAD[:-1])  # the last one is not a tensor: refused before C++
+@pytest.mark.parametrize("inplace", [False, True])
+def test_native_checks_refuse_every_bad_input(make, error, match, inplace):
+    """The C++ half of the fast path's validation computes nothing for an input the Python checks reject."""
+    state, u, dA, dB, C, D = inputs(2, 4, 6)
+    native = _native.native()
+    assert len(native.s4_ssm_step_if_valid(state, u, dA, dB, C, D, inplace, s4_ops.MAX_STATES)) == 2
+    assert native.s4_ssm_step_if_valid(*make(state, u, dA, dB, C, D), inplace, s4_ops.MAX_STATES) == []
+    too_many = inputs(1, 2, s4_ops.MAX_STATES + 1)
+    assert native.s4_ssm_step_if_valid(*too_many, inplace, s4_ops.MAX_STATES) == []
+    if inplace:
+        strided = state.transpose(0, 1).contiguous().transpose(0, 1)
+        assert native.s4_ssm_step_if_valid(strided, u, dA, dB, C, D, True, s4_ops.MAX_STATES) == []
+        assert native.s4_ssm_step_if_valid(state.conj(), u, dA, dB, C, D, True, s4_ops.MAX_STATES) == []
 
 
 def test_inplace_errors_through_fast_path():

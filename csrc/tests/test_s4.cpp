@@ -118,7 +118,7 @@ void test_vandermonde() {
 }
 
 void test_step() {
-  const int64_t B = 2, H = 3, N = 5;  // one 4-state vector + a tail state
+  const int64_t B = 2, H = 11, N = 21;  // two 8-state vectors + 5 tail states; a full and a partial 8-head tile
   std::vector<float> s = random_complex(B * H * N), a = random_complex(H * N), bb = random_complex(H * N),
                      c = random_complex(H * N), u(B * H), D(H), y(B * H), ns(2 * B * H * N);
   for (auto& value : u) value = static_cast<float>(uniform());
@@ -126,7 +126,8 @@ void test_step() {
   StepParams<float> p;
   p.state = s.data(); p.u = u.data(); p.dA = a.data(); p.dB = bb.data(); p.C = c.data(); p.D = D.data();
   p.y = y.data(); p.new_state = ns.data(); p.batch = B; p.heads = H; p.states = N;
-  ssm_step_cpu<float>(p, 0, B * H);
+  ssm_step_cpu<float>(p, 0, 4);  // heads [0, 4) and [4, H): as two threads would split them
+  ssm_step_cpu<float>(p, 4, H);
   for (int64_t row = 0; row < B * H; ++row) {
     const int64_t h = row % H;
     double expected = D[h] * u[row];

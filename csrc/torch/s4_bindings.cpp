@@ -18,6 +18,9 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
                                           bool need_D, int64_t chunk_rows);
 std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
                                  const at::Tensor& C, const std::optional<at::Tensor>& D, bool inplace);
+std::vector<at::Tensor> ssm_step_if_valid(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
+                                          const at::Tensor& dB, const at::Tensor& C,
+                                          const std::optional<at::Tensor>& D, bool inplace, int64_t max_states);
 std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_new_state,
                                           const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
                                           const at::Tensor& dB, const at::Tensor& C, const std::optional<at::Tensor>& D);
@@ -40,6 +43,10 @@ void bind_s4(pybind11::module_& m) {
         py::arg("need_k"), py::arg("need_D"), py::arg("chunk_rows") = 0);
   m.def("s4_ssm_step", &s4::ssm_step, "diagonal SSM recurrent step (y, new_state)", py::arg("state"), py::arg("u"),
         py::arg("dA"), py::arg("dB"), py::arg("C"), py::arg("D"), py::arg("inplace") = false);
+  m.def("s4_ssm_step_if_valid", &s4::ssm_step_if_valid,
+        "ssm_step when every argument check of ops.ssm_step passes, else [] (nothing computed)", py::arg("state"),
+        py::arg("u"), py::arg("dA"), py::arg("dB"), py::arg("C"), py::arg("D"), py::arg("inplace"),
+        py::arg("max_states"));
   m.def("s4_ssm_step_backward", &s4::ssm_step_backward, "SSM step backward", py::arg("grad_y"),
         py::arg("grad_new_state"), py::arg("state"), py::arg("u"), py::arg("dA"), py::arg("dB"), py::arg("C"),
         py::arg("D"));

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <optional>
 #include <type_traits>
 #include <tuple>
@@ -39,6 +40,9 @@ void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // A complex tensor as contiguous interleaved real storage [..., 2] (resolving a lazy conjugate).
 at::Tensor interleaved(const at::Tensor& t) { return at::view_as_real(t.resolve_conj().contiguous()); }
+
+// The same storage without the real view: the tensor itself when it is already contiguous and resolved.
+at::Tensor resolved(const at::Tensor& t) { return t.is_contiguous() && !t.is_conj() ? t : t.resolve_conj().contiguous(); }
 
 void check_complex(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
   FC_CHECK(t.is_complex() && (t.scalar_type() == at::kComplexFloat || t.scalar_type() == at::kComplexDouble), op,
@@ -295,6 +299,54 @@ FFTConvParams<Acc> fft_params(int64_t count, int64_t H, int64_t L, int64_t n, in
   return p;
 }
 
+// Rows per block of the CPU pipeline: a block's padded rows and spectra (2·n values per row) fit in ~2 MiB,
+// about one core's L2, so the five passes over a block hit cache instead of memory. Larger blocks spill to
+// L3/DRAM (measured: a 256-row batched rfft at n = 32768 costs several times more per row than 8-row
+// batches); smaller ones pay the fixed cost of each torch FFT call (~0.1 ms of descriptor set-up) too often.
+int64_t cpu_block_rows_for(int64_t n, int64_t value_bytes, int64_t requested) {
+  if (requested > 0) return requested;
+  return std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(2 * n * value_bytes, 1));
+}
+
+// The CPU forward: every thread runs the whole pipeline (pad + cast, rfft, ·K, irfft, crop + skip + cast) on
+// blocks of its own rows with its own workspaces. The threads meet once per call instead of once per pass,
+// and a block stays in cache across its passes. The FFTs run inside the parallel region, so each is
+// single-threaded on its thread's rows (torch's FFT threading is for batches; nested parallelism is off).
+// Row results do not depend on the blocking or the thread count (each row is transformed on its own).
+void fft_conv_cpu_blocks(const at::Tensor& uc, ScalarKind u_kind, const at::Tensor& Kf, const at::Tensor& Dc,
+                         at::Tensor& out, int64_t n, int64_t block_rows_requested) {
+  const int64_t H = uc.size(1), L = uc.size(2), rows = uc.size(0) * H, F = n / 2 + 1;
+  AT_DISPATCH_FLOATING_TYPES(at::typeMetaToScalarType(Kf.dtype()) == at::kComplexDouble ? at::kDouble : at::kFloat,
+                             "s4_fft_conv_cpu", [&] {
+    using Acc = scalar_t;
+    const int64_t block = std::min(rows, cpu_block_rows_for(n, sizeof(Acc), block_rows_requested));
+    const at::Tensor Kf_r = at::view_as_real(Kf);
+    // Blocks are handed out one at a time (an atomic counter) rather than as one fixed range per thread:
+    // on a busy machine a descheduled thread then leaves its blocks to the other instead of making it wait
+    // at the join. Which thread transforms a row does not change its result.
+    const int64_t blocks = (rows + block - 1) / block;
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+    std::atomic<int64_t> next_block{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      at::Tensor real_buf = at::empty({block, n}, uc.options().dtype(Kf_r.scalar_type()));
+      at::Tensor spec = at::empty({block, F}, Kf.options());
+      for (int64_t index = next_block.fetch_add(1); index < blocks; index = next_block.fetch_add(1)) {
+        const int64_t r0 = index * block, count = std::min(block, rows - r0);
+        at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
+        FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
+        p.in = uc.data_ptr(); p.in_kind = u_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
+        p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
+        p.out = out.data_ptr(); p.out_kind = u_kind;
+        fftconv_pad_cast_cpu<Acc>(p, 0, count);
+        at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
+        fftconv_cmul_cpu<Acc>(p, 0, count);
+        at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
+        fftconv_crop_skip_cpu<Acc>(p, 0, count);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 // y = irfft(rfft(u, n) · rfft(k, n))[..., :L] + D·u, in u's dtype (fp32 math; fp64 for fp64 u).
@@ -316,6 +368,10 @@ at::Tensor fft_conv(const at::Tensor& u, const at::Tensor& k, const std::optiona
   const at::Tensor Kf = at::fft_rfft(k.to(acc), n, -1, std::nullopt).contiguous();
   const at::Tensor Dc = D.has_value() ? D->to(acc).contiguous() : at::Tensor();
   const int64_t F = n / 2 + 1;
+  if (!cuda) {
+    fft_conv_cpu_blocks(uc, u_kind, Kf, Dc, out, n, chunk_rows);
+    return out;
+  }
   const int64_t chunk = chunk_rows_for(rows, n, cuda, chunk_rows);
   // Two reused chunk workspaces: the zero-padded real rows (also the irfft output) and their spectra.
   at::Tensor real_buf = at::empty({chunk, n}, u.options().dtype(acc));
@@ -469,17 +525,20 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
   at::Tensor y = at::empty({B, H}, u.options().memory_format(at::MemoryFormat::Contiguous));
   if (B * H == 0) return {y, new_state};
   const at::ScalarType real = state.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
-  const at::Tensor s = interleaved(state), a = interleaved(dA), bb = interleaved(dB), c = interleaved(C);
-  const at::Tensor uc = u.contiguous();
-  const at::Tensor Dc = D.has_value() ? D->to(real).contiguous() : at::Tensor();
-  at::Tensor ns = at::view_as_real(new_state);
+  // Inputs already in the layout the kernels read are used as they are, without the view objects of
+  // interleaved() (this runs once per generated sample; each view is a dispatcher call).
+  const at::Tensor s = resolved(state), a = resolved(dA), bb = resolved(dB), c = resolved(C);
+  const at::Tensor uc = u.is_contiguous() ? u : u.contiguous();
+  const at::Tensor Dc = !D.has_value() ? at::Tensor()
+                        : (D->scalar_type() == real && D->is_contiguous()) ? *D : D->to(real).contiguous();
   AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step", [&] {
     using T = scalar_t;
-    StepParams<T> p;
-    p.state = s.data_ptr<T>(); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
-    p.dA = a.data_ptr<T>(); p.dB = bb.data_ptr<T>(); p.C = c.data_ptr<T>();
+    StepParams<T> p;  // complex storage read as interleaved (re, im) pairs of T
+    p.state = static_cast<const T*>(s.data_ptr()); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
+    p.dA = static_cast<const T*>(a.data_ptr()); p.dB = static_cast<const T*>(bb.data_ptr());
+    p.C = static_cast<const T*>(c.data_ptr());
     p.D = Dc.defined() ? Dc.data_ptr<T>() : nullptr;
-    p.y = y.data_ptr(); p.new_state = ns.data_ptr<T>();
+    p.y = y.data_ptr(); p.new_state = static_cast<T*>(new_state.data_ptr());
     p.batch = B; p.heads = H; p.states = N;
     if (state.is_cuda()) {
 #ifdef FASTCORE_WITH_CUDA
@@ -491,12 +550,41 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
       no_cuda(kStep);
 #endif
     }
-    // A step is tiny (the bench shape, 16·256·32 states, is ~20 µs on one core): stay on one thread below
-    // ~2^17 states, where waking a second thread costs more than it saves.
-    at::parallel_for(0, B * H, std::max<int64_t>(1, (int64_t(1) << 15) / N),
+    // Work units are heads (the kernel prepares dA, dB, C once per tile of heads for all B rows). A step is
+    // tiny, so a thread gets at least ~2^15 states: below that waking a second thread costs more than it saves.
+    at::parallel_for(0, H, std::max<int64_t>(1, (int64_t(1) << 15) / (B * N)),
                      [&](int64_t b, int64_t e) { ssm_step_cpu<T>(p, b, e); });
   });
   return {y, new_state};
+}
+
+namespace {
+bool is_real_float(const at::Tensor& t) {
+  const at::ScalarType k = t.scalar_type();
+  return k == at::kFloat || k == at::kDouble || k == at::kBFloat16 || k == at::kHalf;
+}
+}  // namespace
+
+// The lean entry of ops.ssm_step's per-step fast path: every check of the Python validation
+// (fastcore_ai.ops.s4._step_validate) that depends on the tensors, as plain comparisons, and the step when
+// all pass. When any fails it returns an empty list and computes nothing: the caller then takes the
+// validating path, which raises the documented error (the checks here may only be as strict or stricter).
+// What the Python side keeps: tensor types and autograd/mode eligibility, and the backend selection.
+std::vector<at::Tensor> ssm_step_if_valid(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
+                                          const at::Tensor& dB, const at::Tensor& C,
+                                          const std::optional<at::Tensor>& D, bool inplace, int64_t max_states) {
+  const at::ScalarType st = state.scalar_type();
+  if (state.dim() != 3 || (st != at::kComplexFloat && st != at::kComplexDouble)) return {};
+  const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
+  if (N < 1 || N > max_states) return {};
+  const at::Device device = state.device();
+  if (u.dim() != 2 || !is_real_float(u) || u.size(0) != B || u.size(1) != H || u.device() != device) return {};
+  for (const at::Tensor* t : {&dA, &dB, &C})
+    if (t->dim() != 2 || t->scalar_type() != st || t->size(0) != H || t->size(1) != N || t->device() != device)
+      return {};
+  if (D.has_value() && (D->dim() != 1 || !is_real_float(*D) || D->size(0) != H || D->device() != device)) return {};
+  if (inplace && (!state.is_contiguous() || state.is_conj())) return {};
+  return ssm_step(state, u, dA, dB, C, D, inplace);
 }
 
 // (grad_state, grad_u [B, H] in u's dtype, grad_dA, grad_dB, grad_C, grad_D [H] or [0]).

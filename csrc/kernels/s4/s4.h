@@ -387,7 +387,7 @@ template <typename Acc>
 void fftconv_row_dot_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);        // global rows
 
 template <typename T>
-void ssm_step_cpu(const StepParams<T>& p, int64_t begin, int64_t end);           // rows b·H + h
+void ssm_step_cpu(const StepParams<T>& p, int64_t begin, int64_t end);           // heads [begin, end), all B rows of each
 template <typename T>
 void ssm_step_backward_cpu(const StepParams<T>& p, int64_t begin, int64_t end);  // heads
 

@@ -50,8 +50,15 @@ backends.register_op(backends.standard_table(_FFT))
 backends.register_op(_complex_table(_STEP))
 
 
+_NATIVE = None
+
+
 def _native_module():
-    return _native.native()
+    """fastcore_ai._C (raises the build hint when missing); kept once loaded, as the per-step path calls it."""
+    global _NATIVE
+    if _NATIVE is None:
+        _NATIVE = _native.native()
+    return _NATIVE
 
 
 def _triton():
@@ -445,19 +452,33 @@ def _step_validate(state, u, dA, dB, C, D, inplace, backend) -> str:
 #     FakeTensor), so the registered op would run the very same native call;
 #   - the chosen backend is the native one (cpu/cuda): then the native kernel is called directly, so the
 #     result is bitwise the one the registered op gives (tests/test_s4_step_fast.py).
-# Validation is cached: the first call with a given signature (shapes, dtypes, devices, D present or not,
-# inplace and, for inplace, the state's contiguity and conjugate bit, the backend argument and the
-# use_backend / FASTCORE_AI_BACKEND selection) runs every check of _step_validate; only signatures that
-# passed are cached, so a bad input always reaches the same checks and raises the same error. Nothing
-# the checks depend on is left out of the key (values are never checked). The native entry point
-# re-checks shapes, dtypes and devices in C++ on every call (cheap), so even a cache bug cannot crash.
+# Validation is split so that nothing is skipped and little is paid per step:
+#   - the backend selection is cached per (backend argument, use_backend, FASTCORE_AI_BACKEND, device,
+#     dtype), everything it depends on; a selection is cached only after a full _step_validate passed;
+#   - every tensor check of _step_validate (ranks, dtypes, shapes, N range, devices, D, the in-place
+#     contiguity and conjugate bit) runs in C++ on every call (`s4_ssm_step_if_valid`, ~50 ns); if one
+#     fails nothing is computed and the call takes the validating path, which raises the documented error.
 # An in-place step bumps the state's version counter, as the registered mutating op does, so autograd
 # still detects a state that another graph saved.
-_STEP_FAST_CACHE: Dict[tuple, str] = {}
-_STEP_FAST_CACHE_SIZE = 256
+_STEP_FAST_BACKENDS: Dict[tuple, str] = {}
+_STEP_FAST_CACHE_SIZE = 64
 _NATIVE_BACKENDS = ("cpu", "cuda")
 # nn.Parameter adds no __torch_function__ / __torch_dispatch__ behaviour (S4Conv passes its D)
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+# FASTCORE_AI_BACKEND as the fast path's key reads it: os.environ.get costs ~1 µs per call when the variable
+# is unset (a KeyError raised and caught inside os._Environ), a quarter of the fast path's Python time, so
+# the raw value is read from os.environ's own mapping where CPython has one (os.environ.__setitem__/putenv,
+# and so monkeypatch.setenv, update it). Any value change still changes the key.
+_ENVIRON_DATA = getattr(os.environ, "_data", None)
+_BACKEND_ENV_KEY = os.environ.encodekey(backends._ENV_VAR) if hasattr(os.environ, "encodekey") else None
+
+
+def _backend_env_value():
+    if _ENVIRON_DATA is not None and _BACKEND_ENV_KEY is not None:
+        return _ENVIRON_DATA.get(_BACKEND_ENV_KEY)
+    return os.environ.get(backends._ENV_VAR)
 
 
 def _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend) -> bool:
@@ -477,39 +498,31 @@ def _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend) -> bool:
                 or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() > 0)
 
 
-def _step_fast_key(state, u, dA, dB, C, D, inplace, backend) -> tuple:
-    return (backend, backends._context_backend.get(), os.environ.get(backends._ENV_VAR), inplace,
-            state.shape, state.dtype, state.device, u.shape, u.dtype, u.device,
-            dA.shape, dA.dtype, dA.device, dB.shape, dB.dtype, dB.device, C.shape, C.dtype, C.device,
-            None if D is None else (D.shape, D.dtype, D.device),
-            (state.is_contiguous(), state.is_conj()) if inplace else None)
-
-
 def _step_fast(state, u, dA, dB, C, D, inplace, backend):
-    """(y, new_state) through the lean path, or None when the call must take the registered op."""
+    """(y, new_state) through the lean path, or None when the call must take the validating registered op."""
     if not _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend):
         return None
-    key = _step_fast_key(state, u, dA, dB, C, D, inplace, backend)
-    chosen = _STEP_FAST_CACHE.get(key)
+    key = (backend, backends._context_backend.get(), _backend_env_value(), state.device, state.dtype)
+    chosen = _STEP_FAST_BACKENDS.get(key)
     if chosen is None:
         chosen = _step_validate(state, u, dA, dB, C, D, inplace, backend)  # raises exactly as the slow path
         if chosen not in _NATIVE_BACKENDS:
             return None
-        if len(_STEP_FAST_CACHE) >= _STEP_FAST_CACHE_SIZE:
-            _STEP_FAST_CACHE.clear()
-        _STEP_FAST_CACHE[key] = chosen
-    native = _native_module()
+        if len(_STEP_FAST_BACKENDS) >= _STEP_FAST_CACHE_SIZE:
+            _STEP_FAST_BACKENDS.clear()
+        _STEP_FAST_BACKENDS[key] = chosen
+    result = _native_module().s4_ssm_step_if_valid(state, u, dA, dB, C, D, inplace, MAX_STATES)
+    if not result:  # a check failed: the validating path raises the documented error
+        return None
     if inplace:
-        y = native.s4_ssm_step(state, u, dA, dB, C, D, True)[0]
         torch._C._increment_version((state,))
-        return y, state
-    y, new_state = native.s4_ssm_step(state, u, dA, dB, C, D)
-    return y, new_state
+        return result[0], state
+    return result[0], result[1]
 
 
 def step_fast_path_cache_clear() -> None:
-    """Forget the cached validations of ssm_step's fast path (tests; never needed for correctness)."""
-    _STEP_FAST_CACHE.clear()
+    """Forget the cached backend selections of ssm_step's fast path (tests; never needed for correctness)."""
+    _STEP_FAST_BACKENDS.clear()
 
 
 def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None, *,
