@@ -293,7 +293,7 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
     const at::Tensor scale = routing_scale_of_rows(token_slot, weights, S, acc);
     for_each_segment_work(bounds, [&](int64_t e, int64_t begin, int64_t rows, bool threaded) {
       const at::Tensor row_tokens = slot_to_token.narrow(0, begin, rows);
-      const at::Tensor g = at::index_select(go, 0, row_tokens);  // [rows, H]
+      at::Tensor g = at::index_select(go, 0, row_tokens);  // [rows, H]
       const at::Tensor gu = gu_saved.narrow(0, begin, rows);
       const at::Tensor gu_acc = dtype == acc ? gu : gu.to(acc);
       at::Tensor h_acc = at::empty({rows, I}, x.options().dtype(acc));
@@ -307,16 +307,18 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
       ap.activation = static_cast<Activation>(activation);
       rows_loop(0, rows, threaded, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
       const at::Tensor row_scale = scale.narrow(0, begin, rows).unsqueeze(1);
-      const at::Tensor a = at::mm(g, w_down[e]);  // [rows, I]
-      const at::Tensor a_acc = dtype == acc ? a : a.to(acc);
+      at::Tensor a_acc = at::mm(g, w_down[e]);  // [rows, I], a fresh tensor (updated in place below)
+      if (dtype != acc) a_acc = a_acc.to(acc);
       if (need_weights) grad_row_weight.narrow(0, begin, rows).copy_((a_acc * h_acc).sum(1));
       if (need_params) {
-        const at::Tensor weighted_h = h_acc.mul(row_scale);  // the forward's (w · h), same operation
+        h_acc.mul_(row_scale);  // the forward's (w · h), the same operation; h is not needed after this
         at::Tensor grad_w_down_e = grad_w_down[e];
-        at::mm_out(grad_w_down_e, g.t(), dtype == acc ? weighted_h : weighted_h.to(dtype));
+        at::mm_out(grad_w_down_e, g.t(), dtype == acc ? h_acc : h_acc.to(dtype));
       }
+      g.reset();  // release the segment's blocks as soon as they are used: less working memory per segment
+      h_acc.reset();
       if (!need_x && !need_params) return;
-      const at::Tensor grad_h_acc = a_acc.mul(row_scale).contiguous();
+      const at::Tensor grad_h_acc = a_acc.mul_(row_scale);
       at::Tensor grad_gu_acc = at::empty({rows, n1}, x.options().dtype(acc));
       ap.grad_h = grad_h_acc.data_ptr();
       ap.grad_gate_up = grad_gu_acc.data_ptr();
