@@ -56,6 +56,10 @@ at::Tensor routing_scale_of_rows(const at::Tensor& token_slot, const at::Tensor&
   return buffer.narrow(0, 1, S);
 }
 
+// Rows per block of the training backward's activation math (float32 working set per block: a few
+// hundred KB to ~1 MB at these widths, instead of whole-segment float32 copies).
+constexpr int64_t kActivationRows = 128;
+
 // Parallel over work items from this many on. A function of the shapes only (never of the thread count),
 // so the same GEMM calls run whatever torch.get_num_threads() says: bitwise reproducible results.
 constexpr int64_t kMinParallelItems = 8;
@@ -244,8 +248,8 @@ std::vector<at::Tensor> experts_forward_train(const at::Tensor& x, const at::Ten
 //   grad_x[t] = Σ_j grad_x_sorted[token_slot[t, j]] in fixed j order (combine with unit weights).
 // Per expert segment (segments in parallel with single-threaded BLAS when there are >= 8, as the forward);
 // each writes only its own rows and its own weight-gradient slices: deterministic for any thread count.
-// Working memory: per running segment its rows' x, grad_out, h, a, dL/dgu (float32 copies only of
-// segment-sized blocks), plus grad_x_sorted [S, H]. Gradients not asked for (need_*) are returned as
+// Working memory: per running segment its rows of grad_out, a, w·h, dL/dgu and x in x's dtype, the
+// activation math in the accumulate type on blocks of kActivationRows rows, plus grad_x_sorted [S, H]. Gradients not asked for (need_*) are returned as
 // empty [0] tensors and not computed. Returns (grad_x [T, H], grad_weights [T, k] in weights' dtype,
 // grad_w_gate_up, grad_w_down).
 std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& expert_offsets,
@@ -294,36 +298,61 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
     for_each_segment_work(bounds, [&](int64_t e, int64_t begin, int64_t rows, bool threaded) {
       const at::Tensor row_tokens = slot_to_token.narrow(0, begin, rows);
       at::Tensor g = at::index_select(go, 0, row_tokens);  // [rows, H]
-      const at::Tensor gu = gu_saved.narrow(0, begin, rows);
-      const at::Tensor gu_acc = dtype == acc ? gu : gu.to(acc);
-      at::Tensor h_acc = at::empty({rows, I}, x.options().dtype(acc));
+      at::Tensor a = at::mm(g, w_down[e]);                 // [rows, I]: dL/d(w·h)
+      // The GEMM operands are whole-segment tensors in x's dtype; the activation math runs in the
+      // accumulate type on blocks of kActivationRows rows, so at most one such block is ever held in
+      // float32 for bf16/fp16 inputs (for float32 the blocks are views: no copies at all).
+      const bool need_grad_gu = need_x || need_params;
+      at::Tensor weighted_h = need_params ? at::empty({rows, I}, x.options()) : at::Tensor();
+      at::Tensor grad_gu;
       GatedActivationParams ap;
-      ap.gate_up = gu_acc.data_ptr();
-      ap.h = h_acc.data_ptr();
-      ap.rows = rows;
       ap.inner = I;
       ap.gated = gated;
       ap.is_double = acc == at::kDouble;
       ap.activation = static_cast<Activation>(activation);
-      rows_loop(0, rows, threaded, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
-      const at::Tensor row_scale = scale.narrow(0, begin, rows).unsqueeze(1);
-      at::Tensor a_acc = at::mm(g, w_down[e]);  // [rows, I], a fresh tensor (updated in place below)
-      if (dtype != acc) a_acc = a_acc.to(acc);
-      if (need_weights) grad_row_weight.narrow(0, begin, rows).copy_((a_acc * h_acc).sum(1));
-      if (need_params) {
-        h_acc.mul_(row_scale);  // the forward's (w · h), the same operation; h is not needed after this
-        at::Tensor grad_w_down_e = grad_w_down[e];
-        at::mm_out(grad_w_down_e, g.t(), dtype == acc ? h_acc : h_acc.to(dtype));
+      // Pass 1 over blocks: h (recomputed), dL/dw, and w·h for dW_down; then that GEMM, so grad_out's
+      // rows and w·h are released before pass 2 allocates dL/dgu.
+      for (int64_t block = 0; block < rows && (need_weights || need_params); block += kActivationRows) {
+        const int64_t n = std::min(kActivationRows, rows - block);
+        const at::Tensor gu_acc = gu_saved.narrow(0, begin + block, n).to(acc);  // a view when dtype == acc
+        at::Tensor h_acc = dtype == acc && need_params ? weighted_h.narrow(0, block, n)
+                                                       : at::empty({n, I}, x.options().dtype(acc));
+        ap.gate_up = gu_acc.data_ptr();
+        ap.h = h_acc.data_ptr();
+        ap.rows = n;
+        rows_loop(0, n, threaded, [&](int64_t b, int64_t end) { gated_activation_forward_cpu(ap, b, end); });
+        if (need_weights) {
+          const at::Tensor a_acc = a.narrow(0, block, n).to(acc);
+          grad_row_weight.narrow(0, begin + block, n).copy_((a_acc * h_acc).sum(1));
+        }
+        if (need_params) {
+          h_acc.mul_(scale.narrow(0, begin + block, n).unsqueeze(1));  // the forward's (w · h), the same operation
+          if (dtype != acc) weighted_h.narrow(0, block, n).copy_(h_acc);
+        }
       }
-      g.reset();  // release the segment's blocks as soon as they are used: less working memory per segment
-      h_acc.reset();
-      if (!need_x && !need_params) return;
-      const at::Tensor grad_h_acc = a_acc.mul_(row_scale);
-      at::Tensor grad_gu_acc = at::empty({rows, n1}, x.options().dtype(acc));
-      ap.grad_h = grad_h_acc.data_ptr();
-      ap.grad_gate_up = grad_gu_acc.data_ptr();
-      rows_loop(0, rows, threaded, [&](int64_t b, int64_t end) { gated_activation_backward_cpu(ap, b, end); });
-      const at::Tensor grad_gu = dtype == acc ? grad_gu_acc : grad_gu_acc.to(dtype);
+      if (need_params) {
+        at::Tensor grad_w_down_e = grad_w_down[e];
+        at::mm_out(grad_w_down_e, g.t(), weighted_h);
+      }
+      g.reset();
+      weighted_h.reset();
+      if (!need_grad_gu) return;
+      // Pass 2: dL/dh = w · a and the activation backward into dL/dgu (x's dtype, for the two GEMMs).
+      grad_gu = at::empty({rows, n1}, x.options());
+      for (int64_t block = 0; block < rows; block += kActivationRows) {
+        const int64_t n = std::min(kActivationRows, rows - block);
+        const at::Tensor gu_acc = gu_saved.narrow(0, begin + block, n).to(acc);
+        at::Tensor a_acc = a.narrow(0, block, n).to(acc);  // a view when dtype == acc (a is not needed after)
+        a_acc.mul_(scale.narrow(0, begin + block, n).unsqueeze(1));
+        at::Tensor grad_gu_acc = dtype == acc ? grad_gu.narrow(0, block, n) : at::empty({n, n1}, x.options().dtype(acc));
+        ap.gate_up = gu_acc.data_ptr();
+        ap.rows = n;
+        ap.grad_h = a_acc.data_ptr();
+        ap.grad_gate_up = grad_gu_acc.data_ptr();
+        rows_loop(0, n, threaded, [&](int64_t b, int64_t end) { gated_activation_backward_cpu(ap, b, end); });
+        if (dtype != acc) grad_gu.narrow(0, block, n).copy_(grad_gu_acc);
+      }
+      a.reset();
       if (need_x) {
         at::Tensor grad_x_rows = grad_x_sorted.narrow(0, begin, rows);
         at::mm_out(grad_x_rows, grad_gu, w_gate_up[e]);
@@ -334,7 +363,19 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
       }
     });
   }
-  at::Tensor grad_x = need_x ? combine(grad_x_sorted, token_slot, std::nullopt) : at::empty({0}, x.options());
+  at::Tensor grad_x = at::empty({0}, x.options());
+  if (need_x && dtype == acc) {
+    grad_x = combine(grad_x_sorted, token_slot, std::nullopt);
+  } else if (need_x) {
+    // combine sums in float32 into a float32 [T, H] result; run it over blocks of tokens so that only a
+    // block's float32 result exists next to grad_x (same per-token operations: the same bits).
+    grad_x = at::empty({T, H}, x.options());
+    constexpr int64_t kCombineTokens = 512;
+    for (int64_t t0 = 0; t0 < T; t0 += kCombineTokens) {
+      const int64_t n = std::min(kCombineTokens, T - t0);
+      grad_x.narrow(0, t0, n).copy_(combine(grad_x_sorted, token_slot.narrow(0, t0, n), std::nullopt));
+    }
+  }
   at::Tensor grad_weights = at::empty({0}, weights.options());
   if (need_weights) {
     // grad_weights[t, j] = dL/dw of the row holding slot (t, j); 0 for a dropped slot (token_slot = −1).
