@@ -40,6 +40,15 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
 at::Tensor experts_forward(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weights,
                            const std::optional<at::Tensor>& kept, const at::Tensor& w_gate_up, const at::Tensor& w_down,
                            int64_t activation, bool gated);
+std::vector<at::Tensor> experts_forward_train(const at::Tensor& x, const at::Tensor& expert_ids,
+                                              const at::Tensor& weights, const std::optional<at::Tensor>& kept,
+                                              const at::Tensor& w_gate_up, const at::Tensor& w_down,
+                                              int64_t activation, bool gated);
+std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& expert_offsets,
+                                         const at::Tensor& slot_to_token, const at::Tensor& token_slot,
+                                         const at::Tensor& weights, const at::Tensor& gate_up,
+                                         const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t activation,
+                                         bool gated, bool need_x, bool need_weights, bool need_params);
 }  // namespace moe
 }  // namespace fastcore
 
@@ -84,6 +93,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fused expert computation: plan, gathered gate_up GEMM + activation, weighted down GEMM, combine",
         pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("weights"), pybind11::arg("kept"),
         pybind11::arg("w_gate_up"), pybind11::arg("w_down"), pybind11::arg("activation"), pybind11::arg("gated"));
+  m.def("moe_experts_train", &fastcore::moe::experts_forward_train,
+        "fused expert computation that also returns (gate_up, expert_offsets, slot_to_token, token_slot) (CPU)",
+        pybind11::arg("x"), pybind11::arg("expert_ids"), pybind11::arg("weights"), pybind11::arg("kept"),
+        pybind11::arg("w_gate_up"), pybind11::arg("w_down"), pybind11::arg("activation"), pybind11::arg("gated"));
+  m.def("moe_experts_backward", &fastcore::moe::experts_backward,
+        "fused expert backward from the saved gate_up (CPU): (grad_x, grad_weights, grad_w_gate_up, grad_w_down)",
+        pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("expert_offsets"), pybind11::arg("slot_to_token"),
+        pybind11::arg("token_slot"), pybind11::arg("weights"), pybind11::arg("gate_up"), pybind11::arg("w_gate_up"),
+        pybind11::arg("w_down"), pybind11::arg("activation"), pybind11::arg("gated"), pybind11::arg("need_x"),
+        pybind11::arg("need_weights"), pybind11::arg("need_params"));
   m.def("moe_topk_route", &fastcore::moe::topk_route, "fused softmax + top-k router",
         pybind11::arg("logits"), pybind11::arg("k"), pybind11::arg("renormalize"));
   m.def("moe_topk_route_backward", &fastcore::moe::topk_route_backward, "router backward",

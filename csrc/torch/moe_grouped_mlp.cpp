@@ -26,25 +26,6 @@ namespace {
 
 constexpr const char* kOp = "moe_grouped_mlp";
 
-std::vector<int64_t> segment_bounds(const at::Tensor& expert_offsets, int64_t rows) {
-  FC_CHECK(expert_offsets.device().is_cpu() && expert_offsets.scalar_type() == at::kLong && expert_offsets.dim() == 1,
-           kOp, "expert_offsets must be an int64 CPU tensor [E + 1]");
-  at::Tensor offsets = expert_offsets.contiguous();
-  std::vector<int64_t> bounds(offsets.data_ptr<int64_t>(), offsets.data_ptr<int64_t>() + offsets.numel());
-  FC_CHECK(!bounds.empty() && bounds.front() == 0 && bounds.back() == rows, kOp,
-           "expert_offsets must start at 0 and end at S = ", rows);
-  for (size_t e = 1; e < bounds.size(); ++e)
-    FC_CHECK(bounds[e] >= bounds[e - 1], kOp, "expert_offsets must be non-decreasing (entry ", e, ")");
-  return bounds;
-}
-
-// Calls fn(e, begin, rows) for every expert segment that holds rows, in expert order.
-template <typename Fn>
-void for_each_segment(const std::vector<int64_t>& bounds, Fn&& fn) {
-  for (size_t e = 0; e + 1 < bounds.size(); ++e)
-    if (bounds[e + 1] > bounds[e]) fn(static_cast<int64_t>(e), bounds[e], bounds[e + 1] - bounds[e]);
-}
-
 GatedActivationParams activation_params(const at::Tensor& gate_up_acc, int64_t inner, bool gated, int64_t activation) {
   GatedActivationParams p;
   p.gate_up = gate_up_acc.data_ptr();
@@ -54,44 +35,6 @@ GatedActivationParams activation_params(const at::Tensor& gate_up_acc, int64_t i
   p.is_double = gate_up_acc.scalar_type() == at::kDouble;
   p.activation = static_cast<Activation>(activation);
   return p;
-}
-
-// Parallel over expert segments from this many non-empty ones on: a function of the shapes only (never
-// of the thread count), so the same GEMM calls run whatever torch.get_num_threads() says.
-constexpr int64_t kMinParallelSegments = 8;
-
-// Calls fn(e, begin, rows, threaded) for every non-empty expert segment. With many segments they run in
-// parallel (at::parallel_for; BLAS and fn's row loops single-threaded inside: small expert GEMMs scale
-// better that way); with few, one after another with threaded = true (fn's loops and BLAS use every thread).
-template <typename Fn>
-void for_each_segment_work(const std::vector<int64_t>& bounds, Fn&& fn) {
-  std::vector<int64_t> active;
-  for (size_t e = 0; e + 1 < bounds.size(); ++e)
-    if (bounds[e + 1] > bounds[e]) active.push_back(static_cast<int64_t>(e));
-  const int64_t n = static_cast<int64_t>(active.size());
-  if (n >= kMinParallelSegments) {
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t end) {
-      // Worker threads do not inherit the caller's dispatch state: skip autograd explicitly (weights may
-      // be parameters that require grad; this is a kernel, not a graph).
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      for (int64_t i = b; i < end; ++i) {
-        const int64_t e = active[i];
-        fn(e, bounds[e], bounds[e + 1] - bounds[e], false);
-      }
-    });
-  } else {
-    for (const int64_t e : active) fn(e, bounds[e], bounds[e + 1] - bounds[e], true);
-  }
-}
-
-// Runs body(b, end) over rows [begin, begin + rows), split across threads when `threaded`.
-template <typename Body>
-void rows_loop(int64_t begin, int64_t rows, bool threaded, Body&& body) {
-  if (threaded) {
-    at::parallel_for(begin, begin + rows, 64, body);
-  } else {
-    body(begin, begin + rows);
-  }
 }
 
 #ifdef FASTCORE_WITH_CUDA
@@ -220,7 +163,7 @@ std::vector<at::Tensor> grouped_mlp_backward_cuda(const at::Tensor& grad_y, cons
     launch_grouped_gemm(p, offsets, kOp);
   }
   // Weight gradients: cuBLAS on segment views (the one host read of the offsets).
-  const auto bounds = segment_bounds(offsets.cpu(), S);
+  const auto bounds = segment_bounds(offsets.cpu(), S, kOp);
   for_each_segment(bounds, [&](int64_t e, int64_t begin, int64_t rows) {
     at::Tensor grad_w_down_e = grad_w_down[e], grad_w_gate_up_e = grad_w_gate_up[e];
     at::mm_out(grad_w_down_e, gy.narrow(0, begin, rows).t(), h.narrow(0, begin, rows));
@@ -251,7 +194,7 @@ std::vector<at::Tensor> grouped_mlp_forward(const at::Tensor& x_sorted, const at
   }
   FC_CHECK(x_sorted.device().is_cpu(), kOp, "the cpu backend takes CPU tensors");
   const int64_t S = x_sorted.size(0), H = x_sorted.size(1), I = w_down.size(2), n1 = w_gate_up.size(1);
-  const auto bounds = segment_bounds(expert_offsets, S);
+  const auto bounds = segment_bounds(expert_offsets, S, kOp);
   const auto dtype = x_sorted.scalar_type();
   const auto acc = accumulate_type_of(x_sorted);
   at::Tensor gate_up_acc = at::empty({S, n1}, x_sorted.options().dtype(acc));
@@ -286,7 +229,7 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
 #endif
   }
   const int64_t S = x_sorted.size(0), I = w_down.size(2), n1 = w_gate_up.size(1);
-  const auto bounds = segment_bounds(expert_offsets, S);
+  const auto bounds = segment_bounds(expert_offsets, S, kOp);
   const auto dtype = x_sorted.scalar_type();
   const auto acc = gate_up_acc.scalar_type();
   FC_CHECK(gate_up_acc.dim() == 2 && gate_up_acc.size(0) == S && gate_up_acc.size(1) == n1 &&

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import build_info, ops, reference
+from . import build_info
 
 
 @dataclass
@@ -105,132 +105,13 @@ def time_call(fn: Callable, device: str, min_time_s: float = 0.2, max_repeats: i
     return statistics.median(samples)
 
 
-# ---- moe ----------------------------------------------------------------------------------------
-
-def torch_composition_router(logits: torch.Tensor, k: int, renormalize: bool = True):
-    """The router as separate torch calls, as a user would write it (the peer for moe_topk_route)."""
-    x = logits.float()
-    probs = torch.softmax(x, dim=-1)
-    weights, expert_ids = torch.topk(probs, k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    z_loss = torch.logsumexp(x, dim=-1).pow(2).mean()
-    tokens_per_expert = torch.bincount(expert_ids.flatten(), minlength=x.shape[1])
-    mean_prob = probs.mean(dim=0)
-    return weights, expert_ids, z_loss, tokens_per_expert, mean_prob
-
-
-def moe_router_cases(device: str, quick: bool = False) -> List[Case]:
-    fast_backends = ["cpu"] if device == "cpu" else ["cuda", "triton"]
-    cases = []
-    token_counts = (4096, 65536)
-    for T in token_counts:
-        for E in (8, 64, 128):
-            for k in (2, 8):
-                if quick and (T, E) not in ((4096, 8), (65536, 128)):
-                    continue
-
-                def setup(T=T, E=E):
-                    generator = torch.Generator().manual_seed(T * 1000 + E)
-                    return (torch.randn(T, E, generator=generator).to(device),)
-
-                providers = {b: (lambda x, k=k, b=b: ops.moe_topk_route(x, k, backend=b)) for b in fast_backends}
-                providers["reference"] = lambda x, k=k: ops.moe_topk_route(x, k, backend="reference")
-                providers["torch-composition"] = lambda x, k=k: torch_composition_router(x, k)
-
-                def error(output, inputs, k=k):
-                    oracle = reference.moe_topk_route(inputs[0].double().cpu(), k, True)
-                    weights = output[0].double().cpu()
-                    return float((weights - oracle[0]).norm() / oracle[0].norm())
-
-                cases.append(Case("moe", f"moe_topk_route T={T} E={E} k={k} float32", setup, providers, error,
-                                  peer="torch-composition"))
-    return cases
-
-
-def moe_experts_cases(device: str, quick: bool = False) -> List[Case]:
-    """The expert computation (dispatch -> expert MLPs -> combine) against Hugging Face transformers'
-    own experts implementations on the same MixtralExperts module and routing (needs transformers >= 5)."""
-    try:
-        from transformers import MixtralConfig
-        from transformers.models.mixtral.modeling_mixtral import MixtralExperts
-    except ImportError:
-        print("  [moe_experts] transformers >= 5 is not installed (pip install fastcore_ai[bench]); skipped")
-        return []
-    from .integrations import transformers as fastcore_hf
-    fastcore_hf.register()
-    shapes = [("mixtral-like", 2048, 1024, 1024, 8, 2), ("qwen3-moe-like", 2048, 512, 256, 64, 8)]
-    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
-    implementations = ["fastcore_ai", "eager", "batched_mm", "grouped_mm"]
-    cases = []
-    for name, T, H, I, E, k in shapes:
-        for dtype in dtypes:
-            for mode in ("forward", "forward+backward"):
-                def setup(T=T, H=H, I=I, E=E, k=k, dtype=dtype):
-                    torch.manual_seed(0)
-                    config = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E,
-                                           num_experts_per_tok=k)
-                    module = MixtralExperts(config).to(device=device, dtype=dtype)
-                    for p in module.parameters():
-                        torch.nn.init.normal_(p, std=0.02)
-                    x = torch.randn(T, H, device=device, dtype=dtype)
-                    probs = torch.softmax(torch.randn(T, E, device=device), dim=1)
-                    weights, ids = torch.topk(probs, k, dim=1)
-                    return module, x, ids, (weights / weights.sum(1, keepdim=True)).to(dtype)
-
-                def provider(module, x, ids, weights, implementation, mode=mode):
-                    module.config._experts_implementation = implementation
-                    if mode == "forward":
-                        with torch.no_grad():
-                            return module(x, ids, weights)
-                    module.zero_grad(set_to_none=True)
-                    x_leaf = x.detach().requires_grad_()
-                    out = module(x_leaf, ids, weights)
-                    out.float().square().mean().backward()
-                    return out.detach()
-
-                # HF's batched_mm gathers a weight matrix per (token, slot): T·k·3·I·H elements.
-                gathered_bytes = T * k * 3 * I * H * torch.finfo(dtype).bits // 8
-                usable = [impl for impl in implementations if impl != "batched_mm" or gathered_bytes < 2**32]
-                if len(usable) < len(implementations):
-                    print(f"  [moe_experts {name}] hf-batched_mm left out: it would gather "
-                          f"{gathered_bytes / 2**30:.0f} GiB of expert weights")
-                providers = {f"hf-{impl}" if impl != "fastcore_ai" else "fastcore":
-                             (lambda *a, impl=impl, run=provider: run(*a, impl))
-                             for impl in usable}
-                if mode == "forward":
-                    # The same computation as three separate ops (dispatch -> grouped MLP -> combine): the
-                    # gain of the fused moe_experts path over its own composition.
-                    def unfused(module, x, ids, weights):
-                        with torch.no_grad():
-                            x_sorted, plan = ops.moe_dispatch(x, ids, None, module.gate_up_proj.shape[0])
-                            y = ops.moe_grouped_mlp(x_sorted, plan.expert_offsets, module.gate_up_proj,
-                                                    module.down_proj)
-                            return ops.moe_combine(y, plan, weights)
-                    providers["fastcore-unfused"] = unfused
-
-                def error(output, inputs):
-                    module, x, ids, weights = inputs
-                    reference_module = type(module)(module.config).double()
-                    reference_module.load_state_dict({key: v.double() for key, v in module.state_dict().items()})
-                    reference_module.config._experts_implementation = "eager"
-                    with torch.no_grad():
-                        expected = reference_module(x.double(), ids, weights.double())
-                    return float((output.double() - expected).norm() / expected.norm())
-
-                cases.append(Case("moe_experts", f"experts {name} T={T} H={H} I={I} E={E} k={k} "
-                                  f"{str(dtype).replace('torch.', '')} {mode}", setup, providers, error,
-                                  peer="hf-grouped_mm"))
-    return cases
-
-
-FAMILIES = {"moe": moe_router_cases, "moe_experts": moe_experts_cases}
+FAMILIES: Dict[str, Callable] = {}
 
 
 def _add_family_cases() -> None:
     """Each other family keeps its cases in fastcore_ai/bench_<family>.py (FAMILIES: name -> cases)."""
-    from . import bench_mux, bench_nerf, bench_pq, bench_s4
-    for module in (bench_s4, bench_nerf, bench_pq, bench_mux):
+    from . import bench_moe, bench_mux, bench_nerf, bench_pq, bench_s4
+    for module in (bench_moe, bench_s4, bench_nerf, bench_pq, bench_mux):
         FAMILIES.update(module.FAMILIES)
 
 

@@ -18,14 +18,21 @@ Two paths, chosen per call:
                down GEMM's epilogue (csrc/kernels/moe/grouped_gemm.cu);
     cpu        dispatch -> per-expert BLAS GEMMs on segment views with the fused activation -> combine;
     reference  a float64/float32 loop over experts (reference/moe_experts.py).
-* Training (some input requires grad): the composition of registered ops moe_dispatch ->
-  moe_grouped_mlp -> moe_combine on the same backend, which saves what its backward needs (x_sorted,
-  gate_up, y_sorted) instead of recomputing it. The fused op also has autograd (so it is a complete
-  torch op), but its backward recomputes the forward through that composition.
+* Training (some input requires grad):
+    cpu        the fused training op `fastcore_ai::moe_experts_train`: the inference computation (bitwise
+               the same output) that also keeps each routed row's gate_up GEMM output in x's dtype and the
+               plan; its backward `fastcore_ai::moe_experts_backward` recomputes h from gate_up and runs
+               the four gradient GEMMs per expert segment (segments in parallel with single-threaded BLAS),
+               never materialising x_sorted, y_sorted or float32 copies of whole bf16 tensors
+               (csrc/torch/moe_experts.cpp, experts_backward, has the math);
+    others     the composition of registered ops moe_dispatch -> moe_grouped_mlp -> moe_combine on the
+               same backend, which saves what its backward needs (x_sorted, gate_up, y_sorted).
+  The inference op also has autograd (so it is a complete torch op), but its backward recomputes the
+  forward through that composition.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -97,6 +104,71 @@ def _experts_backward(ctx, grad_out):
 
 
 _experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+
+
+# ---- fused training path (cpu backend) ----------------------------------------------------------
+
+@torch.library.custom_op("fastcore_ai::moe_experts_train", mutates_args=())
+def _experts_train_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
+                      w_down: Tensor, activation: str, gated: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out [T, H], gate_up [S, 2I or I] in x's dtype, expert_offsets [E + 1], slot_to_token [S], token_slot [T, k])."""
+    _check_ids(expert_ids, w_down.shape[0])
+    return tuple(_native.native().moe_experts_train(x, expert_ids, weights, kept, w_gate_up, w_down,
+                                                    _ACTIVATION_CODES[activation], gated))
+
+
+@_experts_train_op.register_fake
+def _experts_train_fake(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated):
+    num_rows = torch.library.get_ctx().new_dynamic_size()  # S = number of kept slots: data-dependent
+    return (x.new_empty((x.shape[0], x.shape[1])), x.new_empty((num_rows, w_gate_up.shape[1])),
+            expert_ids.new_empty((w_down.shape[0] + 1,)), expert_ids.new_empty((num_rows,)),
+            expert_ids.new_empty(tuple(expert_ids.shape)))
+
+
+@torch.library.custom_op("fastcore_ai::moe_experts_backward", mutates_args=())
+def _experts_backward_op(grad_out: Tensor, x: Tensor, expert_offsets: Tensor, slot_to_token: Tensor,
+                         token_slot: Tensor, weights: Tensor, gate_up: Tensor, w_gate_up: Tensor, w_down: Tensor,
+                         activation: str, gated: bool, need_x: bool, need_weights: bool,
+                         need_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weights, grad_w_gate_up, grad_w_down); the ones not asked for are empty [0] tensors."""
+    return tuple(_native.native().moe_experts_backward(grad_out, x, expert_offsets, slot_to_token, token_slot, weights,
+                                                       gate_up, w_gate_up, w_down, _ACTIVATION_CODES[activation],
+                                                       gated, need_x, need_weights, need_params))
+
+
+@_experts_backward_op.register_fake
+def _experts_backward_fake(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
+                           activation, gated, need_x, need_weights, need_params):
+    def like(t, needed):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty((0,))
+    return like(x, need_x), like(weights, need_weights), like(w_gate_up, need_params), like(w_down, need_params)
+
+
+def _experts_train_setup_context(ctx, inputs, output):
+    x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated = inputs
+    _, gate_up, expert_offsets, slot_to_token, token_slot = output
+    ctx.save_for_backward(x, weights, w_gate_up, w_down, gate_up, expert_offsets, slot_to_token, token_slot)
+    ctx.mark_non_differentiable(gate_up, expert_offsets, slot_to_token, token_slot)
+    # Without this, autograd hands the backward a zero-filled float [S, 2I] gradient for gate_up (as large
+    # as gate_up itself: 32 MB at T=2048, k=2, I=1024 in float32) that it never reads.
+    ctx.set_materialize_grads(False)
+    ctx.activation, ctx.gated = activation, gated
+
+
+def _experts_train_backward(ctx, grad_out, *_unused_grads):
+    if grad_out is None:  # out did not reach the loss
+        return (None,) * 8
+    x, weights, w_gate_up, w_down, gate_up, expert_offsets, slot_to_token, token_slot = ctx.saved_tensors
+    need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    need_params = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+    grad_x, grad_weights, grad_w1, grad_w2 = _experts_backward_op(
+        grad_out.contiguous(), x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
+        ctx.activation, ctx.gated, need_x, need_weights, need_params)
+    return (grad_x if need_x else None, None, grad_weights if need_weights else None, None,
+            grad_w1 if ctx.needs_input_grad[4] else None, grad_w2 if ctx.needs_input_grad[5] else None, None, None)
+
+
+_experts_train_op.register_autograd(_experts_train_backward, setup_context=_experts_train_setup_context)
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -175,6 +247,8 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, w_gate_up: Tenso
         weights = weights.float()
     chosen = backends.select(_OP, backend, x.device, x.dtype, "x")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down))
+    if needs_grad and chosen == "cpu" and mlp_backend is None:
+        return _experts_train_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated)[0]
     if needs_grad or (mlp_backend is not None and mlp_backend != backend):
         x_sorted, plan = moe_dispatch(x, expert_ids, kept, E, backend=chosen)
         y_sorted = moe_grouped_mlp(x_sorted, plan.expert_offsets, w_gate_up, w_down, activation=activation,
