@@ -72,11 +72,11 @@ int emu_march_round(const float* o, const float* d, int64_t n, const uint8_t* bi
 }
 int emu_render_round(const float* sig, const float* rgb, const float* ts, const float* te, const int64_t* info,
                      int64_t R, int64_t S, float eps, float* tau, const int64_t* out_rows, float* color, float* opacity,
-                     float* depth, int64_t* swept) {
+                     float* depth) {
   RenderParams<float> p;
   p.sigmas = sig; p.rgbs = rgb; p.t_starts = ts; p.t_ends = te; p.packed_info = info; p.num_rays = R;
   p.num_samples = S; p.early_stop_eps = eps; p.color = color; p.opacity = opacity; p.depth = depth;
-  p.tau = tau; p.out_rows = out_rows; p.swept = swept;
+  p.tau = tau; p.out_rows = out_rows;
   return render_forward_cuda<float>(p, nullptr);
 }
 int emu_render(const float* sig, const float* rgb, const float* ts, const float* te, const int64_t* info, int64_t R,
@@ -286,12 +286,12 @@ def test_render_round_on_emulator(lib):
     tau0 = torch.rand(R, generator=g) * 4
     out_rows = torch.randperm(R + 20, generator=g)[:R].contiguous()
     acc0 = [torch.rand(R + 20, 3, generator=g), torch.rand(R + 20, generator=g), torch.rand(R + 20, generator=g)]
-    want_tau, want_acc, want_swept = tau0.clone(), [a.clone() for a in acc0], torch.empty(R, dtype=torch.int64)
-    _native.native().nerf_volume_render_round(sig, rgb, ts, te, info, 1e-3, want_tau, out_rows, *want_acc, want_swept)
-    assert (want_swept < counts).any() and (want_swept == counts).any()
-    tau, acc, swept = tau0.clone(), [a.clone() for a in acc0], torch.full((R,), -1, dtype=torch.int64)
+    want_tau, want_acc = tau0.clone(), [a.clone() for a in acc0]
+    _native.native().nerf_volume_render_round(sig, rgb, ts, te, info, 1e-3, want_tau, out_rows, *want_acc)
+    assert (torch.exp(-want_tau) < 1e-3).any() and (torch.exp(-want_tau) >= 1e-3).any()
+    tau, acc = tau0.clone(), [a.clone() for a in acc0]
     assert lib.emu_render_round(P(sig), P(rgb), P(ts), P(te), P(info), I64(R), I64(S), F32(1e-3), P(tau), P(out_rows),
-                                P(acc[0]), P(acc[1]), P(acc[2]), P(swept)) == 0
-    assert torch.equal(tau, want_tau) and torch.equal(swept, want_swept)
+                                P(acc[0]), P(acc[1]), P(acc[2])) == 0
+    assert torch.equal(tau, want_tau)
     for a, b in zip(acc, want_acc):
         assert torch.equal(a, b)

@@ -21,8 +21,7 @@ std::vector<at::Tensor> ray_march_round(const at::Tensor& rays_o, const at::Tens
                                         const at::Tensor& max_samples);
 void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
                          const at::Tensor& t_ends, const at::Tensor& packed_info, double eps, at::Tensor& tau,
-                         const at::Tensor& out_rows, at::Tensor& color, at::Tensor& opacity, at::Tensor& depth,
-                         const std::optional<at::Tensor>& swept);
+                         const at::Tensor& out_rows, at::Tensor& color, at::Tensor& opacity, at::Tensor& depth);
 std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
                                               const at::Tensor& t_ends, const at::Tensor& packed_info, double eps,
                                               bool need_weights);
@@ -55,7 +54,7 @@ void bind_nerf(pybind11::module_& m) {
         "render one round's segments behind optical depth tau (updated) and add them to rows of color/opacity/depth",
         py::arg("sigmas"), py::arg("rgbs"), py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"),
         py::arg("early_stop_eps"), py::arg("tau"), py::arg("out_rows"), py::arg("color"), py::arg("opacity"),
-        py::arg("depth"), py::arg("swept"));
+        py::arg("depth"));
   m.def("nerf_volume_render", &nerf::volume_render_forward, "packed volume rendering -> (color, opacity, depth, weights)",
         py::arg("sigmas"), py::arg("rgbs"), py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"),
         py::arg("early_stop_eps"), py::arg("need_weights"));

@@ -385,8 +385,7 @@ std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at
 
 void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
                          const at::Tensor& t_ends, const at::Tensor& packed_info, double eps, at::Tensor& tau,
-                         const at::Tensor& out_rows, at::Tensor& color, at::Tensor& opacity, at::Tensor& depth,
-                         const std::optional<at::Tensor>& swept) {
+                         const at::Tensor& out_rows, at::Tensor& color, at::Tensor& opacity, at::Tensor& depth) {
   constexpr const char* op = "volume_render";
   check_render_inputs(op, sigmas, rgbs, t_starts, t_ends, packed_info);
   const int64_t R = packed_info.size(0), rows = color.size(0);
@@ -398,9 +397,6 @@ void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const
   FC_CHECK(color.dim() == 2 && color.size(1) == 3 && color.is_contiguous() && opacity.is_contiguous() &&
            depth.is_contiguous() && opacity.numel() == rows && depth.numel() == rows, op,
            "color, opacity, depth must be contiguous [N, 3], [N], [N]");
-  if (swept.has_value())
-    FC_CHECK(swept->scalar_type() == at::kLong && swept->dim() == 1 && swept->size(0) == R && swept->is_contiguous() &&
-             swept->device() == sigmas.device(), op, "swept must be contiguous int64 [R]");
   if (R == 0) return;
   const bool bad = (out_rows < 0).logical_or(out_rows >= rows).any().item<bool>();
   TORCH_CHECK_VALUE(!bad, "fastcore_ai.ops.", op, ": out_rows must lie in [0, N) = [0, ", rows, ")");
@@ -415,7 +411,6 @@ void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const
     p.depth = depth.data_ptr<scalar_t>();
     p.tau = tau.data_ptr<scalar_t>();
     p.out_rows = orow.data_ptr<int64_t>();
-    p.swept = swept.has_value() ? swept->data_ptr<int64_t>() : nullptr;
     if (sg.is_cuda()) {
       FC_NERF_CUDA(op, "round launch", render_forward_cuda<scalar_t>(p, current_stream()));
     } else {

@@ -360,7 +360,6 @@ struct RenderParams {
   // stop is the one-shot sweep's), and adds its C, A, D to row out_rows[r] of color / opacity / depth.
   T* tau = nullptr;                  // [R] or nullptr (fresh rays, τ = 0)
   const int64_t* out_rows = nullptr; // [R] or nullptr (write row r)
-  int64_t* swept = nullptr;          // [R] samples before the stop (the ones with weight), or nullptr
 };
 
 // True when ray r's run lies inside [0, S) (the glue validates; this keeps a malformed call in bounds).
@@ -396,9 +395,6 @@ FC_HOST_DEVICE void render_forward_ray(const RenderParams<T>& p, int64_t r) {
     if (p.weights)
       for (; s < end; ++s) p.weights[s] = T(0);
     if (p.tau) p.tau[r] = tau;
-    if (p.swept) p.swept[r] = s - begin;
-  } else if (p.swept) {
-    p.swept[r] = 0;
   }
   if (p.out_rows) {
     const int64_t row = p.out_rows[r];

@@ -147,12 +147,11 @@ class NeRFRenderer(nn.Module):
     holds; a ray drops out when its transmittance falls below early_stop_eps or it reaches its end. The field
     thus skips the samples behind the early stop (except the rest of a ray's last round). Memory is bounded
     by samples_per_round (field batch) and O(chunk) state.
-    forward(rays_o, rays_d) -> ops.RenderOutput (jittered lattice in training mode): the same rounds without
-    grad; when autograd is needed (grad enabled and the field's parameters or the rays require grad), the
-    samples before each ray's early stop are marched again and run through the field with autograd into
-    ops.volume_render (O(R) saved by the renderer). The field is thus evaluated twice on the visible
-    samples in training (once to find where each ray stops, once with autograd), never on the samples
-    behind the stop.
+    forward(rays_o, rays_d) -> ops.RenderOutput (jittered lattice in training mode): when autograd is needed
+    (grad enabled and the field's parameters or the rays require grad) march -> field on every marched
+    sample -> ops.volume_render (differentiable into the field and the rays; O(R) saved by the renderer;
+    samples behind a ray's early stop get exactly zero gradient); otherwise the image in rounds, as
+    render_inference. field_batch: samples per field call (None: 2^15 on the CPU, the whole round on a GPU).
     """
 
     def __init__(self, field: nn.Module, aabb=None, grid: Optional[OccupancyGrid] = None, resolution: int = 128,
@@ -194,30 +193,27 @@ class NeRFRenderer(nn.Module):
         return self._run_field(rays_o[ray_indices] + t_mid * d, d)
 
     def forward(self, rays_o: Tensor, rays_d: Tensor) -> ops.RenderOutput:
+        needs_graph = torch.is_grad_enabled() and (rays_o.requires_grad or rays_d.requires_grad or
+                                                   any(p.requires_grad for p in self.field.parameters()))
+        if needs_graph:  # training: autograd through the field on every marched sample
+            with torch.no_grad():
+                samples = ops.ray_march(rays_o, rays_d, self.grid, near=self.near, far=self.far,
+                                        step_size=self.step_size, cone_angle=self.cone_angle,
+                                        max_samples_per_ray=self.max_samples_per_ray, jitter=self.training)
+            sigma, rgb = self._field(rays_o, rays_d, samples.ray_indices, samples.t_starts, samples.t_ends)
+            return ops.volume_render(sigma.to(rays_o.dtype), rgb.to(rays_o.dtype), samples.t_starts, samples.t_ends,
+                                     samples.packed_info, background=self.background,
+                                     early_stop_eps=self.early_stop_eps)
+        # no autograd: the same image in rounds (the field skips the samples behind each ray's early stop)
         ops.nerf.check_rays("ray_march", rays_o, rays_d)
         R = rays_o.shape[0]
         jitter_u = torch.rand(R, dtype=rays_o.dtype, device=rays_o.device) if self.training else None
-        needs_graph = torch.is_grad_enabled() and (rays_o.requires_grad or rays_d.requires_grad or
-                                                   any(p.requires_grad for p in self.field.parameters()))
         color, opacity, depth = rays_o.new_zeros(R, 3), rays_o.new_zeros(R), rays_o.new_zeros(R)
-        swept = torch.zeros(R, dtype=torch.int64, device=rays_o.device) if needs_graph else None
-        with torch.no_grad():  # the image, in rounds: the field runs only up to each ray's early stop
-            self._render_rounds(rays_o.detach(), rays_d.detach(), color, opacity, depth, 1 << 18, 64, jitter_u, swept)
-        if not needs_graph:
-            if self.background is not None:
-                color = color + (1.0 - opacity)[:, None] * self.background.to(color.dtype)
-            return ops.RenderOutput(color, opacity, depth, None)
-        # Training: autograd needs the field's graph on every sample that has weight, i.e. the `swept`
-        # samples before each ray's early stop (the rest get exactly zero gradient). March exactly those
-        # once more (same lattice and jitter) and run the field on them with autograd.
         with torch.no_grad():
-            samples = ops.nerf.march_round(rays_o.detach(), rays_d.detach(), self.grid,
-                                           torch.arange(R, device=rays_o.device), torch.zeros_like(swept),
-                                           rays_o.new_zeros(R), swept, self.near, self.far, self.step_size,
-                                           self.cone_angle, jitter_u)
-        sigma, rgb = self._field(rays_o, rays_d, samples.row, samples.t_starts, samples.t_ends)
-        return ops.volume_render(sigma.to(rays_o.dtype), rgb.to(rays_o.dtype), samples.t_starts, samples.t_ends,
-                                 samples.packed_info, background=self.background, early_stop_eps=self.early_stop_eps)
+            self._render_rounds(rays_o.contiguous(), rays_d.contiguous(), color, opacity, depth, 1 << 18, 64, jitter_u)
+        if self.background is not None:
+            color = color + (1.0 - opacity)[:, None] * self.background.to(color.dtype)
+        return ops.RenderOutput(color, opacity, depth, None)
 
     @torch.no_grad()
     def render_inference(self, rays_o: Tensor, rays_d: Tensor, chunk: int = 1 << 16, samples_per_round: int = 1 << 18,
@@ -236,10 +232,9 @@ class NeRFRenderer(nn.Module):
         return ops.RenderOutput(rgb, opacity, depth, None)
 
     def _render_rounds(self, rays_o: Tensor, rays_d: Tensor, color: Tensor, opacity: Tensor, depth: Tensor,
-                       samples_per_round: int, max_steps: int, jitter_u: Optional[Tensor] = None,
-                       swept: Optional[Tensor] = None) -> None:
+                       samples_per_round: int, max_steps: int, jitter_u: Optional[Tensor] = None) -> None:
         """Renders the rays into color/opacity/depth (zeros, or views of the output; accumulated in place) in
-        rounds, and adds to swept [R] (if given) how many samples of each ray lie before its early stop.
+        rounds.
 
         Each round the n alive rays march min(max_steps, samples_per_round / n) more occupied steps from where
         they stopped (resumable march: together the rounds emit exactly ray_march's samples), the field runs
@@ -262,12 +257,8 @@ class NeRFRenderer(nn.Module):
                                          self.step_size, self.cone_angle, jitter_u)
             if march.t_starts.numel() > 0:
                 sigma, rgb = self._run_field(march.positions, march.directions)
-                segment_swept = None if swept is None else torch.empty_like(emitted)
-                ops.nerf.render_round(sigma.to(rays_o.dtype), rgb.to(rays_o.dtype),
-                                      march.t_starts, march.t_ends, march.packed_info, self.early_stop_eps, tau, rows,
-                                      color, opacity, depth, segment_swept)
-                if swept is not None:
-                    swept.index_add_(0, rows, segment_swept)
+                ops.nerf.render_round(sigma.to(rays_o.dtype), rgb.to(rays_o.dtype), march.t_starts, march.t_ends,
+                                      march.packed_info, self.early_stop_eps, tau, rows, color, opacity, depth)
             emitted += march.packed_info[:, 1]
             alive = (torch.isfinite(march.next_t) & (torch.exp(-tau) >= self.early_stop_eps) &
                      (emitted < self.max_samples_per_ray))

@@ -517,15 +517,13 @@ def march_round(rays_o: Tensor, rays_d: Tensor, grid, rows: Tensor, start_k: Ten
 
 def render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
                  early_stop_eps: float, tau: Tensor, out_rows: Tensor, color: Tensor, opacity: Tensor,
-                 depth: Tensor, swept: Optional[Tensor] = None) -> None:
+                 depth: Tensor) -> None:
     """In place: render the packed segments [R] behind the optical depth tau [R] their rays already hold
     (T_i = exp(−(tau + Σ_{j<i} σ_j δ_j)), so the early stop is volume_render's on the whole ray), add their
     C, A, D to rows out_rows [R] of color [N, 3], opacity [N], depth [N], and advance tau to where the sweep
-    stopped (a ray is finished once exp(−tau) < early_stop_eps); swept [R] int64 (optional) receives how many
-    of each segment's samples lie before the stop."""
+    stopped (a ray is finished once exp(−tau) < early_stop_eps)."""
     impl = _native_mod().nerf_volume_render_round if _native_rounds(sigmas) else _ref.volume_render_round
-    impl(sigmas, rgbs, t_starts, t_ends, packed_info, float(early_stop_eps), tau, out_rows, color, opacity, depth,
-         swept)
+    impl(sigmas, rgbs, t_starts, t_ends, packed_info, float(early_stop_eps), tau, out_rows, color, opacity, depth)
 
 
 # ---- 5. composite_blocks ------------------------------------------------------------------------------

@@ -317,12 +317,12 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
 
 def volume_render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
                         early_stop_eps: float, tau: Tensor, out_rows: Tensor, color: Tensor, opacity: Tensor,
-                        depth: Tensor, swept: Optional[Tensor] = None) -> None:
+                        depth: Tensor) -> None:
     """One round of rendering in rounds (NeRFRenderer.render_inference), in place: the R packed segments
     continue rays that already hold optical depth tau [R]; their weights are volume_render's with
     T_i = exp(−(tau + Σ_{j<i} σ_j δ_j)) (so the early stop is the one-shot sweep's), their C, A, D are added
-    to rows out_rows [R] of color [N, 3], opacity [N], depth [N], tau grows by the σδ of the samples
-    before the stop, and swept [R] (if given) receives how many samples that is."""
+    to rows out_rows [R] of color [N, 3], opacity [N], depth [N], and tau grows by the σδ of the samples
+    before the stop."""
     R = packed_info.shape[0]
     ray_of = torch.repeat_interleave(torch.arange(R, device=sigmas.device), packed_info[:, 1])
     tau_i = sigmas * (t_ends - t_starts).to(sigmas.dtype)
@@ -334,8 +334,6 @@ def volume_render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: 
     opacity.index_add_(0, rows, weights)
     depth.index_add_(0, rows, weights * 0.5 * (t_starts + t_ends).to(sigmas.dtype))
     tau.index_add_(0, ray_of, torch.where(alive, tau_i, torch.zeros_like(tau_i)))
-    if swept is not None:
-        swept.copy_(torch.zeros(R, dtype=torch.int64, device=sigmas.device).index_add(0, ray_of, alive.long()))
 
 
 def _segment_exclusive_sum(values: Tensor, packed_info: Tensor, ray_of: Tensor) -> Tensor:
