@@ -218,7 +218,9 @@ def render_backward_cases(device: str, quick: bool = False, family: str = "nerf"
             s, c = sigmas.detach().requires_grad_(), rgbs.detach().requires_grad_()
             color, opacity = fn(s, c, ts, te, packed)
             (color.sum() + opacity.sum()).backward()
-            return torch.cat([s.grad, c.grad.reshape(-1)])
+            # the gradients as they are: concatenating them here would add a copy (63.6 MiB at S = 4.2 M) to
+            # the measured peak of whichever provider peaks last (ours), not to the op's own memory
+            return s.grad, c.grad
         return provider
 
     def ours(backend):
@@ -228,6 +230,7 @@ def render_backward_cases(device: str, quick: bool = False, family: str = "nerf"
         return fn
 
     def error(output, inputs):
+        output = torch.cat([output[0], output[1].reshape(-1)])
         sigmas, rgbs, ts, te, packed = inputs
         s, c = sigmas.double().requires_grad_(), rgbs.double().requires_grad_()
         out = ops.volume_render(s, c, ts.double(), te.double(), packed, early_stop_eps=0.0, backend="cpu")
