@@ -796,6 +796,26 @@ def test_renderer_forward_equals_one_shot_composition(training):
     assert image.rgb.grad_fn is None and torch.allclose(image.rgb, out.rgb, rtol=0, atol=1e-12)
 
 
+def test_renderer_field_batches():
+    """The field runs on batches of field_batch samples: the same image and gradients as one batch."""
+    torch.manual_seed(0)
+    field = TinyField().double()
+    o, d = random_rays(24)
+    outs = []
+    for batch in (None, 7, 1 << 30):
+        renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02,
+                                    field_batch=batch).double().eval()
+        field.zero_grad()
+        out = renderer(o, d)
+        out.rgb.sum().backward()
+        outs.append((renderer.render_inference(o, d).rgb, out.rgb.detach(), field.net[0].weight.grad.clone()))
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="field_batch"):
+        fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], field_batch=0)
+
+
 def test_block_nerf_composites_eligible_blocks():
     torch.manual_seed(0)
     blocks = [fnn.NeRFRenderer(TinyField().double(), aabb=[-1, -1, -1, 1, 1, 1], resolution=4, step_size=0.05).double()
