@@ -120,7 +120,7 @@ def render_cases(device: str, quick: bool = False, family: str = "nerf") -> List
         evaluated.clear()
         with torch.enable_grad():
             renderer(rays_o, rays_d)
-        counts["train-fwd (rounds + autograd pass)"] = sum(evaluated)
+        counts["train-fwd (autograd, every marched sample)"] = sum(evaluated)
         hook.remove()
         print(f"  [nerf-render] grid {res}^3, {occupied.float().mean().item():.1%} cells occupied, R={R}")
         print("  [nerf-render] field evaluations per ray: " + ", ".join(f"{k} {v / R:.1f}" for k, v in counts.items()))
