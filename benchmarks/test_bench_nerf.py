@@ -39,18 +39,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-RENDER_PROVIDERS = ["fastcore", "dense-torch"]
+RENDER_PROVIDERS = ["fastcore", "fastcore-train-fwd", "dense-torch"]
 
 
 @pytest.mark.parametrize("provider", RENDER_PROVIDERS)
 def test_render_pipeline_cpu(benchmark, provider):
+    """fastcore: the image without grad (rounds with early termination); fastcore-train-fwd: forward with the
+    field's autograd graph, as in a training step; dense-torch: the dense peer."""
     renderer, o, d = scene(128, "cpu")
     benchmark.group = f"nerf render R={R_RENDER} 128^3 ~10% cpu"
-    with torch.no_grad():
-        if provider == "fastcore":
-            out = benchmark(lambda: renderer(o, d).rgb)
-        else:
-            out = benchmark(lambda: dense_render(renderer.field, o, d, STEP))
+    if provider == "fastcore-train-fwd":
+        out = benchmark(lambda: renderer(o, d).rgb).detach()
+    else:
+        with torch.no_grad():
+            if provider == "fastcore":
+                out = benchmark(lambda: renderer(o, d).rgb)
+            else:
+                out = benchmark(lambda: dense_render(renderer.field, o, d, STEP))
     assert out.shape == (R_RENDER, 3) and torch.isfinite(out).all()
 
 

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import fastcore_ai
 from fastcore_ai import nn as fnn
 from fastcore_ai import ops, reference
 from fastcore_ai.reference import nerf as ref
@@ -600,6 +601,115 @@ def test_empty_batches(backend):
     assert torch.equal(new, torch.zeros(16, dtype=torch.float64)) and bits.shape == (2,)
 
 
+# ---- rendering in rounds (the helpers of NeRFRenderer.render_inference) ------------------------------
+
+ROUND_BACKENDS = [p for p in BACKEND_DEVICES if "triton" not in p.id]
+
+
+def march_in_rounds(o, d, grid, max_steps, u=None, **kwargs):
+    """Every ray marched in rounds of max_steps through ops.nerf.march_round -> per ray (t_starts, t_ends,
+    positions, directions), and the number of rounds."""
+    R = o.shape[0]
+    rows = torch.arange(R, device=o.device)
+    k = torch.zeros(R, dtype=torch.int64, device=o.device)
+    t = o.new_zeros(R)
+    per_ray = [[] for _ in range(R)]
+    rounds = 0
+    while rows.numel():
+        m = ops.nerf.march_round(o, d, grid, rows, k, t, torch.full_like(k, max_steps), kwargs["near"], kwargs["far"],
+                                 kwargs["step_size"], kwargs["cone_angle"], u)
+        assert (m.packed_info[:, 1] <= max_steps).all()
+        for i, r in enumerate(rows.tolist()):
+            start, count = m.packed_info[i].tolist()
+            assert (m.row[start:start + count] == i).all()
+            per_ray[r].append((m.t_starts[start:start + count], m.t_ends[start:start + count],
+                               m.positions[start:start + count], m.directions[start:start + count]))
+        going = torch.isfinite(m.next_t)
+        rows, k, t = rows[going], m.next_k[going], m.next_t[going]
+        rounds += 1
+    return [[torch.cat(parts) for parts in zip(*pieces)] if pieces else None for pieces in per_ray], rounds
+
+
+@pytest.mark.parametrize("backend,device", ROUND_BACKENDS)
+@pytest.mark.parametrize("case", ["uniform", "cone", "levels2", "jitter_near_far", "float32"])
+def test_march_rounds_emit_ray_march_samples(backend, device, case):
+    """Rounds of 3 steps, resumed from (next_k, next_t), give exactly one-shot ray_march's samples (same
+    bits), their midpoints as positions and the ray's direction."""
+    require_backend("ray_march", backend, device, torch.float64)
+    g = torch.Generator().manual_seed(4)
+    levels = 2 if case == "levels2" else 1
+    grid = random_grid(levels=levels, generator=g)
+    dtype = torch.float32 if case == "float32" else torch.float64
+    o, d = random_rays(30, generator=g)
+    o = (o * (2.5 if levels == 2 else 1.0)).to(device, dtype)
+    d = d.to(device, dtype)
+    grid.bitfield = grid.bitfield.to(device)
+    kwargs = march_args(cone_angle=0.2 if case == "cone" else 0.0)
+    if case == "jitter_near_far":
+        kwargs.update(near=0.3, far=2.0)
+    u = torch.rand(30, dtype=dtype, generator=g).to(device) if case == "jitter_near_far" else None
+    with fastcore_ai.use_backend(backend):
+        want = ops.ray_march(o, d, grid, near=kwargs["near"], far=kwargs["far"], step_size=kwargs["step_size"],
+                             cone_angle=kwargs["cone_angle"]) if u is None else None
+        if u is not None:  # ray_march draws u itself: compare with the op under the same u
+            want = ops.PackedSamples(*torch.ops.fastcore_ai.nerf_ray_march(
+                o, d, grid.aabb.to(device, dtype), grid.bitfield, grid.resolution, levels, kwargs["near"], kwargs["far"],
+                kwargs["step_size"], kwargs["cone_angle"], 1024, u, backend))
+        got, rounds = march_in_rounds(o, d, grid, 3, u, **kwargs)
+    assert want.t_starts.numel() > 25 and rounds > 3, "the case must need several rounds"
+    for r in range(30):
+        start, count = want.packed_info[r].tolist()
+        if got[r] is None:
+            assert count == 0
+            continue
+        t_starts, t_ends, positions, directions = got[r]
+        assert torch.equal(t_starts, want.t_starts[start:start + count])
+        assert torch.equal(t_ends, want.t_ends[start:start + count])
+        mid = (0.5 * (t_starts.double() + t_ends.double()))[:, None]
+        expected = o[r].double() + mid * d[r].double()
+        assert torch.allclose(positions.double(), expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
+        assert torch.equal(directions, d[r].expand_as(directions))
+
+
+@pytest.mark.parametrize("backend,device", ROUND_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_render_rounds_equal_volume_render(backend, device, dtype):
+    """Each ray's samples cut into segments and rendered round by round behind the optical depth τ they hold
+    (added to the rows out_rows) equal one volume_render of the whole ray, early stop included."""
+    require_backend("volume_render", backend, device, dtype)
+    torch.manual_seed(5)
+    R = 12
+    sigmas, rgbs, t_starts, t_ends, packed = packed_samples(R, max_count=12, dtype=torch.float64)
+    sigmas[: sigmas.numel() // 3] *= 8  # some rays reach the early stop
+    sigmas, rgbs, t_starts, t_ends, packed = (x.to(device, dtype) if x.is_floating_point() else x.to(device)
+                                              for x in (sigmas, rgbs, t_starts, t_ends, packed))
+    eps = 1e-3
+    want = ops.volume_render(sigmas, rgbs, t_starts, t_ends, packed, early_stop_eps=eps, backend=backend)
+    assert (want.opacity > 1 - eps).any(), "some ray must stop early"
+    color, opacity, depth = (torch.full_like(want.rgb, 0.0), torch.zeros_like(want.opacity),
+                             torch.zeros_like(want.depth))
+    order = torch.randperm(R)  # the rows land in a shuffled output order
+    tau = torch.zeros(R, dtype=dtype, device=device)
+    taken = torch.zeros(R, dtype=torch.int64)
+    with fastcore_ai.use_backend(backend):
+        for piece in (2, 3, 100):
+            counts = torch.minimum(packed[:, 1].cpu() - taken, torch.tensor(piece))
+            starts = packed[:, 0].cpu() + taken
+            index = torch.cat([torch.arange(s, s + c) for s, c in zip(starts.tolist(), counts.tolist())])
+            seg_starts = torch.cumsum(counts, 0) - counts
+            seg = torch.stack([seg_starts, counts], 1).to(device)
+            index = index.to(device)
+            ops.nerf.render_round(sigmas[index], rgbs[index], t_starts[index], t_ends[index], seg, eps, tau,
+                                  order.to(device), color, opacity, depth)
+            taken += counts
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert relative_error(color[order.to(device)], want.rgb) < tol
+    assert relative_error(opacity[order.to(device)], want.opacity) < tol
+    assert relative_error(depth[order.to(device)], want.depth) < tol
+    stopped = want.opacity > 1 - eps
+    assert (torch.exp(-tau)[stopped] < eps).all()
+
+
 # ---- layers ---------------------------------------------------------------------------------------
 
 class TinyField(torch.nn.Module):
@@ -643,10 +753,67 @@ def test_renderer_training_forward_and_inference():
     renderer.eval()
     full = renderer(o, d)
     inf = renderer.render_inference(o, d, chunk=7, samples_per_round=40, max_steps_per_round=5)
-    # rounds of at most 5 samples, composited: equal to the single pass up to the early-stop slack
-    assert (inf.rgb - full.rgb).abs().max() < 1e-3
-    assert (inf.opacity - full.opacity).abs().max() < 1e-3
-    assert (inf.depth - full.depth).abs().max() < 1e-2
+    # rounds of at most 5 samples resume the same lattice and continue each ray's optical depth, so the
+    # image is forward's up to summation order
+    assert (inf.rgb - full.rgb).abs().max() < 1e-12
+    assert (inf.opacity - full.opacity).abs().max() < 1e-12
+    assert (inf.depth - full.depth).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_renderer_forward_equals_one_shot_composition(training):
+    """forward (rounds without grad to find each ray's early stop, then the field with autograd on the samples
+    before it) gives the value and gradients of the plain composition ray_march -> field on every sample ->
+    volume_render, and the no-grad forward gives the same image; in training mode with the same jitter."""
+    torch.manual_seed(1)
+    field = TinyField().double()
+    with torch.no_grad():
+        field.net[2].bias[0] = 3.0  # dense enough that rays stop early
+    renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02,
+                                early_stop_eps=1e-3).double().train(training)
+    g = torch.Generator().manual_seed(2)
+    o, d = random_rays(40, generator=g)
+    torch.manual_seed(3)
+    out = renderer(o, d)
+    torch.manual_seed(3)
+    u = torch.rand(40, dtype=torch.float64) if training else None
+    samples = ops.PackedSamples(*torch.ops.fastcore_ai.nerf_ray_march(
+        o, d, renderer.grid.aabb.double(), renderer.grid.bitfield, 8, 1, 0.0, math.inf, 0.02, 0.0, 1024, u, "cpu"))
+    sigma, rgb = renderer._field(o, d, samples.ray_indices, samples.t_starts, samples.t_ends)
+    want = ops.volume_render(sigma, rgb, samples.t_starts, samples.t_ends, samples.packed_info, early_stop_eps=1e-3)
+    assert (want.opacity > 1 - 1e-3).sum() > 5, "rays must stop early"
+    for a, b in zip(out[:3], want[:3]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    (out.rgb.sum() + out.depth.sum()).backward()
+    got_grads = [p.grad.clone() for p in field.parameters()]
+    field.zero_grad()
+    (want.rgb.sum() + want.depth.sum()).backward()
+    for a, b in zip(got_grads, field.parameters()):
+        assert torch.allclose(a, b.grad, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        image = renderer(o, d)
+    assert image.rgb.grad_fn is None and torch.allclose(image.rgb, out.rgb, rtol=0, atol=1e-12)
+
+
+def test_renderer_field_batches():
+    """The field runs on batches of field_batch samples: the same image and gradients as one batch."""
+    torch.manual_seed(0)
+    field = TinyField().double()
+    o, d = random_rays(24)
+    outs = []
+    for batch in (None, 7, 1 << 30):
+        renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02,
+                                    field_batch=batch).double().eval()
+        field.zero_grad()
+        out = renderer(o, d)
+        out.rgb.sum().backward()
+        outs.append((renderer.render_inference(o, d).rgb, out.rgb.detach(), field.net[0].weight.grad.clone()))
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="field_batch"):
+        fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], field_batch=0)
 
 
 def test_block_nerf_composites_eligible_blocks():

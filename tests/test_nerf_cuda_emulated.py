@@ -53,6 +53,32 @@ int emu_march(const float* o, const float* d, const float* u, int64_t R, const u
   p.counts = counts; p.offsets = offsets; p.ray_indices = ray_indices; p.t_starts = ts; p.t_ends = te;
   return pass == 0 ? march_count_cuda<float>(p, nullptr) : march_fill_cuda<float>(p, nullptr);
 }
+int emu_march_round(const float* o, const float* d, int64_t n, const uint8_t* bits, int64_t res, const float* boxes,
+                    float step, float cone, const int64_t* rows, const int64_t* start_k, const float* start_t,
+                    const int64_t* max_samples, int64_t* counts, int64_t* next_k, float* next_t, int64_t* offsets,
+                    int pass, int64_t* row_of, float* ts, float* te, float* positions, float* directions) {
+  MarchParams<float> p;
+  p.rays_o = o; p.rays_d = d; p.num_rays = n; p.bitfield = bits; p.resolution = res; p.levels = 1;
+  for (int a = 0; a < 6; ++a) p.boxes[0][a] = boxes[a];
+  p.near_plane = 0.0f; p.far_plane = INFINITY; p.step_size = step; p.cone_angle = cone;
+  p.rows = rows; p.start_k = start_k; p.start_t = start_t; p.row_max_samples = max_samples; p.counts = counts;
+  if (pass == 0) {
+    p.next_k = next_k; p.next_t = next_t;
+    return march_count_cuda<float>(p, nullptr);
+  }
+  p.offsets = offsets; p.ray_indices = row_of; p.t_starts = ts; p.t_ends = te; p.positions = positions;
+  p.directions = directions;
+  return march_fill_cuda<float>(p, nullptr);
+}
+int emu_render_round(const float* sig, const float* rgb, const float* ts, const float* te, const int64_t* info,
+                     int64_t R, int64_t S, float eps, float* tau, const int64_t* out_rows, float* color, float* opacity,
+                     float* depth) {
+  RenderParams<float> p;
+  p.sigmas = sig; p.rgbs = rgb; p.t_starts = ts; p.t_ends = te; p.packed_info = info; p.num_rays = R;
+  p.num_samples = S; p.early_stop_eps = eps; p.color = color; p.opacity = opacity; p.depth = depth;
+  p.tau = tau; p.out_rows = out_rows;
+  return render_forward_cuda<float>(p, nullptr);
+}
 int emu_render(const float* sig, const float* rgb, const float* ts, const float* te, const int64_t* info, int64_t R,
                int64_t S, float eps, float* color, float* opacity, float* depth, float* weights, const float* gc,
                const float* ga, const float* gd, const float* gw, float* gs, float* grgb) {
@@ -199,3 +225,73 @@ def test_composite_on_emulator(lib):
     assert lib.emu_composite(P(colors), P(camera), 1, P(centers), P(vis), I64(K), I64(R), F32(4.0), F32(0.05), F32(3.0),
                              P(out), P(w)) == 0
     assert torch.equal(out, want_out) and torch.equal(w, want_w)
+
+
+@pytest.mark.parametrize("cone", [0.0, 0.15])
+def test_march_round_on_emulator(lib, cone):
+    """A resumable round (rows, start lattice step, per-row caps; saved stops, positions, directions)."""
+    from fastcore_ai.reference.nerf import pack_bitfield
+    R, res = 160, 8
+    o, d = rays(R, 7)
+    g = torch.Generator().manual_seed(8)
+    bits = pack_bitfield(torch.rand(res ** 3, generator=g) < 0.3)
+    aabb = torch.tensor([-1.0, -1, -1, 1, 1, 1])
+    rows = torch.randperm(R, generator=g)[:130].contiguous()
+    n = rows.numel()
+    first = torch.ops.fastcore_ai.nerf_ray_march(o, d, aabb, bits, res, 1, 0.0, math.inf, 0.02, cone, 2, None, "cpu")
+    # resume every row where a first round of 2 samples left it
+    start = _native_round(o, d, aabb, bits, res, cone, torch.arange(R), torch.zeros(R, dtype=torch.int64),
+                          torch.zeros(R), torch.full((R,), 2, dtype=torch.int64))
+    assert torch.equal(start[3][:, 1], first[3][:, 1])
+    start_k, start_t = start[4][rows].contiguous(), start[5][rows].contiguous()
+    start_t = torch.where(torch.isfinite(start_t), start_t, torch.zeros_like(start_t)).contiguous()
+    caps = torch.randint(0, 6, (n,), generator=g)
+    want = _native_round(o, d, aabb, bits, res, cone, rows, start_k, start_t, caps)
+    counts, next_k, next_t = torch.full((n,), -1, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int64), \
+        torch.full((n,), float("nan"))
+    assert lib.emu_march_round(P(o), P(d), I64(n), P(bits), I64(res), P(aabb), F32(0.02), F32(cone), P(rows),
+                               P(start_k), P(start_t), P(caps), P(counts), P(next_k), P(next_t), None, 0, None, None,
+                               None, None, None) == 0
+    assert torch.equal(counts, want[3][:, 1]) and torch.equal(next_k, want[4]) and torch.equal(next_t, want[5])
+    S = int(counts.sum())
+    assert S > 50
+    offsets = (torch.cumsum(counts, 0) - counts).contiguous()
+    row_of = torch.full((S,), -5, dtype=torch.int64)
+    ts, te = torch.full((S,), float("nan")), torch.full((S,), float("nan"))
+    positions, directions = torch.full((S, 3), float("nan")), torch.full((S, 3), float("nan"))
+    assert lib.emu_march_round(P(o), P(d), I64(n), P(bits), I64(res), P(aabb), F32(0.02), F32(cone), P(rows),
+                               P(start_k), P(start_t), P(caps), P(counts), None, None, P(offsets), 1, P(row_of), P(ts),
+                               P(te), P(positions), P(directions)) == 0
+    for got, expected in zip((row_of, ts, te, positions, directions), (want[0], want[1], want[2], want[6], want[7])):
+        assert torch.equal(got, expected)
+
+
+def _native_round(o, d, aabb, bits, res, cone, rows, start_k, start_t, caps):
+    from fastcore_ai import _native
+    return _native.native().nerf_ray_march_round(o, d, aabb, bits, res, 1, 0.0, math.inf, 0.02, cone, None, rows,
+                                                 start_k, start_t, caps)
+
+
+def test_render_round_on_emulator(lib):
+    """Rendering a round's segments behind the optical depth tau, accumulated into shuffled rows."""
+    from fastcore_ai import _native
+    g = torch.Generator().manual_seed(9)
+    R = 150
+    counts = torch.randint(0, 12, (R,), generator=g)
+    S = int(counts.sum())
+    info = torch.stack([torch.cumsum(counts, 0) - counts, counts], 1).contiguous()
+    sig, rgb = torch.rand(S, generator=g) * 8, torch.rand(S, 3, generator=g)
+    ts = torch.rand(S, generator=g)
+    te = ts + torch.rand(S, generator=g) * 0.3
+    tau0 = torch.rand(R, generator=g) * 4
+    out_rows = torch.randperm(R + 20, generator=g)[:R].contiguous()
+    acc0 = [torch.rand(R + 20, 3, generator=g), torch.rand(R + 20, generator=g), torch.rand(R + 20, generator=g)]
+    want_tau, want_acc = tau0.clone(), [a.clone() for a in acc0]
+    _native.native().nerf_volume_render_round(sig, rgb, ts, te, info, 1e-3, want_tau, out_rows, *want_acc)
+    assert (torch.exp(-want_tau) < 1e-3).any() and (torch.exp(-want_tau) >= 1e-3).any()
+    tau, acc = tau0.clone(), [a.clone() for a in acc0]
+    assert lib.emu_render_round(P(sig), P(rgb), P(ts), P(te), P(info), I64(R), I64(S), F32(1e-3), P(tau), P(out_rows),
+                                P(acc[0]), P(acc[1]), P(acc[2])) == 0
+    assert torch.equal(tau, want_tau)
+    for a, b in zip(acc, want_acc):
+        assert torch.equal(a, b)

@@ -13,6 +13,15 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
                                   const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
                                   double far_plane, double step_size, double cone_angle, int64_t max_samples,
                                   const std::optional<at::Tensor>& jitter_u);
+std::vector<at::Tensor> ray_march_round(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabb,
+                                        const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
+                                        double far_plane, double step_size, double cone_angle,
+                                        const std::optional<at::Tensor>& jitter_u, const at::Tensor& rows,
+                                        const at::Tensor& start_k, const at::Tensor& start_t,
+                                        const at::Tensor& max_samples);
+void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
+                         const at::Tensor& t_ends, const at::Tensor& packed_info, double eps, at::Tensor& tau,
+                         const at::Tensor& out_rows, at::Tensor& color, at::Tensor& opacity, at::Tensor& depth);
 std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
                                               const at::Tensor& t_ends, const at::Tensor& packed_info, double eps,
                                               bool need_weights);
@@ -36,6 +45,16 @@ void bind_nerf(pybind11::module_& m) {
         py::arg("rays_o"), py::arg("rays_d"), py::arg("aabb"), py::arg("bitfield"), py::arg("resolution"),
         py::arg("levels"), py::arg("near"), py::arg("far"), py::arg("step_size"), py::arg("cone_angle"),
         py::arg("max_samples"), py::arg("jitter_u"));
+  m.def("nerf_ray_march_round", &nerf::ray_march_round,
+        "one round of resumable marching -> (ray rows, t_starts, t_ends, packed_info, next_k, next_t, positions, "
+        "directions)", py::arg("rays_o"), py::arg("rays_d"), py::arg("aabb"), py::arg("bitfield"), py::arg("resolution"),
+        py::arg("levels"), py::arg("near"), py::arg("far"), py::arg("step_size"), py::arg("cone_angle"),
+        py::arg("jitter_u"), py::arg("rows"), py::arg("start_k"), py::arg("start_t"), py::arg("max_samples"));
+  m.def("nerf_volume_render_round", &nerf::volume_render_round,
+        "render one round's segments behind optical depth tau (updated) and add them to rows of color/opacity/depth",
+        py::arg("sigmas"), py::arg("rgbs"), py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"),
+        py::arg("early_stop_eps"), py::arg("tau"), py::arg("out_rows"), py::arg("color"), py::arg("opacity"),
+        py::arg("depth"));
   m.def("nerf_volume_render", &nerf::volume_render_forward, "packed volume rendering -> (color, opacity, depth, weights)",
         py::arg("sigmas"), py::arg("rgbs"), py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"),
         py::arg("early_stop_eps"), py::arg("need_weights"));

@@ -52,6 +52,7 @@ void check_like(const at::Tensor& t, const at::Tensor& like, const char* op, con
 }
 
 constexpr int64_t kRayGrain = 64;
+constexpr int64_t kMaxPaddedSlots = int64_t(1) << 21;  // 2^21 slots × 40 bytes (t, t, row, x, d) = 80 MiB
 
 }  // namespace
 
@@ -142,10 +143,18 @@ std::vector<at::Tensor> occupancy_grid_update(const at::Tensor& density, const a
   return {out, bits};
 }
 
-std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabb,
-                                  const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
-                                  double far_plane, double step_size, double cone_angle, int64_t max_samples,
-                                  const std::optional<at::Tensor>& jitter_u) {
+namespace {
+// The resumable march of NeRFRenderer's rounds (see MarchParams): rows [n] into the rays, where each resumes
+// (start_k, start_t [n]); outputs where each stopped (next_k, next_t [n]) and the samples' field inputs.
+struct MarchRound {
+  at::Tensor rows, start_k, start_t, max_samples;
+  at::Tensor next_k, next_t, positions, directions;
+};
+
+std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabb,
+                                   const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
+                                   double far_plane, double step_size, double cone_angle, int64_t max_samples,
+                                   const std::optional<at::Tensor>& jitter_u, MarchRound* round) {
   constexpr const char* op = "ray_march";
   check_float(rays_o, op, "rays_o");
   check_like(rays_d, rays_o, op, "rays_d");
@@ -158,15 +167,41 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
            bitfield.device() == rays_o.device(), op, "bitfield must be uint8 [ceil(levels·res³/8)] on the rays' device");
   FC_CHECK(aabb.numel() == 6, op, "aabb must have 6 numbers");
   FC_CHECK(step_size > 0 && cone_angle >= 0 && max_samples >= 0, op, "step_size must be > 0, cone_angle >= 0");
-  const int64_t R = rays_o.size(0);
+  const int64_t num_input_rays = rays_o.size(0);
   at::Tensor o = rays_o.contiguous(), d = rays_d.contiguous(), bits = bitfield.contiguous();
   at::Tensor u;
   if (jitter_u.has_value()) {
     check_like(*jitter_u, rays_o, op, "jitter_u");
-    FC_CHECK(jitter_u->dim() == 1 && jitter_u->size(0) == R, op, "jitter_u must be [R]");
+    FC_CHECK(jitter_u->dim() == 1 && jitter_u->size(0) == num_input_rays, op, "jitter_u must be [R]");
     u = jitter_u->contiguous();
   }
   const auto long_opts = o.options().dtype(at::kLong);
+  int64_t R = num_input_rays;  // rays marched by this call (rows of a round)
+  if (round != nullptr) {
+    R = round->rows.numel();
+    FC_CHECK(round->rows.scalar_type() == at::kLong && round->start_k.scalar_type() == at::kLong &&
+             round->rows.dim() == 1 && round->start_k.sizes() == round->rows.sizes() &&
+             round->start_t.sizes() == round->rows.sizes() && round->max_samples.scalar_type() == at::kLong &&
+             round->max_samples.sizes() == round->rows.sizes() && round->rows.device() == o.device() &&
+             round->start_k.device() == o.device() && round->max_samples.device() == o.device(), op,
+             "rows, start_k and max_samples must be int64 [n], start_t [n], on the rays' device");
+    check_like(round->start_t, rays_o, op, "start_t");
+    if (R > 0) {
+      const bool bad = (round->rows < 0).logical_or(round->rows >= num_input_rays).any().item<bool>();
+      TORCH_CHECK_VALUE(!bad, "fastcore_ai.ops.", op, ": rows must lie in [0, R) = [0, ", num_input_rays, ")");
+    }
+    round->rows = round->rows.contiguous();
+    round->start_k = round->start_k.contiguous();
+    round->start_t = round->start_t.contiguous();
+    round->max_samples = round->max_samples.contiguous();
+    round->next_k = at::empty({R}, long_opts);
+    round->next_t = at::empty({R}, o.options());
+  }
+  // A round of a few steps per ray marches once into max_samples slots per ray and compacts (see nerf.h);
+  // a big budget (e.g. forward's second march of whole rays) keeps the exact two-pass allocation.
+  int64_t stride = 0;
+  if (round != nullptr && R > 0) stride = std::max<int64_t>(0, round->max_samples.max().item<int64_t>());
+  const bool padded = round != nullptr && stride > 0 && R * stride <= kMaxPaddedSlots;
   at::Tensor counts = at::empty({R}, long_opts);
   const at::Tensor box = aabb.to(at::kDouble).cpu().contiguous();
   const double* b = box.data_ptr<double>();
@@ -196,6 +231,42 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
     p.cone_angle = static_cast<scalar_t>(cone_angle);
     p.max_samples = max_samples;
     p.counts = counts.data_ptr<int64_t>();
+    if (round != nullptr) {
+      p.rows = round->rows.data_ptr<int64_t>();
+      p.start_k = round->start_k.data_ptr<int64_t>();
+      p.start_t = round->start_t.data_ptr<scalar_t>();
+      p.row_max_samples = round->max_samples.data_ptr<int64_t>();
+      p.next_k = round->next_k.data_ptr<int64_t>();
+      p.next_t = round->next_t.data_ptr<scalar_t>();
+    }
+    if (padded) {
+      const int64_t slots = R * stride;
+      const at::Tensor slot_offsets = at::arange(R, long_opts) * stride;
+      at::Tensor slot_rows = at::empty({slots}, long_opts), slot_starts = at::empty({slots}, o.options()),
+                 slot_ends = at::empty({slots}, o.options()), slot_positions = at::empty({slots, 3}, o.options()),
+                 slot_directions = at::empty({slots, 3}, o.options());
+      p.offsets = slot_offsets.data_ptr<int64_t>();
+      p.ray_indices = slot_rows.data_ptr<int64_t>();
+      p.t_starts = slot_starts.data_ptr<scalar_t>();
+      p.t_ends = slot_ends.data_ptr<scalar_t>();
+      p.positions = slot_positions.data_ptr<scalar_t>();
+      p.directions = slot_directions.data_ptr<scalar_t>();
+      if (o.is_cuda()) {
+        FC_NERF_CUDA(op, "fill launch", march_fill_cuda<scalar_t>(p, current_stream()));
+      } else {
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { march_fill_cpu<scalar_t>(p, b0, e0); });
+      }
+      const at::Tensor ends = at::cumsum(counts, 0);
+      packed_info = at::stack({ends - counts, counts}, 1).contiguous();
+      const at::Tensor used = (at::arange(stride, long_opts).unsqueeze(0) < counts.unsqueeze(1)).reshape({-1});
+      const at::Tensor keep = used.nonzero().squeeze(1);  // the host sync for S
+      ray_indices = slot_rows.index_select(0, keep);
+      t_starts = slot_starts.index_select(0, keep);
+      t_ends = slot_ends.index_select(0, keep);
+      round->positions = slot_positions.index_select(0, keep);
+      round->directions = slot_directions.index_select(0, keep);
+      return;
+    }
     if (R > 0) {
       if (o.is_cuda()) {
         FC_NERF_CUDA(op, "count launch", march_count_cuda<scalar_t>(p, current_stream()));
@@ -203,6 +274,8 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
         at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { march_count_cpu<scalar_t>(p, b0, e0); });
       }
     }
+    p.next_k = nullptr;  // pass 2 re-runs from the same start; the stops were saved by pass 1
+    p.next_t = nullptr;
     const at::Tensor ends = at::cumsum(counts, 0);
     const at::Tensor starts = ends - counts;
     packed_info = at::stack({starts, counts}, 1).contiguous();
@@ -210,6 +283,12 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
     ray_indices = at::empty({S}, long_opts);
     t_starts = at::empty({S}, o.options());
     t_ends = at::empty({S}, o.options());
+    if (round != nullptr) {
+      round->positions = at::empty({S, 3}, o.options());
+      round->directions = at::empty({S, 3}, o.options());
+      p.positions = round->positions.data_ptr<scalar_t>();
+      p.directions = round->directions.data_ptr<scalar_t>();
+    }
     if (S == 0) return;
     p.offsets = starts.data_ptr<int64_t>();
     p.ray_indices = ray_indices.data_ptr<int64_t>();
@@ -222,6 +301,28 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
     }
   });
   return {ray_indices, t_starts, t_ends, packed_info};
+}
+}  // namespace
+
+std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabb,
+                                  const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
+                                  double far_plane, double step_size, double cone_angle, int64_t max_samples,
+                                  const std::optional<at::Tensor>& jitter_u) {
+  return march_impl(rays_o, rays_d, aabb, bitfield, resolution, levels, near_plane, far_plane, step_size, cone_angle,
+                    max_samples, jitter_u, nullptr);
+}
+
+std::vector<at::Tensor> ray_march_round(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabb,
+                                        const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
+                                        double far_plane, double step_size, double cone_angle,
+                                        const std::optional<at::Tensor>& jitter_u, const at::Tensor& rows,
+                                        const at::Tensor& start_k, const at::Tensor& start_t,
+                                        const at::Tensor& max_samples) {
+  MarchRound round{rows, start_k, start_t, max_samples, {}, {}, {}, {}};
+  std::vector<at::Tensor> out = march_impl(rays_o, rays_d, aabb, bitfield, resolution, levels, near_plane, far_plane,
+                                           step_size, cone_angle, 0, jitter_u, &round);
+  out.insert(out.end(), {round.next_k, round.next_t, round.positions, round.directions});
+  return out;
 }
 
 namespace {
@@ -280,6 +381,42 @@ std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at
     }
   });
   return {color, opacity, depth, weights};
+}
+
+void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
+                         const at::Tensor& t_ends, const at::Tensor& packed_info, double eps, at::Tensor& tau,
+                         const at::Tensor& out_rows, at::Tensor& color, at::Tensor& opacity, at::Tensor& depth) {
+  constexpr const char* op = "volume_render";
+  check_render_inputs(op, sigmas, rgbs, t_starts, t_ends, packed_info);
+  const int64_t R = packed_info.size(0), rows = color.size(0);
+  check_like(tau, sigmas, op, "tau");
+  for (const at::Tensor* t : {&color, &opacity, &depth}) check_like(*t, sigmas, op, "an accumulator");
+  FC_CHECK(tau.dim() == 1 && tau.size(0) == R && tau.is_contiguous() && out_rows.scalar_type() == at::kLong &&
+           out_rows.dim() == 1 && out_rows.size(0) == R && out_rows.device() == sigmas.device(), op,
+           "tau must be contiguous [R] and out_rows int64 [R]");
+  FC_CHECK(color.dim() == 2 && color.size(1) == 3 && color.is_contiguous() && opacity.is_contiguous() &&
+           depth.is_contiguous() && opacity.numel() == rows && depth.numel() == rows, op,
+           "color, opacity, depth must be contiguous [N, 3], [N], [N]");
+  if (R == 0) return;
+  const bool bad = (out_rows < 0).logical_or(out_rows >= rows).any().item<bool>();
+  TORCH_CHECK_VALUE(!bad, "fastcore_ai.ops.", op, ": out_rows must lie in [0, N) = [0, ", rows, ")");
+  at::Tensor sg = sigmas.contiguous(), rg = rgbs.contiguous(), ts = t_starts.contiguous(), te = t_ends.contiguous(),
+             pi = packed_info.contiguous(), orow = out_rows.contiguous();
+  const at::Device device_of_call = sg.device();
+  (void)device_of_call;
+  AT_DISPATCH_FLOATING_TYPES(sg.scalar_type(), "nerf_render_round", [&] {
+    auto p = render_params<scalar_t>(sg, rg, ts, te, pi, eps);
+    p.color = color.data_ptr<scalar_t>();
+    p.opacity = opacity.data_ptr<scalar_t>();
+    p.depth = depth.data_ptr<scalar_t>();
+    p.tau = tau.data_ptr<scalar_t>();
+    p.out_rows = orow.data_ptr<int64_t>();
+    if (sg.is_cuda()) {
+      FC_NERF_CUDA(op, "round launch", render_forward_cuda<scalar_t>(p, current_stream()));
+    } else {
+      at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { render_forward_cpu<scalar_t>(p, b0, e0); });
+    }
+  });
 }
 
 std::vector<at::Tensor> volume_render_backward(const at::Tensor& grad_color, const at::Tensor& grad_opacity,

@@ -77,7 +77,10 @@ __global__ void __launch_bounds__(kThreads) march_count_kernel(const MarchParams
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) march_fill_kernel(const MarchParams<T> p) {
-  FC_GRID_LOOP(r, p.num_rays) march_ray<T>(p, r, p.offsets[r], true);
+  FC_GRID_LOOP(r, p.num_rays) {
+    const int64_t count = march_ray<T>(p, r, p.offsets[r], true);
+    if (p.counts) p.counts[r] = count;  // the single-pass (padded) mode's counts; pass 2 rewrites pass 1's
+  }
 }
 
 template <typename T>

@@ -130,6 +130,8 @@ FC_HOST_DEVICE void grid_pack_byte(const GridUpdateParams<T>& p, int64_t byte) {
 //   holds it) is occupied; an empty cell is skipped by whole steps to the first k whose step midpoint is at
 //   or past the cell's exit, so skipping never moves the lattice. At most max_samples per ray.
 // Pass 1 (counts != nullptr) counts, the glue scans the counts into offsets, pass 2 fills: memory is exact.
+// Rounds of a few steps per ray instead run the fill pass alone into max_samples slots per ray (offsets
+// i·stride; it also writes the counts and saves the stops) and compact afterwards: one march instead of two.
 
 template <typename T>
 struct MarchParams {
@@ -148,6 +150,18 @@ struct MarchParams {
   int64_t* ray_indices = nullptr;    // pass 2: [S]
   T* t_starts = nullptr;             // pass 2: [S]
   T* t_ends = nullptr;               // pass 2: [S]
+  // Resumable marching (rendering in rounds): with rows set, "ray" i of this call (num_rays = n rows) is
+  // the input ray rows[i]; it resumes at lattice step start_k[i] (t = start_t[i] when cone > 0; k = 0 is
+  // the ray's start) and pass 1 saves where it stopped in next_k / next_t (+inf: the ray reached its end),
+  // so rounds of max_samples steps emit exactly the samples of one march, in pieces.
+  const int64_t* rows = nullptr;     // [n] or nullptr (ray i = input ray i, from its start)
+  const int64_t* start_k = nullptr;  // [n]
+  const T* start_t = nullptr;        // [n]
+  const int64_t* row_max_samples = nullptr;  // [n] per-row cap (replaces max_samples), or nullptr
+  int64_t* next_k = nullptr;         // [n], written by the pass that has it set
+  T* next_t = nullptr;               // [n]
+  T* positions = nullptr;            // pass 2: [S, 3] midpoints o + m·d (the field's input), or nullptr
+  T* directions = nullptr;           // pass 2: [S, 3] d of the sample's ray, or nullptr
 };
 
 // The finest level whose box holds x and the cell there (clamped to the grid); false outside every level.
@@ -194,23 +208,68 @@ FC_HOST_DEVICE T grid_cell_exit(const MarchParams<T>& p, const T* o, const T* d,
   return t;
 }
 
-// Marches ray r; writes its samples from `base` when p.t_starts is set (pass 2). Returns the count.
+// From an empty cell of a one-level grid: walks the cells ahead face by face (Amanatides–Woo; one division
+// per face crossed, by grid_cell_exit's formula) while they are empty, and returns the t where the ray enters
+// the next occupied cell, or leaves the grid. The marcher then skips the lattice steps whose midpoints lie
+// before it in one jump instead of testing every empty cell's midpoint. (The reference marcher skips one
+// empty cell at a time; the samples are the same, tested bit for bit in float64.)
 template <typename T>
-FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t r, int64_t base, bool write) {
+FC_HOST_DEVICE T empty_run_exit(const MarchParams<T>& p, const T* o, const T* d, const int64_t* start_cell) {
+  const T* box = p.boxes[0];
+  const int64_t res = p.resolution;
+  int64_t cell[3] = {start_cell[0], start_cell[1], start_cell[2]};
+  T t_face[3];
+  auto face_t = [&](int a) {
+    const T size = (box[a + 3] - box[a]) / static_cast<T>(res);
+    const T face = box[a] + static_cast<T>(cell[a] + (d[a] > T(0) ? 1 : 0)) * size;
+    return (face - o[a]) / d[a];
+  };
+  for (int a = 0; a < 3; ++a) t_face[a] = d[a] == T(0) ? fc_inf<T>() : face_t(a);
+  for (int64_t crossings = 0; crossings < 3 * res + 3; ++crossings) {
+    int a = 0;
+    if (t_face[1] < t_face[a]) a = 1;
+    if (t_face[2] < t_face[a]) a = 2;
+    const T t = t_face[a];
+    cell[a] += d[a] > T(0) ? 1 : -1;
+    if (cell[a] < 0 || cell[a] >= res || !(t < fc_inf<T>()) || grid_occupied<T>(p, 0, cell)) return t;
+    t_face[a] = face_t(a);
+  }
+  return fc_inf<T>();
+}
+
+// Marches ray i (input ray rows[i] when resuming); writes its samples from `base` in pass 2 (write).
+// Returns the count; pass 1 of a resumable march also saves the next lattice step.
+template <typename T>
+FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t i, int64_t base, bool write) {
+  const int64_t r = p.rows ? p.rows[i] : i;
   const T* o = p.rays_o + 3 * r;
   const T* d = p.rays_d + 3 * r;
   const T u = p.jitter_u ? p.jitter_u[r] : T(0);
+  const bool save = p.next_k != nullptr;
   T t_near, t_far;
-  if (!ray_box<T>(o, d, p.boxes[p.levels - 1], t_near, t_far)) return 0;
+  const bool hit = ray_box<T>(o, d, p.boxes[p.levels - 1], t_near, t_far);
   const T t0 = p.near_plane > t_near ? p.near_plane : t_near;
   const T t1 = p.far_plane < t_far ? p.far_plane : t_far;
-  if (!(t1 > t0)) return 0;
+  if (!hit || !(t1 > t0)) {
+    if (save) {
+      p.next_k[i] = 0;
+      p.next_t[i] = fc_inf<T>();
+    }
+    return 0;
+  }
   const T step = p.step_size, cone = p.cone_angle;
   const bool uniform = cone == T(0);
   auto dt_at = [&](T t) { const T c = cone * t; return c > step ? c : step; };
-  int64_t count = 0, k = 0;
-  T t = uniform ? t0 + u * step : t0 + u * dt_at(t0);
-  while (t < t1 && count < p.max_samples) {
+  const int64_t max_samples = p.row_max_samples ? p.row_max_samples[i] : p.max_samples;
+  int64_t count = 0, k = p.start_k ? p.start_k[i] : 0;
+  // (0 + u)·step == u·step exactly, so a fresh ray starts where the one-shot march starts
+  T t = uniform ? t0 + (static_cast<T>(k) + u) * step : (k == 0 ? t0 + u * dt_at(t0) : p.start_t[i]);
+  bool reached_end = false;
+  while (count < max_samples) {
+    if (!(t < t1)) {
+      reached_end = true;
+      break;
+    }
     const T t_next = uniform ? t0 + (static_cast<T>(k + 1) + u) * step : t + dt_at(t);
     const T t_end = t_next < t1 ? t_next : t1;
     const T mid = T(0.5) * (t + t_end);
@@ -221,21 +280,33 @@ FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t r, int64_t bas
     const bool in_grid = grid_cell_of<T>(p, x, level, cell);
     if (in_grid && grid_occupied<T>(p, level, cell)) {
       if (write) {
-        p.ray_indices[base + count] = r;
-        p.t_starts[base + count] = t;
-        p.t_ends[base + count] = t_end;
+        const int64_t s = base + count;
+        p.ray_indices[s] = i;
+        p.t_starts[s] = t;
+        p.t_ends[s] = t_end;
+        if (p.positions)
+          for (int a = 0; a < 3; ++a) p.positions[3 * s + a] = x[a];
+        if (p.directions)
+          for (int a = 0; a < 3; ++a) p.directions[3 * s + a] = d[a];
       }
       ++count;
       ++k;
       t = t_next;
       continue;
     }
-    const T t_exit = in_grid ? grid_cell_exit<T>(p, o, d, level, cell) : t_next;
-    if (!(t_exit < t1)) break;  // every remaining midpoint lies in this empty cell
+    // Uniform steps on a one-level grid skip a whole run of empty cells (to one lattice step before the next
+    // occupied cell's entry, a margin for the walk's rounding: that step's midpoint is tested as usual);
+    // otherwise this cell (the samples stay on the same lattice either way).
+    const bool run = uniform && p.levels == 1 && in_grid;
+    const T t_exit = !in_grid ? t_next : run ? empty_run_exit<T>(p, o, d, cell) : grid_cell_exit<T>(p, o, d, level, cell);
+    if (!(t_exit < t1)) {  // every remaining midpoint lies in empty cells
+      reached_end = true;
+      break;
+    }
     if (uniform) {
       // first k' with midpoint t0 + (k' + u + 1/2)·step >= t_exit, at least one step ahead
       const double kk = ceil(static_cast<double>((t_exit - t0) / step - u - T(0.5)));
-      const int64_t k_new = static_cast<int64_t>(kk);
+      const int64_t k_new = static_cast<int64_t>(kk) - (run ? 1 : 0);
       k = k_new > k + 1 ? k_new : k + 1;
       t = t0 + (static_cast<T>(k) + u) * step;
     } else {
@@ -248,6 +319,10 @@ FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t r, int64_t bas
         t = t + dt;
       }
     }
+  }
+  if (save) {
+    p.next_k[i] = k;
+    p.next_t[i] = reached_end || !(t < t1) ? fc_inf<T>() : t;
   }
   return count;
 }
@@ -281,6 +356,11 @@ struct RenderParams {
   const T* grad_weights = nullptr;  // [S] or nullptr
   T* grad_sigmas = nullptr;         // [S]
   T* grad_rgbs = nullptr;           // [S, 3]
+  // Rendering in rounds (forward only): ray r of this call continues a ray that already holds optical
+  // depth tau[r] (in/out: the sweep starts at T = exp(−tau[r]) and saves where it stopped, so the early
+  // stop is the one-shot sweep's), and adds its C, A, D to row out_rows[r] of color / opacity / depth.
+  T* tau = nullptr;                  // [R] or nullptr (fresh rays, τ = 0)
+  const int64_t* out_rows = nullptr; // [R] or nullptr (write row r)
 };
 
 // True when ray r's run lies inside [0, S) (the glue validates; this keeps a malformed call in bounds).
@@ -297,7 +377,7 @@ FC_HOST_DEVICE void render_forward_ray(const RenderParams<T>& p, int64_t r) {
   int64_t begin, end;
   T c0 = 0, c1 = 0, c2 = 0, acc = 0, dep = 0;
   if (render_run<T>(p, r, begin, end)) {
-    T tau = 0;
+    T tau = p.tau ? p.tau[r] : T(0);
     int64_t s = begin;
     for (; s < end; ++s) {
       const T trans = fc_exp(-tau);
@@ -315,6 +395,16 @@ FC_HOST_DEVICE void render_forward_ray(const RenderParams<T>& p, int64_t r) {
     }
     if (p.weights)
       for (; s < end; ++s) p.weights[s] = T(0);
+    if (p.tau) p.tau[r] = tau;
+  }
+  if (p.out_rows) {
+    const int64_t row = p.out_rows[r];
+    p.color[3 * row] += c0;
+    p.color[3 * row + 1] += c1;
+    p.color[3 * row + 2] += c2;
+    p.opacity[row] += acc;
+    p.depth[row] += dep;
+    return;
   }
   p.color[3 * r] = c0;
   p.color[3 * r + 1] = c1;

@@ -41,7 +41,10 @@ void march_count_cpu(const MarchParams<T>& p, int64_t ray_begin, int64_t ray_end
 
 template <typename T>
 void march_fill_cpu(const MarchParams<T>& p, int64_t ray_begin, int64_t ray_end) {
-  for (int64_t r = ray_begin; r < ray_end; ++r) march_ray<T>(p, r, p.offsets[r], true);
+  for (int64_t r = ray_begin; r < ray_end; ++r) {
+    const int64_t count = march_ray<T>(p, r, p.offsets[r], true);
+    if (p.counts) p.counts[r] = count;  // the single-pass (padded) mode's counts; pass 2 rewrites pass 1's
+  }
 }
 
 template <typename T>

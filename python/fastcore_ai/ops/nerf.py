@@ -5,6 +5,8 @@
   ray_march              occupancy-grid marching -> packed samples (two passes)  (reference, cpu, cuda)
   volume_render          packed front-to-back compositing, O(R) backward         (reference, cpu, cuda, triton)
   composite_blocks       Block-NeRF inverse-distance image compositing           (reference, cpu, cuda, triton)
+  march_round, render_round   eager helpers of nn.NeRFRenderer's rounds (resumable march, render behind a
+                         ray's optical depth, accumulated in place)                 (reference, cpu, cuda)
 
 Layering (DESIGN): validate (shapes, dtypes, devices here; data-dependent checks — non-finite or
 zero-length directions, malformed packed_info — inside the registered op, so torch.compile(fullgraph=True)
@@ -467,6 +469,61 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
     if background is not None:
         color = color + (1.0 - opacity)[:, None] * background.to(color.dtype)
     return RenderOutput(color, opacity, depth, weights if return_weights else None)
+
+
+# ---- rendering in rounds (nn.NeRFRenderer) ---------------------------------------------------------------
+# Eager helpers of the renderer's rounds, not registered ops: they resume state and update accumulators in
+# place, without autograd. On cpu/cuda they run ray_march's and volume_render's kernels (the same per-ray
+# bodies, with the resume / accumulate fields of MarchParams / RenderParams); elsewhere the reference's
+# ray_march_round / volume_render_round.
+
+class MarchRound(NamedTuple):
+    """One round of resumable marching over n rows: row [S] (which row each sample belongs to), t_starts [S],
+    t_ends [S], packed_info [n, 2], next_k [n] and next_t [n] (where each row stopped; next_t = +inf: the
+    ray reached its end), positions [S, 3] (midpoints o + t_mid·d) and directions [S, 3] (the field's input)."""
+    row: Tensor
+    t_starts: Tensor
+    t_ends: Tensor
+    packed_info: Tensor
+    next_k: Tensor
+    next_t: Tensor
+    positions: Tensor
+    directions: Tensor
+
+
+def check_rays(op: str, rays_o: Tensor, rays_d: Tensor) -> None:
+    """The rays checks of every op (shapes, dtypes, finite values, non-zero directions), for callers that
+    run the round helpers below many times on the same rays."""
+    _check_rays(op, rays_o, rays_d)
+    _check_ray_values(op, rays_o, rays_d)
+
+
+def _native_rounds(tensor: Tensor) -> bool:
+    return backends.select(_MARCH, "auto", tensor.device, tensor.dtype, "rays_o") in ("cpu", "cuda")
+
+
+def march_round(rays_o: Tensor, rays_d: Tensor, grid, rows: Tensor, start_k: Tensor, start_t: Tensor,
+                max_samples: Tensor, near: float, far: float, step_size: float, cone_angle: float,
+                jitter_u: Optional[Tensor] = None) -> MarchRound:
+    """Rows `rows` [n] of the rays march on ray_march's lattice from lattice step start_k [n] (start_t [n]: its t
+    when cone_angle > 0; k = 0 is the ray's start) until max_samples [n] samples or their end; rounds fed with
+    the returned (next_k, next_t) emit exactly ray_march's samples, in pieces (tested). jitter_u [R] as
+    ray_march's. Rays are checked once by the caller (check_rays)."""
+    aabb = grid.aabb.to(rays_o.device, rays_o.dtype)
+    impl = _native_mod().nerf_ray_march_round if _native_rounds(rays_o) else _ref.ray_march_round
+    return MarchRound(*impl(rays_o, rays_d, aabb, grid.bitfield, grid.resolution, grid.levels, float(near), float(far),
+                            float(step_size), float(cone_angle), jitter_u, rows, start_k, start_t, max_samples))
+
+
+def render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
+                 early_stop_eps: float, tau: Tensor, out_rows: Tensor, color: Tensor, opacity: Tensor,
+                 depth: Tensor) -> None:
+    """In place: render the packed segments [R] behind the optical depth tau [R] their rays already hold
+    (T_i = exp(−(tau + Σ_{j<i} σ_j δ_j)), so the early stop is volume_render's on the whole ray), add their
+    C, A, D to rows out_rows [R] of color [N, 3], opacity [N], depth [N], and advance tau to where the sweep
+    stopped (a ray is finished once exp(−tau) < early_stop_eps)."""
+    impl = _native_mod().nerf_volume_render_round if _native_rounds(sigmas) else _ref.volume_render_round
+    impl(sigmas, rgbs, t_starts, t_ends, packed_info, float(early_stop_eps), tau, out_rows, color, opacity, depth)
 
 
 # ---- 5. composite_blocks ------------------------------------------------------------------------------

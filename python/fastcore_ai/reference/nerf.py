@@ -20,8 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ray_aabb_intersect", "occupancy_grid_update", "pack_bitfield", "grid_level_aabbs", "ray_march",
-           "volume_render", "volume_render_backward", "composite_blocks", "composite_blocks_weights"]
+__all__ = ["ray_aabb_intersect", "occupancy_grid_update", "pack_bitfield", "grid_level_aabbs", "ray_march", "ray_march_round",
+           "volume_render", "volume_render_round", "volume_render_backward", "composite_blocks", "composite_blocks_weights"]
 
 
 # ---- 1. ray / AABB --------------------------------------------------------------------------------
@@ -162,64 +162,123 @@ def ray_march(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, re
     Returns ray_indices [S] int64, t_starts [S], t_ends [S] (rays' dtype), packed_info [R, 2] int64.
     """
     R = rays_o.shape[0]
-    o_all, d_all = rays_o.double().tolist(), rays_d.double().tolist()
-    boxes = grid_level_aabbs(aabb.double().tolist(), levels)
-    bits = bitfield.to(torch.int64).tolist()
-    u_all = jitter_u.double().tolist() if jitter_u is not None else [0.0] * R
-    res = resolution
-
-    def occupied(cell) -> bool:
-        level, i, j, k = cell
-        index = level * res ** 3 + (i * res + j) * res + k
-        return (bits[index >> 3] >> (index & 7)) & 1 == 1
-
+    march = _Marcher(rays_o, rays_d, aabb, bitfield, resolution, levels, near, far, step_size, cone_angle, jitter_u)
     ray_idx: List[int] = []
     starts: List[float] = []
     ends: List[float] = []
     info = []
     for r in range(R):
-        o, d, u = o_all[r], d_all[r], u_all[r]
         first = len(starts)
-        t_near, t_far, hit = ray_box(o, d, boxes[-1])
-        t0, t1 = max(near, t_near), min(far, t_far)
-        if hit and t1 > t0:
-            count = 0
-            k = 0
-            t = t0 + u * step_size if cone_angle == 0.0 else t0 + u * max(cone_angle * t0, step_size)
-            while t < t1 and count < max_samples_per_ray:
-                t_next = t0 + (k + 1 + u) * step_size if cone_angle == 0.0 else t + max(cone_angle * t, step_size)
-                t_end = min(t_next, t1)
-                mid = 0.5 * (t + t_end)
-                x = [o[a] + mid * d[a] for a in range(3)]
-                cell = _cell_of(x, boxes, res)
-                if cell is not None and occupied(cell):
-                    ray_idx.append(r)
-                    starts.append(t)
-                    ends.append(t_end)
-                    count += 1
-                    k, t = k + 1, t_next
-                    continue
-                t_exit = t_next if cell is None else _cell_exit(o, d, boxes[cell[0]], res, cell[1:])
-                if not t_exit < t1:
-                    break  # every remaining midpoint lies in this empty cell
-                # skip whole steps: the first lattice point whose step midpoint is at or past the exit
-                if cone_angle == 0.0:
-                    k_new = math.ceil((t_exit - t0) / step_size - u - 0.5)
-                    k = max(k + 1, k_new)
-                    t = t0 + (k + u) * step_size
-                else:
-                    k, t = k + 1, t_next
-                    while t < t1:
-                        step = max(cone_angle * t, step_size)
-                        if t + 0.5 * step >= t_exit:
-                            break
-                        k, t = k + 1, t + step
+        ray_starts, ray_ends, _, _ = march.ray(r, max_samples_per_ray)
+        ray_idx += [r] * len(ray_starts)
+        starts += ray_starts
+        ends += ray_ends
         info.append([first, len(starts) - first])
+    return march.pack(ray_idx, starts, ends, info)
+
+
+def ray_march_round(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, resolution: int, levels: int,
+                    near: float, far: float, step_size: float, cone_angle: float, jitter_u: Optional[Tensor],
+                    rows: Tensor, start_k: Tensor, start_t: Tensor, max_samples: Tensor
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One round of resumable marching (NeRFRenderer's rounds): row i marches ray rows[i] on the lattice of
+    ray_march, from lattice step start_k[i] (t = start_t[i] when cone_angle > 0; k = 0 is the ray's start),
+    for at most max_samples[i] emitted samples, and stops where one-shot marching would have gone on; so
+    rounds emit exactly ray_march's samples, in pieces.
+    Returns (row of each sample [S], t_starts [S], t_ends [S], packed_info [n, 2] per row, next_k [n],
+    next_t [n] (+inf when the ray reached its end), positions [S, 3] = o + t_mid·d, directions [S, 3])."""
+    march = _Marcher(rays_o, rays_d, aabb, bitfield, resolution, levels, near, far, step_size, cone_angle, jitter_u)
+    row_idx: List[int] = []
+    starts: List[float] = []
+    ends: List[float] = []
+    info, next_k, next_t = [], [], []
+    for i, (r, k, t, cap) in enumerate(zip(rows.tolist(), start_k.tolist(), start_t.double().tolist(),
+                                           max_samples.tolist())):
+        first = len(starts)
+        ray_starts, ray_ends, k_stop, t_stop = march.ray(r, cap, k, t)
+        row_idx += [i] * len(ray_starts)
+        starts += ray_starts
+        ends += ray_ends
+        info.append([first, len(starts) - first])
+        next_k.append(k_stop)
+        next_t.append(t_stop)
+    row_indices, t_starts, t_ends, packed_info = march.pack(row_idx, starts, ends, info)
     device, dtype = rays_o.device, rays_o.dtype
-    return (torch.tensor(ray_idx, dtype=torch.int64, device=device),
-            torch.tensor(starts, dtype=torch.float64).to(device, dtype),
-            torch.tensor(ends, dtype=torch.float64).to(device, dtype),
-            torch.tensor(info, dtype=torch.int64, device=device).reshape(R, 2))
+    rays = rows[row_indices] if row_indices.numel() else row_indices
+    mid = (0.5 * (t_starts.double() + t_ends.double()))[:, None]
+    positions = (rays_o.double()[rays] + mid * rays_d.double()[rays]).to(dtype)
+    return (row_indices, t_starts, t_ends, packed_info, torch.tensor(next_k, dtype=torch.int64, device=device),
+            torch.tensor(next_t, dtype=torch.float64).to(device, dtype), positions, rays_d[rays].clone())
+
+
+class _Marcher:
+    """The per-ray lattice walk shared by ray_march and ray_march_round (Python floats, float64)."""
+
+    def __init__(self, rays_o, rays_d, aabb, bitfield, resolution, levels, near, far, step_size, cone_angle, jitter_u):
+        self.o_all, self.d_all = rays_o.double().tolist(), rays_d.double().tolist()
+        self.boxes = grid_level_aabbs(aabb.double().tolist(), levels)
+        self.bits = bitfield.to(torch.int64).tolist()
+        self.u_all = jitter_u.double().tolist() if jitter_u is not None else [0.0] * rays_o.shape[0]
+        self.res, self.near, self.far, self.step, self.cone = resolution, near, far, step_size, cone_angle
+        self.device, self.dtype = rays_o.device, rays_o.dtype
+
+    def occupied(self, cell) -> bool:
+        level, i, j, k = cell
+        res = self.res
+        index = level * res ** 3 + (i * res + j) * res + k
+        return (self.bits[index >> 3] >> (index & 7)) & 1 == 1
+
+    def ray(self, r: int, max_samples: int, k: int = 0, t_resume: float = 0.0):
+        """Samples of ray r from lattice step k (t_resume when cone > 0 and k > 0) -> (starts, ends, k, t) with
+        (k, t) where it stopped (t = inf when it reached its end)."""
+        o, d, u = self.o_all[r], self.d_all[r], self.u_all[r]
+        step_size, cone_angle, res = self.step, self.cone, self.res
+        starts: List[float] = []
+        ends: List[float] = []
+        t_near, t_far, hit = ray_box(o, d, self.boxes[-1])
+        t0, t1 = max(self.near, t_near), min(self.far, t_far)
+        if not (hit and t1 > t0):
+            return starts, ends, 0, math.inf
+        if cone_angle == 0.0:
+            t = t0 + (k + u) * step_size
+        else:
+            t = t0 + u * max(cone_angle * t0, step_size) if k == 0 else t_resume
+        while len(starts) < max_samples:
+            if not t < t1:
+                return starts, ends, k, math.inf
+            t_next = t0 + (k + 1 + u) * step_size if cone_angle == 0.0 else t + max(cone_angle * t, step_size)
+            t_end = min(t_next, t1)
+            mid = 0.5 * (t + t_end)
+            x = [o[a] + mid * d[a] for a in range(3)]
+            cell = _cell_of(x, self.boxes, res)
+            if cell is not None and self.occupied(cell):
+                starts.append(t)
+                ends.append(t_end)
+                k, t = k + 1, t_next
+                continue
+            t_exit = t_next if cell is None else _cell_exit(o, d, self.boxes[cell[0]], res, cell[1:])
+            if not t_exit < t1:
+                return starts, ends, k, math.inf  # every remaining midpoint lies in this empty cell
+            # skip whole steps: the first lattice point whose step midpoint is at or past the exit
+            if cone_angle == 0.0:
+                k_new = math.ceil((t_exit - t0) / step_size - u - 0.5)
+                k = max(k + 1, k_new)
+                t = t0 + (k + u) * step_size
+            else:
+                k, t = k + 1, t_next
+                while t < t1:
+                    step = max(cone_angle * t, step_size)
+                    if t + 0.5 * step >= t_exit:
+                        break
+                    k, t = k + 1, t + step
+        return starts, ends, k, (t if t < t1 else math.inf)
+
+    def pack(self, indices, starts, ends, info):
+        device, dtype = self.device, self.dtype
+        return (torch.tensor(indices, dtype=torch.int64, device=device),
+                torch.tensor(starts, dtype=torch.float64).to(device, dtype),
+                torch.tensor(ends, dtype=torch.float64).to(device, dtype),
+                torch.tensor(info, dtype=torch.int64, device=device).reshape(len(info), 2))
 
 
 # ---- 4. volume rendering --------------------------------------------------------------------------
@@ -244,13 +303,7 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
         raise ValueError("reference volume_render: packed_info must tile the samples as (start, count) runs in order")
     delta = (t_ends - t_starts).to(dtype)
     tau_i = sigmas * delta
-    inclusive = torch.cumsum(tau_i, 0)
-    # τ before each ray's first sample, subtracted so the scan restarts per ray
-    ray_base = torch.zeros(R, dtype=dtype, device=sigmas.device)
-    nonempty = counts > 0
-    first = packed_info[:, 0][nonempty]
-    ray_base[nonempty] = inclusive[first] - tau_i[first]
-    exclusive = inclusive - tau_i - ray_base[ray_of]
+    exclusive = _segment_exclusive_sum(tau_i, packed_info, ray_of)
     trans = torch.exp(-exclusive)
     alpha = -torch.expm1(-tau_i)
     alive = (trans >= early_stop_eps).to(dtype)
@@ -260,6 +313,37 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
     opacity = torch.zeros(R, dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights)
     depth = torch.zeros(R, dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights * mid)
     return color, opacity, depth, weights
+
+
+def volume_render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
+                        early_stop_eps: float, tau: Tensor, out_rows: Tensor, color: Tensor, opacity: Tensor,
+                        depth: Tensor) -> None:
+    """One round of rendering in rounds (NeRFRenderer.render_inference), in place: the R packed segments
+    continue rays that already hold optical depth tau [R]; their weights are volume_render's with
+    T_i = exp(−(tau + Σ_{j<i} σ_j δ_j)) (so the early stop is the one-shot sweep's), their C, A, D are added
+    to rows out_rows [R] of color [N, 3], opacity [N], depth [N], and tau grows by the σδ of the samples
+    before the stop."""
+    R = packed_info.shape[0]
+    ray_of = torch.repeat_interleave(torch.arange(R, device=sigmas.device), packed_info[:, 1])
+    tau_i = sigmas * (t_ends - t_starts).to(sigmas.dtype)
+    trans = torch.exp(-(_segment_exclusive_sum(tau_i, packed_info, ray_of) + tau[ray_of]))
+    alive = trans >= early_stop_eps
+    weights = torch.where(alive, trans * -torch.expm1(-tau_i), torch.zeros_like(trans))
+    rows = out_rows[ray_of]
+    color.index_add_(0, rows, weights[:, None] * rgbs)
+    opacity.index_add_(0, rows, weights)
+    depth.index_add_(0, rows, weights * 0.5 * (t_starts + t_ends).to(sigmas.dtype))
+    tau.index_add_(0, ray_of, torch.where(alive, tau_i, torch.zeros_like(tau_i)))
+
+
+def _segment_exclusive_sum(values: Tensor, packed_info: Tensor, ray_of: Tensor) -> Tensor:
+    """Per-ray exclusive prefix sum of packed values: a global cumsum minus each ray's base."""
+    inclusive = torch.cumsum(values, 0)
+    ray_base = torch.zeros(packed_info.shape[0], dtype=values.dtype, device=values.device)
+    nonempty = packed_info[:, 1] > 0
+    first = packed_info[:, 0][nonempty]
+    ray_base[nonempty] = inclusive[first] - values[first]
+    return inclusive - values - ray_base[ray_of]
 
 
 def volume_render_backward(grad_color: Tensor, grad_opacity: Tensor, grad_depth: Tensor, grad_weights: Optional[Tensor],
@@ -278,12 +362,7 @@ def volume_render_backward(grad_color: Tensor, grad_opacity: Tensor, grad_depth:
     ray_of = torch.repeat_interleave(torch.arange(R, device=device), counts)
     delta = (t_ends - t_starts).to(dtype)
     tau_i = sigmas * delta
-    inclusive = torch.cumsum(tau_i, 0)
-    ray_base = torch.zeros(R, dtype=dtype, device=device)
-    nonempty = counts > 0
-    first = packed_info[:, 0][nonempty]
-    ray_base[nonempty] = inclusive[first] - tau_i[first]
-    exclusive = inclusive - tau_i - ray_base[ray_of]
+    exclusive = _segment_exclusive_sum(tau_i, packed_info, ray_of)
     trans = torch.exp(-exclusive)
     alive = trans >= early_stop_eps
     weights = torch.where(alive, trans * -torch.expm1(-tau_i), torch.zeros_like(trans))
@@ -294,10 +373,7 @@ def volume_render_backward(grad_color: Tensor, grad_opacity: Tensor, grad_depth:
         u = u + grad_weights
     wu = weights * u
     total = torch.zeros(R, dtype=dtype, device=device).index_add(0, ray_of, wu)
-    wu_inclusive = torch.cumsum(wu, 0)
-    wu_base = torch.zeros(R, dtype=dtype, device=device)
-    wu_base[nonempty] = wu_inclusive[first] - wu[first]
-    suffix = total[ray_of] - (wu_inclusive - wu_base[ray_of])
+    suffix = total[ray_of] - (_segment_exclusive_sum(wu, packed_info, ray_of) + wu)
     grad_sigmas = torch.where(alive, delta * (trans_next * u - suffix), torch.zeros_like(u))
     grad_rgbs = weights[:, None] * grad_color[ray_of]
     return grad_sigmas, grad_rgbs
