@@ -84,25 +84,32 @@ def cpu_peak_extra_mb(fn: Callable) -> Optional[float]:
     return max(0, status("VmHWM:") - before) / 1024
 
 
-def time_call(fn: Callable, device: str, min_time_s: float = 0.2, max_repeats: int = 50) -> float:
-    """Median milliseconds of fn() over repeated calls (at least 5, until about min_time_s)."""
-    fn()
+def time_interleaved(fns: Dict[str, Callable], device: str, min_time_s: float = 0.2,
+                     max_repeats: int = 50) -> Dict[str, float]:
+    """Median milliseconds of each fn() over rounds that call every fn once, in order (at least 5 rounds,
+    until about min_time_s per fn). Interleaving makes a load change during the run hit every provider
+    alike, so the ratios of one table stay comparable on a shared machine."""
+    for fn in fns.values():
+        fn()
     _sync(device)
-    samples: List[float] = []
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
     start_all = time.perf_counter()
-    while len(samples) < 5 or (time.perf_counter() - start_all < min_time_s and len(samples) < max_repeats):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end))
-        else:
-            begin_s = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - begin_s) * 1e3)
-    return statistics.median(samples)
+    rounds = 0
+    while rounds < 5 or (time.perf_counter() - start_all < min_time_s * len(fns) and rounds < max_repeats):
+        for name, fn in fns.items():
+            if device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()
+                samples[name].append(begin.elapsed_time(end))
+            else:
+                begin_s = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - begin_s) * 1e3)
+        rounds += 1
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 FAMILIES: Dict[str, Callable] = {}
@@ -130,6 +137,7 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
             times: Dict[str, float] = {}
             errors: Dict[str, float] = {}
             peaks: Dict[str, Optional[float]] = {}
+            runnable: Dict[str, Callable[[], object]] = {}  # providers that ran once; timed together below
             for name, fn in case.providers.items():
                 try:
                     if device == "cuda":
@@ -144,10 +152,15 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
                         peaks[name] = cpu_peak_extra_mb(lambda: result.append(fn(*inputs)))
                         output = result[0]
                     errors[name] = case.error(output, inputs)
-                    times[name] = time_call(lambda: fn(*inputs), device, min_time_s=0.05 if quick else 0.2)
+                    runnable[name] = (lambda fn=fn: fn(*inputs))
                 except Exception as error:  # a provider that cannot run here is reported, not fatal
                     times[name], errors[name], peaks[name] = float("nan"), float("nan"), None
                     print(f"  [{case.shape}] {name} failed: {error}")
+            try:
+                times.update(time_interleaved(runnable, device, min_time_s=0.05 if quick else 0.2))
+            except Exception as error:
+                times.update({name: float("nan") for name in runnable})
+                print(f"  [{case.shape}] timing failed: {error}")
             for name in case.providers:
                 rows.append(Row(case.family, case.shape, name, times[name],
                                 times.get("reference", float("nan")) / times[name],
