@@ -162,7 +162,7 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
                 times.update({name: float("nan") for name in runnable})
                 print(f"  [{case.shape}] timing failed: {error}")
             for name in case.providers:
-                rows.append(Row(case.family, case.shape, name, times[name],
+                rows.append(Row(family, case.shape, name, times[name],
                                 times.get("reference", float("nan")) / times[name],
                                 times.get(case.peer, float("nan")) / times[name], case.peer, errors[name], peaks[name]))
     return rows

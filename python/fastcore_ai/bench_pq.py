@@ -165,10 +165,7 @@ def _full_part(family: str, make):
     def cases(device: str, quick: bool = False) -> List:
         if quick or device != "cpu":
             return []  # the quick set (and the device notice) come from the "pq" family alone
-        made = make()
-        for case in made:
-            case.family = family  # the table of `--family pq_x` lists the rows of family pq_x
-        return made
+        return make()
     return cases
 
 
