@@ -389,6 +389,41 @@ __attribute__((target("avx512f"))) void gather_tables(const ScanParams& p, const
   }
 }
 
+// The 16-query sums of rows [begin, end) of `codes` ([rows, M] bytes) against the interleaved tables lut_t
+// ([M][ksub][16]: entry (m, c) holds the 16 queries' table values), four rows at a time so four independent
+// add chains hide the load latency; each row's 16 sums go to offer(sums, row). Shared by the flat and the
+// IVF list scans, which differ only in what offer does with a row.
+template <typename Offer>
+__attribute__((target("avx512f"))) inline void sum_rows_16_queries(const uint8_t* codes, int64_t M, int64_t ksub,
+                                                                   const float* lut_t, int64_t begin, int64_t end,
+                                                                   Offer& offer) {
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const uint8_t* c0 = codes + r * M;
+    const uint8_t* c1 = c0 + M;
+    const uint8_t* c2 = c1 + M;
+    const uint8_t* c3 = c2 + M;
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* t = lut_t + m * ksub * kWideQueries;
+      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
+      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
+      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
+      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
+    }
+    offer(s0, r);
+    offer(s1, r + 1);
+    offer(s2, r + 2);
+    offer(s3, r + 3);
+  }
+  for (; r < end; ++r) {
+    const uint8_t* c = codes + r * M;
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
+    offer(s, r);
+  }
+}
+
 // 8-bit flat ADC for 16 queries at once: per (row, m) one load + one add serve the 16 queries (cross-
 // query code reuse: each code byte is read once for all of them). Every lane sums its M entries in m
 // order starting from 0, like the scalar loop, so the distances are the same bits. Four rows are in
@@ -424,31 +459,7 @@ __attribute__((target("avx512f"))) void scan_flat_avx512(const ScanParams& p, co
     }
     limit = _mm512_load_ps(roots);
   };
-  int64_t r = row_begin;
-  for (; r + 4 <= row_end; r += 4) {
-    const uint8_t* c0 = p.codes + r * M;
-    const uint8_t* c1 = c0 + M;
-    const uint8_t* c2 = c1 + M;
-    const uint8_t* c3 = c2 + M;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* t = lut_t + m * ksub * kWideQueries;
-      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
-      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
-      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
-      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
-    }
-    offer(s0, r);
-    offer(s1, r + 1);
-    offer(s2, r + 2);
-    offer(s3, r + 3);
-  }
-  for (; r < row_end; ++r) {
-    const uint8_t* c = p.codes + r * M;
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
-    offer(s, r);
-  }
+  sum_rows_16_queries(p.codes, M, ksub, lut_t, row_begin, row_end, offer);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -554,31 +565,7 @@ __attribute__((target("avx512f"))) void scan_list_avx512(const ScanParams& p, co
     limit = _mm512_load_ps(roots);
   };
   const int64_t begin = p.list_offsets[list], end = p.list_offsets[list + 1];
-  int64_t r = begin;
-  for (; r + 4 <= end; r += 4) {
-    const uint8_t* c0 = p.codes + r * M;
-    const uint8_t* c1 = c0 + M;
-    const uint8_t* c2 = c1 + M;
-    const uint8_t* c3 = c2 + M;
-    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    for (int64_t m = 0; m < M; ++m) {
-      const float* t = lut_t + m * ksub * kWideQueries;
-      s0 = _mm512_add_ps(s0, _mm512_load_ps(t + c0[m] * kWideQueries));
-      s1 = _mm512_add_ps(s1, _mm512_load_ps(t + c1[m] * kWideQueries));
-      s2 = _mm512_add_ps(s2, _mm512_load_ps(t + c2[m] * kWideQueries));
-      s3 = _mm512_add_ps(s3, _mm512_load_ps(t + c3[m] * kWideQueries));
-    }
-    offer(s0, r);
-    offer(s1, r + 1);
-    offer(s2, r + 2);
-    offer(s3, r + 3);
-  }
-  for (; r < end; ++r) {
-    const uint8_t* c = p.codes + r * M;
-    __m512 s = _mm512_setzero_ps();
-    for (int64_t m = 0; m < M; ++m) s = _mm512_add_ps(s, _mm512_load_ps(lut_t + (m * ksub + c[m]) * kWideQueries));
-    offer(s, r);
-  }
+  sum_rows_16_queries(p.codes, M, ksub, lut_t, begin, end, offer);
 }
 
 // The probes of queries [q_begin, q_end) inverted (sorted by list), then every list is scanned once
