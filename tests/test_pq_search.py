@@ -59,6 +59,16 @@ def test_recall_sanity_on_clustered_data(data):
         assert recall_at_10 > 0.9, type(index).__name__
 
 
+@pytest.mark.parametrize("coarse_niter", [0, 1])
+def test_ivfpq_coarse_iterations_are_their_own(data, coarse_niter):
+    # the coarse quantizer runs coarse_niter Lloyd iterations (FAISS's IndexIVF default is 10), independent of
+    # the PQ codebooks' niter
+    x, _ = data
+    index = IVFPQIndex(32, 8, 8, 8).train(x, niter=2, seed=5, coarse_niter=coarse_niter)
+    assert torch.equal(index.coarse, ops.kmeans(x, 8, niter=coarse_niter, seed=5))
+    assert not torch.equal(index.coarse, ops.kmeans(x, 8, niter=coarse_niter + 2, seed=5))
+
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("by_residual", [True, False])
 def test_ivfpq_matches_reference_scan(data, metric, by_residual):

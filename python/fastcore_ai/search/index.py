@@ -220,9 +220,13 @@ class IVFPQIndex(PQIndex):
         self._csr = None
         self._list_terms: Optional[Tensor] = None
 
-    def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False) -> "IVFPQIndex":
+    def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False,
+              coarse_niter: int = 10) -> "IVFPQIndex":
+        """Coarse k-means (nlist centroids, coarse_niter Lloyd iterations), then the PQ codebooks (niter) on the
+        residuals (or on x when by_residual=False). coarse_niter = 10 is FAISS's IndexIVF default: the coarse
+        clustering is the large one (nlist up to 2^16 centroids), and extra iterations there buy little recall."""
         x = _as_matrix("IVFPQIndex", "x", x, self.d)
-        coarse = ops.kmeans(x, self.nlist, niter=niter, seed=seed)
+        coarse = ops.kmeans(x, self.nlist, niter=coarse_niter, seed=seed)
         target = x - coarse[self._assign(x, coarse)] if self.by_residual else x
         self.codebooks = ops.pq_train(target, self.M, self.nbits, self.metric, niter=niter, constrained=constrained,
                                       seed=seed + 1)
