@@ -133,6 +133,7 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
     rows: List[Row] = []
     for family in families:
         for case in FAMILIES[family](device, quick):
+            run_threads = torch.get_num_threads()  # a case may pin its own count (pq's 1-thread rows): restored below
             inputs = case.setup()
             times: Dict[str, float] = {}
             errors: Dict[str, float] = {}
@@ -161,6 +162,8 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
             except Exception as error:
                 times.update({name: float("nan") for name in runnable})
                 print(f"  [{case.shape}] timing failed: {error}")
+            if torch.get_num_threads() != run_threads:
+                torch.set_num_threads(run_threads)
             for name in case.providers:
                 rows.append(Row(family, case.shape, name, times[name],
                                 times.get("reference", float("nan")) / times[name],
