@@ -73,20 +73,27 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
   at::Tensor xc = (x.size(1) > 0 && x.stride(1) != 1) ? x.contiguous() : x;
   at::Tensor ct = codebooks.permute({0, 2, 1}).contiguous();  // [M, dsub, ksub]
   at::Tensor lut = want_lut ? at::empty({n, M, ksub}, x.options()) : at::Tensor();
-  at::Tensor codes = want_codes ? at::empty({n, M}, x.options().dtype(at::kByte)) : at::Tensor();
-  if (n == 0 || M == 0) return {lut, codes};
-  if (x.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-    c10::cuda::CUDAGuard guard(x.device());
-    TableParams<float> p;
-    p.x = xc.data_ptr<float>();
+  // The fields every launch below shares (the CUDA tables, the float32 encode, the dispatched CPU path);
+  // each caller then sets lut and/or codes.
+  auto table_params = [&](auto scalar_tag) {
+    using T = decltype(scalar_tag);
+    TableParams<T> p;
+    p.x = xc.data_ptr<T>();
     p.x_stride = xc.stride(0);
-    p.codebooks_t = ct.data_ptr<float>();
+    p.codebooks_t = ct.data_ptr<T>();
     p.n = n;
     p.M = M;
     p.dsub = dsub;
     p.ksub = ksub;
     p.metric = m;
+    return p;
+  };
+  at::Tensor codes = want_codes ? at::empty({n, M}, x.options().dtype(at::kByte)) : at::Tensor();
+  if (n == 0 || M == 0) return {lut, codes};
+  if (x.is_cuda()) {
+#ifdef FASTCORE_WITH_CUDA
+    c10::cuda::CUDAGuard guard(x.device());
+    TableParams<float> p = table_params(float{});
     p.lut = lut.data_ptr<float>();
     check_status(pq_lut_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op, "table kernel launch");
     return {lut, codes};
@@ -101,28 +108,13 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
   if (want_codes && !want_lut && x.scalar_type() == at::kFloat) {
     // float32 encode: the GEMM form with the centroid norms precomputed once per call.
     at::Tensor c_norms = (codebooks * codebooks).sum(2).contiguous();  // [M, ksub]
-    TableParams<float> p;
-    p.x = xc.data_ptr<float>();
-    p.x_stride = xc.stride(0);
-    p.codebooks_t = ct.data_ptr<float>();
-    p.n = n;
-    p.M = M;
-    p.dsub = dsub;
-    p.ksub = ksub;
+    TableParams<float> p = table_params(float{});
     p.codes = codes.data_ptr<uint8_t>();
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_encode_cpu(p, c_norms.data_ptr<float>(), b, e); });
     return {lut, codes};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
-    TableParams<scalar_t> p;
-    p.x = xc.data_ptr<scalar_t>();
-    p.x_stride = xc.stride(0);
-    p.codebooks_t = ct.data_ptr<scalar_t>();
-    p.n = n;
-    p.M = M;
-    p.dsub = dsub;
-    p.ksub = ksub;
-    p.metric = m;
+    TableParams<scalar_t> p = table_params(scalar_t{});
     p.lut = want_lut ? lut.data_ptr<scalar_t>() : nullptr;
     p.codes = want_codes ? codes.data_ptr<uint8_t>() : nullptr;
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_tables_cpu(p, b, e); });
