@@ -344,10 +344,12 @@ def test_ssm_step_inplace(backend, device):
 
 
 @pytest.mark.parametrize("B,H,N", [(1, 2, 8), (3, 2, 9), (2, 3, 17), (2, 2, 24), (3, 2, 31), (2, 2, 40), (1, 3, 100),
-                                   (2, 1, 130)])
+                                   (2, 1, 130), (16, 3, 32), (21, 2, 16), (33, 2, 8), (17, 3, 24), (48, 1, 32)])
 def test_ssm_step_cpu_block_and_tail_shapes(B, H, N, poisoned_outputs):
-    """The CPU float step keeps 1-4 vectors of 8 states per head in registers and finishes N % 8 states
-    scalar: every block size and tail combination against the complex128 reference, in place included."""
+    """The CPU float step has two loops: N = 8/16/24/32 keeps a head's 1-4 coefficient vectors in registers
+    and sums 16 rows at a time in a tree (B % 16 rows one by one), other N walk tiles of heads and finish
+    N % 8 states scalar: every block size, row-group and tail combination against the complex128 reference,
+    in place included."""
     state, u, dA, dB, C, D = step_inputs(B, H, N)
     u = u.float()
     y, s2 = ops.ssm_step(state, u, dA, dB, C, D, backend="cpu")
@@ -358,12 +360,17 @@ def test_ssm_step_cpu_block_and_tail_shapes(B, H, N, poisoned_outputs):
     work = state.clone()
     y2, _ = ops.ssm_step(work, u, dA, dB, C, D, inplace=True, backend="cpu")
     assert torch.equal(y2, y) and torch.equal(work, s2)
+    y3, _ = ops.ssm_step(state, u, dA, dB, C, None, backend="cpu")
+    ry3, _ = ref.ssm_step(state.to(torch.complex128), u.double(), dA.to(torch.complex128), dB.to(torch.complex128),
+                          C.to(torch.complex128), None)
+    assert relative_error(y3, ry3) < 1e-5
 
 
-def test_ssm_step_cpu_independent_of_threads():
+@pytest.mark.parametrize("N", [40, 32])
+def test_ssm_step_cpu_independent_of_threads(N):
     """Heads are split over threads; each head's rows are summed in a fixed order, so the result is
-    bitwise the same on one thread and on several (shape large enough to be split)."""
-    state, u, dA, dB, C, D = step_inputs(16, 64, 40)
+    bitwise the same on one thread and on several (shape large enough to be split; both CPU loops)."""
+    state, u, dA, dB, C, D = step_inputs(16, 64, N)
     u = u.float()
     threads = torch.get_num_threads()
     try:
@@ -400,8 +407,9 @@ def test_ssm_step_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda *a: ops.ssm_step(*a, backend=backend), tensors)
 
 
-def test_ssm_step_bf16_u_and_empty():
-    state, u, dA, dB, C, D = step_inputs(2, 3, 4)
+@pytest.mark.parametrize("B,H,N", [(2, 3, 4), (18, 3, 32)])
+def test_ssm_step_bf16_u_and_empty(B, H, N):
+    state, u, dA, dB, C, D = step_inputs(B, H, N)
     y, _ = ops.ssm_step(state, u.bfloat16(), dA, dB, C, D, backend="cpu")
     ry, _ = ref.ssm_step(state.to(torch.complex128), u.bfloat16().double(), dA.to(torch.complex128),
                          dB.to(torch.complex128), C.to(torch.complex128), D.double())
