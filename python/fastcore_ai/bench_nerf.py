@@ -168,7 +168,8 @@ def torch_composition_render(sigmas, rgbs, t_starts, t_ends, packed_info):
 def _fixed_mmap_threshold() -> None:
     """glibc raises its mmap threshold after the first large free (up to 32 MiB), after which big tensors
     live in the heap and the peak-RSS column misses them; a fixed 64 KiB threshold makes every tensor an
-    mmap, so the peak column sees each op's real extra memory."""
+    mmap, so the peak column sees each op's real extra memory. It stays for the rest of the process (glibc
+    cannot return to its dynamic threshold), so bench.DEFAULT_FAMILIES runs nerf last."""
     import ctypes
     import ctypes.util
     try:
