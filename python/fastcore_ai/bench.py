@@ -86,9 +86,13 @@ def cpu_peak_extra_mb(fn: Callable) -> Optional[float]:
 
 def time_interleaved(fns: Dict[str, Callable], device: str, min_time_s: float = 0.2,
                      max_repeats: int = 50) -> Dict[str, float]:
-    """Median milliseconds of each fn() over rounds that call every fn once, in order (at least 5 rounds,
-    until about min_time_s per fn). Interleaving makes a load change during the run hit every provider
-    alike, so the ratios of one table stay comparable on a shared machine."""
+    """Median milliseconds of each fn() over rounds that call every fn in order (at least 5 rounds, until
+    about min_time_s per fn). Interleaving makes a load change during the run hit every provider alike, so
+    the ratios of one table stay comparable on a shared machine. On the CPU each timed call directly follows
+    an untimed call of the same fn: a call pays for what its predecessor left behind (glibc trims the heap
+    after a provider frees large temporaries, and the next call's output then faults fresh pages: the same
+    ssm_step took 83 or 47 µs depending on which provider ran before it), so every provider is timed in its
+    own steady state, as a loop of that op would run, not in the state another provider left."""
     for fn in fns.values():
         fn()
     _sync(device)
@@ -105,6 +109,7 @@ def time_interleaved(fns: Dict[str, Callable], device: str, min_time_s: float = 
                 end.synchronize()
                 samples[name].append(begin.elapsed_time(end))
             else:
+                fn()  # untimed: the timed call below follows its own kind
                 begin_s = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - begin_s) * 1e3)
