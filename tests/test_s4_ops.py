@@ -346,9 +346,10 @@ def test_ssm_step_inplace(backend, device):
 @pytest.mark.parametrize("B,H,N", [(1, 2, 8), (3, 2, 9), (2, 3, 17), (2, 2, 24), (3, 2, 31), (2, 2, 40), (1, 3, 100),
                                    (2, 1, 130), (16, 3, 32), (21, 2, 16), (33, 2, 8), (17, 3, 24), (48, 1, 32)])
 def test_ssm_step_cpu_block_and_tail_shapes(B, H, N, poisoned_outputs):
-    """The CPU float step walks tiles of 8 heads batch by batch, unrolls N = 8/16/24/32 (1-4 vectors of 8
-    states) and finishes N % 8 states scalar: every block size, tile remainder and tail combination against
-    the complex128 reference, in place and without D included."""
+    """The CPU float step has two loops: N = 8/16/24/32 keeps a head's 1-4 coefficient vectors in registers
+    and sums 16 rows at a time in a tree (B % 16 rows one by one), other N walk tiles of heads and finish
+    N % 8 states scalar: every block size, row-group and tail combination against the complex128 reference,
+    in place and without D included."""
     state, u, dA, dB, C, D = step_inputs(B, H, N)
     u = u.float()
     y, s2 = ops.ssm_step(state, u, dA, dB, C, D, backend="cpu")
@@ -368,7 +369,7 @@ def test_ssm_step_cpu_block_and_tail_shapes(B, H, N, poisoned_outputs):
 @pytest.mark.parametrize("N", [40, 32])
 def test_ssm_step_cpu_independent_of_threads(N):
     """Heads are split over threads; each head's rows are summed in a fixed order, so the result is
-    bitwise the same on one thread and on several (shape large enough to be split; generic and unrolled N)."""
+    bitwise the same on one thread and on several (shape large enough to be split; both CPU loops)."""
     state, u, dA, dB, C, D = step_inputs(16, 64, N)
     u = u.float()
     threads = torch.get_num_threads()

@@ -199,18 +199,13 @@ FC_CPU_CLONES void vandermonde_backward_impl(const VandermondeParams<T>& p, int6
   }
 }
 
-// The float step. dA, dB, C are shared by the B rows of a head, so for a tile of kStepTileHeads heads their
-// coefficients are rearranged once into the form the 16-lane loop wants (no per-row shuffles of them):
+// The float step, two loops over the same formulas. dA, dB, C are shared by the B rows of a head, so their
+// coefficients are rearranged into the form the 16-lane loop wants (no per-row shuffles of them):
 //   s' = dA·s + dB·u = (a_re, a_re)·s + (−a_im, a_im)·swap(s) + (b_re, b_im)·u       (per complex pair)
 //   Re(C s') = Σ (c_re, −c_im)·s'                                                     (lane sum)
-// and the tile's rows are then walked batch by batch (the tile's rows of one batch are contiguous, so the
-// state streams through the prefetchers while the coefficients stay in L1). Per 8 states: one load, one
-// in-pair swap, four multiply(-add)s, one store. Measured at B = 16, H = 256, N = 32 on one core: 0.70× the
-// time of the previous row-major loop that reshuffled dA, dB, C for every row; walking one head's B rows
-// at a time instead (coefficients in registers) was slower out of place, as rows of one head lie 64 KiB apart.
+// Per 8 states: one state load, one in-pair swap, four multiply(-add)s, one store.
 // In place is allowed (new_state == state): each vector is loaded before it is stored. The order of y's sum
-// is fixed (per row: vectors in order into one 16-lane accumulator, a pairwise lane sum, then the N % 8
-// scalar states), whatever the threading.
+// is fixed by N alone (see each loop), whatever the threading.
 constexpr int kStepLanes = 16;
 constexpr int64_t kStepTileHeads = 8;
 typedef float StepVector __attribute__((vector_size(64)));
@@ -231,7 +226,11 @@ __attribute__((always_inline)) inline float step_lane_sum(StepVector v) {
   return (four[0] + four[2]) + (four[1] + four[3]);
 }
 
-// kVectors > 0: the row's full-vector count as a constant (N = 8, 16, 24, 32: unrolled), 0: any N.
+// Any N (the loop for N > 32 or N not a multiple of 8): for a tile of kStepTileHeads heads the coefficients
+// are rearranged once, and the tile's rows walked batch by batch (the tile's rows of one batch are contiguous,
+// so the state streams through the prefetchers while the coefficients stay in L1). y's sum per row: the full
+// vectors in order into one 16-lane accumulator, step_lane_sum, then the N % 8 scalar states.
+// kVectors > 0: the row's full-vector count as a constant (unrolled), 0: any N.
 template <int kVectors>
 __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams<float>& p, int64_t begin, int64_t end) {
   const StepIndex dup_re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
@@ -297,12 +296,117 @@ __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams
   }
 }
 
+// The lane-pair level of the tree: lane 2k + j (j < 2) of the result holds partial k of row j.
+__attribute__((always_inline)) inline StepVector step_sum_pairs(StepVector row0, StepVector row1) {
+  const StepIndex even = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+  const StepIndex odd = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+  return __builtin_shuffle(row0, row1, even) + __builtin_shuffle(row0, row1, odd);
+}
+// Two pair-level vectors (rows 0-1, 2-3) -> lane 4k + j (j < 4): partial k of row j.
+__attribute__((always_inline)) inline StepVector step_sum_fours(StepVector pairs0, StepVector pairs1) {
+  const StepIndex even = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+  const StepIndex odd = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+  return __builtin_shuffle(pairs0, pairs1, even) + __builtin_shuffle(pairs0, pairs1, odd);
+}
+// Two four-level vectors (rows 0-3, 4-7) -> lane 8k + j (j < 8): partial k of row j.
+__attribute__((always_inline)) inline StepVector step_sum_eights(StepVector fours0, StepVector fours1) {
+  const StepIndex even = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+  const StepIndex odd = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+  return __builtin_shuffle(fours0, fours1, even) + __builtin_shuffle(fours0, fours1, odd);
+}
+// Two eight-level vectors (rows 0-7, 8-15) -> lane j: the sum of row j.
+__attribute__((always_inline)) inline StepVector step_sum_rows(StepVector eights0, StepVector eights1) {
+  const StepIndex even = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const StepIndex odd = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  return __builtin_shuffle(eights0, eights1, even) + __builtin_shuffle(eights0, eights1, odd);
+}
+
+// N = 8, 16, 24, 32 (kVectors = N / 8 vectors a row; S4D's d_state = 64 stores N = 32). The tile loop above
+// is bound by its loads, not by memory: per state vector it loads four coefficient vectors besides the state
+// (Zen 4 retires one 512-bit load a cycle), and every four-vector row ends in a 16-lane sum (a chain of ~10
+// dependent shuffles and adds). Here a head's 4·kVectors coefficient vectors are loaded into registers once
+// and its B rows walked (one load per state vector), and the sums of 16 rows are formed together by a
+// transpose-and-add tree (15 adds and 30 two-source shuffles for 16 sums). A head's rows lie H·N apart: the
+// walk is 16 sequential streams. Measured at B = 16, H = 256, N = 32 (bench harness, each call after a call
+// of itself, other work paused): 24 vs 35 µs on two threads, 47 vs 67–70 µs on one, against the tile loop; in
+// 64-step generation loops from Python, in place 27–33 vs 33–38 µs (two threads), 46 vs 68–72 µs (one),
+// functional 36–37 µs both (two), 60 vs 80 µs (one). A standalone C++ loop ping-ponging two buffers had the
+// two loops tie (in place 40–41 µs both, ping-pong 60 vs 55 µs): how much this saves depends on which
+// buffers are still in cache.
+// y's sum per row: the vectors in order into one 16-lane accumulator, then the tree (step_lane_sum for the
+// B % 16 rows of a last, partial group).
+template <int kVectors>
+__attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepParams<float>& p, int64_t begin,
+                                                                    int64_t end) {
+  const StepIndex dup_re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
+  const StepIndex dup_im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
+  const StepIndex swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  const StepVector im_sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f};
+  const StepVector re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
+  const int64_t N = p.states, H = p.heads, B = p.batch;
+  const bool float_io = p.u_kind == ScalarKind::kFloat32;
+  for (int64_t h = begin; h < end; ++h) {
+    StepVector k_re[kVectors], k_im[kVectors], k_b[kVectors], k_c[kVectors];
+    for (int q = 0; q < kVectors; ++q) {
+      const int64_t at = 2 * h * N + q * kStepLanes;
+      const StepVector a = load_lanes_as<StepVector>(p.dA + at);
+      k_re[q] = __builtin_shuffle(a, dup_re);
+      k_im[q] = __builtin_shuffle(a, dup_im) * im_sign;
+      k_b[q] = load_lanes_as<StepVector>(p.dB + at);
+      k_c[q] = load_lanes_as<StepVector>(p.C + at) * re_sign;
+    }
+    const float d = p.D != nullptr ? p.D[h] : 0.f;
+    for (int64_t b0 = 0; b0 < B; b0 += kStepLanes) {
+      const int64_t rows = std::min<int64_t>(kStepLanes, B - b0);
+      float u[kStepLanes];
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t row = (b0 + j) * H + h;
+        u[j] = float_io ? static_cast<const float*>(p.u)[row] : load_as<float>(p.u, p.u_kind, row);
+      }
+      // Re(C s') of row b0 + j as a 16-lane accumulator (the lambdas are inlined: an out-of-line copy would be
+      // compiled for the default target, passing vectors in memory, while this target clone expects them in
+      // registers)
+      auto row_sum = [&](int64_t j) __attribute__((always_inline)) {
+        const int64_t offset = 2 * ((b0 + j) * H + h) * N;
+        const float* s = p.state + offset;
+        float* s_new = p.new_state + offset;
+        StepVector acc = StepVector{};
+        for (int q = 0; q < kVectors; ++q) {
+          const StepVector sv = load_lanes_as<StepVector>(s + q * kStepLanes);
+          const StepVector next = k_re[q] * sv + k_im[q] * __builtin_shuffle(sv, swap) + k_b[q] * u[j];
+          std::memcpy(s_new + q * kStepLanes, &next, sizeof(next));
+          acc += k_c[q] * next;
+        }
+        return acc;
+      };
+      float sums[kStepLanes];
+      if (rows == kStepLanes) {
+        auto four_rows = [&](int64_t j) __attribute__((always_inline)) {
+          const StepVector pairs0 = step_sum_pairs(row_sum(j), row_sum(j + 1));
+          return step_sum_fours(pairs0, step_sum_pairs(row_sum(j + 2), row_sum(j + 3)));
+        };
+        const StepVector eights0 = step_sum_eights(four_rows(0), four_rows(4));
+        const StepVector all = step_sum_rows(eights0, step_sum_eights(four_rows(8), four_rows(12)));
+        std::memcpy(sums, &all, sizeof(all));
+      } else {  // the batch's last rows (B % 16): one lane sum per row
+        for (int64_t j = 0; j < rows; ++j) sums[j] = step_lane_sum(row_sum(j));
+      }
+      for (int64_t j = 0; j < rows; ++j) {
+        const int64_t row = (b0 + j) * H + h;
+        const float y = 2.f * sums[j] + d * u[j];
+        if (float_io) static_cast<float*>(p.y)[row] = y;
+        else store_as<float>(p.y, p.u_kind, row, y);
+      }
+    }
+  }
+}
+
 FC_CPU_CLONES void ssm_step_float_heads(const StepParams<float>& p, int64_t begin, int64_t end) {
   switch (p.states) {
-    case 8: ssm_step_float_tiles<1>(p, begin, end); break;
-    case 16: ssm_step_float_tiles<2>(p, begin, end); break;
-    case 24: ssm_step_float_tiles<3>(p, begin, end); break;
-    case 32: ssm_step_float_tiles<4>(p, begin, end); break;
+    case 8: ssm_step_float_head_rows<1>(p, begin, end); break;
+    case 16: ssm_step_float_head_rows<2>(p, begin, end); break;
+    case 24: ssm_step_float_head_rows<3>(p, begin, end); break;
+    case 32: ssm_step_float_head_rows<4>(p, begin, end); break;
     default: ssm_step_float_tiles<0>(p, begin, end); break;
   }
 }
