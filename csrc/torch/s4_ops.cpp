@@ -497,6 +497,33 @@ int step_cuda(const StepParams<float>& p, void* stream, bool backward) {
 int step_cuda(const StepParams<double>&, void*, bool) { return 1; }  // cudaErrorInvalidValue (never reached)
 #endif
 
+// The inputs both step directions read (complex storage as interleaved (re, im) pairs of T; D in T or absent).
+template <typename T>
+StepParams<T> step_inputs(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
+                          const at::Tensor& C, const at::Tensor& D, int64_t B, int64_t H, int64_t N) {
+  StepParams<T> p;
+  p.state = static_cast<const T*>(state.data_ptr()); p.u = u.data_ptr(); p.u_kind = scalar_kind_of(u, kStep, "u");
+  p.dA = static_cast<const T*>(dA.data_ptr()); p.dB = static_cast<const T*>(dB.data_ptr());
+  p.C = static_cast<const T*>(C.data_ptr());
+  p.D = D.defined() ? D.data_ptr<T>() : nullptr;
+  p.batch = B; p.heads = H; p.states = N;
+  return p;
+}
+
+// Launches the step (forward or backward) when `state` is on a GPU: true when it ran there, false for the CPU.
+template <typename T>
+bool step_on_cuda(const StepParams<T>& p, const at::Tensor& state, bool backward) {
+  if (!state.is_cuda()) return false;
+#ifdef FASTCORE_WITH_CUDA
+  FC_CHECK((std::is_same<T, float>::value), kStep, "the cuda backend takes complex64 state, got complex128");
+  c10::cuda::CUDAGuard guard(state.device());
+  check_status(step_cuda(p, current_stream(), backward), kStep, backward ? "backward launch" : "launch");
+  return true;
+#else
+  no_cuda(kStep);
+#endif
+}
+
 void check_step_args(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
                      const at::Tensor& C, const std::optional<at::Tensor>& D) {
   check_complex(kStep, "state", state, 3);
@@ -533,23 +560,9 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
                         : (D->scalar_type() == real && D->is_contiguous()) ? *D : D->to(real).contiguous();
   AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step", [&] {
     using T = scalar_t;
-    StepParams<T> p;  // complex storage read as interleaved (re, im) pairs of T
-    p.state = static_cast<const T*>(s.data_ptr()); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
-    p.dA = static_cast<const T*>(a.data_ptr()); p.dB = static_cast<const T*>(bb.data_ptr());
-    p.C = static_cast<const T*>(c.data_ptr());
-    p.D = Dc.defined() ? Dc.data_ptr<T>() : nullptr;
+    StepParams<T> p = step_inputs<T>(s, uc, a, bb, c, Dc, B, H, N);
     p.y = y.data_ptr(); p.new_state = static_cast<T*>(new_state.data_ptr());
-    p.batch = B; p.heads = H; p.states = N;
-    if (state.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-      FC_CHECK((std::is_same<T, float>::value), kStep, "the cuda backend takes complex64 state, got complex128");
-      c10::cuda::CUDAGuard guard(state.device());
-      check_status(step_cuda(p, current_stream(), false), kStep, "launch");
-      return;
-#else
-      no_cuda(kStep);
-#endif
-    }
+    if (step_on_cuda(p, state, false)) return;
     // Work units are heads (the kernel prepares dA, dB, C once per tile of heads for all B rows). A step is
     // tiny, so a thread gets at least ~2^15 states: below that waking a second thread costs more than it saves.
     at::parallel_for(0, H, std::max<int64_t>(1, (int64_t(1) << 15) / (B * N)),
@@ -619,25 +632,12 @@ std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::o
              gC = at::view_as_real(grad_C);
   AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step_backward", [&] {
     using T = scalar_t;
-    StepParams<T> p;
-    p.state = s.data_ptr<T>(); p.u = uc.data_ptr(); p.u_kind = scalar_kind_of(uc, kStep, "u");
-    p.dA = a.data_ptr<T>(); p.dB = bb.data_ptr<T>(); p.C = c.data_ptr<T>();
-    p.D = Dc.defined() ? Dc.data_ptr<T>() : nullptr;
+    StepParams<T> p = step_inputs<T>(s, uc, a, bb, c, Dc, B, H, N);
     p.grad_y = gy.data_ptr<T>(); p.grad_new_state = gns.defined() ? gns.data_ptr<T>() : nullptr;
     p.grad_state = gs.data_ptr<T>(); p.grad_u = grad_u.data_ptr<T>();
     p.grad_dA = gA.data_ptr<T>(); p.grad_dB = gB.data_ptr<T>(); p.grad_C = gC.data_ptr<T>();
     p.grad_D = D.has_value() ? grad_D.data_ptr<T>() : nullptr;
-    p.batch = B; p.heads = H; p.states = N;
-    if (state.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-      FC_CHECK((std::is_same<T, float>::value), kStep, "the cuda backend takes complex64 state, got complex128");
-      c10::cuda::CUDAGuard guard(state.device());
-      check_status(step_cuda(p, current_stream(), true), kStep, "backward launch");
-      return;
-#else
-      no_cuda(kStep);
-#endif
-    }
+    if (step_on_cuda(p, state, true)) return;
     at::parallel_for(0, H, parallel_grain(B * N * 16), [&](int64_t b, int64_t e) { ssm_step_backward_cpu<T>(p, b, e); });
   });
   return {grad_state, grad_u.to(u.scalar_type()), grad_dA, grad_dB, grad_C,
