@@ -6,7 +6,9 @@
 // A backward task owns one (batch, head): it recomputes p from the saved lse and accumulates dK, dV
 // over all query tiles in a fixed order (no atomics), so results are thread-count independent.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -19,6 +21,17 @@
 #include "mux/convert.h"
 
 #define FC_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// The generic path's clones: FC_CPU_CLONES's "avx512f" and "avx2" targets do not enable FMA, so their
+// 8-lane products compiled to separate multiplies and adds; the x86-64-v4 / v3 levels include it.
+#ifdef __x86_64__
+#if defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+#define FC_ATTENTION_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+#endif
+#ifndef FC_ATTENTION_CLONES
+#define FC_ATTENTION_CLONES
+#endif
 
 namespace fastcore {
 namespace mux {
@@ -724,20 +737,43 @@ FC_AVX512_FN void backward_float_avx512(const AttentionParams& p, int64_t task_b
 #pragma GCC diagnostic pop
 #endif
 
-FC_CPU_CLONES void forward_float(const AttentionParams& p, int64_t begin, int64_t end) {
+FC_ATTENTION_CLONES void forward_float(const AttentionParams& p, int64_t begin, int64_t end) {
   forward_range<float>(p, begin, end);
 }
-FC_CPU_CLONES void forward_double(const AttentionParams& p, int64_t begin, int64_t end) {
+FC_ATTENTION_CLONES void forward_double(const AttentionParams& p, int64_t begin, int64_t end) {
   forward_range<double>(p, begin, end);
 }
-FC_CPU_CLONES void backward_float(const AttentionParams& p, int64_t begin, int64_t end) {
+FC_ATTENTION_CLONES void backward_float(const AttentionParams& p, int64_t begin, int64_t end) {
   backward_range<float>(p, begin, end);
 }
-FC_CPU_CLONES void backward_double(const AttentionParams& p, int64_t begin, int64_t end) {
+FC_ATTENTION_CLONES void backward_double(const AttentionParams& p, int64_t begin, int64_t end) {
   backward_range<double>(p, begin, end);
 }
 
+#ifdef FC_HAVE_AVX512_PATH
+std::atomic<int> force_generic{-1};  // −1: not decided yet (read the environment at first use)
+
+bool use_avx512() {
+  int force = force_generic.load(std::memory_order_relaxed);
+  if (force < 0) {
+    const char* env = std::getenv("FASTCORE_AI_ATTENTION_CPU_GENERIC");
+    force = (env != nullptr && env[0] != '\0' && env[0] != '0') ? 1 : 0;
+    force_generic.store(force, std::memory_order_relaxed);
+  }
+  static const bool has_avx512 = __builtin_cpu_supports("avx512f");
+  return has_avx512 && force == 0;
+}
+#endif
+
 }  // namespace
+
+void attention_cpu_force_generic(bool force) {
+#ifdef FC_HAVE_AVX512_PATH
+  force_generic.store(force ? 1 : 0, std::memory_order_relaxed);
+#else
+  (void)force;
+#endif
+}
 
 void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
   if (task_begin >= task_end) return;
@@ -746,7 +782,7 @@ void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t
     return;
   }
 #ifdef FC_HAVE_AVX512_PATH
-  if (__builtin_cpu_supports("avx512f")) {
+  if (use_avx512()) {
     forward_float_avx512(p, task_begin, task_end);
     return;
   }
@@ -761,7 +797,7 @@ void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_
     return;
   }
 #ifdef FC_HAVE_AVX512_PATH
-  if (__builtin_cpu_supports("avx512f")) {
+  if (use_avx512()) {
     backward_float_avx512(p, task_begin, task_end);
     return;
   }
