@@ -109,18 +109,26 @@ int64_t choose_q_tile(int64_t B, int64_t H, int64_t Lq) {
   return tile;
 }
 
-// Runs kernel(p, begin, end) over the tasks [0, tasks) on the at::parallel_for threads, one task at a
-// time from a shared counter instead of one fixed slice per thread: on a machine where another process
-// holds a core for a while, the thread that keeps running takes the remaining tasks instead of the call
-// waiting for the slowed thread's slice. Every task writes only its own outputs in a fixed order, so the
-// results do not depend on which thread ran it (or on the thread count).
+// Runs kernel(p, task, task + 1, next) over the tasks [0, tasks) on the at::parallel_for threads, one
+// task at a time from a shared counter instead of one fixed slice per thread: on a machine where another
+// process holds a core for a while, the thread that keeps running takes the remaining tasks instead of
+// the call waiting for the slowed thread's slice. A thread claims its next task before running the
+// current one and passes it along, so the kernel can prefetch that task's inputs. Every task writes only
+// its own outputs in a fixed order, so the results do not depend on which thread ran it (or on the
+// thread count).
 template <typename Kernel>
 void run_tasks(const AttentionParams& p, int64_t tasks, Kernel kernel) {
-  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> counter{0};
   const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t worker = begin; worker < end; ++worker)
-      for (int64_t task = next.fetch_add(1); task < tasks; task = next.fetch_add(1)) kernel(p, task, task + 1);
+    for (int64_t worker = begin; worker < end; ++worker) {
+      int64_t task = counter.fetch_add(1);
+      while (task < tasks) {
+        const int64_t next = counter.fetch_add(1);
+        kernel(p, task, task + 1, next < tasks ? next : -1);
+        task = next;
+      }
+    }
   });
 }
 

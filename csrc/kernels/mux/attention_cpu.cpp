@@ -455,6 +455,41 @@ FC_AVX512_INLINE __mmask16 lanes_below(int64_t count) {  // the first min(count,
   return count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
 }
 
+// Prefetches the rows of a later task's inputs a few cache lines at a time (step), spread over the row
+// loops of the current task, so they arrive while its micro-kernels run. Inputs whose last dimension is
+// not contiguous are skipped.
+struct RowPrefetch {
+  struct Rows {
+    const char* first;
+    int64_t stride_bytes, rows, lines;
+  };
+  Rows list[5];
+  int count = 0;
+  int current = 0;
+  int64_t row = 0, total = 0;
+
+  void add(const void* base, ScalarKind kind, const int64_t* stride, int64_t b, int64_t h, int64_t j0, int64_t rows,
+           int64_t D) {
+    if (rows <= 0 || count == 5 || (stride[3] != 1 && D > 1)) return;
+    const int64_t bytes = kind == ScalarKind::kFloat64 ? 8 : (kind == ScalarKind::kFloat32 ? 4 : 2);
+    list[count++] = {static_cast<const char*>(base) + (b * stride[0] + h * stride[1] + j0 * stride[2]) * bytes,
+                     stride[2] * bytes, rows, (D * bytes + 63) / 64};
+    total += rows;
+  }
+  // Prefetches the next `rows` input rows (every cache line of each).
+  void step(int64_t rows) {
+    for (; rows > 0 && current < count; --rows) {
+      const Rows& r = list[current];
+      const char* line = r.first + row * r.stride_bytes;
+      for (int64_t l = 0; l <= r.lines; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);  // (+1: unaligned rows)
+      if (++row == r.rows) {
+        row = 0;
+        ++current;
+      }
+    }
+  }
+};
+
 // C[MR rows, NV·16] (+)= Σ_k A(r, k) · B[k, :] with A(r, k) = A[r·a_row + k·a_col]: MR·NV ≤ 24 zmm
 // accumulators for the whole k loop.
 template <int MR, int NV>
@@ -548,7 +583,8 @@ FC_AVX512_INLINE void pack_cols16(const void* base, ScalarKind kind, const int64
 }
 
 // The forward (forward_range's math and task split) on the same panels and micro-kernels.
-FC_AVX512_FN void forward_float_avx512(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+FC_AVX512_FN void forward_float_avx512(const AttentionParams& p, int64_t task_begin, int64_t task_end,
+                                       int64_t prefetch_task) {
   const int64_t D = p.head_dim, Dp = round_up(D, 16);
   const int64_t Bk = std::max<int64_t>(1, std::min(p.kv_block, p.len_k)), Bkp = round_up(Bk, 16);
   const int64_t Tq = std::max<int64_t>(1, std::min(p.q_tile, p.len_q));
@@ -568,6 +604,17 @@ FC_AVX512_FN void forward_float_avx512(const AttentionParams& p, int64_t task_be
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t bh = task / tiles, tile = task % tiles, b = bh / p.heads, h = bh % p.heads;
     const int64_t q0 = tile * Tq, rows = std::min(Tq, p.len_q - q0);
+    RowPrefetch next;  // the next task's query tile, keys and values (this range's next task, or the hint)
+    const int64_t next_task = task + 1 < task_end ? task + 1 : prefetch_task;
+    if (next_task >= 0) {
+      const int64_t nbh = next_task / tiles, nq0 = (next_task % tiles) * Tq, nb = nbh / p.heads, nh = nbh % p.heads;
+      next.add(p.q, p.kind, p.q_stride, nb, nh, nq0, std::min(Tq, p.len_q - nq0), D);
+      if (nbh != bh) {
+        next.add(p.k, p.kind, p.k_stride, nb, nh, 0, p.len_k, D);
+        next.add(p.v, p.kind, p.v_stride, nb, nh, 0, p.len_k, D);
+      }
+    }
+    const int64_t prefetch_rows = (next.total + rows - 1) / rows;  // per softmax row of the first key block
     pack_rows16(p.q, p.kind, p.q_stride, b, h, q0, rows, D, Dp, static_cast<float>(p.scale), q_panel);
     std::fill(row_max_, row_max_ + rows, neg_inf);
     std::fill(row_sum, row_sum + rows, 0.0f);
@@ -579,6 +626,7 @@ FC_AVX512_FN void forward_float_avx512(const AttentionParams& p, int64_t task_be
       // scores = (scale q) kᵀ  [rows, n_pad]
       gemm16(rows, n_pad, D, q_panel, Dp, 1, k_cols, n_pad, scores, Bkp, false);
       for (int64_t i = 0; i < rows; ++i) {
+        next.step(prefetch_rows);
         float* si = scores + i * Bkp;
         if (bias) add_bias<float>(p, b, h, q0 + i, j0, n, si);
         __m512 m = neg_inf16;
@@ -634,7 +682,8 @@ struct BackwardScratch16 {
   }
 };
 
-FC_AVX512_FN void backward_float_avx512(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+FC_AVX512_FN void backward_float_avx512(const AttentionParams& p, int64_t task_begin, int64_t task_end,
+                                        int64_t prefetch_task) {
   const int64_t D = p.head_dim, Dp = round_up(D, 16), Lq = p.len_q, Lk = p.len_k;
   const int64_t Bk = std::max<int64_t>(1, std::min(p.kv_block, Lk)), Bkp = round_up(Bk, 16);
   const int64_t Tq = std::max<int64_t>(1, std::min<int64_t>(Lq <= 192 ? Lq : 64, Lq));
@@ -657,6 +706,17 @@ FC_AVX512_FN void backward_float_avx512(const AttentionParams& p, int64_t task_b
   for (int64_t bh = task_begin; bh < task_end; ++bh) {
     const int64_t b = bh / p.heads, h = bh % p.heads;
     const float* lse = static_cast<const float*>(p.lse) + bh * Lq;
+    RowPrefetch next;  // the next task's q, k, v, dO and O rows (this range's next task, or the hint)
+    const int64_t next_bh = bh + 1 < task_end ? bh + 1 : prefetch_task;
+    if (next_bh >= 0) {
+      const int64_t nb = next_bh / p.heads, nh = next_bh % p.heads;
+      next.add(p.q, p.kind, p.q_stride, nb, nh, 0, Lq, D);
+      next.add(p.k, p.kind, p.k_stride, nb, nh, 0, Lk, D);
+      next.add(p.v, p.kind, p.v_stride, nb, nh, 0, Lk, D);
+      next.add(p.grad_out, p.kind, contiguous, nb, nh, 0, Lq, D);
+      next.add(p.out, p.kind, contiguous, nb, nh, 0, Lq, D);
+    }
+    const int64_t prefetch_rows = (next.total + Lq - 1) / Lq;  // per p row of the first key block
     pack_rows16(p.q, p.kind, p.q_stride, b, h, 0, Lq, D, Dp, static_cast<float>(p.scale), q_rows);
     pack_rows16(p.grad_out, p.kind, contiguous, b, h, 0, Lq, D, Dp, 1.0f, do_rows);
     if (p.kind == ScalarKind::kFloat32) {  // δ_i = dO_i · O_i
@@ -690,6 +750,7 @@ FC_AVX512_FN void backward_float_avx512(const AttentionParams& p, int64_t task_b
         // p = exp(s − lse): 0 where masked, in the padded columns, or for a fully masked row
         gemm16(rows, n_pad, D, qi, Dp, 1, k_cols, n_pad, probs, Bkp, false);
         for (int64_t i = 0; i < rows; ++i) {
+          next.step(prefetch_rows);
           float* pi = probs + i * Bkp;
           if (bias) add_bias<float>(p, b, h, i0 + i, j0, n, pi);
           const float l = lse[i0 + i];
@@ -775,7 +836,7 @@ void attention_cpu_force_generic(bool force) {
 #endif
 }
 
-void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end, int64_t prefetch_task) {
   if (task_begin >= task_end) return;
   if (p.kind == ScalarKind::kFloat64) {
     forward_double(p, task_begin, task_end);
@@ -783,14 +844,14 @@ void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t
   }
 #ifdef FC_HAVE_AVX512_PATH
   if (use_avx512()) {
-    forward_float_avx512(p, task_begin, task_end);
+    forward_float_avx512(p, task_begin, task_end, prefetch_task);
     return;
   }
 #endif
   forward_float(p, task_begin, task_end);
 }
 
-void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
+void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end, int64_t prefetch_task) {
   if (task_begin >= task_end) return;
   if (p.kind == ScalarKind::kFloat64) {
     backward_double(p, task_begin, task_end);
@@ -798,7 +859,7 @@ void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_
   }
 #ifdef FC_HAVE_AVX512_PATH
   if (use_avx512()) {
-    backward_float_avx512(p, task_begin, task_end);
+    backward_float_avx512(p, task_begin, task_end, prefetch_task);
     return;
   }
 #endif
