@@ -559,26 +559,57 @@ FC_AVX512_INLINE void pack_rows16(const void* base, ScalarKind kind, const int64
   pack_rows<float>(base, kind, stride, b, h, j0, n, D, Dp, scale, rows);
 }
 
-// Keys j0 .. j0 + n − 1 of head (b, h) -> cols [D, n_pad] (transposed, zero-padded columns), 16 keys at a time.
+// In-register transpose of a 16 × 16 block: r[i] = row i on entry, r[c] = column c on return (unpack
+// within 128-bit lanes, then two rounds of 128-bit lane shuffles).
+FC_AVX512_INLINE void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // u[g + c]: in 128-bit lane L, column 4L + c of rows g .. g + 3
+    u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+    u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+    u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+    u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+  }
+  for (int c = 0; c < 4; ++c) {  // 4 × 4 transpose of the 128-bit lanes of u[c], u[4 + c], u[8 + c], u[12 + c]
+    const __m512 v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xdd);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88), v3 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+    r[8 + c] = _mm512_shuffle_f32x4(v0, v2, 0xdd);
+    r[4 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xdd);
+  }
+}
+
+// Keys j0 .. j0 + n − 1 of head (b, h) -> cols [D, n_pad] (transposed, zero-padded columns), 16 keys ×
+// 16 features at a time through transpose16 (float32 rows straight from the input; other dtypes or
+// strides through `scratch` [16, D]).
 FC_AVX512_INLINE void pack_cols16(const void* base, ScalarKind kind, const int64_t* stride, int64_t b, int64_t h,
                                   int64_t j0, int64_t n, int64_t D, int64_t n_pad, float* cols, float* scratch) {
+  const bool direct = kind == ScalarKind::kFloat32 && stride[3] == 1;
+  const int64_t offset = b * stride[0] + h * stride[1];
   for (int64_t jb = 0; jb < n_pad; jb += 16) {
     const int64_t count = std::min<int64_t>(16, n - jb);
-    if (count < 16) std::fill(scratch, scratch + 16 * D, 0.0f);
-    if (count > 0) {
-      if (kind == ScalarKind::kFloat32 && stride[3] == 1) {  // 16 rows [16, D] contiguous in scratch
-        const float* src = static_cast<const float*>(base) + b * stride[0] + h * stride[1] + (j0 + jb) * stride[2];
-        for (int64_t j = 0; j < count; ++j) std::memcpy(scratch + j * D, src + j * stride[2], sizeof(float) * D);
-      } else {
-        for (int64_t j = 0; j < count; ++j)
-          load_row<float>(base, kind, b * stride[0] + h * stride[1] + (j0 + jb + j) * stride[2], stride[3], D, 1.0f,
-                          scratch + j * D);
-      }
+    const float* rows = scratch;
+    int64_t ld = D;
+    if (direct) {
+      rows = static_cast<const float*>(base) + offset + (j0 + jb) * stride[2];
+      ld = stride[2];
+    } else {
+      for (int64_t j = 0; j < count; ++j)
+        load_row<float>(base, kind, offset + (j0 + jb + j) * stride[2], stride[3], D, 1.0f, scratch + j * D);
     }
-    const __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                             _mm512_set1_epi32(static_cast<int>(D)));
-    for (int64_t c = 0; c < D; ++c)
-      _mm512_storeu_ps(cols + c * n_pad + jb, _mm512_i32gather_ps(index, scratch + c, 4));
+    for (int64_t c0 = 0; c0 < D; c0 += 16) {
+      const __mmask16 lanes = lanes_below(D - c0);
+      __m512 r[16];
+      for (int64_t j = 0; j < 16; ++j)
+        r[j] = j < count ? _mm512_maskz_loadu_ps(lanes, rows + j * ld + c0) : _mm512_setzero_ps();
+      transpose16(r);
+      const int64_t columns = std::min<int64_t>(16, D - c0);
+      for (int64_t c = 0; c < columns; ++c) _mm512_storeu_ps(cols + (c0 + c) * n_pad + jb, r[c]);
+    }
   }
 }
 
