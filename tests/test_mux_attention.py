@@ -477,3 +477,39 @@ def test_cuda_tensor_core_backward(dtype, B, H, Lq, Lk, D, case):
     for name, g, e, t in zip("qkv", grads, expected, torch_grads):
         assert g.dtype == dtype and not torch.isnan(g).any(), name
         assert relative_error(g.cpu(), e) <= 2 * relative_error(t, e) + 1e-3, name
+
+
+_GENERIC_PATH_SCRIPT = r"""
+import torch
+from fastcore_ai import ops
+import importlib
+ref = importlib.import_module("fastcore_ai.reference.mux")
+worst = 0.0
+for B, H, Lq, Lk, D, masks in [(2, 3, 7, 7, 13, {}), (1, 2, 128, 169, 200, {}), (2, 2, 169, 169, 64, {}),
+                               (2, 2, 37, 53, 24, {"causal": True}), (1, 2, 53, 37, 16, {"causal": True})]:
+    g = torch.Generator().manual_seed(Lq * 1000 + D)
+    q, k, v, go = (torch.randn(B, H, L, D, generator=g) for L in (Lq, Lk, Lk, Lq))
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = ops.attention(*leaves, backend="cpu", **masks)
+    grads = torch.autograd.grad(out, leaves, go)
+    r = [t.double().requires_grad_(True) for t in (q, k, v)]
+    expected = ref.attention(*r, **masks)
+    expected_grads = torch.autograd.grad(expected, r, go.double())
+    for a, e in zip((out,) + grads, (expected,) + expected_grads):
+        worst = max(worst, float((a.double() - e).norm() / e.norm()))
+print("worst", worst)
+"""
+
+
+def test_cpu_generic_path_without_avx512():
+    """The float32 CPU kernels take an AVX-512 path where the CPU has it; the generic vector path (other
+    CPUs) is forced here through FASTCORE_AI_ATTENTION_CPU_GENERIC in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, FASTCORE_AI_ATTENTION_CPU_GENERIC="1")
+    result = subprocess.run([sys.executable, "-c", _GENERIC_PATH_SCRIPT], capture_output=True, text=True, env=env,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    worst = float(result.stdout.split("worst")[-1])
+    assert worst < 5 * FP32_BOUND

@@ -209,10 +209,14 @@ int main() {
       {1, 1, 20, 33, 200, 7, 8, false, true, true},
       {1, 1, 9, 5, 256, 64, 2, true, true, false},
   };
-  for (const Case& c : cases) {
-    run_case<float>(c, ScalarKind::kFloat32, 2e-5);
-    run_case<double>(c, ScalarKind::kFloat64, 1e-12);
+  for (const bool generic : {false, true}) {  // the AVX-512 path (where the CPU has it), then the generic one
+    attention_cpu_force_generic(generic);
+    for (const Case& c : cases) {
+      run_case<float>(c, ScalarKind::kFloat32, 2e-5);
+      run_case<double>(c, ScalarKind::kFloat64, 1e-12);
+    }
   }
+  attention_cpu_force_generic(false);
   test_conversions();
   test_hadamard_mux();
   if (fc_failures() == 0) std::printf("test_mux_attention: all passed\n");

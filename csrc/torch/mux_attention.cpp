@@ -3,6 +3,8 @@
 // fastcore_ai.ops.mux; these checks guard the kernels when _C is called directly.
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <optional>
 
 #include "mux/attention.h"
@@ -107,6 +109,29 @@ int64_t choose_q_tile(int64_t B, int64_t H, int64_t Lq) {
   return tile;
 }
 
+// Runs kernel(p, task, task + 1, next) over the tasks [0, tasks) on the at::parallel_for threads, one
+// task at a time from a shared counter instead of one fixed slice per thread: on a machine where another
+// process holds a core for a while, the thread that keeps running takes the remaining tasks instead of
+// the call waiting for the slowed thread's slice. A thread claims its next task before running the
+// current one and passes it along, so the kernel can prefetch that task's inputs. Every task writes only
+// its own outputs in a fixed order, so the results do not depend on which thread ran it (or on the
+// thread count).
+template <typename Kernel>
+void run_tasks(const AttentionParams& p, int64_t tasks, Kernel kernel) {
+  std::atomic<int64_t> counter{0};
+  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      int64_t task = counter.fetch_add(1);
+      while (task < tasks) {
+        const int64_t next = counter.fetch_add(1);
+        kernel(p, task, task + 1, next < tasks ? next : -1);
+        task = next;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // (out [B, H, Lq, D] in q's dtype, lse [B, H, Lq] float32 (float64 for float64 q)).
@@ -137,7 +162,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
     p.q_tile = choose_q_tile(p.batch, p.heads, p.len_q);
     p.kv_block = 512;
     const int64_t tasks = attention_forward_tasks(p);
-    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) { attention_forward_cpu(p, b, e); });
+    run_tasks(p, tasks, attention_forward_cpu);
   }
   return {out, lse};
 }
@@ -198,7 +223,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
 #endif
   } else {
     p.kv_block = 512;
-    at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t b, int64_t e) { attention_backward_cpu(p, b, e); });
+    run_tasks(p, p.batch * p.heads, attention_backward_cpu);
   }
   return {gq, gk, gv, mask_grad()};
 }

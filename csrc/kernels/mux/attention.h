@@ -76,8 +76,17 @@ FC_HOST_DEVICE int64_t attention_forward_tasks(const AttentionParams& p) {
 
 // ---- CPU entry points (attention_cpu.cpp), each over a [begin, end) range of tasks (DESIGN rule 3).
 // Forward tasks are (b, h, q-tile); backward tasks are (b, h) (dK/dV sum over every query row).
-void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end);
-void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end);
+// prefetch_task: the task the calling thread runs next (−1: none); the AVX-512 path prefetches its
+// inputs while this range runs, so the next task does not start on cold memory.
+void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end,
+                           int64_t prefetch_task = -1);
+void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end,
+                            int64_t prefetch_task = -1);
+// float32 / float16 / bfloat16 run an AVX-512 path on CPUs that have it (16-lane FMA micro-kernels), the
+// generic vector path elsewhere (and float64 always). Tests cover the generic path on AVX-512 machines
+// by forcing it: this switch, or FASTCORE_AI_ATTENTION_CPU_GENERIC=1 in the environment at first use.
+// Process-wide; set it only while no attention kernel is running.
+void attention_cpu_force_generic(bool force);
 
 // ---- CUDA entry points (attention.cu); return a cudaError_t as int (0 = success).
 int attention_forward_cuda(const AttentionParams& p, void* stream);
