@@ -122,37 +122,93 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
   return {lut, codes};
 }
 
-// (assign [n] int64, min_dist [n] float32): nearest centroid by ‖x‖² − 2x·c + ‖c‖², GEMM in chunks of
-// rows so the [chunk, k] product stays small.
-std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids) {
+// (assign [n] int64, min_dist [n] float32): nearest centroid (metric 0: l2, by ‖x‖² − 2x·c + ‖c‖²) or
+// largest inner product (metric 1), the GEMM x·cᵀ in row blocks. Each thread takes whole blocks and
+// runs the GEMM of a block on its own (a nested at::mm in the parallel region is single-threaded) into
+// a [block, k] buffer of at most 1 MiB, so the products stay in L2 for the argmin that follows: the
+// whole [n, k] product is never written (a 4096-row block for k = 1024 was 16 MiB, out of cache, and
+// its argmin pass cost a quarter of the GEMM).
+std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids, int64_t metric) {
   const char* op = "kmeans";
   check_cpu(x, op, "x");
+  check_cpu(centroids, op, "centroids");
   FC_CHECK(x.dim() == 2 && centroids.dim() == 2 && x.size(1) == centroids.size(1) && x.scalar_type() == at::kFloat &&
                centroids.scalar_type() == at::kFloat,
            op, "x [n, d] and centroids [k, d] must be float32 with the same d");
+  const Metric m = metric_of(metric, op);
   const int64_t n = x.size(0), k = centroids.size(0);
   FC_CHECK(k >= 1, op, "centroids must have k >= 1 rows");
   at::Tensor xc = x.contiguous(), cc = centroids.contiguous();
   at::Tensor assign = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor min_dist = at::empty({n}, x.options());
   if (n == 0) return {assign, min_dist};
-  at::Tensor x_norms = (xc * xc).sum(1), c_norms = (cc * cc).sum(1);
-  const int64_t chunk = std::max<int64_t>(256, (int64_t(1) << 22) / k);
+  const bool l2 = m == Metric::kL2;
+  at::Tensor x_norms = l2 ? (xc * xc).sum(1) : at::Tensor(), c_norms = l2 ? (cc * cc).sum(1) : at::Tensor();
+  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t(1) << 18) / k));
+  const int64_t nblocks = (n + block - 1) / block;
   at::Tensor ct = cc.t();
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-    const int64_t rows = std::min(chunk, n - r0);
-    at::Tensor gram = at::mm(xc.narrow(0, r0, rows), ct);  // [rows, k], contiguous
-    AssignParams p;
-    p.gram = gram.data_ptr<float>();
-    p.x_norms = x_norms.data_ptr<float>() + r0;
-    p.c_norms = c_norms.data_ptr<float>();
-    p.n = rows;
-    p.k = k;
-    p.assign = assign.data_ptr<int64_t>() + r0;
-    p.min_dist = min_dist.data_ptr<float>() + r0;
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) { pq_assign_cpu(p, b, e); });
-  }
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    at::Tensor gram = at::empty({std::min(block, n), k}, x.options());
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, rows = std::min(block, n - r0);
+      at::Tensor g = gram.narrow(0, 0, rows);
+      at::mm_out(g, xc.narrow(0, r0, rows), ct);
+      AssignParams p;
+      p.gram = g.data_ptr<float>();
+      p.x_norms = l2 ? x_norms.data_ptr<float>() + r0 : nullptr;
+      p.c_norms = l2 ? c_norms.data_ptr<float>() : nullptr;
+      p.n = rows;
+      p.k = k;
+      p.metric = m;
+      p.assign = assign.data_ptr<int64_t>() + r0;
+      p.min_dist = min_dist.data_ptr<float>() + r0;
+      pq_assign_cpu(p, 0, rows);
+    }
+  });
   return {assign, min_dist};
+}
+
+// (sums [M, ksub, dsub] float64, counts [M, ksub] int64) of the rows of x [n, M·dsub] float32 grouped by
+// codes [n, M] (uint8 or int64, values < ksub): the k-means update's member sums of all M sub-spaces in
+// one pass (M = 1: a plain k-means). Threads split the columns of x.
+std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub) {
+  const char* op = "kmeans";
+  check_cpu(x, op, "x");
+  check_cpu(codes, op, "codes");
+  FC_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, "x must be float32 [n, d]");
+  FC_CHECK(codes.dim() == 2 && (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kLong) &&
+               codes.size(0) == x.size(0) && codes.size(1) >= 1,
+           op, "codes must be uint8 or int64 [n, M] with x's n rows");
+  const int64_t n = x.size(0), d = x.size(1), M = codes.size(1);
+  FC_CHECK(d % M == 0 && d >= M, op, "x's d = ", d, " must be a positive multiple of M = ", M);
+  FC_CHECK(ksub >= 1, op, "ksub must be >= 1, got ", ksub);
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), cc = codes.contiguous();
+  if (n > 0) {
+    const int64_t top = cc.max().item<int64_t>(), low = cc.min().item<int64_t>();
+    FC_CHECK(low >= 0 && top < ksub, op, "codes must lie in [0, ksub) = [0, ", ksub, "), got [", low, ", ", top, "]");
+  }
+  const int64_t dsub = d / M;
+  at::Tensor sums = at::zeros({M, ksub, dsub}, x.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({M, ksub}, x.options().dtype(at::kLong));
+  CentroidSumParams p;
+  p.x = xc.data_ptr<float>();
+  p.x_stride = xc.stride(0);
+  p.codes8 = cc.scalar_type() == at::kByte ? cc.data_ptr<uint8_t>() : nullptr;
+  p.codes64 = cc.scalar_type() == at::kLong ? cc.data_ptr<int64_t>() : nullptr;
+  p.n = n;
+  p.M = M;
+  p.dsub = dsub;
+  p.ksub = ksub;
+  p.sums = sums.data_ptr<double>();
+  p.counts = counts.data_ptr<int64_t>();
+  // Columns in multiples of 8 (a 64-byte line of sums) so threads never share a line; small jobs stay
+  // on the calling thread.
+  const int64_t units = (d + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(n * 8, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    pq_centroid_sums_cpu(p, u0 * 8, std::min(d, u1 * 8));
+  });
+  return {sums, counts};
 }
 
 // CUDA flat ADC top-k (see pq.cu): per-chunk block-wide top-k of packed (ordered key, row) uint64

@@ -46,17 +46,39 @@ void pq_tables_cpu(const TableParams<double>& p, int64_t begin, int64_t end);
 void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end);
 
 // ---- k-means assignment from a GEMM ----------------------------------------------------------------
-// dist(i, j) = ‖x_i‖² − 2 G[i, j] + ‖c_j‖² with G = x·cᵀ computed by a GEMM; assign[i] = argmin_j
-// (lower j on ties), min_dist[i] = max(0, that minimum).
+// l2: dist(i, j) = ‖x_i‖² − 2 G[i, j] + ‖c_j‖² with G = x·cᵀ computed by a GEMM; assign[i] = argmin_j
+// (lower j on ties), min_dist[i] = max(0, that minimum). ip: assign[i] = argmax_j G[i, j] (lower j on
+// ties), min_dist[i] = that maximum. The key minimised is ‖c_j‖² − 2 G[i, j] (l2; one rounding, as
+// 2G is exact) or −G[i, j] (ip; exact), scanned 16 columns at a time with a per-lane running minimum
+// (AVX-512) and reduced to the lowest j holding the minimum, which is the scalar loop's answer.
 struct AssignParams {
   const float* gram = nullptr;   // [n, k] contiguous (rows begin..end of the current chunk)
-  const float* x_norms = nullptr;  // [n]
-  const float* c_norms = nullptr;  // [k]
+  const float* x_norms = nullptr;  // [n] (l2 with min_dist only)
+  const float* c_norms = nullptr;  // [k] (l2 only)
   int64_t n = 0, k = 0;
+  Metric metric = Metric::kL2;
   int64_t* assign = nullptr;     // [n]
   float* min_dist = nullptr;     // [n] or nullptr
 };
 void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end);
+
+// ---- k-means centroid sums ---------------------------------------------------------------------------
+// sums[m, j, t] = Σ_{i : code[i, m] = j} x[i, m·dsub + t] in float64, added in row order (the same
+// sequence of additions as torch's index_add_ over the rows, so the same bits), counts[m, j] = |{i :
+// code[i, m] = j}|. k-means update of all M sub-spaces (M = 1, dsub = d: a plain k-means) in one pass
+// over x. codes [n, M] uint8 (codes8) or int64 (codes64), values < ksub. Columns [col_begin, col_end)
+// of x (threads split the columns: no two touch the same sum); counts are written by the thread
+// holding column m·dsub. sums and counts must be zeroed by the caller.
+struct CentroidSumParams {
+  const float* x = nullptr;   // [n, M·dsub], row stride x_stride, unit column stride
+  int64_t x_stride = 0;
+  const uint8_t* codes8 = nullptr;   // [n, M] contiguous, or nullptr
+  const int64_t* codes64 = nullptr;  // [n, M] contiguous, or nullptr
+  int64_t n = 0, M = 0, dsub = 0, ksub = 0;
+  double* sums = nullptr;     // [M, ksub, dsub]
+  int64_t* counts = nullptr;  // [M, ksub]
+};
+void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t col_end);
 
 // ---- 8-bit (any ksub ≤ 256) ADC scan with top-k -----------------------------------------------------
 struct ScanParams {

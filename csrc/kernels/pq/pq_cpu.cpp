@@ -194,20 +194,108 @@ void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t be
 
 // ---- k-means assignment ---------------------------------------------------------------------------
 
-void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end) {
+namespace {
+
+// Key of column j (smaller is better): l2 ‖c_j‖² − 2G (one rounding; the FMA form is the same, 2G is
+// exact), ip −G.
+inline float assign_key(const AssignParams& p, const float* g, int64_t j) {
+  return p.metric == Metric::kL2 ? p.c_norms[j] - 2.0f * g[j] : -g[j];
+}
+
+inline void assign_store(const AssignParams& p, int64_t i, int64_t best, float best_key) {
+  p.assign[i] = best;
+  if (p.min_dist)
+    p.min_dist[i] = p.metric == Metric::kL2 ? std::max(0.0f, p.x_norms[i] + best_key) : -best_key;
+}
+
+void assign_rows_portable(const AssignParams& p, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float* g = p.gram + i * p.k;
     int64_t best = 0;
-    float best_value = p.c_norms[0] - 2.0f * g[0];
+    float best_key = assign_key(p, g, 0);
     for (int64_t j = 1; j < p.k; ++j) {
-      const float v = p.c_norms[j] - 2.0f * g[j];
-      if (v < best_value) {
-        best_value = v;
+      const float v = assign_key(p, g, j);
+      if (v < best_key) {  // strict: the lower j wins ties
+        best_key = v;
         best = j;
       }
     }
-    p.assign[i] = best;
-    if (p.min_dist) p.min_dist[i] = std::max(0.0f, p.x_norms[i] + best_value);
+    assign_store(p, i, best, best_key);
+  }
+}
+
+#ifdef FC_PQ_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Lane l keeps the smallest key (and its column) among columns j ≡ l (mod 16), updated in increasing j
+// with a strict <, so each lane holds its lowest such column; the answer is the lowest column among
+// the lanes holding the overall minimum. A row whose keys are all NaN or +inf gets column 0, as the
+// scalar loop (which also starts from column 0).
+__attribute__((target("avx512f"))) void assign_rows_avx512(const AssignParams& p, int64_t begin, int64_t end) {
+  const int64_t k = p.k;
+  const bool l2 = p.metric == Metric::kL2;
+  const __m512 scale = _mm512_set1_ps(l2 ? -2.0f : -1.0f);
+  const __m512i step = _mm512_set1_epi32(16);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t full = k / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - full)) - 1u);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* g = p.gram + i * k;
+    __m512 best = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    __m512i best_j = _mm512_setzero_si512();
+    __m512i j = lanes;
+    int64_t c = 0;
+    for (; c < full; c += 16) {
+      const __m512 base = l2 ? _mm512_loadu_ps(p.c_norms + c) : _mm512_setzero_ps();
+      const __m512 v = _mm512_fmadd_ps(scale, _mm512_loadu_ps(g + c), base);
+      const __mmask16 lt = _mm512_cmp_ps_mask(v, best, _CMP_LT_OQ);
+      best = _mm512_mask_mov_ps(best, lt, v);
+      best_j = _mm512_mask_mov_epi32(best_j, lt, j);
+      j = _mm512_add_epi32(j, step);
+    }
+    if (tail) {
+      const __m512 base = l2 ? _mm512_maskz_loadu_ps(tail, p.c_norms + c) : _mm512_setzero_ps();
+      const __m512 v = _mm512_fmadd_ps(scale, _mm512_maskz_loadu_ps(tail, g + c), base);
+      const __mmask16 lt = _mm512_mask_cmp_ps_mask(tail, v, best, _CMP_LT_OQ);
+      best = _mm512_mask_mov_ps(best, lt, v);
+      best_j = _mm512_mask_mov_epi32(best_j, lt, j);
+    }
+    const float low = _mm512_reduce_min_ps(best);
+    const __mmask16 at_low = _mm512_cmp_ps_mask(best, _mm512_set1_ps(low), _CMP_EQ_OQ);
+    const int64_t col =
+        at_low ? _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), at_low, best_j)) : 0;
+    assign_store(p, i, col, at_low ? low : assign_key(p, g, 0));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end) {
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3 && p.k <= INT32_MAX) return assign_rows_avx512(p, begin, end);
+#endif
+  assign_rows_portable(p, begin, end);
+}
+
+// ---- k-means centroid sums ------------------------------------------------------------------------
+
+void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t col_end) {
+  const int64_t M = p.M, dsub = p.dsub, ksub = p.ksub;
+  if (col_begin >= col_end) return;
+  const int64_t m_begin = col_begin / dsub, m_end = (col_end - 1) / dsub + 1;
+  for (int64_t i = 0; i < p.n; ++i) {
+    const float* x = p.x + i * p.x_stride;
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const int64_t code = p.codes8 ? int64_t(p.codes8[i * M + m]) : p.codes64[i * M + m];
+      const int64_t t0 = std::max<int64_t>(col_begin - m * dsub, 0), t1 = std::min<int64_t>(col_end - m * dsub, dsub);
+      double* dst = p.sums + (m * ksub + code) * dsub;
+      const float* src = x + m * dsub;
+      for (int64_t t = t0; t < t1; ++t) dst[t] += static_cast<double>(src[t]);
+      if (t0 == 0) ++p.counts[m * ksub + code];
+    }
   }
 }
 
