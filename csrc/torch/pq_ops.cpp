@@ -109,6 +109,8 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
     // float32 encode: the GEMM form with the centroid norms precomputed once per call.
     at::Tensor c_norms = (codebooks * codebooks).sum(2).contiguous();  // [M, ksub]
     TableParams<float> p = table_params(float{});
+    at::Tensor ct_m2 = ct * -2.0f;  // the kernels take −2·Cᵀ (exact scaling)
+    p.codebooks_t = ct_m2.data_ptr<float>();
     p.codes = codes.data_ptr<uint8_t>();
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_encode_cpu(p, c_norms.data_ptr<float>(), b, e); });
     return {lut, codes};
@@ -147,9 +149,13 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
   const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t(1) << 18) / k));
   const int64_t nblocks = (n + block - 1) / block;
   at::Tensor ct = cc.t();
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  // Blocks are handed out one at a time (an atomic counter), not split evenly up front: on a machine
+  // whose cores are shared with other work a static split waits for its slowest thread.
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     at::Tensor gram = at::empty({std::min(block, n), k}, x.options());
-    for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1)) {
       const int64_t r0 = b * block, rows = std::min(block, n - r0);
       at::Tensor g = gram.narrow(0, 0, rows);
       at::mm_out(g, xc.narrow(0, r0, rows), ct);

@@ -42,7 +42,8 @@ void pq_tables_cpu(const TableParams<double>& p, int64_t begin, int64_t end);
 // for every j, so it is left out; lower j on ties), p.codes only. c_norms [M, ksub] = ‖c_mj‖². Per
 // sub-space the ksub dot products are one row of the GEMM x_m·C_mᵀ, accumulated in SIMD registers
 // (AVX-512: ksub/16 registers, one FMA per dimension each) and reduced by a SIMD argmin, so the
-// [n, ksub] product never goes to memory. Rows [begin, end).
+// [n, ksub] product never goes to memory. Rows [begin, end). p.codebooks_t holds −2·Cᵀ [M, dsub, ksub]
+// (not Cᵀ): x·(−2c) is bit-for-bit (−2x)·c, and the x values are then broadcast straight from memory.
 void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end);
 
 // ---- k-means assignment from a GEMM ----------------------------------------------------------------
