@@ -270,6 +270,65 @@ void check_assign(int64_t n, int64_t k, bool ip, std::mt19937& gen) {
   }
 }
 
+// pq_assign_fused_cpu (AVX-512 tiles of 12 rows × 32 centroids) against the double argmin / argmax of
+// the exact products: equal except on a near tie; exact ties (a duplicated centroid) go to the lower
+// index; n not a multiple of the 12-row tile or the 48-row panel group, k not a multiple of 32.
+void check_assign_fused(int64_t n, int64_t d, int64_t k, bool ip, std::mt19937& gen) {
+  if (!pq_assign_fused_available()) return;
+  const int64_t stride = d + 1, panels = (k + 31) / 32;
+  auto x = randn(n * stride, gen), c = randn(k * d, gen);
+  if (k > 3)
+    for (int64_t t = 0; t < d; ++t) c[(k - 1) * d + t] = c[2 * d + t];  // centroid k − 1 repeats centroid 2
+  if (k > 3)
+    for (int64_t t = 0; t < d; ++t) x[t] = c[2 * d + t];  // row 0 sits on it
+  std::vector<float> packed(panels * d * 32, 0.0f), base(panels * 32, std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < k; ++j) {
+    float norm = 0.0f;
+    for (int64_t t = 0; t < d; ++t) {
+      packed[((j / 32) * d + t) * 32 + j % 32] = c[j * d + t];
+      norm += c[j * d + t] * c[j * d + t];
+    }
+    base[j] = ip ? 0.0f : norm;
+  }
+  std::vector<int64_t> assign(n, -1);
+  std::vector<float> min_dist(n);
+  FusedAssignParams p;
+  p.x = x.data();
+  p.x_stride = stride;
+  p.c_packed = packed.data();
+  p.base = base.data();
+  p.n = n;
+  p.d = d;
+  p.k = k;
+  p.metric = ip ? Metric::kIP : Metric::kL2;
+  p.assign = assign.data();
+  p.min_dist = min_dist.data();
+  pq_assign_fused_cpu(p, 0, 7);  // uneven parts, as threads would take them
+  pq_assign_fused_cpu(p, 7, n);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> score(k);
+    int64_t best = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      double dot = 0, dist = 0;
+      for (int64_t t = 0; t < d; ++t) {
+        const double a = x[i * stride + t], b = c[j * d + t];
+        dot += a * b;
+        dist += (a - b) * (a - b);
+      }
+      score[j] = ip ? -dot : dist;
+      if (score[j] < score[best]) best = j;
+    }
+    const int64_t got = assign[i];
+    FC_EXPECT(got >= 0 && got < k && (got == best || std::fabs(score[got] - score[best]) <= 1e-4 * (1 + std::fabs(score[best]))),
+              "fused assign n=%ld d=%ld k=%ld ip=%d row %ld: %ld vs %ld", (long)n, (long)d, (long)k, int(ip), (long)i,
+              (long)got, (long)best);
+    const double want = ip ? -score[got] : score[got];
+    FC_EXPECT(std::fabs(min_dist[i] - want) <= 1e-3 * (1 + std::fabs(want)), "fused min_dist row %ld: %f vs %f",
+              (long)i, double(min_dist[i]), want);
+  }
+  if (k > 3 && !ip) FC_EXPECT(assign[0] == 2, "fused assign: the tie went to %ld, not 2", (long)assign[0]);
+}
+
 // pq_centroid_sums_cpu against double sums per (m, code), with the columns split in uneven parts
 // (as threads would) and both code types.
 void check_centroid_sums(int64_t n, int64_t M, int64_t dsub, int64_t ksub, bool wide, std::mt19937& gen) {
@@ -320,8 +379,12 @@ int main() {
       check_encode(300, 3, 4, ksub, gen);
       check_encode(130, 2, 17, ksub, gen);
     }
-    for (bool ip : {false, true})
+    for (bool ip : {false, true}) {
       for (int64_t k : {1, 5, 16, 33, 100}) check_assign(37, k, ip, gen);
+      check_assign_fused(101, 20, 70, ip, gen);
+      check_assign_fused(13, 3, 1, ip, gen);
+      check_assign_fused(60, 64, 32, ip, gen);
+    }
     for (bool ip : {false, true}) {
       check_scan(9, 1000, 5, 256, 10, ip, gen);
       check_scan(21, 333, 3, 256, 7, ip, gen);  // more queries than one 16-query pass, odd row count

@@ -125,11 +125,10 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
 }
 
 // (assign [n] int64, min_dist [n] float32): nearest centroid (metric 0: l2, by ‖x‖² − 2x·c + ‖c‖²) or
-// largest inner product (metric 1), the GEMM x·cᵀ in row blocks. Each thread takes whole blocks and
-// runs the GEMM of a block on its own (a nested at::mm in the parallel region is single-threaded) into
-// a [block, k] buffer of at most 1 MiB, so the products stay in L2 for the argmin that follows: the
-// whole [n, k] product is never written (a 4096-row block for k = 1024 was 16 MiB, out of cache, and
-// its argmin pass cost a quarter of the GEMM).
+// largest inner product (metric 1). With AVX-512: the fused tile kernel (pq_assign_fused_cpu), blocks
+// of rows handed to the threads one at a time; the [n, k] product is never written (the old path's
+// 4096-row chunk for k = 1024 wrote 16 MiB, out of cache, and its argmin pass cost a quarter of the
+// GEMM), and no BLAS call runs nested in a parallel region (MKL there starts its own threads).
 std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids, int64_t metric) {
   const char* op = "kmeans";
   check_cpu(x, op, "x");
@@ -145,32 +144,57 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
   at::Tensor min_dist = at::empty({n}, x.options());
   if (n == 0) return {assign, min_dist};
   const bool l2 = m == Metric::kL2;
+  if (pq_assign_fused_available() && k <= (int64_t(1) << 30)) {
+    // AVX-512: the fused tile kernel (no GEMM library call, no product in memory, and so no BLAS
+    // threads nested inside this parallel region). Centroids packed in panels of 32.
+    const int64_t d = xc.size(1), panels = (k + 31) / 32;
+    at::Tensor padded = at::zeros({panels * 32, d}, cc.options());
+    padded.narrow(0, 0, k).copy_(cc);
+    at::Tensor packed = padded.view({panels, 32, d}).transpose(1, 2).contiguous();  // [panels, d, 32]
+    at::Tensor base = at::full({panels * 32}, std::numeric_limits<float>::infinity(), cc.options());
+    base.narrow(0, 0, k).copy_(l2 ? (cc * cc).sum(1) : at::zeros({k}, cc.options()));
+    FusedAssignParams p;
+    p.x = xc.data_ptr<float>();
+    p.x_stride = xc.stride(0);
+    p.c_packed = packed.data_ptr<float>();
+    p.base = base.data_ptr<float>();
+    p.n = n;
+    p.d = d;
+    p.k = k;
+    p.metric = m;
+    p.assign = assign.data_ptr<int64_t>();
+    p.min_dist = min_dist.data_ptr<float>();
+    // Blocks of 192 rows handed out one at a time (see below); small jobs stay on the calling thread.
+    const int64_t rows_per = 192, nblocks = (n + rows_per - 1) / rows_per;
+    const int64_t workers = (n * k * d < (int64_t(1) << 22)) ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
+        pq_assign_fused_cpu(p, b * rows_per, std::min(n, (b + 1) * rows_per));
+    });
+    return {assign, min_dist};
+  }
+  // Otherwise: the GEMM of a row block (threaded by the BLAS library, so called outside any parallel
+  // region) into a [block, k] buffer of at most 4 MiB, then the argmin pass over the block in parallel.
   at::Tensor x_norms = l2 ? (xc * xc).sum(1) : at::Tensor(), c_norms = l2 ? (cc * cc).sum(1) : at::Tensor();
-  const int64_t block = std::max<int64_t>(16, std::min<int64_t>(512, (int64_t(1) << 18) / k));
-  const int64_t nblocks = (n + block - 1) / block;
+  const int64_t block = std::max<int64_t>(64, (int64_t(1) << 20) / k);
   at::Tensor ct = cc.t();
-  // Blocks are handed out one at a time (an atomic counter), not split evenly up front: on a machine
-  // whose cores are shared with other work a static split waits for its slowest thread.
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    at::Tensor gram = at::empty({std::min(block, n), k}, x.options());
-    for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1)) {
-      const int64_t r0 = b * block, rows = std::min(block, n - r0);
-      at::Tensor g = gram.narrow(0, 0, rows);
-      at::mm_out(g, xc.narrow(0, r0, rows), ct);
-      AssignParams p;
-      p.gram = g.data_ptr<float>();
-      p.x_norms = l2 ? x_norms.data_ptr<float>() + r0 : nullptr;
-      p.c_norms = l2 ? c_norms.data_ptr<float>() : nullptr;
-      p.n = rows;
-      p.k = k;
-      p.metric = m;
-      p.assign = assign.data_ptr<int64_t>() + r0;
-      p.min_dist = min_dist.data_ptr<float>() + r0;
-      pq_assign_cpu(p, 0, rows);
-    }
-  });
+  at::Tensor gram = at::empty({std::min(block, n), k}, x.options());
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t rows = std::min(block, n - r0);
+    at::Tensor g = gram.narrow(0, 0, rows);
+    at::mm_out(g, xc.narrow(0, r0, rows), ct);
+    AssignParams p;
+    p.gram = g.data_ptr<float>();
+    p.x_norms = l2 ? x_norms.data_ptr<float>() + r0 : nullptr;
+    p.c_norms = l2 ? c_norms.data_ptr<float>() : nullptr;
+    p.n = rows;
+    p.k = k;
+    p.metric = m;
+    p.assign = assign.data_ptr<int64_t>() + r0;
+    p.min_dist = min_dist.data_ptr<float>() + r0;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) { pq_assign_cpu(p, b, e); });
+  }
   return {assign, min_dist};
 }
 

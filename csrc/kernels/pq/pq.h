@@ -63,6 +63,29 @@ struct AssignParams {
 };
 void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end);
 
+// ---- fused k-means / IVF assignment (AVX-512) -------------------------------------------------------
+// The same assignment as pq_assign_cpu without a GEMM library or a product in memory: tiles of 12 rows
+// × 32 centroids accumulate the dot products over t = 0..d−1 in 24 registers (one FMA chain per pair,
+// in t order), then the keys ‖c‖² − 2g (l2) / −g (ip) update a per-row, per-lane running minimum
+// (lane l: columns ≡ l mod 16, increasing j, strict <), reduced at the end to the lowest column
+// holding the minimum. Centroids come packed: panels of 32, c_packed[p, t, 0..31] = c[32p + lane, t],
+// zero past k; base[j] = ‖c_j‖² (l2) / 0 (ip) for j < k and +inf for the padding, so padding never
+// wins. min_dist as pq_assign_cpu (‖x‖² summed here for l2). Rows [begin, end). Returns false (and
+// does nothing) when this CPU or build has no AVX-512 (or a lower kernel is forced): the caller then
+// takes the GEMM + pq_assign_cpu path.
+struct FusedAssignParams {
+  const float* x = nullptr;       // [n, d], row stride x_stride, unit column stride
+  int64_t x_stride = 0;
+  const float* c_packed = nullptr;  // [ceil(k/32), d, 32]
+  const float* base = nullptr;      // [ceil(k/32)·32]
+  int64_t n = 0, d = 0, k = 0;
+  Metric metric = Metric::kL2;
+  int64_t* assign = nullptr;  // [n]
+  float* min_dist = nullptr;  // [n] or nullptr
+};
+bool pq_assign_fused_available();
+void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end);
+
 // ---- k-means centroid sums ---------------------------------------------------------------------------
 // sums[m, j, t] = Σ_{i : code[i, m] = j} x[i, m·dsub + t] in float64, added in row order (the same
 // sequence of additions as torch's index_add_ over the rows, so the same bits), counts[m, j] = |{i :
