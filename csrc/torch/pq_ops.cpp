@@ -112,7 +112,15 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
     at::Tensor ct_m2 = ct * -2.0f;  // the kernels take −2·Cᵀ (exact scaling)
     p.codebooks_t = ct_m2.data_ptr<float>();
     p.codes = codes.data_ptr<uint8_t>();
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_encode_cpu(p, c_norms.data_ptr<float>(), b, e); });
+    // Blocks of rows (at least `grain`, a multiple of the kernel's 128-row block) handed to the threads
+    // one at a time: on a shared machine an even split up front waits for its slowest thread.
+    const int64_t rows_per = std::max<int64_t>(128, (grain + 127) / 128 * 128), nblocks = (n + rows_per - 1) / rows_per;
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
+        pq_encode_cpu(p, c_norms.data_ptr<float>(), b * rows_per, std::min(n, (b + 1) * rows_per));
+    });
     return {lut, codes};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
