@@ -705,3 +705,30 @@ def test_kmeans_cpu_equals_reference_update_steps():
         c = ref.kmeans_update(sample.double(), assign, k, c.double()).float()
     assert empty > 0
     assert torch.equal(ops.kmeans(x, k, niter=4, backend="cpu"), c)
+
+
+@pytest.mark.parametrize("codes_dtype", [torch.uint8, torch.int64])
+def test_centroid_update_matches_reference_update(codes_dtype):
+    """pq_centroid_update (counts, then per-thread column sums and means): new64 equals the reference
+    kmeans_update's means before its empty-cluster split bit for bit (empty clusters keep the old
+    centroid), new32 its float32 rounding, for M sub-spaces at once; after the split the cpu update
+    equals kmeans_update."""
+    from fastcore_ai import _native
+    from fastcore_ai.ops.pq import _centroid_update_cpu
+    n, M, dsub, ksub = 2500, 5, 6, 40
+    x = torch.randn(n, M * dsub * 2)[:, ::2]
+    codes = torch.randint(0, ksub - 3, (n, M)).to(codes_dtype)  # the last 3 centroids of each sub-space stay empty
+    old = torch.randn(M, ksub, dsub)
+    new32, new64, counts = _native.native().pq_centroid_update(x, codes, ksub, old)
+    for m in range(M):
+        cm = codes[:, m].long()
+        xs = x[:, m * dsub:(m + 1) * dsub].double()
+        sums = torch.zeros(ksub, dsub, dtype=torch.float64).index_add_(0, cm, xs)
+        cnt = torch.bincount(cm, minlength=ksub)
+        want = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None].double(), old[m].double())
+        assert torch.equal(new64[m], want) and torch.equal(counts[m], cnt)
+        assert torch.equal(new32[m], want.float())
+        assert torch.equal(_centroid_update_cpu(x.contiguous(), codes, ksub, old)[m],
+                           ref.kmeans_update(xs, cm, ksub, old[m].double()).float())
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*old must be float32 \[M, ksub, dsub\]"):
+        _native.native().pq_centroid_update(x, codes, ksub, old[:, :4])

@@ -362,6 +362,31 @@ void check_centroid_sums(int64_t n, int64_t M, int64_t dsub, int64_t ksub, bool 
     FC_EXPECT(sums[e] == want[e], "centroid sums M=%ld dsub=%ld entry %ld", (long)M, (long)dsub, (long)e);
   for (int64_t e = 0; e < M * ksub; ++e)
     FC_EXPECT(counts[e] == want_counts[e], "centroid counts M=%ld entry %ld", (long)M, (long)e);
+  // The serial counts and the means (old centroid kept for an empty cluster), columns in uneven parts.
+  std::vector<int64_t> counts2(M * ksub, 0);
+  p.counts = counts2.data();
+  pq_code_counts_cpu(p);
+  FC_EXPECT(counts2 == want_counts, "code counts M=%ld", (long)M);
+  auto old = randn(M * ksub * dsub, gen);
+  std::vector<double> new64(M * ksub * dsub, -1.0);
+  std::vector<float> new32(M * ksub * dsub, -1.0f);
+  CentroidMeanParams q;
+  q.sums = sums.data();
+  q.counts = counts2.data();
+  q.old = old.data();
+  q.new64 = new64.data();
+  q.new32 = new32.data();
+  q.M = M;
+  q.dsub = dsub;
+  q.ksub = ksub;
+  for (int64_t c0 = 0; c0 < d; c0 += 3) pq_centroid_means_cpu(q, c0, std::min(d, c0 + 3));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < ksub; ++j)
+      for (int64_t t = 0; t < dsub; ++t) {
+        const int64_t e = (m * ksub + j) * dsub + t, cnt = want_counts[m * ksub + j];
+        const double v = cnt > 0 ? want[e] / double(cnt) : double(old[e]);
+        FC_EXPECT(new64[e] == v && new32[e] == float(v), "centroid means M=%ld entry %ld", (long)M, (long)e);
+      }
 }
 
 }  // namespace
@@ -396,6 +421,7 @@ int main() {
   for (bool wide : {false, true}) {
     check_centroid_sums(50, 3, 4, 16, wide, gen);
     check_centroid_sums(40, 1, 23, 7, wide, gen);  // a plain k-means: one sub-space split across parts
+    check_centroid_sums(9, 2, 5, 64, wide, gen);   // most clusters empty
   }
   for (int64_t M : {1, 2, 7, 16, 33, 64, 256}) check_fastscan(M, gen);
   std::printf("test_pq (fast-scan kernel %s): %d failure(s)\n", pq4_kernel_name(), fc_failures());

@@ -91,8 +91,8 @@ void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end)
 // sequence of additions as torch's index_add_ over the rows, so the same bits), counts[m, j] = |{i :
 // code[i, m] = j}|. k-means update of all M sub-spaces (M = 1, dsub = d: a plain k-means) in one pass
 // over x. codes [n, M] uint8 (codes8) or int64 (codes64), values < ksub. Columns [col_begin, col_end)
-// of x (threads split the columns: no two touch the same sum); counts are written by the thread
-// holding column m·dsub. sums and counts must be zeroed by the caller.
+// of x (threads split the columns: no two touch the same sum); counts (when p.counts is set) are
+// written by the thread holding column m·dsub. sums and counts must be zeroed by the caller.
 struct CentroidSumParams {
   const float* x = nullptr;   // [n, M·dsub], row stride x_stride, unit column stride
   int64_t x_stride = 0;
@@ -100,9 +100,24 @@ struct CentroidSumParams {
   const int64_t* codes64 = nullptr;  // [n, M] contiguous, or nullptr
   int64_t n = 0, M = 0, dsub = 0, ksub = 0;
   double* sums = nullptr;     // [M, ksub, dsub]
-  int64_t* counts = nullptr;  // [M, ksub]
+  int64_t* counts = nullptr;  // [M, ksub], or nullptr
 };
 void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t col_end);
+// counts[m, j] = |{i : code[i, m] = j}| into p.counts (zeroed by the caller), one serial pass over the codes.
+void pq_code_counts_cpu(const CentroidSumParams& p);
+
+// The k-means update from the sums: new64[m, j, t] = sums[m, j, t] / counts[m, j] when counts[m, j] > 0,
+// else old[m, j, t] (float64: the reference kmeans_update's member mean, the old centroid kept for an
+// empty cluster, same bits), new32 = float(new64). Columns [col_begin, col_end) of the M·dsub.
+struct CentroidMeanParams {
+  const double* sums = nullptr;     // [M, ksub, dsub]
+  const int64_t* counts = nullptr;  // [M, ksub]
+  const float* old = nullptr;       // [M, ksub, dsub]
+  double* new64 = nullptr;          // [M, ksub, dsub]
+  float* new32 = nullptr;           // [M, ksub, dsub]
+  int64_t M = 0, dsub = 0, ksub = 0;
+};
+void pq_centroid_means_cpu(const CentroidMeanParams& p, int64_t col_begin, int64_t col_end);
 
 // ---- 8-bit (any ksub ≤ 256) ADC scan with top-k -----------------------------------------------------
 struct ScanParams {

@@ -489,7 +489,31 @@ void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t
       double* dst = p.sums + (m * ksub + code) * dsub;
       const float* src = x + m * dsub;
       for (int64_t t = t0; t < t1; ++t) dst[t] += static_cast<double>(src[t]);
-      if (t0 == 0) ++p.counts[m * ksub + code];
+      if (t0 == 0 && p.counts) ++p.counts[m * ksub + code];
+    }
+  }
+}
+
+void pq_code_counts_cpu(const CentroidSumParams& p) {
+  const int64_t M = p.M, ksub = p.ksub;
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t m = 0; m < M; ++m)
+      ++p.counts[m * ksub + (p.codes8 ? int64_t(p.codes8[i * M + m]) : p.codes64[i * M + m])];
+}
+
+void pq_centroid_means_cpu(const CentroidMeanParams& p, int64_t col_begin, int64_t col_end) {
+  const int64_t dsub = p.dsub, ksub = p.ksub;
+  if (col_begin >= col_end) return;
+  for (int64_t m = col_begin / dsub; m <= (col_end - 1) / dsub; ++m) {
+    const int64_t t0 = std::max<int64_t>(col_begin - m * dsub, 0), t1 = std::min<int64_t>(col_end - m * dsub, dsub);
+    for (int64_t j = 0; j < ksub; ++j) {
+      const int64_t count = p.counts[m * ksub + j];
+      const int64_t row = (m * ksub + j) * dsub;
+      for (int64_t t = t0; t < t1; ++t) {
+        const double v = count > 0 ? p.sums[row + t] / static_cast<double>(count) : static_cast<double>(p.old[row + t]);
+        p.new64[row + t] = v;
+        p.new32[row + t] = static_cast<float>(v);
+      }
     }
   }
 }

@@ -107,21 +107,22 @@ def _kmeans_cpu(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroi
             assign = _native.native().pq_tables(sample, c[None].contiguous(), 0, False, True)[1][:, 0].long()
         else:
             assign, _ = _native.native().pq_kmeans_assign(sample, c.contiguous(), 0)
-        c = _centroid_update_cpu(sample, assign[:, None], k, c[None].double())[0].float()
+        c = _centroid_update_cpu(sample, assign[:, None], k, c[None])[0]
     return c.to(x.dtype)
 
 
 def _centroid_update_cpu(sample: Tensor, codes: Tensor, ksub: int, old: Tensor) -> Tensor:
     """kmeans_update of the M sub-spaces of `sample` [n, M·dsub] float32 at once (codes [n, M] uint8 or
-    int64; old centroids [M, ksub, dsub] float64): the member means (float64 sums in row order from the
-    native pass, the same bits as the reference's index_add_), old centroids kept for empty clusters,
-    which then split the largest one (reference.pq.kmeans_update's rule). Returns float64 [M, ksub, dsub]."""
-    sums, counts = _native.native().pq_centroid_sums(sample, codes, ksub)
-    new = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], old)
-    if bool((counts == 0).any()):  # rare: split the largest cluster per sub-space (kmeans_update's rule)
-        for m in torch.nonzero((counts == 0).any(1)).reshape(-1).tolist():
-            new[m] = _split_empty(new[m], counts[m].double())
-    return new
+    int64; old centroids [M, ksub, dsub] float32): the member means (float64 sums in row order, the same
+    bits as the reference's index_add_), old centroids kept for empty clusters, which then split the
+    largest one (reference.pq.kmeans_update's rule). One native call (one parallel region) per
+    iteration; float32 [M, ksub, dsub]."""
+    new32, new64, counts = _native.native().pq_centroid_update(sample, codes, ksub, old.contiguous())
+    if not bool((counts == 0).any()):
+        return new32
+    for m in torch.nonzero((counts == 0).any(1)).reshape(-1).tolist():  # rare: split per sub-space
+        new64[m] = _split_empty(new64[m], counts[m].double())
+    return new64.float()
 
 
 def _nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
@@ -218,7 +219,7 @@ def _pq_train_batched_cpu(x: Tensor, M: int, ksub: int, niter: int, seed: int, m
     c = init.reshape(ksub, M, dsub).permute(1, 0, 2).contiguous()  # [M, ksub, dsub]
     for _ in range(niter):
         codes = _native.native().pq_tables(sample, c, 0, False, True)[1]  # [ns, M] uint8
-        c = _centroid_update_cpu(sample, codes, ksub, c.double()).float().contiguous()
+        c = _centroid_update_cpu(sample, codes, ksub, c)
     return c.to(x.dtype) if x.dtype == torch.float64 else c
 
 
