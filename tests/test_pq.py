@@ -600,3 +600,135 @@ def test_ivfpq_list_terms_errors():
         ops.ivfpq_search(*args, list_terms=torch.zeros(4, 2, 256, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"ivfpq_list_terms: coarse_centroids must have d"):
         ops.ivfpq_list_terms(torch.randn(4, 7), cb)
+
+
+# ---- k-means assignment and member sums (native) ----------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 7, 16, 33, 1024])
+def test_nearest_centroid_native_matches_float64(metric, k):
+    """The blocked GEMM + SIMD argmin (and the portable loop) pick the float64 best centroid except on
+    near ties; min_dist is the squared distance (l2) or the inner product (ip) of that centroid."""
+    from fastcore_ai import _native
+    from fastcore_ai.ops.pq import _nearest_centroid
+    x = _clustered(1300, 24, centers=9, seed=k)
+    c = torch.randn(k, 24) * 2
+    xd, cd = x.double(), c.double()
+    score = -((xd[:, None] - cd[None]) ** 2).sum(-1) if metric == "l2" else xd @ cd.T
+    expected = score.argmax(1)
+    best = score.gather(1, expected[:, None])[:, 0]
+    for kernel in ("portable", "auto"):
+        with _kernel(kernel):
+            assign, min_dist = _native.native().pq_kmeans_assign(x, c, 0 if metric == "l2" else 1)
+        got = score.gather(1, assign[:, None])[:, 0]
+        assert assign.dtype == torch.int64 and int(assign.min()) >= 0 and int(assign.max()) < k
+        mismatch = assign != expected
+        assert mismatch.float().mean() < 0.01, kernel
+        assert torch.allclose(got[mismatch], best[mismatch], rtol=1e-5, atol=1e-4), kernel
+        sign = -1.0 if metric == "l2" else 1.0
+        assert torch.allclose(min_dist.double(), sign * got, rtol=1e-4, atol=1e-3), kernel
+    assert torch.equal(_nearest_centroid(x, c, metric), _native.native().pq_kmeans_assign(x, c, int(metric == "ip"))[0])
+    # the torch fallback (float64 input) agrees on the exact answer
+    assert torch.equal(_nearest_centroid(xd, cd, metric), expected)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_nearest_centroid_ties_go_to_the_lower_index(metric):
+    """Duplicated centroids (exact ties, across SIMD lanes and past a 16-column block) and an all-+inf
+    row: the lowest index wins, as the scalar loop and torch's argmin."""
+    from fastcore_ai import _native
+    base = torch.randn(5, 8)
+    c = torch.cat([torch.randn(20, 8) * 50, base, torch.randn(3, 8) * 50, base, base])  # 5-row copies at 20, 28, 33
+    x = base[torch.tensor([0, 1, 2, 3, 4, 2])] * (1.0 if metric == "l2" else 1.0)
+    for kernel in ("portable", "auto"):
+        with _kernel(kernel):
+            assign, _ = _native.native().pq_kmeans_assign(x, c, 0 if metric == "l2" else 1)
+        if metric == "l2":
+            assert assign.tolist() == [20, 21, 22, 23, 24, 22], kernel
+        else:  # ip: the largest inner product; the copies tie, the first copy wins
+            scores = x.double() @ c.double().T
+            assert torch.equal(assign, scores.argmax(1)), kernel
+    huge = torch.full((2, 3), 3e38)
+    with _kernel("auto"):
+        a, _ = _native.native().pq_kmeans_assign(torch.ones(1, 3) * 3e38, huge, 1)
+    assert a.tolist() == [0]
+
+
+@pytest.mark.parametrize("codes_dtype", [torch.uint8, torch.int64])
+def test_centroid_sums_match_index_add(codes_dtype):
+    """Member sums in float64, row order: the same bits as index_add_ over a float64 copy (what the
+    reference kmeans_update does), for M sub-spaces at once and for M = 1 (a plain k-means), with a
+    non-contiguous x and threads splitting the columns."""
+    from fastcore_ai import _native
+    for n, M, dsub, ksub in ((3000, 6, 4, 16), (2000, 1, 40, 100), (5, 3, 1, 256)):
+        x = torch.randn(n, M * dsub * 2)[:, ::2]
+        codes = torch.randint(0, ksub, (n, M)).to(codes_dtype)
+        sums, counts = _native.native().pq_centroid_sums(x, codes, ksub)
+        assert sums.shape == (M, ksub, dsub) and sums.dtype == torch.float64 and counts.shape == (M, ksub)
+        for m in range(M):
+            cm = codes[:, m].long()
+            want = torch.zeros(ksub, dsub, dtype=torch.float64).index_add_(0, cm, x[:, m * dsub:(m + 1) * dsub].double())
+            assert torch.equal(sums[m], want)
+            assert torch.equal(counts[m], torch.bincount(cm, minlength=ksub))
+
+
+def test_centroid_sums_and_assign_bad_inputs():
+    from fastcore_ai import _native
+    N = _native.native()
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*codes must lie in \[0, ksub\)"):
+        N.pq_centroid_sums(torch.randn(4, 4), torch.full((4, 2), 9, dtype=torch.uint8), 8)
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*codes must be uint8 or int64"):
+        N.pq_centroid_sums(torch.randn(4, 4), torch.zeros(4, 2, dtype=torch.int32), 8)
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*multiple of M"):
+        N.pq_centroid_sums(torch.randn(4, 5), torch.zeros(4, 2, dtype=torch.uint8), 8)
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*metric must be 0 \(l2\) or 1 \(ip\)"):
+        N.pq_kmeans_assign(torch.randn(4, 4), torch.randn(2, 4), 2)
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*float32"):
+        N.pq_kmeans_assign(torch.randn(4, 4, dtype=torch.float64), torch.randn(2, 4), 0)
+
+
+def test_kmeans_cpu_equals_reference_update_steps():
+    """The cpu kmeans (native assignment + native member sums) takes the reference's update steps bit for
+    bit: iterations from the same start, with empty clusters split, equal kmeans_update's."""
+    from fastcore_ai import _native
+    g = torch.Generator().manual_seed(4)
+    # 6 distinct rows repeated, a few jittered: duplicated initial centroids tie (the lower index takes the
+    # points), so the others come out empty and split the largest
+    x = torch.randn(6, 40, generator=g)[torch.randint(0, 6, (800,), generator=g)]
+    x[::7] += 0.01 * torch.randn(x[::7].shape, generator=g)
+    k = 37
+    sample, c = ref.kmeans_init(x, k, 0, 256)
+    empty = 0
+    for _ in range(4):
+        assign = _native.native().pq_kmeans_assign(sample.contiguous(), c, 0)[0]
+        empty += int((torch.bincount(assign, minlength=k) == 0).sum())
+        c = ref.kmeans_update(sample.double(), assign, k, c.double()).float()
+    assert empty > 0
+    assert torch.equal(ops.kmeans(x, k, niter=4, backend="cpu"), c)
+
+
+@pytest.mark.parametrize("codes_dtype", [torch.uint8, torch.int64])
+def test_centroid_update_matches_reference_update(codes_dtype):
+    """pq_centroid_update (counts, then per-thread column sums and means): new64 equals the reference
+    kmeans_update's means before its empty-cluster split bit for bit (empty clusters keep the old
+    centroid), new32 its float32 rounding, for M sub-spaces at once; after the split the cpu update
+    equals kmeans_update."""
+    from fastcore_ai import _native
+    from fastcore_ai.ops.pq import _centroid_update_cpu
+    n, M, dsub, ksub = 2500, 5, 6, 40
+    x = torch.randn(n, M * dsub * 2)[:, ::2]
+    codes = torch.randint(0, ksub - 3, (n, M)).to(codes_dtype)  # the last 3 centroids of each sub-space stay empty
+    old = torch.randn(M, ksub, dsub)
+    new32, new64, counts = _native.native().pq_centroid_update(x, codes, ksub, old)
+    for m in range(M):
+        cm = codes[:, m].long()
+        xs = x[:, m * dsub:(m + 1) * dsub].double()
+        sums = torch.zeros(ksub, dsub, dtype=torch.float64).index_add_(0, cm, xs)
+        cnt = torch.bincount(cm, minlength=ksub)
+        want = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None].double(), old[m].double())
+        assert torch.equal(new64[m], want) and torch.equal(counts[m], cnt)
+        assert torch.equal(new32[m], want.float())
+        assert torch.equal(_centroid_update_cpu(x.contiguous(), codes, ksub, old)[m],
+                           ref.kmeans_update(xs, cm, ksub, old[m].double()).float())
+    with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*old must be float32 \[M, ksub, dsub\]"):
+        _native.native().pq_centroid_update(x, codes, ksub, old[:, :4])

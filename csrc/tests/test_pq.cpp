@@ -1,5 +1,5 @@
 // The pq CPU kernels against naive double-precision code written here from the math in pq.h: tables
-// and encode, the 8-bit flat and IVF scans with their top-k (ties by lower id, padding, split into row
+// and encode, the k-means assignment and member sums, the 8-bit flat and IVF scans with their top-k (ties by lower id, padding, split into row
 // parts + merge), and the 4-bit fast-scan block sums of every kernel this CPU has (portable, AVX2,
 // AVX-512BW) against each other and against the table sums.
 #include <algorithm>
@@ -78,7 +78,7 @@ void check_encode(int64_t n, int64_t M, int64_t dsub, int64_t ksub, std::mt19937
     for (int64_t j = 0; j < ksub; ++j)
       for (int64_t t = 0; t < dsub; ++t) {
         const float c = cb[(m * ksub + j) * dsub + t];
-        ct[(m * dsub + t) * ksub + j] = c;
+        ct[(m * dsub + t) * ksub + j] = -2.0f * c;  // pq_encode_cpu takes −2·Cᵀ
         norms[m * ksub + j] += c * c;
       }
   std::vector<uint8_t> codes(n * M, 255);
@@ -235,6 +235,160 @@ void check_fastscan(int64_t M, std::mt19937& gen) {
   pq4_force_kernel(0);
 }
 
+// pq_assign_cpu on an exact [n, k] product (the GEMM is the caller's): against the double argmin
+// (l2) / argmax (ip), lower j on ties (duplicated columns), k not a multiple of 16 (masked tail).
+void check_assign(int64_t n, int64_t k, bool ip, std::mt19937& gen) {
+  auto g = randn(n * k, gen), cn = randn(k, gen), xn = randn(n, gen);
+  for (auto& v : cn) v = std::fabs(v);
+  for (auto& v : xn) v = std::fabs(v) + 10.0f;
+  for (int64_t i = 0; i < n; i += 3)  // exact ties: column k − 1 repeats column k / 2
+    if (k > 2) g[i * k + k - 1] = g[i * k + k / 2];
+  if (k > 2) cn[k - 1] = cn[k / 2];
+  std::vector<int64_t> assign(n, -1);
+  std::vector<float> min_dist(n);
+  AssignParams p;
+  p.gram = g.data();
+  p.x_norms = ip ? nullptr : xn.data();
+  p.c_norms = ip ? nullptr : cn.data();
+  p.n = n;
+  p.k = k;
+  p.metric = ip ? Metric::kIP : Metric::kL2;
+  p.assign = assign.data();
+  p.min_dist = min_dist.data();
+  pq_assign_cpu(p, 0, n);
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t best = 0;
+    float best_key = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const float key = ip ? -g[i * k + j] : cn[j] - 2.0f * g[i * k + j];
+      if (j == 0 || key < best_key) best_key = key, best = j;
+    }
+    FC_EXPECT(assign[i] == best, "assign k=%ld ip=%d row %ld: %ld vs %ld", (long)k, int(ip), (long)i,
+              (long)assign[i], (long)best);
+    const float want = ip ? -best_key : std::max(0.0f, xn[i] + best_key);
+    FC_EXPECT(min_dist[i] == want, "assign min_dist k=%ld row %ld", (long)k, (long)i);
+  }
+}
+
+// pq_assign_fused_cpu (AVX-512 tiles of 12 rows × 32 centroids) against the double argmin / argmax of
+// the exact products: equal except on a near tie; exact ties (a duplicated centroid) go to the lower
+// index; n not a multiple of the 12-row tile or the 48-row panel group, k not a multiple of 32.
+void check_assign_fused(int64_t n, int64_t d, int64_t k, bool ip, std::mt19937& gen) {
+  if (!pq_assign_fused_available()) return;
+  const int64_t stride = d + 1, panels = (k + 31) / 32;
+  auto x = randn(n * stride, gen), c = randn(k * d, gen);
+  if (k > 3)
+    for (int64_t t = 0; t < d; ++t) c[(k - 1) * d + t] = c[2 * d + t];  // centroid k − 1 repeats centroid 2
+  if (k > 3)
+    for (int64_t t = 0; t < d; ++t) x[t] = c[2 * d + t];  // row 0 sits on it
+  std::vector<float> packed(panels * d * 32, 0.0f), base(panels * 32, std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < k; ++j) {
+    float norm = 0.0f;
+    for (int64_t t = 0; t < d; ++t) {
+      packed[((j / 32) * d + t) * 32 + j % 32] = c[j * d + t];
+      norm += c[j * d + t] * c[j * d + t];
+    }
+    base[j] = ip ? 0.0f : norm;
+  }
+  std::vector<int64_t> assign(n, -1);
+  std::vector<float> min_dist(n);
+  FusedAssignParams p;
+  p.x = x.data();
+  p.x_stride = stride;
+  p.c_packed = packed.data();
+  p.base = base.data();
+  p.n = n;
+  p.d = d;
+  p.k = k;
+  p.metric = ip ? Metric::kIP : Metric::kL2;
+  p.assign = assign.data();
+  p.min_dist = min_dist.data();
+  pq_assign_fused_cpu(p, 0, 7);  // uneven parts, as threads would take them
+  pq_assign_fused_cpu(p, 7, n);
+  for (int64_t i = 0; i < n; ++i) {
+    std::vector<double> score(k);
+    int64_t best = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      double dot = 0, dist = 0;
+      for (int64_t t = 0; t < d; ++t) {
+        const double a = x[i * stride + t], b = c[j * d + t];
+        dot += a * b;
+        dist += (a - b) * (a - b);
+      }
+      score[j] = ip ? -dot : dist;
+      if (score[j] < score[best]) best = j;
+    }
+    const int64_t got = assign[i];
+    FC_EXPECT(got >= 0 && got < k && (got == best || std::fabs(score[got] - score[best]) <= 1e-4 * (1 + std::fabs(score[best]))),
+              "fused assign n=%ld d=%ld k=%ld ip=%d row %ld: %ld vs %ld", (long)n, (long)d, (long)k, int(ip), (long)i,
+              (long)got, (long)best);
+    const double want = ip ? -score[got] : score[got];
+    FC_EXPECT(std::fabs(min_dist[i] - want) <= 1e-3 * (1 + std::fabs(want)), "fused min_dist row %ld: %f vs %f",
+              (long)i, double(min_dist[i]), want);
+  }
+  if (k > 3 && !ip) FC_EXPECT(assign[0] == 2, "fused assign: the tie went to %ld, not 2", (long)assign[0]);
+}
+
+// pq_centroid_sums_cpu against double sums per (m, code), with the columns split in uneven parts
+// (as threads would) and both code types.
+void check_centroid_sums(int64_t n, int64_t M, int64_t dsub, int64_t ksub, bool wide, std::mt19937& gen) {
+  const int64_t d = M * dsub, stride = d + 3;
+  auto x = randn(n * stride, gen);
+  std::vector<uint8_t> c8(n * M);
+  std::vector<int64_t> c64(n * M);
+  std::uniform_int_distribution<int64_t> pick(0, ksub - 1);
+  for (int64_t i = 0; i < n * M; ++i) c64[i] = c8[i] = static_cast<uint8_t>(pick(gen));
+  std::vector<double> sums(M * ksub * dsub, 0.0), want(M * ksub * dsub, 0.0);
+  std::vector<int64_t> counts(M * ksub, 0), want_counts(M * ksub, 0);
+  CentroidSumParams p;
+  p.x = x.data();
+  p.x_stride = stride;
+  p.codes8 = wide ? nullptr : c8.data();
+  p.codes64 = wide ? c64.data() : nullptr;
+  p.n = n;
+  p.M = M;
+  p.dsub = dsub;
+  p.ksub = ksub;
+  p.sums = sums.data();
+  p.counts = counts.data();
+  for (int64_t c0 = 0; c0 < d; c0 += 5) pq_centroid_sums_cpu(p, c0, std::min(d, c0 + 5));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t code = c64[i * M + m];
+      ++want_counts[m * ksub + code];
+      for (int64_t t = 0; t < dsub; ++t) want[(m * ksub + code) * dsub + t] += double(x[i * stride + m * dsub + t]);
+    }
+  for (int64_t e = 0; e < M * ksub * dsub; ++e)
+    FC_EXPECT(sums[e] == want[e], "centroid sums M=%ld dsub=%ld entry %ld", (long)M, (long)dsub, (long)e);
+  for (int64_t e = 0; e < M * ksub; ++e)
+    FC_EXPECT(counts[e] == want_counts[e], "centroid counts M=%ld entry %ld", (long)M, (long)e);
+  // The serial counts and the means (old centroid kept for an empty cluster), columns in uneven parts.
+  std::vector<int64_t> counts2(M * ksub, 0);
+  p.counts = counts2.data();
+  pq_code_counts_cpu(p);
+  FC_EXPECT(counts2 == want_counts, "code counts M=%ld", (long)M);
+  auto old = randn(M * ksub * dsub, gen);
+  std::vector<double> new64(M * ksub * dsub, -1.0);
+  std::vector<float> new32(M * ksub * dsub, -1.0f);
+  CentroidMeanParams q;
+  q.sums = sums.data();
+  q.counts = counts2.data();
+  q.old = old.data();
+  q.new64 = new64.data();
+  q.new32 = new32.data();
+  q.M = M;
+  q.dsub = dsub;
+  q.ksub = ksub;
+  for (int64_t c0 = 0; c0 < d; c0 += 3) pq_centroid_means_cpu(q, c0, std::min(d, c0 + 3));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < ksub; ++j)
+      for (int64_t t = 0; t < dsub; ++t) {
+        const int64_t e = (m * ksub + j) * dsub + t, cnt = want_counts[m * ksub + j];
+        const double v = cnt > 0 ? want[e] / double(cnt) : double(old[e]);
+        FC_EXPECT(new64[e] == v && new32[e] == float(v), "centroid means M=%ld entry %ld", (long)M, (long)e);
+      }
+}
+
 }  // namespace
 
 int main() {
@@ -251,6 +405,12 @@ int main() {
       check_encode(130, 2, 17, ksub, gen);
     }
     for (bool ip : {false, true}) {
+      for (int64_t k : {1, 5, 16, 33, 100}) check_assign(37, k, ip, gen);
+      check_assign_fused(101, 20, 70, ip, gen);
+      check_assign_fused(13, 3, 1, ip, gen);
+      check_assign_fused(60, 64, 32, ip, gen);
+    }
+    for (bool ip : {false, true}) {
       check_scan(9, 1000, 5, 256, 10, ip, gen);
       check_scan(21, 333, 3, 256, 7, ip, gen);  // more queries than one 16-query pass, odd row count
       check_scan(3, 7, 4, 16, 12, ip, gen);  // k > n: padding
@@ -258,6 +418,11 @@ int main() {
     }
   }
   pq4_force_kernel(0);
+  for (bool wide : {false, true}) {
+    check_centroid_sums(50, 3, 4, 16, wide, gen);
+    check_centroid_sums(40, 1, 23, 7, wide, gen);  // a plain k-means: one sub-space split across parts
+    check_centroid_sums(9, 2, 5, 64, wide, gen);   // most clusters empty
+  }
   for (int64_t M : {1, 2, 7, 16, 33, 64, 256}) check_fastscan(M, gen);
   std::printf("test_pq (fast-scan kernel %s): %d failure(s)\n", pq4_kernel_name(), fc_failures());
   return fc_failures() == 0 ? 0 : 1;

@@ -5,7 +5,10 @@ namespace fastcore {
 namespace pq {
 std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks, int64_t metric, bool want_lut,
                                bool want_codes);
-std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids);
+std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids, int64_t metric);
+std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub);
+std::vector<at::Tensor> centroid_update(const at::Tensor& x, const at::Tensor& codes, int64_t ksub,
+                                        const at::Tensor& old);
 std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& codes, int64_t k, int64_t metric);
 std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& codes, const at::Tensor& list_offsets,
                                    const at::Tensor& probes, const std::optional<at::Tensor>& bias,
@@ -20,7 +23,15 @@ std::string fastscan_kernel(int64_t force);
 
 void bind_pq(pybind11::module_& m) {
   m.def("pq_tables", &pq::tables, "PQ distance tables [n, M, ksub] and/or codes [n, M] (metric 0 l2, 1 ip)");
-  m.def("pq_kmeans_assign", &pq::kmeans_assign, "nearest centroid (GEMM form): (assign [n] int64, min_dist [n])");
+  m.def("pq_kmeans_assign", &pq::kmeans_assign,
+        "nearest centroid (metric 0 l2, GEMM form) or largest inner product (metric 1): (assign [n] int64, "
+        "min_dist [n]: l2 the squared distance, ip the inner product)");
+  m.def("pq_centroid_sums", &pq::centroid_sums,
+        "k-means member sums of x [n, M*dsub] grouped by codes [n, M]: (sums [M, ksub, dsub] float64, counts "
+        "[M, ksub] int64)");
+  m.def("pq_centroid_update", &pq::centroid_update,
+        "k-means update of x [n, M*dsub] grouped by codes [n, M] from old [M, ksub, dsub] float32: (new32, new64 "
+        "[M, ksub, dsub]: member means, the old centroid for an empty cluster; counts [M, ksub] int64)");
   m.def("pq_search_flat", &pq::search_flat, "flat ADC top-k from tables: (dist [nq, k], ids [nq, k])");
   m.def("pq_search_ivf", &pq::search_ivf, "IVF ADC top-k over probed lists (list_terms: per-list tables of the L2 residual decomposition or None): "
         "(dist [nq, k], ids [nq, k])");

@@ -109,8 +109,18 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
     // float32 encode: the GEMM form with the centroid norms precomputed once per call.
     at::Tensor c_norms = (codebooks * codebooks).sum(2).contiguous();  // [M, ksub]
     TableParams<float> p = table_params(float{});
+    at::Tensor ct_m2 = ct * -2.0f;  // the kernels take −2·Cᵀ (exact scaling)
+    p.codebooks_t = ct_m2.data_ptr<float>();
     p.codes = codes.data_ptr<uint8_t>();
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { pq_encode_cpu(p, c_norms.data_ptr<float>(), b, e); });
+    // Blocks of rows (at least `grain`, a multiple of the kernel's 128-row block) handed to the threads
+    // one at a time: on a shared machine an even split up front waits for its slowest thread.
+    const int64_t rows_per = std::max<int64_t>(128, (grain + 127) / 128 * 128), nblocks = (n + rows_per - 1) / rows_per;
+    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
+        pq_encode_cpu(p, c_norms.data_ptr<float>(), b * rows_per, std::min(n, (b + 1) * rows_per));
+    });
     return {lut, codes};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
@@ -122,37 +132,186 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
   return {lut, codes};
 }
 
-// (assign [n] int64, min_dist [n] float32): nearest centroid by ‖x‖² − 2x·c + ‖c‖², GEMM in chunks of
-// rows so the [chunk, k] product stays small.
-std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids) {
+// (assign [n] int64, min_dist [n] float32): nearest centroid (metric 0: l2, by ‖x‖² − 2x·c + ‖c‖²) or
+// largest inner product (metric 1). With AVX-512: the fused tile kernel (pq_assign_fused_cpu), blocks
+// of rows handed to the threads one at a time; the [n, k] product is never written (the old path's
+// 4096-row chunk for k = 1024 wrote 16 MiB, out of cache, and its argmin pass cost a quarter of the
+// GEMM), and no BLAS call runs nested in a parallel region (MKL there starts its own threads).
+std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids, int64_t metric) {
   const char* op = "kmeans";
   check_cpu(x, op, "x");
+  check_cpu(centroids, op, "centroids");
   FC_CHECK(x.dim() == 2 && centroids.dim() == 2 && x.size(1) == centroids.size(1) && x.scalar_type() == at::kFloat &&
                centroids.scalar_type() == at::kFloat,
            op, "x [n, d] and centroids [k, d] must be float32 with the same d");
+  const Metric m = metric_of(metric, op);
   const int64_t n = x.size(0), k = centroids.size(0);
   FC_CHECK(k >= 1, op, "centroids must have k >= 1 rows");
   at::Tensor xc = x.contiguous(), cc = centroids.contiguous();
   at::Tensor assign = at::empty({n}, x.options().dtype(at::kLong));
   at::Tensor min_dist = at::empty({n}, x.options());
   if (n == 0) return {assign, min_dist};
-  at::Tensor x_norms = (xc * xc).sum(1), c_norms = (cc * cc).sum(1);
-  const int64_t chunk = std::max<int64_t>(256, (int64_t(1) << 22) / k);
+  const bool l2 = m == Metric::kL2;
+  if (pq_assign_fused_available() && k <= (int64_t(1) << 30)) {
+    // AVX-512: the fused tile kernel (no GEMM library call, no product in memory, and so no BLAS
+    // threads nested inside this parallel region). Centroids packed in panels of 32.
+    const int64_t d = xc.size(1), panels = (k + 31) / 32;
+    at::Tensor padded = at::zeros({panels * 32, d}, cc.options());
+    padded.narrow(0, 0, k).copy_(cc);
+    at::Tensor packed = padded.view({panels, 32, d}).transpose(1, 2).contiguous();  // [panels, d, 32]
+    at::Tensor base = at::full({panels * 32}, std::numeric_limits<float>::infinity(), cc.options());
+    base.narrow(0, 0, k).copy_(l2 ? (cc * cc).sum(1) : at::zeros({k}, cc.options()));
+    FusedAssignParams p;
+    p.x = xc.data_ptr<float>();
+    p.x_stride = xc.stride(0);
+    p.c_packed = packed.data_ptr<float>();
+    p.base = base.data_ptr<float>();
+    p.n = n;
+    p.d = d;
+    p.k = k;
+    p.metric = m;
+    p.assign = assign.data_ptr<int64_t>();
+    p.min_dist = min_dist.data_ptr<float>();
+    // Blocks of 192 rows handed out one at a time (see below); small jobs stay on the calling thread.
+    const int64_t rows_per = 192, nblocks = (n + rows_per - 1) / rows_per;
+    const int64_t workers = (n * k * d < (int64_t(1) << 22)) ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+      for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
+        pq_assign_fused_cpu(p, b * rows_per, std::min(n, (b + 1) * rows_per));
+    });
+    return {assign, min_dist};
+  }
+  // Otherwise: the GEMM of a row block (threaded by the BLAS library, so called outside any parallel
+  // region) into a [block, k] buffer of at most 4 MiB, then the argmin pass over the block in parallel.
+  at::Tensor x_norms = l2 ? (xc * xc).sum(1) : at::Tensor(), c_norms = l2 ? (cc * cc).sum(1) : at::Tensor();
+  const int64_t block = std::max<int64_t>(64, (int64_t(1) << 20) / k);
   at::Tensor ct = cc.t();
-  for (int64_t r0 = 0; r0 < n; r0 += chunk) {
-    const int64_t rows = std::min(chunk, n - r0);
-    at::Tensor gram = at::mm(xc.narrow(0, r0, rows), ct);  // [rows, k], contiguous
+  at::Tensor gram = at::empty({std::min(block, n), k}, x.options());
+  for (int64_t r0 = 0; r0 < n; r0 += block) {
+    const int64_t rows = std::min(block, n - r0);
+    at::Tensor g = gram.narrow(0, 0, rows);
+    at::mm_out(g, xc.narrow(0, r0, rows), ct);
     AssignParams p;
-    p.gram = gram.data_ptr<float>();
-    p.x_norms = x_norms.data_ptr<float>() + r0;
-    p.c_norms = c_norms.data_ptr<float>();
+    p.gram = g.data_ptr<float>();
+    p.x_norms = l2 ? x_norms.data_ptr<float>() + r0 : nullptr;
+    p.c_norms = l2 ? c_norms.data_ptr<float>() : nullptr;
     p.n = rows;
     p.k = k;
+    p.metric = m;
     p.assign = assign.data_ptr<int64_t>() + r0;
     p.min_dist = min_dist.data_ptr<float>() + r0;
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / k), [&](int64_t b, int64_t e) { pq_assign_cpu(p, b, e); });
   }
   return {assign, min_dist};
+}
+
+// (sums [M, ksub, dsub] float64, counts [M, ksub] int64) of the rows of x [n, M·dsub] float32 grouped by
+// codes [n, M] (uint8 or int64, values < ksub): the k-means update's member sums of all M sub-spaces in
+// one pass (M = 1: a plain k-means). Threads split the columns of x.
+std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub) {
+  const char* op = "kmeans";
+  check_cpu(x, op, "x");
+  check_cpu(codes, op, "codes");
+  FC_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, "x must be float32 [n, d]");
+  FC_CHECK(codes.dim() == 2 && (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kLong) &&
+               codes.size(0) == x.size(0) && codes.size(1) >= 1,
+           op, "codes must be uint8 or int64 [n, M] with x's n rows");
+  const int64_t n = x.size(0), d = x.size(1), M = codes.size(1);
+  FC_CHECK(d % M == 0 && d >= M, op, "x's d = ", d, " must be a positive multiple of M = ", M);
+  FC_CHECK(ksub >= 1, op, "ksub must be >= 1, got ", ksub);
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), cc = codes.contiguous();
+  if (n > 0) {
+    const int64_t top = cc.max().item<int64_t>(), low = cc.min().item<int64_t>();
+    FC_CHECK(low >= 0 && top < ksub, op, "codes must lie in [0, ksub) = [0, ", ksub, "), got [", low, ", ", top, "]");
+  }
+  const int64_t dsub = d / M;
+  at::Tensor sums = at::zeros({M, ksub, dsub}, x.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({M, ksub}, x.options().dtype(at::kLong));
+  CentroidSumParams p;
+  p.x = xc.data_ptr<float>();
+  p.x_stride = xc.stride(0);
+  p.codes8 = cc.scalar_type() == at::kByte ? cc.data_ptr<uint8_t>() : nullptr;
+  p.codes64 = cc.scalar_type() == at::kLong ? cc.data_ptr<int64_t>() : nullptr;
+  p.n = n;
+  p.M = M;
+  p.dsub = dsub;
+  p.ksub = ksub;
+  p.sums = sums.data_ptr<double>();
+  p.counts = counts.data_ptr<int64_t>();
+  // Columns in multiples of 8 (a 64-byte line of sums) so threads never share a line; at least 2^20
+  // additions per thread (about 1 ms): a PQ training sample (4096 rows × 128) stays on the calling
+  // thread, since on a loaded machine waking a second one for each of 25 iterations cost more.
+  const int64_t units = (d + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(n * 8, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    pq_centroid_sums_cpu(p, u0 * 8, std::min(d, u1 * 8));
+  });
+  return {sums, counts};
+}
+
+// The k-means update of all M sub-spaces in one parallel region: (new32 [M, ksub, dsub] float32, new64
+// float64, counts [M, ksub] int64) from x [n, M·dsub] float32, codes [n, M] (uint8 or int64, < ksub) and
+// the old centroids [M, ksub, dsub] float32. new64 = member mean (float64 sums in row order), or the old
+// centroid for an empty cluster: the reference kmeans_update before its empty-cluster split, same bits.
+// Counts first (one serial pass over the codes), then each thread sums and averages its own columns:
+// one wake-up of the pool per Lloyd iteration instead of one per torch op of the update.
+std::vector<at::Tensor> centroid_update(const at::Tensor& x, const at::Tensor& codes, int64_t ksub,
+                                        const at::Tensor& old) {
+  const char* op = "kmeans";
+  check_cpu(x, op, "x");
+  check_cpu(codes, op, "codes");
+  check_cpu(old, op, "old");
+  FC_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, "x must be float32 [n, d]");
+  FC_CHECK(codes.dim() == 2 && (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kLong) &&
+               codes.size(0) == x.size(0) && codes.size(1) >= 1,
+           op, "codes must be uint8 or int64 [n, M] with x's n rows");
+  const int64_t n = x.size(0), d = x.size(1), M = codes.size(1);
+  FC_CHECK(d % M == 0 && d >= M, op, "x's d = ", d, " must be a positive multiple of M = ", M);
+  FC_CHECK(ksub >= 1, op, "ksub must be >= 1, got ", ksub);
+  const int64_t dsub = d / M;
+  FC_CHECK(old.dim() == 3 && old.scalar_type() == at::kFloat && old.size(0) == M && old.size(1) == ksub &&
+               old.size(2) == dsub,
+           op, "old must be float32 [M, ksub, dsub] = [", M, ", ", ksub, ", ", dsub, "]");
+  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), cc = codes.contiguous(), oc = old.contiguous();
+  if (n > 0) {
+    const int64_t top = cc.max().item<int64_t>(), low = cc.min().item<int64_t>();
+    FC_CHECK(low >= 0 && top < ksub, op, "codes must lie in [0, ksub) = [0, ", ksub, "), got [", low, ", ", top, "]");
+  }
+  at::Tensor sums = at::zeros({M, ksub, dsub}, x.options().dtype(at::kDouble));
+  at::Tensor counts = at::zeros({M, ksub}, x.options().dtype(at::kLong));
+  at::Tensor new64 = at::empty({M, ksub, dsub}, x.options().dtype(at::kDouble));
+  at::Tensor new32 = at::empty({M, ksub, dsub}, x.options());
+  CentroidSumParams p;
+  p.x = xc.data_ptr<float>();
+  p.x_stride = xc.stride(0);
+  p.codes8 = cc.scalar_type() == at::kByte ? cc.data_ptr<uint8_t>() : nullptr;
+  p.codes64 = cc.scalar_type() == at::kLong ? cc.data_ptr<int64_t>() : nullptr;
+  p.n = n;
+  p.M = M;
+  p.dsub = dsub;
+  p.ksub = ksub;
+  p.sums = sums.data_ptr<double>();
+  p.counts = counts.data_ptr<int64_t>();
+  pq_code_counts_cpu(p);
+  p.counts = nullptr;  // counted above; the column owners only sum
+  CentroidMeanParams q;
+  q.sums = sums.data_ptr<double>();
+  q.counts = counts.data_ptr<int64_t>();
+  q.old = oc.data_ptr<float>();
+  q.new64 = new64.data_ptr<double>();
+  q.new32 = new32.data_ptr<float>();
+  q.M = M;
+  q.dsub = dsub;
+  q.ksub = ksub;
+  // As centroid_sums: columns in multiples of 8, at least 2^20 additions per thread.
+  const int64_t units = (d + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(n * 8, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    pq_centroid_sums_cpu(p, u0 * 8, std::min(d, u1 * 8));
+    pq_centroid_means_cpu(q, u0 * 8, std::min(d, u1 * 8));
+  });
+  return {new32, new64, counts};
 }
 
 // CUDA flat ADC top-k (see pq.cu): per-chunk block-wide top-k of packed (ordered key, row) uint64

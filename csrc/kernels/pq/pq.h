@@ -42,21 +42,82 @@ void pq_tables_cpu(const TableParams<double>& p, int64_t begin, int64_t end);
 // for every j, so it is left out; lower j on ties), p.codes only. c_norms [M, ksub] = ‖c_mj‖². Per
 // sub-space the ksub dot products are one row of the GEMM x_m·C_mᵀ, accumulated in SIMD registers
 // (AVX-512: ksub/16 registers, one FMA per dimension each) and reduced by a SIMD argmin, so the
-// [n, ksub] product never goes to memory. Rows [begin, end).
+// [n, ksub] product never goes to memory. Rows [begin, end). p.codebooks_t holds −2·Cᵀ [M, dsub, ksub]
+// (not Cᵀ): x·(−2c) is bit-for-bit (−2x)·c, and the x values are then broadcast straight from memory.
 void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end);
 
 // ---- k-means assignment from a GEMM ----------------------------------------------------------------
-// dist(i, j) = ‖x_i‖² − 2 G[i, j] + ‖c_j‖² with G = x·cᵀ computed by a GEMM; assign[i] = argmin_j
-// (lower j on ties), min_dist[i] = max(0, that minimum).
+// l2: dist(i, j) = ‖x_i‖² − 2 G[i, j] + ‖c_j‖² with G = x·cᵀ computed by a GEMM; assign[i] = argmin_j
+// (lower j on ties), min_dist[i] = max(0, that minimum). ip: assign[i] = argmax_j G[i, j] (lower j on
+// ties), min_dist[i] = that maximum. The key minimised is ‖c_j‖² − 2 G[i, j] (l2; one rounding, as
+// 2G is exact) or −G[i, j] (ip; exact), scanned 16 columns at a time with a per-lane running minimum
+// (AVX-512) and reduced to the lowest j holding the minimum, which is the scalar loop's answer.
 struct AssignParams {
   const float* gram = nullptr;   // [n, k] contiguous (rows begin..end of the current chunk)
-  const float* x_norms = nullptr;  // [n]
-  const float* c_norms = nullptr;  // [k]
+  const float* x_norms = nullptr;  // [n] (l2 with min_dist only)
+  const float* c_norms = nullptr;  // [k] (l2 only)
   int64_t n = 0, k = 0;
+  Metric metric = Metric::kL2;
   int64_t* assign = nullptr;     // [n]
   float* min_dist = nullptr;     // [n] or nullptr
 };
 void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end);
+
+// ---- fused k-means / IVF assignment (AVX-512) -------------------------------------------------------
+// The same assignment as pq_assign_cpu without a GEMM library or a product in memory: tiles of 12 rows
+// × 32 centroids accumulate the dot products over t = 0..d−1 in 24 registers (one FMA chain per pair,
+// in t order), then the keys ‖c‖² − 2g (l2) / −g (ip) update a per-row, per-lane running minimum
+// (lane l: columns ≡ l mod 16, increasing j, strict <), reduced at the end to the lowest column
+// holding the minimum. Centroids come packed: panels of 32, c_packed[p, t, 0..31] = c[32p + lane, t],
+// zero past k; base[j] = ‖c_j‖² (l2) / 0 (ip) for j < k and +inf for the padding, so padding never
+// wins. min_dist as pq_assign_cpu (‖x‖² summed here for l2). Rows [begin, end). Returns false (and
+// does nothing) when this CPU or build has no AVX-512 (or a lower kernel is forced): the caller then
+// takes the GEMM + pq_assign_cpu path.
+struct FusedAssignParams {
+  const float* x = nullptr;       // [n, d], row stride x_stride, unit column stride
+  int64_t x_stride = 0;
+  const float* c_packed = nullptr;  // [ceil(k/32), d, 32]
+  const float* base = nullptr;      // [ceil(k/32)·32]
+  int64_t n = 0, d = 0, k = 0;
+  Metric metric = Metric::kL2;
+  int64_t* assign = nullptr;  // [n]
+  float* min_dist = nullptr;  // [n] or nullptr
+};
+bool pq_assign_fused_available();
+void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end);
+
+// ---- k-means centroid sums ---------------------------------------------------------------------------
+// sums[m, j, t] = Σ_{i : code[i, m] = j} x[i, m·dsub + t] in float64, added in row order (the same
+// sequence of additions as torch's index_add_ over the rows, so the same bits), counts[m, j] = |{i :
+// code[i, m] = j}|. k-means update of all M sub-spaces (M = 1, dsub = d: a plain k-means) in one pass
+// over x. codes [n, M] uint8 (codes8) or int64 (codes64), values < ksub. Columns [col_begin, col_end)
+// of x (threads split the columns: no two touch the same sum); counts (when p.counts is set) are
+// written by the thread holding column m·dsub. sums and counts must be zeroed by the caller.
+struct CentroidSumParams {
+  const float* x = nullptr;   // [n, M·dsub], row stride x_stride, unit column stride
+  int64_t x_stride = 0;
+  const uint8_t* codes8 = nullptr;   // [n, M] contiguous, or nullptr
+  const int64_t* codes64 = nullptr;  // [n, M] contiguous, or nullptr
+  int64_t n = 0, M = 0, dsub = 0, ksub = 0;
+  double* sums = nullptr;     // [M, ksub, dsub]
+  int64_t* counts = nullptr;  // [M, ksub], or nullptr
+};
+void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t col_end);
+// counts[m, j] = |{i : code[i, m] = j}| into p.counts (zeroed by the caller), one serial pass over the codes.
+void pq_code_counts_cpu(const CentroidSumParams& p);
+
+// The k-means update from the sums: new64[m, j, t] = sums[m, j, t] / counts[m, j] when counts[m, j] > 0,
+// else old[m, j, t] (float64: the reference kmeans_update's member mean, the old centroid kept for an
+// empty cluster, same bits), new32 = float(new64). Columns [col_begin, col_end) of the M·dsub.
+struct CentroidMeanParams {
+  const double* sums = nullptr;     // [M, ksub, dsub]
+  const int64_t* counts = nullptr;  // [M, ksub]
+  const float* old = nullptr;       // [M, ksub, dsub]
+  double* new64 = nullptr;          // [M, ksub, dsub]
+  float* new32 = nullptr;           // [M, ksub, dsub]
+  int64_t M = 0, dsub = 0, ksub = 0;
+};
+void pq_centroid_means_cpu(const CentroidMeanParams& p, int64_t col_begin, int64_t col_end);
 
 // ---- 8-bit (any ksub ≤ 256) ADC scan with top-k -----------------------------------------------------
 struct ScanParams {

@@ -95,8 +95,8 @@ FC_CPU_CLONES void encode_rows_portable(const TableParams<float>& p, const float
         const float* x = p.x + i * p.x_stride + m * dsub;
         for (int64_t j = 0; j < ksub; ++j) dist[j] = cn[j];
         for (int64_t t = 0; t < dsub; ++t) {
-          const float xv = -2.0f * x[t];
-          const float* row = ct + t * ksub;
+          const float xv = x[t];
+          const float* row = ct + t * ksub;  // −2·C
           for (int64_t j = 0; j < ksub; ++j) dist[j] += xv * row[j];
         }
         int64_t best = 0;
@@ -131,7 +131,7 @@ __attribute__((target("avx512f"))) void encode_rows_avx512(const TableParams<flo
 #pragma GCC unroll 16
         for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(cn + 16 * v);
         for (int64_t t = 0; t < dsub; ++t) {
-          const __m512 xv = _mm512_set1_ps(-2.0f * x[t]);
+          const __m512 xv = _mm512_set1_ps(x[t]);  // the rows hold −2·C
           const float* row = ct + t * ksub;
 #pragma GCC unroll 16
           for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(xv, _mm512_loadu_ps(row + 16 * v), acc[v]);
@@ -154,6 +154,84 @@ __attribute__((target("avx512f"))) void encode_rows_avx512(const TableParams<flo
           }
         }
         p.codes[i * M + m] = static_cast<uint8_t>(code);
+      }
+    }
+  }
+}
+
+// ksub = 256 (8-bit codes): the 16 registers of one row's distances leave no room to reuse a loaded
+// codebook vector, so the loop above does one load per FMA. Here R rows share each load: the 256
+// centroids are taken in two halves of 8 registers, R·8 accumulators (R = 3: 24 of the 32 registers)
+// get one FMA per loaded vector per row. Each distance is accumulated in the same order as above
+// (‖c‖², then t = 0..dsub−1), so the codes are the same; per row the half-minimum is taken at its
+// first lane, and the second half wins only when strictly smaller (lower j on ties).
+template <int R>
+__attribute__((target("avx512f"))) inline void encode_group_256(const float* x, int64_t x_stride, const float* ct,
+                                                                const float* cn, int64_t dsub, int* codes) {
+  float best[R];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    __m512 acc[R][8];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) acc[r][v] = _mm512_loadu_ps(cn + 128 * h + 16 * v);
+    for (int64_t t = 0; t < dsub; ++t) {
+      const float* row = ct + t * 256 + 128 * h;
+      __m512 xv[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) xv[r] = _mm512_set1_ps(x[r * x_stride + t]);  // a broadcast load
+#pragma GCC unroll 8
+      for (int v = 0; v < 8; ++v) {
+        __m512 c = _mm512_loadu_ps(row + 16 * v);
+        // Keep the vector in a register: GCC would otherwise fold the load into each of the R FMAs
+        // (R loads per vector again, the load ports the limit).
+        __asm__("" : "+v"(c));
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][v] = _mm512_fmadd_ps(xv[r], c, acc[r][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 low = _mm512_min_ps(_mm512_min_ps(_mm512_min_ps(acc[r][0], acc[r][1]), _mm512_min_ps(acc[r][2], acc[r][3])),
+                                       _mm512_min_ps(_mm512_min_ps(acc[r][4], acc[r][5]), _mm512_min_ps(acc[r][6], acc[r][7])));
+      const float value = _mm512_reduce_min_ps(low);
+      const __m512 target = _mm512_set1_ps(value);
+      // The first lane equal to the minimum, without a data-dependent branch per register: the eight
+      // 16-bit equality masks as two 64-bit words (0 when every distance is NaN).
+      uint64_t lo = 0, hi = 0;
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        lo |= uint64_t(_mm512_cmpeq_ps_mask(acc[r][v], target)) << (16 * v);
+        hi |= uint64_t(_mm512_cmpeq_ps_mask(acc[r][v + 4], target)) << (16 * v);
+      }
+      const int code = lo ? 128 * h + __builtin_ctzll(lo) : hi ? 128 * h + 64 + __builtin_ctzll(hi) : 0;
+      if (h == 0 || value < best[r]) {
+        best[r] = value;
+        codes[r] = code;
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) void encode_rows_avx512_256(const TableParams<float>& p, const float* c_norms,
+                                                               int64_t begin, int64_t end) {
+  constexpr int R = 3;
+  const int64_t M = p.M, dsub = p.dsub;
+  int codes[R];
+  for (int64_t i0 = begin; i0 < end; i0 += kEncodeRowBlock) {
+    const int64_t i1 = std::min(end, i0 + kEncodeRowBlock);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* ct = p.codebooks_t + m * dsub * 256;
+      const float* cn = c_norms + m * 256;
+      int64_t i = i0;
+      for (; i + R <= i1; i += R) {
+        encode_group_256<R>(p.x + i * p.x_stride + m * dsub, p.x_stride, ct, cn, dsub, codes);
+        for (int r = 0; r < R; ++r) p.codes[(i + r) * M + m] = static_cast<uint8_t>(codes[r]);
+      }
+      for (; i < i1; ++i) {
+        encode_group_256<1>(p.x + i * p.x_stride + m * dsub, p.x_stride, ct, cn, dsub, codes);
+        p.codes[i * M + m] = static_cast<uint8_t>(codes[0]);
       }
     }
   }
@@ -185,7 +263,7 @@ int active_kernel() {
 void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t begin, int64_t end) {
 #ifdef FC_PQ_X86
   if (active_kernel() == 3) {
-    if (p.ksub == 256) return encode_rows_avx512<16>(p, c_norms, begin, end);
+    if (p.ksub == 256) return encode_rows_avx512_256(p, c_norms, begin, end);
     if (p.ksub == 16) return encode_rows_avx512<1>(p, c_norms, begin, end);
   }
 #endif
@@ -194,20 +272,249 @@ void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t be
 
 // ---- k-means assignment ---------------------------------------------------------------------------
 
-void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end) {
+namespace {
+
+// Key of column j (smaller is better): l2 ‖c_j‖² − 2G (one rounding; the FMA form is the same, 2G is
+// exact), ip −G.
+inline float assign_key(const AssignParams& p, const float* g, int64_t j) {
+  return p.metric == Metric::kL2 ? p.c_norms[j] - 2.0f * g[j] : -g[j];
+}
+
+inline void assign_store(const AssignParams& p, int64_t i, int64_t best, float best_key) {
+  p.assign[i] = best;
+  if (p.min_dist)
+    p.min_dist[i] = p.metric == Metric::kL2 ? std::max(0.0f, p.x_norms[i] + best_key) : -best_key;
+}
+
+void assign_rows_portable(const AssignParams& p, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float* g = p.gram + i * p.k;
     int64_t best = 0;
-    float best_value = p.c_norms[0] - 2.0f * g[0];
+    float best_key = assign_key(p, g, 0);
     for (int64_t j = 1; j < p.k; ++j) {
-      const float v = p.c_norms[j] - 2.0f * g[j];
-      if (v < best_value) {
-        best_value = v;
+      const float v = assign_key(p, g, j);
+      if (v < best_key) {  // strict: the lower j wins ties
+        best_key = v;
         best = j;
       }
     }
-    p.assign[i] = best;
-    if (p.min_dist) p.min_dist[i] = std::max(0.0f, p.x_norms[i] + best_value);
+    assign_store(p, i, best, best_key);
+  }
+}
+
+#ifdef FC_PQ_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Lane l keeps the smallest key (and its column) among columns j ≡ l (mod 16), updated in increasing j
+// with a strict <, so each lane holds its lowest such column; the answer is the lowest column among
+// the lanes holding the overall minimum. A row whose keys are all NaN or +inf gets column 0, as the
+// scalar loop (which also starts from column 0).
+__attribute__((target("avx512f"))) void assign_rows_avx512(const AssignParams& p, int64_t begin, int64_t end) {
+  const int64_t k = p.k;
+  const bool l2 = p.metric == Metric::kL2;
+  const __m512 scale = _mm512_set1_ps(l2 ? -2.0f : -1.0f);
+  const __m512i step = _mm512_set1_epi32(16);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const int64_t full = k / 16 * 16;
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - full)) - 1u);
+  for (int64_t i = begin; i < end; ++i) {
+    const float* g = p.gram + i * k;
+    __m512 best = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+    __m512i best_j = _mm512_setzero_si512();
+    __m512i j = lanes;
+    int64_t c = 0;
+    for (; c < full; c += 16) {
+      const __m512 base = l2 ? _mm512_loadu_ps(p.c_norms + c) : _mm512_setzero_ps();
+      const __m512 v = _mm512_fmadd_ps(scale, _mm512_loadu_ps(g + c), base);
+      const __mmask16 lt = _mm512_cmp_ps_mask(v, best, _CMP_LT_OQ);
+      best = _mm512_mask_mov_ps(best, lt, v);
+      best_j = _mm512_mask_mov_epi32(best_j, lt, j);
+      j = _mm512_add_epi32(j, step);
+    }
+    if (tail) {
+      const __m512 base = l2 ? _mm512_maskz_loadu_ps(tail, p.c_norms + c) : _mm512_setzero_ps();
+      const __m512 v = _mm512_fmadd_ps(scale, _mm512_maskz_loadu_ps(tail, g + c), base);
+      const __mmask16 lt = _mm512_mask_cmp_ps_mask(tail, v, best, _CMP_LT_OQ);
+      best = _mm512_mask_mov_ps(best, lt, v);
+      best_j = _mm512_mask_mov_epi32(best_j, lt, j);
+    }
+    const float low = _mm512_reduce_min_ps(best);
+    const __mmask16 at_low = _mm512_cmp_ps_mask(best, _mm512_set1_ps(low), _CMP_EQ_OQ);
+    const int64_t col =
+        at_low ? _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), at_low, best_j)) : 0;
+    assign_store(p, i, col, at_low ? low : assign_key(p, g, 0));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end) {
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3 && p.k <= INT32_MAX) return assign_rows_avx512(p, begin, end);
+#endif
+  assign_rows_portable(p, begin, end);
+}
+
+// ---- fused k-means / IVF assignment ----------------------------------------------------------------
+
+namespace {
+
+constexpr int kFusedRows = 12;   // rows per register tile (24 accumulators + 2 centroid vectors + 1 x)
+constexpr int64_t kFusedPanelRows = 48;  // rows sharing each loaded panel (4 tiles; the panel stays in L1)
+
+#ifdef FC_PQ_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// One 12 × 32 tile over all d, then the running-minimum update of its 12 rows (best / best_j: 16 lanes
+// per row). rows[r] points at row r's x (tail tiles repeat the last row; its results are not used).
+__attribute__((target("avx512f"))) inline void fused_tile(const float* const* rows, const float* panel,
+                                                          const float* base, int64_t d, __m512 scale,
+                                                          __m512i j0, float* best, int32_t* best_j) {
+  __m512 acc[kFusedRows][2];
+#pragma GCC unroll 12
+  for (int r = 0; r < kFusedRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < d; ++t) {
+    __m512 c0 = _mm512_loadu_ps(panel + t * 32), c1 = _mm512_loadu_ps(panel + t * 32 + 16);
+    __asm__("" : "+v"(c0), "+v"(c1));  // loaded once, not folded into each of the 12 FMAs
+#pragma GCC unroll 12
+    for (int r = 0; r < kFusedRows; ++r) {
+      const __m512 xv = _mm512_set1_ps(rows[r][t]);
+      acc[r][0] = _mm512_fmadd_ps(xv, c0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(xv, c1, acc[r][1]);
+    }
+  }
+  const __m512 b0 = _mm512_loadu_ps(base), b1 = _mm512_loadu_ps(base + 16);
+  const __m512i j1 = _mm512_add_epi32(j0, _mm512_set1_epi32(16));
+#pragma GCC unroll 12
+  for (int r = 0; r < kFusedRows; ++r) {
+    __m512 bv = _mm512_loadu_ps(best + 16 * r);
+    __m512i bj = _mm512_loadu_si512(best_j + 16 * r);
+    const __m512 k0 = _mm512_fmadd_ps(scale, acc[r][0], b0), k1 = _mm512_fmadd_ps(scale, acc[r][1], b1);
+    __mmask16 lt = _mm512_cmp_ps_mask(k0, bv, _CMP_LT_OQ);
+    bv = _mm512_mask_mov_ps(bv, lt, k0);
+    bj = _mm512_mask_mov_epi32(bj, lt, j0);
+    lt = _mm512_cmp_ps_mask(k1, bv, _CMP_LT_OQ);
+    bv = _mm512_mask_mov_ps(bv, lt, k1);
+    bj = _mm512_mask_mov_epi32(bj, lt, j1);
+    _mm512_storeu_ps(best + 16 * r, bv);
+    _mm512_storeu_si512(best_j + 16 * r, bj);
+  }
+}
+
+__attribute__((target("avx512f"))) void assign_fused_avx512(const FusedAssignParams& p, int64_t begin, int64_t end) {
+  const int64_t d = p.d, panels = (p.k + 31) / 32;
+  const bool l2 = p.metric == Metric::kL2;
+  const __m512 scale = _mm512_set1_ps(l2 ? -2.0f : -1.0f);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) float best[kFusedPanelRows * 16];
+  alignas(64) int32_t best_j[kFusedPanelRows * 16];
+  const float* rows[kFusedPanelRows];
+  for (int64_t i0 = begin; i0 < end; i0 += kFusedPanelRows) {
+    const int64_t count = std::min(kFusedPanelRows, end - i0);
+    const int64_t tiles = (count + kFusedRows - 1) / kFusedRows;
+    for (int64_t r = 0; r < tiles * kFusedRows; ++r) rows[r] = p.x + (i0 + std::min(r, count - 1)) * p.x_stride;
+    for (int64_t e = 0; e < tiles * kFusedRows * 16; ++e) {
+      best[e] = std::numeric_limits<float>::infinity();
+      best_j[e] = 0;
+    }
+    for (int64_t pn = 0; pn < panels; ++pn) {
+      const __m512i j0 = _mm512_add_epi32(lanes, _mm512_set1_epi32(static_cast<int32_t>(32 * pn)));
+      for (int64_t tile = 0; tile < tiles; ++tile)
+        fused_tile(rows + tile * kFusedRows, p.c_packed + pn * d * 32, p.base + 32 * pn, d, scale, j0,
+                   best + tile * kFusedRows * 16, best_j + tile * kFusedRows * 16);
+    }
+    for (int64_t r = 0; r < count; ++r) {
+      const __m512 bv = _mm512_load_ps(best + 16 * r);
+      const float low = _mm512_reduce_min_ps(bv);
+      const __mmask16 at_low = _mm512_cmp_ps_mask(bv, _mm512_set1_ps(low), _CMP_EQ_OQ);
+      const __m512i bj = _mm512_load_si512(best_j + 16 * r);
+      const int64_t col =
+          at_low ? _mm512_reduce_min_epi32(_mm512_mask_mov_epi32(_mm512_set1_epi32(INT32_MAX), at_low, bj)) : 0;
+      const int64_t i = i0 + r;
+      p.assign[i] = col;
+      if (p.min_dist) {
+        // a row whose keys are all +inf / NaN keeps column 0 and reports its key
+        float key = low;
+        if (!at_low) key = std::numeric_limits<float>::quiet_NaN();
+        if (l2) {
+          const float* x = p.x + i * p.x_stride;
+          float norm = 0.0f;
+          for (int64_t t = 0; t < d; ++t) norm += x[t] * x[t];
+          p.min_dist[i] = std::max(0.0f, norm + key);
+        } else {
+          p.min_dist[i] = -key;
+        }
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+bool pq_assign_fused_available() {
+#ifdef FC_PQ_X86
+  return active_kernel() == 3;
+#else
+  return false;
+#endif
+}
+
+void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end) {
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3 && p.k <= INT32_MAX - 64) assign_fused_avx512(p, begin, end);
+#else
+  (void)p;
+  (void)begin;
+  (void)end;
+#endif
+}
+
+// ---- k-means centroid sums ------------------------------------------------------------------------
+
+void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t col_end) {
+  const int64_t M = p.M, dsub = p.dsub, ksub = p.ksub;
+  if (col_begin >= col_end) return;
+  const int64_t m_begin = col_begin / dsub, m_end = (col_end - 1) / dsub + 1;
+  for (int64_t i = 0; i < p.n; ++i) {
+    const float* x = p.x + i * p.x_stride;
+    for (int64_t m = m_begin; m < m_end; ++m) {
+      const int64_t code = p.codes8 ? int64_t(p.codes8[i * M + m]) : p.codes64[i * M + m];
+      const int64_t t0 = std::max<int64_t>(col_begin - m * dsub, 0), t1 = std::min<int64_t>(col_end - m * dsub, dsub);
+      double* dst = p.sums + (m * ksub + code) * dsub;
+      const float* src = x + m * dsub;
+      for (int64_t t = t0; t < t1; ++t) dst[t] += static_cast<double>(src[t]);
+      if (t0 == 0 && p.counts) ++p.counts[m * ksub + code];
+    }
+  }
+}
+
+void pq_code_counts_cpu(const CentroidSumParams& p) {
+  const int64_t M = p.M, ksub = p.ksub;
+  for (int64_t i = 0; i < p.n; ++i)
+    for (int64_t m = 0; m < M; ++m)
+      ++p.counts[m * ksub + (p.codes8 ? int64_t(p.codes8[i * M + m]) : p.codes64[i * M + m])];
+}
+
+void pq_centroid_means_cpu(const CentroidMeanParams& p, int64_t col_begin, int64_t col_end) {
+  const int64_t dsub = p.dsub, ksub = p.ksub;
+  if (col_begin >= col_end) return;
+  for (int64_t m = col_begin / dsub; m <= (col_end - 1) / dsub; ++m) {
+    const int64_t t0 = std::max<int64_t>(col_begin - m * dsub, 0), t1 = std::min<int64_t>(col_end - m * dsub, dsub);
+    for (int64_t j = 0; j < ksub; ++j) {
+      const int64_t count = p.counts[m * ksub + j];
+      const int64_t row = (m * ksub + j) * dsub;
+      for (int64_t t = t0; t < t1; ++t) {
+        const double v = count > 0 ? p.sums[row + t] / static_cast<double>(count) : static_cast<double>(p.old[row + t]);
+        p.new64[row + t] = v;
+        p.new32[row + t] = static_cast<float>(v);
+      }
+    }
   }
 }
 

@@ -97,7 +97,6 @@ def _same_dtype(op: str, name: str, x: Tensor, codebooks: Tensor) -> Tensor:
 def _kmeans_cpu(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroid: int, constrained: bool) -> Tensor:
     sample, c = _ref.kmeans_init(x.float(), k, seed, max_points_per_centroid)
     sample = sample.contiguous()
-    sample64 = sample.double()
     for _ in range(niter):
         if constrained:
             dist = ((sample * sample).sum(1, keepdim=True) - 2.0 * sample @ c.T + (c * c).sum(1)[None]).clamp_min_(0)
@@ -107,9 +106,39 @@ def _kmeans_cpu(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroi
             # measured); the encode kernel's direct ‖x − c‖² over all k centroids at once is faster.
             assign = _native.native().pq_tables(sample, c[None].contiguous(), 0, False, True)[1][:, 0].long()
         else:
-            assign, _ = _native.native().pq_kmeans_assign(sample, c.contiguous())
-        c = _ref.kmeans_update(sample64, assign, k, c.double()).float()
+            assign, _ = _native.native().pq_kmeans_assign(sample, c.contiguous(), 0)
+        c = _centroid_update_cpu(sample, assign[:, None], k, c[None])[0]
     return c.to(x.dtype)
+
+
+def _centroid_update_cpu(sample: Tensor, codes: Tensor, ksub: int, old: Tensor) -> Tensor:
+    """kmeans_update of the M sub-spaces of `sample` [n, M·dsub] float32 at once (codes [n, M] uint8 or
+    int64; old centroids [M, ksub, dsub] float32): the member means (float64 sums in row order, the same
+    bits as the reference's index_add_), old centroids kept for empty clusters, which then split the
+    largest one (reference.pq.kmeans_update's rule). One native call (one parallel region) per
+    iteration; float32 [M, ksub, dsub]."""
+    new32, new64, counts = _native.native().pq_centroid_update(sample, codes, ksub, old.contiguous())
+    if not bool((counts == 0).any()):
+        return new32
+    for m in torch.nonzero((counts == 0).any(1)).reshape(-1).tolist():  # rare: split per sub-space
+        new64[m] = _split_empty(new64[m], counts[m].double())
+    return new64.float()
+
+
+def _nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
+    """assign [n] int64: argmin_j ‖x_i − c_j‖² (l2, GEMM form) or argmax_j ⟨x_i, c_j⟩ (ip), lower j on
+    ties. float32 CPU tensors: the native blocked GEMM + SIMD argmin (no [n, k] product in memory);
+    otherwise torch in row chunks."""
+    if (x.dtype == torch.float32 and centroids.dtype == torch.float32 and x.device.type == "cpu"
+            and centroids.device.type == "cpu" and _native.load_error() is None):
+        return _native.native().pq_kmeans_assign(x.contiguous(), centroids.contiguous(), _METRIC_ID[metric])[0]
+    step = max(1, (1 << 22) // max(centroids.shape[0], 1))
+    c_norms = (centroids * centroids).sum(1)[None]
+    parts = []
+    for i in range(0, x.shape[0], step):
+        g = x[i:i + step] @ centroids.T
+        parts.append((c_norms - 2.0 * g).argmin(1) if metric == "l2" else g.argmax(1))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
 _KMEANS_IMPL = {"cpu": _kmeans_cpu, "reference": _ref.kmeans}
@@ -180,25 +209,17 @@ def pq_train(x: Tensor, M: int, nbits: int = 8, metric: str = "l2", niter: int =
 def _pq_train_batched_cpu(x: Tensor, M: int, ksub: int, niter: int, seed: int, max_points_per_centroid: int) -> Tensor:
     """All M sub-space k-means at once (the same training rows and initial rows in every sub-space, as
     the per-sub-space loop with one seed): each iteration is one call of the encode kernel for the
-    assignments of every sub-space and one index_add for all the sums, instead of M small calls."""
+    assignments of every sub-space and one native pass for all the member sums (float64, straight from
+    the float32 rows: an index_add_ over a float64 copy of the [ns·M, dsub] rows cost a quarter of the
+    RepCONC training), instead of M small calls."""
     n, d = x.shape
     dsub = d // M
     sample, init = _ref.kmeans_init(x.float(), ksub, seed, max_points_per_centroid)
     sample = sample.contiguous()
     c = init.reshape(ksub, M, dsub).permute(1, 0, 2).contiguous()  # [M, ksub, dsub]
-    rows = sample.double().reshape(-1, dsub)  # [ns·M, dsub], sub-space m of row i at i·M + m
-    offsets = (torch.arange(M) * ksub)[None, :]
     for _ in range(niter):
-        codes = _native.native().pq_tables(sample, c, 0, False, True)[1].long()  # [ns, M]
-        flat = (codes + offsets).reshape(-1)
-        sums = torch.zeros(M * ksub, dsub, dtype=torch.float64).index_add_(0, flat, rows)
-        counts = torch.bincount(flat, minlength=M * ksub).reshape(M, ksub)
-        old = c.double()
-        new = torch.where(counts[..., None] > 0, sums.reshape(M, ksub, dsub) / counts.clamp_min(1)[..., None], old)
-        if bool((counts == 0).any()):  # rare: split the largest cluster per sub-space (kmeans_update's rule)
-            for m in torch.nonzero((counts == 0).any(1)).reshape(-1).tolist():
-                new[m] = _split_empty(new[m], counts[m].double())
-        c = new.float().contiguous()
+        codes = _native.native().pq_tables(sample, c, 0, False, True)[1]  # [ns, M] uint8
+        c = _centroid_update_cpu(sample, codes, ksub, c)
     return c.to(x.dtype) if x.dtype == torch.float64 else c
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops.pq import _nearest_centroid
 from ._format import IndexFileError, read_index_file, write_index_file
 
 __all__ = ["PQIndex", "IVFPQIndex", "IndexFileError", "load_index"]
@@ -242,10 +243,10 @@ class IVFPQIndex(PQIndex):
         return torch.addmm((coarse * coarse).sum(1)[None], x, coarse.T, beta=-1.0, alpha=2.0)
 
     def _assign(self, x: Tensor, coarse: Tensor) -> Tensor:
-        # In row chunks: the [n, nlist] score matrix of a whole database would be n·nlist·4 bytes.
-        step = max(1, (1 << 24) // max(coarse.shape[0], 1))
-        return torch.cat([self._coarse_scores(x[i:i + step], coarse).argmax(1) for i in range(0, x.shape[0], step)]
-                         or [torch.zeros(0, dtype=torch.int64)])
+        # The nearest list (l2) / largest inner product (ip), lower list on ties: a blocked GEMM whose
+        # [block, nlist] products stay in L2 and are reduced by a SIMD argmin as they are made (the
+        # whole [n, nlist] score matrix would be n·nlist·4 bytes; 16384-row chunks were 64 MB).
+        return _nearest_centroid(x, coarse, self.metric)
 
     def _add_encoded(self, x: Tensor, ids: Tensor) -> None:
         lists = self._assign(x, self.coarse)
