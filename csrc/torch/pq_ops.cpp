@@ -206,11 +206,17 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
   return {assign, min_dist};
 }
 
-// (sums [M, ksub, dsub] float64, counts [M, ksub] int64) of the rows of x [n, M·dsub] float32 grouped by
-// codes [n, M] (uint8 or int64, values < ksub): the k-means update's member sums of all M sub-spaces in
-// one pass (M = 1: a plain k-means). Threads split the columns of x.
-std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub) {
-  const char* op = "kmeans";
+namespace {
+// The member-sum pass both k-means entries share: x [n, M·dsub] float32 grouped by codes [n, M] (uint8 or
+// int64, values < ksub), checked, and the zeroed sums [M, ksub, dsub] float64 / counts [M, ksub] int64 it
+// fills. `p` points into the tensors held here.
+struct MemberSums {
+  at::Tensor x, codes, sums, counts;
+  CentroidSumParams p;
+  int64_t units = 0, grain = 1;  // column blocks of 8 (a 64-byte line of sums) and the parallel grain
+};
+
+MemberSums member_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub, const char* op) {
   check_cpu(x, op, "x");
   check_cpu(codes, op, "codes");
   FC_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, "x must be float32 [n, d]");
@@ -220,34 +226,46 @@ std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& cod
   const int64_t n = x.size(0), d = x.size(1), M = codes.size(1);
   FC_CHECK(d % M == 0 && d >= M, op, "x's d = ", d, " must be a positive multiple of M = ", M);
   FC_CHECK(ksub >= 1, op, "ksub must be >= 1, got ", ksub);
-  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), cc = codes.contiguous();
+  MemberSums m;
+  m.x = x.stride(1) == 1 ? x : x.contiguous();
+  m.codes = codes.contiguous();
   if (n > 0) {
-    const int64_t top = cc.max().item<int64_t>(), low = cc.min().item<int64_t>();
+    const int64_t top = m.codes.max().item<int64_t>(), low = m.codes.min().item<int64_t>();
     FC_CHECK(low >= 0 && top < ksub, op, "codes must lie in [0, ksub) = [0, ", ksub, "), got [", low, ", ", top, "]");
   }
   const int64_t dsub = d / M;
-  at::Tensor sums = at::zeros({M, ksub, dsub}, x.options().dtype(at::kDouble));
-  at::Tensor counts = at::zeros({M, ksub}, x.options().dtype(at::kLong));
-  CentroidSumParams p;
-  p.x = xc.data_ptr<float>();
-  p.x_stride = xc.stride(0);
-  p.codes8 = cc.scalar_type() == at::kByte ? cc.data_ptr<uint8_t>() : nullptr;
-  p.codes64 = cc.scalar_type() == at::kLong ? cc.data_ptr<int64_t>() : nullptr;
+  m.sums = at::zeros({M, ksub, dsub}, x.options().dtype(at::kDouble));
+  m.counts = at::zeros({M, ksub}, x.options().dtype(at::kLong));
+  CentroidSumParams& p = m.p;
+  p.x = m.x.data_ptr<float>();
+  p.x_stride = m.x.stride(0);
+  p.codes8 = m.codes.scalar_type() == at::kByte ? m.codes.data_ptr<uint8_t>() : nullptr;
+  p.codes64 = m.codes.scalar_type() == at::kLong ? m.codes.data_ptr<int64_t>() : nullptr;
   p.n = n;
   p.M = M;
   p.dsub = dsub;
   p.ksub = ksub;
-  p.sums = sums.data_ptr<double>();
-  p.counts = counts.data_ptr<int64_t>();
-  // Columns in multiples of 8 (a 64-byte line of sums) so threads never share a line; at least 2^20
-  // additions per thread (about 1 ms): a PQ training sample (4096 rows × 128) stays on the calling
-  // thread, since on a loaded machine waking a second one for each of 25 iterations cost more.
-  const int64_t units = (d + 7) / 8;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(n * 8, 1));
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    pq_centroid_sums_cpu(p, u0 * 8, std::min(d, u1 * 8));
+  p.sums = m.sums.data_ptr<double>();
+  p.counts = m.counts.data_ptr<int64_t>();
+  // Columns in multiples of 8 so threads never share a line of sums; at least 2^20 additions per thread
+  // (about 1 ms): a PQ training sample (4096 rows × 128) stays on the calling thread, since on a loaded
+  // machine waking a second one for each of 25 iterations cost more.
+  m.units = (d + 7) / 8;
+  m.grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(n * 8, 1));
+  return m;
+}
+}  // namespace
+
+// (sums [M, ksub, dsub] float64, counts [M, ksub] int64) of the rows of x [n, M·dsub] float32 grouped by
+// codes [n, M] (uint8 or int64, values < ksub): the k-means update's member sums of all M sub-spaces in
+// one pass (M = 1: a plain k-means). Threads split the columns of x.
+std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub) {
+  MemberSums m = member_sums(x, codes, ksub, "kmeans");
+  const int64_t d = m.x.size(1);
+  at::parallel_for(0, m.units, m.grain, [&](int64_t u0, int64_t u1) {
+    pq_centroid_sums_cpu(m.p, u0 * 8, std::min(d, u1 * 8));
   });
-  return {sums, counts};
+  return {m.sums, m.counts};
 }
 
 // The k-means update of all M sub-spaces in one parallel region: (new32 [M, ksub, dsub] float32, new64
@@ -259,59 +277,31 @@ std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& cod
 std::vector<at::Tensor> centroid_update(const at::Tensor& x, const at::Tensor& codes, int64_t ksub,
                                         const at::Tensor& old) {
   const char* op = "kmeans";
-  check_cpu(x, op, "x");
-  check_cpu(codes, op, "codes");
   check_cpu(old, op, "old");
-  FC_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, op, "x must be float32 [n, d]");
-  FC_CHECK(codes.dim() == 2 && (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kLong) &&
-               codes.size(0) == x.size(0) && codes.size(1) >= 1,
-           op, "codes must be uint8 or int64 [n, M] with x's n rows");
-  const int64_t n = x.size(0), d = x.size(1), M = codes.size(1);
-  FC_CHECK(d % M == 0 && d >= M, op, "x's d = ", d, " must be a positive multiple of M = ", M);
-  FC_CHECK(ksub >= 1, op, "ksub must be >= 1, got ", ksub);
-  const int64_t dsub = d / M;
+  MemberSums m = member_sums(x, codes, ksub, op);
+  const int64_t d = m.x.size(1), M = m.p.M, dsub = m.p.dsub;
   FC_CHECK(old.dim() == 3 && old.scalar_type() == at::kFloat && old.size(0) == M && old.size(1) == ksub &&
                old.size(2) == dsub,
            op, "old must be float32 [M, ksub, dsub] = [", M, ", ", ksub, ", ", dsub, "]");
-  at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous(), cc = codes.contiguous(), oc = old.contiguous();
-  if (n > 0) {
-    const int64_t top = cc.max().item<int64_t>(), low = cc.min().item<int64_t>();
-    FC_CHECK(low >= 0 && top < ksub, op, "codes must lie in [0, ksub) = [0, ", ksub, "), got [", low, ", ", top, "]");
-  }
-  at::Tensor sums = at::zeros({M, ksub, dsub}, x.options().dtype(at::kDouble));
-  at::Tensor counts = at::zeros({M, ksub}, x.options().dtype(at::kLong));
+  const at::Tensor oc = old.contiguous();
   at::Tensor new64 = at::empty({M, ksub, dsub}, x.options().dtype(at::kDouble));
   at::Tensor new32 = at::empty({M, ksub, dsub}, x.options());
-  CentroidSumParams p;
-  p.x = xc.data_ptr<float>();
-  p.x_stride = xc.stride(0);
-  p.codes8 = cc.scalar_type() == at::kByte ? cc.data_ptr<uint8_t>() : nullptr;
-  p.codes64 = cc.scalar_type() == at::kLong ? cc.data_ptr<int64_t>() : nullptr;
-  p.n = n;
-  p.M = M;
-  p.dsub = dsub;
-  p.ksub = ksub;
-  p.sums = sums.data_ptr<double>();
-  p.counts = counts.data_ptr<int64_t>();
-  pq_code_counts_cpu(p);
-  p.counts = nullptr;  // counted above; the column owners only sum
+  pq_code_counts_cpu(m.p);
+  m.p.counts = nullptr;  // counted above; the column owners only sum
   CentroidMeanParams q;
-  q.sums = sums.data_ptr<double>();
-  q.counts = counts.data_ptr<int64_t>();
+  q.sums = m.sums.data_ptr<double>();
+  q.counts = m.counts.data_ptr<int64_t>();
   q.old = oc.data_ptr<float>();
   q.new64 = new64.data_ptr<double>();
   q.new32 = new32.data_ptr<float>();
   q.M = M;
   q.dsub = dsub;
   q.ksub = ksub;
-  // As centroid_sums: columns in multiples of 8, at least 2^20 additions per thread.
-  const int64_t units = (d + 7) / 8;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(n * 8, 1));
-  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
-    pq_centroid_sums_cpu(p, u0 * 8, std::min(d, u1 * 8));
+  at::parallel_for(0, m.units, m.grain, [&](int64_t u0, int64_t u1) {
+    pq_centroid_sums_cpu(m.p, u0 * 8, std::min(d, u1 * 8));
     pq_centroid_means_cpu(q, u0 * 8, std::min(d, u1 * 8));
   });
-  return {new32, new64, counts};
+  return {new32, new64, m.counts};
 }
 
 // CUDA flat ADC top-k (see pq.cu): per-chunk block-wide top-k of packed (ordered key, row) uint64
