@@ -230,8 +230,6 @@ __attribute__((always_inline)) inline float step_lane_sum(StepVector v) {
 // are rearranged once, and the tile's rows walked batch by batch (the tile's rows of one batch are contiguous,
 // so the state streams through the prefetchers while the coefficients stay in L1). y's sum per row: the full
 // vectors in order into one 16-lane accumulator, step_lane_sum, then the N % 8 scalar states.
-// kVectors > 0: the row's full-vector count as a constant (unrolled), 0: any N.
-template <int kVectors>
 __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams<float>& p, int64_t begin, int64_t end) {
   const StepIndex dup_re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
   const StepIndex dup_im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
@@ -239,7 +237,7 @@ __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams
   const StepVector im_sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f};
   const StepVector re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
   const int64_t N = p.states, H = p.heads;
-  const int64_t vectors = kVectors > 0 ? kVectors : (2 * N) / kStepLanes;  // full 16-lane vectors; N % 8 states scalar
+  const int64_t vectors = (2 * N) / kStepLanes;  // full 16-lane vectors; N % 8 states scalar
   // per tile head: [a_re | a_im | b | c] × vectors × 16 floats (plain floats: a std::vector of 64-byte
   // vector types is not reliably 64-byte aligned, and unaligned loads cost nothing extra here)
   const int64_t head_floats = 4 * vectors * kStepLanes;
@@ -407,7 +405,7 @@ FC_CPU_CLONES void ssm_step_float_heads(const StepParams<float>& p, int64_t begi
     case 16: ssm_step_float_head_rows<2>(p, begin, end); break;
     case 24: ssm_step_float_head_rows<3>(p, begin, end); break;
     case 32: ssm_step_float_head_rows<4>(p, begin, end); break;
-    default: ssm_step_float_tiles<0>(p, begin, end); break;
+    default: ssm_step_float_tiles(p, begin, end); break;
   }
 }
 
