@@ -106,7 +106,7 @@ def _kmeans_cpu(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroi
             # measured); the encode kernel's direct ‖x − c‖² over all k centroids at once is faster.
             assign = _native.native().pq_tables(sample, c[None].contiguous(), 0, False, True)[1][:, 0].long()
         else:
-            assign, _ = _native.native().pq_kmeans_assign(sample, c.contiguous(), 0)
+            assign = _nearest_centroid(sample, c)
         c = _centroid_update_cpu(sample, assign[:, None], k, c[None])[0]
     return c.to(x.dtype)
 
@@ -127,8 +127,8 @@ def _centroid_update_cpu(sample: Tensor, codes: Tensor, ksub: int, old: Tensor) 
 
 def _nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
     """assign [n] int64: argmin_j ‖x_i − c_j‖² (l2, GEMM form) or argmax_j ⟨x_i, c_j⟩ (ip), lower j on
-    ties. float32 CPU tensors: the native blocked GEMM + SIMD argmin (no [n, k] product in memory);
-    otherwise torch in row chunks."""
+    ties. float32 CPU tensors: the native fused assignment (register tiles with a running argmin, no
+    [n, k] product in memory; docs/pq.md); otherwise torch in row chunks."""
     if (x.dtype == torch.float32 and centroids.dtype == torch.float32 and x.device.type == "cpu"
             and centroids.device.type == "cpu" and _native.load_error() is None):
         return _native.native().pq_kmeans_assign(x.contiguous(), centroids.contiguous(), _METRIC_ID[metric])[0]

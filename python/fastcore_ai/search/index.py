@@ -243,9 +243,8 @@ class IVFPQIndex(PQIndex):
         return torch.addmm((coarse * coarse).sum(1)[None], x, coarse.T, beta=-1.0, alpha=2.0)
 
     def _assign(self, x: Tensor, coarse: Tensor) -> Tensor:
-        # The nearest list (l2) / largest inner product (ip), lower list on ties: a blocked GEMM whose
-        # [block, nlist] products stay in L2 and are reduced by a SIMD argmin as they are made (the
-        # whole [n, nlist] score matrix would be n·nlist·4 bytes; 16384-row chunks were 64 MB).
+        # The nearest list (l2) / largest inner product (ip), lower list on ties, by the fused assignment
+        # kernel (no [n, nlist] score matrix: a whole database's would be n·nlist·4 bytes).
         return _nearest_centroid(x, coarse, self.metric)
 
     def _add_encoded(self, x: Tensor, ids: Tensor) -> None:
