@@ -555,6 +555,34 @@ def test_ivfpq4_search_matches_quantized_reference(kernel, metric, M, nq, k):
     assert torch.allclose(d, rd, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["portable", "auto"])
+@pytest.mark.parametrize("n,L,count", [(50, 1024, 8), (7, 37, 37), (5, 16, 1), (33, 100, 20), (3, 5, 2)])
+def test_best_columns_equal_a_stable_descending_sort(kernel, n, L, count):
+    """The IVF probe selection: the count largest columns, largest first, the lower column on ties, a NaN
+    below every number (the native selection's SIMD and scalar paths, many ties, all-NaN rows)."""
+    from fastcore_ai.ops.pq import _best_columns
+    g = torch.Generator().manual_seed(L * 7 + count)
+    scores = torch.randint(0, 30, (n, L), generator=g).float()
+    scores[0, 3] = float("nan")
+    scores[1] = float("nan")
+    scores[1, L - 1] = -5.0
+    scores[2, : L // 2] = float("-inf")
+    expected = torch.sort(torch.nan_to_num(scores, nan=float("-inf")), dim=1, descending=True, stable=True).indices
+    with _kernel(kernel):
+        got = _best_columns(scores, count)
+    assert torch.equal(got, expected[:, :count])
+    distinct = torch.randn(n, L, generator=g, dtype=torch.float64)  # float64: the torch.topk fallback
+    assert torch.equal(_best_columns(distinct, count), torch.sort(distinct, 1, descending=True).indices[:, :count])
+
+
+def test_best_columns_rejects_a_count_outside_the_row():
+    from fastcore_ai import _native
+    with pytest.raises(RuntimeError, match="ivfpq_search: count must satisfy 1 <= count <= L = 4"):
+        _native.native().pq_top_columns(torch.zeros(2, 4), 5)
+    with pytest.raises(RuntimeError, match="ivfpq_search: scores must be float32"):
+        _native.native().pq_top_columns(torch.zeros(2, 4, dtype=torch.float64), 1)
+
+
 @pytest.mark.parametrize("nq,nprobe", [(21, 3), (2, 8)])
 def test_ivfpq_list_terms_decomposition(nq, nprobe):
     """L2 residual search through the per-list tables (given, or built by the op when nlist <= nq·nprobe)

@@ -71,13 +71,15 @@ def test_ivfpq_coarse_iterations_are_their_own(data, coarse_niter):
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("by_residual", [True, False])
-def test_ivfpq_matches_reference_scan(data, metric, by_residual):
+@pytest.mark.parametrize("nprobe", [1, 3])
+def test_ivfpq_matches_reference_scan(data, metric, by_residual, nprobe):
+    # nprobe = 1 takes the fused nearest-list kernel, more the native selection over the coarse scores
     x, q = data
     index = IVFPQIndex(32, 8, 8, 8, metric, by_residual).train(x, niter=4)
     index.add(x, ids=torch.arange(3000) * 3 + 7)
-    d, i = index.search(q, 20, nprobe=3)
+    d, i = index.search(q, 20, nprobe=nprobe)
     scores = index._coarse_scores(q, index.coarse)
-    probes = torch.topk(scores, 3, dim=1).indices.contiguous()
+    probes = torch.topk(scores, nprobe, dim=1).indices.contiguous()
     codes, ids, offsets = index._lists()
     rd, ri = ops.ivfpq_search(q, index.coarse, probes, codes, offsets, ids, index.codebooks, 20, metric, by_residual,
                               backend="reference")

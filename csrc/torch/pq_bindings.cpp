@@ -6,6 +6,7 @@ namespace pq {
 std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks, int64_t metric, bool want_lut,
                                bool want_codes);
 std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& centroids, int64_t metric);
+at::Tensor top_columns(const at::Tensor& scores, int64_t count);
 std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub);
 std::vector<at::Tensor> centroid_update(const at::Tensor& x, const at::Tensor& codes, int64_t ksub,
                                         const at::Tensor& old);
@@ -26,6 +27,9 @@ void bind_pq(pybind11::module_& m) {
   m.def("pq_kmeans_assign", &pq::kmeans_assign,
         "nearest centroid (metric 0 l2, GEMM form) or largest inner product (metric 1): (assign [n] int64, "
         "min_dist [n]: l2 the squared distance, ip the inner product)");
+  m.def("pq_top_columns", &pq::top_columns,
+        "the count largest columns of each row of scores [n, L] float32, largest first, the lower column on ties "
+        "(a NaN ranks last): [n, count] int64");
   m.def("pq_centroid_sums", &pq::centroid_sums,
         "k-means member sums of x [n, M*dsub] grouped by codes [n, M]: (sums [M, ksub, dsub] float64, counts "
         "[M, ksub] int64)");

@@ -206,6 +206,25 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
   return {assign, min_dist};
 }
 
+// out [n, count] int64: the count largest columns of each row of scores [n, L] float32, largest first,
+// the lower column on ties (pq_top_columns_cpu): the IVF search's probe lists from its coarse scores.
+at::Tensor top_columns(const at::Tensor& scores, int64_t count) {
+  const char* op = "ivfpq_search";
+  check_cpu(scores, op, "scores");
+  FC_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, op, "scores must be float32 [n, L]");
+  FC_CHECK(count >= 1 && count <= scores.size(1), op, "count must satisfy 1 <= count <= L = ", scores.size(1),
+           ", got ", count);
+  at::Tensor sc = scores.contiguous();
+  at::Tensor out = at::empty({sc.size(0), count}, sc.options().dtype(at::kLong));
+  TopColumnsParams p;
+  p.scores = sc.data_ptr<float>();
+  p.ld = p.L = sc.size(1);
+  p.count = count;
+  p.out = out.data_ptr<int64_t>();
+  at::parallel_for(0, sc.size(0), std::max<int64_t>(1, 65536 / p.L), [&](int64_t b, int64_t e) { pq_top_columns_cpu(p, b, e); });
+  return out;
+}
+
 namespace {
 // The member-sum pass both k-means entries share: x [n, M·dsub] float32 grouped by codes [n, M] (uint8 or
 // int64, values < ksub), checked, and the zeroed sums [M, ksub, dsub] float64 / counts [M, ksub] int64 it

@@ -475,6 +475,76 @@ void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end)
 #endif
 }
 
+// ---- top columns per row (IVF probe lists) ---------------------------------------------------------
+
+namespace {
+
+// A NaN ranks below every number (it never displaces one).
+inline float rank_value(float v) { return v == v ? v : -std::numeric_limits<float>::infinity(); }
+
+// (v, j) into the descending list vals/cols of n entries (cap at most; when full the last one is
+// dropped). Columns arrive in increasing order, so a value equal to one held goes behind it: the lower
+// column first among equal values.
+inline void insert_descending(float* vals, int64_t* cols, int64_t& n, int64_t cap, float v, int64_t j) {
+  int64_t pos = n < cap ? n++ : cap - 1;
+  for (; pos > 0 && vals[pos - 1] < v; --pos) {
+    vals[pos] = vals[pos - 1];
+    cols[pos] = cols[pos - 1];
+  }
+  vals[pos] = v;
+  cols[pos] = j;
+}
+
+// The first `count` columns fill the list; later columns enter only when strictly above its last value
+// (`limit`). Returns the first column not yet looked at (the SIMD scan continues from there).
+int64_t top_columns_fill(const float* row, int64_t count, float* vals, int64_t* cols) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < count; ++j) insert_descending(vals, cols, n, count, rank_value(row[j]), j);
+  return count;
+}
+
+void top_columns_tail(const float* row, int64_t j, int64_t L, int64_t count, float* vals, int64_t* cols) {
+  int64_t n = count;
+  for (; j < L; ++j)
+    if (row[j] > vals[count - 1]) insert_descending(vals, cols, n, count, row[j], j);  // NaN > x is false
+}
+
+#ifdef FC_PQ_X86
+// 16 columns per compare against the current limit; only the (rare, once the list holds good values)
+// columns above it are inserted one by one.
+__attribute__((target("avx512f"))) int64_t top_columns_avx512(const float* row, int64_t j, int64_t L, int64_t count,
+                                                              float* vals, int64_t* cols) {
+  int64_t n = count;
+  for (; j + 16 <= L; j += 16) {
+    uint32_t above = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + j), _mm512_set1_ps(vals[count - 1]), _CMP_GT_OQ);
+    while (above) {
+      const int lane = __builtin_ctz(above);
+      above &= above - 1;
+      if (row[j + lane] > vals[count - 1]) insert_descending(vals, cols, n, count, row[j + lane], j + lane);
+    }
+  }
+  return j;
+}
+#endif
+
+}  // namespace
+
+void pq_top_columns_cpu(const TopColumnsParams& p, int64_t begin, int64_t end) {
+  std::vector<float> vals(static_cast<size_t>(p.count));
+#ifdef FC_PQ_X86
+  const bool simd = active_kernel() == 3;
+#endif
+  for (int64_t i = begin; i < end; ++i) {
+    const float* row = p.scores + i * p.ld;
+    int64_t* cols = p.out + i * p.count;
+    int64_t j = top_columns_fill(row, p.count, vals.data(), cols);
+#ifdef FC_PQ_X86
+    if (simd) j = top_columns_avx512(row, j, p.L, p.count, vals.data(), cols);
+#endif
+    top_columns_tail(row, j, p.L, p.count, vals.data(), cols);
+  }
+}
+
 // ---- k-means centroid sums ------------------------------------------------------------------------
 
 void pq_centroid_sums_cpu(const CentroidSumParams& p, int64_t col_begin, int64_t col_end) {
@@ -990,11 +1060,15 @@ void pq_merge_topk_cpu(const float* part_dist, const int64_t* part_ids, int64_t 
 
 // ---- 4-bit fast-scan --------------------------------------------------------------------------------
 
-void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut, float* scale, float* offset) {
+namespace {
+
+// Per sub-quantizer m: lo_m = min_c key[m, c], span_m = max − min, key = lut (l2) or −lut (ip);
+// a = 255 / max_m span_m maps the widest table onto 0..255 (1 when every table is flat), so every
+// entry fits a byte and Σ_m ≤ 255·M < 2^16; offset = Σ_m lo_m (summed in m order).
+void quantize_lut_portable(const float* lut, int64_t M, float sign, uint8_t* qlut, float* scale, float* offset) {
   const int64_t pairs = (M + 1) / 2;
-  const float sign = metric == Metric::kIP ? -1.0f : 1.0f;
-  float max_span = 0.0f, total_min = 0.0f;
   float mins[256];
+  float max_span = 0.0f, total_min = 0.0f;
   for (int64_t m = 0; m < M; ++m) {
     float lo = sign * lut[m * 16], hi = lo;
     for (int64_t c = 1; c < 16; ++c) {
@@ -1006,18 +1080,67 @@ void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut,
     total_min += lo;
     max_span = std::max(max_span, hi - lo);
   }
-  // a maps the widest table onto 0..255; every entry then fits a byte and Σ_m ≤ 255·M < 2^16.
   const float a = max_span > 0.0f ? 255.0f / max_span : 1.0f;
   for (int64_t i = 0; i < pairs * 32; ++i) qlut[i] = 0;
   for (int64_t m = 0; m < M; ++m) {
     uint8_t* out = qlut + (m / 2) * 32 + (m % 2) * 16;
     for (int64_t c = 0; c < 16; ++c) {
-      const float v = std::floor((sign * lut[m * 16 + c] - mins[m]) * a + 0.5f);
-      out[c] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, v)));
+      // floor(x + 0.5) clamped to [0, 255]: on the clamped value floor is the truncating conversion
+      // (no libm call; a NaN clamps to 0 either way)
+      const float v = std::min(255.0f, std::max(0.0f, (sign * lut[m * 16 + c] - mins[m]) * a + 0.5f));
+      out[c] = static_cast<uint8_t>(static_cast<int>(v));
     }
   }
   *scale = a;
   *offset = total_min;
+}
+
+#ifdef FC_PQ_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's avx512fintrin pass-through operands
+// The same bytes as the portable loop: one 16-entry table is one register; the arithmetic is the same
+// sequence of separately rounded operations (the *_round_ps forms cannot be contracted into an FMA).
+__attribute__((target("avx512f,avx512bw"))) void quantize_lut_avx512(const float* lut, int64_t M, float sign,
+                                                                     uint8_t* qlut, float* scale, float* offset) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const int64_t pairs = (M + 1) / 2;
+  const __m512 s = _mm512_set1_ps(sign);
+  float mins[256];
+  float max_span = 0.0f, total_min = 0.0f;
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(lut + m * 16), s);  // exact: sign is ±1
+    const float lo = _mm512_reduce_min_ps(v), hi = _mm512_reduce_max_ps(v);
+    mins[m] = lo;
+    total_min += lo;
+    max_span = std::max(max_span, hi - lo);
+  }
+  const float a = max_span > 0.0f ? 255.0f / max_span : 1.0f;
+  const __m512 va = _mm512_set1_ps(a), half = _mm512_set1_ps(0.5f), zero = _mm512_setzero_ps(),
+               top = _mm512_set1_ps(255.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(lut + m * 16), s);
+    __m512 x = _mm512_mul_round_ps(_mm512_sub_round_ps(v, _mm512_set1_ps(mins[m]), kRound), va, kRound);
+    x = _mm512_add_round_ps(x, half, kRound);
+    x = _mm512_min_ps(top, _mm512_max_ps(x, zero));  // max_ps(NaN, 0) = 0, as std::max(0, NaN)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(qlut + (m / 2) * 32 + (m % 2) * 16),
+                     _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(x)));
+  }
+  if (M % 2) std::fill(qlut + (pairs - 1) * 32 + 16, qlut + pairs * 32, uint8_t(0));  // the pad table
+  *scale = a;
+  *offset = total_min;
+}
+#pragma GCC diagnostic pop
+#endif
+
+}  // namespace
+
+void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut, float* scale, float* offset) {
+  const float sign = metric == Metric::kIP ? -1.0f : 1.0f;
+#ifdef FC_PQ_X86
+  if (active_kernel() == 3) return quantize_lut_avx512(lut, M, sign, qlut, scale, offset);
+#endif
+  quantize_lut_portable(lut, M, sign, qlut, scale, offset);
 }
 
 namespace {
