@@ -555,6 +555,27 @@ def test_ivfpq4_search_matches_quantized_reference(kernel, metric, M, nq, k):
     assert torch.allclose(d, rd, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512bw"])
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_ivfpq4_equal_sums_keep_the_lowest_ids(kernel, k):
+    """Every vector has the same code, so all sums tie and the result is the k lowest ids of the probed
+    lists whatever the scan order (the collector keeps its k best (sum, id) pairs whenever its buffer fills)."""
+    n, M, nlist = 600, 4, 3
+    codes = torch.zeros(n, M, dtype=torch.uint8)
+    list_no = torch.arange(n) % nlist
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    packed, list_blocks, sizes, row_ids = ops.pq4_pack_lists(codes, list_no, ids, nlist)
+    cb = _codebooks(M, 16, 2)
+    q = torch.randn(2, M * 2)
+    probes = torch.tensor([[2, 0, 1], [1, -1, 0]])
+    with _kernel(kernel):
+        d, i = ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, cb, k, "l2", backend="cpu")
+    for row, lists in enumerate(([2, 0, 1], [1, 0])):
+        expected = ids[torch.isin(list_no, torch.tensor(lists))].sort().values[:k]
+        assert torch.equal(i[row], expected), kernel
+        assert (d[row] == d[row, 0]).all()
+
+
 @pytest.mark.parametrize("kernel", ["portable", "auto"])
 @pytest.mark.parametrize("n,L,count", [(50, 1024, 8), (7, 37, 37), (5, 16, 1), (33, 100, 20), (3, 5, 2)])
 def test_best_columns_equal_a_stable_descending_sort(kernel, n, L, count):

@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
+#include <tuple>
 #include <vector>
 
 #include "fastcore/cpu_vector.h"
@@ -1297,31 +1299,169 @@ BelowFn below_fn(int kernel) {
 constexpr int kFastQueryGroup = 4;       // queries sharing each block of codes (AVX-512: 16 accumulators)
 constexpr int64_t kFastBlockChunk = 64;  // 32-vector blocks per chunk: ≤ 64·pairs·32 bytes of codes in L1/L2
 
+// One query's fast-scan top-k collector, by (quantized sum, id). Two modes:
+// * k ≤ kHeapMaxK: a bounded max-heap whose root is the exact k-th best so far — the tightest filter
+//   (`limit` = the root's key once full), best when few candidates arrive per block;
+// * larger k: a reservoir. Candidates whose sum is ≤ `limit` are appended to a buffer of cap = 2k + 32
+//   entries (whole blocks at once, in registers, with AVX-512); a full buffer keeps its k best entries
+//   and `limit` becomes the k-th best key. It always holds the k best entries seen so far (a dropped
+//   entry has k better ones, a refused candidate a key above k kept keys). k = 100 over one IVF list of
+//   ~1000 codes: ~330 sift-downs of a 100-entry heap (~9 µs) against a few selections (~5 µs).
+// The reservoir's selections count keys (two byte-wise passes; sums < 2^16) instead of comparing
+// entries: nth_element's partitions mispredict on every other entry and were most of a k = 100 search.
+constexpr int64_t kHeapMaxK = 32;
+
+struct KeyReservoir {
+  uint32_t* keys;      // [cap + 32]: a whole block's candidates may be stored at once (the SIMD append)
+  int64_t* ids;        // [cap + 32]
+  uint32_t* tmp_keys;  // [cap], shared by the collectors of one thread (selections do not overlap)
+  int64_t* tmp_ids;    // [cap], likewise
+  int64_t k, cap;
+  int64_t size = 0;
+  int32_t limit = 65535;  // sums are ≤ 255 · 256 < 65535: everything passes until the first shrink
+  TopK<uint32_t> heap{keys, ids, k};  // the heap mode's view of the same storage
+  bool use_heap = k <= kHeapMaxK;
+
+  // The count-th smallest key of entries [0, size) (1 ≤ count ≤ size); *below = how many are smaller.
+  uint32_t kth_key(int64_t count, int64_t* below) const {
+    uint32_t hist[256] = {};
+    for (int64_t i = 0; i < size; ++i) ++hist[keys[i] >> 8];
+    uint32_t hi = 0;
+    int64_t n = 0;
+    while (n + hist[hi] < count) n += hist[hi++];
+    uint32_t low[256] = {};
+    for (int64_t i = 0; i < size; ++i) low[keys[i] & 255] += (keys[i] >> 8) == hi;
+    uint32_t lo = 0;
+    while (n + low[lo] < count) n += low[lo++];
+    *below = n;
+    return hi << 8 | lo;
+  }
+  // Entries [0, count) become the best `count` (unordered): every key below the count-th key, and of
+  // the entries holding it, the lowest ids. Returns that key.
+  uint32_t keep_best(int64_t count) {
+    int64_t below = 0;
+    const uint32_t t = kth_key(count, &below);
+    int64_t n = 0, ties = 0;
+    for (int64_t i = 0; i < size; ++i) {  // branch-free compaction (n ≤ i: in place)
+      const uint32_t key = keys[i];
+      const int64_t id = ids[i];
+      keys[n] = key;
+      ids[n] = id;
+      n += key < t;
+      tmp_ids[ties] = id;
+      ties += key == t;
+    }
+    const int64_t need = count - below;  // ≥ 1 entries holding key t
+    if (ties > need) std::nth_element(tmp_ids, tmp_ids + (need - 1), tmp_ids + ties);
+    for (int64_t i = 0; i < need; ++i) {
+      keys[below + i] = t;
+      ids[below + i] = tmp_ids[i];
+    }
+    size = count;
+    return t;
+  }
+  // Entries [0, size) sorted by (key, id): a stable counting sort by key (low byte, then high byte),
+  // then the ids within each run of equal keys (short runs).
+  void sort_all() {
+    uint32_t* from_k = keys;
+    int64_t* from_i = ids;
+    uint32_t* to_k = tmp_keys;
+    int64_t* to_i = tmp_ids;
+    for (int shift = 0; shift <= 8; shift += 8) {
+      uint32_t start[257] = {};
+      for (int64_t i = 0; i < size; ++i) ++start[((from_k[i] >> shift) & 255) + 1];
+      for (int b = 0; b < 256; ++b) start[b + 1] += start[b];
+      for (int64_t i = 0; i < size; ++i) {
+        const uint32_t slot = start[(from_k[i] >> shift) & 255]++;
+        to_k[slot] = from_k[i];
+        to_i[slot] = from_i[i];
+      }
+      std::swap(from_k, to_k);
+      std::swap(from_i, to_i);
+    }  // two passes: the data is back in keys / ids
+    for (int64_t i = 0; i < size;) {
+      int64_t j = i + 1;
+      while (j < size && keys[j] == keys[i]) ++j;
+      if (j - i > 1) std::sort(ids + i, ids + j);
+      i = j;
+    }
+  }
+  // Keeps the k best entries; limit becomes the k-th best key.
+  void shrink() { limit = static_cast<int32_t>(keep_best(k)); }
+  void offer(uint16_t key, int64_t id) {
+    if (key > limit) return;
+    if (use_heap) {
+      if (!heap.full() || TopK<uint32_t>::worse(heap.keys[0], heap.ids[0], key, id)) heap.push(key, id);
+      if (heap.full()) limit = static_cast<int32_t>(heap.keys[0]);
+      return;
+    }
+    if (size == cap) {
+      shrink();
+      if (key > limit) return;
+    }
+    keys[size] = key;
+    ids[size] = id;
+    ++size;
+  }
+  // Sorted best first into (dist, ids); padding id −1, dist to_dist(65535) (key_or_inf: +inf).
+  template <typename F>
+  void write_sorted(float* out_dist, int64_t* out_ids, F to_dist) {
+    if (use_heap) size = heap.size;
+    const int64_t kept = std::min(size, k);
+    if (size > k) keep_best(k);
+    sort_all();
+    for (int64_t i = 0; i < kept; ++i) {
+      out_dist[i] = to_dist(static_cast<uint16_t>(keys[i]));
+      out_ids[i] = ids[i];
+    }
+    for (int64_t i = kept; i < k; ++i) {
+      out_dist[i] = to_dist(std::numeric_limits<uint16_t>::max());
+      out_ids[i] = -1;
+    }
+  }
+};
+
+// The collectors of `count` queries of one thread (arrays left uninitialised: new T[n], not zero-filled).
+struct Reservoirs {
+  int64_t cap, stride;
+  std::unique_ptr<uint32_t[]> keys, tmp_keys;
+  std::unique_ptr<int64_t[]> ids, tmp_ids;
+  std::vector<KeyReservoir> of;
+  Reservoirs(int64_t count, int64_t k)
+      : cap(2 * k + 32),
+        stride(cap + 32),
+        keys(new uint32_t[static_cast<size_t>(count * stride)]),
+        tmp_keys(new uint32_t[static_cast<size_t>(cap)]),
+        ids(new int64_t[static_cast<size_t>(count * stride)]),
+        tmp_ids(new int64_t[static_cast<size_t>(cap)]) {
+    of.reserve(static_cast<size_t>(count));
+    for (int64_t j = 0; j < count; ++j)
+      of.push_back(KeyReservoir{keys.get() + j * stride, ids.get() + j * stride, tmp_keys.get(), tmp_ids.get(), k,
+                                cap});
+  }
+};
+
 // One group of up to kFastQueryGroup queries over blocks [b0, b1). Row r = 32·b + v is valid below
-// row_end and has id row_ids[r] (row_ids == nullptr: id = r). A vector reaches its query's heap only
-// when its quantized sum is ≤ the heap's root key (or the heap is not full); the heap's (key, id)
-// order then decides, so the result does not depend on the scan order.
+// row_end and has id row_ids[r] (row_ids == nullptr: id = r). A vector reaches its query's collector
+// only when its quantized sum is ≤ the collector's limit; the (key, id) order then decides, so the
+// result does not depend on the scan order.
 struct FastScanGroup {
   const uint8_t* packed;
   int64_t pairs;
   int count;                                 // queries in the group, 1..kFastQueryGroup
   const uint8_t* qluts[kFastQueryGroup];     // [pairs, 32] each
-  TopK<uint16_t>* heaps[kFastQueryGroup];
+  KeyReservoir* tops[kFastQueryGroup];
   const int64_t* row_ids;
   int64_t row_end;
 };
 
-// The largest key a candidate may have to be looked at: the root's key (−1: none can enter).
-inline int32_t entry_limit(const TopK<uint16_t>& heap) { return heap.full() ? heap.keys[0] : 65535; }
-
 inline void push_survivors(const FastScanGroup& g, int j, int64_t block, uint32_t mask, const uint16_t* d) {
-  TopK<uint16_t>& heap = *g.heaps[j];
+  KeyReservoir& top = *g.tops[j];
   const int64_t base = block * 32;
   while (mask) {
     const int v = __builtin_ctz(mask);
     mask &= mask - 1;
-    const int64_t id = g.row_ids ? g.row_ids[base + v] : base + v;
-    if (!heap.full() || TopK<uint16_t>::worse(heap.keys[0], heap.ids[0], d[v], id)) heap.push(d[v], id);
+    top.offer(d[v], g.row_ids ? g.row_ids[base + v] : base + v);
   }
 }
 
@@ -1338,33 +1478,71 @@ void scan_group_generic(int kernel, const FastScanGroup& g, int64_t b0, int64_t 
   for (int j = 0; j < g.count; ++j)
     for (int64_t b = b0; b < b1; ++b) {
       block(g.packed + b * g.pairs * 32, g.qluts[j], g.pairs, d);
-      const uint32_t mask = below(d, static_cast<uint32_t>(entry_limit(*g.heaps[j])) + 1u) & valid_rows(g, b);
+      const uint32_t mask = below(d, static_cast<uint32_t>(g.tops[j]->limit) + 1u) & valid_rows(g, b);
       if (mask) push_survivors(g, j, b, mask, d);
     }
 }
 
 #ifdef FC_PQ_X86
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12's avx512fintrin pass-through operands
+// Appends the candidates `mask` of one block (sums of rows base .. base + 31, ids row_ids[row] or the
+// row itself) to the collector, which has room for them: keys widened to 32 bits and ids compressed
+// in registers (a compress to memory is microcoded on some cores), then stored whole into the slack.
+__attribute__((target("avx512f,avx512bw"))) inline void append_block_avx512(KeyReservoir& top, uint32_t mask,
+                                                                           __m512i sums, const int64_t* row_ids,
+                                                                           int64_t base) {
+  const __mmask16 lo = static_cast<__mmask16>(mask), hi = static_cast<__mmask16>(mask >> 16);
+  const int n_lo = __builtin_popcount(lo);
+  uint32_t* keys = top.keys + top.size;
+  _mm512_storeu_si512(keys, _mm512_maskz_compress_epi32(lo, _mm512_cvtepu16_epi32(_mm512_castsi512_si256(sums))));
+  _mm512_storeu_si512(keys + n_lo,
+                      _mm512_maskz_compress_epi32(hi, _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(sums, 1))));
+  int64_t* ids = top.ids + top.size;
+  const __m512i lanes = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int q = 0; q < 4; ++q) {
+    const __mmask8 part = static_cast<__mmask8>(mask >> (8 * q));
+    if (!part) continue;
+    const __m512i id = row_ids ? _mm512_loadu_si512(row_ids + base + 8 * q)
+                               : _mm512_add_epi64(_mm512_set1_epi64(base + 8 * q), lanes);
+    _mm512_storeu_si512(ids, _mm512_maskz_compress_epi64(part, id));
+    ids += __builtin_popcount(part);
+  }
+  top.size += __builtin_popcount(mask);
+}
+
 // AVX-512: the group's sums stay in registers; one unsigned compare per query gives the 32-bit mask
-// of candidates, and only blocks with a candidate are stored and looked at one by one.
+// of candidates, appended to the query's collector in registers.
 template <int QB>
 __attribute__((target("avx512f,avx512bw"))) void scan_group_avx512(const FastScanGroup& g, int64_t b0, int64_t b1) {
-  alignas(64) uint16_t d[32];
   int32_t limit[QB];
-  for (int j = 0; j < QB; ++j) limit[j] = entry_limit(*g.heaps[j]);
+  for (int j = 0; j < QB; ++j) limit[j] = g.tops[j]->limit;
   for (int64_t b = b0; b < b1; ++b) {
     __m512i sums[QB];
     block_sums_avx512<QB>(g.packed + b * g.pairs * 32, g.qluts, g.pairs, sums);
     const uint32_t valid = valid_rows(g, b);
     for (int j = 0; j < QB; ++j) {
-      const uint32_t mask = _mm512_mask_cmple_epu16_mask(valid, sums[j], _mm512_set1_epi16(static_cast<short>(limit[j])));
-      if (mask) {
+      uint32_t mask = _mm512_mask_cmple_epu16_mask(valid, sums[j], _mm512_set1_epi16(static_cast<short>(limit[j])));
+      if (!mask) continue;
+      KeyReservoir& top = *g.tops[j];
+      if (top.use_heap) {  // one by one: the heap's root (the limit) tightens with every push
+        alignas(64) uint16_t d[32];
         _mm512_store_si512(d, sums[j]);
         push_survivors(g, j, b, mask, d);
-        limit[j] = entry_limit(*g.heaps[j]);
+        limit[j] = top.limit;
+        continue;
       }
+      if (top.size + __builtin_popcount(mask) > top.cap) {  // make room; the new limit may drop some
+        top.shrink();
+        limit[j] = top.limit;
+        mask = _mm512_mask_cmple_epu16_mask(mask, sums[j], _mm512_set1_epi16(static_cast<short>(limit[j])));
+      }
+      append_block_avx512(top, mask, sums[j], g.row_ids, b * 32);
     }
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 void scan_group(int kernel, const FastScanGroup& g, int64_t b0, int64_t b1) {
@@ -1406,13 +1584,9 @@ void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64
   // Queries in super-groups of 4 groups: each chunk of blocks is read from memory once per
   // super-group and then served from L1/L2 to its groups.
   constexpr int64_t kSuper = 4 * kFastQueryGroup;
-  std::vector<uint16_t> keys(static_cast<size_t>(kSuper * k));
-  std::vector<int64_t> ids(static_cast<size_t>(kSuper * k));
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kSuper) {
     const int64_t qn = std::min(kSuper, q_end - q0);
-    std::vector<TopK<uint16_t>> heaps;
-    heaps.reserve(static_cast<size_t>(qn));
-    for (int64_t j = 0; j < qn; ++j) heaps.push_back(TopK<uint16_t>{keys.data() + j * k, ids.data() + j * k, k});
+    Reservoirs tops(qn, k);
     for (int64_t b0 = block_begin; b0 < block_end; b0 += kFastBlockChunk) {
       const int64_t b1 = std::min(block_end, b0 + kFastBlockChunk);
       for (int64_t g0 = 0; g0 < qn; g0 += kFastQueryGroup) {
@@ -1420,12 +1594,12 @@ void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64
                         nullptr, p.n};
         for (int j = 0; j < g.count; ++j) {
           g.qluts[j] = p.qlut + (q0 + g0 + j) * p.pairs * 32;
-          g.heaps[j] = &heaps[g0 + j];
+          g.tops[j] = &tops.of[g0 + j];
         }
         scan_group(kernel, g, b0, b1);
       }
     }
-    for (int64_t j = 0; j < qn; ++j) heaps[j].write_sorted(out_dist + (q0 + j) * ld, out_ids + (q0 + j) * ld, key_or_inf);
+    for (int64_t j = 0; j < qn; ++j) tops.of[j].write_sorted(out_dist + (q0 + j) * ld, out_ids + (q0 + j) * ld, key_or_inf);
   }
 }
 
@@ -1457,11 +1631,7 @@ int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_
       const int64_t list = p.probes[q * p.nprobe + j];
       if (list >= 0 && list < p.nlist) by_list[fill[(j > 0) * p.nlist + list]++] = q;
     }
-  std::vector<uint16_t> keys(static_cast<size_t>(nq * k));
-  std::vector<int64_t> ids(static_cast<size_t>(nq * k));
-  std::vector<TopK<uint16_t>> heaps;
-  heaps.reserve(static_cast<size_t>(nq));
-  for (int64_t j = 0; j < nq; ++j) heaps.push_back(TopK<uint16_t>{keys.data() + j * k, ids.data() + j * k, k});
+  Reservoirs tops(nq, k);
   for (int64_t bucket = 0; bucket < buckets; ++bucket) {
     const int64_t list = bucket % p.nlist;
     const int64_t b0 = p.list_blocks[list], b1 = p.list_blocks[list + 1];
@@ -1472,13 +1642,13 @@ int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_
       for (int j = 0; j < g.count; ++j) {
         const int64_t q = by_list[i + j];
         g.qluts[j] = p.base.qlut + q * pairs * 32;
-        g.heaps[j] = &heaps[q - q_begin];
+        g.tops[j] = &tops.of[q - q_begin];
       }
       scan_group(kernel, g, b0, b1);
     }
   }
   for (int64_t q = q_begin; q < q_end; ++q)
-    heaps[q - q_begin].write_sorted(p.out_dist + q * k, p.out_ids + q * k, key_or_inf);
+    tops.of[q - q_begin].write_sorted(p.out_dist + q * k, p.out_ids + q * k, key_or_inf);
   return bad;
 }
 
