@@ -555,6 +555,25 @@ def test_ivfpq4_search_matches_quantized_reference(kernel, metric, M, nq, k):
     assert torch.allclose(d, rd, rtol=1e-5, atol=1e-4)
 
 
+def test_ivfpq4_large_k_scans_queries_in_chunks():
+    """k = 45000 (> the 900 vectors: padded) makes the IVF scan split a thread's queries into chunks of 64
+    (its collectors are kept under ~64 MiB); 140 queries: two or three chunks per thread on 1-2 threads."""
+    g = torch.Generator().manual_seed(3)
+    n, M, nlist, nq, k = 900, 6, 5, 140, 45000
+    codes = torch.randint(0, 16, (n, M), dtype=torch.uint8, generator=g)
+    list_no = torch.randint(0, nlist, (n,), generator=g)
+    ids = torch.randperm(n, generator=g) + 11
+    packed, list_blocks, sizes, row_ids = ops.pq4_pack_lists(codes, list_no, ids, nlist)
+    cb = _codebooks(M, 16, 2)
+    q = torch.randn(nq, M * 2, generator=g)
+    probes = torch.stack([torch.randperm(nlist, generator=g)[:3] for _ in range(nq)])
+    d, i = ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, cb, k, "l2", backend="cpu")
+    rd, ri = ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, cb, k, "l2", backend="reference")
+    assert torch.equal(i, ri)
+    assert torch.allclose(d, rd, rtol=1e-5, atol=1e-4)
+    assert (i[:, 900:] == -1).all()
+
+
 @pytest.mark.parametrize("kernel", ["portable", "avx2", "avx512bw"])
 @pytest.mark.parametrize("k", [1, 7, 100])
 def test_ivfpq4_equal_sums_keep_the_lowest_ids(kernel, k):

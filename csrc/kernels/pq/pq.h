@@ -190,7 +190,7 @@ struct FastScanParams {
 // Quantize the float tables lut [M, 16] of one query into qlut [pairs, 32]; returns (a, b) by pointer.
 void pq4_quantize_lut(const float* lut, int64_t M, Metric metric, uint8_t* qlut, float* scale, float* offset);
 // Scan blocks [block_begin, block_end) for queries [q_begin, q_end), 4 queries per pass over a block
-// (AVX-512BW: their sums stay in registers and are compared with the heap roots there); sorted top-k
+// (AVX-512BW: their sums stay in registers and are compared with the top-k collectors' limits there); sorted top-k
 // (by quantized distance, then id) into out + q·ld. out_dist holds the exact quantized sums D (integers as float,
 // +inf for padding), so partial results merge exactly; the caller dequantizes (D / a + b, ip: negated).
 void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64_t block_begin, int64_t block_end,

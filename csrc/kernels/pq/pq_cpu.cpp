@@ -1603,13 +1603,15 @@ void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64
   }
 }
 
-int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end) {
-  const int kernel = active_kernel();
+namespace {
+
+// pq4_scan_ivf_cpu over one chunk of queries.
+int64_t scan_ivf_chunk(const FastScanIvfParams& p, int kernel, int64_t q_begin, int64_t q_end) {
   const int64_t k = p.base.k, pairs = p.base.pairs, nq = q_end - q_begin;
   int64_t bad = 0;
   // Invert the probes of this query range (a counting sort by bucket), so that the queries sharing
   // a list are scanned together in groups. Two phases: first every query's best list (probe slot 0),
-  // which fills its heap with good candidates and tightens its threshold early, then all other
+  // which fills its collector with good candidates and tightens its threshold early, then all other
   // (query, list) visits; bucket = phase · nlist + list.
   const int64_t buckets = 2 * p.nlist;
   std::vector<int64_t> first(static_cast<size_t>(buckets + 1), 0);
@@ -1649,6 +1651,19 @@ int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_
   }
   for (int64_t q = q_begin; q < q_end; ++q)
     tops.of[q - q_begin].write_sorted(p.out_dist + q * k, p.out_ids + q * k, key_or_inf);
+  return bad;
+}
+
+}  // namespace
+
+int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end) {
+  // The collectors of all queries in a chunk live at once (the lists are scanned in list order):
+  // chunks keep them within ~64 MiB per thread for any k (k = 100: 21k queries a chunk).
+  const int kernel = active_kernel();
+  const int64_t per_query = (2 * p.base.k + 64) * static_cast<int64_t>(sizeof(uint32_t) + sizeof(int64_t));
+  const int64_t chunk = std::max<int64_t>(64, (int64_t(64) << 20) / per_query);
+  int64_t bad = 0;
+  for (int64_t c0 = q_begin; c0 < q_end; c0 += chunk) bad += scan_ivf_chunk(p, kernel, c0, std::min(q_end, c0 + chunk));
   return bad;
 }
 
