@@ -258,6 +258,34 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
       }
       const at::Tensor ends = at::cumsum(counts, 0);
       packed_info = at::stack({ends - counts, counts}, 1).contiguous();
+      if (!o.is_cuda()) {
+        // Each ray's samples are the first counts[r] of its slots: one parallel copy packs them (the mask,
+        // nonzero and five gathers below were ~8% of a render_inference on the CPU).
+        const int64_t* cnt = counts.data_ptr<int64_t>();
+        const int64_t* end = ends.data_ptr<int64_t>();
+        const int64_t S = end[R - 1];
+        ray_indices = at::empty({S}, long_opts);
+        t_starts = at::empty({S}, o.options());
+        t_ends = at::empty({S}, o.options());
+        round->positions = at::empty({S, 3}, o.options());
+        round->directions = at::empty({S, 3}, o.options());
+        int64_t* out_rows = ray_indices.data_ptr<int64_t>();
+        scalar_t* out_starts = t_starts.data_ptr<scalar_t>();
+        scalar_t* out_ends = t_ends.data_ptr<scalar_t>();
+        scalar_t* out_pos = round->positions.data_ptr<scalar_t>();
+        scalar_t* out_dir = round->directions.data_ptr<scalar_t>();
+        at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) {
+          for (int64_t r = b0; r < e0; ++r) {
+            const int64_t n = cnt[r], to = end[r] - n, from = r * stride;
+            std::copy_n(p.ray_indices + from, n, out_rows + to);
+            std::copy_n(p.t_starts + from, n, out_starts + to);
+            std::copy_n(p.t_ends + from, n, out_ends + to);
+            std::copy_n(p.positions + 3 * from, 3 * n, out_pos + 3 * to);
+            std::copy_n(p.directions + 3 * from, 3 * n, out_dir + 3 * to);
+          }
+        });
+        return;
+      }
       const at::Tensor used = (at::arange(stride, long_opts).unsqueeze(0) < counts.unsqueeze(1)).reshape({-1});
       const at::Tensor keep = used.nonzero().squeeze(1);  // the host sync for S
       ray_indices = slot_rows.index_select(0, keep);

@@ -262,8 +262,9 @@ class NeRFRenderer(nn.Module):
             emitted += march.packed_info[:, 1]
             alive = (torch.isfinite(march.next_t) & (torch.exp(-tau) >= self.early_stop_eps) &
                      (emitted < self.max_samples_per_ray))
-            rows, step_k, step_t, tau, emitted = (rows[alive], march.next_k[alive], march.next_t[alive], tau[alive],
-                                                  emitted[alive])
+            keep = alive.nonzero().squeeze(1)  # once: five boolean masks would each search the mask again
+            rows, step_k, step_t, tau, emitted = (rows[keep], march.next_k[keep], march.next_t[keep], tau[keep],
+                                                  emitted[keep])
 
 
 class BlockNeRF(nn.Module):
