@@ -226,16 +226,32 @@ __attribute__((always_inline)) inline float step_lane_sum(StepVector v) {
   return (four[0] + four[2]) + (four[1] + four[3]);
 }
 
+// The four coefficient vectors of one 16-lane group (8 states) of a head, from float offset `at` of dA, dB, C:
+// re = (a_re, a_re) and im = (−a_im, a_im) per state pair, b, c = (c_re, −c_im) (the formulas above).
+struct StepCoefficients {
+  StepVector re, im, b, c;
+};
+__attribute__((always_inline)) inline StepCoefficients step_coefficients(const StepParams<float>& p, int64_t at) {
+  const StepIndex dup_re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
+  const StepIndex dup_im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
+  const StepVector im_sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f};
+  const StepVector re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
+  const StepVector a = load_lanes_as<StepVector>(p.dA + at);
+  return {__builtin_shuffle(a, dup_re), __builtin_shuffle(a, dup_im) * im_sign, load_lanes_as<StepVector>(p.dB + at),
+          load_lanes_as<StepVector>(p.C + at) * re_sign};
+}
+// s' = a ∘ s + b·u for 8 states: re·s + im·(s with re/im swapped) + b·u.
+__attribute__((always_inline)) inline StepVector step_update(StepVector re, StepVector im, StepVector b, StepVector s,
+                                                            float u) {
+  const StepIndex swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+  return re * s + im * __builtin_shuffle(s, swap) + b * u;
+}
+
 // Any N (the loop for N > 32 or N not a multiple of 8): for a tile of kStepTileHeads heads the coefficients
 // are rearranged once, and the tile's rows walked batch by batch (the tile's rows of one batch are contiguous,
 // so the state streams through the prefetchers while the coefficients stay in L1). y's sum per row: the full
 // vectors in order into one 16-lane accumulator, step_lane_sum, then the N % 8 scalar states.
 __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams<float>& p, int64_t begin, int64_t end) {
-  const StepIndex dup_re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
-  const StepIndex dup_im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
-  const StepIndex swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  const StepVector im_sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f};
-  const StepVector re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
   const int64_t N = p.states, H = p.heads;
   const int64_t vectors = (2 * N) / kStepLanes;  // full 16-lane vectors; N % 8 states scalar
   // per tile head: [a_re | a_im | b | c] × vectors × 16 floats (plain floats: a std::vector of 64-byte
@@ -248,12 +264,12 @@ __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams
     for (int64_t g = 0; g < tile; ++g) {
       float* k = coef.data() + g * head_floats;
       for (int64_t q = 0; q < vectors; ++q) {
-        const int64_t at = 2 * (h0 + g) * N + q * kStepLanes, to = q * kStepLanes, part = vectors * kStepLanes;
-        const StepVector a = load_lanes_as<StepVector>(p.dA + at);
-        put(k + to, __builtin_shuffle(a, dup_re));
-        put(k + part + to, __builtin_shuffle(a, dup_im) * im_sign);
-        put(k + 2 * part + to, load_lanes_as<StepVector>(p.dB + at));
-        put(k + 3 * part + to, load_lanes_as<StepVector>(p.C + at) * re_sign);
+        const int64_t to = q * kStepLanes, part = vectors * kStepLanes;
+        const StepCoefficients c = step_coefficients(p, 2 * (h0 + g) * N + q * kStepLanes);
+        put(k + to, c.re);
+        put(k + part + to, c.im);
+        put(k + 2 * part + to, c.b);
+        put(k + 3 * part + to, c.c);
       }
     }
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -268,9 +284,8 @@ __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams
         StepVector acc = StepVector{};
         for (int64_t i = 0; i < part; i += kStepLanes) {
           const StepVector sv = load_lanes_as<StepVector>(s + i);
-          const StepVector next = load_lanes_as<StepVector>(k + i) * sv +
-                                  load_lanes_as<StepVector>(k + part + i) * __builtin_shuffle(sv, swap) +
-                                  load_lanes_as<StepVector>(k + 2 * part + i) * u;
+          const StepVector next = step_update(load_lanes_as<StepVector>(k + i), load_lanes_as<StepVector>(k + part + i),
+                                              load_lanes_as<StepVector>(k + 2 * part + i), sv, u);
           std::memcpy(s_new + i, &next, sizeof(next));
           acc += load_lanes_as<StepVector>(k + 3 * part + i) * next;
         }
@@ -294,29 +309,19 @@ __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams
   }
 }
 
-// The lane-pair level of the tree: lane 2k + j (j < 2) of the result holds partial k of row j.
-__attribute__((always_inline)) inline StepVector step_sum_pairs(StepVector row0, StepVector row1) {
-  const StepIndex even = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
-  const StepIndex odd = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
-  return __builtin_shuffle(row0, row1, even) + __builtin_shuffle(row0, row1, odd);
-}
-// Two pair-level vectors (rows 0-1, 2-3) -> lane 4k + j (j < 4): partial k of row j.
-__attribute__((always_inline)) inline StepVector step_sum_fours(StepVector pairs0, StepVector pairs1) {
-  const StepIndex even = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
-  const StepIndex odd = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
-  return __builtin_shuffle(pairs0, pairs1, even) + __builtin_shuffle(pairs0, pairs1, odd);
-}
-// Two four-level vectors (rows 0-3, 4-7) -> lane 8k + j (j < 8): partial k of row j.
-__attribute__((always_inline)) inline StepVector step_sum_eights(StepVector fours0, StepVector fours1) {
-  const StepIndex even = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
-  const StepIndex odd = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
-  return __builtin_shuffle(fours0, fours1, even) + __builtin_shuffle(fours0, fours1, odd);
-}
-// Two eight-level vectors (rows 0-7, 8-15) -> lane j: the sum of row j.
-__attribute__((always_inline)) inline StepVector step_sum_rows(StepVector eights0, StepVector eights1) {
-  const StepIndex even = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
-  const StepIndex odd = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
-  return __builtin_shuffle(eights0, eights1, even) + __builtin_shuffle(eights0, eights1, odd);
+// One level of the 16-row transpose-and-add tree. With the lanes in groups of W (W = 1, 2, 4, 8), lane group g
+// of `a` and of `b` holds partial g of two row sets; the result's even groups are a's group pairs summed
+// (2h, 2h + 1 -> h), its odd groups b's: lane 2W·h + j (j < 2W) holds partial h of row j of the combined set.
+// Levels W = 1, 2, 4, 8 take 16 rows' 16-lane vectors to one vector of their 16 sums (lane j: row j).
+template <int W>
+__attribute__((always_inline)) inline StepVector step_tree_level(StepVector a, StepVector b) {
+  StepIndex first, second;
+  for (int i = 0; i < kStepLanes; ++i) {  // unrolled and folded: two constant two-source shuffles
+    const bool from_b = (i / W) % 2 == 1;
+    first[i] = from_b ? kStepLanes + i - W : i;
+    second[i] = from_b ? kStepLanes + i : i + W;
+  }
+  return __builtin_shuffle(a, b, first) + __builtin_shuffle(a, b, second);
 }
 
 // N = 8, 16, 24, 32 (kVectors = N / 8 vectors a row; S4D's d_state = 64 stores N = 32). The tile loop above
@@ -336,22 +341,16 @@ __attribute__((always_inline)) inline StepVector step_sum_rows(StepVector eights
 template <int kVectors>
 __attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepParams<float>& p, int64_t begin,
                                                                     int64_t end) {
-  const StepIndex dup_re = {0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14};
-  const StepIndex dup_im = {1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15};
-  const StepIndex swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
-  const StepVector im_sign = {-1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f};
-  const StepVector re_sign = {1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f, 1.f, -1.f};
   const int64_t N = p.states, H = p.heads, B = p.batch;
   const bool float_io = p.u_kind == ScalarKind::kFloat32;
   for (int64_t h = begin; h < end; ++h) {
     StepVector k_re[kVectors], k_im[kVectors], k_b[kVectors], k_c[kVectors];
     for (int q = 0; q < kVectors; ++q) {
-      const int64_t at = 2 * h * N + q * kStepLanes;
-      const StepVector a = load_lanes_as<StepVector>(p.dA + at);
-      k_re[q] = __builtin_shuffle(a, dup_re);
-      k_im[q] = __builtin_shuffle(a, dup_im) * im_sign;
-      k_b[q] = load_lanes_as<StepVector>(p.dB + at);
-      k_c[q] = load_lanes_as<StepVector>(p.C + at) * re_sign;
+      const StepCoefficients c = step_coefficients(p, 2 * h * N + q * kStepLanes);
+      k_re[q] = c.re;
+      k_im[q] = c.im;
+      k_b[q] = c.b;
+      k_c[q] = c.c;
     }
     const float d = p.D != nullptr ? p.D[h] : 0.f;
     for (int64_t b0 = 0; b0 < B; b0 += kStepLanes) {
@@ -371,7 +370,7 @@ __attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepPa
         StepVector acc = StepVector{};
         for (int q = 0; q < kVectors; ++q) {
           const StepVector sv = load_lanes_as<StepVector>(s + q * kStepLanes);
-          const StepVector next = k_re[q] * sv + k_im[q] * __builtin_shuffle(sv, swap) + k_b[q] * u[j];
+          const StepVector next = step_update(k_re[q], k_im[q], k_b[q], sv, u[j]);
           std::memcpy(s_new + q * kStepLanes, &next, sizeof(next));
           acc += k_c[q] * next;
         }
@@ -380,11 +379,11 @@ __attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepPa
       float sums[kStepLanes];
       if (rows == kStepLanes) {
         auto four_rows = [&](int64_t j) __attribute__((always_inline)) {
-          const StepVector pairs0 = step_sum_pairs(row_sum(j), row_sum(j + 1));
-          return step_sum_fours(pairs0, step_sum_pairs(row_sum(j + 2), row_sum(j + 3)));
+          const StepVector pairs0 = step_tree_level<1>(row_sum(j), row_sum(j + 1));
+          return step_tree_level<2>(pairs0, step_tree_level<1>(row_sum(j + 2), row_sum(j + 3)));
         };
-        const StepVector eights0 = step_sum_eights(four_rows(0), four_rows(4));
-        const StepVector all = step_sum_rows(eights0, step_sum_eights(four_rows(8), four_rows(12)));
+        const StepVector eights0 = step_tree_level<4>(four_rows(0), four_rows(4));
+        const StepVector all = step_tree_level<8>(eights0, step_tree_level<4>(four_rows(8), four_rows(12)));
         std::memcpy(sums, &all, sizeof(all));
       } else {  // the batch's last rows (B % 16): one lane sum per row
         for (int64_t j = 0; j < rows; ++j) sums[j] = step_lane_sum(row_sum(j));
