@@ -50,6 +50,11 @@ RECALL_SEEDS = (0, 1, 2, 3)
 _FAISS_DEFAULT_SEED = 1234  # faiss.ClusteringParameters().seed: seed s trains FAISS with 1234 + s
 
 
+def _index_name(kind: str, M: int, nbits: int, nlist: int) -> str:
+    """FAISS's factory name of the setting: PQ16, PQ32x4fs, IVF1024,PQ32x4fs, ..."""
+    return ("" if kind == "flat" else f"IVF{nlist},") + f"PQ{M}" + ("x4fs" if nbits == 4 else "")
+
+
 def _pair(kind: str, M: int, nbits: int, nlist: int, d: int, metric: str, seed: int):
     """(name, ours, theirs): the two untrained indexes of one setting; theirs' k-means seeded with seed."""
     import faiss
@@ -58,7 +63,6 @@ def _pair(kind: str, M: int, nbits: int, nlist: int, d: int, metric: str, seed: 
     if kind == "flat":
         ours = PQIndex(d, M, nbits, metric)
         theirs = (faiss.IndexPQ(d, M, 8, fmetric) if nbits == 8 else faiss.IndexPQFastScan(d, M, 4, fmetric))
-        name = f"PQ{M}" + ("x4fs" if nbits == 4 else "")
     else:
         ours = IVFPQIndex(d, nlist, M, nbits, metric, by_residual=(nbits == 8))
         quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
@@ -69,9 +73,8 @@ def _pair(kind: str, M: int, nbits: int, nlist: int, d: int, metric: str, seed: 
             theirs.by_residual = False
         theirs.cp.seed = _FAISS_DEFAULT_SEED + seed
         _KEEP_ALIVE.append(quantizer)  # the IVF index does not own its quantizer
-        name = f"IVF{nlist},PQ{M}" + ("x4fs" if nbits == 4 else "")
     theirs.pq.cp.seed = _FAISS_DEFAULT_SEED + seed
-    return name, ours, theirs
+    return _index_name(kind, M, nbits, nlist), ours, theirs
 
 
 @functools.lru_cache(maxsize=4)  # the quick set's four indexes serve its 2- and 1-thread rows
@@ -91,13 +94,18 @@ def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, 
     return name, ours, theirs, torch.from_numpy(xq), gt
 
 
-def _recall(ours, theirs, xq: torch.Tensor, gt, nprobe) -> tuple:
-    """recall@10 (1 − miss rate) of both indexes on the queries (at nprobe lists for IVF)."""
+def _faiss_ids(theirs, xq: torch.Tensor, k: int, nprobe) -> torch.Tensor:
+    """ids [nq, k] of FAISS's search (at nprobe lists for an IVF index, None for a flat one)."""
     if nprobe is not None:
         import faiss
         faiss.extract_index_ivf(theirs).nprobe = nprobe
-    mine = ours.search(xq, 10, nprobe=nprobe)[1] if nprobe is not None else ours.search(xq, 10)[1]
-    return 1.0 - _miss_rate(mine, gt), 1.0 - _miss_rate(theirs.search(xq.numpy(), 10)[1], gt)
+    return torch.from_numpy(theirs.search(xq.numpy(), k)[1])
+
+
+def _recall(ours, theirs, xq: torch.Tensor, gt, nprobe) -> tuple:
+    """recall@10 (1 − miss rate) of both indexes on the queries."""
+    return (1.0 - _miss_rate(ours.search(xq, 10, nprobe=nprobe)[1], gt),
+            1.0 - _miss_rate(_faiss_ids(theirs, xq, 10, nprobe), gt))
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,17 +167,13 @@ def _case(kind, M, nbits, nlist, d, nt, nb, nq, metric, k, nprobe=None, threads=
         return ours.search(xq, k, nprobe=nprobe)[1]
 
     def faiss_search(ours, theirs, xq, gt):
-        if nprobe is not None:
-            import faiss
-            faiss.extract_index_ivf(theirs).nprobe = nprobe
         _use_threads(threads)
-        return torch.from_numpy(theirs.search(xq.numpy(), k)[1])
+        return _faiss_ids(theirs, xq, k, nprobe)
 
     def error(output, inputs):
         return _miss_rate(output, inputs[3])
 
-    name = (f"PQ{M}" + ("x4fs" if nbits == 4 else "")) if kind == "flat" else (
-        f"IVF{nlist},PQ{M}" + ("x4fs" if nbits == 4 else ""))
+    name = _index_name(kind, M, nbits, nlist)
     probe = f" nprobe={nprobe}" if nprobe else ""
     pinned = f" {threads}T"
     shape = f"{name} {metric} nb={nb} d={d} nq={nq} k={k}{probe}{pinned} (err = 1-10R@10)"

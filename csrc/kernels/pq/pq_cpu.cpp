@@ -497,12 +497,11 @@ inline void insert_descending(float* vals, int64_t* cols, int64_t& n, int64_t ca
   cols[pos] = j;
 }
 
-// The first `count` columns fill the list; later columns enter only when strictly above its last value
-// (`limit`). Returns the first column not yet looked at (the SIMD scan continues from there).
-int64_t top_columns_fill(const float* row, int64_t count, float* vals, int64_t* cols) {
+// The first `count` columns fill the list; later columns (from j on) enter only when strictly above its
+// last value.
+void top_columns_fill(const float* row, int64_t count, float* vals, int64_t* cols) {
   int64_t n = 0;
   for (int64_t j = 0; j < count; ++j) insert_descending(vals, cols, n, count, rank_value(row[j]), j);
-  return count;
 }
 
 void top_columns_tail(const float* row, int64_t j, int64_t L, int64_t count, float* vals, int64_t* cols) {
@@ -539,7 +538,8 @@ void pq_top_columns_cpu(const TopColumnsParams& p, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end; ++i) {
     const float* row = p.scores + i * p.ld;
     int64_t* cols = p.out + i * p.count;
-    int64_t j = top_columns_fill(row, p.count, vals.data(), cols);
+    top_columns_fill(row, p.count, vals.data(), cols);
+    int64_t j = p.count;
 #ifdef FC_PQ_X86
     if (simd) j = top_columns_avx512(row, j, p.L, p.count, vals.data(), cols);
 #endif
@@ -1386,6 +1386,12 @@ struct KeyReservoir {
       i = j;
     }
   }
+  // Empty again (the storage is reused for the next query).
+  void clear() {
+    size = 0;
+    heap.size = 0;
+    limit = 65535;
+  }
   // Keeps the k best entries; limit becomes the k-th best key.
   void shrink() { limit = static_cast<int32_t>(keep_best(k)); }
   void offer(uint16_t key, int64_t id) {
@@ -1584,9 +1590,10 @@ void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64
   // Queries in super-groups of 4 groups: each chunk of blocks is read from memory once per
   // super-group and then served from L1/L2 to its groups.
   constexpr int64_t kSuper = 4 * kFastQueryGroup;
+  Reservoirs tops(std::min(kSuper, q_end - q_begin), k);
   for (int64_t q0 = q_begin; q0 < q_end; q0 += kSuper) {
     const int64_t qn = std::min(kSuper, q_end - q0);
-    Reservoirs tops(qn, k);
+    for (int64_t j = 0; j < qn; ++j) tops.of[j].clear();
     for (int64_t b0 = block_begin; b0 < block_end; b0 += kFastBlockChunk) {
       const int64_t b1 = std::min(block_end, b0 + kFastBlockChunk);
       for (int64_t g0 = 0; g0 < qn; g0 += kFastQueryGroup) {
