@@ -49,6 +49,18 @@ int64_t scan_parts(int64_t nq, int64_t n, int64_t query_block, int64_t min_rows)
   return std::max<int64_t>(1, std::min<int64_t>(threads * 2, n / min_rows));
 }
 
+// fn(begin, end) over the row blocks [b·rows, min(n, (b + 1)·rows)) of n rows, handed to at most `workers`
+// threads one block at a time from a shared counter: on a shared machine an even split up front waits for
+// its slowest thread. Each block's result must not depend on which thread ran it.
+template <typename Fn>
+void for_each_row_block(int64_t n, int64_t rows, int64_t workers, const Fn& fn) {
+  const int64_t blocks = (n + rows - 1) / rows;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(1, std::min(workers, blocks)), 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) fn(b * rows, std::min(n, (b + 1) * rows));
+  });
+}
+
 }  // namespace
 
 // (lut [n, M, ksub] or empty, codes [n, M] uint8 or empty). x [n, M·dsub] float32/float64, unit column
@@ -112,15 +124,10 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
     at::Tensor ct_m2 = ct * -2.0f;  // the kernels take −2·Cᵀ (exact scaling)
     p.codebooks_t = ct_m2.data_ptr<float>();
     p.codes = codes.data_ptr<uint8_t>();
-    // Blocks of rows (at least `grain`, a multiple of the kernel's 128-row block) handed to the threads
-    // one at a time: on a shared machine an even split up front waits for its slowest thread.
-    const int64_t rows_per = std::max<int64_t>(128, (grain + 127) / 128 * 128), nblocks = (n + rows_per - 1) / rows_per;
-    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
-        pq_encode_cpu(p, c_norms.data_ptr<float>(), b * rows_per, std::min(n, (b + 1) * rows_per));
-    });
+    // Blocks of rows: at least `grain`, a multiple of the kernel's 128-row block.
+    const float* norms = c_norms.data_ptr<float>();
+    for_each_row_block(n, std::max<int64_t>(128, (grain + 127) / 128 * 128), at::get_num_threads(),
+                       [&](int64_t b, int64_t e) { pq_encode_cpu(p, norms, b, e); });
     return {lut, codes};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pq_tables", [&] {
@@ -172,14 +179,9 @@ std::vector<at::Tensor> kmeans_assign(const at::Tensor& x, const at::Tensor& cen
     p.metric = m;
     p.assign = assign.data_ptr<int64_t>();
     p.min_dist = min_dist.data_ptr<float>();
-    // Blocks of 192 rows handed out one at a time (see below); small jobs stay on the calling thread.
-    const int64_t rows_per = 192, nblocks = (n + rows_per - 1) / rows_per;
-    const int64_t workers = (n * k * d < (int64_t(1) << 22)) ? 1 : std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nblocks));
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      for (int64_t b = next.fetch_add(1); b < nblocks; b = next.fetch_add(1))
-        pq_assign_fused_cpu(p, b * rows_per, std::min(n, (b + 1) * rows_per));
-    });
+    // Blocks of 192 rows; small jobs stay on the calling thread.
+    for_each_row_block(n, 192, n * k * d < (int64_t(1) << 22) ? 1 : at::get_num_threads(),
+                       [&](int64_t b, int64_t e) { pq_assign_fused_cpu(p, b, e); });
     return {assign, min_dist};
   }
   // Otherwise: the GEMM of a row block (threaded by the BLAS library, so called outside any parallel
