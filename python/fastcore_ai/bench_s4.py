@@ -15,6 +15,7 @@ from typing import List
 import torch
 
 _ORACLE_ROWS = 4
+GENERATION_STEPS = 64
 
 
 def naive_cauchy(v, z, w):
@@ -154,6 +155,34 @@ def s4_cases(device: str, quick: bool = False):
     providers["torch-composition"] = torch_ssm_step
     cases.append(bench.Case("s4", f"ssm_step B={Bs} H={Hs} N={Ns} complex64", step_setup, providers, step_error,
                             peer="torch-composition"))
+
+    # The same step as a generation loop writes it: GENERATION_STEPS steps, each rebinding the state
+    # (`y, state = step(state, u_t, ...)`), so every provider's allocator sees a state freed as the next one is
+    # received (the single-step row above frees each result before the next call). Times are per loop.
+    def loop_setup():
+        state, u, dA, dB, C, D = step_setup()
+        g = torch.Generator().manual_seed(4)
+        us = torch.randn(GENERATION_STEPS, Bs, Hs, generator=g).to(device)
+        return state, us, dA, dB, C, D
+
+    def loop_error(out, inputs):
+        state, us, dA, dB, C, D = [t.cpu().to(torch.complex128) if t.is_complex() else t.cpu().double()
+                                   for t in inputs]
+        for t in range(GENERATION_STEPS):
+            y, state = ref.ssm_step(state, us[t], dA, dB, C, D)
+        return max(_rel(out[0], y), _rel(out[1], state))
+
+    def generation_loop(step):
+        def run(state, us, dA, dB, C, D):
+            for t in range(us.shape[0]):
+                y, state = step(state, us[t], dA, dB, C, D)
+            return y, state
+        return run
+
+    loop_providers = {b: generation_loop(lambda *a, b=b: ops.ssm_step(*a, backend=b)) for b in _fast_backends(device)}
+    loop_providers["torch-composition"] = generation_loop(torch_ssm_step)
+    cases.append(bench.Case("s4", f"ssm_step loop of {GENERATION_STEPS} B={Bs} H={Hs} N={Ns} complex64", loop_setup,
+                            loop_providers, loop_error, peer="torch-composition"))
     return cases
 
 
