@@ -180,6 +180,19 @@ def s4_cases(device: str, quick: bool = False):
         return run
 
     loop_providers = {b: generation_loop(lambda *a, b=b: ops.ssm_step(*a, backend=b)) for b in _fast_backends(device)}
+
+    def inplace_generation_loop(b):
+        # the generation fast path: one copy of the initial state into a work buffer, then every step in place
+        def run(state, us, dA, dB, C, D):
+            buffer = work.setdefault(("loop", b), torch.empty_like(state))
+            buffer.copy_(state)
+            for t in range(us.shape[0]):
+                y, _ = ops.ssm_step(buffer, us[t], dA, dB, C, D, inplace=True, backend=b)
+            return y, buffer
+        return run
+
+    for b in _fast_backends(device):
+        loop_providers[f"{b}-inplace"] = inplace_generation_loop(b)
     loop_providers["torch-composition"] = generation_loop(torch_ssm_step)
     cases.append(bench.Case("s4", f"ssm_step loop of {GENERATION_STEPS} B={Bs} H={Hs} N={Ns} complex64", loop_setup,
                             loop_providers, loop_error, peer="torch-composition"))
