@@ -172,10 +172,12 @@ FC_HOST_DEVICE bool grid_cell_of(const MarchParams<T>& p, const T* x, int& level
     bool inside = true;
     for (int a = 0; a < 3; ++a) inside = inside && box[a] <= x[a] && x[a] <= box[a + 3];
     if (!inside) continue;
+    // x lies in the box, so (x − box)/size·res >= 0 and truncation is floor: an inline conversion, where floor
+    // was a libm call per axis and sample in the default-ISA CPU build (three per marched sample)
     for (int a = 0; a < 3; ++a) {
       const T size = box[a + 3] - box[a];
       int64_t i = 0;
-      if (size > T(0)) i = static_cast<int64_t>(floor((x[a] - box[a]) / size * static_cast<T>(p.resolution)));
+      if (size > T(0)) i = static_cast<int64_t>((x[a] - box[a]) / size * static_cast<T>(p.resolution));
       if (i < 0) i = 0;
       if (i > p.resolution - 1) i = p.resolution - 1;
       cell[a] = i;

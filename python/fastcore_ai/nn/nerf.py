@@ -151,7 +151,7 @@ class NeRFRenderer(nn.Module):
     (grad enabled and the field's parameters or the rays require grad) march -> field on every marched
     sample -> ops.volume_render (differentiable into the field and the rays; O(R) saved by the renderer;
     samples behind a ray's early stop get exactly zero gradient); otherwise the image in rounds, as
-    render_inference. field_batch: samples per field call (None: 2^15 on the CPU, the whole round on a GPU).
+    render_inference. field_batch: samples per field call (None: 2^16 on the CPU, the whole round on a GPU).
     """
 
     def __init__(self, field: nn.Module, aabb=None, grid: Optional[OccupancyGrid] = None, resolution: int = 128,
@@ -173,10 +173,16 @@ class NeRFRenderer(nn.Module):
         self.field_batch = field_batch
         self.register_buffer("background", None if background is None else torch.as_tensor(background, dtype=torch.float32))
 
-    # On the CPU a small MLP field costs about half as much per sample when its activations stay in cache
-    # (measured: 400 vs 800-950 ns per sample, one thread, batches of 2^15 vs 2^18-2^20 samples), so the
-    # field runs on batches of at most this many samples there; on a GPU on the whole round.
-    CPU_FIELD_BATCH = 1 << 15
+    # On the CPU the field runs on batches of at most this many samples (on a GPU on the whole round). The
+    # per-sample cost of a small MLP field depends on the batch mostly through glibc: activations of a few MiB
+    # come from the heap, and whether it trims them back to the kernel after every batch (so the next batch
+    # page-faults them in again) depends on the sizes it has seen. Measured (bench MLP32 field,
+    # render_inference of 65536 rays, 2 threads, 2026-12-05): the 4-step-shell scene's field took 207 ms with
+    # batches of 2^16 or 2^17, 321-327 ms with 2^14 or 2^15 and 439-450 ms with 2^13 (with glibc's trimming
+    # and mmap off, 214-232 ms at 2^15: the difference is page faults); the smooth-ball scene 483-498 ms at
+    # 2^16, 542-548 ms at 2^15, 521-530 ms at 2^17, 609-681 ms at 2^18. (The first measurement, 400 vs
+    # 800-950 ns per sample at 2^15 vs 2^18-2^20 on one thread, chose 2^15.)
+    CPU_FIELD_BATCH = 1 << 16
 
     def _run_field(self, x: Tensor, d: Tensor):
         """field(x, d) -> (σ [S], rgb [S, 3]) in batches of field_batch samples (see CPU_FIELD_BATCH)."""
