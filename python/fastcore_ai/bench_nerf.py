@@ -135,7 +135,8 @@ def _render_case(family: str, R: int, res: int, step: float, scene: str, shell: 
         counts["train-fwd (autograd, every marched sample)"] = sum(evaluated)
         hook.remove()
         print(f"  [nerf-render] {scene}: grid {res}^3, {occupied.float().mean().item():.1%} cells occupied, R={R}")
-        print(f"  [nerf-render] {scene}: field evaluations per ray: " + ", ".join(f"{k} {v / R:.1f}" for k, v in counts.items()))
+        per_ray = ", ".join(f"{k} {v / R:.1f}" for k, v in counts.items())
+        print(f"  [nerf-render] {scene}: field evaluations per ray: {per_ray}")
         return renderer, rays_o, rays_d, dense
 
     def fastcore_train_forward(renderer, rays_o, rays_d, dense):
