@@ -117,3 +117,16 @@ def test_render_pipeline_cuda(benchmark, provider):
         return out
 
     assert torch.isfinite(benchmark(run)).all()
+
+
+def test_bench_field_shell_scene_density_profile():
+    """The bench's two scenes: the smooth balls' mask ramps from 0 at a ball's surface to 1 at its centre; with
+    shell=w it reaches 1 at depth w below the surface; both are 0 outside every ball (the grid stays exact)."""
+    smooth, shell = _BallsMLP(), _BallsMLP(shell=4 * STEP)
+    centre, radius = smooth.centres[0], float(smooth.radii[0])
+    direction = torch.tensor([1.0, 0.0, 0.0])
+    at = lambda depth: (centre + (radius - depth) * direction)[None]  # noqa: E731  (depth below the surface)
+    assert float(smooth.mask(at(-0.01))) == 0.0 and float(shell.mask(at(-0.01))) == 0.0
+    assert float(shell.mask(at(4 * STEP))) == pytest.approx(1.0) and float(shell.mask(at(0.1))) == 1.0
+    assert 0.0 < float(shell.mask(at(2 * STEP))) < 1.0
+    assert float(smooth.mask(at(4 * STEP))) < 0.01 and float(smooth.mask(at(radius))) == pytest.approx(1.0)
