@@ -143,12 +143,15 @@ def s4_cases(device: str, quick: bool = False):
     providers = {b: (lambda *a, b=b: ops.ssm_step(*a, backend=b)) for b in _fast_backends(device)}
     work = {}
 
+    def work_copy(key, state):
+        """The in-place providers' state buffer (one per key), reset from `state` (the copy is timed too) so
+        every call computes the same step(s) as the other providers."""
+        buffer = work.setdefault(key, torch.empty_like(state))
+        return buffer.copy_(state)
+
     def inplace(state, *rest, b):
-        # the generation fast path: the state buffer is updated in place; it is first reset from `state`
-        # (that copy is timed too) so every call computes the same step as the other providers
-        buffer = work.setdefault(b, torch.empty_like(state))
-        buffer.copy_(state)
-        return ops.ssm_step(buffer, *rest, inplace=True, backend=b)
+        # the generation fast path: the state buffer is updated in place
+        return ops.ssm_step(work_copy(b, state), *rest, inplace=True, backend=b)
 
     for b in _fast_backends(device):
         providers[f"{b}-inplace"] = lambda *a, b=b: inplace(*a, b=b)
@@ -183,13 +186,9 @@ def s4_cases(device: str, quick: bool = False):
 
     def inplace_generation_loop(b):
         # the generation fast path: one copy of the initial state into a work buffer, then every step in place
-        def run(state, us, dA, dB, C, D):
-            buffer = work.setdefault(("loop", b), torch.empty_like(state))
-            buffer.copy_(state)
-            for t in range(us.shape[0]):
-                y, _ = ops.ssm_step(buffer, us[t], dA, dB, C, D, inplace=True, backend=b)
-            return y, buffer
-        return run
+        # (an in-place step returns the buffer as the new state, so the loop rebinds it to itself)
+        loop = generation_loop(lambda *a: ops.ssm_step(*a, inplace=True, backend=b))
+        return lambda state, *rest: loop(work_copy(("loop", b), state), *rest)
 
     for b in _fast_backends(device):
         loop_providers[f"{b}-inplace"] = inplace_generation_loop(b)

@@ -324,6 +324,19 @@ __attribute__((always_inline)) inline StepVector step_tree_level(StepVector a, S
   return __builtin_shuffle(a, b, first) + __builtin_shuffle(a, b, second);
 }
 
+// The 16 sums of rows 0..15 as one vector (lane j: row j's 16-lane accumulator summed), by the four tree levels;
+// row_sum(r) gives row r's accumulator (rows in the order the tree takes them, so every row's sum has the same
+// addition order whichever walk supplies it).
+template <typename RowSum>
+__attribute__((always_inline)) inline StepVector step_tree_sums(RowSum&& row_sum) {
+  auto four_rows = [&](int r) __attribute__((always_inline)) {
+    const StepVector pairs0 = step_tree_level<1>(row_sum(r), row_sum(r + 1));
+    return step_tree_level<2>(pairs0, step_tree_level<1>(row_sum(r + 2), row_sum(r + 3)));
+  };
+  const StepVector eights0 = step_tree_level<4>(four_rows(0), four_rows(4));
+  return step_tree_level<8>(eights0, step_tree_level<4>(four_rows(8), four_rows(12)));
+}
+
 // N = 8, 16, 24, 32 (kVectors = N / 8 vectors a row; S4D's d_state = 64 stores N = 32). The tile loop above
 // is bound by its loads, not by memory: per state vector it loads four coefficient vectors besides the state
 // (Zen 4 retires one 512-bit load a cycle), and every four-vector row ends in a 16-lane sum (a chain of ~10
@@ -378,12 +391,7 @@ __attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepPa
       };
       float sums[kStepLanes];
       if (rows == kStepLanes) {
-        auto four_rows = [&](int64_t j) __attribute__((always_inline)) {
-          const StepVector pairs0 = step_tree_level<1>(row_sum(j), row_sum(j + 1));
-          return step_tree_level<2>(pairs0, step_tree_level<1>(row_sum(j + 2), row_sum(j + 3)));
-        };
-        const StepVector eights0 = step_tree_level<4>(four_rows(0), four_rows(4));
-        const StepVector all = step_tree_level<8>(eights0, step_tree_level<4>(four_rows(8), four_rows(12)));
+        const StepVector all = step_tree_sums(row_sum);
         std::memcpy(sums, &all, sizeof(all));
       } else {  // the batch's last rows (B % 16): one lane sum per row
         for (int64_t j = 0; j < rows; ++j) sums[j] = step_lane_sum(row_sum(j));
@@ -453,12 +461,7 @@ __attribute__((always_inline)) inline void ssm_step_float_head_pairs(const StepP
         }
         return acc;
       };
-      auto four_rows = [&](int r) __attribute__((always_inline)) {
-        const StepVector pairs0 = step_tree_level<1>(row_sum(r), row_sum(r + 1));
-        return step_tree_level<2>(pairs0, step_tree_level<1>(row_sum(r + 2), row_sum(r + 3)));
-      };
-      const StepVector eights0 = step_tree_level<4>(four_rows(0), four_rows(4));
-      const StepVector all = step_tree_level<8>(eights0, step_tree_level<4>(four_rows(8), four_rows(12)));
+      const StepVector all = step_tree_sums(row_sum);
       for (int r = 0; r < kStepLanes; ++r) {
         const int64_t row = row_of(r);
         y_out[row] = 2.f * all[r] + d[r & 1] * u_in[row];
