@@ -10,19 +10,16 @@ tokens, their losses summed into one backward (the sum of the per-rank gradients
 all-reduced router gradient and the sharded expert gradients must equal).
 
 The workers run every case in one launch (module fixture) and write their tensors to tmp files; the
-parent process asserts. A hang fails: init_process_group has a 60 s timeout and the parent joins with one.
+parent process asserts (tests/_gloo.py launches them: a hang or a crash fails, with the worker's report).
 """
 import os
-import socket
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fastcore_ai
+from _gloo import run_gloo_workers
 from fastcore_ai.nn import ExpertParallelMoE, MoE
 
 WORLD = 2
@@ -71,44 +68,28 @@ def _make_case(name):
     return moe, xs, gs
 
 
-def _worker(rank, port, out_dir):
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def _worker(rank, world, out_dir):
+    for name in CASES:
+        moe, xs, gs = _make_case(name)
+        layer = ExpertParallelMoE.from_moe(moe)
+        x = xs[rank].clone().requires_grad_(True)
+        out = layer(x)
+        (out * gs[rank]).sum().backward()
+        layer.sync_router_grads()
+        routed = layer.last_router
+        ids = routed.expert_ids[routed.kept] if routed.kept is not None else routed.expert_ids.reshape(-1)
+        torch.save({"out": out.detach(), "grad_x": x.grad, "grad_router": layer.router.weight.grad,
+                    "grad_gate_up": layer.experts.gate_up_proj.grad, "grad_down": layer.experts.down_proj.grad,
+                    "expert_start": layer.expert_start, "num_local": layer.num_local_experts,
+                    "sent_per_expert": torch.bincount(ids, minlength=layer.num_experts),
+                    "dropped": 0 if routed.kept is None else int((~routed.kept).sum())},
+                   os.path.join(out_dir, f"{name}_rank{rank}.pt"))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
-        for name in CASES:
-            moe, xs, gs = _make_case(name)
-            layer = ExpertParallelMoE.from_moe(moe)
-            x = xs[rank].clone().requires_grad_(True)
-            out = layer(x)
-            (out * gs[rank]).sum().backward()
-            layer.sync_router_grads()
-            routed = layer.last_router
-            ids = routed.expert_ids[routed.kept] if routed.kept is not None else routed.expert_ids.reshape(-1)
-            torch.save({"out": out.detach(), "grad_x": x.grad, "grad_router": layer.router.weight.grad,
-                        "grad_gate_up": layer.experts.gate_up_proj.grad, "grad_down": layer.experts.down_proj.grad,
-                        "expert_start": layer.expert_start, "num_local": layer.num_local_experts,
-                        "sent_per_expert": torch.bincount(ids, minlength=layer.num_experts),
-                        "dropped": 0 if routed.kept is None else int((~routed.kept).sum())},
-                       os.path.join(out_dir, f"{name}_rank{rank}.pt"))
-        try:
-            ExpertParallelMoE(H, 8, num_experts=3)
-            message = "no error"
-        except ValueError as error:
-            message = str(error)
-        torch.save({"message": message}, os.path.join(out_dir, f"divisibility_rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        ExpertParallelMoE(H, 8, num_experts=3)
+        message = "no error"
+    except ValueError as error:
+        message = str(error)
+    torch.save({"message": message}, os.path.join(out_dir, f"divisibility_rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -116,21 +97,7 @@ def results(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with the gloo backend is not available")
     out_dir = str(tmp_path_factory.mktemp("expert_parallel"))
-    context = mp.get_context("spawn")
-    port = _free_port()
-    procs = [context.Process(target=_worker, args=(rank, port, out_dir)) for rank in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=JOIN_TIMEOUT_S)
-    hung = [p for p in procs if p.is_alive()]
-    for p in hung:
-        p.kill()
-        p.join()
-    errors = "".join(open(os.path.join(out_dir, f)).read()
-                     for f in sorted(os.listdir(out_dir)) if f.startswith("error"))
-    assert not hung, f"expert-parallel workers hung (killed after {JOIN_TIMEOUT_S} s)\n{errors}"
-    assert all(p.exitcode == 0 for p in procs), f"worker exit codes {[p.exitcode for p in procs]}\n{errors}"
+    run_gloo_workers(_worker, WORLD, out_dir, timeout_s=JOIN_TIMEOUT_S)
     return out_dir
 
 

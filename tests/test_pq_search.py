@@ -1,15 +1,14 @@
 """fastcore_ai.search: PQIndex / IVFPQIndex (train, add, search, remove_ids, reconstruct, len, numpy
 inputs, save/load and every corrupted-file case) and ShardedPQIndex over 2 gloo processes."""
 import os
-import socket
 import struct
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from _gloo import run_gloo_workers
 from fastcore_ai import ops
 from fastcore_ai.reference import pq as ref
 from fastcore_ai.search import IndexFileError, IVFPQIndex, PQIndex, ShardedPQIndex, load_index
@@ -179,36 +178,22 @@ def test_save_load_roundtrip_and_corruption(tmp_path, data):
 
 # ---- sharded: 2 gloo processes ---------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _shard_worker(rank, world, port, out_dir):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        x, q = _clustered(2000, 16, seed=3), _clustered(9, 16, seed=4)
-        sharded = ShardedPQIndex(PQIndex(16, 4, 8))
-        sharded.train(x if rank == 0 else None, niter=3)
-        mine = torch.arange(rank, 2000, world)  # interleaved shards
-        sharded.add(x[mine], ids=mine)
-        d, i = sharded.search(q, 12)
-        n = len(sharded)
-        if rank == 0:
-            torch.save({"d": d, "i": i, "n": n, "codebooks": sharded.local.codebooks}, os.path.join(out_dir, "r0.pt"))
-        # both ranks finish communicating before either tears gloo down: without this barrier 1 run in 5 aborted
-        # (SIGABRT, "terminate called without an active exception") during teardown; 10 of 10 passed with it
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def _shard_worker(rank, world, out_dir):
+    x, q = _clustered(2000, 16, seed=3), _clustered(9, 16, seed=4)
+    sharded = ShardedPQIndex(PQIndex(16, 4, 8))
+    sharded.train(x if rank == 0 else None, niter=3)
+    mine = torch.arange(rank, 2000, world)  # interleaved shards
+    sharded.add(x[mine], ids=mine)
+    d, i = sharded.search(q, 12)
+    n = len(sharded)
+    if rank == 0:
+        torch.save({"d": d, "i": i, "n": n, "codebooks": sharded.local.codebooks}, os.path.join(out_dir, "r0.pt"))
 
 
 def test_sharded_two_gloo_processes_match_single_index(tmp_path):
-    port = _free_port()
-    mp.spawn(_shard_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    run_gloo_workers(_shard_worker, 2, str(tmp_path))
     got = torch.load(str(tmp_path / "r0.pt"))
     x, q = _clustered(2000, 16, seed=3), _clustered(9, 16, seed=4)
     single = PQIndex(16, 4, 8)

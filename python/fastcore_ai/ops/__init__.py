@@ -2,6 +2,13 @@
 (argument `backend=`, `fastcore_ai.use_backend`, FASTCORE_AI_BACKEND, else the op's priority list)
 and runs as a registered torch op (`torch.ops.fastcore_ai.*`) with a fake implementation and
 autograd, so it works under torch.compile(fullgraph=True)."""
+# torch._dynamo now, not at the first op call (torch imports it lazily there): it imports modules whose
+# functions take `group=group.WORLD` as a default argument, and imported while a process group is live they
+# keep that group referenced, so destroy_process_group cannot stop gloo's threads and one can abort the
+# interpreter's exit. Imported with fastcore_ai (normally before init_process_group) the defaults are None.
+# ~1.1 s, the same import the first op call would do. docs/moe.md "Process-group teardown"; tests/_gloo.py.
+import torch._dynamo  # noqa: E402,F401
+
 from .moe import MAX_EXPERTS, MAX_TOP_K, RouterOutput, moe_topk_route, switch_load_balancing_loss
 from .moe_experts import moe_experts
 from .moe_grouped_mlp import moe_grouped_mlp
