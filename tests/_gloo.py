@@ -78,6 +78,9 @@ def run_gloo_workers(worker, world: int, out_dir: str, args=(), timeout_s: float
     """Run worker(rank, world, out_dir, *args) in `world` spawned processes inside one gloo process group;
     `worker` must be a module-level function (spawn pickles it by name). Fails the test unless every
     process exits 0 within timeout_s."""
+    # Not a skip: torch's builds for every platform this project supports include gloo, and the distributed
+    # layers' tests must not pass silently where it is missing.
+    assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with the gloo backend is not available"
     context = mp.get_context("spawn")
     procs = [context.Process(target=_bootstrap, args=(rank, world, out_dir, worker, tuple(args)))
              for rank in range(world)]

@@ -6,7 +6,6 @@ import struct
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from _gloo import run_gloo_workers
 from fastcore_ai import ops
@@ -191,8 +190,6 @@ def _shard_worker(rank, world, out_dir):
 
 
 def test_sharded_two_gloo_processes_match_single_index(tmp_path):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with the gloo backend is not available")
     run_gloo_workers(_shard_worker, 2, str(tmp_path))
     got = torch.load(str(tmp_path / "r0.pt"))
     x, q = _clustered(2000, 16, seed=3), _clustered(9, 16, seed=4)
