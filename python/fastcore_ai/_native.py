@@ -6,6 +6,7 @@ the extension is missing and how to build it.
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Optional
 
 _module = None
@@ -24,6 +25,10 @@ def _load() -> None:
         _module = importlib.import_module("fastcore_ai._C")
     except ImportError as error:  # the .so is missing or was built against another torch
         _load_error = error
+        # Loud, once: backend="auto" then runs the slower pure-torch reference (build_info() says why too).
+        warnings.warn(f"fastcore_ai: the native extension fastcore_ai._C could not be imported ({error}); "
+                      f"backend='auto' runs the pure-torch reference instead; {BUILD_HINT}", RuntimeWarning,
+                      stacklevel=2)
 
 
 def load_error() -> Optional[str]:
@@ -43,10 +48,13 @@ def native():
 
 
 # Load at package import, not on first use: the first op call may happen while torch.compile traces,
-# and dynamo cannot trace an import. A failed load is remembered and reported on use, never raised here.
+# and dynamo cannot trace an import (nor the pybind build_config, so the build facts are read here once).
+# A failed load is remembered, warned about once, and reported on use; never raised here.
 _load()
+_BUILD_CONFIG = dict(_module.build_config()) if _module is not None else {}
+CUDA_COMPILED = bool(_BUILD_CONFIG.get("cuda_compiled", False))
 
 
 def build_config() -> dict:
-    """What the extension was compiled with ({} when it is not importable)."""
-    return dict(native().build_config()) if load_error() is None else {}
+    """What the extension was compiled with ({} when it is not importable); read once at import."""
+    return dict(_BUILD_CONFIG) if load_error() is None else {}

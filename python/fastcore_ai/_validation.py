@@ -19,15 +19,16 @@ def _describe(t: torch.Tensor) -> str:
 
 
 def check_tensor(op: str, name: str, value, *, ndim: int, dtypes: Iterable[torch.dtype], layout: str) -> None:
-    """`value` must be a tensor of rank `ndim` and one of `dtypes`; `layout` describes the shape ("[T, E]")."""
-    dtypes = tuple(dtypes)
+    """`value` must be a tensor of rank `ndim` and one of `dtypes`; `layout` describes the shape ("[T, E]").
+    The messages are built only on failure: this runs on every call of every op."""
+    if isinstance(value, torch.Tensor) and value.dtype in dtypes and value.dim() == ndim:
+        return
     allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{_prefix(op)}{name} must be a torch.Tensor {layout} of {allowed}, got {type(value).__name__}")
     if value.dtype not in dtypes:
         raise TypeError(f"{_prefix(op)}{name} must be {allowed} with shape {layout}, got {_describe(value)}")
-    if value.dim() != ndim:
-        raise ValueError(f"{_prefix(op)}{name} must be a {ndim}-D tensor {layout}, got {value.dim()}-D {_describe(value)}")
+    raise ValueError(f"{_prefix(op)}{name} must be a {ndim}-D tensor {layout}, got {value.dim()}-D {_describe(value)}")
 
 
 def check_int(op: str, name: str, value, low: int, high: int, why: str = "") -> None:

@@ -6,14 +6,15 @@ the pure-torch reference).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _native, backends, reference
+from .. import backends, reference
 from .._validation import check_bool, check_choice, check_int, check_positive_float, check_size, check_tensor
 from ..reference import moe as reference_moe
+from ._define import define_op, native_impls
 
 MAX_EXPERTS = 1024
 MAX_TOP_K = 16
@@ -56,66 +57,16 @@ def switch_load_balancing_loss(tokens_per_expert: Tensor, mean_prob: Tensor) -> 
     return mean_prob.shape[0] * (fraction * mean_prob).sum()
 
 
-# ---- backend implementations: (logits, k, renormalize) -> 6 tensors ----------------------------
-
-def _route_native(logits: Tensor, k: int, renormalize: bool):
-    return tuple(_native.native().moe_topk_route(logits, k, renormalize))
-
-
-def _route_triton(logits: Tensor, k: int, renormalize: bool):
-    from ..triton_kernels import moe as triton_moe
-    return triton_moe.moe_topk_route(logits, k, renormalize)
-
-
-_FORWARD: Dict[str, Callable] = {
-    "cpu": _route_native, "cuda": _route_native, "triton": _route_triton, "reference": reference.moe_topk_route,
-}
-
-
-def _backward_native(*args):
-    return _native.native().moe_topk_route_backward(*args)
-
-
-def _backward_triton(*args):
-    from ..triton_kernels import moe as triton_moe
-    return triton_moe.moe_topk_route_backward(*args)
-
-
-_BACKWARD: Dict[str, Callable] = {
-    "cpu": _backward_native, "cuda": _backward_native, "triton": _backward_triton,
-    "reference": reference.moe_topk_route_backward,
-}
-
+# ---- the registered torch ops: forward (logits, k, renormalize) -> 6 tensors, and its backward -------
 
 backends.register_op(backends.standard_table(_OP))
 
 
-# ---- the registered torch ops -----------------------------------------------------------------
-
-@torch.library.custom_op("fastcore_ai::moe_topk_route", mutates_args=())
-def _route_op(logits: Tensor, k: int, renormalize: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _FORWARD[backend](logits, k, renormalize)
-
-
-@_route_op.register_fake
-def _route_fake(logits, k, renormalize, backend):
-    T, E = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    floats = dict(dtype=acc, device=logits.device)
-    longs = dict(dtype=torch.int64, device=logits.device)
-    return (logits.new_empty((T, k), **floats), logits.new_empty((T, k), **longs), logits.new_empty((), **floats),
-            logits.new_empty((E,), **longs), logits.new_empty((E,), **floats), logits.new_empty((T,), **floats))
-
-
-@torch.library.custom_op("fastcore_ai::moe_topk_route_backward", mutates_args=())
+@define_op("moe_topk_route_backward", impls=native_impls(
+    "moe_topk_route_backward", triton_launcher=("moe", "moe_topk_route_backward"),
+    reference=reference.moe_topk_route_backward))
 def _route_backward_op(logits: Tensor, expert_ids: Tensor, weights: Tensor, lse: Tensor, grad_weights: Tensor,
-                       grad_z_loss: Tensor, grad_mean_prob: Tensor, renormalize: bool, backend: str) -> Tensor:
-    grad = _BACKWARD[backend](logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob, renormalize)
-    return grad.to(logits.dtype)
-
-
-@_route_backward_op.register_fake
-def _route_backward_fake(logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob, renormalize, backend):
+                       grad_z_loss: Tensor, grad_mean_prob: Tensor, renormalize: bool) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -131,11 +82,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_weights, grad_ids, grad_z_loss, grad_counts, grad_mean_prob, grad_lse):
     logits, expert_ids, weights, lse = ctx.saved_tensors
     grad = _route_backward_op(logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob,
-                              ctx.renormalize, ctx.backend)
-    return grad, None, None, None
+                              ctx.renormalize, backend=ctx.backend)
+    return grad.to(logits.dtype), None, None, None
 
 
-_route_op.register_autograd(_backward, setup_context=_setup_context)
+@define_op("moe_topk_route", impls=native_impls("moe_topk_route", triton_launcher=("moe", "moe_topk_route"),
+                                                reference=reference.moe_topk_route),
+           autograd=(_setup_context, _backward))
+def _route_op(logits: Tensor, k: int, renormalize: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T, E = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    floats = dict(dtype=acc, device=logits.device)
+    longs = dict(dtype=torch.int64, device=logits.device)
+    return (logits.new_empty((T, k), **floats), logits.new_empty((T, k), **longs), logits.new_empty((), **floats),
+            logits.new_empty((E,), **longs), logits.new_empty((E,), **floats), logits.new_empty((T,), **floats))
 
 
 # ---- public API -------------------------------------------------------------------------------
@@ -177,7 +137,8 @@ def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, capacity
         check_int(_OP, "min_capacity", min_capacity, 0, 2**62)
     check_choice(_OP, "priority", priority, ("token", "batch"))
     chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits", k=k, num_experts=num_experts)
-    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize, chosen)
+    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize,
+                                                                                backend=chosen)
     if capacity_factor is None:
         kept = torch.ones_like(expert_ids, dtype=torch.bool)
     else:

@@ -1,0 +1,165 @@
+"""`define_op`: the one way an op becomes a registered torch op (DESIGN rules 5 and 6).
+
+An op is declared once, as data:
+
+    @define_op("s4_cauchy", impls={"cpu": native("s4_cauchy"), "cuda": native("s4_cauchy"),
+                                   "triton": triton("s4", "cauchy"), "reference": _ref.cauchy},
+               autograd=(_cauchy_setup, _cauchy_backward))
+    def _cauchy_op(v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tensor:
+        return v.new_empty((v.shape[0], z.shape[0]))          # the body is the fake (meta) implementation
+
+The prototype's annotations are the schema; `define_op` appends `str backend`, registers
+`torch.ops.fastcore_ai.<name>` with one dispatcher over `impls`, the body as its fake, and the autograd
+pair (setup_context, backward) when given — their `inputs` end with the backend name, so a backward op is
+called with `backend=ctx.backend`. Every defined op lands in `REGISTRY`, which the generated opcheck,
+compile and property tests walk, so a new op is covered without writing them.
+
+Calling `op(*args, backend=chosen)` takes the registered op, except on the direct path: when the chosen
+backend is native (cpu/cuda), no input needs autograd, and nothing intercepts the call (not compiling or
+jit-tracing, no functorch transform, no torch-function or dispatch mode, only plain tensors), the
+registered op would run the very same native function, so it is called directly. That saves the
+torch.library dispatch (~11 µs a call, RESULTS.md "per-call overhead") which a decode step pays per layer
+per token; the result is bitwise the registered op's (tests/test_op_registry.py). A mutating op's direct
+call bumps the mutated tensors' version counters, as the dispatcher does.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _native
+
+NATIVE_BACKENDS = ("cpu", "cuda")
+# nn.Parameter adds no __torch_function__ / __torch_dispatch__ behaviour
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_SCALARS = (int, float, bool, str, type(None))
+
+REGISTRY: Dict[str, "DefinedOp"] = {}
+
+
+def native(name: str) -> Callable:
+    """The function `fastcore_ai._C.<name>`, resolved at its first call (the build hint if _C is missing)."""
+    function = None
+
+    def call(*args):
+        nonlocal function
+        if function is None:
+            function = getattr(_native.native(), name)
+        return function(*args)
+
+    call.__name__ = call.__qualname__ = f"_C.{name}"
+    call.native_name = name
+    return call
+
+
+def triton(module: str, name: str) -> Callable:
+    """The launcher `fastcore_ai.triton_kernels.<module>.<name>`, imported at its first call (triton is
+    imported only by code that runs a Triton kernel)."""
+    function = None
+
+    def call(*args):
+        nonlocal function
+        if function is None:
+            function = getattr(importlib.import_module(f"fastcore_ai.triton_kernels.{module}"), name)
+        return function(*args)
+
+    call.__name__ = call.__qualname__ = f"triton_kernels.{module}.{name}"
+    return call
+
+
+def _as_output(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _nothing_intercepts() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    _C = torch._C
+    return not (_C._get_tracing_state() is not None or _C._are_functorch_transforms_active()
+                or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() > 0)
+
+
+class DefinedOp:
+    """A registered torch op with its backend implementations (see the module docstring)."""
+
+    def __init__(self, name: str, prototype: Callable, impls: Mapping[str, Callable],
+                 mutates_args: Sequence[str] = (), autograd: Optional[Tuple[Callable, Callable]] = None):
+        self.name = name
+        self.qualname = f"fastcore_ai::{name}"
+        self.impls: Dict[str, Callable] = dict(impls)
+        self.prototype = prototype
+        self.differentiable = autograd is not None
+        schema = torch.library.infer_schema(prototype, mutates_args=tuple(mutates_args))
+        arguments, returns = schema.rsplit(") ->", 1)
+        schema = f"{arguments}{', ' if arguments != '(' else ''}str backend) ->{returns}"
+        parameters = list(prototype.__code__.co_varnames[:prototype.__code__.co_argcount])
+        self._mutated = tuple(parameters.index(a) for a in mutates_args)
+        implementations = self.impls
+
+        def dispatch(*args):
+            *call, backend = args
+            return _as_output(implementations[backend](*call))
+
+        dispatch.__name__ = name
+        self.op = torch.library.custom_op(self.qualname, dispatch, mutates_args=tuple(mutates_args), schema=schema)
+        self.op.register_fake(lambda *args: prototype(*args[:-1]))
+        if autograd is not None:
+            setup_context, backward = autograd
+            self.op.register_autograd(backward, setup_context=setup_context)
+        REGISTRY[name] = self
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        return tuple(self.impls)
+
+    def direct_call_allowed(self, args) -> bool:
+        """True when the registered op would only run impls[backend](*args): see the module docstring."""
+        needs_grad = self.differentiable and torch.is_grad_enabled()
+        for value in args:
+            kind = type(value)
+            if kind in _PLAIN_TENSORS:
+                if needs_grad and value.requires_grad:
+                    return False
+            elif kind in (list, tuple):
+                for item in value:
+                    if type(item) in _PLAIN_TENSORS:
+                        if needs_grad and item.requires_grad:
+                            return False
+                    elif not isinstance(item, _SCALARS):
+                        return False
+            elif not isinstance(value, _SCALARS) and not isinstance(value, (torch.dtype, torch.device)):
+                return False
+        return _nothing_intercepts()
+
+    def __call__(self, *args, backend: str):
+        if backend in NATIVE_BACKENDS and self.direct_call_allowed(args):
+            out = _as_output(self.impls[backend](*args))
+            if self._mutated:
+                torch._C._increment_version([args[i] for i in self._mutated])
+            return out
+        return self.op(*args, backend)
+
+
+def define_op(name: str, *, impls: Mapping[str, Callable], mutates_args: Sequence[str] = (),
+              autograd: Optional[Tuple[Callable, Callable]] = None) -> Callable[[Callable], DefinedOp]:
+    """Decorator over the op's prototype (annotations = schema, body = fake): see the module docstring."""
+    def wrap(prototype: Callable) -> DefinedOp:
+        return DefinedOp(name, prototype, impls, mutates_args, autograd)
+    return wrap
+
+
+def native_impls(name: str, *, triton_launcher: Optional[Tuple[str, str]] = None,
+                 reference: Optional[Callable] = None, cuda: bool = True) -> Dict[str, Callable]:
+    """The common impl table: `_C.<name>` on cpu (and cuda), a Triton launcher, the reference."""
+    impls: Dict[str, Callable] = {}
+    function = native(name)
+    impls["cpu"] = function
+    if cuda:
+        impls["cuda"] = function
+    if triton_launcher is not None:
+        impls["triton"] = triton(*triton_launcher)
+    if reference is not None:
+        impls["reference"] = reference
+    return impls

@@ -1,0 +1,1 @@
+"""Sample calls of the mux ops (format: tests/_examples.py)."""

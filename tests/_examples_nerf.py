@@ -1,0 +1,1 @@
+"""Sample calls of the nerf ops (format: tests/_examples.py)."""

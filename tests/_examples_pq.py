@@ -1,0 +1,1 @@
+"""Sample calls of the pq ops (format: tests/_examples.py)."""
