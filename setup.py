@@ -63,6 +63,12 @@ def want_cuda() -> bool:
                 "Install a CUDA build of torch and the CUDA toolkit, or set FASTCORE_AI_CUDA=0."
             )
         return True
+    if not possible:
+        # Loud, not silent: the build goes on CPU-only, and build_info() reports cuda_kernels_compiled False.
+        import warnings
+        warnings.warn("fastcore_ai: building without CUDA kernels "
+                      f"(torch.version.cuda={torch.version.cuda!r}, nvcc found={bool(nvcc)}); set FASTCORE_AI_CUDA=0 "
+                      "to silence this, or FASTCORE_AI_CUDA=1 to make it an error", stacklevel=1)
     return possible
 
 

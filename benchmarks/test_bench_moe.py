@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fastcore_ai import ops
-from fastcore_ai.bench_moe import torch_composition_router
+from fastcore_ai.bench.moe import torch_composition_router
 
 SHAPES = [(T, E, k) for T in (4096, 65536) for E in (8, 64, 128) for k in (2, 8)]
 CPU_PROVIDERS = {

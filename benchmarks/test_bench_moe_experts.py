@@ -4,7 +4,7 @@ Compare the rows of one run (`--benchmark-group-by=group`)."""
 import pytest
 import torch
 
-from fastcore_ai.bench_moe import moe_experts_cases
+from fastcore_ai.bench.moe import moe_experts_cases
 
 CASES = moe_experts_cases("cpu")
 if not CASES:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastcore_ai import ops
-from fastcore_ai.bench_mux import torch_composition_mux_demux
+from fastcore_ai.bench.mux import torch_composition_mux_demux
 from fastcore_ai.nn.mux import hadamard_keys
 
 SHAPES = [(16, 12, 128, 64), (16, 12, 169, 64), (16, 12, 169, 13), (16, 12, 169, 48), (16, 12, 169, 96),

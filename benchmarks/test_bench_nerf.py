@@ -8,7 +8,7 @@ import torch
 
 from fastcore_ai import nn as fnn
 from fastcore_ai import ops
-from fastcore_ai.bench_nerf import _BallsMLP, _rays, dense_render, torch_composition_render
+from fastcore_ai.bench.nerf import _BallsMLP, _rays, dense_render, torch_composition_render
 
 R_RENDER = 8192  # the full R = 65536 case lives in `python -m fastcore_ai bench --family nerf`
 STEP = math.sqrt(3) * 2 / 1024

@@ -6,7 +6,7 @@ import torch
 
 faiss = pytest.importorskip("faiss")
 
-from fastcore_ai.bench_pq import _built  # noqa: E402
+from fastcore_ai.bench.pq import _built  # noqa: E402
 
 D, NT, NB, NQ = 64, 20000, 50000, 200
 CONFIGS = [("flat", 16, 8, 0, None), ("flat", 16, 4, 0, None), ("ivf", 16, 4, 64, 8), ("ivf", 16, 8, 64, 8)]

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fastcore_ai import bench_s4
+from fastcore_ai.bench import s4 as bench_s4
 
 FULL = os.environ.get("FASTCORE_AI_BENCH_FULL", "0") == "1"
 

@@ -36,6 +36,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_backend_selections():
+    """Tests monkeypatch the facts a backend selection reads (the extension, triton's interpreter flag);
+    a selection cached by an earlier test must not answer for them."""
+    from fastcore_ai import backends
+    backends.clear_selection_cache()
+    yield
+    backends.clear_selection_cache()
+
+
 @pytest.fixture
 def poisoned_outputs():
     """Make every torch.empty/at::empty allocation come back filled with NaN (floats) or the max

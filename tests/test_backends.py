@@ -63,9 +63,30 @@ def test_missing_extension_gives_a_build_hint(monkeypatch):
     with pytest.raises(RuntimeError) as info:
         ops.moe_topk_route(torch.randn(3, 4), 1, backend="cpu")
     assert "pip install --no-build-isolation -e ." in str(info.value) and "libfoo" in str(info.value)
-    # auto falls through to the reference, which needs no extension
+    # auto falls through to the reference, which needs no extension (loudly: see the test below)
     out = ops.moe_topk_route(torch.randn(3, 4), 1)
     assert out.weights.shape == (3, 1)
+
+
+def test_missing_extension_is_loud_at_import():
+    """A failed load of fastcore_ai._C warns once at import with the reason and the build hint, and
+    build_info() says it, so "auto" running the reference is never silent."""
+    import subprocess
+    import sys
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['fastcore_ai._C'] = None\n"   # import of the extension raises ImportError
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastcore_ai\n"
+        "messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and 'fastcore_ai._C' in str(w.message)]\n"
+        "print(len(messages)); print(messages[0] if messages else '')\n"
+        "print(fastcore_ai.build_info()['native_extension'])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    count, message, info = result.stdout.strip().splitlines()[-3:]
+    assert count == "1" and "reference" in message and "pip install --no-build-isolation" in message
+    assert "could not be imported" in info
 
 
 def test_no_backend_at_all_lists_each_candidate(monkeypatch):

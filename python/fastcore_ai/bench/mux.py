@@ -24,8 +24,8 @@ def _rel(output, expected) -> float:
 
 
 def attention_cases(device: str, quick: bool = False) -> list:
-    from . import ops
-    from .bench import Case
+    from .. import ops
+    from .harness import Case
     import importlib
     ref = importlib.import_module("fastcore_ai.reference.mux")
 
@@ -80,9 +80,9 @@ def torch_composition_mux_demux(x, keys, h_keys, weight, bias, gamma, beta):
 
 
 def mux_demux_cases(device: str, quick: bool = False) -> list:
-    from . import ops
-    from .bench import Case
-    from .nn.mux import hadamard_keys
+    from .. import ops
+    from .harness import Case
+    from ..nn.mux import hadamard_keys
 
     ours = "cpu" if device == "cpu" else "triton"
     settings = [(24, 2, 128, 256), (24, 10, 128, 256), (16, 40, 128, 256)] if not quick else [(24, 10, 128, 256)]
@@ -114,8 +114,8 @@ def mux_demux_cases(device: str, quick: bool = False) -> list:
 
 
 def encoder_cases(device: str, quick: bool = False) -> list:
-    from .bench import Case
-    from .nn.mux import DataMUXEncoder
+    from .harness import Case
+    from ..nn.mux import DataMUXEncoder
 
     counts = (1, 2, 5, 10, 20, 40) if not quick else (1, 10)
     instances = 80 if not quick else 20

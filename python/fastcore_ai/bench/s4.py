@@ -60,8 +60,9 @@ def _fast_backends(device: str) -> List[str]:
 
 
 def s4_cases(device: str, quick: bool = False):
-    from . import bench, ops
-    from .reference import s4 as ref
+    from .. import ops
+    from . import harness as bench
+    from ..reference import s4 as ref
 
     cases = []
     rows = 64 if quick else 1024

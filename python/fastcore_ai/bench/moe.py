@@ -52,7 +52,7 @@ def torch_composition_routing_step(logits: torch.Tensor, x: torch.Tensor, k: int
 
 def fastcore_routing_step(logits: torch.Tensor, x: torch.Tensor, k: int, backend: str):
     """The same step with fastcore_ai's ops: fused router, counting-sort dispatch, fixed-order combine."""
-    from . import ops
+    from .. import ops
     routed = ops.moe_topk_route(logits, k, backend=backend)
     x_sorted, plan = ops.moe_dispatch(x, routed.expert_ids, None, logits.shape[1], backend=backend)
     out = ops.moe_combine(x_sorted, plan, routed.weights, backend=backend)
@@ -64,8 +64,8 @@ def _fast_backends(device: str) -> List[str]:
 
 
 def moe_router_cases(device: str, quick: bool = False):
-    from . import ops, reference
-    from .bench import Case
+    from .. import ops, reference
+    from .harness import Case
     cases = []
     for T in (4096, 65536):
         for E in (8, 64, 128):
@@ -95,8 +95,8 @@ def moe_router_cases(device: str, quick: bool = False):
 def moe_routing_step_cases(device: str, quick: bool = False):
     """Route + dispatch + combine (identity experts) on the expert shapes, float32 and bfloat16 x
     (the router runs in float32 either way)."""
-    from . import reference
-    from .bench import Case
+    from .. import reference
+    from .harness import Case
     cases = []
     for name, T, H, _, E, k in EXPERT_SHAPES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -168,9 +168,9 @@ def moe_experts_cases(device: str, quick: bool = False):
     except ImportError:
         print("  [moe_experts] transformers >= 5 is not installed (pip install fastcore_ai[bench]); skipped")
         return []
-    from . import ops
-    from .bench import Case
-    from .integrations import transformers as fastcore_hf
+    from .. import ops
+    from .harness import Case
+    from ..integrations import transformers as fastcore_hf
     fastcore_hf.register()
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     implementations = ["fastcore_ai", "eager", "batched_mm", "grouped_mm"]

@@ -58,7 +58,7 @@ def _index_name(kind: str, M: int, nbits: int, nlist: int) -> str:
 def _pair(kind: str, M: int, nbits: int, nlist: int, d: int, metric: str, seed: int):
     """(name, ours, theirs): the two untrained indexes of one setting; theirs' k-means seeded with seed."""
     import faiss
-    from .search import IVFPQIndex, PQIndex
+    from ..search import IVFPQIndex, PQIndex
     fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
         ours = PQIndex(d, M, nbits, metric)
@@ -84,7 +84,7 @@ def _built(kind: str, M: int, nbits: int, nlist: int, d: int, nt: int, nb: int, 
     xt, xb, xq, gt = _dataset(d, nt, nb, nq, metric)
     # The first registered-op call of a process imports torch's op machinery (seconds, once); pay it
     # here so that the train/add times below compare the kernels.
-    from . import ops
+    from .. import ops
     ops.pq_encode(torch.zeros(1, 2), torch.zeros(1, 1, 2))
     name, ours, theirs = _pair(kind, M, nbits, nlist, d, metric, RECALL_SEEDS[0])
     _timed(f"{name} {metric} fastcore train", lambda: ours.train(torch.from_numpy(xt), seed=RECALL_SEEDS[0]))
@@ -153,7 +153,7 @@ def _case(kind, M, nbits, nlist, d, nt, nb, nq, metric, k, nprobe=None, threads=
     """One search row; threads = 1 pins both libraries to one thread (the issue asks for 1 and 2);
     None: the run's setting (--threads), read when the cases are made. nprobes: every nprobe the
     setting's rows use (the recall over seeds is reported for all of them at once)."""
-    from .bench import Case
+    from .harness import Case
     threads = threads or torch.get_num_threads()
     nprobes = tuple(nprobes) if nprobes else (nprobe,)
 

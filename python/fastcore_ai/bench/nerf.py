@@ -104,8 +104,8 @@ def render_cases(device: str, quick: bool = False, family: str = "nerf") -> List
 
 
 def _render_case(family: str, R: int, res: int, step: float, scene: str, shell: Optional[float]):
-    from . import nn as fnn
-    from .bench import Case
+    from .. import nn as fnn
+    from .harness import Case
 
     def setup():
         torch.manual_seed(0)
@@ -204,8 +204,8 @@ def saved_bytes(fn, *inputs) -> int:
 
 
 def render_backward_cases(device: str, quick: bool = False, family: str = "nerf") -> List:
-    from . import ops
-    from .bench import Case
+    from .. import ops
+    from .harness import Case
     if device != "cpu":
         return []
     R, n = (4096, 64) if quick else (65536, 64)
