@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NATIVE_BUILD := build-native
 
-.PHONY: demo test install native-test pytest gpu-check bench clean
+.PHONY: demo test install lint native-test pytest gpu-check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,14 @@ native-test:
 	cmake --build $(NATIVE_BUILD) -j $(JOBS)
 	ctest --test-dir $(NATIVE_BUILD) --output-on-failure
 
+# ruff (config in pyproject.toml: pyflakes and syntax errors) over the package, kernels, tests and benchmarks
+lint: install
+	$(PY) -m ruff check python triton_kernels tests benchmarks examples setup.py
+
 pytest: install
 	$(PY) -m pytest tests -q
 
-test: install native-test pytest
+test: install lint native-test pytest
 
 bench: install
 	$(PY) -m fastcore_ai bench

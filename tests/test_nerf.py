@@ -8,7 +8,7 @@ import torch
 
 import fastcore_ai
 from fastcore_ai import nn as fnn
-from fastcore_ai import ops, reference
+from fastcore_ai import ops
 from fastcore_ai.reference import nerf as ref
 
 from _helpers import BACKEND_DEVICES, backend_dtype_cases, relative_error, require_backend
@@ -336,7 +336,6 @@ def test_volume_render_sphere_opacity_is_analytic():
     o = torch.zeros(R, 3, dtype=torch.float64)
     o[:, 0] = -3.0
     o[:, 1] = torch.linspace(-0.95, 0.95, R, dtype=torch.float64) * radius
-    d = torch.tensor([1.0, 0, 0], dtype=torch.float64).expand(R, 3)
     b = o[:, 1]
     half = torch.sqrt(torch.clamp(radius ** 2 - b ** 2, min=0))
     t_in, t_out = 3.0 - half, 3.0 + half

@@ -7,7 +7,7 @@ import torch
 
 import fastcore_ai
 from fastcore_ai import backends, ops
-from fastcore_ai.ops._define import NATIVE_BACKENDS, REGISTRY
+from fastcore_ai.ops._define import REGISTRY
 
 from _examples import NOT_COMPILABLE, PUBLIC, REGISTERED
 

@@ -1,6 +1,5 @@
 """fastcore_ai.nn S4 layers: kernels against dense float64 oracles, the recurrent step reproduces the
 convolution (both modes), shapes/options, gradients flow, errors."""
-import math
 
 import pytest
 import torch

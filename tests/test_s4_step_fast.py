@@ -8,7 +8,6 @@ import torch
 
 from fastcore_ai import _native, nn as fnn, ops
 from fastcore_ai.ops import s4 as s4_ops
-from _helpers import require_backend
 
 
 def inputs(B=4, H=8, N=6, dtype=torch.complex64, seed=0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch

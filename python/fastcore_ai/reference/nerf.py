@@ -356,7 +356,7 @@ def volume_render_backward(grad_color: Tensor, grad_opacity: Tensor, grad_depth:
       ∂L/∂c_i = w_i g_C,   ∂L/∂σ_i = δ_i (T_{i+1} u_i − Σ_{j>i} w_j u_j)   for samples with T_i >= eps, else 0
     (∂w_j/∂σ_i = δ_i T_{i+1} for j = i, −δ_i w_j for j > i; samples after the stop have w = 0).
     """
-    R, S = packed_info.shape[0], sigmas.shape[0]
+    R = packed_info.shape[0]
     dtype, device = sigmas.dtype, sigmas.device
     counts = packed_info[:, 1]
     ray_of = torch.repeat_interleave(torch.arange(R, device=device), counts)
