@@ -8,17 +8,19 @@ The math of each op is written out in `fastcore_ai.reference.mux`.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+import sys
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends, reference
 from .._validation import _describe, check_bool, check_choice, check_int, check_tensor
-import importlib
+from ._define import define_op, native_impls, triton
 
-# the module, not the function `mux` the reference package star-exports under the same name
-ref = importlib.import_module("fastcore_ai.reference.mux")
+# The submodule fastcore_ai.reference.mux: the package attribute `reference.mux` is the function `mux` its
+# star-export binds over the submodule (so `from ..reference import mux` gives the function).
+reference_mux = sys.modules[reference.__name__ + ".mux"]
 
 __all__ = ["attention", "attention_with_lse", "mux", "demux", "MAX_HEAD_DIM", "MUX_MODES"]
 
@@ -27,11 +29,8 @@ MUX_MODES = ("hadamard", "ortho")
 _ATTENTION, _MUX, _DEMUX = "attention", "mux", "demux"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _LOW = frozenset({torch.float32, torch.bfloat16, torch.float16})
-
-
-def _triton_module():
-    from ..triton_kernels import mux as triton_mux
-    return triton_mux
+_FLOAT_SET = frozenset(_FLOATS)
+_MASK_DTYPES = _FLOAT_SET | {torch.bool}
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,12 +60,13 @@ backends.register_op(backends.OpTable(_DEMUX, ("triton", "cpu", "reference"), {
 }))
 
 
-# ---- attention: backend implementations ---------------------------------------------------------
+# ---- attention: the registered torch ops (forward -> (out, lse), and its backward) --------------
 
 def _attention_reference(q, k, v, attn_mask, key_padding_mask, causal, scale):
     acc = _acc_dtype(q.dtype)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
-    out, lse = ref.attention_with_lse(q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal, scale)
+    out, lse = reference_mux.attention_with_lse(q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal,
+                                                scale)
     return out.to(q.dtype), lse.to(acc)
 
 
@@ -74,30 +74,20 @@ def _attention_backward_reference(grad_out, q, k, v, out, lse, attn_mask, key_pa
                                   need_mask_grad):
     acc = _acc_dtype(q.dtype)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
-    *grads, grad_mask = ref.attention_backward(grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), mask,
-                                               key_padding_mask, causal, scale, need_mask_grad=need_mask_grad)
+    *grads, grad_mask = reference_mux.attention_backward(grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), mask,
+                                                         key_padding_mask, causal, scale,
+                                                         need_mask_grad=need_mask_grad)
     grad_mask = grad_mask.to(attn_mask.dtype) if need_mask_grad else q.new_empty((0,))
     return (*(g.to(q.dtype) for g in grads), grad_mask)
 
 
-def _attention_native(q, k, v, attn_mask, key_padding_mask, causal, scale):
-    return tuple(_native.native().mux_attention(q, k, v, attn_mask, key_padding_mask, causal, scale))
-
-
-def _attention_backward_native(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
-                               need_mask_grad):
-    return tuple(_native.native().mux_attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask,
-                                                         causal, scale, need_mask_grad))
-
-
-def _attention_triton(q, k, v, attn_mask, key_padding_mask, causal, scale):
-    return _triton_module().attention_forward(q, k, v, attn_mask, key_padding_mask, causal, scale)
+_attention_backward_triton_grads = triton("mux", "attention_backward")
 
 
 def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
                                need_mask_grad):
     # need_mask_grad is never True here: ops.attention rejects a differentiable mask for this backend
-    grads = _triton_module().attention_backward(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
+    grads = _attention_backward_triton_grads(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
     return (*grads, q.new_empty((0,)))
 
 
@@ -105,38 +95,14 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_paddi
 _MASK_GRAD_BACKENDS = ("cpu", "reference")
 
 
-_ATTENTION_IMPL: Dict[str, Callable] = {"cpu": _attention_native, "cuda": _attention_native,
-                                         "triton": _attention_triton, "reference": _attention_reference}
-_ATTENTION_BACKWARD_IMPL: Dict[str, Callable] = {
-    "cpu": _attention_backward_native, "cuda": _attention_backward_native, "triton": _attention_backward_triton,
-    "reference": _attention_backward_reference}
-
-
-@torch.library.custom_op("fastcore_ai::mux_attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  causal: bool, scale: float, backend: str) -> Tuple[Tensor, Tensor]:
-    return tuple(_ATTENTION_IMPL[backend](q, k, v, attn_mask, key_padding_mask, causal, scale))
-
-
-@_attention_op.register_fake
-def _attention_fake(q, k, v, attn_mask, key_padding_mask, causal, scale, backend):
-    B, H, Lq, D = q.shape
-    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=_acc_dtype(q.dtype))
-
-
-@torch.library.custom_op("fastcore_ai::mux_attention_backward", mutates_args=())
+@define_op("mux_attention_backward", impls={
+    **native_impls("mux_attention_backward", reference=_attention_backward_reference),
+    "triton": _attention_backward_triton})
 def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                            attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-                           need_mask_grad: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                           need_mask_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d attn_mask): the last is the additive mask's gradient in its shape and dtype when
     need_mask_grad (cpu and reference backends), else an empty tensor."""
-    return tuple(_ATTENTION_BACKWARD_IMPL[backend](grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal,
-                                                   scale, need_mask_grad))
-
-
-@_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, need_mask_grad,
-                             backend):
     grad_mask = (torch.empty(attn_mask.shape, dtype=attn_mask.dtype, device=attn_mask.device) if need_mask_grad
                  else q.new_empty((0,)))
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -155,14 +121,66 @@ def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
     need_mask_grad = bool(ctx.needs_input_grad[3])  # only ever True for an additive mask (bool has no grad)
     dq, dk, dv, dmask = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
-                                               ctx.causal, ctx.scale, need_mask_grad, ctx.backend)
+                                               ctx.causal, ctx.scale, need_mask_grad, backend=ctx.backend)
     return dq, dk, dv, (dmask if need_mask_grad else None), None, None, None, None
 
 
-_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+@define_op("mux_attention", impls=native_impls("mux_attention", triton_launcher=("mux", "attention_forward"),
+                                               reference=_attention_reference),
+           autograd=(_attention_setup_context, _attention_backward))
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                  causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    B, H, Lq, D = q.shape
+    return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=_acc_dtype(q.dtype))
 
 
-def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale):
+def _attention_valid(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int:
+    """The head size D when `_check_attention` would accept the call, decided without building any message
+    or broadcasting shapes (this runs per layer per token in a decode step); 0 sends the call through
+    `_check_attention`, whose full checks raise the error."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor) and causal.__class__ is bool):
+        return 0
+    dtype = q.dtype
+    if dtype not in _FLOAT_SET or k.dtype is not dtype or v.dtype is not dtype:
+        return 0
+    try:
+        B, H, Lq, D = q.shape
+        Bk, Hk, Lk, Dk = k.shape
+        Bv, Hv, Lv, Dv = v.shape
+    except ValueError:  # not 4-D
+        return 0
+    if (Bk != B or Bv != B or Hk != H or Hv != H or Dk != D or Dv != D or Lv != Lk
+            or not 1 <= D <= MAX_HEAD_DIM):
+        return 0
+    device = q.device
+    if k.device != device or v.device != device:
+        return 0
+    if scale is not None and (scale.__class__ not in (float, int) or not math.isfinite(scale)):
+        return 0
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor) or attn_mask.dtype not in _MASK_DTYPES or attn_mask.device != device:
+            return 0
+        # broadcastable to [B, H, Lq, Lk] without changing that shape (what torch.broadcast_shapes checks)
+        shape = attn_mask.shape
+        if len(shape) > 4:
+            return 0
+        for size, full in zip(reversed(shape), (Lk, Lq, H, B)):
+            if size != 1 and size != full:
+                return 0
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype is not torch.bool:
+            return 0
+        try:
+            Bp, Lp = key_padding_mask.shape
+        except ValueError:  # not 2-D
+            return 0
+        if Bp != B or Lp != Lk or key_padding_mask.device != device:
+            return 0
+    return D
+
+
+def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int:
+    """Every check, each with its message: raise on an invalid call, else return the head size D."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(_ATTENTION, name, t, ndim=4, dtypes=_FLOATS, layout="[B, H, L, D]")
     B, H, Lq, D = q.shape
@@ -205,6 +223,7 @@ def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale):
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: scale must be a finite float or None, got {scale!r}")
+    return D
 
 
 def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
@@ -212,18 +231,23 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[T
                        backend: str = "auto") -> Tuple[Tensor, Tensor]:
     """`attention` that also returns the log-sum-exp per query row, lse [B, H, Lq] (float32; float64 for
     float64 inputs; −inf for a fully masked row). lse is not differentiable."""
-    _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale)
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    return _attention_with_lse(q, k, v, attn_mask, key_padding_mask, causal, scale, backend)
+
+
+def _attention_with_lse(q, k, v, attn_mask, key_padding_mask, causal, scale, backend):
+    head_dim = (_attention_valid(q, k, v, attn_mask, key_padding_mask, causal, scale)
+                or _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
         attn_mask = attn_mask.to(q.dtype)
-    chosen = backends.select(_ATTENTION, backend, q.device, q.dtype, "q", head_dim=q.shape[3])
+    chosen = backends.select(_ATTENTION, backend, q.device, q.dtype, "q", head_dim=head_dim)
     if (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
             and chosen not in _MASK_GRAD_BACKENDS):
         raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask requires grad, and the gradient of an additive "
                          f"mask is computed by the {' and '.join(_MASK_GRAD_BACKENDS)} backends only; the chosen "
                          f"backend is {chosen!r} (pass backend='cpu' for CPU tensors, or detach the mask), got "
                          f"{_describe(attn_mask)}")
-    return _attention_op(q, k, v, attn_mask, key_padding_mask, causal, scale, chosen)
+    return _attention_op(q, k, v, attn_mask, key_padding_mask, causal, scale, backend=chosen)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
@@ -247,64 +271,27 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
     gradients), never NaN. Differentiable w.r.t. q, k, v (the backward recomputes the probabilities from
     the saved log-sum-exp).
     """
-    return attention_with_lse(q, k, v, attn_mask=attn_mask, key_padding_mask=key_padding_mask, causal=causal,
-                              scale=scale, backend=backend)[0]
+    return _attention_with_lse(q, k, v, attn_mask, key_padding_mask, causal, scale, backend)[0]
 
 
 # ---- mux ----------------------------------------------------------------------------------------
 
 def _mux_reference(x, keys, mode):
     acc = _acc_dtype(x.dtype)
-    return ref.mux(x.to(acc), keys.to(acc), MUX_MODES[mode]).to(x.dtype)
+    return reference_mux.mux(x.to(acc), keys.to(acc), MUX_MODES[mode]).to(x.dtype)
 
 
 def _mux_backward_reference(grad_out, x, keys, mode, need_keys):
     acc = _acc_dtype(x.dtype)
-    gx, gk = ref.mux_backward(grad_out.to(acc), x.to(acc), keys.to(acc), MUX_MODES[mode], need_keys)
-    return gx.to(x.dtype), gk.to(keys.dtype)
+    gx, gk = reference_mux.mux_backward(grad_out.to(acc), x.to(acc), keys.to(acc), MUX_MODES[mode], need_keys)
+    # contiguous like the fake (and the cpu/triton outputs): the einsums may return transposed strides
+    return gx.to(x.dtype).contiguous(), gk.to(keys.dtype).contiguous()
 
 
-def _mux_native(x, keys, mode):
-    return _native.native().mux_mux(x, keys, mode)
-
-
-def _mux_backward_native(grad_out, x, keys, mode, need_keys):
-    return tuple(_native.native().mux_mux_backward(grad_out, x, keys, mode, need_keys))
-
-
-def _mux_triton(x, keys, mode):
-    return _triton_module().mux_forward(x, keys, mode)
-
-
-def _mux_backward_triton(grad_out, x, keys, mode, need_keys):
-    return _triton_module().mux_backward(grad_out, x, keys, mode, need_keys)
-
-
-_MUX_IMPL = {"cpu": _mux_native, "triton": _mux_triton, "reference": _mux_reference}
-_MUX_BACKWARD_IMPL = {"cpu": _mux_backward_native, "triton": _mux_backward_triton,
-                      "reference": _mux_backward_reference}
-
-
-@torch.library.custom_op("fastcore_ai::mux_mux", mutates_args=())
-def _mux_op(x: Tensor, keys: Tensor, mode: int, backend: str) -> Tensor:
-    return _MUX_IMPL[backend](x, keys, mode)
-
-
-@_mux_op.register_fake
-def _mux_fake(x, keys, mode, backend):
-    B, N, L, d = x.shape
-    return x.new_empty((B, L, d))
-
-
-@torch.library.custom_op("fastcore_ai::mux_mux_backward", mutates_args=())
-def _mux_backward_op(grad_out: Tensor, x: Tensor, keys: Tensor, mode: int, need_keys: bool,
-                     backend: str) -> Tuple[Tensor, Tensor]:
-    gx, gk = _MUX_BACKWARD_IMPL[backend](grad_out, x, keys, mode, need_keys)
-    return gx, (gk if need_keys else keys.new_empty((0,)))
-
-
-@_mux_backward_op.register_fake
-def _mux_backward_fake(grad_out, x, keys, mode, need_keys, backend):
+# Every backend returns grad_keys as an empty tensor when not need_keys.
+@define_op("mux_mux_backward", impls=native_impls("mux_mux_backward", triton_launcher=("mux", "mux_backward"),
+                                                  reference=_mux_backward_reference, cuda=False))
+def _mux_backward_op(grad_out: Tensor, x: Tensor, keys: Tensor, mode: int, need_keys: bool) -> Tuple[Tensor, Tensor]:
     gk = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device) if need_keys else keys.new_empty((0,))
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), gk
 
@@ -318,11 +305,16 @@ def _mux_setup_context(ctx, inputs, output):
 def _mux_backward(ctx, grad_out):
     x, keys = ctx.saved_tensors
     need_keys = ctx.needs_input_grad[1]
-    gx, gk = _mux_backward_op(grad_out.contiguous(), x, keys, ctx.mode, need_keys, ctx.backend)
+    gx, gk = _mux_backward_op(grad_out.contiguous(), x, keys, ctx.mode, need_keys, backend=ctx.backend)
     return gx, (gk if need_keys else None), None, None
 
 
-_mux_op.register_autograd(_mux_backward, setup_context=_mux_setup_context)
+@define_op("mux_mux", impls=native_impls("mux_mux", triton_launcher=("mux", "mux_forward"), reference=_mux_reference,
+                                         cuda=False),
+           autograd=(_mux_setup_context, _mux_backward))
+def _mux_op(x: Tensor, keys: Tensor, mode: int) -> Tensor:
+    B, N, L, d = x.shape
+    return x.new_empty((B, L, d))
 
 
 def mux(x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optional[int] = None,
@@ -361,65 +353,29 @@ def mux(x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optio
         raise TypeError(f"fastcore_ai.ops.{_MUX}: keys must have x's dtype and device ({x.dtype}, {x.device}), "
                         f"got {_describe(keys)}")
     chosen = backends.select(_MUX, backend, x.device, x.dtype, "x")
-    return _mux_op(x, keys, MUX_MODES.index(mode), chosen)
+    return _mux_op(x, keys, MUX_MODES.index(mode), backend=chosen)
 
 
 # ---- demux --------------------------------------------------------------------------------------
 
 def _demux_reference(h, keys, weight, bias, norm_weight, norm_bias, eps):
     acc = _acc_dtype(h.dtype)
-    return ref.demux(*(t.to(acc) for t in (h, keys, weight, bias, norm_weight, norm_bias)), eps=eps).to(h.dtype)
+    return reference_mux.demux(*(t.to(acc) for t in (h, keys, weight, bias, norm_weight, norm_bias)),
+                               eps=eps).to(h.dtype)
 
 
 def _demux_backward_reference(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
     acc = _acc_dtype(h.dtype)
     inputs = (h, keys, weight, bias, norm_weight, norm_bias)
-    grads = ref.demux_backward(grad_out.to(acc), *(t.to(acc) for t in inputs), eps=eps)
+    grads = reference_mux.demux_backward(grad_out.to(acc), *(t.to(acc) for t in inputs), eps=eps)
     return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
-def _demux_native(h, keys, weight, bias, norm_weight, norm_bias, eps):
-    return _native.native().mux_demux(h, keys, weight, bias, norm_weight, norm_bias, eps)
-
-
-def _demux_backward_native(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
-    return tuple(_native.native().mux_demux_backward(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps))
-
-
-def _demux_triton(h, keys, weight, bias, norm_weight, norm_bias, eps):
-    return _triton_module().demux_forward(h, keys, weight, bias, norm_weight, norm_bias, eps)
-
-
-def _demux_backward_triton(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
-    return _triton_module().demux_backward(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps)
-
-
-_DEMUX_IMPL = {"cpu": _demux_native, "triton": _demux_triton, "reference": _demux_reference}
-_DEMUX_BACKWARD_IMPL = {"cpu": _demux_backward_native, "triton": _demux_backward_triton,
-                        "reference": _demux_backward_reference}
-
-
-@torch.library.custom_op("fastcore_ai::mux_demux", mutates_args=())
-def _demux_op(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-              eps: float, backend: str) -> Tensor:
-    return _DEMUX_IMPL[backend](h, index_keys, weight, bias, norm_weight, norm_bias, eps)
-
-
-@_demux_op.register_fake
-def _demux_fake(h, index_keys, weight, bias, norm_weight, norm_bias, eps, backend):
-    B, L, _ = h.shape
-    return h.new_empty((B * index_keys.shape[-2], L, weight.shape[0]))
-
-
-@torch.library.custom_op("fastcore_ai::mux_demux_backward", mutates_args=())
+@define_op("mux_demux_backward", impls=native_impls("mux_demux_backward", triton_launcher=("mux", "demux_backward"),
+                                                    reference=_demux_backward_reference, cuda=False))
 def _demux_backward_op(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor,
-                       norm_weight: Tensor, norm_bias: Tensor, eps: float,
-                       backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_DEMUX_BACKWARD_IMPL[backend](grad_out, h, index_keys, weight, bias, norm_weight, norm_bias, eps))
-
-
-@_demux_backward_op.register_fake
-def _demux_backward_fake(grad_out, h, index_keys, weight, bias, norm_weight, norm_bias, eps, backend):
+                       norm_weight: Tensor, norm_bias: Tensor,
+                       eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
                  for t in (h, index_keys, weight, bias, norm_weight, norm_bias))
 
@@ -431,11 +387,17 @@ def _demux_setup_context(ctx, inputs, output):
 
 
 def _demux_backward(ctx, grad_out):
-    grads = _demux_backward_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.eps, ctx.backend)
+    grads = _demux_backward_op(grad_out.contiguous(), *ctx.saved_tensors, ctx.eps, backend=ctx.backend)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None, None)
 
 
-_demux_op.register_autograd(_demux_backward, setup_context=_demux_setup_context)
+@define_op("mux_demux", impls=native_impls("mux_demux", triton_launcher=("mux", "demux_forward"),
+                                           reference=_demux_reference, cuda=False),
+           autograd=(_demux_setup_context, _demux_backward))
+def _demux_op(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
+              eps: float) -> Tensor:
+    B, L, _ = h.shape
+    return h.new_empty((B * index_keys.shape[-2], L, weight.shape[0]))
 
 
 def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, *,
@@ -476,4 +438,4 @@ def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weig
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"fastcore_ai.ops.{_DEMUX}: eps must be a float > 0, got {eps!r}")
     chosen = backends.select(_DEMUX, backend, h.device, h.dtype, "h")
-    return _demux_op(h, index_keys, weight, bias, norm_weight, norm_bias, float(eps), chosen)
+    return _demux_op(h, index_keys, weight, bias, norm_weight, norm_bias, float(eps), backend=chosen)

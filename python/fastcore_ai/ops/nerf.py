@@ -28,6 +28,7 @@ from torch import Tensor
 from .. import _native, backends
 from .._validation import _describe, check_bool, check_int, check_tensor
 from ..reference import nerf as _ref
+from ._define import define_op, native_impls
 
 __all__ = ["ray_aabb_intersect", "occupancy_grid_update", "ray_march", "volume_render", "composite_blocks",
            "RayAabbHits", "PackedSamples", "RenderOutput", "MAX_GRID_LEVELS"]
@@ -140,30 +141,26 @@ def _native_mod():
     return _native.native()
 
 
-def _triton_mod():
-    from ..triton_kernels import nerf as triton_nerf
-    return triton_nerf
+def _checked(check: Callable, impls: Dict[str, Callable]) -> Dict[str, Callable]:
+    """`impls` with the op's data check run first (inside the registered op, so the public function traces)."""
+    def wrap(function: Callable) -> Callable:
+        def call(*args):
+            check(*args)
+            return function(*args)
+        call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
+        return call
+    return {backend: wrap(function) for backend, function in impls.items()}
 
 
 # ---- 1. ray_aabb_intersect ------------------------------------------------------------------------------
 
-_AABB_IMPL: Dict[str, Callable] = {
-    "cpu": lambda o, d, b: tuple(_native_mod().nerf_ray_aabb_intersect(o, d, b)),
-    "cuda": lambda o, d, b: tuple(_native_mod().nerf_ray_aabb_intersect(o, d, b)),
-    "triton": lambda o, d, b: _triton_mod().ray_aabb_intersect(o, d, b),
-    "reference": _ref.ray_aabb_intersect,
-}
-
-
-@torch.library.custom_op("fastcore_ai::nerf_ray_aabb_intersect", mutates_args=())
-def _aabb_op(rays_o: Tensor, rays_d: Tensor, aabbs: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _check_aabb_values(rays_o, rays_d, aabbs):
     _check_ray_values(_AABB, rays_o, rays_d)
-    near, far, hit = _AABB_IMPL[backend](rays_o, rays_d, aabbs)
-    return near, far, hit
 
 
-@_aabb_op.register_fake
-def _aabb_fake(rays_o, rays_d, aabbs, backend):
+@define_op("nerf_ray_aabb_intersect", impls=_checked(_check_aabb_values, native_impls(
+    "nerf_ray_aabb_intersect", triton_launcher=("nerf", "ray_aabb_intersect"), reference=_ref.ray_aabb_intersect)))
+def _aabb_op(rays_o: Tensor, rays_d: Tensor, aabbs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     shape = (rays_o.shape[0], aabbs.shape[0])
     return rays_o.new_empty(shape), rays_o.new_empty(shape), rays_o.new_empty(shape, dtype=torch.bool)
 
@@ -183,31 +180,22 @@ def ray_aabb_intersect(rays_o: Tensor, rays_d: Tensor, aabbs: Tensor, *, backend
         raise ValueError(_err(_AABB, f"aabbs must have shape [A, 6] (x0, y0, z0, x1, y1, z1), got {_describe(aabbs)}"))
     _same(_AABB, "aabbs", aabbs, "rays_o", rays_o)
     chosen = backends.select(_AABB, backend, rays_o.device, rays_o.dtype, "rays_o")
-    return RayAabbHits(*_aabb_op(rays_o, rays_d, aabbs, chosen))
+    return RayAabbHits(*_aabb_op(rays_o, rays_d, aabbs, backend=chosen))
 
 
 # ---- 2. occupancy_grid_update ---------------------------------------------------------------------------
 
-def _grid_native(density, cell_indices, values, decay, threshold):
-    return tuple(_native_mod().nerf_occupancy_grid_update(density, cell_indices, values, decay, threshold))
-
-
-_GRID_IMPL: Dict[str, Callable] = {"cpu": _grid_native, "cuda": _grid_native, "reference": _ref.occupancy_grid_update}
-
-
-@torch.library.custom_op("fastcore_ai::nerf_occupancy_grid_update", mutates_args=())
-def _grid_op(density: Tensor, cell_indices: Tensor, values: Tensor, decay: float, threshold: float,
-             backend: str) -> Tuple[Tensor, Tensor]:
+def _check_grid_values(density, cell_indices, values, decay, threshold):
     if cell_indices.numel():
         bad = ((cell_indices < 0) | (cell_indices >= density.shape[0])).any()
         if bool(bad):
             raise ValueError(_err(_GRID, f"cell_indices must lie in [0, N) = [0, {density.shape[0]})"))
-    out, bits = _GRID_IMPL[backend](density, cell_indices, values, decay, threshold)
-    return out, bits
 
 
-@_grid_op.register_fake
-def _grid_fake(density, cell_indices, values, decay, threshold, backend):
+@define_op("nerf_occupancy_grid_update", impls=_checked(_check_grid_values, native_impls(
+    "nerf_occupancy_grid_update", reference=_ref.occupancy_grid_update)))
+def _grid_op(density: Tensor, cell_indices: Tensor, values: Tensor, decay: float,
+             threshold: float) -> Tuple[Tensor, Tensor]:
     n = density.shape[0]
     return density.new_empty((n,)), density.new_empty(((n + 7) // 8,), dtype=torch.uint8)
 
@@ -236,32 +224,20 @@ def occupancy_grid_update(density: Tensor, cell_indices: Tensor, values: Tensor,
     if not 0.0 <= decay <= 1.0:
         raise ValueError(_err(_GRID, f"decay must satisfy 0 <= decay <= 1, got {decay}"))
     chosen = backends.select(_GRID, backend, density.device, density.dtype, "density")
-    return _grid_op(density, cell_indices, values, float(decay), float(threshold), chosen)
+    return _grid_op(density, cell_indices, values, float(decay), float(threshold), backend=chosen)
 
 
 # ---- 3. ray_march --------------------------------------------------------------------------------------
 
-def _march_native(o, d, aabb, bits, res, levels, near, far, step, cone, max_samples, u):
-    return tuple(_native_mod().nerf_ray_march(o, d, aabb, bits, res, levels, near, far, step, cone, max_samples, u))
+def _check_march_values(rays_o, rays_d, *rest):
+    _check_ray_values(_MARCH, rays_o, rays_d)
 
 
-_MARCH_IMPL: Dict[str, Callable] = {"cpu": _march_native, "cuda": _march_native, "reference": _ref.ray_march}
-
-
-@torch.library.custom_op("fastcore_ai::nerf_ray_march", mutates_args=())
+@define_op("nerf_ray_march", impls=_checked(_check_march_values, native_impls("nerf_ray_march",
+                                                                              reference=_ref.ray_march)))
 def _march_op(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, resolution: int, levels: int,
               near: float, far: float, step_size: float, cone_angle: float, max_samples: int,
-              jitter_u: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    _check_ray_values(_MARCH, rays_o, rays_d)
-    ray_indices, t_starts, t_ends, packed_info = _MARCH_IMPL[backend](rays_o, rays_d, aabb, bitfield, resolution, levels,
-                                                                      near, far, step_size, cone_angle, max_samples,
-                                                                      jitter_u)
-    return ray_indices, t_starts, t_ends, packed_info
-
-
-@_march_op.register_fake
-def _march_fake(rays_o, rays_d, aabb, bitfield, resolution, levels, near, far, step_size, cone_angle, max_samples,
-                jitter_u, backend):
+              jitter_u: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     num_samples = torch.library.get_ctx().new_dynamic_size()  # S: data-dependent
     R = rays_o.shape[0]
     return (rays_o.new_empty((num_samples,), dtype=torch.int64), rays_o.new_empty((num_samples,)),
@@ -321,81 +297,43 @@ def ray_march(rays_o: Tensor, rays_d: Tensor, grid, near: float = 0.0, far: floa
     if jitter:
         u = torch.rand(rays_o.shape[0], generator=generator, dtype=rays_o.dtype, device=rays_o.device)
     return PackedSamples(*_march_op(rays_o, rays_d, aabb, bits, res, levels, float(near), float(far),
-                                    float(step_size), float(cone_angle), max_samples_per_ray, u, chosen))
+                                    float(step_size), float(cone_angle), max_samples_per_ray, u, backend=chosen))
 
 
 # ---- 4. volume_render ----------------------------------------------------------------------------------
-
-def _render_native(sigmas, rgbs, t_starts, t_ends, packed_info, eps, need_weights):
-    return tuple(_native_mod().nerf_volume_render(sigmas, rgbs, t_starts, t_ends, packed_info, eps, need_weights))
-
 
 def _render_reference(sigmas, rgbs, t_starts, t_ends, packed_info, eps, need_weights):
     color, opacity, depth, weights = _ref.volume_render(sigmas, rgbs, t_starts, t_ends, packed_info, eps)
     return color, opacity, depth, (weights if need_weights else weights.new_empty((0,)))
 
 
-def _render_triton(sigmas, rgbs, t_starts, t_ends, packed_info, eps, need_weights):
-    return _triton_mod().volume_render(sigmas, rgbs, t_starts, t_ends, packed_info, eps, need_weights)
-
-
-def _render_backward_native(grads, saved, eps):
-    g_color, g_opacity, g_depth, g_weights = grads
-    sigmas, rgbs, t_starts, t_ends, packed_info, color, opacity, depth = saved
-    return tuple(_native_mod().nerf_volume_render_backward(g_color, g_opacity, g_depth, g_weights, sigmas, rgbs,
-                                                           t_starts, t_ends, packed_info, color, opacity, depth, eps))
-
-
-def _render_backward_reference(grads, saved, eps):
-    g_color, g_opacity, g_depth, g_weights = grads
-    return _ref.volume_render_backward(g_color, g_opacity, g_depth, g_weights, *saved[:5], eps)
-
-
-def _render_backward_triton(grads, saved, eps):
-    g_color, g_opacity, g_depth, g_weights = grads
-    return _triton_mod().volume_render_backward(g_color, g_opacity, g_depth, g_weights, *saved, eps)
-
-
-_RENDER_IMPL: Dict[str, Callable] = {"cpu": _render_native, "cuda": _render_native, "triton": _render_triton,
-                                     "reference": _render_reference}
-_RENDER_BACKWARD_IMPL: Dict[str, Callable] = {"cpu": _render_backward_native, "cuda": _render_backward_native,
-                                              "triton": _render_backward_triton,
-                                              "reference": _render_backward_reference}
-
-
-@torch.library.custom_op("fastcore_ai::nerf_volume_render", mutates_args=())
-def _render_op(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
-               early_stop_eps: float, need_weights: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(color [R, 3], opacity [R], depth [R], weights [S] or [0])."""
+def _check_render_values(sigmas, rgbs, t_starts, t_ends, packed_info, eps, need_weights):
     _check_packed_info(_RENDER, packed_info, sigmas.shape[0])
-    color, opacity, depth, weights = _RENDER_IMPL[backend](sigmas, rgbs, t_starts, t_ends, packed_info,
-                                                           early_stop_eps, need_weights)
-    return color, opacity, depth, weights
 
 
-@_render_op.register_fake
-def _render_fake(sigmas, rgbs, t_starts, t_ends, packed_info, early_stop_eps, need_weights, backend):
-    R = packed_info.shape[0]
-    return (sigmas.new_empty((R, 3)), sigmas.new_empty((R,)), sigmas.new_empty((R,)),
-            sigmas.new_empty((sigmas.shape[0] if need_weights else 0,)))
+def _render_backward_reference(g_color, g_opacity, g_depth, g_weights, sigmas, rgbs, t_starts, t_ends, packed_info,
+                               color, opacity, depth, eps):
+    return _ref.volume_render_backward(g_color, g_opacity, g_depth, g_weights, sigmas, rgbs, t_starts, t_ends,
+                                       packed_info, eps)
 
 
-@torch.library.custom_op("fastcore_ai::nerf_volume_render_backward", mutates_args=())
+def _contiguous_grads(impls: Dict[str, Callable]) -> Dict[str, Callable]:
+    """`impls` called with contiguous incoming gradients (autograd may hand expanded or strided ones)."""
+    def wrap(function: Callable) -> Callable:
+        def call(g_color, g_opacity, g_depth, g_weights, *saved):
+            return function(g_color.contiguous(), g_opacity.contiguous(), g_depth.contiguous(),
+                            None if g_weights is None else g_weights.contiguous(), *saved)
+        call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
+        return call
+    return {backend: wrap(function) for backend, function in impls.items()}
+
+
+@define_op("nerf_volume_render_backward", impls=_contiguous_grads(native_impls(
+    "nerf_volume_render_backward", triton_launcher=("nerf", "volume_render_backward"),
+    reference=_render_backward_reference)))
 def _render_backward_op(grad_color: Tensor, grad_opacity: Tensor, grad_depth: Tensor, grad_weights: Optional[Tensor],
                         sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
-                        color: Tensor, opacity: Tensor, depth: Tensor, early_stop_eps: float,
-                        backend: str) -> Tuple[Tensor, Tensor]:
-    saved = (sigmas, rgbs, t_starts, t_ends, packed_info, color, opacity, depth)
-    grad_s, grad_c = _RENDER_BACKWARD_IMPL[backend]((grad_color.contiguous(), grad_opacity.contiguous(),
-                                                     grad_depth.contiguous(),
-                                                     None if grad_weights is None else grad_weights.contiguous()),
-                                                    saved, early_stop_eps)
-    return grad_s, grad_c
-
-
-@_render_backward_op.register_fake
-def _render_backward_fake(grad_color, grad_opacity, grad_depth, grad_weights, sigmas, rgbs, t_starts, t_ends,
-                          packed_info, color, opacity, depth, early_stop_eps, backend):
+                        color: Tensor, opacity: Tensor, depth: Tensor, early_stop_eps: float) -> Tuple[Tensor, Tensor]:
     return torch.empty_like(sigmas, memory_format=torch.contiguous_format), \
         torch.empty_like(rgbs, memory_format=torch.contiguous_format)
 
@@ -417,11 +355,19 @@ def _render_backward(ctx, g_color, g_opacity, g_depth, g_weights):
     if not ctx.need_weights:
         g_weights = None
     grad_s, grad_c = _render_backward_op(g_color, g_opacity, g_depth, g_weights, sigmas, rgbs, t_starts, t_ends,
-                                         packed_info, color, opacity, depth, ctx.eps, ctx.backend)
+                                         packed_info, color, opacity, depth, ctx.eps, backend=ctx.backend)
     return grad_s, grad_c, None, None, None, None, None, None
 
 
-_render_op.register_autograd(_render_backward, setup_context=_render_setup_context)
+@define_op("nerf_volume_render", impls=_checked(_check_render_values, native_impls(
+    "nerf_volume_render", triton_launcher=("nerf", "volume_render"), reference=_render_reference)),
+           autograd=(_render_setup_context, _render_backward))
+def _render_op(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
+               early_stop_eps: float, need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(color [R, 3], opacity [R], depth [R], weights [S] or [0])."""
+    R = packed_info.shape[0]
+    return (sigmas.new_empty((R, 3)), sigmas.new_empty((R,)), sigmas.new_empty((R,)),
+            sigmas.new_empty((sigmas.shape[0] if need_weights else 0,)))
 
 
 def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
@@ -465,7 +411,7 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
         _same(_RENDER, "background", background, "sigmas", sigmas, dtype=False)
     chosen = backends.select(_RENDER, backend, sigmas.device, sigmas.dtype, "sigmas")
     color, opacity, depth, weights = _render_op(sigmas, rgbs, t_starts, t_ends, packed_info, float(early_stop_eps),
-                                                return_weights, chosen)
+                                                return_weights, backend=chosen)
     if background is not None:
         color = color + (1.0 - opacity)[:, None] * background.to(color.dtype)
     return RenderOutput(color, opacity, depth, weights if return_weights else None)
@@ -528,35 +474,11 @@ def render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor,
 
 # ---- 5. composite_blocks ------------------------------------------------------------------------------
 
-def _composite_native(colors, camera, centers, visibility, power, threshold, radius):
-    return tuple(_native_mod().nerf_composite_blocks(colors, camera, centers, visibility, power, threshold, radius))
-
-
 def _composite_reference(colors, camera, centers, visibility, power, threshold, radius):
     w = _ref.composite_blocks_weights(camera, centers, visibility, power, threshold,
                                       None if radius == math.inf else radius)
     w = w.to(colors.dtype)
     return (w[:, :, None] * colors).sum(0), w
-
-
-_COMPOSITE_IMPL: Dict[str, Callable] = {
-    "cpu": _composite_native, "cuda": _composite_native, "reference": _composite_reference,
-    "triton": lambda *args: _triton_mod().composite_blocks(*args),
-}
-
-
-@torch.library.custom_op("fastcore_ai::nerf_composite_blocks", mutates_args=())
-def _composite_op(colors: Tensor, camera_pos: Tensor, block_centers: Tensor, visibility: Tensor, power: float,
-                  threshold: float, radius: float, backend: str) -> Tuple[Tensor, Tensor]:
-    """(out [R, 3], weights [K, R])."""
-    out, weights = _COMPOSITE_IMPL[backend](colors, camera_pos, block_centers, visibility, power, threshold, radius)
-    return out, weights
-
-
-@_composite_op.register_fake
-def _composite_fake(colors, camera_pos, block_centers, visibility, power, threshold, radius, backend):
-    K, R = colors.shape[0], colors.shape[1]
-    return colors.new_empty((R, 3)), colors.new_empty((K, R))
 
 
 def _composite_setup_context(ctx, inputs, output):
@@ -570,7 +492,14 @@ def _composite_backward(ctx, grad_out, grad_weights):
     return grad_colors, None, None, None, None, None, None, None
 
 
-_composite_op.register_autograd(_composite_backward, setup_context=_composite_setup_context)
+@define_op("nerf_composite_blocks", impls=native_impls(
+    "nerf_composite_blocks", triton_launcher=("nerf", "composite_blocks"), reference=_composite_reference),
+           autograd=(_composite_setup_context, _composite_backward))
+def _composite_op(colors: Tensor, camera_pos: Tensor, block_centers: Tensor, visibility: Tensor, power: float,
+                  threshold: float, radius: float) -> Tuple[Tensor, Tensor]:
+    """(out [R, 3], weights [K, R])."""
+    K, R = colors.shape[0], colors.shape[1]
+    return colors.new_empty((R, 3)), colors.new_empty((K, R))
 
 
 def composite_blocks(colors: Tensor, camera_pos: Tensor, block_centers: Tensor, visibility: Tensor,
@@ -615,5 +544,6 @@ def composite_blocks(colors: Tensor, camera_pos: Tensor, block_centers: Tensor, 
     check_bool(_COMPOSITE, "return_weights", return_weights)
     chosen = backends.select(_COMPOSITE, backend, colors.device, colors.dtype, "colors")
     out, weights = _composite_op(colors, camera_pos, block_centers, visibility, float(power),
-                                 float(visibility_threshold), math.inf if radius is None else float(radius), chosen)
+                                 float(visibility_threshold), math.inf if radius is None else float(radius),
+                                 backend=chosen)
     return (out, weights) if return_weights else out
