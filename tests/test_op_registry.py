@@ -105,6 +105,15 @@ def test_direct_path_is_not_taken_when_something_intercepts():
     assert not op.direct_call_allowed((logits, 2, True))          # autograd needed
     with torch.no_grad():
         assert op.direct_call_allowed((logits, 2, True))
+
+        class Subclass(torch.Tensor):
+            pass
+
+        assert not op.direct_call_allowed((logits.detach().as_subclass(Subclass), 2, True))
+        attention = REGISTRY["mux_attention"]                       # an Optional[Tensor] position counts too
+        q = torch.randn(1, 1, 2, 4)
+        assert attention.direct_call_allowed((q, q, q, None, None, False, 0.5))
+        assert not attention.direct_call_allowed((q, q, q, q.new_zeros(2, 2).as_subclass(Subclass), None, False, 0.5))
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Spy(TorchDispatchMode):

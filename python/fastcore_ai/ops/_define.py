@@ -34,7 +34,6 @@ from .. import _native
 NATIVE_BACKENDS = ("cpu", "cuda")
 # nn.Parameter adds no __torch_function__ / __torch_dispatch__ behaviour
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-_SCALARS = (int, float, bool, str, type(None))
 
 REGISTRY: Dict[str, "DefinedOp"] = {}
 
@@ -96,6 +95,14 @@ class DefinedOp:
         schema = f"{arguments}{', ' if arguments != '(' else ''}str backend) ->{returns}"
         parameters = list(prototype.__code__.co_varnames[:prototype.__code__.co_argcount])
         self._mutated = tuple(parameters.index(a) for a in mutates_args)
+        kinds = [str(a.type) for a in torch._C.parse_schema(f"{name}{schema}").arguments][:-1]  # no backend
+        self._tensor_positions = tuple(i for i, kind in enumerate(kinds) if kind in ("Tensor", "Optional[Tensor]"))
+        self._tensor_list_positions = tuple(i for i, kind in enumerate(kinds)
+                                            if kind in ("List[Tensor]", "List[Optional[Tensor]]"))
+        unknown = [kind for kind in kinds if "Tensor" in kind and kind not in
+                   ("Tensor", "Optional[Tensor]", "List[Tensor]", "List[Optional[Tensor]]")]
+        if unknown:
+            raise TypeError(f"define_op({name!r}): argument types {unknown} are not understood by the direct path")
         implementations = self.impls
 
         def dispatch(*args):
@@ -115,22 +122,20 @@ class DefinedOp:
         return tuple(self.impls)
 
     def direct_call_allowed(self, args) -> bool:
-        """True when the registered op would only run impls[backend](*args): see the module docstring."""
+        """True when the registered op would only run impls[backend](*args): see the module docstring.
+        Only the schema's tensor arguments are looked at (the others are ints, floats, bools, strings)."""
         needs_grad = self.differentiable and torch.is_grad_enabled()
-        for value in args:
-            kind = type(value)
-            if kind in _PLAIN_TENSORS:
-                if needs_grad and value.requires_grad:
-                    return False
-            elif kind in (list, tuple):
-                for item in value:
-                    if type(item) in _PLAIN_TENSORS:
-                        if needs_grad and item.requires_grad:
-                            return False
-                    elif not isinstance(item, _SCALARS):
-                        return False
-            elif not isinstance(value, _SCALARS) and not isinstance(value, (torch.dtype, torch.device)):
+        plain = _PLAIN_TENSORS
+        for position in self._tensor_positions:
+            value = args[position]
+            if value is None:
+                continue
+            if type(value) not in plain or (needs_grad and value.requires_grad):
                 return False
+        for position in self._tensor_list_positions:
+            for value in args[position]:
+                if value is not None and (type(value) not in plain or (needs_grad and value.requires_grad)):
+                    return False
         return _nothing_intercepts()
 
     def __call__(self, *args, backend: str):
