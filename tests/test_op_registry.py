@@ -73,8 +73,10 @@ def _assert_bitwise(a, b, where):
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), where
         assert a.shape == b.shape and a.dtype == b.dtype, where
-        assert torch.equal(a.view(torch.uint8) if a.is_complex() else a, b.view(torch.uint8) if b.is_complex() else b) \
-            or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())), where
+        if a.is_complex():
+            a, b = torch.view_as_real(a.resolve_conj()), torch.view_as_real(b.resolve_conj())
+        same_nan = a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(a, b) or (same_nan and torch.equal(a.nan_to_num(), b.nan_to_num())), where
         return
     if isinstance(a, (list, tuple)):
         assert len(a) == len(b), where

@@ -14,7 +14,6 @@ follow PyTorch's complex convention. The nodes z of `cauchy` are constants (no g
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -23,6 +22,7 @@ from torch import Tensor
 from .. import _native, backends
 from .._validation import _describe, check_bool, check_int, check_size, check_tensor
 from ..reference import s4 as _ref
+from ._define import NATIVE_BACKENDS, define_op, native, native_impls, triton
 
 __all__ = ["cauchy", "vandermonde", "fft_conv", "fft_conv_size", "ssm_step", "MAX_STATES"]
 
@@ -50,59 +50,26 @@ backends.register_op(backends.standard_table(_FFT))
 backends.register_op(_complex_table(_STEP))
 
 
-_NATIVE = None
-
-
-def _native_module():
-    """fastcore_ai._C (raises the build hint when missing); kept once loaded, as the per-step path calls it."""
-    global _NATIVE
-    if _NATIVE is None:
-        _NATIVE = _native.native()
-    return _NATIVE
-
-
-def _triton():
-    from ..triton_kernels import s4 as triton_s4
-    return triton_s4
+def _contiguous_grad(impls: Dict[str, Callable], contiguous_outputs: bool = False) -> Dict[str, Callable]:
+    """A backward op's impls, each given a contiguous incoming gradient (the kernels index it densely);
+    with contiguous_outputs, each returned gradient made contiguous too (the schema's fake promises it)."""
+    def adapt(function):
+        if contiguous_outputs:
+            def call(grad, *args):
+                return tuple(t.contiguous() for t in function(grad.contiguous(), *args))
+        else:
+            def call(grad, *args):
+                return function(grad.contiguous(), *args)
+        call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
+        return call
+    return {backend: adapt(function) for backend, function in impls.items()}
 
 
 # ---- cauchy --------------------------------------------------------------------------------------
 
-def _cauchy_impl(backend: str, v, z, w, conj_symmetric):
-    if backend in ("cpu", "cuda"):
-        return _native_module().s4_cauchy(v, z, w, conj_symmetric)
-    if backend == "triton":
-        return _triton().cauchy(v, z, w, conj_symmetric)
-    return _ref.cauchy(v, z, w, conj_symmetric)
-
-
-def _cauchy_backward_impl(backend: str, grad, v, z, w, conj_symmetric):
-    if backend in ("cpu", "cuda"):
-        return tuple(_native_module().s4_cauchy_backward(grad, v, z, w, conj_symmetric))
-    if backend == "triton":
-        return _triton().cauchy_backward(grad, v, z, w, conj_symmetric)
-    return _ref.cauchy_backward(grad, v, z, w, conj_symmetric)
-
-
-@torch.library.custom_op("fastcore_ai::s4_cauchy", mutates_args=())
-def _cauchy_op(v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool, backend: str) -> Tensor:
-    return _cauchy_impl(backend, v, z, w, conj_symmetric)
-
-
-@_cauchy_op.register_fake
-def _cauchy_fake(v, z, w, conj_symmetric, backend):
-    return v.new_empty((v.shape[0], z.shape[0]))
-
-
-@torch.library.custom_op("fastcore_ai::s4_cauchy_backward", mutates_args=())
-def _cauchy_backward_op(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool,
-                        backend: str) -> Tuple[Tensor, Tensor]:
-    gv, gw = _cauchy_backward_impl(backend, grad.contiguous(), v, z, w, conj_symmetric)
-    return gv, gw
-
-
-@_cauchy_backward_op.register_fake
-def _cauchy_backward_fake(grad, v, z, w, conj_symmetric, backend):
+@define_op("s4_cauchy_backward", impls=_contiguous_grad(native_impls(
+    "s4_cauchy_backward", triton_launcher=("s4", "cauchy_backward"), reference=_ref.cauchy_backward)))
+def _cauchy_backward_op(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tuple[Tensor, Tensor]:
     return v.new_empty(v.shape), v.new_empty(v.shape)
 
 
@@ -114,11 +81,14 @@ def _cauchy_setup(ctx, inputs, output):
 
 def _cauchy_backward(ctx, grad):
     v, z, w = ctx.saved_tensors
-    gv, gw = _cauchy_backward_op(grad, v, z, w, ctx.conj_symmetric, ctx.backend)
+    gv, gw = _cauchy_backward_op(grad, v, z, w, ctx.conj_symmetric, backend=ctx.backend)
     return gv, None, gw, None, None
 
 
-_cauchy_op.register_autograd(_cauchy_backward, setup_context=_cauchy_setup)
+@define_op("s4_cauchy", impls=native_impls("s4_cauchy", triton_launcher=("s4", "cauchy"), reference=_ref.cauchy),
+           autograd=(_cauchy_setup, _cauchy_backward))
+def _cauchy_op(v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tensor:
+    return v.new_empty((v.shape[0], z.shape[0]))
 
 
 def _same_device(op, name, value, ref_name, ref):
@@ -151,45 +121,14 @@ def cauchy(v: Tensor, z: Tensor, w: Tensor, *, conj_symmetric: bool = True, back
         raise ValueError(f"fastcore_ai.ops.{_CAUCHY}: z must not require grad (the nodes are constants; gradients "
                          "flow to v and w only), got z.requires_grad=True")
     chosen = backends.select(_CAUCHY, backend, v.device, v.dtype, "v")
-    return _cauchy_op(v, z, w, conj_symmetric, chosen)
+    return _cauchy_op(v, z, w, conj_symmetric, backend=chosen)
 
 
 # ---- vandermonde ---------------------------------------------------------------------------------
 
-def _vand_impl(backend, v, x, L):
-    if backend in ("cpu", "cuda"):
-        return _native_module().s4_vandermonde(v, x, L)
-    if backend == "triton":
-        return _triton().vandermonde(v, x, L)
-    return _ref.vandermonde(v, x, L)
-
-
-def _vand_backward_impl(backend, grad, v, x):
-    if backend in ("cpu", "cuda"):
-        return tuple(_native_module().s4_vandermonde_backward(grad, v, x))
-    if backend == "triton":
-        return _triton().vandermonde_backward(grad, v, x)
-    return _ref.vandermonde_backward(grad, v, x)
-
-
-@torch.library.custom_op("fastcore_ai::s4_vandermonde", mutates_args=())
-def _vand_op(v: Tensor, x: Tensor, L: int, backend: str) -> Tensor:
-    return _vand_impl(backend, v, x, L)
-
-
-@_vand_op.register_fake
-def _vand_fake(v, x, L, backend):
-    return v.new_empty((v.shape[0], L), dtype=v.real.dtype if v.is_complex() else v.dtype)
-
-
-@torch.library.custom_op("fastcore_ai::s4_vandermonde_backward", mutates_args=())
-def _vand_backward_op(grad: Tensor, v: Tensor, x: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    gv, gx = _vand_backward_impl(backend, grad.contiguous(), v, x)
-    return gv, gx
-
-
-@_vand_backward_op.register_fake
-def _vand_backward_fake(grad, v, x, backend):
+@define_op("s4_vandermonde_backward", impls=_contiguous_grad(native_impls(
+    "s4_vandermonde_backward", triton_launcher=("s4", "vandermonde_backward"), reference=_ref.vandermonde_backward)))
+def _vand_backward_op(grad: Tensor, v: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     return v.new_empty(v.shape), v.new_empty(v.shape)
 
 
@@ -201,11 +140,15 @@ def _vand_setup(ctx, inputs, output):
 
 def _vand_backward(ctx, grad):
     v, x = ctx.saved_tensors
-    gv, gx = _vand_backward_op(grad, v, x, ctx.backend)
+    gv, gx = _vand_backward_op(grad, v, x, backend=ctx.backend)
     return gv, gx, None, None
 
 
-_vand_op.register_autograd(_vand_backward, setup_context=_vand_setup)
+@define_op("s4_vandermonde", impls=native_impls("s4_vandermonde", triton_launcher=("s4", "vandermonde"),
+                                                reference=_ref.vandermonde),
+           autograd=(_vand_setup, _vand_backward))
+def _vand_op(v: Tensor, x: Tensor, L: int) -> Tensor:
+    return v.new_empty((v.shape[0], L), dtype=v.real.dtype if v.is_complex() else v.dtype)
 
 
 def vandermonde(v: Tensor, x: Tensor, L: int, *, backend: str = "auto") -> Tensor:
@@ -228,48 +171,28 @@ def vandermonde(v: Tensor, x: Tensor, L: int, *, backend: str = "auto") -> Tenso
     check_int(_VAND, "L", L, 0, MAX_VANDERMONDE_LENGTH, "the phase Im(x)·l is formed exactly in double below 2^29")
     _same_device(_VAND, "x", x, "v", v)
     chosen = backends.select(_VAND, backend, v.device, v.dtype, "v")
-    return _vand_op(v, x, L, chosen)
+    return _vand_op(v, x, L, backend=chosen)
 
 
 # ---- fft_conv ------------------------------------------------------------------------------------
 
-def _fft_impl(backend, u, k, D, n):
-    if backend in ("cpu", "cuda"):
-        return _native_module().s4_fft_conv(u, k, D, n)
-    if backend == "triton":
-        return _triton().fft_conv(u, k, D, n)
-    return _ref.fft_conv(u, k, D)
+def _fft_reference(u, k, D, n):
+    # it derives n = fft_conv_size(L, Lk) itself; without D its result is a crop of the irfft (strided)
+    return _ref.fft_conv(u, k, D).contiguous()
 
 
-def _fft_backward_impl(backend, grad, u, k, D, n, need_u, need_k, need_D):
-    if backend in ("cpu", "cuda"):
-        return tuple(_native_module().s4_fft_conv_backward(grad, u, k, D, n, need_u, need_k, need_D))
-    if backend == "triton":
-        return _triton().fft_conv_backward(grad, u, k, D, n, need_u, need_k, need_D)
+def _fft_backward_reference(grad, u, k, D, n, need_u, need_k, need_D):
     gu, gk, gD = _ref.fft_conv_backward(grad, u, k, D)
-    empty = u.new_empty((0,))
-    return (gu if need_u else empty, gk if need_k else empty, gD if (need_D and D is not None) else empty)
+    # one empty tensor per gradient not asked for (outputs of a registered op must not alias each other)
+    return (gu if need_u else u.new_empty((0,)), gk if need_k else u.new_empty((0,)),
+            gD if (need_D and D is not None) else u.new_empty((0,)))
 
 
-@torch.library.custom_op("fastcore_ai::s4_fft_conv", mutates_args=())
-def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int, backend: str) -> Tensor:
-    return _fft_impl(backend, u, k, D, n)
-
-
-@_fft_op.register_fake
-def _fft_fake(u, k, D, n, backend):
-    return torch.empty_like(u, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("fastcore_ai::s4_fft_conv_backward", mutates_args=())
+@define_op("s4_fft_conv_backward", impls=_contiguous_grad(native_impls(
+    "s4_fft_conv_backward", triton_launcher=("s4", "fft_conv_backward"), reference=_fft_backward_reference),
+    contiguous_outputs=True))
 def _fft_backward_op(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n: int, need_u: bool, need_k: bool,
-                     need_D: bool, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    gu, gk, gD = _fft_backward_impl(backend, grad.contiguous(), u, k, D, n, need_u, need_k, need_D)
-    return gu.contiguous(), gk.contiguous(), gD.contiguous()
-
-
-@_fft_backward_op.register_fake
-def _fft_backward_fake(grad, u, k, D, n, need_u, need_k, need_D, backend):
+                     need_D: bool) -> Tuple[Tensor, Tensor, Tensor]:
     gu = torch.empty_like(u, memory_format=torch.contiguous_format) if need_u else u.new_empty((0,))
     gk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_k else k.new_empty((0,))
     gD = torch.empty_like(D) if (need_D and D is not None) else u.new_empty((0,))
@@ -285,11 +208,14 @@ def _fft_setup(ctx, inputs, output):
 def _fft_backward(ctx, grad):
     u, k, D = ctx.saved_tensors
     need_u, need_k, need_D = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    gu, gk, gD = _fft_backward_op(grad, u, k, D, ctx.n, need_u, need_k, need_D and D is not None, ctx.backend)
+    gu, gk, gD = _fft_backward_op(grad, u, k, D, ctx.n, need_u, need_k, need_D and D is not None, backend=ctx.backend)
     return (gu if need_u else None, gk if need_k else None, gD if (need_D and D is not None) else None, None, None)
 
 
-_fft_op.register_autograd(_fft_backward, setup_context=_fft_setup)
+@define_op("s4_fft_conv", impls=native_impls("s4_fft_conv", triton_launcher=("s4", "fft_conv"), reference=_fft_reference),
+           autograd=(_fft_setup, _fft_backward))
+def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
+    return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
 def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
@@ -321,52 +247,23 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str =
         _same_device(_FFT, "D", D, "u", u)
     chosen = backends.select(_FFT, backend, u.device, u.dtype, "u")
     n = fft_conv_size(L, max(k.shape[1], 1))
-    return _fft_op(u, k, D, n, chosen)
+    return _fft_op(u, k, D, n, backend=chosen)
 
 
 # ---- ssm_step ------------------------------------------------------------------------------------
 
-def _step_impl(backend, state, u, dA, dB, C, D):
-    if backend in ("cpu", "cuda"):
-        return tuple(_native_module().s4_ssm_step(state, u, dA, dB, C, D))
-    if backend == "triton":
-        return _triton().ssm_step(state, u, dA, dB, C, D)
-    return _ref.ssm_step(state, u, dA, dB, C, D)
-
-
-def _step_backward_impl(backend, grad_y, grad_state, state, u, dA, dB, C, D):
-    if backend in ("cpu", "cuda"):
-        return tuple(_native_module().s4_ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D))
-    if backend == "triton":
-        return _triton().ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D)
+def _step_backward_reference(grad_y, grad_state, state, u, dA, dB, C, D):
     grads = list(_ref.ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D))
     if D is None:
         grads[5] = u.new_empty((0,))
     return tuple(grads)
 
 
-@torch.library.custom_op("fastcore_ai::s4_ssm_step", mutates_args=())
-def _step_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor],
-             backend: str) -> Tuple[Tensor, Tensor]:
-    y, new_state = _step_impl(backend, state, u, dA, dB, C, D)
-    return y, new_state
-
-
-@_step_op.register_fake
-def _step_fake(state, u, dA, dB, C, D, backend):
-    return u.new_empty(u.shape), state.new_empty(state.shape)
-
-
-@torch.library.custom_op("fastcore_ai::s4_ssm_step_backward", mutates_args=())
+@define_op("s4_ssm_step_backward", impls=_contiguous_grad(native_impls(
+    "s4_ssm_step_backward", triton_launcher=("s4", "ssm_step_backward"), reference=_step_backward_reference),
+    contiguous_outputs=True))
 def _step_backward_op(grad_y: Tensor, grad_state: Optional[Tensor], state: Tensor, u: Tensor, dA: Tensor, dB: Tensor,
-                      C: Tensor, D: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                              Tensor]:
-    out = _step_backward_impl(backend, grad_y.contiguous(), grad_state, state, u, dA, dB, C, D)
-    return tuple(t.contiguous() for t in out)
-
-
-@_step_backward_op.register_fake
-def _step_backward_fake(grad_y, grad_state, state, u, dA, dB, C, D, backend):
+                      C: Tensor, D: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     gD = D.new_empty(D.shape) if D is not None else u.new_empty((0,))
     return (state.new_empty(state.shape), u.new_empty(u.shape), dA.new_empty(dA.shape), dB.new_empty(dB.shape),
             C.new_empty(C.shape), gD)
@@ -382,31 +279,38 @@ def _step_backward(ctx, grad_y, grad_state):
     state, u, dA, dB, C, D = ctx.saved_tensors
     if grad_y is None:
         grad_y = u.new_zeros(u.shape)
-    gs, gu, gA, gB, gC, gD = _step_backward_op(grad_y, grad_state, state, u, dA, dB, C, D, ctx.backend)
+    gs, gu, gA, gB, gC, gD = _step_backward_op(grad_y, grad_state, state, u, dA, dB, C, D, backend=ctx.backend)
     return gs, gu, gA, gB, gC, (gD if D is not None else None), None
 
 
-_step_op.register_autograd(_step_backward, setup_context=_step_setup)
+@define_op("s4_ssm_step", impls=native_impls("s4_ssm_step", triton_launcher=("s4", "ssm_step"), reference=_ref.ssm_step),
+           autograd=(_step_setup, _step_backward))
+def _step_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    return u.new_empty(u.shape), state.new_empty(state.shape)
 
 
-def _step_inplace_impl(backend, state, u, dA, dB, C, D):
-    if backend in ("cpu", "cuda"):
-        return _native_module().s4_ssm_step(state, u, dA, dB, C, D, True)[0]
-    if backend == "triton":
-        return _triton().ssm_step(state, u, dA, dB, C, D, out=state)[0]
+# the in-place step: y, with the new state written into `state`
+_native_step, _triton_step = native("s4_ssm_step"), triton("s4", "ssm_step")
+
+
+def _step_inplace_native(state, u, dA, dB, C, D):
+    return _native_step(state, u, dA, dB, C, D, True)[0]
+
+
+def _step_inplace_triton(state, u, dA, dB, C, D):
+    return _triton_step(state, u, dA, dB, C, D, state)[0]  # out=state
+
+
+def _step_inplace_reference(state, u, dA, dB, C, D):
     y, new_state = _ref.ssm_step(state, u, dA, dB, C, D)
     state.copy_(new_state)
     return y
 
 
-@torch.library.custom_op("fastcore_ai::s4_ssm_step_", mutates_args=("state",))
-def _step_inplace_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor],
-                     backend: str) -> Tensor:
-    return _step_inplace_impl(backend, state, u, dA, dB, C, D)
-
-
-@_step_inplace_op.register_fake
-def _step_inplace_fake(state, u, dA, dB, C, D, backend):
+@define_op("s4_ssm_step_", mutates_args=("state",), impls={
+    "cpu": _step_inplace_native, "cuda": _step_inplace_native, "triton": _step_inplace_triton,
+    "reference": _step_inplace_reference})
+def _step_inplace_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     return u.new_empty(u.shape)
 
 
@@ -443,86 +347,28 @@ def _step_validate(state, u, dA, dB, C, D, inplace, backend) -> str:
     return chosen
 
 
-# The per-step fast path. At the generation shape (B=16, H=256, N=32) the kernel is tens of µs and the
-# generic path (validation, backend selection, torch.library dispatch) adds ~25 µs, so a step is dispatched
-# lean when that changes nothing observable:
-#   - no input requires grad under grad mode (the registered op's autograd is then a no-op),
-#   - nothing intercepts calls: not compiling (torch.compiler), not jit-tracing, no functorch transform,
-#     no torch function / dispatch mode, and every tensor is a plain torch.Tensor (no subclass, no
-#     FakeTensor), so the registered op would run the very same native call;
-#   - the chosen backend is the native one (cpu/cuda): then the native kernel is called directly, so the
-#     result is bitwise the one the registered op gives (tests/test_s4_step_fast.py).
-# Validation is split so that nothing is skipped and little is paid per step:
-#   - the backend selection is cached per (backend argument, use_backend, FASTCORE_AI_BACKEND, device,
-#     dtype), everything it depends on; a selection is cached only after a full _step_validate passed;
+# The per-step fast path. At the generation shape (B=16, H=256, N=32) the kernel is tens of µs, and the
+# validating path (the Python checks of _step_validate, ~5 µs, then the op) would add more than the kernel's
+# own variation, so a step that nothing can observe goes straight to the native kernel:
+#   - _step_op.direct_call_allowed: every tensor argument is a plain torch.Tensor, none requires grad under
+#     grad mode, and nothing intercepts (not compiling or jit-tracing, no functorch transform, no torch
+#     function / dispatch mode), so the registered op would run the very same native call;
+#   - backends.select (cached per call signature) picks a native backend (cpu/cuda), so the result is
+#     bitwise the registered op's (tests/test_s4_step_fast.py);
 #   - every tensor check of _step_validate (ranks, dtypes, shapes, N range, devices, D, the in-place
-#     contiguity and conjugate bit) runs in C++ on every call (`s4_ssm_step_if_valid`, ~50 ns); if one
-#     fails nothing is computed and the call takes the validating path, which raises the documented error.
+#     contiguity and conjugate bit) runs in C++ with the kernel (`s4_ssm_step_if_valid`, ~50 ns); if one
+#     fails nothing is computed. Whenever a step cannot go this way (including a selection that raises), it
+#     takes the validating path, which raises the documented errors in the documented order.
 # An in-place step bumps the state's version counter, as the registered mutating op does, so autograd
 # still detects a state that another graph saved.
-_STEP_FAST_BACKENDS: Dict[tuple, str] = {}
-_STEP_FAST_CACHE_SIZE = 64
-_NATIVE_BACKENDS = ("cpu", "cuda")
-# nn.Parameter adds no __torch_function__ / __torch_dispatch__ behaviour (S4Conv passes its D)
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
-
-
-# FASTCORE_AI_BACKEND as the fast path's key reads it: os.environ.get costs ~1 µs per call when the variable
-# is unset (a KeyError raised and caught inside os._Environ), a quarter of the fast path's Python time, so
-# the raw value is read from os.environ's own mapping where CPython has one (os.environ.__setitem__/putenv,
-# and so monkeypatch.setenv, update it). Any value change still changes the key.
-_ENVIRON_DATA = getattr(os.environ, "_data", None)
-_BACKEND_ENV_KEY = os.environ.encodekey(backends._ENV_VAR) if hasattr(os.environ, "encodekey") else None
-
-
-def _backend_env_value():
-    if _ENVIRON_DATA is not None and _BACKEND_ENV_KEY is not None:
-        return _ENVIRON_DATA.get(_BACKEND_ENV_KEY)
-    return os.environ.get(backends._ENV_VAR)
-
-
-def _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend) -> bool:
-    if torch.compiler.is_compiling():  # first: under dynamo the rest is never traced
-        return False
-    if type(inplace) is not bool or type(backend) is not str:
-        return False
-    plain = _PLAIN_TENSORS
-    if not (type(state) in plain and type(u) in plain and type(dA) in plain and type(dB) in plain
-            and type(C) in plain and (D is None or type(D) in plain)):
-        return False
-    if torch.is_grad_enabled() and (state.requires_grad or u.requires_grad or dA.requires_grad or dB.requires_grad
-                                    or C.requires_grad or (D is not None and D.requires_grad)):
-        return False
-    _C = torch._C
-    return not (_C._get_tracing_state() is not None or _C._are_functorch_transforms_active()
-                or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() > 0)
-
-
-def _step_fast(state, u, dA, dB, C, D, inplace, backend):
-    """(y, new_state) through the lean path, or None when the call must take the validating registered op."""
-    if not _step_fast_eligible(state, u, dA, dB, C, D, inplace, backend):
-        return None
-    key = (backend, backends._context_backend.get(), _backend_env_value(), state.device, state.dtype)
-    chosen = _STEP_FAST_BACKENDS.get(key)
-    if chosen is None:
-        chosen = _step_validate(state, u, dA, dB, C, D, inplace, backend)  # raises exactly as the slow path
-        if chosen not in _NATIVE_BACKENDS:
-            return None
-        if len(_STEP_FAST_BACKENDS) >= _STEP_FAST_CACHE_SIZE:
-            _STEP_FAST_BACKENDS.clear()
-        _STEP_FAST_BACKENDS[key] = chosen
-    result = _native_module().s4_ssm_step_if_valid(state, u, dA, dB, C, D, inplace, MAX_STATES)
-    if not result:  # a check failed: the validating path raises the documented error
-        return None
-    if inplace:
-        torch._C._increment_version((state,))
-        return result[0], state
-    return result[0], result[1]
+# The kernel is bound once (the extension loads at import; without it no native backend is ever selected), and
+# the path is inlined in ssm_step: a lookup or a call frame is a measurable share of the ~4 µs it adds.
+_step_if_valid = _native.native().s4_ssm_step_if_valid if _native.load_error() is None else None
 
 
 def step_fast_path_cache_clear() -> None:
-    """Forget the cached backend selections of ssm_step's fast path (tests; never needed for correctness)."""
-    _STEP_FAST_BACKENDS.clear()
+    """Forget the cached backend selections (ssm_step's fast path shares backends.select's cache; tests)."""
+    backends.clear_selection_cache()
 
 
 def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None, *,
@@ -539,10 +385,23 @@ def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Opt
     must be contiguous and not require grad; no autograd) and returned as new_state: no allocation per
     step, the generation fast path.
     """
-    fast = _step_fast(state, u, dA, dB, C, D, inplace, backend)
-    if fast is not None:
-        return fast
+    if type(inplace) is bool and _step_op.direct_call_allowed((state, u, dA, dB, C, D)):
+        try:
+            chosen = backends.select(_STEP, backend, state.device, state.dtype, "state")
+        except Exception:  # e.g. state is None, or no backend serves it: the validating path says why
+            chosen = None
+        result = None
+        if chosen in NATIVE_BACKENDS:
+            try:
+                result = _step_if_valid(state, u, dA, dB, C, D, inplace, MAX_STATES)
+            except TypeError:  # None for a required tensor: refused by the binding before anything runs
+                pass
+        if result:  # else not native, or a check failed: the validating path runs (and raises the documented error)
+            if inplace:
+                torch._C._increment_version((state,))
+                return result[0], state
+            return result[0], result[1]
     chosen = _step_validate(state, u, dA, dB, C, D, inplace, backend)
     if inplace:
-        return _step_inplace_op(state, u, dA, dB, C, D, chosen), state
-    return _step_op(state, u, dA, dB, C, D, chosen)
+        return _step_inplace_op(state, u, dA, dB, C, D, backend=chosen), state
+    return _step_op(state, u, dA, dB, C, D, backend=chosen)
