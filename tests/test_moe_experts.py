@@ -299,21 +299,21 @@ def test_cpu_fused_training_empty_and_all_dropped(T, drop):
 
 def test_cpu_fused_training_opcheck():
     x, ids, weights, kept, w1, w2 = make_inputs(15, 8, 6, 9, 2, seed=26)
-    args = (x.requires_grad_(), ids, weights.requires_grad_(), kept, w1.requires_grad_(), w2, "silu", True)
+    args = (x.requires_grad_(), ids, weights.requires_grad_(), kept, w1.requires_grad_(), w2, "silu", True, "cpu")
     torch.library.opcheck(torch.ops.fastcore_ai.moe_experts_train.default, args)
     out, gate_up, offsets, slot_to_token, token_slot = torch.ops.fastcore_ai.moe_experts_train(
         *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
     backward_args = (torch.randn_like(out), x.detach(), offsets, slot_to_token, token_slot, weights.detach(), gate_up,
-                     w1.detach(), w2, "silu", True, True, True, True)
+                     w1.detach(), w2, "silu", True, True, True, True, "cpu")
     torch.library.opcheck(torch.ops.fastcore_ai.moe_experts_backward.default, backward_args)
 
 
 def test_cpu_fused_training_backward_errors():
     x, ids, weights, kept, w1, w2 = make_inputs(10, 8, 6, 4, 2, seed=27)
     out, gate_up, offsets, slot_to_token, token_slot = torch.ops.fastcore_ai.moe_experts_train(
-        x, ids, weights, kept, w1, w2, "silu", True)
+        x, ids, weights, kept, w1, w2, "silu", True, "cpu")
     args = [torch.ones_like(out), x, offsets, slot_to_token, token_slot, weights, gate_up, w1, w2, "silu", True,
-            True, True, True]
+            True, True, True, "cpu"]
     with pytest.raises(RuntimeError, match="moe_experts: gate_up must be the forward's"):
         torch.ops.fastcore_ai.moe_experts_backward(*args[:6], gate_up[:, :5], *args[7:])
     with pytest.raises(RuntimeError, match="moe_experts: grad_out must be"):

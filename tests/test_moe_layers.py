@@ -111,6 +111,24 @@ def test_grouped_mlp_rejects_bad_offsets_on_cpu():
         ops.moe_grouped_mlp(x, bad, w1, w2, backend="cpu")
 
 
+@pytest.mark.parametrize("change", [
+    lambda o: o.copy_(torch.tensor([0, 7, 3, 10])),    # not monotone
+    lambda o: o.copy_(torch.tensor([-2, 3, 6, 10])),   # negative first entry
+    lambda o: o.copy_(torch.tensor([0, 3, 6, 12])),    # past the end (S = 10)
+    lambda o: o.copy_(torch.tensor([0, 3, 6, 9])),     # short of the end
+])
+def test_grouped_mlp_reference_rejects_bad_offsets(change):
+    """The reference backend checks the offset values (it reads them on the host anyway), with the named
+    ValueError, instead of silently computing on a malformed grouping."""
+    x, offsets, w1, w2 = random_problem(10, 6, 4, 3, True)
+    bad = offsets.clone()
+    change(bad)
+    for call in (lambda: ops.moe_grouped_mlp(x, bad, w1, w2, backend="reference"),
+                 lambda: torch.ops.fastcore_ai.moe_grouped_mlp(x, bad, w1, w2, "silu", True, "reference")):
+        with pytest.raises(ValueError, match=r"^fastcore_ai\.ops\.moe_grouped_mlp: expert_offsets must start at 0"):
+            call()
+
+
 # ---- layers -------------------------------------------------------------------------------------
 
 def dense_moe_oracle(layer: fastcore_ai.nn.MoE, x: torch.Tensor) -> torch.Tensor:

@@ -59,8 +59,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastcore_ai import _validation as V
-
 from . import INTERPRETED
 
 _OP = "moe_grouped_mlp"
@@ -282,15 +280,32 @@ def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
 
 
+# Launcher-side input checks for direct callers (fastcore_ai.ops.moe_grouped_mlp validates before it calls
+# in); the messages follow fastcore_ai._validation's, without importing it (kernels import nothing from
+# fastcore_ai).
+
+def _check_tensor(name: str, value, ndim: int, dtypes, layout: str) -> None:
+    if isinstance(value, Tensor) and value.dtype in dtypes and value.dim() == ndim:
+        return
+    allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{_PREFIX}{name} must be a torch.Tensor {layout} of {allowed}, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        raise TypeError(f"{_PREFIX}{name} must be {allowed} with shape {layout}, got {_describe(value)}")
+    raise ValueError(f"{_PREFIX}{name} must be a {ndim}-D tensor {layout}, got {value.dim()}-D {_describe(value)}")
+
+
 def _check_inputs(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated) -> Tuple[int, int, int, int]:
     """Validates the forward inputs; returns (S, H, I, E)."""
-    V.check_choice(_OP, "activation", activation, ACTIVATIONS)
-    V.check_bool(_OP, "gated", gated)
-    V.check_tensor(_OP, "x_sorted", x_sorted, ndim=2, dtypes=_DTYPES, layout="[S, H]")
-    V.check_tensor(_OP, "expert_offsets", expert_offsets, ndim=1, dtypes=(torch.int64,), layout="[E + 1]")
-    V.check_tensor(_OP, "w_gate_up", w_gate_up, ndim=3, dtypes=_DTYPES,
-                   layout="[E, 2I, H]" if gated else "[E, I, H]")
-    V.check_tensor(_OP, "w_down", w_down, ndim=3, dtypes=_DTYPES, layout="[E, H, I]")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{_PREFIX}activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, "
+                         f"got {activation!r}")
+    if not isinstance(gated, bool):
+        raise TypeError(f"{_PREFIX}gated must be a bool, got {type(gated).__name__} {gated!r}")
+    _check_tensor("x_sorted", x_sorted, 2, _DTYPES, "[S, H]")
+    _check_tensor("expert_offsets", expert_offsets, 1, (torch.int64,), "[E + 1]")
+    _check_tensor("w_gate_up", w_gate_up, 3, _DTYPES, "[E, 2I, H]" if gated else "[E, I, H]")
+    _check_tensor("w_down", w_down, 3, _DTYPES, "[E, H, I]")
     S, H = x_sorted.shape
     E = expert_offsets.shape[0] - 1
     if E < 1:
@@ -437,8 +452,8 @@ def grouped_mlp_backward(grad_y: Tensor, x_sorted: Tensor, expert_offsets: Tenso
     get zero weight gradients."""
     S, H, I, E = _check_inputs(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated)
     n1 = 2 * I if gated else I
-    V.check_tensor(_OP, "grad_y", grad_y, ndim=2, dtypes=_DTYPES, layout="[S, H]")
-    V.check_tensor(_OP, "gate_up", gate_up, ndim=2, dtypes=(torch.float32,), layout="[S, 2I]" if gated else "[S, I]")
+    _check_tensor("grad_y", grad_y, 2, _DTYPES, "[S, H]")
+    _check_tensor("gate_up", gate_up, 2, (torch.float32,), "[S, 2I]" if gated else "[S, I]")
     if grad_y.dtype != x_sorted.dtype:
         raise TypeError(f"{_PREFIX}grad_y must have x_sorted's dtype {str(x_sorted.dtype).replace('torch.', '')}, "
                         f"got {_describe(grad_y)}")

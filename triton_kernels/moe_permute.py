@@ -6,9 +6,10 @@ Same plan and math as fastcore_ai.reference.moe_permute (and csrc/kernels/moe/di
   grad_y[s, :]    = (Σ_{j : token_slot[t, j] = s} w[t, j]) · grad_out[t, :],   t = slot_to_token[s]
   grad_w[t, j]    = Σ_h grad_out[t, h] · y[token_slot[t, j], h]                 (0 when dropped)
 
-The plan itself (offsets, slot_to_token, token_slot) is computed with torch ops here (a stable sort,
-bincount and cumsum, the reference's `dispatch_plan`), so it is identical to every other backend's by
-construction; the row traffic (the gather of x rows, combine and its backward) runs in Triton.
+The plan itself (offsets, slot_to_token, token_slot) is not computed here: the ops layer builds it with
+the reference's torch ops (`dispatch_plan`: a stable sort, bincount and cumsum), so it is identical to
+every other backend's by construction, and passes slot_to_token to `gather_rows`; the row traffic (the
+gather of x rows, combine and its backward) runs in Triton. This module imports nothing from fastcore_ai.
 
 Determinism: each output element is written by one program, sums run over j in order and over the
 hidden dimension in fixed BLOCK_H tiles then one tl.sum, with BLOCK_H a function of H only, so results
@@ -23,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from fastcore_ai.reference.moe_permute import dispatch_plan
 
 _MAX_BLOCK_H = 1024
 _MAX_TILE_ELEMENTS = 4096  # rows × columns of one program's tile (registers on a GPU)
@@ -132,13 +131,6 @@ def gather_rows(x: Tensor, src_row: Tensor) -> Tensor:
     _gather_rows_kernel[(triton.cdiv(rows, block_s), triton.cdiv(H, block_h))](
         x, src_row.contiguous(), out, rows, x.shape[0], H, x.stride(0), x.stride(1), BLOCK_S=block_s, BLOCK_H=block_h)
     return out
-
-
-def moe_dispatch(x: Tensor, expert_ids: Tensor, kept: Optional[Tensor], num_experts: int
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(x_sorted, expert_offsets, slot_to_token, token_slot); the plan by torch ops, the gather in Triton."""
-    expert_offsets, slot_to_token, token_slot = dispatch_plan(expert_ids, kept, num_experts)
-    return gather_rows(x, slot_to_token), expert_offsets, slot_to_token, token_slot
 
 
 def moe_combine(y_sorted: Tensor, token_slot: Tensor, weights: Optional[Tensor]) -> Tensor:

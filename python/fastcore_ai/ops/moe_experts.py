@@ -32,16 +32,19 @@ Two paths, chosen per call:
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._validation import _describe, check_bool, check_choice, check_tensor
 from ..reference import moe_experts as reference_experts
+from ..reference import moe_grouped_mlp as reference_mlp
+from ..reference import moe_permute as reference_permute
+from ._define import define_op, native, triton
 from .moe_grouped_mlp import _ACTIVATION_CODES, _mlp_backward_op, _mlp_op, moe_grouped_mlp
-from .moe_permute import (MAX_DISPATCH_EXPERTS, _combine_backward_op, _combine_op, _dispatch_backward_op,
+from .moe_permute import (MAX_DISPATCH_EXPERTS, _combine_backward_op, _dispatch_backward_op,
                           _dispatch_op, moe_combine, moe_dispatch)
 
 _OP = "moe_experts"
@@ -50,36 +53,29 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # ---- backend implementations (forward, inference) -----------------------------------------------
 
-def _forward_reference(x, expert_ids, weights, kept, w1, w2, act, gated):
-    return reference_experts.moe_experts(x, expert_ids, weights, kept, w1, w2, act, gated)
+def _checked(forward: Callable) -> Callable:
+    """The ids are checked inside the op (every backend, the direct path included): torch.compile never
+    traces the host read."""
+    def call(x, expert_ids, weights, kept, w1, w2, act, gated):
+        _check_ids(expert_ids, w2.shape[0])
+        return forward(x, expert_ids, weights, kept, w1, w2, act, gated)
+    return call
 
 
-def _forward_triton(x, expert_ids, weights, kept, w1, w2, act, gated):
-    from ..triton_kernels import moe_experts as triton_experts
-    return triton_experts.moe_experts_forward(x, expert_ids, weights, kept, w1, w2, act, gated)
+_native_experts = native("moe_experts")
+_native_experts_train = native("moe_experts_train")
+_native_experts_backward = native("moe_experts_backward")
 
 
 def _forward_native(x, expert_ids, weights, kept, w1, w2, act, gated):
-    return _native.native().moe_experts(x, expert_ids, weights, kept, w1, w2, _ACTIVATION_CODES[act], gated)
+    return _native_experts(x, expert_ids, weights, kept, w1, w2, _ACTIVATION_CODES[act], gated)
 
 
-_FORWARD: Dict[str, Callable] = {"cpu": _forward_native, "cuda": _forward_native, "triton": _forward_triton,
-                                 "reference": _forward_reference}
+_FORWARD = {"cpu": _forward_native, "cuda": _forward_native,
+            "triton": triton("moe_experts", "moe_experts_forward"), "reference": reference_experts.moe_experts}
 
 
 backends.register_op(backends.standard_table(_OP))  # cuda, triton, cpu, reference
-
-
-@torch.library.custom_op("fastcore_ai::moe_experts", mutates_args=())
-def _experts_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
-                w_down: Tensor, activation: str, gated: bool, backend: str) -> Tensor:
-    _check_ids(expert_ids, w_down.shape[0])   # inside the op: torch.compile never traces the host read
-    return _FORWARD[backend](x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated)
-
-
-@_experts_op.register_fake
-def _experts_fake(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated, backend):
-    return x.new_empty((x.shape[0], x.shape[1]))
 
 
 def _experts_setup_context(ctx, inputs, output):
@@ -92,83 +88,107 @@ def _experts_backward(ctx, grad_out):
     """Recomputes the forward through the composition (dispatch -> grouped MLP) and runs its backward."""
     x, expert_ids, weights, kept, w_gate_up, w_down = ctx.saved_tensors
     backend = ctx.backend
-    x_sorted, offsets, slot_to_token, token_slot = _dispatch_op(x, expert_ids, kept, w_down.shape[0], backend)
-    y_sorted, gate_up = _mlp_op(x_sorted, offsets, w_gate_up, w_down, ctx.activation, ctx.gated, backend)
+    x_sorted, offsets, slot_to_token, token_slot = _dispatch_op(x, expert_ids, kept, w_down.shape[0], backend=backend)
+    y_sorted, gate_up = _mlp_op(x_sorted, offsets, w_gate_up, w_down, ctx.activation, ctx.gated, backend=backend)
     need_weights = ctx.needs_input_grad[2]
     grad_y, grad_weights = _combine_backward_op(grad_out.contiguous(), y_sorted, slot_to_token, token_slot, weights,
-                                                need_weights, backend)
+                                                need_weights, backend=backend)
     grad_x_sorted, grad_w1, grad_w2 = _mlp_backward_op(grad_y, x_sorted, offsets, w_gate_up, w_down, gate_up,
-                                                       ctx.activation, ctx.gated, backend)
-    grad_x = _dispatch_backward_op(grad_x_sorted, token_slot, backend)
+                                                       ctx.activation, ctx.gated, backend=backend)
+    grad_x = _dispatch_backward_op(grad_x_sorted, token_slot, backend=backend)
     return (grad_x, None, grad_weights if need_weights else None, None, grad_w1, grad_w2, None, None, None)
 
 
-_experts_op.register_autograd(_experts_backward, setup_context=_experts_setup_context)
+@define_op("moe_experts", impls={name: _checked(forward) for name, forward in _FORWARD.items()},
+           autograd=(_experts_setup_context, _experts_backward))
+def _experts_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
+                w_down: Tensor, activation: str, gated: bool) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1]))
 
 
-# ---- fused training path (cpu backend) ----------------------------------------------------------
+# ---- fused training path (cpu backend; the reference is the composition of the reference ops) ----
 
-@torch.library.custom_op("fastcore_ai::moe_experts_train", mutates_args=())
-def _experts_train_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
-                      w_down: Tensor, activation: str, gated: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(out [T, H], gate_up [S, 2I or I] in x's dtype, expert_offsets [E + 1], slot_to_token [S], token_slot [T, k])."""
-    _check_ids(expert_ids, w_down.shape[0])
-    return tuple(_native.native().moe_experts_train(x, expert_ids, weights, kept, w_gate_up, w_down,
-                                                    _ACTIVATION_CODES[activation], gated))
+def _train_native(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated):
+    return tuple(_native_experts_train(x, expert_ids, weights, kept, w_gate_up, w_down,
+                                       _ACTIVATION_CODES[activation], gated))
 
 
-@_experts_train_op.register_fake
-def _experts_train_fake(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated):
-    num_rows = torch.library.get_ctx().new_dynamic_size()  # S = number of kept slots: data-dependent
-    return (x.new_empty((x.shape[0], x.shape[1])), x.new_empty((num_rows, w_gate_up.shape[1])),
-            expert_ids.new_empty((w_down.shape[0] + 1,)), expert_ids.new_empty((num_rows,)),
-            expert_ids.new_empty(tuple(expert_ids.shape)))
+def _train_reference(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated):
+    x_sorted, expert_offsets, slot_to_token, token_slot = reference_permute.moe_dispatch(
+        x, expert_ids, kept, w_down.shape[0])
+    y_sorted, gate_up = reference_mlp.moe_grouped_mlp(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated)
+    out = reference_permute.moe_combine(y_sorted, token_slot, weights)
+    return out, gate_up.to(x.dtype), expert_offsets, slot_to_token, token_slot
 
 
-@torch.library.custom_op("fastcore_ai::moe_experts_backward", mutates_args=())
+def _backward_native(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
+                     activation, gated, need_x, need_weights, need_params):
+    return tuple(_native_experts_backward(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up,
+                                          w_gate_up, w_down, _ACTIVATION_CODES[activation], gated, need_x,
+                                          need_weights, need_params))
+
+
+def _backward_reference(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
+                        activation, gated, need_x, need_weights, need_params):
+    x_sorted = x.index_select(0, slot_to_token)
+    y_sorted, _ = reference_mlp.moe_grouped_mlp(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated)
+    grad_y, grad_weights = reference_permute.moe_combine_backward(grad_out, y_sorted, slot_to_token, token_slot,
+                                                                  weights, need_weights)
+    grad_x_sorted, grad_w1, grad_w2 = reference_mlp.moe_grouped_mlp_backward(
+        grad_y, x_sorted, expert_offsets, w_gate_up, w_down, gate_up, activation, gated)
+    grad_x = reference_permute.moe_combine(grad_x_sorted, token_slot, None)
+
+    def asked(t, needed, like):
+        return t.to(like.dtype).contiguous() if needed else like.new_empty((0,))
+    return (asked(grad_x, need_x, x), asked(grad_weights, need_weights, weights),
+            asked(grad_w1, need_params, w_gate_up), asked(grad_w2, need_params, w_down))
+
+
+@define_op("moe_experts_backward", impls={"cpu": _backward_native, "reference": _backward_reference})
 def _experts_backward_op(grad_out: Tensor, x: Tensor, expert_offsets: Tensor, slot_to_token: Tensor,
                          token_slot: Tensor, weights: Tensor, gate_up: Tensor, w_gate_up: Tensor, w_down: Tensor,
                          activation: str, gated: bool, need_x: bool, need_weights: bool,
                          need_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weights, grad_w_gate_up, grad_w_down); the ones not asked for are empty [0] tensors."""
-    return tuple(_native.native().moe_experts_backward(grad_out, x, expert_offsets, slot_to_token, token_slot, weights,
-                                                       gate_up, w_gate_up, w_down, _ACTIVATION_CODES[activation],
-                                                       gated, need_x, need_weights, need_params))
-
-
-@_experts_backward_op.register_fake
-def _experts_backward_fake(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
-                           activation, gated, need_x, need_weights, need_params):
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty((0,))
     return like(x, need_x), like(weights, need_weights), like(w_gate_up, need_params), like(w_down, need_params)
 
 
 def _experts_train_setup_context(ctx, inputs, output):
-    x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated = inputs
+    x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated, backend = inputs
     _, gate_up, expert_offsets, slot_to_token, token_slot = output
     ctx.save_for_backward(x, weights, w_gate_up, w_down, gate_up, expert_offsets, slot_to_token, token_slot)
     ctx.mark_non_differentiable(gate_up, expert_offsets, slot_to_token, token_slot)
     # Without this, autograd hands the backward a zero-filled float [S, 2I] gradient for gate_up (as large
     # as gate_up itself: 32 MB at T=2048, k=2, I=1024 in float32) that it never reads.
     ctx.set_materialize_grads(False)
-    ctx.activation, ctx.gated = activation, gated
+    ctx.activation, ctx.gated, ctx.backend = activation, gated, backend
 
 
 def _experts_train_backward(ctx, grad_out, *_unused_grads):
     if grad_out is None:  # out did not reach the loss
-        return (None,) * 8
+        return (None,) * 9
     x, weights, w_gate_up, w_down, gate_up, expert_offsets, slot_to_token, token_slot = ctx.saved_tensors
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     need_params = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
     grad_x, grad_weights, grad_w1, grad_w2 = _experts_backward_op(
         grad_out.contiguous(), x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
-        ctx.activation, ctx.gated, need_x, need_weights, need_params)
+        ctx.activation, ctx.gated, need_x, need_weights, need_params, backend=ctx.backend)
     return (grad_x if need_x else None, None, grad_weights if need_weights else None, None,
-            grad_w1 if ctx.needs_input_grad[4] else None, grad_w2 if ctx.needs_input_grad[5] else None, None, None)
+            grad_w1 if ctx.needs_input_grad[4] else None, grad_w2 if ctx.needs_input_grad[5] else None, None, None,
+            None)
 
 
-_experts_train_op.register_autograd(_experts_train_backward, setup_context=_experts_train_setup_context)
+@define_op("moe_experts_train", impls={"cpu": _checked(_train_native), "reference": _checked(_train_reference)},
+           autograd=(_experts_train_setup_context, _experts_train_backward))
+def _experts_train_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
+                      w_down: Tensor, activation: str, gated: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out [T, H], gate_up [S, 2I or I] in x's dtype, expert_offsets [E + 1], slot_to_token [S], token_slot [T, k])."""
+    num_rows = torch.library.get_ctx().new_dynamic_size()  # S = number of kept slots: data-dependent
+    return (x.new_empty((x.shape[0], x.shape[1])), x.new_empty((num_rows, w_gate_up.shape[1])),
+            expert_ids.new_empty((w_down.shape[0] + 1,)), expert_ids.new_empty((num_rows,)),
+            expert_ids.new_empty(tuple(expert_ids.shape)))
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -248,10 +268,11 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, w_gate_up: Tenso
     chosen = backends.select(_OP, backend, x.device, x.dtype, "x")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down))
     if needs_grad and chosen == "cpu" and mlp_backend is None:
-        return _experts_train_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated)[0]
+        return _experts_train_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated,
+                                 backend=chosen)[0]
     if needs_grad or (mlp_backend is not None and mlp_backend != backend):
         x_sorted, plan = moe_dispatch(x, expert_ids, kept, E, backend=chosen)
         y_sorted = moe_grouped_mlp(x_sorted, plan.expert_offsets, w_gate_up, w_down, activation=activation,
                                    gated=gated, backend=mlp_backend or chosen)
         return moe_combine(y_sorted, plan, weights, backend=chosen)
-    return _experts_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated, chosen)
+    return _experts_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated, backend=chosen)

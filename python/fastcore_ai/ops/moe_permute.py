@@ -17,16 +17,18 @@ bincount/nonzero sync too). moe_combine never syncs.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .. import _native, backends
+from .. import backends
 from .._validation import _describe, check_int, check_size, check_tensor
 from ..reference.moe_permute import moe_combine as _reference_combine
 from ..reference.moe_permute import moe_combine_backward as _reference_combine_backward
+from ..reference.moe_permute import dispatch_plan as _reference_plan
 from ..reference.moe_permute import moe_dispatch as _reference_dispatch
+from ._define import define_op, native_impls, triton
 
 MAX_DISPATCH_EXPERTS = 4096
 _DISPATCH = "moe_dispatch"
@@ -50,48 +52,38 @@ class DispatchPlan(NamedTuple):
         return self.expert_offsets[1:] - self.expert_offsets[:-1]
 
 
-# ---- backend implementations --------------------------------------------------------------------
+# ---- backend implementations (adapting the native and Triton entry points to the op schemas) ------
 
-def _dispatch_native(x, expert_ids, kept, num_experts):
-    return tuple(_native.native().moe_dispatch(x, expert_ids, kept, num_experts))
+_triton_gather_rows = triton("moe_permute", "gather_rows")
 
 
 def _dispatch_triton(x, expert_ids, kept, num_experts):
-    from ..triton_kernels import moe_permute as triton_dispatch
-    return triton_dispatch.moe_dispatch(x, expert_ids, kept, num_experts)
+    # the plan by torch ops (the reference's, so identical on every backend), the row gather in Triton
+    expert_offsets, slot_to_token, token_slot = _reference_plan(expert_ids, kept, num_experts)
+    return _triton_gather_rows(x, slot_to_token), expert_offsets, slot_to_token, token_slot
 
 
-def _combine_native(y_sorted, token_slot, weights):
-    return _native.native().moe_combine(y_sorted, token_slot, weights)
+_COMBINE_IMPLS = native_impls("moe_combine", triton_launcher=("moe_permute", "moe_combine"),
+                              reference=_reference_combine)
 
 
-def _combine_triton(y_sorted, token_slot, weights):
-    from ..triton_kernels import moe_permute as triton_dispatch
-    return triton_dispatch.moe_combine(y_sorted, token_slot, weights)
+def _unit_weights(combine: Callable) -> Callable:
+    """dispatch's backward: grad_x[t] = Σ_j grad_x_sorted[token_slot[t, j]] in fixed j order, i.e. combine
+    with unit weights (None)."""
+    return lambda grad_x_sorted, token_slot: combine(grad_x_sorted, token_slot, None)
 
 
-def _combine_backward_native(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights):
-    return tuple(_native.native().moe_combine_backward(grad_out, y_sorted, slot_to_token, token_slot, weights,
-                                                       need_weights))
+def _combine_impl(combine: Callable) -> Callable:
+    """slot_to_token is in moe_combine's schema (its backward needs it); the forward reads only token_slot."""
+    return lambda y_sorted, slot_to_token, token_slot, weights: combine(y_sorted, token_slot, weights)
 
 
-def _combine_backward_triton(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights):
-    from ..triton_kernels import moe_permute as triton_dispatch
-    return triton_dispatch.moe_combine_backward(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights)
-
-
-_DISPATCH_IMPL: Dict[str, Callable] = {
-    "cpu": _dispatch_native, "cuda": _dispatch_native, "triton": _dispatch_triton,
-    "reference": _reference_dispatch,
-}
-_COMBINE_IMPL: Dict[str, Callable] = {
-    "cpu": _combine_native, "cuda": _combine_native, "triton": _combine_triton,
-    "reference": _reference_combine,
-}
-_COMBINE_BACKWARD_IMPL: Dict[str, Callable] = {
-    "cpu": _combine_backward_native, "cuda": _combine_backward_native, "triton": _combine_backward_triton,
-    "reference": _reference_combine_backward,
-}
+def _combine_backward_impl(function: Callable) -> Callable:
+    """The op returns an empty [0] grad_weights when not need_weights (entry points return None)."""
+    def call(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights):
+        grad_y, grad_w = function(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights)
+        return grad_y, (grad_w if need_weights else weights.new_empty((0,)))
+    return call
 
 
 backends.register_op(backends.standard_table(_DISPATCH))
@@ -100,28 +92,8 @@ backends.register_op(backends.standard_table(_COMBINE))
 
 # ---- the registered torch ops -------------------------------------------------------------------
 
-@torch.library.custom_op("fastcore_ai::moe_dispatch", mutates_args=())
-def _dispatch_op(x: Tensor, expert_ids: Tensor, kept: Optional[Tensor], num_experts: int,
-                 backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return tuple(_DISPATCH_IMPL[backend](x, expert_ids, kept, num_experts))
-
-
-@_dispatch_op.register_fake
-def _dispatch_fake(x, expert_ids, kept, num_experts, backend):
-    num_rows = torch.library.get_ctx().new_dynamic_size()  # S = number of kept slots: data-dependent
-    T, k = expert_ids.shape
-    return (x.new_empty((num_rows, x.shape[1])), expert_ids.new_empty((num_experts + 1,)),
-            expert_ids.new_empty((num_rows,)), expert_ids.new_empty((T, k)))
-
-
-@torch.library.custom_op("fastcore_ai::moe_dispatch_backward", mutates_args=())
-def _dispatch_backward_op(grad_x_sorted: Tensor, token_slot: Tensor, backend: str) -> Tensor:
-    # grad_x[t] = Σ_j grad_x_sorted[token_slot[t, j]] in fixed j order: combine with unit weights.
-    return _COMBINE_IMPL[backend](grad_x_sorted, token_slot, None)
-
-
-@_dispatch_backward_op.register_fake
-def _dispatch_backward_fake(grad_x_sorted, token_slot, backend):
+@define_op("moe_dispatch_backward", impls={name: _unit_weights(f) for name, f in _COMBINE_IMPLS.items()})
+def _dispatch_backward_op(grad_x_sorted: Tensor, token_slot: Tensor) -> Tensor:
     return grad_x_sorted.new_empty((token_slot.shape[0], grad_x_sorted.shape[1]))
 
 
@@ -135,33 +107,29 @@ def _dispatch_setup_context(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_x_sorted, grad_offsets, grad_slot_to_token, grad_token_slot):
     token_slot, = ctx.saved_tensors
-    return _dispatch_backward_op(grad_x_sorted, token_slot, ctx.backend), None, None, None, None
+    return _dispatch_backward_op(grad_x_sorted, token_slot, backend=ctx.backend), None, None, None, None
 
 
-_dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup_context)
+_DISPATCH_IMPLS = native_impls("moe_dispatch", reference=_reference_dispatch)
+_DISPATCH_IMPLS["triton"] = _dispatch_triton
 
 
-@torch.library.custom_op("fastcore_ai::moe_combine", mutates_args=())
-def _combine_op(y_sorted: Tensor, slot_to_token: Tensor, token_slot: Tensor, weights: Tensor, backend: str) -> Tensor:
-    return _COMBINE_IMPL[backend](y_sorted, token_slot, weights)
+@define_op("moe_dispatch", impls=_DISPATCH_IMPLS, autograd=(_dispatch_setup_context, _dispatch_backward))
+def _dispatch_op(x: Tensor, expert_ids: Tensor, kept: Optional[Tensor],
+                 num_experts: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    num_rows = torch.library.get_ctx().new_dynamic_size()  # S = number of kept slots: data-dependent
+    T, k = expert_ids.shape
+    return (x.new_empty((num_rows, x.shape[1])), expert_ids.new_empty((num_experts + 1,)),
+            expert_ids.new_empty((num_rows,)), expert_ids.new_empty((T, k)))
 
 
-@_combine_op.register_fake
-def _combine_fake(y_sorted, slot_to_token, token_slot, weights, backend):
-    return y_sorted.new_empty((token_slot.shape[0], y_sorted.shape[1]))
-
-
-@torch.library.custom_op("fastcore_ai::moe_combine_backward", mutates_args=())
+@define_op("moe_combine_backward", impls={
+    name: _combine_backward_impl(function) for name, function in native_impls(
+        "moe_combine_backward", triton_launcher=("moe_permute", "moe_combine_backward"),
+        reference=_reference_combine_backward).items()})
 def _combine_backward_op(grad_out: Tensor, y_sorted: Tensor, slot_to_token: Tensor, token_slot: Tensor,
-                         weights: Tensor, need_weights: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                         weights: Tensor, need_weights: bool) -> Tuple[Tensor, Tensor]:
     """(grad_y [S, H], grad_weights [T, k]); grad_weights is an empty [0] tensor when not need_weights."""
-    grad_y, grad_w = _COMBINE_BACKWARD_IMPL[backend](grad_out, y_sorted, slot_to_token, token_slot, weights,
-                                                     need_weights)
-    return grad_y, (grad_w if need_weights else weights.new_empty((0,)))
-
-
-@_combine_backward_op.register_fake
-def _combine_backward_fake(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights, backend):
     grad_w = (torch.empty_like(weights, memory_format=torch.contiguous_format) if need_weights
               else weights.new_empty((0,)))
     return torch.empty_like(y_sorted, memory_format=torch.contiguous_format), grad_w
@@ -177,11 +145,14 @@ def _combine_backward(ctx, grad_out):
     y_sorted, slot_to_token, token_slot, weights = ctx.saved_tensors
     need_weights = ctx.needs_input_grad[3]
     grad_y, grad_w = _combine_backward_op(grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights,
-                                          ctx.backend)
+                                          backend=ctx.backend)
     return grad_y, None, None, (grad_w if need_weights else None), None
 
 
-_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
+@define_op("moe_combine", impls={name: _combine_impl(f) for name, f in _COMBINE_IMPLS.items()},
+           autograd=(_combine_setup_context, _combine_backward))
+def _combine_op(y_sorted: Tensor, slot_to_token: Tensor, token_slot: Tensor, weights: Tensor) -> Tensor:
+    return y_sorted.new_empty((token_slot.shape[0], y_sorted.shape[1]))
 
 
 # ---- public API ---------------------------------------------------------------------------------
@@ -228,7 +199,7 @@ def moe_dispatch(x: Tensor, expert_ids: Tensor, kept: Optional[Tensor] = None, n
         raise TypeError(f"fastcore_ai.ops.{_DISPATCH}: num_experts must be an int, got None (it is required)")
     check_int(_DISPATCH, "num_experts", num_experts, 1, MAX_DISPATCH_EXPERTS)
     chosen = backends.select(_DISPATCH, backend, x.device, x.dtype, "x", num_experts=num_experts)
-    x_sorted, expert_offsets, slot_to_token, token_slot = _dispatch_op(x, expert_ids, kept, num_experts, chosen)
+    x_sorted, expert_offsets, slot_to_token, token_slot = _dispatch_op(x, expert_ids, kept, num_experts, backend=chosen)
     return x_sorted, DispatchPlan(expert_offsets, slot_to_token, token_slot)
 
 
@@ -267,4 +238,4 @@ def moe_combine(y_sorted: Tensor, plan: DispatchPlan, weights: Tensor, *, backen
     for name, value in (("plan.token_slot", token_slot), ("plan.slot_to_token", slot_to_token), ("weights", weights)):
         _check_same_device(_COMBINE, name, value, "y_sorted", y_sorted)
     chosen = backends.select(_COMBINE, backend, y_sorted.device, y_sorted.dtype, "y_sorted")
-    return _combine_op(y_sorted, slot_to_token, token_slot, weights, chosen)
+    return _combine_op(y_sorted, slot_to_token, token_slot, weights, backend=chosen)
