@@ -363,7 +363,7 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.fastcore_ai.pq_search.default, (q.float(), codes, cb.float(), 5, "ip", "cpu"),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastcore_ai.pq4_pack.default, (codes,))
+    torch.library.opcheck(torch.ops.fastcore_ai.pq4_pack.default, (codes, "reference"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -600,7 +600,7 @@ def test_ivfpq4_equal_sums_keep_the_lowest_ids(kernel, k):
 def test_best_columns_equal_a_stable_descending_sort(kernel, n, L, count):
     """The IVF probe selection: the count largest columns, largest first, the lower column on ties, a NaN
     below every number (the native selection's SIMD and scalar paths, many ties, all-NaN rows)."""
-    from fastcore_ai.ops.pq import _best_columns
+    from fastcore_ai.ops.pq import best_columns
     g = torch.Generator().manual_seed(L * 7 + count)
     scores = torch.randint(0, 30, (n, L), generator=g).float()
     scores[0, 3] = float("nan")
@@ -609,10 +609,10 @@ def test_best_columns_equal_a_stable_descending_sort(kernel, n, L, count):
     scores[2, : L // 2] = float("-inf")
     expected = torch.sort(torch.nan_to_num(scores, nan=float("-inf")), dim=1, descending=True, stable=True).indices
     with _kernel(kernel):
-        got = _best_columns(scores, count)
+        got = best_columns(scores, count)
     assert torch.equal(got, expected[:, :count])
     distinct = torch.randn(n, L, generator=g, dtype=torch.float64)  # float64: the torch.topk fallback
-    assert torch.equal(_best_columns(distinct, count), torch.sort(distinct, 1, descending=True).indices[:, :count])
+    assert torch.equal(best_columns(distinct, count), torch.sort(distinct, 1, descending=True).indices[:, :count])
 
 
 def test_best_columns_rejects_a_count_outside_the_row():
@@ -678,7 +678,7 @@ def test_nearest_centroid_native_matches_float64(metric, k):
     """The blocked GEMM + SIMD argmin (and the portable loop) pick the float64 best centroid except on
     near ties; min_dist is the squared distance (l2) or the inner product (ip) of that centroid."""
     from fastcore_ai import _native
-    from fastcore_ai.ops.pq import _nearest_centroid
+    from fastcore_ai.ops.pq import nearest_centroid
     x = _clustered(1300, 24, centers=9, seed=k)
     c = torch.randn(k, 24) * 2
     xd, cd = x.double(), c.double()
@@ -695,9 +695,9 @@ def test_nearest_centroid_native_matches_float64(metric, k):
         assert torch.allclose(got[mismatch], best[mismatch], rtol=1e-5, atol=1e-4), kernel
         sign = -1.0 if metric == "l2" else 1.0
         assert torch.allclose(min_dist.double(), sign * got, rtol=1e-4, atol=1e-3), kernel
-    assert torch.equal(_nearest_centroid(x, c, metric), _native.native().pq_kmeans_assign(x, c, int(metric == "ip"))[0])
+    assert torch.equal(nearest_centroid(x, c, metric), _native.native().pq_kmeans_assign(x, c, int(metric == "ip"))[0])
     # the torch fallback (float64 input) agrees on the exact answer
-    assert torch.equal(_nearest_centroid(xd, cd, metric), expected)
+    assert torch.equal(nearest_centroid(xd, cd, metric), expected)
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])

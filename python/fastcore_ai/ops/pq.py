@@ -3,7 +3,11 @@ encoding/decoding, distance tables (LUTs), exact 8-bit ADC search with top-k, th
 the IVF-PQ scan. Semantics (FAISS's IndexPQ definitions) in fastcore_ai.reference.pq.
 
 Layering (DESIGN): validate -> choose backend ("cpu": the C++ kernels, "reference": pure torch) ->
-registered torch ops `fastcore_ai::pq_*` (fake impls; autograd for pq_lut and pq_decode).
+registered torch ops `fastcore_ai::pq_*`, `ivfpq_*` (declared by `define_op`: fake impls; autograd for
+pq_lut and pq_decode).
+
+`nearest_centroid` and `best_columns` are the index-building helpers (coarse assignment, IVF probe
+lists) that fastcore_ai.search uses; they call the native kernels directly and are not registered ops.
 
 Search conventions: distances float32 [nq, k], ids int64 [nq, k], best first; l2 = squared distance
 ascending, ip = inner product descending; ties go to the lower id; fewer than k results are padded
@@ -11,7 +15,7 @@ with id −1 and +inf (l2) / −inf (ip).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,6 +23,7 @@ from torch import Tensor
 from .. import _native, backends
 from .._validation import _describe, check_bool, check_choice, check_int, check_tensor
 from ..reference import pq as _ref
+from ._define import define_op, triton
 
 __all__ = ["kmeans", "pq_train", "pq_encode", "pq_decode", "pq_lut", "pq_search", "pq4_pack", "pq4_search",
            "ivfpq_search", "pq4_kernel", "METRICS"]
@@ -78,11 +83,26 @@ def _check_codes(op: str, codes, codebooks: Tensor) -> None:
 
 
 def _check_code_range(op: str, codes: Tensor, ksub: int) -> None:
-    """Codes index the tables: one ≥ ksub would read out of bounds (uint8 codes are always < 256)."""
+    """Codes index the tables: one ≥ ksub would read out of bounds (uint8 codes are always < 256).
+    Under torch.compile the check is a traced assertion (no host read, so no graph break): the compiled
+    call raises RuntimeError with the same text, without the offending code."""
     if ksub < 256 and codes.numel() > 0:
+        if torch.compiler.is_compiling():
+            torch._assert_async(codes.max() < ksub, _err(op, f"codes must lie in [0, ksub) = [0, {ksub})"))
+            return
         top = int(codes.max())
         if top >= ksub:
             raise ValueError(_err(op, f"codes must lie in [0, ksub) = [0, {ksub}), got a code {top}"))
+
+
+def _check_probe_range(op: str, probes: Tensor, nlist: int) -> None:
+    """Probes are list numbers or −1; a traced assertion under torch.compile (as _check_code_range)."""
+    if probes.numel():
+        message = _err(op, f"probes must lie in [-1, nlist) = [-1, {nlist})")
+        if torch.compiler.is_compiling():
+            torch._assert_async(((probes >= -1) & (probes < nlist)).all(), message)
+        elif int(probes.min()) < -1 or int(probes.max()) >= nlist:
+            raise ValueError(message)
 
 
 def _same_dtype(op: str, name: str, x: Tensor, codebooks: Tensor) -> Tensor:
@@ -106,7 +126,7 @@ def _kmeans_cpu(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroi
             # measured); the encode kernel's direct ‖x − c‖² over all k centroids at once is faster.
             assign = _native.native().pq_tables(sample, c[None].contiguous(), 0, False, True)[1][:, 0].long()
         else:
-            assign = _nearest_centroid(sample, c)
+            assign = nearest_centroid(sample, c)
         c = _centroid_update_cpu(sample, assign[:, None], k, c[None])[0]
     return c.to(x.dtype)
 
@@ -125,10 +145,14 @@ def _centroid_update_cpu(sample: Tensor, codes: Tensor, ksub: int, old: Tensor) 
     return new64.float()
 
 
-def _nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
-    """assign [n] int64: argmin_j ‖x_i − c_j‖² (l2, GEMM form) or argmax_j ⟨x_i, c_j⟩ (ip), lower j on
-    ties. float32 CPU tensors: the native fused assignment (register tiles with a running argmin, no
-    [n, k] product in memory; docs/pq.md); otherwise torch in row chunks."""
+def nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor:
+    """The nearest centroid of every row: assign [n] int64, argmin_j ‖x_i − c_j‖² (l2, GEMM form) or
+    argmax_j ⟨x_i, c_j⟩ (ip), the lower j on ties.
+
+    x [n, d] and centroids [k, d] of one dtype and device, metric "l2" or "ip" (not validated: an
+    index-building helper, used by kmeans and fastcore_ai.search for the coarse assignment and the
+    single-probe IVF search). float32 CPU tensors: the native fused assignment (register tiles with a
+    running argmin, no [n, k] product in memory; docs/pq.md); otherwise torch in row chunks."""
     if (x.dtype == torch.float32 and centroids.dtype == torch.float32 and x.device.type == "cpu"
             and centroids.device.type == "cpu" and _native.load_error() is None):
         return _native.native().pq_kmeans_assign(x.contiguous(), centroids.contiguous(), _METRIC_ID[metric])[0]
@@ -141,9 +165,10 @@ def _nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tenso
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=x.device)
 
 
-def _best_columns(scores: Tensor, count: int) -> Tensor:
-    """[n, count] int64: the count highest-scoring columns of each row, best first, the lower column on
-    ties (a NaN ranks last); 1 <= count <= scores.shape[1]. The IVF search's probe lists. float32 CPU
+def best_columns(scores: Tensor, count: int) -> Tensor:
+    """The count highest-scoring columns of each row: [n, count] int64, best first, the lower column on
+    ties (a NaN ranks last); scores [n, L], 1 <= count <= L (not validated: an index-building helper).
+    fastcore_ai.search's IVF probe lists (nprobe > 1). float32 CPU
     tensors: the native selection (a 16-wide compare against the current count-th best; torch.topk costs
     ~25x as much for nlist = 1024); otherwise torch.topk (the same lists up to the order of ties)."""
     if scores.dtype == torch.float32 and scores.device.type == "cpu" and _native.load_error() is None:
@@ -151,17 +176,16 @@ def _best_columns(scores: Tensor, count: int) -> Tensor:
     return torch.topk(scores, count, dim=1).indices.contiguous()
 
 
-_KMEANS_IMPL = {"cpu": _kmeans_cpu, "reference": _ref.kmeans}
+def _contiguous(function):
+    """The impl `function` with a contiguous result (a registered op's outputs are dense)."""
+    def call(*args):
+        return function(*args).contiguous()
+    call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
+    return call
 
 
-@torch.library.custom_op("fastcore_ai::pq_kmeans", mutates_args=())
-def _kmeans_op(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroid: int, constrained: bool,
-               backend: str) -> Tensor:
-    return _KMEANS_IMPL[backend](x, k, niter, seed, max_points_per_centroid, constrained).contiguous()
-
-
-@_kmeans_op.register_fake
-def _kmeans_fake(x, k, niter, seed, max_points_per_centroid, constrained, backend):
+@define_op("pq_kmeans", impls={"cpu": _contiguous(_kmeans_cpu), "reference": _contiguous(_ref.kmeans)})
+def _kmeans_op(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroid: int, constrained: bool) -> Tensor:
     return x.new_empty((k, x.shape[1]))
 
 
@@ -187,7 +211,7 @@ def kmeans(x: Tensor, k: int, niter: int = 25, seed: int = 0, max_points_per_cen
     if x.shape[1] < 1:
         raise ValueError(_err(op, f"x must have d >= 1 columns, got {_describe(x)}"))
     chosen = backends.select(op, backend, x.device, x.dtype, "x")
-    return _kmeans_op(x, k, niter, seed, max_points_per_centroid, constrained, chosen)
+    return _kmeans_op(x, k, niter, seed, max_points_per_centroid, constrained, backend=chosen)
 
 
 def pq_train(x: Tensor, M: int, nbits: int = 8, metric: str = "l2", niter: int = 25, constrained: bool = False,
@@ -253,16 +277,8 @@ def _encode_cpu(x, codebooks):
     return _native.native().pq_tables(x, codebooks, 0, False, True)[1]
 
 
-_ENCODE_IMPL = {"cpu": _encode_cpu, "reference": _ref.pq_encode}
-
-
-@torch.library.custom_op("fastcore_ai::pq_encode", mutates_args=())
-def _encode_op(x: Tensor, codebooks: Tensor, backend: str) -> Tensor:
-    return _ENCODE_IMPL[backend](x, codebooks)
-
-
-@_encode_op.register_fake
-def _encode_fake(x, codebooks, backend):
+@define_op("pq_encode", impls={"cpu": _encode_cpu, "reference": _ref.pq_encode})
+def _encode_op(x: Tensor, codebooks: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], codebooks.shape[0]), dtype=torch.uint8)
 
 
@@ -274,18 +290,7 @@ def pq_encode(x: Tensor, codebooks: Tensor, *, backend: str = "auto") -> Tensor:
     _check_vectors(op, "x", x, codebooks)
     _same_dtype(op, "x", x, codebooks)
     chosen = backends.select(op, backend, x.device, x.dtype, "x")
-    return _encode_op(x, codebooks, chosen)
-
-
-@torch.library.custom_op("fastcore_ai::pq_decode", mutates_args=())
-def _decode_op(codes: Tensor, codebooks: Tensor, backend: str) -> Tensor:
-    # A gather on every backend (memory-bound; torch's indexing is already optimal for it).
-    return _ref.pq_decode(codes, codebooks).contiguous()
-
-
-@_decode_op.register_fake
-def _decode_fake(codes, codebooks, backend):
-    return codebooks.new_empty((codes.shape[0], codebooks.shape[0] * codebooks.shape[2]))
+    return _encode_op(x, codebooks, backend=chosen)
 
 
 def _decode_setup(ctx, inputs, output):
@@ -304,7 +309,13 @@ def _decode_backward(ctx, grad):
     return None, out.reshape(M, ksub, dsub), None
 
 
-_decode_op.register_autograd(_decode_backward, setup_context=_decode_setup)
+# A gather on every backend (memory-bound; torch's indexing is already optimal for it).
+_DECODE = _contiguous(_ref.pq_decode)
+
+
+@define_op("pq_decode", impls={"cpu": _DECODE, "reference": _DECODE}, autograd=(_decode_setup, _decode_backward))
+def _decode_op(codes: Tensor, codebooks: Tensor) -> Tensor:
+    return codebooks.new_empty((codes.shape[0], codebooks.shape[0] * codebooks.shape[2]))
 
 
 def pq_decode(codes: Tensor, codebooks: Tensor, *, backend: str = "auto") -> Tensor:
@@ -314,7 +325,7 @@ def pq_decode(codes: Tensor, codebooks: Tensor, *, backend: str = "auto") -> Ten
     _check_codes(op, codes, codebooks)
     _check_code_range(op, codes, codebooks.shape[1])
     chosen = backends.select(op, backend, codebooks.device, codebooks.dtype, "codebooks")
-    return _decode_op(codes, codebooks, chosen)
+    return _decode_op(codes, codebooks, backend=chosen)
 
 
 def _lut_cpu(queries, codebooks, metric):
@@ -323,19 +334,6 @@ def _lut_cpu(queries, codebooks, metric):
 
 def _lut_reference(queries, codebooks, metric):
     return _ref.pq_lut(queries, codebooks, metric).to(queries.dtype)
-
-
-_LUT_IMPL = {"cpu": _lut_cpu, "cuda": _lut_cpu, "reference": _lut_reference}
-
-
-@torch.library.custom_op("fastcore_ai::pq_lut", mutates_args=())
-def _lut_op(queries: Tensor, codebooks: Tensor, metric: str, backend: str) -> Tensor:
-    return _LUT_IMPL[backend](queries, codebooks, metric)
-
-
-@_lut_op.register_fake
-def _lut_fake(queries, codebooks, metric, backend):
-    return queries.new_empty((queries.shape[0], codebooks.shape[0], codebooks.shape[1]))
 
 
 def _lut_setup(ctx, inputs, output):
@@ -359,7 +357,10 @@ def _lut_backward(ctx, grad):
     return grad_q.reshape(queries.shape), grad_c, None, None
 
 
-_lut_op.register_autograd(_lut_backward, setup_context=_lut_setup)
+@define_op("pq_lut", impls={"cpu": _lut_cpu, "cuda": _lut_cpu, "reference": _lut_reference},
+           autograd=(_lut_setup, _lut_backward))
+def _lut_op(queries: Tensor, codebooks: Tensor, metric: str) -> Tensor:
+    return queries.new_empty((queries.shape[0], codebooks.shape[0], codebooks.shape[1]))
 
 
 def pq_lut(queries: Tensor, codebooks: Tensor, metric: str = "l2", *, backend: str = "auto") -> Tensor:
@@ -371,23 +372,34 @@ def pq_lut(queries: Tensor, codebooks: Tensor, metric: str = "l2", *, backend: s
     _same_dtype(op, "queries", queries, codebooks)
     check_choice(op, "metric", metric, METRICS)
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
-    return _lut_op(queries, codebooks, metric, chosen)
+    return _lut_op(queries, codebooks, metric, backend=chosen)
 
 
 # ---- exact ADC search --------------------------------------------------------------------------------
 
+def _search_dtype(queries: Tensor) -> torch.dtype:
+    """The registered pq_search's distance dtype: float64 for float64 queries, else float32, on every
+    backend (a fake sees no backend). The cpu, cuda and triton scans compute float32 distances (widened
+    losslessly for float64 queries); the public pq_search returns float32 from them, the reference's
+    float64 distances as they are."""
+    return torch.float64 if queries.dtype == torch.float64 else torch.float32
+
+
 def _search_cpu(queries, codes, codebooks, k, metric):
     lut = _native.native().pq_tables(queries.float(), codebooks.float(), _METRIC_ID[metric], True, False)[0]
-    return tuple(_native.native().pq_search_flat(lut, codes, k, _METRIC_ID[metric]))
+    d, i = _native.native().pq_search_flat(lut, codes, k, _METRIC_ID[metric])
+    return d.to(_search_dtype(queries)), i
 
 
 def _search_reference(queries, codes, codebooks, k, metric):
     d, i = _ref.pq_search(queries, codes, codebooks, k, metric)
-    return d.to(torch.float32 if queries.dtype != torch.float64 else torch.float64), i
+    return d.to(_search_dtype(queries)), i
+
+
+_adc_search = triton("pq", "adc_search")
 
 
 def _search_triton(queries, codes, codebooks, k, metric):
-    from ..triton_kernels import pq as triton_pq
     M, ksub, dsub = codebooks.shape
     q = queries.float().reshape(-1, M, dsub)
     cb = codebooks.float()
@@ -396,23 +408,15 @@ def _search_triton(queries, codes, codebooks, k, metric):
         lut = ((q * q).sum(-1)[..., None] - 2.0 * dots + (cb * cb).sum(-1)[None]).clamp_min_(0.0)
     else:
         lut = dots
-    return triton_pq.adc_search(lut.contiguous(), codes, k, metric)
+    d, i = _adc_search(lut.contiguous(), codes, k, metric)
+    return d.to(_search_dtype(queries)), i
 
 
-_SEARCH_IMPL = {"cpu": _search_cpu, "cuda": _search_cpu, "reference": _search_reference, "triton": _search_triton}
-
-
-@torch.library.custom_op("fastcore_ai::pq_search", mutates_args=())
-def _search_op(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric: str,
-               backend: str) -> Tuple[Tensor, Tensor]:
-    return _SEARCH_IMPL[backend](queries, codes, codebooks, k, metric)
-
-
-@_search_op.register_fake
-def _search_fake(queries, codes, codebooks, k, metric, backend):
-    dtype = torch.float64 if (backend == "reference" and queries.dtype == torch.float64) else torch.float32
+@define_op("pq_search", impls={"cpu": _search_cpu, "cuda": _search_cpu, "triton": _search_triton,
+                               "reference": _search_reference})
+def _search_op(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
-    return queries.new_empty((nq, k), dtype=dtype), queries.new_empty((nq, k), dtype=torch.int64)
+    return queries.new_empty((nq, k), dtype=_search_dtype(queries)), queries.new_empty((nq, k), dtype=torch.int64)
 
 
 def _check_k(op: str, k) -> None:
@@ -438,18 +442,16 @@ def pq_search(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric:
     check_choice(op, "metric", metric, METRICS)
     _check_code_range(op, codes, codebooks.shape[1])
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries", k=k)
-    return _search_op(queries, codes.contiguous(), codebooks, k, metric, chosen)
+    d, i = _search_op(queries, codes.contiguous(), codebooks, k, metric, backend=chosen)
+    return (d, i) if chosen == "reference" else (d.float(), i)
 
 
 # ---- 4-bit fast-scan ----------------------------------------------------------------------------------
 
-@torch.library.custom_op("fastcore_ai::pq4_pack", mutates_args=())
+# A byte shuffle in torch on any device: one implementation, registered as "reference" (pq4_pack has no
+# backend choice).
+@define_op("pq4_pack", impls={"reference": _ref.pq4_pack})
 def _pack_op(codes: Tensor) -> Tensor:
-    return _ref.pq4_pack(codes)
-
-
-@_pack_op.register_fake
-def _pack_fake(codes):
     n, M = codes.shape
     return codes.new_empty(((n + 31) // 32, (M + 1) // 2, 32))
 
@@ -462,7 +464,7 @@ def pq4_pack(codes: Tensor) -> Tensor:
     if codes.shape[1] < 1:
         raise ValueError(_err(op, f"codes must have M >= 1 columns, got {_describe(codes)}"))
     _check_code_range(op, codes, 16)
-    return _pack_op(codes)
+    return _pack_op(codes, backend="reference")
 
 
 def _pq4_scan_reference(lut: Tensor, packed: Tensor, n: int, k: int, metric: str) -> Tuple[Tensor, Tensor]:
@@ -491,7 +493,6 @@ def _pq4_reference(queries, packed, n, codebooks, k, metric):
     return _pq4_scan_reference(_ref.pq_lut(queries, codebooks, metric).float(), packed, n, k, metric)
 
 
-_PQ4_IMPL = {"cpu": _pq4_cpu, "reference": _pq4_reference}
 
 
 def _rerank(queries, candidates, codebooks, packed, n, k, metric, rerank_vectors):
@@ -523,18 +524,21 @@ def _rerank(queries, candidates, codebooks, packed, n, k, metric, rerank_vectors
     return out_d, out_i
 
 
-@torch.library.custom_op("fastcore_ai::pq4_search", mutates_args=())
+def _with_rerank(scan):
+    """The pq4_search impl over the quantized `scan` of a backend: the best k·k_factor, re-ranked
+    exactly (_rerank) when k_factor > 1 or rerank_vectors are given."""
+    def search(queries, packed, n, codebooks, k, metric, k_factor, rerank_vectors):
+        d, i = scan(queries, packed, n, codebooks, k * k_factor, metric)
+        if k_factor == 1 and rerank_vectors is None:
+            return d, i
+        return _rerank(queries, i, codebooks, packed, n, k, metric, rerank_vectors)
+    search.__name__ = search.__qualname__ = f"{scan.__name__}_with_rerank"
+    return search
+
+
+@define_op("pq4_search", impls={"cpu": _with_rerank(_pq4_cpu), "reference": _with_rerank(_pq4_reference)})
 def _pq4_op(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: int, metric: str, k_factor: int,
-            rerank_vectors: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    kk = k * k_factor
-    d, i = _PQ4_IMPL[backend](queries, packed, n, codebooks, kk, metric)
-    if k_factor == 1 and rerank_vectors is None:
-        return d, i
-    return _rerank(queries, i, codebooks, packed, n, k, metric, rerank_vectors)
-
-
-@_pq4_op.register_fake
-def _pq4_fake(queries, packed, n, codebooks, k, metric, k_factor, rerank_vectors, backend):
+            rerank_vectors: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
@@ -574,7 +578,7 @@ def pq4_search(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: in
             raise ValueError(_err(op, f"rerank_vectors must have shape [n, d] = {(n, queries.shape[1])}, "
                                       f"got {_describe(rerank_vectors)}"))
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
-    return _pq4_op(queries, packed.contiguous(), n, codebooks, k, metric, k_factor, rerank_vectors, chosen)
+    return _pq4_op(queries, packed.contiguous(), n, codebooks, k, metric, k_factor, rerank_vectors, backend=chosen)
 
 
 def pq4_kernel(force: Optional[str] = None) -> str:
@@ -671,20 +675,10 @@ def _ivf_cpu(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, me
                                                 _METRIC_ID[metric], None))
 
 
-_IVF_IMPL = {"cpu": _ivf_cpu, "reference": _ivf_reference}
-
-
-@torch.library.custom_op("fastcore_ai::ivfpq_search", mutates_args=())
+@define_op("ivfpq_search", impls={"cpu": _ivf_cpu, "reference": _ivf_reference})
 def _ivf_op(queries: Tensor, coarse: Tensor, probes: Tensor, codes: Tensor, list_offsets: Tensor, ids: Tensor,
-            codebooks: Tensor, k: int, metric: str, by_residual: bool, list_terms: Optional[Tensor],
-            backend: str) -> Tuple[Tensor, Tensor]:
-    return _IVF_IMPL[backend](queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual,
-                              list_terms)
-
-
-@_ivf_op.register_fake
-def _ivf_fake(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual, list_terms,
-              backend):
+            codebooks: Tensor, k: int, metric: str, by_residual: bool,
+            list_terms: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
@@ -719,8 +713,7 @@ def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, code
         raise ValueError(_err(op, f"list_offsets must have nlist + 1 = {nlist + 1} entries, got {_describe(list_offsets)}"))
     if ids.shape[0] != codes.shape[0]:
         raise ValueError(_err(op, f"ids must have n = {codes.shape[0]} entries, got {_describe(ids)}"))
-    if probes.numel() and (int(probes.min()) < -1 or int(probes.max()) >= nlist):
-        raise ValueError(_err(op, f"probes must lie in [-1, nlist) = [-1, {nlist})"))
+    _check_probe_range(op, probes, nlist)
     _check_k(op, k)
     check_choice(op, "metric", metric, METRICS)
     check_bool(op, "by_residual", by_residual)
@@ -736,7 +729,7 @@ def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, code
                                       f"by_residual={by_residual}"))
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
     return _ivf_op(queries, coarse_centroids, probes, codes.contiguous(), list_offsets, ids, codebooks, k, metric,
-                   by_residual, list_terms, chosen)
+                   by_residual, list_terms, backend=chosen)
 
 
 # ---- IVF 4-bit fast-scan (non-residual) -----------------------------------------------------------------
@@ -794,18 +787,12 @@ def _ivf4_reference(queries, probes, packed, list_blocks, list_sizes, row_ids, c
     return out_d, out_i
 
 
-_IVF4_IMPL = {"cpu": _ivf4_cpu, "reference": _ivf4_reference}
 backends.register_op(_table("ivfpq4_search"))
 
 
-@torch.library.custom_op("fastcore_ai::ivfpq4_search", mutates_args=())
+@define_op("ivfpq4_search", impls={"cpu": _ivf4_cpu, "reference": _ivf4_reference})
 def _ivf4_op(queries: Tensor, probes: Tensor, packed: Tensor, list_blocks: Tensor, list_sizes: Tensor,
-             row_ids: Tensor, codebooks: Tensor, k: int, metric: str, backend: str) -> Tuple[Tensor, Tensor]:
-    return _IVF4_IMPL[backend](queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric)
-
-
-@_ivf4_op.register_fake
-def _ivf4_fake(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric, backend):
+             row_ids: Tensor, codebooks: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
@@ -827,12 +814,11 @@ def ivfpq4_search(queries: Tensor, probes: Tensor, packed: Tensor, list_blocks: 
     nlist = list_blocks.shape[0] - 1
     if probes.shape[0] != queries.shape[0]:
         raise ValueError(_err(op, f"probes must have nq = {queries.shape[0]} rows, got {_describe(probes)}"))
-    if probes.numel() and (int(probes.min()) < -1 or int(probes.max()) >= nlist):
-        raise ValueError(_err(op, f"probes must lie in [-1, nlist) = [-1, {nlist})"))
+    _check_probe_range(op, probes, nlist)
     _check_k(op, k)
     check_choice(op, "metric", metric, METRICS)
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
-    return _ivf4_op(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric, chosen)
+    return _ivf4_op(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric, backend=chosen)
 
 
 __all__ += ["ivfpq4_search", "pq4_pack_lists", "ivfpq_list_terms"]

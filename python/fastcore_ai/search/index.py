@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops.pq import _best_columns, _nearest_centroid
+from ..ops.pq import best_columns, nearest_centroid
 from ._format import IndexFileError, read_index_file, write_index_file
 
 __all__ = ["PQIndex", "IVFPQIndex", "IndexFileError", "load_index"]
@@ -245,7 +245,7 @@ class IVFPQIndex(PQIndex):
     def _assign(self, x: Tensor, coarse: Tensor) -> Tensor:
         # The nearest list (l2) / largest inner product (ip), lower list on ties, by the fused assignment
         # kernel (no [n, nlist] score matrix: a whole database's would be n·nlist·4 bytes).
-        return _nearest_centroid(x, coarse, self.metric)
+        return nearest_centroid(x, coarse, self.metric)
 
     def _add_encoded(self, x: Tensor, ids: Tensor) -> None:
         lists = self._assign(x, self.coarse)
@@ -288,9 +288,9 @@ class IVFPQIndex(PQIndex):
         # memory), more from the coarse GEMM by the native selection (torch.topk cost ~2.4 µs a query for
         # nlist = 1024, as much as scanning two lists).
         if nprobe == 1:
-            probes = _nearest_centroid(q, self.coarse, self.metric)[:, None]
+            probes = nearest_centroid(q, self.coarse, self.metric)[:, None]
         else:
-            probes = _best_columns(self._coarse_scores(q, self.coarse), nprobe)
+            probes = best_columns(self._coarse_scores(q, self.coarse), nprobe)
         if self.nbits == 4 and not self.by_residual:
             # FAISS's IVF…,PQ…x4fs: non-residual 4-bit codes, fast-scan per list.
             if self._packed is None:
