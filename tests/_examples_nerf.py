@@ -4,6 +4,7 @@ import math
 import torch
 
 from fastcore_ai import nn, ops
+from test_nerf import packed_samples
 
 _F64 = torch.float64
 
@@ -29,18 +30,7 @@ def _grid(res=4, levels=1, fraction=0.4):
 
 
 def _packed(R, max_count=4, dtype=_F64):
-    counts = torch.randint(0, max_count + 1, (R,))
-    counts[1] = 0          # an empty ray
-    S = int(counts.sum())
-    starts = torch.cumsum(counts, 0) - counts
-    packed = torch.stack([starts, counts], 1)
-    deltas = torch.rand(S, dtype=dtype) * 0.3 + 0.01
-    t_starts = torch.zeros(S, dtype=dtype)
-    for r in range(R):
-        s, c = int(starts[r]), int(counts[r])
-        if c:
-            t_starts[s:s + c] = 0.5 + torch.cumsum(deltas[s:s + c], 0) - deltas[s:s + c]
-    return torch.rand(S, dtype=dtype) * 3, torch.rand(S, 3, dtype=dtype), t_starts, t_starts + deltas, packed
+    return packed_samples(R, max_count=max_count, dtype=dtype)   # the nerf tests' generator (an empty ray included)
 
 
 def _composite_inputs(K=3, R=6, per_ray=True, dtype=_F64):
