@@ -80,15 +80,40 @@ def _nothing_intercepts() -> bool:
                 or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() > 0)
 
 
+def _runner(impls: Dict[str, Callable], check: Optional[Callable], contiguous_positions: Tuple[int, ...],
+            contiguous_outputs: bool) -> Callable:
+    """run(backend, args): the impl, with what every backend of the op shares done once around it: the
+    op's data check (inside the op, so the public function stays traceable and the direct path runs it too),
+    dense copies of the arguments the kernels index densely (autograd may hand expanded gradients), dense
+    outputs (the fake promises them)."""
+    if check is None and not contiguous_positions and not contiguous_outputs:
+        return lambda backend, args: _as_output(impls[backend](*args))
+
+    def run(backend, args):
+        if check is not None:
+            check(*args)
+        if contiguous_positions:
+            args = list(args)
+            for position in contiguous_positions:
+                if args[position] is not None:
+                    args[position] = args[position].contiguous()
+        out = _as_output(impls[backend](*args))
+        if contiguous_outputs:
+            out = tuple(t if t is None else t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
+        return out
+    return run
+
+
 class DefinedOp:
     """A registered torch op with its backend implementations (see the module docstring)."""
 
     def __init__(self, name: str, prototype: Callable, impls: Mapping[str, Callable],
-                 mutates_args: Sequence[str] = (), autograd: Optional[Tuple[Callable, Callable]] = None):
+                 mutates_args: Sequence[str] = (), autograd: Optional[Tuple[Callable, Callable]] = None,
+                 check: Optional[Callable] = None, contiguous_args: Sequence[str] = (),
+                 contiguous_outputs: bool = False):
         self.name = name
         self.qualname = f"fastcore_ai::{name}"
         self.impls: Dict[str, Callable] = dict(impls)
-        self.prototype = prototype
         self.differentiable = autograd is not None
         schema = torch.library.infer_schema(prototype, mutates_args=tuple(mutates_args))
         arguments, returns = schema.rsplit(") ->", 1)
@@ -103,11 +128,12 @@ class DefinedOp:
                    ("Tensor", "Optional[Tensor]", "List[Tensor]", "List[Optional[Tensor]]")]
         if unknown:
             raise TypeError(f"define_op({name!r}): argument types {unknown} are not understood by the direct path")
-        implementations = self.impls
+        self._run = _runner(self.impls, check, tuple(parameters.index(a) for a in contiguous_args), contiguous_outputs)
+        run = self._run
 
         def dispatch(*args):
             *call, backend = args
-            return _as_output(implementations[backend](*call))
+            return run(backend, call)
 
         dispatch.__name__ = name
         self.op = torch.library.custom_op(self.qualname, dispatch, mutates_args=tuple(mutates_args), schema=schema)
@@ -116,10 +142,6 @@ class DefinedOp:
             setup_context, backward = autograd
             self.op.register_autograd(backward, setup_context=setup_context)
         REGISTRY[name] = self
-
-    @property
-    def backends(self) -> Tuple[str, ...]:
-        return tuple(self.impls)
 
     def direct_call_allowed(self, args) -> bool:
         """True when the registered op would only run impls[backend](*args): see the module docstring.
@@ -140,7 +162,7 @@ class DefinedOp:
 
     def __call__(self, *args, backend: str):
         if backend in NATIVE_BACKENDS and self.direct_call_allowed(args):
-            out = _as_output(self.impls[backend](*args))
+            out = self._run(backend, args)
             if self._mutated:
                 torch._C._increment_version([args[i] for i in self._mutated])
             return out
@@ -148,10 +170,13 @@ class DefinedOp:
 
 
 def define_op(name: str, *, impls: Mapping[str, Callable], mutates_args: Sequence[str] = (),
-              autograd: Optional[Tuple[Callable, Callable]] = None) -> Callable[[Callable], DefinedOp]:
-    """Decorator over the op's prototype (annotations = schema, body = fake): see the module docstring."""
+              autograd: Optional[Tuple[Callable, Callable]] = None, check: Optional[Callable] = None,
+              contiguous_args: Sequence[str] = (), contiguous_outputs: bool = False) -> Callable[[Callable], DefinedOp]:
+    """Decorator over the op's prototype (annotations = schema, body = fake): see the module docstring.
+    `check(*args)` runs before every backend; `contiguous_args` names arguments every backend gets dense;
+    `contiguous_outputs` makes every backend's outputs dense."""
     def wrap(prototype: Callable) -> DefinedOp:
-        return DefinedOp(name, prototype, impls, mutates_args, autograd)
+        return DefinedOp(name, prototype, impls, mutates_args, autograd, check, contiguous_args, contiguous_outputs)
     return wrap
 
 

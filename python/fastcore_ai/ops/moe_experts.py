@@ -32,7 +32,7 @@ Two paths, chosen per call:
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -53,13 +53,10 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 # ---- backend implementations (forward, inference) -----------------------------------------------
 
-def _checked(forward: Callable) -> Callable:
+def _check_experts_ids(x, expert_ids, weights, kept, w1, w2, act, gated):
     """The ids are checked inside the op (every backend, the direct path included): torch.compile never
     traces the host read."""
-    def call(x, expert_ids, weights, kept, w1, w2, act, gated):
-        _check_ids(expert_ids, w2.shape[0])
-        return forward(x, expert_ids, weights, kept, w1, w2, act, gated)
-    return call
+    _check_ids(expert_ids, w2.shape[0])
 
 
 _native_experts = native("moe_experts")
@@ -99,8 +96,8 @@ def _experts_backward(ctx, grad_out):
     return (grad_x, None, grad_weights if need_weights else None, None, grad_w1, grad_w2, None, None, None)
 
 
-@define_op("moe_experts", impls={name: _checked(forward) for name, forward in _FORWARD.items()},
-           autograd=(_experts_setup_context, _experts_backward))
+@define_op("moe_experts", impls=_FORWARD, autograd=(_experts_setup_context, _experts_backward),
+           check=_check_experts_ids)
 def _experts_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
                 w_down: Tensor, activation: str, gated: bool) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1]))
@@ -180,8 +177,8 @@ def _experts_train_backward(ctx, grad_out, *_unused_grads):
             None)
 
 
-@define_op("moe_experts_train", impls={"cpu": _checked(_train_native), "reference": _checked(_train_reference)},
-           autograd=(_experts_train_setup_context, _experts_train_backward))
+@define_op("moe_experts_train", impls={"cpu": _train_native, "reference": _train_reference},
+           autograd=(_experts_train_setup_context, _experts_train_backward), check=_check_experts_ids)
 def _experts_train_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
                       w_down: Tensor, activation: str, gated: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [T, H], gate_up [S, 2I or I] in x's dtype, expert_offsets [E + 1], slot_to_token [S], token_slot [T, k])."""

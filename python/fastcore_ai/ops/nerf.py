@@ -20,7 +20,7 @@ read one flag each; volume_render's checks of packed_info read one flag.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -141,25 +141,15 @@ def _native_mod():
     return _native.native()
 
 
-def _checked(check: Callable, impls: Dict[str, Callable]) -> Dict[str, Callable]:
-    """`impls` with the op's data check run first (inside the registered op, so the public function traces)."""
-    def wrap(function: Callable) -> Callable:
-        def call(*args):
-            check(*args)
-            return function(*args)
-        call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
-        return call
-    return {backend: wrap(function) for backend, function in impls.items()}
-
-
 # ---- 1. ray_aabb_intersect ------------------------------------------------------------------------------
 
 def _check_aabb_values(rays_o, rays_d, aabbs):
     _check_ray_values(_AABB, rays_o, rays_d)
 
 
-@define_op("nerf_ray_aabb_intersect", impls=_checked(_check_aabb_values, native_impls(
-    "nerf_ray_aabb_intersect", triton_launcher=("nerf", "ray_aabb_intersect"), reference=_ref.ray_aabb_intersect)))
+@define_op("nerf_ray_aabb_intersect", impls=native_impls(
+    "nerf_ray_aabb_intersect", triton_launcher=("nerf", "ray_aabb_intersect"), reference=_ref.ray_aabb_intersect),
+    check=_check_aabb_values)
 def _aabb_op(rays_o: Tensor, rays_d: Tensor, aabbs: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     shape = (rays_o.shape[0], aabbs.shape[0])
     return rays_o.new_empty(shape), rays_o.new_empty(shape), rays_o.new_empty(shape, dtype=torch.bool)
@@ -192,8 +182,8 @@ def _check_grid_values(density, cell_indices, values, decay, threshold):
             raise ValueError(_err(_GRID, f"cell_indices must lie in [0, N) = [0, {density.shape[0]})"))
 
 
-@define_op("nerf_occupancy_grid_update", impls=_checked(_check_grid_values, native_impls(
-    "nerf_occupancy_grid_update", reference=_ref.occupancy_grid_update)))
+@define_op("nerf_occupancy_grid_update", impls=native_impls(
+    "nerf_occupancy_grid_update", reference=_ref.occupancy_grid_update), check=_check_grid_values)
 def _grid_op(density: Tensor, cell_indices: Tensor, values: Tensor, decay: float,
              threshold: float) -> Tuple[Tensor, Tensor]:
     n = density.shape[0]
@@ -233,8 +223,8 @@ def _check_march_values(rays_o, rays_d, *rest):
     _check_ray_values(_MARCH, rays_o, rays_d)
 
 
-@define_op("nerf_ray_march", impls=_checked(_check_march_values, native_impls("nerf_ray_march",
-                                                                              reference=_ref.ray_march)))
+@define_op("nerf_ray_march", impls=native_impls("nerf_ray_march", reference=_ref.ray_march),
+           check=_check_march_values)
 def _march_op(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, resolution: int, levels: int,
               near: float, far: float, step_size: float, cone_angle: float, max_samples: int,
               jitter_u: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -317,20 +307,10 @@ def _render_backward_reference(g_color, g_opacity, g_depth, g_weights, sigmas, r
                                        packed_info, eps)
 
 
-def _contiguous_grads(impls: Dict[str, Callable]) -> Dict[str, Callable]:
-    """`impls` called with contiguous incoming gradients (autograd may hand expanded or strided ones)."""
-    def wrap(function: Callable) -> Callable:
-        def call(g_color, g_opacity, g_depth, g_weights, *saved):
-            return function(g_color.contiguous(), g_opacity.contiguous(), g_depth.contiguous(),
-                            None if g_weights is None else g_weights.contiguous(), *saved)
-        call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
-        return call
-    return {backend: wrap(function) for backend, function in impls.items()}
-
-
-@define_op("nerf_volume_render_backward", impls=_contiguous_grads(native_impls(
+@define_op("nerf_volume_render_backward", impls=native_impls(
     "nerf_volume_render_backward", triton_launcher=("nerf", "volume_render_backward"),
-    reference=_render_backward_reference)))
+    reference=_render_backward_reference),
+    contiguous_args=("grad_color", "grad_opacity", "grad_depth", "grad_weights"))  # autograd may expand them
 def _render_backward_op(grad_color: Tensor, grad_opacity: Tensor, grad_depth: Tensor, grad_weights: Optional[Tensor],
                         sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
                         color: Tensor, opacity: Tensor, depth: Tensor, early_stop_eps: float) -> Tuple[Tensor, Tensor]:
@@ -359,9 +339,9 @@ def _render_backward(ctx, g_color, g_opacity, g_depth, g_weights):
     return grad_s, grad_c, None, None, None, None, None, None
 
 
-@define_op("nerf_volume_render", impls=_checked(_check_render_values, native_impls(
-    "nerf_volume_render", triton_launcher=("nerf", "volume_render"), reference=_render_reference)),
-           autograd=(_render_setup_context, _render_backward))
+@define_op("nerf_volume_render", impls=native_impls(
+    "nerf_volume_render", triton_launcher=("nerf", "volume_render"), reference=_render_reference),
+           autograd=(_render_setup_context, _render_backward), check=_check_render_values)
 def _render_op(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
                early_stop_eps: float, need_weights: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(color [R, 3], opacity [R], depth [R], weights [S] or [0])."""

@@ -176,15 +176,7 @@ def best_columns(scores: Tensor, count: int) -> Tensor:
     return torch.topk(scores, count, dim=1).indices.contiguous()
 
 
-def _contiguous(function):
-    """The impl `function` with a contiguous result (a registered op's outputs are dense)."""
-    def call(*args):
-        return function(*args).contiguous()
-    call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
-    return call
-
-
-@define_op("pq_kmeans", impls={"cpu": _contiguous(_kmeans_cpu), "reference": _contiguous(_ref.kmeans)})
+@define_op("pq_kmeans", impls={"cpu": _kmeans_cpu, "reference": _ref.kmeans}, contiguous_outputs=True)
 def _kmeans_op(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroid: int, constrained: bool) -> Tensor:
     return x.new_empty((k, x.shape[1]))
 
@@ -310,10 +302,8 @@ def _decode_backward(ctx, grad):
 
 
 # A gather on every backend (memory-bound; torch's indexing is already optimal for it).
-_DECODE = _contiguous(_ref.pq_decode)
-
-
-@define_op("pq_decode", impls={"cpu": _DECODE, "reference": _DECODE}, autograd=(_decode_setup, _decode_backward))
+@define_op("pq_decode", impls={"cpu": _ref.pq_decode, "reference": _ref.pq_decode},
+           autograd=(_decode_setup, _decode_backward), contiguous_outputs=True)
 def _decode_op(codes: Tensor, codebooks: Tensor) -> Tensor:
     return codebooks.new_empty((codes.shape[0], codebooks.shape[0] * codebooks.shape[2]))
 

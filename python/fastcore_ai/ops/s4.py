@@ -14,7 +14,7 @@ follow PyTorch's complex convention. The nodes z of `cauchy` are constants (no g
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -50,25 +50,11 @@ backends.register_op(backends.standard_table(_FFT))
 backends.register_op(_complex_table(_STEP))
 
 
-def _contiguous_grad(impls: Dict[str, Callable], contiguous_outputs: bool = False) -> Dict[str, Callable]:
-    """A backward op's impls, each given a contiguous incoming gradient (the kernels index it densely);
-    with contiguous_outputs, each returned gradient made contiguous too (the schema's fake promises it)."""
-    def adapt(function):
-        if contiguous_outputs:
-            def call(grad, *args):
-                return tuple(t.contiguous() for t in function(grad.contiguous(), *args))
-        else:
-            def call(grad, *args):
-                return function(grad.contiguous(), *args)
-        call.__name__ = call.__qualname__ = getattr(function, "__name__", "impl")
-        return call
-    return {backend: adapt(function) for backend, function in impls.items()}
-
-
 # ---- cauchy --------------------------------------------------------------------------------------
 
-@define_op("s4_cauchy_backward", impls=_contiguous_grad(native_impls(
-    "s4_cauchy_backward", triton_launcher=("s4", "cauchy_backward"), reference=_ref.cauchy_backward)))
+@define_op("s4_cauchy_backward", impls=native_impls(
+    "s4_cauchy_backward", triton_launcher=("s4", "cauchy_backward"), reference=_ref.cauchy_backward),
+    contiguous_args=("grad",))
 def _cauchy_backward_op(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tuple[Tensor, Tensor]:
     return v.new_empty(v.shape), v.new_empty(v.shape)
 
@@ -126,8 +112,9 @@ def cauchy(v: Tensor, z: Tensor, w: Tensor, *, conj_symmetric: bool = True, back
 
 # ---- vandermonde ---------------------------------------------------------------------------------
 
-@define_op("s4_vandermonde_backward", impls=_contiguous_grad(native_impls(
-    "s4_vandermonde_backward", triton_launcher=("s4", "vandermonde_backward"), reference=_ref.vandermonde_backward)))
+@define_op("s4_vandermonde_backward", impls=native_impls(
+    "s4_vandermonde_backward", triton_launcher=("s4", "vandermonde_backward"), reference=_ref.vandermonde_backward),
+    contiguous_args=("grad",))
 def _vand_backward_op(grad: Tensor, v: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     return v.new_empty(v.shape), v.new_empty(v.shape)
 
@@ -188,9 +175,9 @@ def _fft_backward_reference(grad, u, k, D, n, need_u, need_k, need_D):
             gD if (need_D and D is not None) else u.new_empty((0,)))
 
 
-@define_op("s4_fft_conv_backward", impls=_contiguous_grad(native_impls(
+@define_op("s4_fft_conv_backward", impls=native_impls(
     "s4_fft_conv_backward", triton_launcher=("s4", "fft_conv_backward"), reference=_fft_backward_reference),
-    contiguous_outputs=True))
+    contiguous_args=("grad",), contiguous_outputs=True)
 def _fft_backward_op(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n: int, need_u: bool, need_k: bool,
                      need_D: bool) -> Tuple[Tensor, Tensor, Tensor]:
     gu = torch.empty_like(u, memory_format=torch.contiguous_format) if need_u else u.new_empty((0,))
@@ -259,9 +246,9 @@ def _step_backward_reference(grad_y, grad_state, state, u, dA, dB, C, D):
     return tuple(grads)
 
 
-@define_op("s4_ssm_step_backward", impls=_contiguous_grad(native_impls(
+@define_op("s4_ssm_step_backward", impls=native_impls(
     "s4_ssm_step_backward", triton_launcher=("s4", "ssm_step_backward"), reference=_step_backward_reference),
-    contiguous_outputs=True))
+    contiguous_args=("grad_y",), contiguous_outputs=True)
 def _step_backward_op(grad_y: Tensor, grad_state: Optional[Tensor], state: Tensor, u: Tensor, dA: Tensor, dB: Tensor,
                       C: Tensor, D: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     gD = D.new_empty(D.shape) if D is not None else u.new_empty((0,))
