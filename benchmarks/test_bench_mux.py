@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastcore_ai import ops
-from fastcore_ai.bench.mux import torch_composition_mux_demux
+from fastcore_ai.bench.mux import attention_step, torch_composition_mux_demux
 from fastcore_ai.nn.mux import hadamard_keys
 
 SHAPES = [(16, 12, 128, 64), (16, 12, 169, 64), (16, 12, 169, 13), (16, 12, 169, 48), (16, 12, 169, 96),
@@ -17,16 +17,6 @@ PROVIDERS = {
 }
 
 
-def _step(fn, mode, q, k, v, grad):
-    if mode == "forward":
-        with torch.no_grad():
-            return fn(q, k, v)
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out = fn(*leaves)
-    out.backward(grad)
-    return out.detach()
-
-
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-L{}-D{}".format(*s))
 @pytest.mark.parametrize("provider", sorted(PROVIDERS))
@@ -34,7 +24,7 @@ def test_attention_cpu(benchmark, provider, shape, mode):
     B, H, L, D = shape
     q, k, v, grad = (torch.randn(B, H, L, D) for _ in range(4))
     benchmark.group = f"attention cpu B={B} H={H} L={L} D={D} {mode}"
-    out = benchmark(_step, PROVIDERS[provider], mode, q, k, v, grad)
+    out = benchmark(attention_step, PROVIDERS[provider], mode, q, k, v, grad)
     assert out.shape == (B, H, L, D)
 
 

@@ -23,11 +23,20 @@ def _rel(output, expected) -> float:
     return float((output.detach().double().cpu() - expected).norm() / expected.norm().clamp_min(1e-300))
 
 
+def attention_step(fn, mode: str, q, k, v, grad):
+    """One timed attention call: the forward under no_grad, or forward + backward of `grad` from fresh leaves."""
+    if mode == "forward":
+        with torch.no_grad():
+            return fn(q, k, v)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out.detach()
+
+
 def attention_cases(device: str, quick: bool = False) -> list:
     from .. import ops
     from .harness import Case
-    import importlib
-    ref = importlib.import_module("fastcore_ai.reference.mux")
 
     ours = "cpu" if device == "cpu" else "cuda"
     shapes = [(16, 12, 128, 64), (16, 12, 169, 64)] + [(16, 12, 169, D) for D in (13, 48, 96, 200)]
@@ -42,15 +51,7 @@ def attention_cases(device: str, quick: bool = False) -> list:
                 return q, k, v, torch.randn(B, H, L, D, generator=g).to(device)
 
             def make(fn, mode=mode):
-                def run(q, k, v, grad):
-                    if mode == "forward":
-                        with torch.no_grad():
-                            return fn(q, k, v)
-                    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-                    out = fn(*leaves)
-                    out.backward(grad)
-                    return out.detach()
-                return run
+                return lambda q, k, v, grad: attention_step(fn, mode, q, k, v, grad)
 
             providers = {
                 ours: make(lambda q, k, v: ops.attention(q, k, v, backend=ours)),
@@ -61,7 +62,7 @@ def attention_cases(device: str, quick: bool = False) -> list:
 
             def error(output, inputs):
                 q, k, v, _ = (t.double().cpu() for t in inputs)
-                return _rel(output, ref.attention(q, k, v))
+                return _rel(output, ops.attention(q, k, v, backend="reference"))
 
             cases.append(Case("mux_attention", f"attention B={B} H={H} L={L} D={D} float32 {mode}", setup, providers,
                               error, peer="torch-sdpa"))
