@@ -343,12 +343,8 @@ __attribute__((always_inline)) inline StepVector step_tree_sums(RowSum&& row_sum
 // dependent shuffles and adds). Here a head's 4·kVectors coefficient vectors are loaded into registers once
 // and its B rows walked (one load per state vector), and the sums of 16 rows are formed together by a
 // transpose-and-add tree (15 adds and 30 two-source shuffles for 16 sums). A head's rows lie H·N apart: the
-// walk is 16 sequential streams. Measured at B = 16, H = 256, N = 32 (bench harness, each call after a call
-// of itself, other work paused): 24 vs 35 µs on two threads, 47 vs 67–70 µs on one, against the tile loop; in
-// 64-step generation loops from Python, in place 27–33 vs 33–38 µs (two threads), 46 vs 68–72 µs (one),
-// functional 36–37 µs both (two), 60 vs 80 µs (one). A standalone C++ loop ping-ponging two buffers had the
-// two loops tie (in place 40–41 µs both, ping-pong 60 vs 55 µs): how much this saves depends on which
-// buffers are still in cache.
+// walk is 16 sequential streams. It beats the tile loop at S4's generation shape (docs/s4.md, "Why the
+// step kernel walks heads").
 // y's sum per row: the vectors in order into one 16-lane accumulator, then the tree (step_lane_sum for the
 // B % 16 rows of a last, partial group).
 template <int kVectors>
@@ -412,10 +408,8 @@ __attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepPa
 // aliasing"). This walk takes two adjacent heads at once: a 16-row tree group is 8 batches × 2 heads, walked
 // batch by batch, so consecutive rows are 256 bytes apart. The two heads' a-coefficients (re, im) stay in
 // registers; their b and c vectors (which do not fit as well) are read from a 64-byte aligned stack table as
-// memory operands, two loads per state vector besides the state's. Measured (standalone C++ loop, in place,
-// B = 16, N = 32, alternating runs on one Zen 4 core with H = 128): 18.2–18.8 µs vs 22.3–24.3 µs for the
-// one-head walk; two threads with H = 256: 19.9–20.6 vs 25.5–25.7 µs. (The one-head walk over rows padded to
-// break the 4 KiB stride ran 17.0 vs 23.0 µs: its loss is that aliasing.) Taken for float32 u (the
+// memory operands, two loads per state vector besides the state's (measurements: docs/s4.md, "Why the
+// step kernel walks heads"). Taken for float32 u (the
 // generation case) and B a multiple of 16, where the one-head walk sums every row by the tree too: each row's
 // sum then has the same order on both walks, so the result does not depend on which heads a thread's range
 // pairs (a range's last odd head goes through the one-head walk).

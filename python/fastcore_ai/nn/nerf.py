@@ -176,12 +176,8 @@ class NeRFRenderer(nn.Module):
     # On the CPU the field runs on batches of at most this many samples (on a GPU on the whole round). The
     # per-sample cost of a small MLP field depends on the batch mostly through glibc: activations of a few MiB
     # come from the heap, and whether it trims them back to the kernel after every batch (so the next batch
-    # page-faults them in again) depends on the sizes it has seen. Measured (bench MLP32 field,
-    # render_inference of 65536 rays, 2 threads, 2026-12-05): the 4-step-shell scene's field took 207 ms with
-    # batches of 2^16 or 2^17, 321-327 ms with 2^14 or 2^15 and 439-450 ms with 2^13 (with glibc's trimming
-    # and mmap off, 214-232 ms at 2^15: the difference is page faults); the smooth-ball scene 483-498 ms at
-    # 2^16, 542-548 ms at 2^15, 521-530 ms at 2^17, 609-681 ms at 2^18. (The first measurement, 400 vs
-    # 800-950 ns per sample at 2^15 vs 2^18-2^20 on one thread, chose 2^15.)
+    # page-faults them in again) depends on the sizes it has seen. 2^16 was fastest on both bench scenes
+    # (docs/nerf.md, "The CPU field batch").
     CPU_FIELD_BATCH = 1 << 16
 
     def _run_field(self, x: Tensor, d: Tensor):

@@ -334,22 +334,22 @@ def _step_validate(state, u, dA, dB, C, D, inplace, backend) -> str:
     return chosen
 
 
-# The per-step fast path. At the generation shape (B=16, H=256, N=32) the kernel is tens of µs, and the
-# validating path (the Python checks of _step_validate, ~5 µs, then the op) would add more than the kernel's
-# own variation, so a step that nothing can observe goes straight to the native kernel:
+# The per-step fast path. A generation step's kernel is short, and the validating path (the Python checks of
+# _step_validate, then the op) would add more than the kernel's own variation (benchmarks/RESULTS.md, per-call
+# overhead), so a step that nothing can observe goes straight to the native kernel:
 #   - _step_op.direct_call_allowed: every tensor argument is a plain torch.Tensor, none requires grad under
 #     grad mode, and nothing intercepts (not compiling or jit-tracing, no functorch transform, no torch
 #     function / dispatch mode), so the registered op would run the very same native call;
 #   - backends.select (cached per call signature) picks a native backend (cpu/cuda), so the result is
 #     bitwise the registered op's (tests/test_s4_step_fast.py);
 #   - every tensor check of _step_validate (ranks, dtypes, shapes, N range, devices, D, the in-place
-#     contiguity and conjugate bit) runs in C++ with the kernel (`s4_ssm_step_if_valid`, ~50 ns); if one
+#     contiguity and conjugate bit) runs in C++ with the kernel (`s4_ssm_step_if_valid`); if one
 #     fails nothing is computed. Whenever a step cannot go this way (including a selection that raises), it
 #     takes the validating path, which raises the documented errors in the documented order.
 # An in-place step bumps the state's version counter, as the registered mutating op does, so autograd
 # still detects a state that another graph saved.
 # The kernel is bound once (the extension loads at import; without it no native backend is ever selected), and
-# the path is inlined in ssm_step: a lookup or a call frame is a measurable share of the ~4 µs it adds.
+# the path is inlined in ssm_step: a lookup or a call frame is a measurable share of what it costs.
 _step_if_valid = _native.native().s4_ssm_step_if_valid if _native.load_error() is None else None
 
 
