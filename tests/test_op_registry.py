@@ -37,6 +37,34 @@ def test_every_public_op_has_a_compile_case():
     assert not missing, f"public ops without a compile case in tests/_examples_<family>.py: {missing}"
 
 
+# The naming rule (README, "Op names"): a registered op is `fastcore_ai::<family>_<public name>`, or the
+# public name itself where that already starts with the family's tag (moe_*, and pq's pq*/ivfpq* index
+# kinds); its backward, in-place and training companions add `_backward`, `_` and `_train`.
+_FAMILY_TAGS = {"s4": ("s4_",), "moe": ("moe_",), "nerf": ("nerf_",), "pq": ("pq", "ivfpq"), "mux": ("mux_",)}
+_COMPANION_SUFFIXES = ("_backward", "_train", "_")
+
+
+def _family_of(module_name):
+    family = module_name.rsplit(".", 1)[-1].split("_")[0]
+    assert family in _FAMILY_TAGS, f"op defined outside a family module: {module_name}"
+    return family
+
+
+def test_op_names_follow_the_naming_rule():
+    public = set(ops.__all__)
+    assert len(public) == len(ops.__all__), "a public name is exported twice from fastcore_ai.ops"
+    for name, defined in REGISTRY.items():
+        family = _family_of(defined.module)
+        assert name.startswith(_FAMILY_TAGS[family]), f"{name}: registered ops of {family} start with {_FAMILY_TAGS[family]}"
+        base = name
+        for suffix in _COMPANION_SUFFIXES:
+            if base.endswith(suffix) and base[:-len(suffix)] in REGISTRY:
+                base = base[:-len(suffix)]
+                break
+        candidates = {base, base[len(family) + 1:] if base.startswith(family + "_") else base}
+        assert candidates & public, f"{name}: no public op named {sorted(candidates)} in fastcore_ai.ops"
+
+
 def test_every_registered_op_is_a_torch_op():
     for name, op in REGISTRY.items():
         assert getattr(torch.ops.fastcore_ai, name).default is not None

@@ -24,7 +24,11 @@ from . import nerf as _nerf
 from .nerf import *  # noqa: F401,F403  (each family module lists its public names in __all__)
 from . import pq as _pq
 from .pq import *  # noqa: F401,F403  (each family module lists its public names in __all__)
+from . import pq_fastscan as _pq_fastscan
+from .pq_fastscan import *  # noqa: F401,F403
+from . import pq_ivf as _pq_ivf
+from .pq_ivf import *  # noqa: F401,F403
 from . import mux as _mux
 from .mux import *  # noqa: F401,F403  (each family module lists its public names in __all__)
 
-__all__ += _s4.__all__ + _nerf.__all__ + _pq.__all__ + _mux.__all__
+__all__ += _s4.__all__ + _nerf.__all__ + _pq.__all__ + _pq_fastscan.__all__ + _pq_ivf.__all__ + _mux.__all__
