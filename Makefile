@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NATIVE_BUILD := build-native
 
-.PHONY: demo test install lint native-test pytest gpu-check bench clean
+.PHONY: demo test install lint format native-test pytest gpu-check bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,19 @@ native-test:
 	cmake --build $(NATIVE_BUILD) -j $(JOBS)
 	ctest --test-dir $(NATIVE_BUILD) --output-on-failure
 
-# ruff (config in pyproject.toml: pyflakes and syntax errors) over the package, kernels, tests and benchmarks
+PY_SOURCES := python triton_kernels tests benchmarks examples setup.py
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu')
+
+# ruff (lint rules and format in pyproject.toml) and clang-format (.clang-format) over everything we write;
+# `make format` applies both.
 lint: install
-	$(PY) -m ruff check python triton_kernels tests benchmarks examples setup.py
+	$(PY) -m ruff check $(PY_SOURCES)
+	$(PY) -m ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
+
+format: install
+	$(PY) -m ruff format $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 pytest: install
 	$(PY) -m pytest tests -q

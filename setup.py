@@ -6,6 +6,7 @@ that is impossible). TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0" (A100, H100); MA
 parallel compile jobs (torch's ninja builder reads it). Host flags come from csrc/cxx_flags.txt,
 the same list CMakeLists.txt reads.
 """
+
 import os
 import shutil
 from pathlib import Path
@@ -66,9 +67,13 @@ def want_cuda() -> bool:
     if not possible:
         # Loud, not silent: the build goes on CPU-only, and build_info() reports cuda_kernels_compiled False.
         import warnings
-        warnings.warn("fastcore_ai: building without CUDA kernels "
-                      f"(torch.version.cuda={torch.version.cuda!r}, nvcc found={bool(nvcc)}); set FASTCORE_AI_CUDA=0 "
-                      "to silence this, or FASTCORE_AI_CUDA=1 to make it an error", stacklevel=1)
+
+        warnings.warn(
+            "fastcore_ai: building without CUDA kernels "
+            f"(torch.version.cuda={torch.version.cuda!r}, nvcc found={bool(nvcc)}); set FASTCORE_AI_CUDA=0 "
+            "to silence this, or FASTCORE_AI_CUDA=1 to make it an error",
+            stacklevel=1,
+        )
     return possible
 
 
@@ -94,15 +99,20 @@ def extension():
     if with_cuda:
         sources += relative(ROOT.glob("csrc/kernels/*/*.cu"))
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        defines = ["-DFASTCORE_WITH_CUDA", f'-DFASTCORE_CUDA_ARCHS="{archs}"',
-                   f'-DFASTCORE_CUDA_VERSION="{torch.version.cuda}"']
+        defines = [
+            "-DFASTCORE_WITH_CUDA",
+            f'-DFASTCORE_CUDA_ARCHS="{archs}"',
+            f'-DFASTCORE_CUDA_VERSION="{torch.version.cuda}"',
+        ]
         return CUDAExtension(
-            "fastcore_ai._C", sources,
+            "fastcore_ai._C",
+            sources,
             include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "kernels")],
             extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc + defines},
         )
     return CppExtension(
-        "fastcore_ai._C", sources,
+        "fastcore_ai._C",
+        sources,
         include_dirs=[str(ROOT / "csrc" / "include"), str(ROOT / "csrc" / "kernels")],
         extra_compile_args={"cxx": cxx},
     )

@@ -1,5 +1,6 @@
 """pytest-benchmark suites: `pytest benchmarks/ --benchmark-only`. GPU cases synchronise inside the
 timed call so host timers measure the kernel, not the launch."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Router benchmarks (pytest-benchmark). The same shapes as `python -m fastcore_ai bench --family moe`;
 each parametrisation times one provider, so compare rows of one run (`--benchmark-group-by=param:shape`)."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """Expert-computation benchmarks (pytest-benchmark) against Hugging Face's experts implementations on
 the same MixtralExperts module; the same shapes as `python -m fastcore_ai bench --family moe_experts`.
 Compare the rows of one run (`--benchmark-group-by=group`)."""
+
 import pytest
 import torch
 

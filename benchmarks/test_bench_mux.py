@@ -2,6 +2,7 @@
 DataMUX shapes and odd head sizes, and mux + demux vs the torch composition. The same shapes as
 `python -m fastcore_ai bench --family mux_attention --family mux`; compare rows of one run
 (`--benchmark-group-by=group`)."""
+
 import pytest
 import torch
 
@@ -9,8 +10,14 @@ from fastcore_ai import ops
 from fastcore_ai.bench.mux import attention_step, torch_composition_mux_demux
 from fastcore_ai.nn.mux import hadamard_keys
 
-SHAPES = [(16, 12, 128, 64), (16, 12, 169, 64), (16, 12, 169, 13), (16, 12, 169, 48), (16, 12, 169, 96),
-          (16, 12, 169, 200)]
+SHAPES = [
+    (16, 12, 128, 64),
+    (16, 12, 169, 64),
+    (16, 12, 169, 13),
+    (16, 12, 169, 48),
+    (16, 12, 169, 96),
+    (16, 12, 169, 200),
+]
 PROVIDERS = {
     "fastcore-cpu": lambda q, k, v: ops.attention(q, k, v, backend="cpu"),
     "torch-sdpa": torch.nn.functional.scaled_dot_product_attention,

@@ -1,6 +1,7 @@
 """nerf benchmarks (pytest-benchmark), the cases of `python -m fastcore_ai bench --family nerf` as one
 provider per parametrisation: compare rows of one run (`--benchmark-group-by=group`). On a GPU the same
 shapes run the cuda/triton backends and, when installed, nerfacc (the issue's GPU peer)."""
+
 import math
 
 import pytest
@@ -30,8 +31,16 @@ def packed(R, n, device):
     starts = torch.cumsum(counts, 0) - counts
     S = int(counts.sum())
     ts = 0.1 + (torch.arange(S) - torch.repeat_interleave(starts, counts)).float() * 0.01
-    return [t.to(device) for t in (torch.rand(S, generator=g) * 5, torch.rand(S, 3, generator=g), ts, ts + 0.01,
-                                   torch.stack([starts, counts], 1))]
+    return [
+        t.to(device)
+        for t in (
+            torch.rand(S, generator=g) * 5,
+            torch.rand(S, 3, generator=g),
+            ts,
+            ts + 0.01,
+            torch.stack([starts, counts], 1),
+        )
+    ]
 
 
 def sync(device):

@@ -1,6 +1,7 @@
 """pq benchmarks (pytest-benchmark): fastcore_ai's PQ indexes against FAISS (faiss-cpu) on the same
 clustered synthetic data, one provider per parametrisation (compare rows of one run,
 `--benchmark-group-by=group`). The full matrix with recall lives in `python -m fastcore_ai bench --family pq`."""
+
 import pytest
 import torch
 
@@ -12,7 +13,9 @@ D, NT, NB, NQ = 64, 20000, 50000, 200
 CONFIGS = [("flat", 16, 8, 0, None), ("flat", 16, 4, 0, None), ("ivf", 16, 4, 64, 8), ("ivf", 16, 8, 64, 8)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c[0]}-M{c[1]}-{c[2]}bit" + (f"-nprobe{c[4]}" if c[4] else ""))
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"{c[0]}-M{c[1]}-{c[2]}bit" + (f"-nprobe{c[4]}" if c[4] else "")
+)
 @pytest.mark.parametrize("provider", ["fastcore", "faiss"])
 def test_pq_search_cpu(benchmark, provider, config):
     kind, M, nbits, nlist, nprobe = config

@@ -1,6 +1,7 @@
 """s4 benchmarks (pytest-benchmark): the shapes and peers of `python -m fastcore_ai bench --family s4`
 (cases from fastcore_ai.bench_s4); each parametrisation times one provider of one case, grouped by case,
 so compare rows of one run. `--quick`-sized shapes by default; FASTCORE_AI_BENCH_FULL=1 for the issue's."""
+
 import os
 
 import pytest

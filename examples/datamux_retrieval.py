@@ -9,6 +9,7 @@ predicts every instance's token at every position (DataMUX's retrieval objective
     python examples/datamux_retrieval.py                 # the table, a few minutes on 2 cores
     python examples/datamux_retrieval.py --tiny          # seconds (used by the test)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ class RetrievalModel(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(vocab, d_model)
         self.positions = nn.Parameter(torch.randn(length, d_model) * 0.02)
-        self.encoder = DataMUXEncoder(n, d_model, heads, layers, 4 * d_model, key_norm=float(d_model) ** 0.5,
-                                      backend=backend)
+        self.encoder = DataMUXEncoder(
+            n, d_model, heads, layers, 4 * d_model, key_norm=float(d_model) ** 0.5, backend=backend
+        )
         self.head = nn.Linear(d_model, vocab)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids [B·N, L] -> logits [B·N, L, V]
@@ -47,7 +49,9 @@ def run(n: int, args) -> Dict[str, float]:
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        ids = torch.randint(0, args.vocab, (args.eval_instances, args.length), generator=torch.Generator().manual_seed(7))
+        ids = torch.randint(
+            0, args.vocab, (args.eval_instances, args.length), generator=torch.Generator().manual_seed(7)
+        )
         accuracy = (model(ids).argmax(-1) == ids).float().mean().item()
         model(ids[: 2 * n])  # warm-up
         start = time.perf_counter()

@@ -4,6 +4,7 @@ rounds with early termination — and write it to a PNG (no imaging library need
 
     python examples/render_scene.py --width 256 --height 192 --out scene.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,9 @@ def camera_rays(width: int, height: int, eye=(0.0, -2.8, 1.1), target=(0.0, 0.0,
     right = torch.nn.functional.normalize(torch.linalg.cross(forward, torch.tensor([0.0, 0.0, 1.0])), dim=0)
     up = torch.linalg.cross(right, forward)
     scale = math.tan(math.radians(fov_deg) / 2)
-    j, i = torch.meshgrid(torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32),
-                          indexing="ij")
+    j, i = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32), torch.arange(width, dtype=torch.float32), indexing="ij"
+    )
     px = ((i + 0.5) / width * 2 - 1) * scale * width / height
     py = (1 - (j + 0.5) / height * 2) * scale
     d = forward + px[..., None] * right + py[..., None] * up
@@ -91,8 +93,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     field = SpheresField()
-    renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=args.resolution, early_stop_eps=1e-3,
-                                background=torch.tensor([1.0, 1.0, 1.0]))
+    renderer = fnn.NeRFRenderer(
+        field,
+        aabb=[-1, -1, -1, 1, 1, 1],
+        resolution=args.resolution,
+        early_stop_eps=1e-3,
+        background=torch.tensor([1.0, 1.0, 1.0]),
+    )
     start = time.perf_counter()
     renderer.grid.update(field.density, step=0)
     grid_s = time.perf_counter() - start
@@ -102,9 +109,11 @@ def main(argv=None) -> dict:
     render_s = time.perf_counter() - start
     write_png(args.out, out.rgb.reshape(args.height, args.width, 3))
     occupied = renderer.grid.occupied.float().mean().item()
-    print(f"grid {args.resolution}^3 update: {grid_s * 1e3:.1f} ms ({occupied:.1%} cells occupied); "
-          f"render {args.width}x{args.height} ({rays_o.shape[0]} rays): {render_s * 1e3:.1f} ms on "
-          f"{torch.get_num_threads()} CPU threads -> {args.out}")
+    print(
+        f"grid {args.resolution}^3 update: {grid_s * 1e3:.1f} ms ({occupied:.1%} cells occupied); "
+        f"render {args.width}x{args.height} ({rays_o.shape[0]} rays): {render_s * 1e3:.1f} ms on "
+        f"{torch.get_num_threads()} CPU threads -> {args.out}"
+    )
     return {"grid_s": grid_s, "render_s": render_s, "occupied": occupied, "image": out.rgb}
 
 

@@ -12,6 +12,7 @@ the `pool` pending outputs of its UpPool; a tier-k block steps once every 4^k sa
 
     python examples/sashimi.py --samples 2048 --d-model 32 --layers 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ class Tier(nn.Module):
         self.blocks = nn.ModuleList([S4Block(width, d_state, l_max=l_max, mode=mode) for _ in range(layers)])
         if pools:
             p = pools[0]
-            self.down = nn.Linear(width * p, 2 * width)           # DownPool: p steps -> one, width x2
+            self.down = nn.Linear(width * p, 2 * width)  # DownPool: p steps -> one, width x2
             self.inner = Tier(2 * width, pools[1:], layers, d_state, mode, None if l_max is None else l_max // p)
-            self.up = nn.Linear(2 * width, width * p)              # UpPool: one step -> p steps
+            self.up = nn.Linear(2 * width, width * p)  # UpPool: one step -> p steps
         else:
             self.inner = None
 
@@ -42,7 +43,7 @@ class Tier(nn.Module):
             B, L, W = x.shape
             p = self.pool
             pooled = self.down(x.reshape(B, L // p, p * W))
-            inner = self.up(self.inner(pooled))                           # [B, L/p, p·W]
+            inner = self.up(self.inner(pooled))  # [B, L/p, p·W]
             inner = torch.cat([torch.zeros_like(inner[:, :1]), inner[:, :-1]], dim=1)  # causal shift
             x = x + inner.reshape(B, L, W)
         for block in self.blocks:
@@ -77,8 +78,16 @@ class Tier(nn.Module):
 
 
 class SaShiMi(nn.Module):
-    def __init__(self, d_model: int = 32, layers: int = 2, pools=(4, 4), d_state: int = 16, mode: str = "s4d",
-                 l_max: Optional[int] = None, classes: int = 256):
+    def __init__(
+        self,
+        d_model: int = 32,
+        layers: int = 2,
+        pools=(4, 4),
+        d_state: int = 16,
+        mode: str = "s4d",
+        l_max: Optional[int] = None,
+        classes: int = 256,
+    ):
         super().__init__()
         self.embed = nn.Embedding(classes, d_model)
         self.body = Tier(d_model, list(pools), layers, d_state, mode, l_max)
@@ -131,8 +140,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--d-state", type=int, default=16)
     parser.add_argument("--mode", choices=("s4d", "s4"), default="s4d")
-    parser.add_argument("--conv-samples", type=int, default=None,
-                        help="samples for the (quadratic) convolution re-run (default: min(samples, 256))")
+    parser.add_argument(
+        "--conv-samples",
+        type=int,
+        default=None,
+        help="samples for the (quadratic) convolution re-run (default: min(samples, 256))",
+    )
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     l_max = None
@@ -149,14 +162,17 @@ def main(argv=None) -> dict:
     conv_s = time.perf_counter() - start
     agree = rec_logits[:, : conv_count - 1]
     error = float((agree - conv_logits).norm() / conv_logits.norm())
-    result = {"recurrent_samples_per_s": args.batch * (args.samples - 1) / recurrent_s,
-              "convolution_samples_per_s": args.batch * (conv_count - 1) / conv_s,
-              "logits_rel_error": error,
-              "same_samples": bool(torch.equal(samples[:, :conv_count], conv_samples))}
+    result = {
+        "recurrent_samples_per_s": args.batch * (args.samples - 1) / recurrent_s,
+        "convolution_samples_per_s": args.batch * (conv_count - 1) / conv_s,
+        "logits_rel_error": error,
+        "same_samples": bool(torch.equal(samples[:, :conv_count], conv_samples)),
+    }
     print(f"recurrent generation:  {result['recurrent_samples_per_s']:.1f} samples/s ({args.samples} samples)")
     print(f"convolution re-run:    {result['convolution_samples_per_s']:.1f} samples/s ({conv_count} samples)")
-    print(f"recurrent vs convolutional logits: relative error {error:.2e}, "
-          f"same greedy samples: {result['same_samples']}")
+    print(
+        f"recurrent vs convolutional logits: relative error {error:.2e}, same greedy samples: {result['same_samples']}"
+    )
     return result
 
 

@@ -10,6 +10,7 @@ Each family module `tests/_examples_<family>.py` defines
            that compiling the case still fails with a graph break, so the list cannot go stale)
 A registered op or public op that no family lists fails the coverage tests.
 """
+
 import importlib
 
 FAMILIES = ("moe", "s4", "nerf", "pq", "mux")

@@ -1,4 +1,5 @@
 """Sample calls of the mux ops (format: tests/_examples.py)."""
+
 import torch
 
 from fastcore_ai import ops
@@ -14,11 +15,13 @@ def _attention():
     bool_mask[:, 0] = True
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[1, 5:] = True
-    additive = torch.randn(2, 1, 5, 7, requires_grad=True)     # differentiable, broadcast over heads
-    return [(q, k, v, None, None, False, 0.35),
-            (q, k, v, bool_mask, padding, True, 0.5),
-            (q, k, v, additive, None, False, 0.35),
-            (q.detach()[:, :, :1], k.detach(), v.detach(), None, padding, False, 0.25)]   # one decode query
+    additive = torch.randn(2, 1, 5, 7, requires_grad=True)  # differentiable, broadcast over heads
+    return [
+        (q, k, v, None, None, False, 0.35),
+        (q, k, v, bool_mask, padding, True, 0.5),
+        (q, k, v, additive, None, False, 0.35),
+        (q.detach()[:, :, :1], k.detach(), v.detach(), None, padding, False, 0.25),
+    ]  # one decode query
 
 
 def _attention_backward():
@@ -27,8 +30,11 @@ def _attention_backward():
     bool_mask[:, 0] = True
     additive = torch.randn(1, 2, 5, 7)
     cases = []
-    for mask, padding, causal, need_mask_grad in ((None, None, False, False), (bool_mask, None, True, False),
-                                                  (additive, torch.zeros(2, 7, dtype=torch.bool), False, True)):
+    for mask, padding, causal, need_mask_grad in (
+        (None, None, False, False),
+        (bool_mask, None, True, False),
+        (additive, torch.zeros(2, 7, dtype=torch.bool), False, True),
+    ):
         out, lse = torch.ops.fastcore_ai.mux_attention(q, k, v, mask, padding, causal, 0.35, "cpu")
         cases.append((torch.randn_like(out), q, k, v, out, lse, mask, padding, causal, 0.35, need_mask_grad))
     return cases
@@ -36,31 +42,45 @@ def _attention_backward():
 
 def _mux():
     x = torch.randn(2, 3, 4, 8, requires_grad=True)
-    return [(x, torch.randn(3, 8, requires_grad=True), 0),       # hadamard
-            (x, torch.randn(3, 8, 8, requires_grad=True), 1)]    # ortho
+    return [
+        (x, torch.randn(3, 8, requires_grad=True), 0),  # hadamard
+        (x, torch.randn(3, 8, 8, requires_grad=True), 1),
+    ]  # ortho
 
 
 def _mux_backward():
     x, grad_out = torch.randn(2, 3, 4, 8), torch.randn(2, 4, 8)
-    return [(grad_out, x, torch.randn(3, 8), 0, True), (grad_out, x, torch.randn(3, 8), 0, False),
-            (grad_out, x, torch.randn(3, 8, 8), 1, True), (grad_out, x, torch.randn(3, 8, 8), 1, False)]
+    return [
+        (grad_out, x, torch.randn(3, 8), 0, True),
+        (grad_out, x, torch.randn(3, 8), 0, False),
+        (grad_out, x, torch.randn(3, 8, 8), 1, True),
+        (grad_out, x, torch.randn(3, 8, 8), 1, False),
+    ]
 
 
 def _demux_params(d=8, e=6, requires_grad=True):
-    return (torch.randn(e, 2 * d, requires_grad=requires_grad), torch.randn(e, requires_grad=requires_grad),
-            torch.randn(e, requires_grad=requires_grad), torch.randn(e, requires_grad=requires_grad))
+    return (
+        torch.randn(e, 2 * d, requires_grad=requires_grad),
+        torch.randn(e, requires_grad=requires_grad),
+        torch.randn(e, requires_grad=requires_grad),
+        torch.randn(e, requires_grad=requires_grad),
+    )
 
 
 def _demux():
     h = torch.randn(2, 4, 8, requires_grad=True)
-    return [(h, torch.randn(3, 8, requires_grad=True), *_demux_params(), 1e-5),       # shared keys [N, d]
-            (h, torch.randn(2, 3, 8, requires_grad=True), *_demux_params(), 1e-3)]    # per-sequence [B, N, d]
+    return [
+        (h, torch.randn(3, 8, requires_grad=True), *_demux_params(), 1e-5),  # shared keys [N, d]
+        (h, torch.randn(2, 3, 8, requires_grad=True), *_demux_params(), 1e-3),
+    ]  # per-sequence [B, N, d]
 
 
 def _demux_backward():
     h = torch.randn(2, 4, 8)
-    return [(torch.randn(6, 4, 6), h, torch.randn(3, 8), *_demux_params(requires_grad=False), 1e-5),
-            (torch.randn(6, 4, 6), h, torch.randn(2, 3, 8), *_demux_params(requires_grad=False), 1e-5)]
+    return [
+        (torch.randn(6, 4, 6), h, torch.randn(3, 8), *_demux_params(requires_grad=False), 1e-5),
+        (torch.randn(6, 4, 6), h, torch.randn(2, 3, 8), *_demux_params(requires_grad=False), 1e-5),
+    ]
 
 
 REGISTERED = {
@@ -82,15 +102,21 @@ def _public_attention():
 def _public_attention_with_lse():
     padding = torch.zeros(2, 7, dtype=torch.bool)
     padding[0, 4:] = True
-    return (lambda q, k, v, m, p: ops.attention_with_lse(q, k, v, attn_mask=m, key_padding_mask=p, scale=0.3),
-            (*_qkv(requires_grad=False), torch.randn(5, 7), padding))
+    return (
+        lambda q, k, v, m, p: ops.attention_with_lse(q, k, v, attn_mask=m, key_padding_mask=p, scale=0.3),
+        (*_qkv(requires_grad=False), torch.randn(5, 7), padding),
+    )
 
 
 PUBLIC = {
     "attention": _public_attention,
     "attention_with_lse": _public_attention_with_lse,
-    "mux": lambda: (lambda x, keys: ops.mux(x, keys, "ortho", num_instances=3),
-                    (torch.randn(6, 4, 8), torch.linalg.qr(torch.randn(3, 8, 8))[0])),
-    "demux": lambda: (lambda h, keys, w, b, nw, nb: ops.demux(h, keys, w, b, nw, nb),
-                      (torch.randn(2, 4, 8), torch.randn(3, 8), *_demux_params(requires_grad=False))),
+    "mux": lambda: (
+        lambda x, keys: ops.mux(x, keys, "ortho", num_instances=3),
+        (torch.randn(6, 4, 8), torch.linalg.qr(torch.randn(3, 8, 8))[0]),
+    ),
+    "demux": lambda: (
+        lambda h, keys, w, b, nw, nb: ops.demux(h, keys, w, b, nw, nb),
+        (torch.randn(2, 4, 8), torch.randn(3, 8), *_demux_params(requires_grad=False)),
+    ),
 }

@@ -1,4 +1,5 @@
 """Sample calls of the pq ops (format: tests/_examples.py)."""
+
 import torch
 
 from fastcore_ai import ops
@@ -31,6 +32,7 @@ def _pq4_lists(nlist=4, M=3, n=45):
 
 # ---- REGISTERED: argument tuples without the trailing backend --------------------------------------------
 
+
 def _kmeans():
     x = torch.randn(40, 3)
     return [(x, 4, 3, 0, 256, False), (x.double()[:, :2], 3, 2, 5, 4, False), (x[:24], 4, 2, 1, 256, True)]
@@ -47,16 +49,24 @@ def _decode():
 
 
 def _lut():
-    return [(torch.randn(4, 6, requires_grad=True), _codebooks(requires_grad=True), "l2"),
-            (torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
-             _codebooks(dtype=torch.float64, requires_grad=True), "ip")]
+    return [
+        (torch.randn(4, 6, requires_grad=True), _codebooks(requires_grad=True), "l2"),
+        (
+            torch.randn(3, 6, dtype=torch.float64, requires_grad=True),
+            _codebooks(dtype=torch.float64, requires_grad=True),
+            "ip",
+        ),
+    ]
 
 
 def _search():
     cb = _codebooks()
     codes = _codes(20, 3, 16)
-    return [(torch.randn(4, 6), codes, cb, 5, "l2"), (torch.randn(3, 6), codes, cb, 25, "ip"),  # k > n: padded
-            (torch.randn(2, 6, dtype=torch.float64), codes, cb.double(), 3, "l2")]
+    return [
+        (torch.randn(4, 6), codes, cb, 5, "l2"),
+        (torch.randn(3, 6), codes, cb, 25, "ip"),  # k > n: padded
+        (torch.randn(2, 6, dtype=torch.float64), codes, cb.double(), 3, "l2"),
+    ]
 
 
 def _pack():
@@ -67,9 +77,11 @@ def _pq4_search():
     cb = _codebooks()
     n = 40
     packed = ref.pq4_pack(_codes(n, 3, 16))
-    return [(torch.randn(4, 6), packed, n, cb, 5, "l2", 1, None),
-            (torch.randn(3, 6), packed, n, cb, 4, "ip", 3, None),
-            (torch.randn(2, 6), packed, n, cb, 3, "l2", 2, torch.randn(n, 6))]
+    return [
+        (torch.randn(4, 6), packed, n, cb, 5, "l2", 1, None),
+        (torch.randn(3, 6), packed, n, cb, 4, "ip", 3, None),
+        (torch.randn(2, 6), packed, n, cb, 3, "l2", 2, torch.randn(n, 6)),
+    ]
 
 
 def _ivf_search():
@@ -79,10 +91,12 @@ def _ivf_search():
     probes = torch.tensor([[0, 2], [3, -1], [1, 0]])
     q = torch.randn(3, 6)
     terms = ops.ivfpq_list_terms(coarse, cb)
-    return [(q, coarse, probes, codes, offsets, ids, cb, 4, "l2", True, None),
-            (q, coarse, probes, codes, offsets, ids, cb, 3, "ip", True, None),
-            (q, coarse, probes, codes, offsets, ids, cb, 40, "l2", False, None),  # k > rows probed: padded
-            (q, coarse, probes, codes, offsets, ids, cb, 4, "l2", True, terms)]
+    return [
+        (q, coarse, probes, codes, offsets, ids, cb, 4, "l2", True, None),
+        (q, coarse, probes, codes, offsets, ids, cb, 3, "ip", True, None),
+        (q, coarse, probes, codes, offsets, ids, cb, 40, "l2", False, None),  # k > rows probed: padded
+        (q, coarse, probes, codes, offsets, ids, cb, 4, "l2", True, terms),
+    ]
 
 
 def _ivf4_search():
@@ -90,8 +104,10 @@ def _ivf4_search():
     probes = torch.tensor([[0, 3], [2, -1], [1, 0]])
     cb = _codebooks()
     q = torch.randn(3, 6)
-    return [(q, probes, packed, list_blocks, sizes, row_ids, cb, 5, "l2"),
-            (q, probes, packed, list_blocks, sizes, row_ids, cb, 3, "ip")]
+    return [
+        (q, probes, packed, list_blocks, sizes, row_ids, cb, 5, "l2"),
+        (q, probes, packed, list_blocks, sizes, row_ids, cb, 3, "ip"),
+    ]
 
 
 REGISTERED = {
@@ -109,6 +125,7 @@ REGISTERED = {
 
 # ---- PUBLIC: (fn, args) with the default backend ------------------------------------------------------------
 
+
 def _ivfpq_case():
     nlist, cb = 4, _codebooks()
     codes, ids, offsets = _ivf_lists(nlist, 3, 16)
@@ -117,6 +134,7 @@ def _ivfpq_case():
 
     def fn(q, coarse, probes, codes, offsets, ids, cb):
         return ops.ivfpq_search(q, coarse, probes, codes, offsets, ids, cb, 4)
+
     return fn, (torch.randn(3, 6), coarse, probes, codes, offsets, ids, cb)
 
 
@@ -126,6 +144,7 @@ def _ivfpq4_case():
 
     def fn(q, probes, packed, list_blocks, sizes, row_ids, cb):
         return ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, cb, 5, "ip")
+
     return fn, (torch.randn(3, 6), probes, packed, list_blocks, sizes, row_ids, _codebooks())
 
 
@@ -135,11 +154,15 @@ PUBLIC = {
     # ksub = 16 < 256: the code-range check runs, as a traced assertion
     "pq_decode": lambda: (ops.pq_decode, (_codes(9, 3, 16), _codebooks())),
     "pq_lut": lambda: (lambda q, cb: ops.pq_lut(q, cb, "ip"), (torch.randn(4, 6), _codebooks())),
-    "pq_search": lambda: (lambda q, codes, cb: ops.pq_search(q, codes, cb, 5),
-                          (torch.randn(4, 6), _codes(20, 3, 16), _codebooks())),
+    "pq_search": lambda: (
+        lambda q, codes, cb: ops.pq_search(q, codes, cb, 5),
+        (torch.randn(4, 6), _codes(20, 3, 16), _codebooks()),
+    ),
     "pq4_pack": lambda: (ops.pq4_pack, (_codes(40, 3, 16),)),
-    "pq4_search": lambda: (lambda q, packed, cb: ops.pq4_search(q, packed, 40, cb, 5, k_factor=2),
-                           (torch.randn(4, 6), ref.pq4_pack(_codes(40, 3, 16)), _codebooks())),
+    "pq4_search": lambda: (
+        lambda q, packed, cb: ops.pq4_search(q, packed, 40, cb, 5, k_factor=2),
+        (torch.randn(4, 6), ref.pq4_pack(_codes(40, 3, 16)), _codebooks()),
+    ),
     "ivfpq_search": _ivfpq_case,
     "ivfpq4_search": _ivfpq4_case,
     "ivfpq_list_terms": lambda: (ops.ivfpq_list_terms, (torch.randn(4, 6), _codebooks())),
@@ -147,13 +170,23 @@ PUBLIC = {
 
 
 NOT_COMPILABLE = {
-    "pq_train": ("its cpu path (the batched k-means of all sub-spaces) calls the native encode and centroid-update "
-                 "kernels directly (pybind functions, not registered ops) and reads the empty-cluster counts on "
-                 "the host", lambda: (lambda x: ops.pq_train(x, 2, 4, niter=2), (torch.randn(40, 4),))),
-    "pq4_pack_lists": ("the packed layout's size depends on the list sizes (bincount of list_no, then "
-                       "int(list_blocks[-1]) on the host): a data-dependent output shape",
-                       lambda: (lambda codes, list_no, ids: ops.pq4_pack_lists(codes, list_no, ids, 4),
-                                (_codes(45, 3, 16), torch.randint(0, 4, (45,)), torch.arange(45)))),
-    "pq4_kernel": ("a configuration call, not a tensor op: it returns a str from the native pybind function "
-                   "pq4_kernel, which dynamo cannot trace", lambda: (lambda: ops.pq4_kernel(), ())),
+    "pq_train": (
+        "its cpu path (the batched k-means of all sub-spaces) calls the native encode and centroid-update "
+        "kernels directly (pybind functions, not registered ops) and reads the empty-cluster counts on "
+        "the host",
+        lambda: (lambda x: ops.pq_train(x, 2, 4, niter=2), (torch.randn(40, 4),)),
+    ),
+    "pq4_pack_lists": (
+        "the packed layout's size depends on the list sizes (bincount of list_no, then "
+        "int(list_blocks[-1]) on the host): a data-dependent output shape",
+        lambda: (
+            lambda codes, list_no, ids: ops.pq4_pack_lists(codes, list_no, ids, 4),
+            (_codes(45, 3, 16), torch.randint(0, 4, (45,)), torch.arange(45)),
+        ),
+    ),
+    "pq4_kernel": (
+        "a configuration call, not a tensor op: it returns a str from the native pybind function "
+        "pq4_kernel, which dynamo cannot trace",
+        lambda: (lambda: ops.pq4_kernel(), ()),
+    ),
 }

@@ -1,4 +1,5 @@
 """Sample calls of the s4 ops (format: tests/_examples.py)."""
+
 import math
 
 import torch
@@ -20,21 +21,29 @@ def _nodes(L, dtype=torch.complex64):
 def _cauchy():
     v, w = _poles(3, 5)
     v128, w128 = _poles(2, 4, torch.complex128)
-    return [(v.requires_grad_(), _nodes(7), w.requires_grad_(), True), (v.detach(), _nodes(7), w.detach(), False),
-            (v128.requires_grad_(), _nodes(3, torch.complex128), w128.requires_grad_(), True)]
+    return [
+        (v.requires_grad_(), _nodes(7), w.requires_grad_(), True),
+        (v.detach(), _nodes(7), w.detach(), False),
+        (v128.requires_grad_(), _nodes(3, torch.complex128), w128.requires_grad_(), True),
+    ]
 
 
 def _cauchy_backward():
     v, w = _poles(3, 5)
-    return [(torch.randn(3, 7, dtype=torch.complex64), v, _nodes(7), w, True),
-            (torch.randn(3, 7, dtype=torch.complex64), v, _nodes(7), w, False)]
+    return [
+        (torch.randn(3, 7, dtype=torch.complex64), v, _nodes(7), w, True),
+        (torch.randn(3, 7, dtype=torch.complex64), v, _nodes(7), w, False),
+    ]
 
 
 def _vandermonde():
     v, x = _poles(3, 5)
     x = x * 0.1
-    return [(v.requires_grad_(), x.requires_grad_(), 9), (v.detach(), x.detach(), 0),
-            (v.detach().to(torch.complex128), x.detach().to(torch.complex128), 4)]
+    return [
+        (v.requires_grad_(), x.requires_grad_(), 9),
+        (v.detach(), x.detach(), 0),
+        (v.detach().to(torch.complex128), x.detach().to(torch.complex128), 4),
+    ]
 
 
 def _vandermonde_backward():
@@ -45,16 +54,21 @@ def _vandermonde_backward():
 def _fft_conv():
     u, k, D = torch.randn(2, 3, 10), torch.randn(3, 4), torch.randn(3)
     n = ops.fft_conv_size(10, 4)
-    return [(u.requires_grad_(), k.requires_grad_(), D.requires_grad_(), n), (u.detach(), k.detach(), None, n),
-            (u.detach().double(), k.detach().double(), D.detach().double(), n)]
+    return [
+        (u.requires_grad_(), k.requires_grad_(), D.requires_grad_(), n),
+        (u.detach(), k.detach(), None, n),
+        (u.detach().double(), k.detach().double(), D.detach().double(), n),
+    ]
 
 
 def _fft_conv_backward():
     u, k, D = torch.randn(2, 3, 10), torch.randn(3, 4), torch.randn(3)
     n = ops.fft_conv_size(10, 4)
-    return [(torch.randn(2, 3, 10), u, k, D, n, True, True, True),
-            (torch.randn(2, 3, 10), u, k, None, n, True, False, False),
-            (torch.randn(10, 3, 2).permute(2, 1, 0), u, k, D, n, False, True, True)]  # a strided grad
+    return [
+        (torch.randn(2, 3, 10), u, k, D, n, True, True, True),
+        (torch.randn(2, 3, 10), u, k, None, n, True, False, False),
+        (torch.randn(10, 3, 2).permute(2, 1, 0), u, k, D, n, False, True, True),
+    ]  # a strided grad
 
 
 def _step_inputs(B=2, H=3, N=4, dtype=torch.complex64):
@@ -73,8 +87,10 @@ def _ssm_step():
 
 def _ssm_step_backward():
     state, u, dA, dB, C, D = _step_inputs()
-    return [(torch.randn(u.shape), torch.randn(state.shape, dtype=state.dtype), state, u, dA, dB, C, D),
-            (torch.randn(u.shape), None, state, u, dA, dB, C, None)]
+    return [
+        (torch.randn(u.shape), torch.randn(state.shape, dtype=state.dtype), state, u, dA, dB, C, D),
+        (torch.randn(u.shape), None, state, u, dA, dB, C, None),
+    ]
 
 
 def _ssm_step_inplace():
@@ -123,7 +139,9 @@ PUBLIC = {
 # ssm_step itself compiles (PUBLIC above); its in-place form does not. Listed under its own key so the test
 # keeps checking that the limit still holds (the coverage test only asks that every public name be somewhere).
 NOT_COMPILABLE = {
-    "ssm_step(inplace=True)": ("the in-place rule checks state.is_conj(), which dynamo cannot trace (a torch.* "
-                               "call returning a bool); compile the functional step and rebind the state",
-                               lambda: ((lambda state, *args: ops.ssm_step(state, *args, inplace=True)), _step_inputs())),
+    "ssm_step(inplace=True)": (
+        "the in-place rule checks state.is_conj(), which dynamo cannot trace (a torch.* "
+        "call returning a bool); compile the functional step and rebind the state",
+        lambda: ((lambda state, *args: ops.ssm_step(state, *args, inplace=True)), _step_inputs()),
+    ),
 }

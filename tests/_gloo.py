@@ -14,6 +14,7 @@ of torch._dynamo at our first custom-op call; fastcore_ai.ops now imports it up 
 Rendezvous goes through a FileStore in the test's tmp dir, so no port has to be probed for (a free port
 found by binding and closing a socket can be taken by another process before rank 0 listens on it).
 """
+
 import faulthandler
 import os
 import traceback
@@ -31,8 +32,13 @@ STORE_TIMEOUT_S = 60
 def gloo_process_group(rank: int, world: int, out_dir: str):
     """The default process group for one worker; ends with a barrier (no rank tears gloo down while
     another still communicates) and destroy_process_group."""
-    dist.init_process_group("gloo", init_method="file://" + os.path.join(out_dir, "rendezvous"), rank=rank,
-                            world_size=world, timeout=timedelta(seconds=STORE_TIMEOUT_S))
+    dist.init_process_group(
+        "gloo",
+        init_method="file://" + os.path.join(out_dir, "rendezvous"),
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=STORE_TIMEOUT_S),
+    )
     try:
         yield
         dist.barrier()
@@ -65,9 +71,13 @@ def _bootstrap(rank: int, world: int, out_dir: str, worker, args):
             running = _gloo_threads()
         left = _gloo_threads()
         # the names are torch's: the check after destroy means something only if it sees them before
-        assert running or not os.path.isdir("/proc/self/task"), f"rank {rank}: no gloo thread seen while the group is live"
-        assert not left, (f"rank {rank}: gloo threads {left} still run after destroy_process_group (something "
-                          "still references the process group)")
+        assert running or not os.path.isdir("/proc/self/task"), (
+            f"rank {rank}: no gloo thread seen while the group is live"
+        )
+        assert not left, (
+            f"rank {rank}: gloo threads {left} still run after destroy_process_group (something "
+            "still references the process group)"
+        )
     except BaseException:
         with open(os.path.join(out_dir, f"error_rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
@@ -82,8 +92,9 @@ def run_gloo_workers(worker, world: int, out_dir: str, args=(), timeout_s: float
     # layers' tests must not pass silently where it is missing.
     assert dist.is_available() and dist.is_gloo_available(), "torch.distributed with the gloo backend is not available"
     context = mp.get_context("spawn")
-    procs = [context.Process(target=_bootstrap, args=(rank, world, out_dir, worker, tuple(args)))
-             for rank in range(world)]
+    procs = [
+        context.Process(target=_bootstrap, args=(rank, world, out_dir, worker, tuple(args))) for rank in range(world)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: backend parametrisation and error measures."""
+
 import pytest
 import torch
 
@@ -14,7 +15,6 @@ BACKEND_DEVICES = [
 ]
 
 
-
 def backend_dtype_cases(op: str, dtypes) -> list:
     """(backend, device, dtype) parameters over BACKEND_DEVICES x dtypes, leaving out the combinations
     the op's capability table (fastcore_ai.backends) declares unsupported, e.g. Triton with float64:
@@ -25,9 +25,13 @@ def backend_dtype_cases(op: str, dtypes) -> list:
         backend, device = param.values
         for dtype in dtypes:
             if backend in support and dtype in support[backend].dtypes:
-                cases.append(pytest.param(backend, device, dtype, marks=param.marks,
-                                          id=f"{param.id}-{str(dtype).replace('torch.', '')}"))
+                cases.append(
+                    pytest.param(
+                        backend, device, dtype, marks=param.marks, id=f"{param.id}-{str(dtype).replace('torch.', '')}"
+                    )
+                )
     return cases
+
 
 def require_backend(op: str, backend: str, device: str, dtype: torch.dtype = torch.float32) -> None:
     """Skip (with the registry's reasons) when `backend` cannot run here, e.g. Triton on CPU tensors

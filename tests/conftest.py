@@ -4,6 +4,7 @@ Triton kernels run on the CPU interpreter unless told otherwise: TRITON_INTERPRE
 triton is imported, hence here, first. `make gpu-check` sets TRITON_INTERPRET=0 so they run natively.
 CUDA-marked tests are skipped, with the reason, when no GPU is visible or the CUDA kernels were not built.
 """
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -41,6 +42,7 @@ def _fresh_backend_selections():
     """Tests monkeypatch the facts a backend selection reads (the extension, triton's interpreter flag);
     a selection cached by an earlier test must not answer for them."""
     from fastcore_ai import backends
+
     backends.clear_selection_cache()
     yield
     backends.clear_selection_cache()
@@ -51,6 +53,7 @@ def poisoned_outputs():
     """Make every torch.empty/at::empty allocation come back filled with NaN (floats) or the max
     value (ints), so an output element a kernel forgets to write fails the comparison."""
     import torch.utils.deterministic as deterministic
+
     previous_mode = torch.are_deterministic_algorithms_enabled()
     previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     previous_fill = deterministic.fill_uninitialized_memory

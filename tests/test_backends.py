@@ -1,4 +1,5 @@
 """Backend registry: selection order, overrides, and the error messages when a backend cannot run."""
+
 import pytest
 import torch
 
@@ -73,15 +74,17 @@ def test_missing_extension_is_loud_at_import():
     build_info() says it, so "auto" running the reference is never silent."""
     import subprocess
     import sys
+
     script = (
         "import sys, warnings\n"
-        "sys.modules['fastcore_ai._C'] = None\n"   # import of the extension raises ImportError
+        "sys.modules['fastcore_ai._C'] = None\n"  # import of the extension raises ImportError
         "with warnings.catch_warnings(record=True) as caught:\n"
         "    warnings.simplefilter('always')\n"
         "    import fastcore_ai\n"
         "messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and 'fastcore_ai._C' in str(w.message)]\n"
         "print(len(messages)); print(messages[0] if messages else '')\n"
-        "print(fastcore_ai.build_info()['native_extension'])\n")
+        "print(fastcore_ai.build_info()['native_extension'])\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     count, message, info = result.stdout.strip().splitlines()[-3:]
@@ -91,8 +94,11 @@ def test_missing_extension_is_loud_at_import():
 
 def test_no_backend_at_all_lists_each_candidate(monkeypatch):
     table = backends.op_table("moe_topk_route")
-    monkeypatch.setitem(backends._OPS, "moe_topk_route",
-                        backends.OpTable(table.op, ("cuda", "cpu"), {k: table.support[k] for k in ("cuda", "cpu")}))
+    monkeypatch.setitem(
+        backends._OPS,
+        "moe_topk_route",
+        backends.OpTable(table.op, ("cuda", "cpu"), {k: table.support[k] for k in ("cuda", "cpu")}),
+    )
     with pytest.raises(RuntimeError) as info:
         backends.select("moe_topk_route", "auto", torch.device("meta"), torch.float32, "logits")
     message = str(info.value)
@@ -102,8 +108,15 @@ def test_no_backend_at_all_lists_each_candidate(monkeypatch):
 
 def test_build_info_fields():
     info = fastcore_ai.build_info()
-    for key in ("version", "torch_built_against", "cuda_kernels_compiled", "cuda_archs", "cpu_capability",
-                "triton_importable", "gpu_visible"):
+    for key in (
+        "version",
+        "torch_built_against",
+        "cuda_kernels_compiled",
+        "cuda_archs",
+        "cpu_capability",
+        "triton_importable",
+        "gpu_visible",
+    ):
         assert key in info
     assert info["version"] == fastcore_ai.__version__
     assert info["native_extension"] == "loaded"

@@ -1,5 +1,6 @@
 """The bench package's plumbing (not speed): every family is registered, and the per-call overhead family
 runs every provider and agrees with the float64 oracle."""
+
 import math
 
 from fastcore_ai import bench

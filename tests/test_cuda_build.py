@@ -4,6 +4,7 @@ small CPU emulation of the CUDA features they use (so their logic is checked on 
 
 Each test skips, with the reason, where its tool (nvcc, cuobjdump, a C++17 compiler) is missing.
 """
+
 import ctypes
 import re
 import shutil
@@ -74,8 +75,19 @@ def test_ptxas_reports_no_spills(source, tmp_path):
     nvcc = _nvcc_or_skip()
     jobs = {}
     for arch in ARCHS:  # both archs compile at once
-        command = [nvcc, "-std=c++17", "-O3", *INCLUDES, f"-arch={arch}", "-cubin", "-Xptxas", "-v",
-                   str(ROOT / source), "-o", str(tmp_path / f"{arch}.cubin")]
+        command = [
+            nvcc,
+            "-std=c++17",
+            "-O3",
+            *INCLUDES,
+            f"-arch={arch}",
+            "-cubin",
+            "-Xptxas",
+            "-v",
+            str(ROOT / source),
+            "-o",
+            str(tmp_path / f"{arch}.cubin"),
+        ]
         jobs[arch] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for arch, job in jobs.items():
         output, _ = job.communicate(timeout=300)
@@ -85,8 +97,10 @@ def test_ptxas_reports_no_spills(source, tmp_path):
         unreported = [name for name, values in kernels.items() if values is None]
         assert not unreported, f"no spill line for {unreported} ({arch}):\n{output}"
         spilling = {name: values for name, values in kernels.items() if values[1] or values[2]}
-        assert not spilling, (f"{source} spills registers on {arch} "
-                              f"(kernel: (registers, spill store bytes, spill load bytes)): {spilling}")
+        assert not spilling, (
+            f"{source} spills registers on {arch} "
+            f"(kernel: (registers, spill store bytes, spill load bytes)): {spilling}"
+        )
 
 
 # ---- the built extension holds sm_80 and sm_90 cubins
@@ -99,10 +113,12 @@ def _cuobjdump(nvcc: str):
         return found
     candidates = [Path(nvcc).resolve().parent / "cuobjdump"]
     from torch.utils.cpp_extension import CUDA_HOME
+
     if CUDA_HOME:
         candidates.append(Path(CUDA_HOME) / "bin" / "cuobjdump")
     try:
         import triton
+
         candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     except ImportError:
         pass
@@ -112,6 +128,7 @@ def _cuobjdump(nvcc: str):
 def test_extension_holds_sm80_and_sm90_cubins():
     nvcc = _nvcc_or_skip()
     import fastcore_ai
+
     info = fastcore_ai.build_info()
     if not info["cuda_kernels_compiled"]:
         pytest.skip(f"fastcore_ai was built without CUDA kernels (native extension: {info['native_extension']})")
@@ -119,8 +136,10 @@ def test_extension_holds_sm80_and_sm90_cubins():
     if cuobjdump is None:
         pytest.skip("cuobjdump not found (PATH, next to nvcc, CUDA_HOME/bin, triton's bundled copy)")
     import fastcore_ai._C
-    result = subprocess.run([cuobjdump, "--list-elf", fastcore_ai._C.__file__], capture_output=True, text=True,
-                            timeout=120)
+
+    result = subprocess.run(
+        [cuobjdump, "--list-elf", fastcore_ai._C.__file__], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     archs = set(re.findall(r"\.(sm_\d+)\.cubin", result.stdout))
     for arch in ARCHS:
@@ -422,6 +441,7 @@ inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, 
 }  // namespace nvcuda
 """
 
+
 def build_emulated_kernels(work: Path, cuda_source: str, driver: str, name: str, extra_runtime: str = ""):
     """Compiles csrc/kernels/<cuda_source> unchanged (launches rewritten) against the CPU emulation of the
     CUDA runtime, with `driver` (C ABI entry points that #include "<name>_emulated.inc"), and loads it.
@@ -434,14 +454,27 @@ def build_emulated_kernels(work: Path, cuda_source: str, driver: str, name: str,
     (work / "fake").mkdir()
     (work / "fake" / "cuda_runtime.h").write_text(EMULATED_RUNTIME + extra_runtime)
     source = (ROOT / "csrc" / "kernels" / cuda_source).read_text()
-    rewritten, launches = re.subn(r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", r"emu::Launch(\2).run(\1, ", source,
-                                  flags=re.S)
+    rewritten, launches = re.subn(
+        r"([\w:]+(?:<[^<>;]*>)?)<<<(.*?)>>>\(", r"emu::Launch(\2).run(\1, ", source, flags=re.S
+    )
     assert launches > 0 and "<<<" not in rewritten, "could not rewrite the kernel launches for the emulator"
     (work / f"{name}_emulated.inc").write_text(rewritten)
     (work / "driver.cpp").write_text(driver)
     library = work / f"lib{name}_emulated.so"
-    command = [compiler, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wno-unknown-pragmas", f"-I{work / 'fake'}",
-               f"-I{work}", *INCLUDES, str(work / "driver.cpp"), "-o", str(library)]
+    command = [
+        compiler,
+        "-std=c++17",
+        "-O1",
+        "-fPIC",
+        "-shared",
+        "-Wno-unknown-pragmas",
+        f"-I{work / 'fake'}",
+        f"-I{work}",
+        *INCLUDES,
+        str(work / "driver.cpp"),
+        "-o",
+        str(library),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"building the CUDA emulator failed:\n{result.stderr}"
     return ctypes.CDLL(str(library))
@@ -449,8 +482,9 @@ def build_emulated_kernels(work: Path, cuda_source: str, driver: str, name: str,
 
 @pytest.fixture(scope="module")
 def emulated_router(tmp_path_factory):
-    return build_emulated_kernels(tmp_path_factory.mktemp("cuda_emulator"), "moe/topk_route.cu", EMULATOR_DRIVER,
-                                  "topk_route")
+    return build_emulated_kernels(
+        tmp_path_factory.mktemp("cuda_emulator"), "moe/topk_route.cu", EMULATOR_DRIVER, "topk_route"
+    )
 
 
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -468,10 +502,22 @@ def _emulated_route(lib, logits, k, renormalize):
     z_loss = torch.full((), float("nan"))
     mean_prob = torch.full((E,), float("nan"))
     counts = torch.zeros(E, dtype=torch.int64)  # the caller zeroes counts
-    status = lib.emu_topk_route(_ptr(logits), _KIND[logits.dtype], ctypes.c_int64(T), ctypes.c_int64(E),
-                                ctypes.c_int64(logits.stride(0)), ctypes.c_int64(logits.stride(1)), k,
-                                int(renormalize), _ptr(weights), _ptr(ids), _ptr(lse), _ptr(z_loss),
-                                _ptr(mean_prob), _ptr(counts))
+    status = lib.emu_topk_route(
+        _ptr(logits),
+        _KIND[logits.dtype],
+        ctypes.c_int64(T),
+        ctypes.c_int64(E),
+        ctypes.c_int64(logits.stride(0)),
+        ctypes.c_int64(logits.stride(1)),
+        k,
+        int(renormalize),
+        _ptr(weights),
+        _ptr(ids),
+        _ptr(lse),
+        _ptr(z_loss),
+        _ptr(mean_prob),
+        _ptr(counts),
+    )
     assert status == 0, f"emulated topk_route_cuda returned cudaError {status} (719: divergent barrier or shuffle)"
     return weights, ids, z_loss, counts, mean_prob, lse
 
@@ -479,10 +525,23 @@ def _emulated_route(lib, logits, k, renormalize):
 def _emulated_backward(lib, logits, ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob, renormalize):
     T, E = logits.shape
     grad = torch.full((T, E), float("nan"))
-    status = lib.emu_backward(_ptr(logits), _KIND[logits.dtype], ctypes.c_int64(T), ctypes.c_int64(E),
-                              ctypes.c_int64(logits.stride(0)), ctypes.c_int64(logits.stride(1)), ids.shape[1],
-                              int(renormalize), _ptr(ids), _ptr(weights), _ptr(lse), _ptr(grad_weights),
-                              _ptr(grad_mean_prob), _ptr(grad_z_loss), _ptr(grad))
+    status = lib.emu_backward(
+        _ptr(logits),
+        _KIND[logits.dtype],
+        ctypes.c_int64(T),
+        ctypes.c_int64(E),
+        ctypes.c_int64(logits.stride(0)),
+        ctypes.c_int64(logits.stride(1)),
+        ids.shape[1],
+        int(renormalize),
+        _ptr(ids),
+        _ptr(weights),
+        _ptr(lse),
+        _ptr(grad_weights),
+        _ptr(grad_mean_prob),
+        _ptr(grad_z_loss),
+        _ptr(grad),
+    )
     assert status == 0, f"emulated topk_route_backward_cuda returned cudaError {status} (719: divergent shuffle)"
     return grad
 
@@ -498,6 +557,7 @@ def _relative_error(actual, expected):
 
 def _check_against_reference(lib, logits, k, renormalize):
     from fastcore_ai.reference import moe as reference
+
     out = _emulated_route(lib, logits, k, renormalize)
     ref = reference.moe_topk_route(logits.double(), k, renormalize)
     assert torch.equal(out[1], ref[1]), "expert ids differ from the reference"
@@ -506,23 +566,43 @@ def _check_against_reference(lib, logits, k, renormalize):
         assert _relative_error(out[index].reshape(-1), ref[index].reshape(-1)) < 1e-5, name
     again = _emulated_route(lib, logits, k, renormalize)
     for first, second in zip(out, again):
-        assert torch.equal(first.view(-1).view(torch.int32) if first.is_floating_point() else first,
-                           second.view(-1).view(torch.int32) if second.is_floating_point() else second), \
-            "two runs differ bitwise"
+        assert torch.equal(
+            first.view(-1).view(torch.int32) if first.is_floating_point() else first,
+            second.view(-1).view(torch.int32) if second.is_floating_point() else second,
+        ), "two runs differ bitwise"
     T, E = logits.shape
     grad_weights, grad_z_loss, grad_mean_prob = torch.randn(T, k), torch.randn(1), torch.randn(E)
-    grad = _emulated_backward(lib, logits, out[1], out[0], out[5], grad_weights, grad_z_loss, grad_mean_prob,
-                              renormalize)
-    expected = reference.moe_topk_route_backward(logits.double(), ref[1], ref[0], ref[5], grad_weights.double(),
-                                                 grad_z_loss.double()[0], grad_mean_prob.double(), renormalize)
+    grad = _emulated_backward(
+        lib, logits, out[1], out[0], out[5], grad_weights, grad_z_loss, grad_mean_prob, renormalize
+    )
+    expected = reference.moe_topk_route_backward(
+        logits.double(),
+        ref[1],
+        ref[0],
+        ref[5],
+        grad_weights.double(),
+        grad_z_loss.double()[0],
+        grad_mean_prob.double(),
+        renormalize,
+    )
     assert _relative_error(grad, expected) < 1e-5, "gradient"
     return out
 
 
 # Every row layout of the kernels (E ≤ 8, 16, 32, 64, 128, 256, 512, 1024), k = 1, some, min(E, 16).
-EMULATED_CASES = [(70, 1, 1, True), (70, 3, 3, False), (70, 8, 2, True), (70, 16, 16, False), (70, 33, 8, True),
-                  (70, 61, 16, False), (70, 128, 2, True), (70, 200, 16, True), (7, 300, 5, False),
-                  (3, 1024, 16, True), (130, 9, 4, False)]
+EMULATED_CASES = [
+    (70, 1, 1, True),
+    (70, 3, 3, False),
+    (70, 8, 2, True),
+    (70, 16, 16, False),
+    (70, 33, 8, True),
+    (70, 61, 16, False),
+    (70, 128, 2, True),
+    (70, 200, 16, True),
+    (7, 300, 5, False),
+    (3, 1024, 16, True),
+    (130, 9, 4, False),
+]
 
 
 def test_cuda_router_kernels_on_emulator(emulated_router):
@@ -546,6 +626,7 @@ def test_cuda_router_kernels_on_emulator(emulated_router):
     special[7] = float("nan")
     special[8, 0] = float("inf")
     from fastcore_ai.reference import moe as reference
+
     out = _emulated_route(lib, special, 8, True)
     ref = reference.moe_topk_route(special.double(), 8, True)
     assert torch.equal(out[1], ref[1]) and torch.equal(out[3], ref[3])
@@ -564,8 +645,15 @@ def test_cuda_partial_reduction_on_emulator(emulated_router):
         expected_prob, expected_lse_sq = partial_prob.double().sum(0), partial_lse_sq.double().sum()
         T = num_blocks * 64 - 3
         z_loss, mean_prob = torch.full((), float("nan")), torch.full((E,), float("nan"))
-        status = emulated_router.emu_reduce(_ptr(partial_prob), _ptr(partial_lse_sq), ctypes.c_int64(num_blocks),
-                                            ctypes.c_int64(T), ctypes.c_int64(E), _ptr(z_loss), _ptr(mean_prob))
+        status = emulated_router.emu_reduce(
+            _ptr(partial_prob),
+            _ptr(partial_lse_sq),
+            ctypes.c_int64(num_blocks),
+            ctypes.c_int64(T),
+            ctypes.c_int64(E),
+            _ptr(z_loss),
+            _ptr(mean_prob),
+        )
         assert status == 0
         assert _relative_error(mean_prob, expected_prob / T) < 1e-6
         assert _relative_error(z_loss.reshape(1), (expected_lse_sq / T).reshape(1)) < 1e-6

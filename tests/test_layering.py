@@ -2,6 +2,7 @@
 inside functions alike; a lazy import is still an arrow) goes from a higher layer to a lower one or
 within a layer, and no chain of imports is a cycle. `triton_kernels` (installed as
 fastcore_ai.triton_kernels) imports nothing from fastcore_ai."""
+
 import ast
 from pathlib import Path
 
@@ -11,12 +12,17 @@ KERNELS = ROOT / "triton_kernels"
 
 # layer of each top-level part of the package; an import may only go to the same or a lower number
 LAYERS = {
-    "_version": 0, "_native": 0, "_validation": 0,
-    "triton_kernels": 1, "reference": 1,
-    "backends": 2, "_build_info": 2,
+    "_version": 0,
+    "_native": 0,
+    "_validation": 0,
+    "triton_kernels": 1,
+    "reference": 1,
+    "backends": 2,
+    "_build_info": 2,
     "ops": 3,
     "nn": 4,
-    "search": 5, "integrations": 5,
+    "search": 5,
+    "integrations": 5,
     "bench": 6,
     "__main__": 7,
 }
@@ -46,13 +52,14 @@ def _imports(name, path, modules):
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 module = ".".join(base + ([node.module] if node.module else []))
             else:
                 module = node.module or ""
             # `from M import x`: the arrow goes to M.x where that is a module of ours, else to M itself
-            candidates = [f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module
-                          for alias in node.names]
+            candidates = [
+                f"{module}.{alias.name}" if f"{module}.{alias.name}" in modules else module for alias in node.names
+            ]
         else:
             continue
         for candidate in candidates:
@@ -98,8 +105,13 @@ def test_no_import_goes_up_a_layer():
 
 
 def test_triton_kernels_import_nothing_from_fastcore_ai():
-    offenders = sorted(f"{m} -> {t}" for m, ts in _graph().items() if m.startswith("fastcore_ai.triton_kernels")
-                       for t in ts if not t.startswith("fastcore_ai.triton_kernels"))
+    offenders = sorted(
+        f"{m} -> {t}"
+        for m, ts in _graph().items()
+        if m.startswith("fastcore_ai.triton_kernels")
+        for t in ts
+        if not t.startswith("fastcore_ai.triton_kernels")
+    )
     assert not offenders, offenders
 
 
@@ -114,7 +126,7 @@ def test_no_import_cycle():
             if target == "fastcore_ai":
                 continue
             if state.get(target) == "open":
-                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+                cycles.append(" -> ".join(stack[stack.index(target) :] + [target]))
             elif target not in state:
                 visit(target)
         stack.pop()

@@ -1,6 +1,7 @@
 """fastcore_ai.ops.moe_dispatch / moe_combine: exact plans and parity of every backend with the float64
 reference, round trips, dropped slots, determinism, gradients, registration (opcheck, torch.compile),
 error paths, and the CUDA kernels on the CPU emulator of tests/test_cuda_build.py."""
+
 import ctypes
 
 import pytest
@@ -27,8 +28,9 @@ def random_routing(T, k, E, device, drop=0.3, generator=None):
 
 def oracle(x, ids, kept, E, weights):
     """Float64 reference of dispatch + combine on the upcast inputs."""
-    x_sorted, offsets, slot_to_token, token_slot = reference_moe_dispatch(x.detach().double().cpu(), ids.cpu(),
-                                                                          None if kept is None else kept.cpu(), E)
+    x_sorted, offsets, slot_to_token, token_slot = reference_moe_dispatch(
+        x.detach().double().cpu(), ids.cpu(), None if kept is None else kept.cpu(), E
+    )
     out = reference_combine(x_sorted, token_slot, weights.detach().double().cpu())
     return x_sorted, (offsets, slot_to_token, token_slot), out
 
@@ -63,8 +65,19 @@ def backend_shape_cases():
             T, H, E, k, masked = shape.values
             if backend == "triton" and device == "cpu" and T * H * k > 100_000:
                 continue
-            cases.append(pytest.param(backend, device, T, H, E, k, masked, marks=backend_device.marks,
-                                      id=f"{backend_device.id}-{shape.id}"))
+            cases.append(
+                pytest.param(
+                    backend,
+                    device,
+                    T,
+                    H,
+                    E,
+                    k,
+                    masked,
+                    marks=backend_device.marks,
+                    id=f"{backend_device.id}-{shape.id}",
+                )
+            )
     return cases
 
 
@@ -119,7 +132,7 @@ def test_plan_semantics_by_hand():
 def test_parity_dtypes_non_contiguous(backend, device, dtype, poisoned_outputs):
     require_backend(DISPATCH, backend, device, dtype)
     T, H, E, k = 77, 40, 8, 3
-    x = torch.randn(H + 5, T, device=device).to(dtype).t()[:, 2:2 + H]  # transposed and sliced
+    x = torch.randn(H + 5, T, device=device).to(dtype).t()[:, 2 : 2 + H]  # transposed and sliced
     assert not x.is_contiguous()
     ids, kept = random_routing(T, k, E, device)
     weights = torch.rand(T, k, device=device)
@@ -171,10 +184,10 @@ def test_dropped_slots_contribute_exactly_zero(backend, device):
     T, H, E, k = 20, 16, 4, 2
     x = torch.randn(T, H, device=device)
     ids, kept = random_routing(T, k, E, device)
-    kept[3] = False                      # a token with every slot dropped
+    kept[3] = False  # a token with every slot dropped
     kept[4] = torch.tensor([True, False])
     weights = torch.rand(T, k, device=device)
-    weights[~kept] = float("nan")        # weights of dropped slots must never be read into the sum
+    weights[~kept] = float("nan")  # weights of dropped slots must never be read into the sum
     x_sorted, plan = ops.moe_dispatch(x, ids, kept, E, backend=backend)
     assert bool((plan.token_slot[~kept] == -1).all()) and bool((plan.token_slot[kept] >= 0).all())
     out = ops.moe_combine(x_sorted, plan, weights, backend=backend)
@@ -188,8 +201,9 @@ def test_every_slot_dropped(backend, device, poisoned_outputs):
     require_backend(DISPATCH, backend, device)
     T, H, E, k = 9, 5, 4, 2
     ids, _ = random_routing(T, k, E, device)
-    x_sorted, plan = ops.moe_dispatch(torch.randn(T, H, device=device), ids,
-                                      torch.zeros(T, k, dtype=torch.bool, device=device), E, backend=backend)
+    x_sorted, plan = ops.moe_dispatch(
+        torch.randn(T, H, device=device), ids, torch.zeros(T, k, dtype=torch.bool, device=device), E, backend=backend
+    )
     assert x_sorted.shape == (0, H) and plan.slot_to_token.shape == (0,)
     assert plan.expert_offsets.tolist() == [0] * (E + 1) and plan.token_slot.tolist() == [[-1] * k] * T
     out = ops.moe_combine(x_sorted, plan, torch.rand(T, k, device=device), backend=backend)
@@ -209,8 +223,9 @@ def test_deterministic(backend, device):
     for a, b in zip(first[1], second[1]):
         assert torch.equal(a, b)
     y = first[0] * 1.7 + 0.1
-    assert torch.equal(ops.moe_combine(y, first[1], weights, backend=backend),
-                       ops.moe_combine(y, first[1], weights, backend=backend))
+    assert torch.equal(
+        ops.moe_combine(y, first[1], weights, backend=backend), ops.moe_combine(y, first[1], weights, backend=backend)
+    )
 
 
 def test_cpu_does_not_depend_on_thread_count():
@@ -237,6 +252,7 @@ def test_cpu_does_not_depend_on_thread_count():
 
 # ---- gradients ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("T,H,E,k", [(1, 1, 1, 1), (6, 5, 4, 3), (9, 3, 2, 2)])
 def test_gradcheck_float64(backend, T, H, E, k):
@@ -255,8 +271,9 @@ def test_gradcheck_float64(backend, T, H, E, k):
     assert torch.autograd.gradcheck(round_trip, (x, weights), eps=1e-6, atol=1e-8)
     _, plan = ops.moe_dispatch(x.detach(), ids, kept, E, backend=backend)
     y = torch.randn(plan.slot_to_token.shape[0], H, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda y, w: ops.moe_combine(y, plan, w, backend=backend), (y, weights),
-                                    eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        lambda y, w: ops.moe_combine(y, plan, w, backend=backend), (y, weights), eps=1e-6, atol=1e-8
+    )
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -319,6 +336,7 @@ def test_reference_backward_matches_torch_autograd():
 
 # ---- registration: opcheck and torch.compile ------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_opcheck(backend):
     T, H, E, k = 17, 6, 5, 2
@@ -331,11 +349,13 @@ def test_opcheck(backend):
     w = torch.rand(T, k, requires_grad=True)
     torch.library.opcheck(torch.ops.fastcore_ai.moe_combine.default, (y, slot_to_token, token_slot, w, backend))
     for need_weights in (True, False):
-        torch.library.opcheck(torch.ops.fastcore_ai.moe_combine_backward.default,
-                              (torch.randn(T, H), y.detach(), slot_to_token, token_slot, w.detach(), need_weights,
-                               backend))
-    torch.library.opcheck(torch.ops.fastcore_ai.moe_dispatch_backward.default,
-                          (torch.randn_like(x_sorted), token_slot, backend))
+        torch.library.opcheck(
+            torch.ops.fastcore_ai.moe_combine_backward.default,
+            (torch.randn(T, H), y.detach(), slot_to_token, token_slot, w.detach(), need_weights, backend),
+        )
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.moe_dispatch_backward.default, (torch.randn_like(x_sorted), token_slot, backend)
+    )
 
 
 def test_torch_compile_fullgraph_combine_cpu():
@@ -391,6 +411,7 @@ def test_torch_compile_inductor_combine_cpu():
 
 # ---- error paths: every message names the op and the argument -------------------------------------
 
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("bad_id", [-1, 8, 1 << 40, -(1 << 62)])
 def test_error_expert_ids_out_of_range(backend, device, bad_id):
@@ -412,21 +433,24 @@ def _dispatch_args(**change):
     return args
 
 
-@pytest.mark.parametrize("change,error,words", [
-    (dict(x=torch.randn(6, 4, 2)), ValueError, ["x", "2-D", "3-D"]),
-    (dict(x=torch.randint(0, 3, (6, 4))), TypeError, ["x", "int64"]),
-    (dict(expert_ids=torch.randint(0, 4, (6, 2), dtype=torch.int32)), TypeError, ["expert_ids", "int32"]),
-    (dict(expert_ids=torch.randint(0, 4, (5, 2))), ValueError, ["expert_ids", "T = x.shape[0] = 6"]),
-    (dict(expert_ids=torch.randint(0, 4, (6, 0))), ValueError, ["k", "got 0"]),
-    (dict(expert_ids=torch.randint(0, 4, (6,))), ValueError, ["expert_ids", "2-D"]),
-    (dict(kept=torch.ones(6, 3, dtype=torch.bool)), ValueError, ["kept", "(6, 2)", "(6, 3)"]),
-    (dict(kept=torch.ones(6, 2)), TypeError, ["kept", "bool", "float32"]),
-    (dict(num_experts=0), ValueError, ["num_experts", "got 0"]),
-    (dict(num_experts=5000), ValueError, ["num_experts", "4096"]),
-    (dict(num_experts=4.0), TypeError, ["num_experts", "int"]),
-    (dict(num_experts=None), TypeError, ["num_experts", "required"]),
-    (dict(x=[[1.0]]), TypeError, ["x", "list"]),
-])
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        (dict(x=torch.randn(6, 4, 2)), ValueError, ["x", "2-D", "3-D"]),
+        (dict(x=torch.randint(0, 3, (6, 4))), TypeError, ["x", "int64"]),
+        (dict(expert_ids=torch.randint(0, 4, (6, 2), dtype=torch.int32)), TypeError, ["expert_ids", "int32"]),
+        (dict(expert_ids=torch.randint(0, 4, (5, 2))), ValueError, ["expert_ids", "T = x.shape[0] = 6"]),
+        (dict(expert_ids=torch.randint(0, 4, (6, 0))), ValueError, ["k", "got 0"]),
+        (dict(expert_ids=torch.randint(0, 4, (6,))), ValueError, ["expert_ids", "2-D"]),
+        (dict(kept=torch.ones(6, 3, dtype=torch.bool)), ValueError, ["kept", "(6, 2)", "(6, 3)"]),
+        (dict(kept=torch.ones(6, 2)), TypeError, ["kept", "bool", "float32"]),
+        (dict(num_experts=0), ValueError, ["num_experts", "got 0"]),
+        (dict(num_experts=5000), ValueError, ["num_experts", "4096"]),
+        (dict(num_experts=4.0), TypeError, ["num_experts", "int"]),
+        (dict(num_experts=None), TypeError, ["num_experts", "required"]),
+        (dict(x=[[1.0]]), TypeError, ["x", "list"]),
+    ],
+)
 def test_dispatch_errors(change, error, words):
     with pytest.raises(error) as info:
         ops.moe_dispatch(**_dispatch_args(**change))
@@ -446,17 +470,24 @@ def _combine_args(**change):
     return args
 
 
-@pytest.mark.parametrize("change,error,words", [
-    (dict(weights=torch.rand(6, 3)), ValueError, ["weights", "[T, k]", "(6, 2)", "(6, 3)"]),
-    (dict(weights=torch.rand(5, 2)), ValueError, ["weights", "(5, 2)"]),
-    (dict(weights=torch.rand(6, 2, dtype=torch.float64)), TypeError, ["weights", "float32", "float64"]),
-    (dict(weights=torch.ones(6, 2, dtype=torch.int64)), TypeError, ["weights", "int64"]),
-    (dict(y_sorted=lambda a: a["y_sorted"][:-1]), ValueError, ["y_sorted", "S = plan.slot_to_token.shape[0]"]),
-    (dict(y_sorted=lambda a: a["y_sorted"].long()), TypeError, ["y_sorted", "int64"]),
-    (dict(plan=lambda a: (a["plan"][0], a["plan"][1], a["plan"][2].int())), TypeError, ["plan.token_slot", "int32"]),
-    (dict(plan=lambda a: (a["plan"][0], a["plan"][1])), TypeError, ["plan", "DispatchPlan"]),
-    (dict(plan="plan"), TypeError, ["plan", "str"]),
-])
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        (dict(weights=torch.rand(6, 3)), ValueError, ["weights", "[T, k]", "(6, 2)", "(6, 3)"]),
+        (dict(weights=torch.rand(5, 2)), ValueError, ["weights", "(5, 2)"]),
+        (dict(weights=torch.rand(6, 2, dtype=torch.float64)), TypeError, ["weights", "float32", "float64"]),
+        (dict(weights=torch.ones(6, 2, dtype=torch.int64)), TypeError, ["weights", "int64"]),
+        (dict(y_sorted=lambda a: a["y_sorted"][:-1]), ValueError, ["y_sorted", "S = plan.slot_to_token.shape[0]"]),
+        (dict(y_sorted=lambda a: a["y_sorted"].long()), TypeError, ["y_sorted", "int64"]),
+        (
+            dict(plan=lambda a: (a["plan"][0], a["plan"][1], a["plan"][2].int())),
+            TypeError,
+            ["plan.token_slot", "int32"],
+        ),
+        (dict(plan=lambda a: (a["plan"][0], a["plan"][1])), TypeError, ["plan", "DispatchPlan"]),
+        (dict(plan="plan"), TypeError, ["plan", "str"]),
+    ],
+)
 def test_combine_errors(change, error, words):
     with pytest.raises(error) as info:
         ops.moe_combine(**_combine_args(**change))
@@ -474,12 +505,20 @@ def test_combine_malformed_plan_raises(backend):
     token_slot = plan.token_slot.clone()
     token_slot[0, 0] = plan.slot_to_token.shape[0] + 5
     with pytest.raises(ValueError, match="^fastcore_ai.ops.moe_combine: plan is malformed"):
-        ops.moe_combine(args["y_sorted"], ops.DispatchPlan(plan.expert_offsets, plan.slot_to_token, token_slot),
-                        args["weights"], backend=backend)
+        ops.moe_combine(
+            args["y_sorted"],
+            ops.DispatchPlan(plan.expert_offsets, plan.slot_to_token, token_slot),
+            args["weights"],
+            backend=backend,
+        )
     token_slot[0, 0] = -2
     with pytest.raises(ValueError, match="plan is malformed"):
-        ops.moe_combine(args["y_sorted"], ops.DispatchPlan(plan.expert_offsets, plan.slot_to_token, token_slot),
-                        args["weights"], backend=backend)
+        ops.moe_combine(
+            args["y_sorted"],
+            ops.DispatchPlan(plan.expert_offsets, plan.slot_to_token, token_slot),
+            args["weights"],
+            backend=backend,
+        )
 
 
 def test_combine_malformed_plan_triton_gives_nan_rows():
@@ -488,21 +527,27 @@ def test_combine_malformed_plan_triton_gives_nan_rows():
     plan = args["plan"]
     token_slot = plan.token_slot.clone()
     token_slot[1, 0] = 10**12
-    out = ops.moe_combine(args["y_sorted"], ops.DispatchPlan(plan.expert_offsets, plan.slot_to_token, token_slot),
-                          args["weights"], backend="triton")
+    out = ops.moe_combine(
+        args["y_sorted"],
+        ops.DispatchPlan(plan.expert_offsets, plan.slot_to_token, token_slot),
+        args["weights"],
+        backend="triton",
+    )
     assert bool(torch.isnan(out[1]).all()) and bool(torch.isfinite(out[[0, 2, 3, 4, 5]]).all())
 
 
 def test_error_backend_dtype_and_device():
     with pytest.raises(RuntimeError, match="moe_dispatch: backend 'triton'.*x dtype float64"):
-        ops.moe_dispatch(torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.int64), None, 2,
-                         backend="triton")
+        ops.moe_dispatch(
+            torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 1, dtype=torch.int64), None, 2, backend="triton"
+        )
     with pytest.raises(RuntimeError, match="moe_dispatch: backend 'cuda'.*x is on cpu"):
         ops.moe_dispatch(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64), None, 2, backend="cuda")
 
 
 def test_native_entry_points_check_their_input():
     from fastcore_ai._native import native
+
     with pytest.raises(RuntimeError, match="moe_dispatch: num_experts must satisfy"):
         native().moe_dispatch(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.int64), None, 0)
     with pytest.raises(RuntimeError, match="moe_dispatch: expert_ids must be int64"):
@@ -573,8 +618,14 @@ int emu_combine(const void* y, int y_kind, const void* w, int w_kind, const int6
 @pytest.fixture(scope="module")
 def emulated_dispatch(tmp_path_factory):
     from test_cuda_build import build_emulated_kernels
-    return build_emulated_kernels(tmp_path_factory.mktemp("dispatch_emulator"), "moe/dispatch.cu", _EMULATOR_DRIVER,
-                                  "dispatch", extra_runtime=_EXTRA_RUNTIME)
+
+    return build_emulated_kernels(
+        tmp_path_factory.mktemp("dispatch_emulator"),
+        "moe/dispatch.cu",
+        _EMULATOR_DRIVER,
+        "dispatch",
+        extra_runtime=_EXTRA_RUNTIME,
+    )
 
 
 def _ptr(t):
@@ -585,8 +636,17 @@ _I64 = ctypes.c_int64
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-@pytest.mark.parametrize("T,E,k,masked", [(0, 3, 2, True), (1, 1, 1, False), (37, 5, 3, True), (300, 64, 8, True),
-                                          (500, 3, 2, False), (40, 4, 2, "none kept")])
+@pytest.mark.parametrize(
+    "T,E,k,masked",
+    [
+        (0, 3, 2, True),
+        (1, 1, 1, False),
+        (37, 5, 3, True),
+        (300, 64, 8, True),
+        (500, 3, 2, False),
+        (40, 4, 2, "none kept"),
+    ],
+)
 def test_cuda_kernels_on_emulator(emulated_dispatch, T, E, k, masked):
     lib = emulated_dispatch
     H = 19
@@ -598,23 +658,56 @@ def test_cuda_kernels_on_emulator(emulated_dispatch, T, E, k, masked):
     slot_to_token = torch.full((S,), -7, dtype=torch.int64)
     token_slot = torch.full((T, k), -7, dtype=torch.int64)
     bad = torch.zeros(1, dtype=torch.int64)
-    status = lib.emu_plan(_ptr(ids), _ptr(kept), _I64(T), _I64(k), _I64(E), _ptr(offsets), _ptr(slot_to_token),
-                          _ptr(token_slot), _ptr(bad))
+    status = lib.emu_plan(
+        _ptr(ids),
+        _ptr(kept),
+        _I64(T),
+        _I64(k),
+        _I64(E),
+        _ptr(offsets),
+        _ptr(slot_to_token),
+        _ptr(token_slot),
+        _ptr(bad),
+    )
     assert status == 0, f"emulated plan returned cudaError {status} (719: divergent barrier or shuffle)"
     assert int(bad) == 0
     assert torch.equal(offsets, ref_offsets) and torch.equal(slot_to_token, ref_slot_to_token)
     assert torch.equal(token_slot, ref_token_slot)
 
-    x = torch.randn(H + 3, T).t()[:, 1:1 + H].to(torch.bfloat16)  # strided, 2-byte elements
+    x = torch.randn(H + 3, T).t()[:, 1 : 1 + H].to(torch.bfloat16)  # strided, 2-byte elements
     x_sorted = torch.full((S, H), float("nan"), dtype=torch.bfloat16)
-    assert lib.emu_gather(_ptr(x), _I64(T), _I64(x.stride(0)), _I64(x.stride(1)), _ptr(slot_to_token),
-                          _ptr(x_sorted), _I64(S), _I64(H), 2) == 0
+    assert (
+        lib.emu_gather(
+            _ptr(x),
+            _I64(T),
+            _I64(x.stride(0)),
+            _I64(x.stride(1)),
+            _ptr(slot_to_token),
+            _ptr(x_sorted),
+            _I64(S),
+            _I64(H),
+            2,
+        )
+        == 0
+    )
     assert torch.equal(x_sorted, x[ref_slot_to_token])
     for width, dtype in ((16, torch.float32), (24, torch.float16)):  # contiguous rows: the 16-byte vector path
         x = torch.randn(T, width).to(dtype)
         x_sorted = torch.full((S, width), float("nan"), dtype=dtype)
-        assert lib.emu_gather(_ptr(x), _I64(T), _I64(width), _I64(1), _ptr(slot_to_token), _ptr(x_sorted), _I64(S),
-                              _I64(width), x.element_size()) == 0
+        assert (
+            lib.emu_gather(
+                _ptr(x),
+                _I64(T),
+                _I64(width),
+                _I64(1),
+                _ptr(slot_to_token),
+                _ptr(x_sorted),
+                _I64(S),
+                _I64(width),
+                x.element_size(),
+            )
+            == 0
+        )
         assert torch.equal(x_sorted, x[ref_slot_to_token])
 
     y = torch.randn(S, H)
@@ -623,12 +716,27 @@ def test_cuda_kernels_on_emulator(emulated_dispatch, T, E, k, masked):
     out = torch.full((T, H), float("nan"))
     grad_y = torch.full((S, H), float("nan"))
     grad_w = torch.full((T, k), float("nan"))
-    status = lib.emu_combine(_ptr(y), 0, _ptr(w), 0, _ptr(token_slot), _ptr(slot_to_token), _I64(T), _I64(k), _I64(S),
-                             _I64(H), _ptr(grad_out), _ptr(out), _ptr(grad_y), _ptr(grad_w))
+    status = lib.emu_combine(
+        _ptr(y),
+        0,
+        _ptr(w),
+        0,
+        _ptr(token_slot),
+        _ptr(slot_to_token),
+        _I64(T),
+        _I64(k),
+        _I64(S),
+        _I64(H),
+        _ptr(grad_out),
+        _ptr(out),
+        _ptr(grad_y),
+        _ptr(grad_w),
+    )
     assert status == 0, f"emulated combine returned cudaError {status}"
     ref_out = reference_combine(y.double(), token_slot, w.double())
     ref_grad_y, ref_grad_w = reference_combine_backward(
-        grad_out.double(), y.double(), slot_to_token, token_slot, w.double(), True)
+        grad_out.double(), y.double(), slot_to_token, token_slot, w.double(), True
+    )
     assert relative_error(out, ref_out) < FP32_BOUND
     if S > 0:
         assert relative_error(grad_y, ref_grad_y) < FP32_BOUND
@@ -641,7 +749,8 @@ def test_cuda_plan_on_emulator_counts_bad_ids(emulated_dispatch):
     offsets = torch.empty(5, dtype=torch.int64)
     bad = torch.zeros(1, dtype=torch.int64)
     scratch = torch.full((100,), -7, dtype=torch.int64)
-    status = emulated_dispatch.emu_plan(_ptr(ids), None, _I64(50), _I64(2), _I64(4), _ptr(offsets), _ptr(scratch),
-                                        _ptr(scratch), _ptr(bad))
+    status = emulated_dispatch.emu_plan(
+        _ptr(ids), None, _I64(50), _I64(2), _I64(4), _ptr(offsets), _ptr(scratch), _ptr(scratch), _ptr(bad)
+    )
     assert status == 0 and int(bad) == 2
     assert bool((scratch == -7).all()), "the scatter must not run when ids are out of range"

@@ -12,6 +12,7 @@ all-reduced router gradient and the sharded expert gradients must equal).
 The workers run every case in one launch (module fixture) and write their tensors to tmp files; the
 parent process asserts (tests/_gloo.py launches them: a hang or a crash fails, with the worker's report).
 """
+
 import os
 
 import pytest
@@ -52,8 +53,16 @@ def _make_case(name):
     capacity = kwargs.pop("capacity_factor", None)
     generator = torch.Generator().manual_seed(1234 + len(name))
     torch.manual_seed(4321 + len(name))
-    moe = MoE(H, kwargs.pop("d_ff"), kwargs.pop("num_experts"), kwargs.pop("k"), capacity_factor=capacity,
-              eval_capacity_factor=capacity, backend="cpu", **kwargs)
+    moe = MoE(
+        H,
+        kwargs.pop("d_ff"),
+        kwargs.pop("num_experts"),
+        kwargs.pop("k"),
+        capacity_factor=capacity,
+        eval_capacity_factor=capacity,
+        backend="cpu",
+        **kwargs,
+    )
     xs, gs = [], []
     for rank, T in enumerate(TOKENS):
         x = torch.randn(T, H, generator=generator)
@@ -77,12 +86,20 @@ def _worker(rank, world, out_dir):
         layer.sync_router_grads()
         routed = layer.last_router
         ids = routed.expert_ids[routed.kept] if routed.kept is not None else routed.expert_ids.reshape(-1)
-        torch.save({"out": out.detach(), "grad_x": x.grad, "grad_router": layer.router.weight.grad,
-                    "grad_gate_up": layer.experts.gate_up_proj.grad, "grad_down": layer.experts.down_proj.grad,
-                    "expert_start": layer.expert_start, "num_local": layer.num_local_experts,
-                    "sent_per_expert": torch.bincount(ids, minlength=layer.num_experts),
-                    "dropped": 0 if routed.kept is None else int((~routed.kept).sum())},
-                   os.path.join(out_dir, f"{name}_rank{rank}.pt"))
+        torch.save(
+            {
+                "out": out.detach(),
+                "grad_x": x.grad,
+                "grad_router": layer.router.weight.grad,
+                "grad_gate_up": layer.experts.gate_up_proj.grad,
+                "grad_down": layer.experts.down_proj.grad,
+                "expert_start": layer.expert_start,
+                "num_local": layer.num_local_experts,
+                "sent_per_expert": torch.bincount(ids, minlength=layer.num_experts),
+                "dropped": 0 if routed.kept is None else int((~routed.kept).sum()),
+            },
+            os.path.join(out_dir, f"{name}_rank{rank}.pt"),
+        )
     try:
         ExpertParallelMoE(H, 8, num_experts=3)
         message = "no error"
@@ -126,10 +143,13 @@ def test_expert_parallel_matches_single_process(results, name):
     for rank, got in enumerate(ranks):
         local = slice(got["expert_start"], got["expert_start"] + got["num_local"])
         assert got["num_local"] == moe.router.num_experts // WORLD and got["expert_start"] == rank * got["num_local"]
-        checks = {"out": (got["out"], outs[rank]), "grad_x": (got["grad_x"], grad_xs[rank]),
-                  "grad_router": (got["grad_router"], moe.router.weight.grad),
-                  "grad_gate_up": (got["grad_gate_up"], moe.experts.gate_up_proj.grad[local]),
-                  "grad_down": (got["grad_down"], moe.experts.down_proj.grad[local])}
+        checks = {
+            "out": (got["out"], outs[rank]),
+            "grad_x": (got["grad_x"], grad_xs[rank]),
+            "grad_router": (got["grad_router"], moe.router.weight.grad),
+            "grad_gate_up": (got["grad_gate_up"], moe.experts.gate_up_proj.grad[local]),
+            "grad_down": (got["grad_down"], moe.experts.down_proj.grad[local]),
+        }
         for what, (actual, expected) in checks.items():
             assert actual.shape == expected.shape, (rank, what)
             assert expected.abs().sum() > 0, (rank, what)  # the comparison is not vacuous

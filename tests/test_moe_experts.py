@@ -7,6 +7,7 @@ fused kernel; determinism; gradients (gradcheck, the fused op's recomputing back
 Bounds (relative Frobenius error vs the float64 oracle): float32 < 1e-5; bfloat16 / float16 < 2e-2
 (a bf16 MLP rounds h and y to 8 bits; PyTorch's own bf16 composition lands at ~4e-3 on these shapes).
 """
+
 import pytest
 import torch
 
@@ -21,12 +22,15 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2, torch.fl
 def make_inputs(T, H, I, E, k, device="cpu", dtype=torch.float32, gated=True, drop=0.3, seed=0):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(T, H, generator=generator)
-    ids = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)]) if T else \
-        torch.zeros(0, k, dtype=torch.int64)
+    ids = (
+        torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)])
+        if T
+        else torch.zeros(0, k, dtype=torch.int64)
+    )
     weights = torch.rand(T, k, generator=generator)
     kept = torch.rand(T, k, generator=generator) > drop
-    w1 = torch.randn(E, 2 * I if gated else I, H, generator=generator) / H ** 0.5
-    w2 = torch.randn(E, H, I, generator=generator) / I ** 0.5
+    w1 = torch.randn(E, 2 * I if gated else I, H, generator=generator) / H**0.5
+    w2 = torch.randn(E, H, I, generator=generator) / I**0.5
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     return cast(x), ids.to(device), weights.to(device), kept.to(device), cast(w1), cast(w2)
 
@@ -43,8 +47,9 @@ def oracle(x, ids, weights, kept, w1, w2, act="silu", gated=True):
 
 def test_reference_matches_token_loop():
     T, H, I, E, k = 23, 7, 5, 4, 2
-    x, ids, weights, kept, w1, w2 = (t.double() if t.is_floating_point() else t
-                                     for t in make_inputs(T, H, I, E, k, drop=0.4))
+    x, ids, weights, kept, w1, w2 = (
+        t.double() if t.is_floating_point() else t for t in make_inputs(T, H, I, E, k, drop=0.4)
+    )
     out = reference.moe_experts(x, ids, weights, kept, w1, w2, "gelu", True)
     expected = torch.zeros(T, H, dtype=torch.float64)
     for t in range(T):
@@ -87,14 +92,13 @@ def test_fused_forward_activations(backend, device, activation, gated):
 def test_fused_noncontiguous_empty_and_all_dropped(backend, device):
     require_backend("moe_experts", backend, device)
     x, ids, weights, kept, w1, w2 = make_inputs(21, 16, 10, 3, 2, device=device, seed=5)
-    x_t = torch.randn(16, 21, device=device).t()                      # non-contiguous x
-    w1_t = w1.transpose(1, 2).contiguous().transpose(1, 2)            # non-contiguous weights, same values
+    x_t = torch.randn(16, 21, device=device).t()  # non-contiguous x
+    w1_t = w1.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous weights, same values
     w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
     out = ops.moe_experts(x_t, ids, weights, w1_t, w2_t, kept=kept, backend=backend)
     assert relative_error(out, oracle(x_t, ids, weights, kept, w1, w2)) < 1e-5
     none_kept = torch.zeros_like(kept)
-    assert torch.equal(ops.moe_experts(x, ids, weights, w1, w2, kept=none_kept, backend=backend),
-                       torch.zeros_like(x))
+    assert torch.equal(ops.moe_experts(x, ids, weights, w1, w2, kept=none_kept, backend=backend), torch.zeros_like(x))
     empty = ops.moe_experts(x[:0], ids[:0], weights[:0], w1, w2, backend=backend)
     assert empty.shape == (0, 16)
 
@@ -123,13 +127,15 @@ def test_cpu_fused_bitwise_across_threads():
 
 # ---- the Triton block alignment ------------------------------------------------------------------
 
+
 @pytest.mark.triton
 def test_triton_align_block_size():
     pytest.importorskip("triton")
     from fastcore_ai.triton_kernels.moe_experts import align_block_size
+
     T, k, E, block = 13, 2, 5, 4
     _, ids, _, kept, _, _ = make_inputs(T, 4, 4, E, k, seed=11)
-    ids[0] = torch.tensor([4, 3])                 # make sure some expert counts are not multiples of the block
+    ids[0] = torch.tensor([4, 3])  # make sure some expert counts are not multiples of the block
     sorted_slots, block_expert = align_block_size(ids, kept, E, block)
     numel = T * k
     assert sorted_slots.dtype == torch.int64 and block_expert.dtype == torch.int64
@@ -141,16 +147,17 @@ def test_triton_align_block_size():
         e = int(block_expert[b])
         slots = [int(s) for s in blocks[b] if s < numel]
         if e == E:
-            assert not slots                       # surplus blocks are all padding
+            assert not slots  # surplus blocks are all padding
         for s in slots:
             assert int(ids.view(-1)[s]) == e and bool(kept.view(-1)[s])
         seen += slots
     expected = [s for e in range(E) for s in range(numel) if int(ids.view(-1)[s]) == e and kept.view(-1)[s]]
-    assert seen == expected                        # every kept slot once, by expert, slot order inside
+    assert seen == expected  # every kept slot once, by expert, slot order inside
     assert (block_expert[1:] >= block_expert[:-1]).all()
 
 
 # ---- the training path and the fused op's autograd ------------------------------------------------
+
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_training_path_gradients(backend, device):
@@ -170,12 +177,14 @@ def test_training_path_gradients(backend, device):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_fused_op_gradcheck(backend):
-    x, ids, weights, kept, w1, w2 = (t.double() if t.is_floating_point() else t
-                                     for t in make_inputs(9, 5, 4, 3, 2, seed=12))
+    x, ids, weights, kept, w1, w2 = (
+        t.double() if t.is_floating_point() else t for t in make_inputs(9, 5, 4, 3, 2, seed=12)
+    )
     leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2)]
 
     def fused(x, weights, w1, w2):
         return torch.ops.fastcore_ai.moe_experts(x, ids, weights, kept, w1, w2, "silu", True, backend)
+
     assert torch.autograd.gradcheck(fused, leaves)
 
 
@@ -184,8 +193,10 @@ def test_opcheck(backend):
     x, ids, weights, kept, w1, w2 = make_inputs(15, 8, 6, 3, 2, seed=13)
     args = (x.requires_grad_(), ids, weights.requires_grad_(), kept, w1.requires_grad_(), w2, "silu", True, backend)
     torch.library.opcheck(torch.ops.fastcore_ai.moe_experts.default, args)
-    torch.library.opcheck(torch.ops.fastcore_ai.moe_experts.default,
-                          (x.detach(), ids, weights.detach(), None, w1.detach(), w2, "gelu", True, backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.moe_experts.default,
+        (x.detach(), ids, weights.detach(), None, w1.detach(), w2, "gelu", True, backend),
+    )
 
 
 def test_torch_compile_fullgraph_inference_cpu():
@@ -193,6 +204,7 @@ def test_torch_compile_fullgraph_inference_cpu():
 
     def run(x, ids, weights, kept):
         return ops.moe_experts(x, ids, weights, w1, w2, kept=kept, backend="cpu")
+
     with torch.no_grad():
         eager = run(x, ids, weights, kept)
         compiled = torch.compile(run, fullgraph=True, backend="aot_eager")(x, ids, weights, kept)
@@ -200,6 +212,7 @@ def test_torch_compile_fullgraph_inference_cpu():
 
 
 # ---- the fused CPU training path (moe_experts_train / moe_experts_backward) ----------------------------
+
 
 def _grads_of(run, leaves, grad_out):
     out = run(*leaves)
@@ -221,30 +234,38 @@ def test_cpu_fused_training_gradients(dtype, shape, activation, gated):
         return ops.moe_experts(x, ids, weights, w1, w2, kept=kept, activation=activation, gated=gated, backend="cpu")
 
     def composition(x, weights, w1, w2):
-        return ops.moe_experts(x, ids, weights, w1, w2, kept=kept, activation=activation, gated=gated, backend="cpu",
-                               mlp_backend="cpu")
+        return ops.moe_experts(
+            x, ids, weights, w1, w2, kept=kept, activation=activation, gated=gated, backend="cpu", mlp_backend="cpu"
+        )
+
     leaves = [t.detach().clone().requires_grad_() for t in (x, weights, w1, w2)]
     out, grads = _grads_of(fused, leaves, grad_out)
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, weights, w1, w2)]
-    ref = reference.moe_experts(ref_leaves[0], ids, ref_leaves[1], kept, ref_leaves[2], ref_leaves[3], activation, gated)
+    ref = reference.moe_experts(
+        ref_leaves[0], ids, ref_leaves[1], kept, ref_leaves[2], ref_leaves[3], activation, gated
+    )
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad_out.double())
     with torch.no_grad():
-        assert torch.equal(out, fused(x, weights, w1, w2))   # the training forward is the inference forward, bitwise
+        assert torch.equal(out, fused(x, weights, w1, w2))  # the training forward is the inference forward, bitwise
     if dtype == torch.float32:
         bounds = [TOL[dtype]] * 5
     else:
         base_out, base_grads = _grads_of(composition, [t.detach().clone().requires_grad_() for t in leaves], grad_out)
-        bounds = [max(2 * relative_error(got, want), 1e-3)
-                  for got, want in zip((base_out,) + base_grads, (ref,) + ref_grads)]
-    for name, got, want, bound in zip(("out", "x", "weights", "w_gate_up", "w_down"), (out,) + grads,
-                                      (ref,) + ref_grads, bounds):
+        bounds = [
+            max(2 * relative_error(got, want), 1e-3) for got, want in zip((base_out,) + base_grads, (ref,) + ref_grads)
+        ]
+    for name, got, want, bound in zip(
+        ("out", "x", "weights", "w_gate_up", "w_down"), (out,) + grads, (ref,) + ref_grads, bounds
+    ):
         assert relative_error(got, want) < bound, name
     assert [g.dtype for g in grads] == [dtype] * 4
 
 
-@pytest.mark.parametrize("needed", [(True, False, False, False), (False, True, False, False),
-                                    (False, False, True, False), (True, False, True, True)],
-                         ids=["x", "weights", "w_gate_up", "x-and-params"])
+@pytest.mark.parametrize(
+    "needed",
+    [(True, False, False, False), (False, True, False, False), (False, False, True, False), (True, False, True, True)],
+    ids=["x", "weights", "w_gate_up", "x-and-params"],
+)
 def test_cpu_fused_training_partial_gradients(needed):
     """Only the gradients asked for are computed (the others are None), and those match the reference."""
     x, ids, weights, kept, w1, w2 = make_inputs(30, 12, 10, 9, 2, seed=22)
@@ -252,7 +273,9 @@ def test_cpu_fused_training_partial_gradients(needed):
     out = ops.moe_experts(leaves[0], ids, leaves[1], leaves[2], leaves[3], kept=kept, backend="cpu")
     out.square().sum().backward()
     ref_leaves = [t.detach().double().requires_grad_() for t in (x, weights, w1, w2)]
-    reference.moe_experts(ref_leaves[0], ids, ref_leaves[1], kept, ref_leaves[2], ref_leaves[3]).square().sum().backward()
+    reference.moe_experts(
+        ref_leaves[0], ids, ref_leaves[1], kept, ref_leaves[2], ref_leaves[3]
+    ).square().sum().backward()
     for leaf, ref_leaf, need in zip(leaves, ref_leaves, needed):
         if need:
             assert relative_error(leaf.grad, ref_leaf.grad) < 1e-5
@@ -261,12 +284,14 @@ def test_cpu_fused_training_partial_gradients(needed):
 
 
 def test_cpu_fused_training_gradcheck():
-    x, ids, weights, kept, w1, w2 = (t.double() if t.is_floating_point() else t
-                                     for t in make_inputs(11, 5, 4, 9, 3, seed=23))
+    x, ids, weights, kept, w1, w2 = (
+        t.double() if t.is_floating_point() else t for t in make_inputs(11, 5, 4, 9, 3, seed=23)
+    )
     leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2)]
 
     def fused(x, weights, w1, w2):
         return ops.moe_experts(x, ids, weights, w1, w2, kept=kept, activation="gelu", backend="cpu")
+
     assert torch.autograd.gradcheck(fused, leaves)
 
 
@@ -302,18 +327,50 @@ def test_cpu_fused_training_opcheck():
     args = (x.requires_grad_(), ids, weights.requires_grad_(), kept, w1.requires_grad_(), w2, "silu", True, "cpu")
     torch.library.opcheck(torch.ops.fastcore_ai.moe_experts_train.default, args)
     out, gate_up, offsets, slot_to_token, token_slot = torch.ops.fastcore_ai.moe_experts_train(
-        *(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
-    backward_args = (torch.randn_like(out), x.detach(), offsets, slot_to_token, token_slot, weights.detach(), gate_up,
-                     w1.detach(), w2, "silu", True, True, True, True, "cpu")
+        *(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    )
+    backward_args = (
+        torch.randn_like(out),
+        x.detach(),
+        offsets,
+        slot_to_token,
+        token_slot,
+        weights.detach(),
+        gate_up,
+        w1.detach(),
+        w2,
+        "silu",
+        True,
+        True,
+        True,
+        True,
+        "cpu",
+    )
     torch.library.opcheck(torch.ops.fastcore_ai.moe_experts_backward.default, backward_args)
 
 
 def test_cpu_fused_training_backward_errors():
     x, ids, weights, kept, w1, w2 = make_inputs(10, 8, 6, 4, 2, seed=27)
     out, gate_up, offsets, slot_to_token, token_slot = torch.ops.fastcore_ai.moe_experts_train(
-        x, ids, weights, kept, w1, w2, "silu", True, "cpu")
-    args = [torch.ones_like(out), x, offsets, slot_to_token, token_slot, weights, gate_up, w1, w2, "silu", True,
-            True, True, True, "cpu"]
+        x, ids, weights, kept, w1, w2, "silu", True, "cpu"
+    )
+    args = [
+        torch.ones_like(out),
+        x,
+        offsets,
+        slot_to_token,
+        token_slot,
+        weights,
+        gate_up,
+        w1,
+        w2,
+        "silu",
+        True,
+        True,
+        True,
+        True,
+        "cpu",
+    ]
     with pytest.raises(RuntimeError, match="moe_experts: gate_up must be the forward's"):
         torch.ops.fastcore_ai.moe_experts_backward(*args[:6], gate_up[:, :5], *args[7:])
     with pytest.raises(RuntimeError, match="moe_experts: grad_out must be"):
@@ -329,6 +386,7 @@ def test_cpu_fused_training_backward_errors():
 
 
 # ---- error paths ----------------------------------------------------------------------------------
+
 
 def test_errors():
     x, ids, weights, kept, w1, w2 = make_inputs(10, 8, 6, 4, 2)
@@ -357,6 +415,7 @@ def test_cpu_parallel_items_with_parameters():
     """Many experts (the CPU paths then run expert work items in parallel worker threads) and weights that
     are nn.Parameters: the inference path under no_grad and the training path both work and match."""
     import fastcore_ai
+
     torch.manual_seed(15)
     T, H, I, E, k = 64, 16, 12, 16, 2
     layer = fastcore_ai.nn.MoEExperts(E, H, I, backend="cpu")

@@ -9,6 +9,7 @@ and, on a GPU, through the cuda backends of moe_grouped_mlp and moe_experts.
 Bounds (relative Frobenius error vs float64): float32 < 1e-6 (exact float32 FMAs); float16 / bfloat16
 < 1e-2 (16-bit outputs: one rounding of each stored element, ~2^-9 relative for bf16).
 """
+
 import ctypes
 
 import pytest
@@ -48,8 +49,14 @@ TOL = {torch.float32: 1e-6, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 @pytest.fixture(scope="module")
 def emulated_gemm(tmp_path_factory):
     from test_cuda_build import WMMA_EMULATION, build_emulated_kernels
-    return build_emulated_kernels(tmp_path_factory.mktemp("grouped_gemm_emulator"), "moe/grouped_gemm.cu", DRIVER,
-                                  "grouped_gemm", extra_runtime=WMMA_EMULATION)
+
+    return build_emulated_kernels(
+        tmp_path_factory.mktemp("grouped_gemm_emulator"),
+        "moe/grouped_gemm.cu",
+        DRIVER,
+        "grouped_gemm",
+        extra_runtime=WMMA_EMULATION,
+    )
 
 
 def _ptr(t):
@@ -60,16 +67,54 @@ def _i64(v):
     return ctypes.c_int64(v)
 
 
-def run_gemm(lib, a, a_rows, b, b_strides, offsets, N, K, epilogue, c=None, row_scale=None, gate_up_out=None,
-             gate_up_in=None, h=None, gated=True, activation=0):
+def run_gemm(
+    lib,
+    a,
+    a_rows,
+    b,
+    b_strides,
+    offsets,
+    N,
+    K,
+    epilogue,
+    c=None,
+    row_scale=None,
+    gate_up_out=None,
+    gate_up_in=None,
+    h=None,
+    gated=True,
+    activation=0,
+):
     E = offsets.shape[0] - 1
     S = offsets[-1].item()
     scratch = torch.full((2 * (E + 1),), -7, dtype=torch.int64)
     status = lib.emu_grouped_gemm(
-        KIND[a.dtype], _ptr(a), _i64(a.stride(0)), _i64(a.stride(1)), _ptr(a_rows), _i64(a.shape[0]), _ptr(b),
-        _i64(b_strides[0]), _i64(b_strides[1]), _i64(b_strides[2]), _ptr(offsets), _i64(E), _i64(S), _i64(N), _i64(K),
-        _ptr(scratch), epilogue, int(gated), activation, _ptr(c), _i64(c.stride(0) if c is not None else 0),
-        _ptr(row_scale), _ptr(gate_up_out), _ptr(gate_up_in), _ptr(h))
+        KIND[a.dtype],
+        _ptr(a),
+        _i64(a.stride(0)),
+        _i64(a.stride(1)),
+        _ptr(a_rows),
+        _i64(a.shape[0]),
+        _ptr(b),
+        _i64(b_strides[0]),
+        _i64(b_strides[1]),
+        _i64(b_strides[2]),
+        _ptr(offsets),
+        _i64(E),
+        _i64(S),
+        _i64(N),
+        _i64(K),
+        _ptr(scratch),
+        epilogue,
+        int(gated),
+        activation,
+        _ptr(c),
+        _i64(c.stride(0) if c is not None else 0),
+        _ptr(row_scale),
+        _ptr(gate_up_out),
+        _ptr(gate_up_in),
+        _ptr(h),
+    )
     assert status == 0, f"emulated grouped_gemm_cuda returned cudaError {status}"
 
 
@@ -79,10 +124,10 @@ def _problem(dtype, S_per_expert=(37, 0, 70, 5), H=24, I=20, seed=0):
     S = sum(S_per_expert)
     T = 50
     x = torch.randn(T, H, generator=g).to(dtype)
-    rows = torch.randint(0, T, (S,), generator=g)                        # the gather: token of each sorted row
+    rows = torch.randint(0, T, (S,), generator=g)  # the gather: token of each sorted row
     offsets = torch.tensor([0] + list(torch.tensor(S_per_expert).cumsum(0)), dtype=torch.int64)
-    w1 = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype)
+    w1 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
     return x, rows, offsets, w1, w2
 
 
@@ -103,8 +148,21 @@ def test_emulated_act_forward_with_gather(emulated_gemm, dtype, gated):
     gate_up = torch.full((S, n1), float("nan"))
     h = torch.full((S, I), float("nan")).to(dtype)
     # B[e] (κ = h, n = j) = W_gate_up[e, j, h]
-    run_gemm(emulated_gemm, x, rows, w1, (w1.stride(0), w1.stride(2), w1.stride(1)), offsets, I, H, 1,
-             gate_up_out=gate_up, h=h, gated=gated, activation=0)
+    run_gemm(
+        emulated_gemm,
+        x,
+        rows,
+        w1,
+        (w1.stride(0), w1.stride(2), w1.stride(1)),
+        offsets,
+        I,
+        H,
+        1,
+        gate_up_out=gate_up,
+        h=h,
+        gated=gated,
+        activation=0,
+    )
     expected_gu = torch.zeros(S, n1, dtype=torch.float64)
     for e, lo, hi in _per_expert(offsets):
         expected_gu[lo:hi] = x[rows[lo:hi]].double() @ w1[e].double().t()
@@ -120,9 +178,20 @@ def test_emulated_store_with_routing_weight(emulated_gemm, dtype):
     S, H, I = offsets[-1].item(), w2.shape[1], w2.shape[2]
     hidden = torch.randn(S, I).to(dtype)
     scale = torch.rand(S)
-    y = torch.full((S, H + 3), float("nan")).to(dtype)[:, :H]           # a row stride != H
-    run_gemm(emulated_gemm, hidden, None, w2, (w2.stride(0), w2.stride(2), w2.stride(1)), offsets, H, I, 0, c=y,
-             row_scale=scale)
+    y = torch.full((S, H + 3), float("nan")).to(dtype)[:, :H]  # a row stride != H
+    run_gemm(
+        emulated_gemm,
+        hidden,
+        None,
+        w2,
+        (w2.stride(0), w2.stride(2), w2.stride(1)),
+        offsets,
+        H,
+        I,
+        0,
+        c=y,
+        row_scale=scale,
+    )
     expected = torch.zeros(S, H, dtype=torch.float64)
     for e, lo, hi in _per_expert(offsets):
         expected[lo:hi] = scale[lo:hi, None].double() * (hidden[lo:hi].double() @ w2[e].double().t())
@@ -138,13 +207,26 @@ def test_emulated_act_backward(emulated_gemm, dtype):
     grad_gu = torch.full((S, 2 * I), float("nan")).to(dtype)
     h = torch.full((S, I), float("nan")).to(dtype)
     # grad_h = grad_y @ W_down[e]: B[e] (κ = h, n = i) = W_down[e, h, i]
-    run_gemm(emulated_gemm, grad_y, None, w2, (w2.stride(0), w2.stride(1), w2.stride(2)), offsets, I, H, 2,
-             c=grad_gu, gate_up_in=gate_up, h=h, activation=1)
+    run_gemm(
+        emulated_gemm,
+        grad_y,
+        None,
+        w2,
+        (w2.stride(0), w2.stride(1), w2.stride(2)),
+        offsets,
+        I,
+        H,
+        2,
+        c=grad_gu,
+        gate_up_in=gate_up,
+        h=h,
+        activation=1,
+    )
     grad_h = torch.zeros(S, I, dtype=torch.float64)
     for e, lo, hi in _per_expert(offsets):
         grad_h[lo:hi] = grad_y[lo:hi].double() @ w2[e].double()
     gate, up = gate_up[:, :I].double(), gate_up[:, I:].double()
-    cdf = 0.5 * (1 + torch.erf(gate / 2 ** 0.5))
+    cdf = 0.5 * (1 + torch.erf(gate / 2**0.5))
     slope = cdf + gate * torch.exp(-0.5 * gate * gate) / (2 * torch.pi) ** 0.5
     expected = torch.cat([grad_h * up * slope, grad_h * gate * cdf], dim=1)
     assert relative_error(grad_gu, expected) < TOL[dtype]
@@ -154,19 +236,21 @@ def test_emulated_act_backward(emulated_gemm, dtype):
 def test_emulated_malformed_offsets_stay_in_bounds(emulated_gemm):
     x, rows, _, w1, w2 = _problem(torch.float32, seed=3)
     S, H, I = rows.shape[0], x.shape[1], w2.shape[2]
-    bad = torch.tensor([5, 200, -3, 90, 1], dtype=torch.int64)          # clamped to [0, S], made non-decreasing
+    bad = torch.tensor([5, 200, -3, 90, 1], dtype=torch.int64)  # clamped to [0, S], made non-decreasing
     bad[-1] = S
     gate_up = torch.zeros(S, 2 * I)
     h = torch.full((S, I), float("nan"))
     rows = rows.clone()
-    rows[3] = 10**9                                                      # a gather index outside x reads zeros
-    run_gemm(emulated_gemm, x, rows, w1, (w1.stride(0), w1.stride(2), w1.stride(1)), bad, I, H, 1,
-             gate_up_out=gate_up, h=h)
-    assert not torch.isnan(h).any()                                      # every row written exactly once
+    rows[3] = 10**9  # a gather index outside x reads zeros
+    run_gemm(
+        emulated_gemm, x, rows, w1, (w1.stride(0), w1.stride(2), w1.stride(1)), bad, I, H, 1, gate_up_out=gate_up, h=h
+    )
+    assert not torch.isnan(h).any()  # every row written exactly once
     assert torch.equal(gate_up[3], torch.zeros(2 * I))
 
 
 # ---- on a GPU: the cuda backends against the float64 reference ------------------------------------
+
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -179,12 +263,13 @@ def test_cuda_grouped_mlp_and_experts_parity(dtype):
     ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
     weights = torch.rand(T, k, generator=g)
     kept = torch.rand(T, k, generator=g) > 0.2
-    w1 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
-    w2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    w1 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g) / I**0.5
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}[dtype]
     cuda = [t.cuda() for t in (x.to(dtype), ids, weights, kept, w1.to(dtype), w2.to(dtype))]
-    expected = reference_experts.moe_experts(x.to(dtype).double(), ids, weights.double(), kept,
-                                             w1.to(dtype).double(), w2.to(dtype).double())
+    expected = reference_experts.moe_experts(
+        x.to(dtype).double(), ids, weights.double(), kept, w1.to(dtype).double(), w2.to(dtype).double()
+    )
     with torch.no_grad():
         out = ops.moe_experts(cuda[0], cuda[1], cuda[2], cuda[4], cuda[5], kept=cuda[3], backend="cuda")
     assert relative_error(out, expected) < tol

@@ -1,5 +1,6 @@
 """moe_grouped_mlp (reference and cpu backends; the triton backend has tests/test_triton_grouped_mlp.py)
 and the MoE layers: parity with a float64 per-expert loop, gradients, capacity, compile, errors."""
+
 import pytest
 import torch
 
@@ -16,8 +17,8 @@ def random_problem(S, H, I, E, gated, dtype=torch.float32, seed=0):
     cuts = torch.sort(torch.randint(0, S + 1, (E - 1,), generator=generator)).values
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), cuts, torch.tensor([S])])
     x = torch.randn(S, H, generator=generator).to(dtype)
-    w1 = (torch.randn(E, (2 if gated else 1) * I, H, generator=generator) / H ** 0.5).to(dtype)
-    w2 = (torch.randn(E, H, I, generator=generator) / I ** 0.5).to(dtype)
+    w1 = (torch.randn(E, (2 if gated else 1) * I, H, generator=generator) / H**0.5).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=generator) / I**0.5).to(dtype)
     return x, offsets, w1, w2
 
 
@@ -82,18 +83,23 @@ def test_grouped_mlp_backward_cpu_matches_reference_float32():
 
 def test_grouped_mlp_opcheck():
     x, offsets, w1, w2 = random_problem(20, 6, 4, 3, True)
-    torch.library.opcheck(torch.ops.fastcore_ai.moe_grouped_mlp.default,
-                          (x.requires_grad_(), offsets, w1.requires_grad_(), w2, "silu", True, "cpu"))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.moe_grouped_mlp.default,
+        (x.requires_grad_(), offsets, w1.requires_grad_(), w2, "silu", True, "cpu"),
+    )
 
 
-@pytest.mark.parametrize("make,error,words", [
-    (lambda x, o, w1, w2: (x[0], o, w1, w2), ValueError, ["x_sorted", "2-D"]),
-    (lambda x, o, w1, w2: (x, o.int(), w1, w2), TypeError, ["expert_offsets", "int32"]),
-    (lambda x, o, w1, w2: (x, o[:-1], w1, w2), ValueError, ["expert_offsets", "E + 1"]),
-    (lambda x, o, w1, w2: (x, o, w1[:, :5], w2), ValueError, ["w_gate_up"]),
-    (lambda x, o, w1, w2: (x, o, w1, w2[:, :3]), ValueError, ["w_down"]),
-    (lambda x, o, w1, w2: (x.double(), o, w1, w2), TypeError, ["share one dtype"]),
-])
+@pytest.mark.parametrize(
+    "make,error,words",
+    [
+        (lambda x, o, w1, w2: (x[0], o, w1, w2), ValueError, ["x_sorted", "2-D"]),
+        (lambda x, o, w1, w2: (x, o.int(), w1, w2), TypeError, ["expert_offsets", "int32"]),
+        (lambda x, o, w1, w2: (x, o[:-1], w1, w2), ValueError, ["expert_offsets", "E + 1"]),
+        (lambda x, o, w1, w2: (x, o, w1[:, :5], w2), ValueError, ["w_gate_up"]),
+        (lambda x, o, w1, w2: (x, o, w1, w2[:, :3]), ValueError, ["w_down"]),
+        (lambda x, o, w1, w2: (x.double(), o, w1, w2), TypeError, ["share one dtype"]),
+    ],
+)
 def test_grouped_mlp_errors(make, error, words):
     x, offsets, w1, w2 = random_problem(10, 6, 4, 3, True)
     with pytest.raises(error) as info:
@@ -111,25 +117,31 @@ def test_grouped_mlp_rejects_bad_offsets_on_cpu():
         ops.moe_grouped_mlp(x, bad, w1, w2, backend="cpu")
 
 
-@pytest.mark.parametrize("change", [
-    lambda o: o.copy_(torch.tensor([0, 7, 3, 10])),    # not monotone
-    lambda o: o.copy_(torch.tensor([-2, 3, 6, 10])),   # negative first entry
-    lambda o: o.copy_(torch.tensor([0, 3, 6, 12])),    # past the end (S = 10)
-    lambda o: o.copy_(torch.tensor([0, 3, 6, 9])),     # short of the end
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda o: o.copy_(torch.tensor([0, 7, 3, 10])),  # not monotone
+        lambda o: o.copy_(torch.tensor([-2, 3, 6, 10])),  # negative first entry
+        lambda o: o.copy_(torch.tensor([0, 3, 6, 12])),  # past the end (S = 10)
+        lambda o: o.copy_(torch.tensor([0, 3, 6, 9])),  # short of the end
+    ],
+)
 def test_grouped_mlp_reference_rejects_bad_offsets(change):
     """The reference backend checks the offset values (it reads them on the host anyway), with the named
     ValueError, instead of silently computing on a malformed grouping."""
     x, offsets, w1, w2 = random_problem(10, 6, 4, 3, True)
     bad = offsets.clone()
     change(bad)
-    for call in (lambda: ops.moe_grouped_mlp(x, bad, w1, w2, backend="reference"),
-                 lambda: torch.ops.fastcore_ai.moe_grouped_mlp(x, bad, w1, w2, "silu", True, "reference")):
+    for call in (
+        lambda: ops.moe_grouped_mlp(x, bad, w1, w2, backend="reference"),
+        lambda: torch.ops.fastcore_ai.moe_grouped_mlp(x, bad, w1, w2, "silu", True, "reference"),
+    ):
         with pytest.raises(ValueError, match=r"^fastcore_ai\.ops\.moe_grouped_mlp: expert_offsets must start at 0"):
             call()
 
 
 # ---- layers -------------------------------------------------------------------------------------
+
 
 def dense_moe_oracle(layer: fastcore_ai.nn.MoE, x: torch.Tensor) -> torch.Tensor:
     """out[t] = Σ_j w_tj · expert_{e_tj}(x_t) over kept assignments, one token at a time, float64."""
@@ -152,8 +164,9 @@ def dense_moe_oracle(layer: fastcore_ai.nn.MoE, x: torch.Tensor) -> torch.Tensor
 @pytest.mark.parametrize("training", [True, False])
 def test_moe_layer_matches_token_loop(training):
     torch.manual_seed(1)
-    layer = fastcore_ai.nn.MoE(16, 24, num_experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=None,
-                               backend="cpu")
+    layer = fastcore_ai.nn.MoE(
+        16, 24, num_experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=None, backend="cpu"
+    )
     layer.train(training)
     x = torch.randn(3, 20, 16)
     y = layer(x)
@@ -195,13 +208,15 @@ def test_grouped_mlp_op_all_backends_forward_backward(backend, device, gated, ac
     require_backend(OP, backend, device)
     x, offsets, w1, w2 = (t.to(device) for t in random_problem(70, 24, 16, 4, gated))
     leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2)]
-    y = ops.moe_grouped_mlp(leaves[0], offsets, leaves[1], leaves[2], activation=activation, gated=gated,
-                            backend=backend)
+    y = ops.moe_grouped_mlp(
+        leaves[0], offsets, leaves[1], leaves[2], activation=activation, gated=gated, backend=backend
+    )
     grad_out = torch.linspace(-1, 1, y.numel(), device=device).reshape(y.shape)
     (y * grad_out).sum().backward()
     x64 = [t.detach().double().cpu().requires_grad_() for t in (x, w1, w2)]
-    y64 = ops.moe_grouped_mlp(x64[0], offsets.cpu(), x64[1], x64[2], activation=activation, gated=gated,
-                              backend="reference")
+    y64 = ops.moe_grouped_mlp(
+        x64[0], offsets.cpu(), x64[1], x64[2], activation=activation, gated=gated, backend="reference"
+    )
     (y64 * grad_out.double().cpu()).sum().backward()
     assert relative_error(y, y64) < 1e-5
     for ours, oracle in zip(leaves, x64):

@@ -1,5 +1,6 @@
 """fastcore_ai.ops.moe_topk_route: parity of every backend with the float64 reference, edge cases,
 gradients, registration (opcheck, torch.compile) and error paths."""
+
 import math
 
 import pytest
@@ -36,7 +37,9 @@ def shape_cases():
         for E in (1, 3, 8, 61, 128, 1024):
             for k in sorted({1, min(E, 8), min(E, 16)}):
                 for renormalize in (True, False):
-                    cases.append(pytest.param(T, E, k, renormalize, id=f"T{T}-E{E}-k{k}-{'renorm' if renormalize else 'raw'}"))
+                    cases.append(
+                        pytest.param(T, E, k, renormalize, id=f"T{T}-E{E}-k{k}-{'renorm' if renormalize else 'raw'}")
+                    )
     return cases
 
 
@@ -55,8 +58,18 @@ def backend_shape_cases():
             T, E, k, renormalize = shape.values
             if interpreted and T * E > INTERPRETER_MAX_ELEMENTS:
                 continue
-            cases.append(pytest.param(backend, device, T, E, k, renormalize, marks=backend_device.marks,
-                                      id=f"{shape.id}-{backend_device.id}"))
+            cases.append(
+                pytest.param(
+                    backend,
+                    device,
+                    T,
+                    E,
+                    k,
+                    renormalize,
+                    marks=backend_device.marks,
+                    id=f"{shape.id}-{backend_device.id}",
+                )
+            )
     return cases
 
 
@@ -112,8 +125,8 @@ def test_exact_ties_pick_lower_index(backend, device):
     T, E, k = 5, 37, 7
     logits = torch.zeros(T, E, device=device)
     logits[1] = 1.0
-    logits[2, 30:] = 2.0                  # 7 tied winners at the end
-    logits[3, ::3] = -1.0                 # ties interleaved with lower values
+    logits[2, 30:] = 2.0  # 7 tied winners at the end
+    logits[3, ::3] = -1.0  # ties interleaved with lower values
     logits[4] = torch.arange(E, device=device).remainder(4).float()  # many 4-way ties
     out = ops.moe_topk_route(logits, k, backend=backend)
     assert torch.equal(out.expert_ids[0].cpu(), torch.arange(k))
@@ -130,9 +143,9 @@ def test_negative_infinity_logits(backend, device):
     T, E, k = 4, 10, 4
     logits = torch.randn(T, E, device=device)
     logits[0, :] = -torch.inf
-    logits[0, 7] = 0.5                    # one finite expert: the other picks are -inf, lowest index first
+    logits[0, 7] = 0.5  # one finite expert: the other picks are -inf, lowest index first
     logits[1, ::2] = -torch.inf
-    logits[2, 3] = torch.inf              # +inf: probability NaN (inf − inf); ids still valid
+    logits[2, 3] = torch.inf  # +inf: probability NaN (inf − inf); ids still valid
     out = ops.moe_topk_route(logits, k, renormalize=False, backend=backend)
     assert torch.equal(out.expert_ids[0].cpu(), torch.tensor([7, 0, 1, 2]))
     torch.testing.assert_close(out.weights[0].cpu(), torch.tensor([1.0, 0.0, 0.0, 0.0]))
@@ -152,7 +165,7 @@ def test_nan_rows_give_nan_weights_and_valid_ids(backend, device):
     logits = torch.randn(T, E, device=device)
     logits[1, 4] = torch.nan
     logits[3, :] = torch.nan
-    logits[4, :] = -torch.inf             # no distribution at all
+    logits[4, :] = -torch.inf  # no distribution at all
     out = ops.moe_topk_route(logits, k, backend=backend)
     ids = out.expert_ids.cpu()
     assert bool(((ids >= 0) & (ids < E)).all()), "an out-of-range id would make dispatch read out of bounds"
@@ -193,11 +206,14 @@ def test_cpu_statistics_do_not_depend_on_thread_count():
 
 # ---- gradients ----------------------------------------------------------------------------------
 
+
 def _route_losses(backend, renormalize, k):
     """A scalar-free function of logits returning every differentiable output, for gradcheck."""
+
     def fn(logits):
         out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend=backend)
         return out.weights, out.z_loss, out.mean_prob
+
     return fn
 
 
@@ -221,10 +237,14 @@ def test_reference_backward_matches_torch_autograd(renormalize):
         weights = weights / weights.sum(1, keepdim=True)
     z_loss = torch.logsumexp(logits, 1).pow(2).mean()
     mean_prob = probs.mean(0)
-    gw, gz, gp = torch.randn(T, k, dtype=torch.float64), torch.randn((), dtype=torch.float64), torch.randn(E, dtype=torch.float64)
-    expected, = torch.autograd.grad((weights * gw).sum() + z_loss * gz + (mean_prob * gp).sum(), logits)
+    gw, gz, gp = (
+        torch.randn(T, k, dtype=torch.float64),
+        torch.randn((), dtype=torch.float64),
+        torch.randn(E, dtype=torch.float64),
+    )
+    (expected,) = torch.autograd.grad((weights * gw).sum() + z_loss * gz + (mean_prob * gp).sum(), logits)
     out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend="reference")
-    actual, = torch.autograd.grad((out.weights * gw).sum() + out.z_loss * gz + (out.mean_prob * gp).sum(), logits)
+    (actual,) = torch.autograd.grad((out.weights * gw).sum() + out.z_loss * gz + (out.mean_prob * gp).sum(), logits)
     assert relative_error(actual, expected) < 1e-12
 
 
@@ -241,7 +261,9 @@ def test_backward_parity(backend, device, renormalize, dtype):
     assert logits.grad.dtype == dtype and logits.grad.shape == logits.shape
     x = logits.detach().double().cpu().requires_grad_()
     ref = ops.moe_topk_route(x, k, renormalize=renormalize, backend="reference")
-    (ref.weights * gw.double().cpu()).sum().add(ref.z_loss * gz.double().cpu()).add((ref.mean_prob * gp.double().cpu()).sum()).backward()
+    (ref.weights * gw.double().cpu()).sum().add(ref.z_loss * gz.double().cpu()).add(
+        (ref.mean_prob * gp.double().cpu()).sum()
+    ).backward()
     # float32 gradients: 1e-5; bfloat16 gradients are rounded to bfloat16 (2^-8 relative).
     bound = FP32_BOUND if dtype == torch.float32 else 8e-3
     assert relative_error(logits.grad, x.grad) < bound
@@ -258,20 +280,23 @@ def test_gradient_of_unused_outputs_is_zero():
 
 # ---- registration: opcheck and torch.compile ----------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_opcheck(backend):
     logits = torch.randn(17, 9, requires_grad=True)
     torch.library.opcheck(torch.ops.fastcore_ai.moe_topk_route.default, (logits, 3, True, backend))
     torch.library.opcheck(torch.ops.fastcore_ai.moe_topk_route.default, (logits.detach()[:, 1:8], 2, False, backend))
     weights, ids, z, counts, mean_prob, lse = torch.ops.fastcore_ai.moe_topk_route(logits.detach(), 3, True, backend)
-    torch.library.opcheck(torch.ops.fastcore_ai.moe_topk_route_backward.default,
-                          (logits.detach(), ids, weights, lse, torch.randn(17, 3), torch.randn(()), torch.randn(9), True, backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.moe_topk_route_backward.default,
+        (logits.detach(), ids, weights, lse, torch.randn(17, 3), torch.randn(()), torch.randn(9), True, backend),
+    )
 
 
 def test_torch_compile_fullgraph_cpu():
     def step(logits):
         out = ops.moe_topk_route(logits, 2, backend="cpu")
-        loss = (out.weights ** 2).sum() + 1e-3 * out.z_loss + 1e-2 * out.load_balancing_loss()
+        loss = (out.weights**2).sum() + 1e-3 * out.z_loss + 1e-2 * out.load_balancing_loss()
         return loss, out.expert_ids
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
@@ -293,6 +318,7 @@ def test_torch_compile_inductor_cpu():
 
 
 # ---- loss helper and layer ----------------------------------------------------------------------
+
 
 def test_switch_load_balancing_loss_balanced_is_one():
     E = 8
@@ -323,19 +349,23 @@ def test_top_k_router_layer():
 
 # ---- error paths: every message names the op and the argument -----------------------------------
 
-@pytest.mark.parametrize("make_args,error,words", [
-    (lambda: (torch.randn(4, 5, 6), 2), ValueError, ["logits", "2-D", "3-D"]),
-    (lambda: (torch.randn(8), 2), ValueError, ["logits", "2-D"]),
-    (lambda: (torch.randint(0, 5, (4, 8)), 2), TypeError, ["logits", "int64"]),
-    (lambda: (torch.randn(4, 8, dtype=torch.complex64), 2), TypeError, ["logits", "complex64"]),
-    (lambda: ([[1.0, 2.0]], 1), TypeError, ["logits", "list"]),
-    (lambda: (torch.randn(4, 8), 0), ValueError, ["k", "got 0"]),
-    (lambda: (torch.randn(4, 8), 9), ValueError, ["k", "E=8"]),
-    (lambda: (torch.randn(4, 64), 17), ValueError, ["k", "16"]),
-    (lambda: (torch.randn(4, 8), 2.0), TypeError, ["k", "int"]),
-    (lambda: (torch.randn(4, 1025), 2), ValueError, ["E", "1024", "1025"]),
-    (lambda: (torch.randn(4, 0), 1), ValueError, ["E", "got 0"]),
-])
+
+@pytest.mark.parametrize(
+    "make_args,error,words",
+    [
+        (lambda: (torch.randn(4, 5, 6), 2), ValueError, ["logits", "2-D", "3-D"]),
+        (lambda: (torch.randn(8), 2), ValueError, ["logits", "2-D"]),
+        (lambda: (torch.randint(0, 5, (4, 8)), 2), TypeError, ["logits", "int64"]),
+        (lambda: (torch.randn(4, 8, dtype=torch.complex64), 2), TypeError, ["logits", "complex64"]),
+        (lambda: ([[1.0, 2.0]], 1), TypeError, ["logits", "list"]),
+        (lambda: (torch.randn(4, 8), 0), ValueError, ["k", "got 0"]),
+        (lambda: (torch.randn(4, 8), 9), ValueError, ["k", "E=8"]),
+        (lambda: (torch.randn(4, 64), 17), ValueError, ["k", "16"]),
+        (lambda: (torch.randn(4, 8), 2.0), TypeError, ["k", "int"]),
+        (lambda: (torch.randn(4, 1025), 2), ValueError, ["E", "1024", "1025"]),
+        (lambda: (torch.randn(4, 0), 1), ValueError, ["E", "got 0"]),
+    ],
+)
 def test_errors(make_args, error, words):
     with pytest.raises(error) as info:
         ops.moe_topk_route(*make_args())
@@ -370,6 +400,7 @@ def test_error_cpu_backend_with_cuda_tensor():
 def test_native_entry_point_checks_its_input():
     """_C is reachable directly; it must refuse bad input with a message, not crash."""
     from fastcore_ai._native import native
+
     with pytest.raises(RuntimeError, match="moe_topk_route: k must satisfy"):
         native().moe_topk_route(torch.randn(4, 8), 9, True)
     with pytest.raises(RuntimeError, match="moe_topk_route: logits must be float32"):
@@ -377,6 +408,7 @@ def test_native_entry_point_checks_its_input():
 
 
 # ---- capacity -----------------------------------------------------------------------------------
+
 
 def sequential_capacity(expert_ids, top1, E, capacity, priority):
     """Independent oracle: fill expert slots one assignment at a time in priority order."""
@@ -395,14 +427,17 @@ def sequential_capacity(expert_ids, top1, E, capacity, priority):
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 @pytest.mark.parametrize("priority", ["token", "batch"])
-@pytest.mark.parametrize("T,E,k,factor,min_capacity", [(1, 1, 1, 1.0, 0), (37, 5, 2, 0.5, 1), (300, 8, 2, 1.25, 4),
-                                                       (513, 61, 6, 0.3, 0), (64, 16, 16, 1.0, 2)])
+@pytest.mark.parametrize(
+    "T,E,k,factor,min_capacity",
+    [(1, 1, 1, 1.0, 0), (37, 5, 2, 0.5, 1), (300, 8, 2, 1.25, 4), (513, 61, 6, 0.3, 0), (64, 16, 16, 1.0, 2)],
+)
 def test_capacity_matches_sequential_filling(backend, device, priority, T, E, k, factor, min_capacity):
     require_backend(OP, backend, device)
     logits = torch.randn(T, E, device=device) * 2
     logits[:, 0] += 1.5  # skew the load so experts overflow
-    out = ops.moe_topk_route(logits, k, capacity_factor=factor, min_capacity=min_capacity, priority=priority,
-                             backend=backend)
+    out = ops.moe_topk_route(
+        logits, k, capacity_factor=factor, min_capacity=min_capacity, priority=priority, backend=backend
+    )
     capacity = max(min_capacity, math.ceil(factor * T * k / E))
     x = logits.double().cpu()
     top1 = torch.softmax(x, 1).max(1).values
@@ -456,13 +491,16 @@ def test_capacity_under_torch_compile():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(capacity_factor=0.0), ValueError, ["capacity_factor", "> 0"]),
-    (dict(capacity_factor=-1.0), ValueError, ["capacity_factor"]),
-    (dict(capacity_factor="1.25"), TypeError, ["capacity_factor"]),
-    (dict(capacity_factor=1.0, min_capacity=-1), ValueError, ["min_capacity"]),
-    (dict(priority="random"), ValueError, ["priority", "'token'", "'batch'"]),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(capacity_factor=0.0), ValueError, ["capacity_factor", "> 0"]),
+        (dict(capacity_factor=-1.0), ValueError, ["capacity_factor"]),
+        (dict(capacity_factor="1.25"), TypeError, ["capacity_factor"]),
+        (dict(capacity_factor=1.0, min_capacity=-1), ValueError, ["min_capacity"]),
+        (dict(priority="random"), ValueError, ["priority", "'token'", "'batch'"]),
+    ],
+)
 def test_capacity_errors(kwargs, error, words):
     with pytest.raises(error) as info:
         ops.moe_topk_route(torch.randn(4, 8), 2, **kwargs)

@@ -1,6 +1,7 @@
 """fastcore_ai.ops.attention: parity forward and backward with the float64 reference on every backend
 that runs here (head sizes 1..256, odd lengths, Lq ≠ Lk, masks, causal), fully masked rows, low
 precision, non-contiguous inputs, gradcheck, registration (opcheck, torch.compile) and error paths."""
+
 import math
 
 import pytest
@@ -25,9 +26,12 @@ def make_qkv(B, H, Lq, Lk, D, dtype=torch.float32, device="cpu", seed=0):
 def oracle(q, k, v, grad_out=None, **masks):
     """Float64 reference output (and q, k, v gradients when grad_out is given) on the upcast inputs."""
     q64, k64, v64 = (t.detach().double().cpu().requires_grad_(grad_out is not None) for t in (q, k, v))
-    masks = {name: (m.cpu() if m is not None and m.dtype == torch.bool else
-                    (m.double().cpu() if m is not None else None)) if isinstance(m, torch.Tensor) else m
-             for name, m in masks.items()}
+    masks = {
+        name: (m.cpu() if m is not None and m.dtype == torch.bool else (m.double().cpu() if m is not None else None))
+        if isinstance(m, torch.Tensor)
+        else m
+        for name, m in masks.items()
+    }
     out = ref.attention(q64, k64, v64, **masks)
     if grad_out is None:
         return out.detach(), None
@@ -58,9 +62,12 @@ SHAPES = [  # (B, H, Lq, Lk, D): the issue's head sizes {1, 13, 48, 64, 96, 200,
 
 # Triton on CPU tensors is the interpreter: only interpreter-sized shapes are generated for it (the
 # large ones run for Triton on CUDA tensors, and for every other backend).
-PARITY_CASES = [pytest.param(*param.values, *shape, marks=param.marks, id=f"{param.id}-" + "-".join(map(str, shape)))
-                for param in BACKEND_DEVICES for shape in SHAPES
-                if not (param.values == ("triton", "cpu") and shape[2] * shape[3] * shape[4] > 169 * 169 * 64)]
+PARITY_CASES = [
+    pytest.param(*param.values, *shape, marks=param.marks, id=f"{param.id}-" + "-".join(map(str, shape)))
+    for param in BACKEND_DEVICES
+    for shape in SHAPES
+    if not (param.values == ("triton", "cpu") and shape[2] * shape[3] * shape[4] > 169 * 169 * 64)
+]
 
 
 @pytest.mark.parametrize("backend,device,B,H,Lq,Lk,D", PARITY_CASES)
@@ -186,12 +193,18 @@ def test_empty(backend, device, Lq, Lk):
 def test_matches_sdpa():
     q, k, v = make_qkv(2, 3, 33, 33, 64)
     mask = torch.rand(33, 33) > 0.2
-    torch.testing.assert_close(ops.attention(q, k, v, attn_mask=mask, backend="cpu"),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-                               rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(ops.attention(q, k, v, causal=True, backend="cpu"),
-                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        ops.attention(q, k, v, attn_mask=mask, backend="cpu"),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    torch.testing.assert_close(
+        ops.attention(q, k, v, causal=True, backend="cpu"),
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_cpu_does_not_depend_on_thread_count():
@@ -218,8 +231,9 @@ def test_gradcheck_float64(backend, case):
     masks = make_masks(case, B, H, Lq, Lk, "cpu", generator) if case != "none" else {}
     if "attn_mask" in masks and masks["attn_mask"].dtype != torch.bool:
         masks["attn_mask"] = masks["attn_mask"].double()
-    assert torch.autograd.gradcheck(lambda a, b, c: ops.attention(a, b, c, backend=backend, **masks), (q, k, v),
-                                    eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: ops.attention(a, b, c, backend=backend, **masks), (q, k, v), eps=1e-6, atol=1e-8
+    )
 
 
 def test_opcheck():
@@ -228,23 +242,33 @@ def test_opcheck():
     pad = torch.zeros(1, 11, dtype=torch.bool)
     scale = 1 / math.sqrt(12)
     torch.library.opcheck(torch.ops.fastcore_ai.mux_attention.default, (q, k, v, None, None, False, scale, "cpu"))
-    torch.library.opcheck(torch.ops.fastcore_ai.mux_attention.default, (q, k, v, mask[None, None], pad, True, scale,
-                                                                          "cpu"))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.mux_attention.default, (q, k, v, mask[None, None], pad, True, scale, "cpu")
+    )
     out, lse = torch.ops.fastcore_ai.mux_attention(q.detach(), k.detach(), v.detach(), None, None, False, scale, "cpu")
-    torch.library.opcheck(torch.ops.fastcore_ai.mux_attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, False,
-                           scale, False, "cpu"))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.mux_attention_backward.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, False, scale, False, "cpu"),
+    )
     additive = torch.randn(1, 1, 9, 11)
-    out, lse = torch.ops.fastcore_ai.mux_attention(q.detach(), k.detach(), v.detach(), additive, pad, True, scale, "cpu")
-    torch.library.opcheck(torch.ops.fastcore_ai.mux_attention_backward.default,
-                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, additive, pad, True,
-                           scale, True, "cpu"))
+    out, lse = torch.ops.fastcore_ai.mux_attention(
+        q.detach(), k.detach(), v.detach(), additive, pad, True, scale, "cpu"
+    )
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.mux_attention_backward.default,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, additive, pad, True, scale, True, "cpu"),
+    )
 
 
 # ---- the additive mask's gradient (cpu and reference backends)
 
 MASK_GRAD_SHAPES = {  # attn_mask shapes broadcast to [B, H, Lq, Lk] = [2, 3, 6, 9] (ALiBi-like biases are [H, Lq, Lk])
-    "full": (2, 3, 6, 9), "per_head": (3, 6, 9), "shared": (6, 9), "per_batch": (2, 1, 6, 9), "per_key": (9,)}
+    "full": (2, 3, 6, 9),
+    "per_head": (3, 6, 9),
+    "shared": (6, 9),
+    "per_batch": (2, 1, 6, 9),
+    "per_key": (9,),
+}
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -260,7 +284,10 @@ def test_additive_mask_gradcheck_float64(backend, shape, causal):
     pad[1, -3:] = True
     assert torch.autograd.gradcheck(
         lambda a, b, c, m: ops.attention(a, b, c, attn_mask=m, key_padding_mask=pad, causal=causal, backend=backend),
-        (q, k, v, mask), eps=1e-6, atol=1e-8)
+        (q, k, v, mask),
+        eps=1e-6,
+        atol=1e-8,
+    )
 
 
 @pytest.mark.parametrize("shape", ["full", "per_head", "shared"])
@@ -292,8 +319,9 @@ def test_mask_gradient_leaves_the_other_gradients_unchanged():
     mask = torch.randn(19, 23)
     grad_out = torch.randn(1, 2, 19, 16)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    with_mask_grad = torch.autograd.grad(ops.attention(*leaves, attn_mask=mask.requires_grad_(True), backend="cpu"),
-                                         leaves, grad_out)
+    with_mask_grad = torch.autograd.grad(
+        ops.attention(*leaves, attn_mask=mask.requires_grad_(True), backend="cpu"), leaves, grad_out
+    )
     leaves2 = [t.clone().requires_grad_(True) for t in (q, k, v)]
     without = torch.autograd.grad(ops.attention(*leaves2, attn_mask=mask.detach(), backend="cpu"), leaves2, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(with_mask_grad, without))
@@ -338,26 +366,36 @@ def test_torch_compile_inductor_cpu():
 
 # ---- errors ---------------------------------------------------------------------------------------
 
+
 def _qkv():
     return make_qkv(1, 2, 5, 6, 8)
 
 
-@pytest.mark.parametrize("change,error,words", [
-    (lambda q, k, v: (q.new_zeros(1, 2, 5, 257), k.new_zeros(1, 2, 6, 257), v.new_zeros(1, 2, 6, 257), {}),
-     ValueError, "head size D"),
-    (lambda q, k, v: (q, k[:, :1], v, {}), ValueError, "k must have shape"),
-    (lambda q, k, v: (q, k, v[:, :, :3], {}), ValueError, "v must have"),
-    (lambda q, k, v: (q[0], k, v, {}), ValueError, "q must be a 4-D"),
-    (lambda q, k, v: (q, k.double(), v, {}), TypeError, "k must have q's dtype"),
-    (lambda q, k, v: (q.int(), k, v, {}), TypeError, "q must be"),
-    (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(4, 6, dtype=torch.bool)}), ValueError, "attn_mask must be"),
-    (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(5, 6, dtype=torch.int32)}), TypeError, "attn_mask must be"),
-    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}), ValueError,
-     "key_padding_mask must be"),
-    (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(1, 6)}), TypeError, "key_padding_mask must be"),
-    (lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool"),
-    (lambda q, k, v: (q, k, v, {"scale": float("nan")}), TypeError, "scale must be"),
-])
+@pytest.mark.parametrize(
+    "change,error,words",
+    [
+        (
+            lambda q, k, v: (q.new_zeros(1, 2, 5, 257), k.new_zeros(1, 2, 6, 257), v.new_zeros(1, 2, 6, 257), {}),
+            ValueError,
+            "head size D",
+        ),
+        (lambda q, k, v: (q, k[:, :1], v, {}), ValueError, "k must have shape"),
+        (lambda q, k, v: (q, k, v[:, :, :3], {}), ValueError, "v must have"),
+        (lambda q, k, v: (q[0], k, v, {}), ValueError, "q must be a 4-D"),
+        (lambda q, k, v: (q, k.double(), v, {}), TypeError, "k must have q's dtype"),
+        (lambda q, k, v: (q.int(), k, v, {}), TypeError, "q must be"),
+        (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(4, 6, dtype=torch.bool)}), ValueError, "attn_mask must be"),
+        (lambda q, k, v: (q, k, v, {"attn_mask": torch.ones(5, 6, dtype=torch.int32)}), TypeError, "attn_mask must be"),
+        (
+            lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(1, 5, dtype=torch.bool)}),
+            ValueError,
+            "key_padding_mask must be",
+        ),
+        (lambda q, k, v: (q, k, v, {"key_padding_mask": torch.ones(1, 6)}), TypeError, "key_padding_mask must be"),
+        (lambda q, k, v: (q, k, v, {"causal": 1}), TypeError, "causal must be a bool"),
+        (lambda q, k, v: (q, k, v, {"scale": float("nan")}), TypeError, "scale must be"),
+    ],
+)
 def test_errors(change, error, words):
     q, k, v, kwargs = change(*_qkv())
     with pytest.raises(error, match=words) as info:
@@ -373,10 +411,12 @@ def test_error_backend_cannot_run():
 
 def test_native_entry_point_checks_its_input():
     from fastcore_ai import _native
+
     q, k, v = _qkv()
     with pytest.raises(RuntimeError, match="head size"):
-        _native.native().mux_attention(q.new_zeros(1, 1, 2, 300), k.new_zeros(1, 1, 2, 300), v.new_zeros(1, 1, 2, 300),
-                                       None, None, False, 1.0)
+        _native.native().mux_attention(
+            q.new_zeros(1, 1, 2, 300), k.new_zeros(1, 1, 2, 300), v.new_zeros(1, 1, 2, 300), None, None, False, 1.0
+        )
     with pytest.raises(RuntimeError, match="key_padding_mask"):
         _native.native().mux_attention(q, k, v, None, torch.zeros(2, 6, dtype=torch.bool), False, 1.0)
 
@@ -417,9 +457,10 @@ def test_cuda_tensor_core_forward(dtype, B, H, Lq, Lk, D, case):
         mask[Lq // 2] = False
         masks["attn_mask"] = mask.cuda()
     out, lse = ops.attention_with_lse(q, k, v, backend="cuda", **masks)
-    expected, expected_lse = ref.attention_with_lse(*(t.double().cpu() for t in (q, k, v)),
-                                                    **{n: (m.cpu() if isinstance(m, torch.Tensor) else m)
-                                                       for n, m in masks.items()})
+    expected, expected_lse = ref.attention_with_lse(
+        *(t.double().cpu() for t in (q, k, v)),
+        **{n: (m.cpu() if isinstance(m, torch.Tensor) else m) for n, m in masks.items()},
+    )
     assert out.dtype == dtype and lse.dtype == torch.float32
     out, lse = out.cpu(), lse.cpu()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
@@ -427,12 +468,25 @@ def test_cuda_tensor_core_forward(dtype, B, H, Lq, Lk, D, case):
     assert torch.equal(torch.isneginf(lse), dead)
     assert torch.all(out[dead] == 0)
     live = ~dead
-    torch_bias = ref.attention_bias(B, H, Lq, Lk, masks.get("attn_mask"), masks.get("key_padding_mask"),
-                                    masks.get("causal", False), torch.float64, "cpu") \
-        if masks else None
+    torch_bias = (
+        ref.attention_bias(
+            B,
+            H,
+            Lq,
+            Lk,
+            masks.get("attn_mask"),
+            masks.get("key_padding_mask"),
+            masks.get("causal", False),
+            torch.float64,
+            "cpu",
+        )
+        if masks
+        else None
+    )
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         torch_out = torch.nn.functional.scaled_dot_product_attention(
-            *(t.cpu() for t in (q, k, v)), attn_mask=torch_bias.to(dtype) if torch_bias is not None else None)
+            *(t.cpu() for t in (q, k, v)), attn_mask=torch_bias.to(dtype) if torch_bias is not None else None
+        )
     if live.any():
         bound = 2 * relative_error(torch_out[live], expected[live]) + 1e-3
         assert relative_error(out[live], expected[live]) <= bound
@@ -464,8 +518,21 @@ def test_cuda_tensor_core_backward(dtype, B, H, Lq, Lk, D, case):
     masks = {} if case == "none" else make_masks(case, B, H, Lq, Lk, "cuda", generator)
     _, grads = run("cuda", q, k, v, grad_out, **masks)
     _, expected = oracle(q, k, v, grad_out, **masks)
-    bias = ref.attention_bias(B, H, Lq, Lk, masks.get("attn_mask"), masks.get("key_padding_mask"),
-                              masks.get("causal", False), torch.float64, "cpu") if masks else None
+    bias = (
+        ref.attention_bias(
+            B,
+            H,
+            Lq,
+            Lk,
+            masks.get("attn_mask"),
+            masks.get("key_padding_mask"),
+            masks.get("causal", False),
+            torch.float64,
+            "cpu",
+        )
+        if masks
+        else None
+    )
     live = torch.isfinite(bias).any(-1) if bias is not None else torch.ones(B, H, Lq, dtype=torch.bool)
     # torch gives NaN for fully masked rows: for torch's own error, unmask them and give them dO = 0, so
     # they add nothing to dK, dV and get dQ = 0, as the reference's (and ours) do
@@ -497,19 +564,23 @@ for B, H, Lq, Lk, D, masks in [(2, 3, 7, 7, 13, {}), (1, 2, 128, 169, 200, {}), 
     expected_grads = torch.autograd.grad(expected, r, go.double())
     for a, e in zip((out,) + grads, (expected,) + expected_grads):
         worst = max(worst, float((a.double() - e).norm() / e.norm()))
+print("isa", ops.pq4_kernel())  # the level the CPU kernels ran at (the one cap of every family)
 print("worst", worst)
 """
 
 
 def test_cpu_generic_path_without_avx512():
     """The float32 CPU kernels take an AVX-512 path where the CPU has it; the generic vector path (other
-    CPUs) is forced here through FASTCORE_AI_ATTENTION_CPU_GENERIC in a fresh process."""
+    CPUs) is forced here through FASTCORE_AI_CPU_ISA=portable (read once per process) in a fresh process."""
     import os
     import subprocess
     import sys
-    env = dict(os.environ, FASTCORE_AI_ATTENTION_CPU_GENERIC="1")
-    result = subprocess.run([sys.executable, "-c", _GENERIC_PATH_SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=600)
+
+    env = dict(os.environ, FASTCORE_AI_CPU_ISA="portable")
+    result = subprocess.run(
+        [sys.executable, "-c", _GENERIC_PATH_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("isa")[-1].split()[0] == "portable", result.stdout
     worst = float(result.stdout.split("worst")[-1])
     assert worst < 5 * FP32_BOUND

@@ -8,6 +8,7 @@ are checked, not the hardware fragment layout (the GPU parity tests in tests/tes
 Bounds are those of tests/test_mux_attention.py for 16-bit inputs: relative error vs float64 no worse than
 2× torch's SDPA math path in that dtype + 1e-3 (outputs and dQ, dK, dV); LSE (float32) within 1e-2 absolute.
 """
+
 import ctypes
 import importlib
 
@@ -63,8 +64,13 @@ KIND = {torch.float16: 1, torch.bfloat16: 2}
 
 @pytest.fixture(scope="module")
 def emulated_attention(tmp_path_factory):
-    return build_emulated_kernels(tmp_path_factory.mktemp("mux_attention_emulator"), "mux/attention.cu", DRIVER,
-                                  "attention", extra_runtime=WMMA_EMULATION)
+    return build_emulated_kernels(
+        tmp_path_factory.mktemp("mux_attention_emulator"),
+        "mux/attention.cu",
+        DRIVER,
+        "attention",
+        extra_runtime=WMMA_EMULATION,
+    )
 
 
 def _strides(t):
@@ -78,11 +84,21 @@ def run_emulated(lib, q, k, v, mask=None, causal=False):
     lse = torch.full((B, H, Lq), float("nan"), dtype=torch.float32)
     mask_e = mask.expand(B, H, Lq, Lk) if mask is not None else None
     status = lib.emu_attention_forward_wmma(
-        KIND[q.dtype], ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(k.data_ptr()), ctypes.c_void_p(v.data_ptr()),
-        _strides(q), _strides(k), _strides(v), *(ctypes.c_int64(x) for x in (B, H, Lq, Lk, D)),
+        KIND[q.dtype],
+        ctypes.c_void_p(q.data_ptr()),
+        ctypes.c_void_p(k.data_ptr()),
+        ctypes.c_void_p(v.data_ptr()),
+        _strides(q),
+        _strides(k),
+        _strides(v),
+        *(ctypes.c_int64(x) for x in (B, H, Lq, Lk, D)),
         ctypes.c_void_p(mask_e.data_ptr()) if mask is not None else None,
-        _strides(mask_e) if mask is not None else None, int(causal), ctypes.c_double(D ** -0.5),
-        ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(lse.data_ptr()))
+        _strides(mask_e) if mask is not None else None,
+        int(causal),
+        ctypes.c_double(D**-0.5),
+        ctypes.c_void_p(out.data_ptr()),
+        ctypes.c_void_p(lse.data_ptr()),
+    )
     assert status == 0, f"emulated attention_forward_wmma_cuda returned cudaError {status}"
     return out, lse
 
@@ -145,11 +161,18 @@ def run_emulated_backward(lib, q, k, v, grad_out, out, lse, mask=None, causal=Fa
     mask_e = mask.expand(B, H, Lq, Lk) if mask is not None else None
     grad_out, out = grad_out.contiguous(), out.contiguous()
     status = lib.emu_attention_backward_wmma(
-        KIND[q.dtype], *(ctypes.c_void_p(t.data_ptr()) for t in (q, k, v)), _strides(q), _strides(k), _strides(v),
+        KIND[q.dtype],
+        *(ctypes.c_void_p(t.data_ptr()) for t in (q, k, v)),
+        _strides(q),
+        _strides(k),
+        _strides(v),
         *(ctypes.c_int64(x) for x in (B, H, Lq, Lk, D)),
         ctypes.c_void_p(mask_e.data_ptr()) if mask is not None else None,
-        _strides(mask_e) if mask is not None else None, int(causal), ctypes.c_double(D ** -0.5),
-        *(ctypes.c_void_p(t.data_ptr()) for t in (grad_out, out, lse, *grads, delta)))
+        _strides(mask_e) if mask is not None else None,
+        int(causal),
+        ctypes.c_double(D**-0.5),
+        *(ctypes.c_void_p(t.data_ptr()) for t in (grad_out, out, lse, *grads, delta)),
+    )
     assert status == 0, f"emulated attention_backward_wmma_cuda returned cudaError {status}"
     return grads
 
@@ -176,8 +199,9 @@ def test_wmma_backward_on_emulator(emulated_attention, dtype, B, H, Lq, Lk, D, c
     masked query row gets dQ = 0; nothing is left unwritten (NaN-poisoned outputs)."""
     g = torch.Generator().manual_seed(Lk * 17 + D)
     # q, k, v as strided views ([B, L, H, D] storage) to exercise the strided staging
-    q, k, v = (torch.randn(B, L, H, D, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
-               for L in (Lq, Lk, Lk))
+    q, k, v = (
+        torch.randn(B, L, H, D, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2) for L in (Lq, Lk, Lk)
+    )
     grad_out = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64).to(dtype)
     mask = None
     if masked_row:
@@ -199,10 +223,12 @@ def test_wmma_backward_on_emulator(emulated_attention, dtype, B, H, Lq, Lk, D, c
         assert torch.all(grads[0][:, :, 3] == 0)
     rows = [i for i in range(Lq) if not (masked_row and i == 3)]
     # torch's in-dtype error, on the rows it defines (SDPA gives NaN for a fully masked row)
-    torch_grads = torch_grads_in_dtype(q[:, :, rows], k, v, grad_out[:, :, rows],
-                                       ref_mask[rows] if ref_mask is not None else None)
-    torch_expected = ref.attention_backward(go64[:, :, rows], q64[:, :, rows], k64, v64,
-                                            ref_mask[rows] if ref_mask is not None else None, None, False, None)
+    torch_grads = torch_grads_in_dtype(
+        q[:, :, rows], k, v, grad_out[:, :, rows], ref_mask[rows] if ref_mask is not None else None
+    )
+    torch_expected = ref.attention_backward(
+        go64[:, :, rows], q64[:, :, rows], k64, v64, ref_mask[rows] if ref_mask is not None else None, None, False, None
+    )
     for name, got, want, t, t_want in zip("qkv", grads, expected, torch_grads, torch_expected):
         bound = 2 * relative_error(t, t_want) + 1e-3
         assert relative_error(got, want) <= bound, name

@@ -1,4 +1,5 @@
 """examples/datamux_retrieval.py runs end to end at a tiny size and prints its table."""
+
 import importlib.util
 import pathlib
 

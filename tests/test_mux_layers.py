@@ -1,5 +1,6 @@
 """fastcore_ai.nn.Attention / MultiplexedSelfAttention / DataMUXEncoder: drop-in parity with
 nn.MultiheadAttention, padding of a batch that is not a multiple of N (never dropping rows), gradients."""
+
 import pytest
 import torch
 from torch import nn
@@ -55,8 +56,8 @@ def test_encoder_pads_instead_of_dropping_rows():
     x = torch.randn(3, 6, 16)
     out = encoder(x)
     assert out.shape == (3, 6, 16)  # 3 rows in, 3 rows out (N = 2: the last instance is padded, not dropped)
-    torch.testing.assert_close(out[:2], encoder(x[:2]))              # rows are independent of the padding
-    torch.testing.assert_close(out[2:], encoder(x[2:]))              # the lone instance equals its own batch
+    torch.testing.assert_close(out[:2], encoder(x[:2]))  # rows are independent of the padding
+    torch.testing.assert_close(out[2:], encoder(x[2:]))  # the lone instance equals its own batch
     assert torch.isfinite(out).all()
 
 

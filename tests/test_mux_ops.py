@@ -1,6 +1,7 @@
 """fastcore_ai.ops.mux / demux: parity with straightforward torch implementations of the DataMUX
 formulas (written out per instance here) and with the float64 reference, gradients, registration and
 error paths."""
+
 import math
 
 import pytest
@@ -34,7 +35,9 @@ def loop_demux(h, p, weight, bias, gamma, beta, eps=1e-5):
     for b in range(B):
         for i in range(N):
             z = torch.stack([weight @ torch.cat([p[b, i], h[b, t]]) + bias for t in range(L)])
-            rows.append(torch.nn.functional.layer_norm(torch.nn.functional.gelu(z), (weight.shape[0],), gamma, beta, eps))
+            rows.append(
+                torch.nn.functional.layer_norm(torch.nn.functional.gelu(z), (weight.shape[0],), gamma, beta, eps)
+            )
     return torch.stack(rows)
 
 
@@ -103,8 +106,10 @@ def demux_inputs(B, N, L, d, e, shared, dtype=torch.float32, device="cpu"):
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
-@pytest.mark.parametrize("B,N,L,d,e,shared", [(1, 1, 1, 4, 4, False), (2, 3, 5, 8, 8, False), (2, 5, 7, 12, 12, True),
-                                               (1, 2, 6, 16, 9, False)])
+@pytest.mark.parametrize(
+    "B,N,L,d,e,shared",
+    [(1, 1, 1, 4, 4, False), (2, 3, 5, 8, 8, False), (2, 5, 7, 12, 12, True), (1, 2, 6, 16, 9, False)],
+)
 def test_demux_parity(backend, device, B, N, L, d, e, shared, poisoned_outputs):
     require_backend("demux", backend, device)
     inputs = [t.requires_grad_(True) for t in demux_inputs(B, N, L, d, e, shared, device=device)]
@@ -122,8 +127,9 @@ def test_demux_parity(backend, device, B, N, L, d, e, shared, poisoned_outputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
-@pytest.mark.parametrize("B,N,L,d,e,shared", [(3, 2, 300, 24, 13, False), (2, 3, 129, 16, 40, True),
-                                               (1, 4, 128, 8, 8, False)])
+@pytest.mark.parametrize(
+    "B,N,L,d,e,shared", [(3, 2, 300, 24, 13, False), (2, 3, 129, 16, 40, True), (1, 4, 128, 8, 8, False)]
+)
 def test_demux_cpu_token_chunks(dtype, B, N, L, d, e, shared, poisoned_outputs):
     """The cpu forward works in chunks of ≤ 128 tokens per sequence (L = 300 -> 3 chunks of 100, 129 -> 2
     uneven ones), with e not a multiple of the 8-lane width (scalar tails), shared or per-sequence keys,
@@ -165,8 +171,12 @@ def test_demux_gradcheck_float64(backend, shared):
 @pytest.mark.parametrize("mode", ["hadamard", "ortho"])
 def test_mux_gradcheck_float64(backend, mode):
     x, keys = mux_inputs(2, 3, 4, 5, mode, dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, k: ops.mux(a, k, mode, backend=backend),
-                                    (x.requires_grad_(True), keys.requires_grad_(True)), eps=1e-6, atol=1e-8)
+    assert torch.autograd.gradcheck(
+        lambda a, k: ops.mux(a, k, mode, backend=backend),
+        (x.requires_grad_(True), keys.requires_grad_(True)),
+        eps=1e-6,
+        atol=1e-8,
+    )
 
 
 def test_demux_empty_and_errors():
@@ -186,8 +196,9 @@ def test_demux_empty_and_errors():
 def test_opcheck_mux_demux():
     x, keys = mux_inputs(2, 3, 4, 8, "hadamard")
     for mode, k in ((0, keys), (1, ortho_keys(3, 8))):
-        torch.library.opcheck(torch.ops.fastcore_ai.mux_mux.default,
-                              (x.requires_grad_(True), k.requires_grad_(True), mode, "cpu"))
+        torch.library.opcheck(
+            torch.ops.fastcore_ai.mux_mux.default, (x.requires_grad_(True), k.requires_grad_(True), mode, "cpu")
+        )
     h, p, w, b, gamma, beta = (t.requires_grad_(True) for t in demux_inputs(2, 3, 4, 8, 8, False))
     torch.library.opcheck(torch.ops.fastcore_ai.mux_demux.default, (h, p, w, b, gamma, beta, 1e-5, "cpu"))
 

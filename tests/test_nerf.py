@@ -1,6 +1,7 @@
 """nerf family: ray/AABB, occupancy-grid update, ray marching, volume rendering (+ its O(R) backward),
 Block-NeRF compositing — parity of every backend against the float64 reference, analytic checks, marching
 properties, gradients, registration (opcheck, torch.compile), error paths and empty batches."""
+
 import math
 
 import pytest
@@ -48,13 +49,14 @@ def packed_samples(R, max_count=9, dtype=torch.float64, empty_rays=True):
     for r in range(R):
         s, c = int(starts[r]), int(counts[r])
         if c:
-            t_starts[s:s + c] = 0.5 + torch.cumsum(deltas[s:s + c], 0) - deltas[s:s + c]
+            t_starts[s : s + c] = 0.5 + torch.cumsum(deltas[s : s + c], 0) - deltas[s : s + c]
     sigmas = torch.rand(S, dtype=dtype) * 3
     rgbs = torch.rand(S, 3, dtype=dtype)
     return sigmas, rgbs, t_starts, t_starts + deltas, packed
 
 
 # ---- 1. ray_aabb_intersect ---------------------------------------------------------------------------
+
 
 def test_ray_aabb_reference_edge_cases():
     box = torch.tensor([[-1.0, -1, -1, 1, 1, 1], [2.0, 2, 2, 1, 3, 3], [0.5, -1, -1, 0.5, 1, 1]], dtype=torch.float64)
@@ -76,12 +78,22 @@ def test_ray_aabb_reference_edge_cases():
     assert not torch.isnan(near).any() and not torch.isnan(far).any()
 
 
-@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("ray_aabb_intersect", [torch.float32, torch.float64]))
+@pytest.mark.parametrize(
+    "backend,device,dtype", backend_dtype_cases("ray_aabb_intersect", [torch.float32, torch.float64])
+)
 def test_ray_aabb_parity(backend, device, dtype, poisoned_outputs):
     require_backend("ray_aabb_intersect", backend, device, dtype)
     o, d = random_rays(33)
-    boxes = torch.tensor([[-1.0, -1, -1, 1, 1, 1], [0, 0, 0, 0.5, 2, 0.7], [1.0, 1, 1, 0, 0, 0],
-                          [-0.2, -3, -0.2, 0.2, 3, 0.2], [0.1, 0.1, 0.1, 0.1, 0.4, 0.4]], dtype=torch.float64)
+    boxes = torch.tensor(
+        [
+            [-1.0, -1, -1, 1, 1, 1],
+            [0, 0, 0, 0.5, 2, 0.7],
+            [1.0, 1, 1, 0, 0, 0],
+            [-0.2, -3, -0.2, 0.2, 3, 0.2],
+            [0.1, 0.1, 0.1, 0.1, 0.4, 0.4],
+        ],
+        dtype=torch.float64,
+    )
     want = ref.ray_aabb_intersect(o, d, boxes)
     got = ops.ray_aabb_intersect(o.to(device, dtype), d.to(device, dtype), boxes.to(device, dtype), backend=backend)
     assert torch.equal(got.hit.cpu(), want[2])
@@ -94,7 +106,10 @@ def test_ray_aabb_parity(backend, device, dtype, poisoned_outputs):
 
 # ---- 2. occupancy_grid_update ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("occupancy_grid_update", [torch.float32, torch.float64]))
+
+@pytest.mark.parametrize(
+    "backend,device,dtype", backend_dtype_cases("occupancy_grid_update", [torch.float32, torch.float64])
+)
 def test_occupancy_grid_update_parity(backend, device, dtype, poisoned_outputs):
     require_backend("occupancy_grid_update", backend, device, dtype)
     N = 1001  # not a multiple of 8: the last byte is partial
@@ -103,8 +118,9 @@ def test_occupancy_grid_update_parity(backend, device, dtype, poisoned_outputs):
     idx = torch.cat([torch.randint(0, N, (700,)), torch.arange(5), torch.tensor([500, 500, 500])])
     values = torch.rand(idx.numel(), dtype=torch.float64) * 0.03
     want_density, want_bits = ref.occupancy_grid_update(density, idx, values, 0.95, 0.01)
-    got_density, got_bits = ops.occupancy_grid_update(density.to(device, dtype), idx.to(device),
-                                                      values.to(device, dtype), 0.95, 0.01, backend=backend)
+    got_density, got_bits = ops.occupancy_grid_update(
+        density.to(device, dtype), idx.to(device), values.to(device, dtype), 0.95, 0.01, backend=backend
+    )
     assert relative_error(got_density.cpu(), want_density) < (1e-15 if dtype == torch.float64 else 1e-6)
     assert torch.equal(got_density.cpu()[:10], density[:10].to(dtype))
     assert torch.equal(got_bits.cpu(), want_bits)
@@ -126,6 +142,7 @@ def test_occupancy_grid_update_threshold_uses_mean():
 
 
 # ---- 3. ray_march ------------------------------------------------------------------------------------
+
 
 def random_grid(res=8, levels=1, fraction=0.3, generator=None):
     occupied = torch.rand(levels, res, res, res, generator=generator) < fraction
@@ -157,13 +174,35 @@ def test_ray_march_parity_float64(backend, device, case, poisoned_outputs):
     if case == "max_samples":
         kwargs.update(max_samples_per_ray=3)
     u = torch.rand(40, dtype=torch.float64, generator=g) if case == "jitter_near_far" else None
-    want = ref.ray_march(o, d, grid.aabb, grid.bitfield, grid.resolution, levels, kwargs["near"], kwargs["far"],
-                         kwargs["step_size"], kwargs["cone_angle"], kwargs["max_samples_per_ray"], u)
-    got = torch.ops.fastcore_ai.nerf_ray_march(o.to(device), d.to(device), grid.aabb.to(device),
-                                               grid.bitfield.to(device), grid.resolution, levels, kwargs["near"],
-                                               kwargs["far"], kwargs["step_size"], kwargs["cone_angle"],
-                                               kwargs["max_samples_per_ray"], None if u is None else u.to(device),
-                                               backend)
+    want = ref.ray_march(
+        o,
+        d,
+        grid.aabb,
+        grid.bitfield,
+        grid.resolution,
+        levels,
+        kwargs["near"],
+        kwargs["far"],
+        kwargs["step_size"],
+        kwargs["cone_angle"],
+        kwargs["max_samples_per_ray"],
+        u,
+    )
+    got = torch.ops.fastcore_ai.nerf_ray_march(
+        o.to(device),
+        d.to(device),
+        grid.aabb.to(device),
+        grid.bitfield.to(device),
+        grid.resolution,
+        levels,
+        kwargs["near"],
+        kwargs["far"],
+        kwargs["step_size"],
+        kwargs["cone_angle"],
+        kwargs["max_samples_per_ray"],
+        None if u is None else u.to(device),
+        backend,
+    )
     assert want[0].numel() > 20, "the case must produce samples"
     for a, e in zip(got, want):
         assert torch.equal(a.cpu(), e)
@@ -179,13 +218,13 @@ def test_ray_march_parity_float32(backend, device):
     o, d = random_rays(64, generator=g)
     want = ref.ray_march(o, d, grid.aabb, grid.bitfield, grid.resolution, 1, 0.0, math.inf, 0.05, 0.0, 1024, None)
     got = ops.ray_march(o.float().to(device), d.float().to(device), grid, step_size=0.05, backend=backend)
-    same = (got.packed_info[:, 1].cpu() == want[3][:, 1])
+    same = got.packed_info[:, 1].cpu() == want[3][:, 1]
     assert same.float().mean() >= 0.95
     for r in same.nonzero().reshape(-1).tolist():
         gs, gc = got.packed_info[r].tolist()
         ws, wc = want[3][r].tolist()
         if wc:
-            assert (got.t_starts.cpu()[gs:gs + gc].double() - want[1][ws:ws + wc]).abs().max() < 1e-5
+            assert (got.t_starts.cpu()[gs : gs + gc].double() - want[1][ws : ws + wc]).abs().max() < 1e-5
     assert got.ray_indices.dtype == torch.int64 and got.packed_info.dtype == torch.int64
 
 
@@ -206,9 +245,9 @@ def test_ray_march_full_grid_is_uniform_sampling():
         expected_starts = t0 + k * step
         expected_ends = torch.clamp(t0 + (k + 1) * step, max=t1)
         assert count == math.ceil((t1 - t0) / step) or t0 + count * step >= t1 > t0 + (count - 1) * step
-        assert torch.equal(got.t_starts[start:start + count], expected_starts)
-        assert torch.equal(got.t_ends[start:start + count], expected_ends)
-        assert (got.ray_indices[start:start + count] == r).all()
+        assert torch.equal(got.t_starts[start : start + count], expected_starts)
+        assert torch.equal(got.t_ends[start : start + count], expected_ends)
+        assert (got.ray_indices[start : start + count] == r).all()
 
 
 @pytest.mark.parametrize("cone_angle", [0.0, 0.1])
@@ -241,14 +280,19 @@ def test_ray_march_no_sample_in_empty_cell(cone_angle):
 def test_ray_march_jitter_generator_reproducible():
     grid = random_grid()
     o, d = random_rays(16)
-    a = ops.ray_march(o, d, grid, step_size=0.05, jitter=True, generator=torch.Generator().manual_seed(7), backend="cpu")
-    b = ops.ray_march(o, d, grid, step_size=0.05, jitter=True, generator=torch.Generator().manual_seed(7), backend="cpu")
+    a = ops.ray_march(
+        o, d, grid, step_size=0.05, jitter=True, generator=torch.Generator().manual_seed(7), backend="cpu"
+    )
+    b = ops.ray_march(
+        o, d, grid, step_size=0.05, jitter=True, generator=torch.Generator().manual_seed(7), backend="cpu"
+    )
     c = ops.ray_march(o, d, grid, step_size=0.05, backend="cpu")
     assert torch.equal(a.t_starts, b.t_starts)
     assert not torch.equal(a.t_starts, c.t_starts[: a.t_starts.numel()]) or a.t_starts.numel() != c.t_starts.numel()
 
 
 # ---- 4. volume_render ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("volume_render", [torch.float32, torch.float64]))
 def test_volume_render_forward_parity(backend, device, dtype, poisoned_outputs):
@@ -258,8 +302,17 @@ def test_volume_render_forward_parity(backend, device, dtype, poisoned_outputs):
     want = ref.volume_render(sigmas, rgbs, ts, te, packed, 1e-3)
     cast = lambda t: t.to(device, dtype)  # noqa: E731
     bg = torch.tensor([0.2, 0.5, 0.9], dtype=dtype, device=device)
-    got = ops.volume_render(cast(sigmas), cast(rgbs), cast(ts), cast(te), packed.to(device), background=bg,
-                            early_stop_eps=1e-3, return_weights=True, backend=backend)
+    got = ops.volume_render(
+        cast(sigmas),
+        cast(rgbs),
+        cast(ts),
+        cast(te),
+        packed.to(device),
+        background=bg,
+        early_stop_eps=1e-3,
+        return_weights=True,
+        backend=backend,
+    )
     tol = 1e-12 if dtype == torch.float64 else 1e-5  # float32: the reference backend scans globally
     expected_rgb = want[0] + (1 - want[1])[:, None] * bg.double().cpu()
     assert relative_error(got.rgb, expected_rgb) < tol
@@ -275,16 +328,31 @@ def test_volume_render_backward_parity(backend, device, with_weights):
     require_backend("volume_render", backend, device, dtype)
     sigmas, rgbs, ts, te, packed = packed_samples(29, max_count=10 if backend != "triton" else 5)
     sigmas[:4] *= 30
-    grads = (torch.randn(29, 3, dtype=torch.float64), torch.randn(29, dtype=torch.float64),
-             torch.randn(29, dtype=torch.float64), torch.randn(sigmas.shape[0], dtype=torch.float64))
+    grads = (
+        torch.randn(29, 3, dtype=torch.float64),
+        torch.randn(29, dtype=torch.float64),
+        torch.randn(29, dtype=torch.float64),
+        torch.randn(sigmas.shape[0], dtype=torch.float64),
+    )
 
     def run(which, dev, dt):
         s = sigmas.to(dev, dt).requires_grad_(True)
         c = rgbs.to(dev, dt).requires_grad_(True)
-        out = ops.volume_render(s, c, ts.to(dev, dt), te.to(dev, dt), packed.to(dev), early_stop_eps=1e-3,
-                                return_weights=with_weights, backend=which)
-        loss = (out.rgb * grads[0].to(dev, dt)).sum() + (out.opacity * grads[1].to(dev, dt)).sum() \
+        out = ops.volume_render(
+            s,
+            c,
+            ts.to(dev, dt),
+            te.to(dev, dt),
+            packed.to(dev),
+            early_stop_eps=1e-3,
+            return_weights=with_weights,
+            backend=which,
+        )
+        loss = (
+            (out.rgb * grads[0].to(dev, dt)).sum()
+            + (out.opacity * grads[1].to(dev, dt)).sum()
             + (out.depth * grads[2].to(dev, dt)).sum()
+        )
         if with_weights:
             loss = loss + (out.weights * grads[3].to(dev, dt)).sum()
         return torch.autograd.grad(loss, (s, c))
@@ -304,8 +372,9 @@ def test_volume_render_gradcheck(backend):
     bg = torch.rand(3, dtype=torch.float64, requires_grad=True)
 
     def fn(s, c, bg):
-        out = ops.volume_render(s, c, ts, te, packed, background=bg, early_stop_eps=0.0, return_weights=True,
-                                backend=backend)
+        out = ops.volume_render(
+            s, c, ts, te, packed, background=bg, early_stop_eps=0.0, return_weights=True, backend=backend
+        )
         return out.rgb, out.opacity, out.depth, out.weights
 
     assert torch.autograd.gradcheck(fn, (s, c, bg))
@@ -337,20 +406,27 @@ def test_volume_render_sphere_opacity_is_analytic():
     o[:, 0] = -3.0
     o[:, 1] = torch.linspace(-0.95, 0.95, R, dtype=torch.float64) * radius
     b = o[:, 1]
-    half = torch.sqrt(torch.clamp(radius ** 2 - b ** 2, min=0))
+    half = torch.sqrt(torch.clamp(radius**2 - b**2, min=0))
     t_in, t_out = 3.0 - half, 3.0 + half
     starts, ends, info = [], [], []
     for r in range(R):
         n = int(torch.randint(1, 40, ()))
         cuts = torch.sort(torch.rand(n - 1, dtype=torch.float64)).values
-        edges = torch.cat([t_in[r:r + 1], t_in[r] + cuts * (t_out[r] - t_in[r]), t_out[r:r + 1]])
+        edges = torch.cat([t_in[r : r + 1], t_in[r] + cuts * (t_out[r] - t_in[r]), t_out[r : r + 1]])
         info.append([len(starts), n])
         starts += edges[:-1].tolist()
         ends += edges[1:].tolist()
     ts, te = torch.tensor(starts, dtype=torch.float64), torch.tensor(ends, dtype=torch.float64)
     sig = torch.full_like(ts, sigma)
-    out = ops.volume_render(sig, torch.rand(ts.numel(), 3, dtype=torch.float64), ts, te, torch.tensor(info),
-                            early_stop_eps=0.0, backend="cpu")
+    out = ops.volume_render(
+        sig,
+        torch.rand(ts.numel(), 3, dtype=torch.float64),
+        ts,
+        te,
+        torch.tensor(info),
+        early_stop_eps=0.0,
+        backend="cpu",
+    )
     expected = 1 - torch.exp(-sigma * 2 * half)
     assert (out.opacity - expected).abs().max() < 1e-12
 
@@ -388,20 +464,22 @@ def test_volume_render_renderer_sphere_opacity():
             inside = (x.norm(dim=-1) < radius).to(x.dtype)
             return sigma * inside, torch.ones_like(x) * 0.5
 
-    renderer = fnn.NeRFRenderer(Sphere(), aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=step,
-                                early_stop_eps=0.0).double()
+    renderer = fnn.NeRFRenderer(
+        Sphere(), aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=step, early_stop_eps=0.0
+    ).double()
     R = 20
     o = torch.zeros(R, 3, dtype=torch.float64)
     o[:, 2] = -2.0
     o[:, 0] = torch.linspace(0, 0.9, R, dtype=torch.float64) * radius
     d = torch.tensor([0, 0, 1.0], dtype=torch.float64).expand(R, 3).contiguous()
     out = renderer.eval()(o, d)
-    chord = 2 * torch.sqrt(radius ** 2 - o[:, 0] ** 2)
+    chord = 2 * torch.sqrt(radius**2 - o[:, 0] ** 2)
     expected = 1 - torch.exp(-sigma * chord)
     assert (out.opacity - expected).abs().max() < 2 * sigma * step
 
 
 # ---- 5. composite_blocks ---------------------------------------------------------------------------
+
 
 def composite_inputs(K=4, R=23, per_ray=True, dtype=torch.float64):
     colors = torch.rand(K, R, 3, dtype=dtype)
@@ -425,8 +503,9 @@ def test_composite_blocks_parity(backend, device, per_ray, radius, poisoned_outp
     want_w = ref.composite_blocks_weights(camera, centers, vis, 4.0, 0.05, radius)
     want = ref.composite_blocks(colors, camera, centers, vis, 4.0, 0.05, radius)
     cast = lambda t: t.to(device, dtype)  # noqa: E731
-    out, w = ops.composite_blocks(cast(colors), cast(camera), cast(centers), cast(vis), radius=radius,
-                                  return_weights=True, backend=backend)
+    out, w = ops.composite_blocks(
+        cast(colors), cast(camera), cast(centers), cast(vis), radius=radius, return_weights=True, backend=backend
+    )
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert relative_error(out, want) < tol
     assert relative_error(w, want_w) < tol
@@ -447,14 +526,21 @@ def test_composite_blocks_gradcheck(backend):
 def test_composite_blocks_idw_formula():
     colors = torch.rand(2, 1, 3, dtype=torch.float64)
     centers = torch.tensor([[1.0, 0, 0], [0, 3.0, 0]], dtype=torch.float64)
-    out = ops.composite_blocks(colors, torch.zeros(3, dtype=torch.float64), centers, torch.ones(2, 1, dtype=torch.float64),
-                               power=2.0, backend="cpu")
+    out = ops.composite_blocks(
+        colors,
+        torch.zeros(3, dtype=torch.float64),
+        centers,
+        torch.ones(2, 1, dtype=torch.float64),
+        power=2.0,
+        backend="cpu",
+    )
     w = torch.tensor([1.0, 1 / 9], dtype=torch.float64)
     w = w / w.sum()
     assert torch.allclose(out[0], (w[:, None] * colors[:, 0]).sum(0), atol=1e-14)
 
 
 # ---- registration: opcheck and torch.compile --------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_opcheck(backend):
@@ -463,27 +549,50 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.fastcore_ai.nerf_ray_aabb_intersect.default, (o, d, boxes, backend))
     density = torch.rand(64, dtype=torch.float64) * 0.02
     idx = torch.randint(0, 64, (30,))
-    torch.library.opcheck(torch.ops.fastcore_ai.nerf_occupancy_grid_update.default,
-                          (density, idx, torch.rand(30, dtype=torch.float64) * 0.02, 0.95, 0.01, backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.nerf_occupancy_grid_update.default,
+        (density, idx, torch.rand(30, dtype=torch.float64) * 0.02, 0.95, 0.01, backend),
+    )
     grid = random_grid(res=4)
-    torch.library.opcheck(torch.ops.fastcore_ai.nerf_ray_march.default,
-                          (o, d, grid.aabb, grid.bitfield, 4, 1, 0.0, math.inf, 0.1, 0.0, 64, None, backend),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.nerf_ray_march.default,
+        (o, d, grid.aabb, grid.bitfield, 4, 1, 0.0, math.inf, 0.1, 0.0, 64, None, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     sigmas, rgbs, ts, te, packed = packed_samples(7, max_count=4)
     for need_weights in (False, True):
-        torch.library.opcheck(torch.ops.fastcore_ai.nerf_volume_render.default,
-                              (sigmas.requires_grad_(True), rgbs.requires_grad_(True), ts, te, packed, 1e-4,
-                               need_weights, backend))
+        torch.library.opcheck(
+            torch.ops.fastcore_ai.nerf_volume_render.default,
+            (sigmas.requires_grad_(True), rgbs.requires_grad_(True), ts, te, packed, 1e-4, need_weights, backend),
+        )
     R = 7
-    color, opacity, depth, _ = torch.ops.fastcore_ai.nerf_volume_render(sigmas.detach(), rgbs.detach(), ts, te, packed,
-                                                                        1e-4, False, backend)
-    torch.library.opcheck(torch.ops.fastcore_ai.nerf_volume_render_backward.default,
-                          (torch.randn(R, 3, dtype=torch.float64), torch.randn(R, dtype=torch.float64),
-                           torch.randn(R, dtype=torch.float64), None, sigmas.detach(), rgbs.detach(), ts, te, packed,
-                           color, opacity, depth, 1e-4, backend))
+    color, opacity, depth, _ = torch.ops.fastcore_ai.nerf_volume_render(
+        sigmas.detach(), rgbs.detach(), ts, te, packed, 1e-4, False, backend
+    )
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.nerf_volume_render_backward.default,
+        (
+            torch.randn(R, 3, dtype=torch.float64),
+            torch.randn(R, dtype=torch.float64),
+            torch.randn(R, dtype=torch.float64),
+            None,
+            sigmas.detach(),
+            rgbs.detach(),
+            ts,
+            te,
+            packed,
+            color,
+            opacity,
+            depth,
+            1e-4,
+            backend,
+        ),
+    )
     colors, camera, centers, vis = composite_inputs(K=3, R=6)
-    torch.library.opcheck(torch.ops.fastcore_ai.nerf_composite_blocks.default,
-                          (colors.requires_grad_(True), camera, centers, vis, 4.0, 0.05, math.inf, backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.nerf_composite_blocks.default,
+        (colors.requires_grad_(True), camera, centers, vis, 4.0, 0.05, math.inf, backend),
+    )
 
 
 def test_torch_compile_fullgraph_render_cpu():
@@ -530,6 +639,7 @@ def test_torch_compile_fullgraph_march_and_composite_cpu():
 
 
 # ---- error paths and empty batches ------------------------------------------------------------------
+
 
 def test_errors_name_op_and_argument():
     sigmas, rgbs, ts, te, packed = packed_samples(5, max_count=4, empty_rays=False)
@@ -588,15 +698,24 @@ def test_empty_batches(backend):
     (out.rgb.sum() + out.opacity.sum()).backward()
     assert s.grad.shape == (0,)
     # rays with no samples at all: transparent, zero
-    out = ops.volume_render(s.detach(), c.detach(), s.detach(), s.detach(), torch.zeros(3, 2, dtype=torch.int64),
-                            backend=backend)
+    out = ops.volume_render(
+        s.detach(), c.detach(), s.detach(), s.detach(), torch.zeros(3, 2, dtype=torch.int64), backend=backend
+    )
     assert torch.equal(out.opacity, torch.zeros(3, dtype=torch.float64))
-    out = ops.composite_blocks(torch.zeros(2, 0, 3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
-                               torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2, 0, dtype=torch.float64),
-                               backend=backend)
+    out = ops.composite_blocks(
+        torch.zeros(2, 0, 3, dtype=torch.float64),
+        torch.zeros(3, dtype=torch.float64),
+        torch.zeros(2, 3, dtype=torch.float64),
+        torch.zeros(2, 0, dtype=torch.float64),
+        backend=backend,
+    )
     assert out.shape == (0, 3)
-    new, bits = ops.occupancy_grid_update(torch.zeros(16, dtype=torch.float64), torch.zeros(0, dtype=torch.int64),
-                                          torch.zeros(0, dtype=torch.float64), backend=backend)
+    new, bits = ops.occupancy_grid_update(
+        torch.zeros(16, dtype=torch.float64),
+        torch.zeros(0, dtype=torch.int64),
+        torch.zeros(0, dtype=torch.float64),
+        backend=backend,
+    )
     assert torch.equal(new, torch.zeros(16, dtype=torch.float64)) and bits.shape == (2,)
 
 
@@ -615,14 +734,32 @@ def march_in_rounds(o, d, grid, max_steps, u=None, **kwargs):
     per_ray = [[] for _ in range(R)]
     rounds = 0
     while rows.numel():
-        m = ops.nerf.march_round(o, d, grid, rows, k, t, torch.full_like(k, max_steps), kwargs["near"], kwargs["far"],
-                                 kwargs["step_size"], kwargs["cone_angle"], u)
+        m = ops.nerf.march_round(
+            o,
+            d,
+            grid,
+            rows,
+            k,
+            t,
+            torch.full_like(k, max_steps),
+            kwargs["near"],
+            kwargs["far"],
+            kwargs["step_size"],
+            kwargs["cone_angle"],
+            u,
+        )
         assert (m.packed_info[:, 1] <= max_steps).all()
         for i, r in enumerate(rows.tolist()):
             start, count = m.packed_info[i].tolist()
-            assert (m.row[start:start + count] == i).all()
-            per_ray[r].append((m.t_starts[start:start + count], m.t_ends[start:start + count],
-                               m.positions[start:start + count], m.directions[start:start + count]))
+            assert (m.row[start : start + count] == i).all()
+            per_ray[r].append(
+                (
+                    m.t_starts[start : start + count],
+                    m.t_ends[start : start + count],
+                    m.positions[start : start + count],
+                    m.directions[start : start + count],
+                )
+            )
         going = torch.isfinite(m.next_t)
         rows, k, t = rows[going], m.next_k[going], m.next_t[going]
         rounds += 1
@@ -648,12 +785,37 @@ def test_march_rounds_emit_ray_march_samples(backend, device, case):
         kwargs.update(near=0.3, far=2.0)
     u = torch.rand(30, dtype=dtype, generator=g).to(device) if case == "jitter_near_far" else None
     with fastcore_ai.use_backend(backend):
-        want = ops.ray_march(o, d, grid, near=kwargs["near"], far=kwargs["far"], step_size=kwargs["step_size"],
-                             cone_angle=kwargs["cone_angle"]) if u is None else None
+        want = (
+            ops.ray_march(
+                o,
+                d,
+                grid,
+                near=kwargs["near"],
+                far=kwargs["far"],
+                step_size=kwargs["step_size"],
+                cone_angle=kwargs["cone_angle"],
+            )
+            if u is None
+            else None
+        )
         if u is not None:  # ray_march draws u itself: compare with the op under the same u
-            want = ops.PackedSamples(*torch.ops.fastcore_ai.nerf_ray_march(
-                o, d, grid.aabb.to(device, dtype), grid.bitfield, grid.resolution, levels, kwargs["near"], kwargs["far"],
-                kwargs["step_size"], kwargs["cone_angle"], 1024, u, backend))
+            want = ops.PackedSamples(
+                *torch.ops.fastcore_ai.nerf_ray_march(
+                    o,
+                    d,
+                    grid.aabb.to(device, dtype),
+                    grid.bitfield,
+                    grid.resolution,
+                    levels,
+                    kwargs["near"],
+                    kwargs["far"],
+                    kwargs["step_size"],
+                    kwargs["cone_angle"],
+                    1024,
+                    u,
+                    backend,
+                )
+            )
         got, rounds = march_in_rounds(o, d, grid, 3, u, **kwargs)
     assert want.t_starts.numel() > 25 and rounds > 3, "the case must need several rounds"
     for r in range(30):
@@ -662,8 +824,8 @@ def test_march_rounds_emit_ray_march_samples(backend, device, case):
             assert count == 0
             continue
         t_starts, t_ends, positions, directions = got[r]
-        assert torch.equal(t_starts, want.t_starts[start:start + count])
-        assert torch.equal(t_ends, want.t_ends[start:start + count])
+        assert torch.equal(t_starts, want.t_starts[start : start + count])
+        assert torch.equal(t_ends, want.t_ends[start : start + count])
         mid = (0.5 * (t_starts.double() + t_ends.double()))[:, None]
         expected = o[r].double() + mid * d[r].double()
         assert torch.allclose(positions.double(), expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-12)
@@ -680,13 +842,17 @@ def test_render_rounds_equal_volume_render(backend, device, dtype):
     R = 12
     sigmas, rgbs, t_starts, t_ends, packed = packed_samples(R, max_count=12, dtype=torch.float64)
     sigmas[: sigmas.numel() // 3] *= 8  # some rays reach the early stop
-    sigmas, rgbs, t_starts, t_ends, packed = (x.to(device, dtype) if x.is_floating_point() else x.to(device)
-                                              for x in (sigmas, rgbs, t_starts, t_ends, packed))
+    sigmas, rgbs, t_starts, t_ends, packed = (
+        x.to(device, dtype) if x.is_floating_point() else x.to(device) for x in (sigmas, rgbs, t_starts, t_ends, packed)
+    )
     eps = 1e-3
     want = ops.volume_render(sigmas, rgbs, t_starts, t_ends, packed, early_stop_eps=eps, backend=backend)
     assert (want.opacity > 1 - eps).any(), "some ray must stop early"
-    color, opacity, depth = (torch.full_like(want.rgb, 0.0), torch.zeros_like(want.opacity),
-                             torch.zeros_like(want.depth))
+    color, opacity, depth = (
+        torch.full_like(want.rgb, 0.0),
+        torch.zeros_like(want.opacity),
+        torch.zeros_like(want.depth),
+    )
     order = torch.randperm(R)  # the rows land in a shuffled output order
     tau = torch.zeros(R, dtype=dtype, device=device)
     taken = torch.zeros(R, dtype=torch.int64)
@@ -698,8 +864,19 @@ def test_render_rounds_equal_volume_render(backend, device, dtype):
             seg_starts = torch.cumsum(counts, 0) - counts
             seg = torch.stack([seg_starts, counts], 1).to(device)
             index = index.to(device)
-            ops.nerf.render_round(sigmas[index], rgbs[index], t_starts[index], t_ends[index], seg, eps, tau,
-                                  order.to(device), color, opacity, depth)
+            ops.nerf.render_round(
+                sigmas[index],
+                rgbs[index],
+                t_starts[index],
+                t_ends[index],
+                seg,
+                eps,
+                tau,
+                order.to(device),
+                color,
+                opacity,
+                depth,
+            )
             taken += counts
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert relative_error(color[order.to(device)], want.rgb) < tol
@@ -710,6 +887,7 @@ def test_render_rounds_equal_volume_render(backend, device, dtype):
 
 
 # ---- layers ---------------------------------------------------------------------------------------
+
 
 class TinyField(torch.nn.Module):
     def __init__(self):
@@ -768,16 +946,22 @@ def test_renderer_forward_equals_one_shot_composition(training):
     field = TinyField().double()
     with torch.no_grad():
         field.net[2].bias[0] = 3.0  # dense enough that rays stop early
-    renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02,
-                                early_stop_eps=1e-3).double().train(training)
+    renderer = (
+        fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02, early_stop_eps=1e-3)
+        .double()
+        .train(training)
+    )
     g = torch.Generator().manual_seed(2)
     o, d = random_rays(40, generator=g)
     torch.manual_seed(3)
     out = renderer(o, d)
     torch.manual_seed(3)
     u = torch.rand(40, dtype=torch.float64) if training else None
-    samples = ops.PackedSamples(*torch.ops.fastcore_ai.nerf_ray_march(
-        o, d, renderer.grid.aabb.double(), renderer.grid.bitfield, 8, 1, 0.0, math.inf, 0.02, 0.0, 1024, u, "cpu"))
+    samples = ops.PackedSamples(
+        *torch.ops.fastcore_ai.nerf_ray_march(
+            o, d, renderer.grid.aabb.double(), renderer.grid.bitfield, 8, 1, 0.0, math.inf, 0.02, 0.0, 1024, u, "cpu"
+        )
+    )
     sigma, rgb = renderer._field(o, d, samples.ray_indices, samples.t_starts, samples.t_ends)
     want = ops.volume_render(sigma, rgb, samples.t_starts, samples.t_ends, samples.packed_info, early_stop_eps=1e-3)
     assert (want.opacity > 1 - 1e-3).sum() > 5, "rays must stop early"
@@ -802,8 +986,11 @@ def test_renderer_field_batches():
     o, d = random_rays(24)
     outs = []
     for batch in (None, 7, 1 << 30):
-        renderer = fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02,
-                                    field_batch=batch).double().eval()
+        renderer = (
+            fnn.NeRFRenderer(field, aabb=[-1, -1, -1, 1, 1, 1], resolution=8, step_size=0.02, field_batch=batch)
+            .double()
+            .eval()
+        )
         field.zero_grad()
         out = renderer(o, d)
         out.rgb.sum().backward()
@@ -817,8 +1004,10 @@ def test_renderer_field_batches():
 
 def test_block_nerf_composites_eligible_blocks():
     torch.manual_seed(0)
-    blocks = [fnn.NeRFRenderer(TinyField().double(), aabb=[-1, -1, -1, 1, 1, 1], resolution=4, step_size=0.05).double()
-              for _ in range(3)]
+    blocks = [
+        fnn.NeRFRenderer(TinyField().double(), aabb=[-1, -1, -1, 1, 1, 1], resolution=4, step_size=0.05).double()
+        for _ in range(3)
+    ]
     centers = torch.tensor([[0.0, 0, 0], [5.0, 0, 0], [50.0, 0, 0]])
     model = fnn.BlockNeRF(blocks, centers, radius=10.0).double()
     o, d = random_rays(8)

@@ -3,6 +3,7 @@ tests/test_cuda_build.py: every launcher against the CPU backend on the same flo
 same FC_HOST_DEVICE bodies compiled by the host compiler, so the outputs must agree bit for bit; this checks
 the launch geometry, the grid-stride loops, the two-pass march with the scan between the passes, the
 float atomic max of the grid update and the empty-size guards, without a GPU."""
+
 import ctypes
 import math
 
@@ -105,8 +106,9 @@ int emu_composite(const float* colors, const float* camera, int per_ray, const f
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    return build_emulated_kernels(tmp_path_factory.mktemp("nerf_cuda_emulator"), "nerf/nerf.cu", DRIVER, "nerf",
-                                  EXTRA_RUNTIME)
+    return build_emulated_kernels(
+        tmp_path_factory.mktemp("nerf_cuda_emulator"), "nerf/nerf.cu", DRIVER, "nerf", EXTRA_RUNTIME
+    )
 
 
 def P(t):  # noqa: N802
@@ -146,18 +148,32 @@ def test_grid_update_on_emulator(lib):
     threshold = min(0.01, float(live.double().mean()))
     sampled, out = torch.full((N,), -math.inf), torch.full((N,), float("nan"))
     bits = torch.full(((N + 7) // 8,), 0xEE, dtype=torch.uint8)
-    assert lib.emu_grid(P(density), P(idx), P(values), I64(N), I64(idx.numel()), F32(0.95), F32(threshold),
-                        P(sampled), P(out), P(bits)) == 0
+    assert (
+        lib.emu_grid(
+            P(density),
+            P(idx),
+            P(values),
+            I64(N),
+            I64(idx.numel()),
+            F32(0.95),
+            F32(threshold),
+            P(sampled),
+            P(out),
+            P(bits),
+        )
+        == 0
+    )
     assert torch.equal(out, want_density) and torch.equal(bits, want_bits)
 
 
 @pytest.mark.parametrize("cone,jitter", [(0.0, False), (0.15, True)])
 def test_march_on_emulator(lib, cone, jitter):
     from fastcore_ai.reference.nerf import pack_bitfield
+
     R, res = 200, 8
     o, d = rays(R, 3)
     g = torch.Generator().manual_seed(4)
-    occupied = torch.rand(2 * res ** 3, generator=g) < 0.3
+    occupied = torch.rand(2 * res**3, generator=g) < 0.3
     bits = pack_bitfield(occupied)
     aabb = torch.tensor([-1.0, -1, -1, 1, 1, 1])
     boxes = torch.tensor([[-1.0, -1, -1, 1, 1, 1], [-2.0, -2, -2, 2, 2, 2]])
@@ -170,15 +186,55 @@ def test_march_on_emulator(lib, cone, jitter):
     grid.aabb, grid.bitfield, grid.resolution, grid.levels = aabb, bits, res, 2
     want = torch.ops.fastcore_ai.nerf_ray_march(o, d, aabb, bits, res, 2, 0.0, math.inf, 0.02, cone, 1024, u, "cpu")
     counts = torch.full((R,), -1, dtype=torch.int64)
-    assert lib.emu_march(P(o), P(d), P(u), I64(R), P(bits), I64(res), 2, P(boxes), F32(0.02), F32(cone), I64(1024),
-                         P(counts), None, 0, None, None, None) == 0
+    assert (
+        lib.emu_march(
+            P(o),
+            P(d),
+            P(u),
+            I64(R),
+            P(bits),
+            I64(res),
+            2,
+            P(boxes),
+            F32(0.02),
+            F32(cone),
+            I64(1024),
+            P(counts),
+            None,
+            0,
+            None,
+            None,
+            None,
+        )
+        == 0
+    )
     assert torch.equal(counts, want[3][:, 1])
     offsets = (torch.cumsum(counts, 0) - counts).contiguous()
     S = int(counts.sum())
     ray_indices = torch.full((S,), -5, dtype=torch.int64)
     ts, te = torch.full((S,), float("nan")), torch.full((S,), float("nan"))
-    assert lib.emu_march(P(o), P(d), P(u), I64(R), P(bits), I64(res), 2, P(boxes), F32(0.02), F32(cone), I64(1024),
-                         P(counts), P(offsets), 1, P(ray_indices), P(ts), P(te)) == 0
+    assert (
+        lib.emu_march(
+            P(o),
+            P(d),
+            P(u),
+            I64(R),
+            P(bits),
+            I64(res),
+            2,
+            P(boxes),
+            F32(0.02),
+            F32(cone),
+            I64(1024),
+            P(counts),
+            P(offsets),
+            1,
+            P(ray_indices),
+            P(ts),
+            P(te),
+        )
+        == 0
+    )
     assert S > 100
     assert torch.equal(ray_indices, want[0]) and torch.equal(ts, want[1]) and torch.equal(te, want[2])
 
@@ -195,20 +251,70 @@ def test_render_on_emulator(lib, with_weights):
     ts = torch.rand(S, generator=g)
     te = ts + torch.rand(S, generator=g) * 0.3
     want = ops.volume_render(sig, rgb, ts, te, info, early_stop_eps=1e-3, return_weights=True, backend="cpu")
-    color, opacity, depth = torch.full((R, 3), float("nan")), torch.full((R,), float("nan")), torch.full((R,), float("nan"))
+    color, opacity, depth = (
+        torch.full((R, 3), float("nan")),
+        torch.full((R,), float("nan")),
+        torch.full((R,), float("nan")),
+    )
     weights = torch.full((S,), float("nan"))
-    assert lib.emu_render(P(sig), P(rgb), P(ts), P(te), P(info), I64(R), I64(S), F32(1e-3), P(color), P(opacity),
-                          P(depth), P(weights), None, None, None, None, None, None) == 0
+    assert (
+        lib.emu_render(
+            P(sig),
+            P(rgb),
+            P(ts),
+            P(te),
+            P(info),
+            I64(R),
+            I64(S),
+            F32(1e-3),
+            P(color),
+            P(opacity),
+            P(depth),
+            P(weights),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        == 0
+    )
     assert torch.equal(color, want.rgb) and torch.equal(opacity, want.opacity) and torch.equal(depth, want.depth)
     assert torch.equal(weights, want.weights)
-    gc, ga, gd, gw = torch.randn(R, 3, generator=g), torch.randn(R, generator=g), torch.randn(R, generator=g), \
-        torch.randn(S, generator=g)
-    want_s, want_c = torch.ops.fastcore_ai.nerf_volume_render_backward(gc, ga, gd, gw if with_weights else None, sig,
-                                                                       rgb, ts, te, info, color, opacity, depth,
-                                                                       1e-3, "cpu")
+    gc, ga, gd, gw = (
+        torch.randn(R, 3, generator=g),
+        torch.randn(R, generator=g),
+        torch.randn(R, generator=g),
+        torch.randn(S, generator=g),
+    )
+    want_s, want_c = torch.ops.fastcore_ai.nerf_volume_render_backward(
+        gc, ga, gd, gw if with_weights else None, sig, rgb, ts, te, info, color, opacity, depth, 1e-3, "cpu"
+    )
     gs, grgb = torch.full((S,), float("nan")), torch.full((S, 3), float("nan"))
-    assert lib.emu_render(P(sig), P(rgb), P(ts), P(te), P(info), I64(R), I64(S), F32(1e-3), P(color), P(opacity),
-                          P(depth), None, P(gc), P(ga), P(gd), P(gw) if with_weights else None, P(gs), P(grgb)) == 0
+    assert (
+        lib.emu_render(
+            P(sig),
+            P(rgb),
+            P(ts),
+            P(te),
+            P(info),
+            I64(R),
+            I64(S),
+            F32(1e-3),
+            P(color),
+            P(opacity),
+            P(depth),
+            None,
+            P(gc),
+            P(ga),
+            P(gd),
+            P(gw) if with_weights else None,
+            P(gs),
+            P(grgb),
+        )
+        == 0
+    )
     assert torch.equal(gs, want_s) and torch.equal(grgb, want_c)
 
 
@@ -220,10 +326,16 @@ def test_composite_on_emulator(lib):
     centers = torch.randn(K, 3, generator=g) * 2
     vis = torch.rand(K, R, generator=g)
     vis[:, 0] = 0
-    want_out, want_w = ops.composite_blocks(colors, camera, centers, vis, radius=3.0, return_weights=True, backend="cpu")
+    want_out, want_w = ops.composite_blocks(
+        colors, camera, centers, vis, radius=3.0, return_weights=True, backend="cpu"
+    )
     out, w = torch.full((R, 3), float("nan")), torch.full((K, R), float("nan"))
-    assert lib.emu_composite(P(colors), P(camera), 1, P(centers), P(vis), I64(K), I64(R), F32(4.0), F32(0.05), F32(3.0),
-                             P(out), P(w)) == 0
+    assert (
+        lib.emu_composite(
+            P(colors), P(camera), 1, P(centers), P(vis), I64(K), I64(R), F32(4.0), F32(0.05), F32(3.0), P(out), P(w)
+        )
+        == 0
+    )
     assert torch.equal(out, want_out) and torch.equal(w, want_w)
 
 
@@ -231,27 +343,65 @@ def test_composite_on_emulator(lib):
 def test_march_round_on_emulator(lib, cone):
     """A resumable round (rows, start lattice step, per-row caps; saved stops, positions, directions)."""
     from fastcore_ai.reference.nerf import pack_bitfield
+
     R, res = 160, 8
     o, d = rays(R, 7)
     g = torch.Generator().manual_seed(8)
-    bits = pack_bitfield(torch.rand(res ** 3, generator=g) < 0.3)
+    bits = pack_bitfield(torch.rand(res**3, generator=g) < 0.3)
     aabb = torch.tensor([-1.0, -1, -1, 1, 1, 1])
     rows = torch.randperm(R, generator=g)[:130].contiguous()
     n = rows.numel()
     first = torch.ops.fastcore_ai.nerf_ray_march(o, d, aabb, bits, res, 1, 0.0, math.inf, 0.02, cone, 2, None, "cpu")
     # resume every row where a first round of 2 samples left it
-    start = _native_round(o, d, aabb, bits, res, cone, torch.arange(R), torch.zeros(R, dtype=torch.int64),
-                          torch.zeros(R), torch.full((R,), 2, dtype=torch.int64))
+    start = _native_round(
+        o,
+        d,
+        aabb,
+        bits,
+        res,
+        cone,
+        torch.arange(R),
+        torch.zeros(R, dtype=torch.int64),
+        torch.zeros(R),
+        torch.full((R,), 2, dtype=torch.int64),
+    )
     assert torch.equal(start[3][:, 1], first[3][:, 1])
     start_k, start_t = start[4][rows].contiguous(), start[5][rows].contiguous()
     start_t = torch.where(torch.isfinite(start_t), start_t, torch.zeros_like(start_t)).contiguous()
     caps = torch.randint(0, 6, (n,), generator=g)
     want = _native_round(o, d, aabb, bits, res, cone, rows, start_k, start_t, caps)
-    counts, next_k, next_t = torch.full((n,), -1, dtype=torch.int64), torch.full((n,), -1, dtype=torch.int64), \
-        torch.full((n,), float("nan"))
-    assert lib.emu_march_round(P(o), P(d), I64(n), P(bits), I64(res), P(aabb), F32(0.02), F32(cone), P(rows),
-                               P(start_k), P(start_t), P(caps), P(counts), P(next_k), P(next_t), None, 0, None, None,
-                               None, None, None) == 0
+    counts, next_k, next_t = (
+        torch.full((n,), -1, dtype=torch.int64),
+        torch.full((n,), -1, dtype=torch.int64),
+        torch.full((n,), float("nan")),
+    )
+    assert (
+        lib.emu_march_round(
+            P(o),
+            P(d),
+            I64(n),
+            P(bits),
+            I64(res),
+            P(aabb),
+            F32(0.02),
+            F32(cone),
+            P(rows),
+            P(start_k),
+            P(start_t),
+            P(caps),
+            P(counts),
+            P(next_k),
+            P(next_t),
+            None,
+            0,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+        == 0
+    )
     assert torch.equal(counts, want[3][:, 1]) and torch.equal(next_k, want[4]) and torch.equal(next_t, want[5])
     S = int(counts.sum())
     assert S > 50
@@ -259,22 +409,49 @@ def test_march_round_on_emulator(lib, cone):
     row_of = torch.full((S,), -5, dtype=torch.int64)
     ts, te = torch.full((S,), float("nan")), torch.full((S,), float("nan"))
     positions, directions = torch.full((S, 3), float("nan")), torch.full((S, 3), float("nan"))
-    assert lib.emu_march_round(P(o), P(d), I64(n), P(bits), I64(res), P(aabb), F32(0.02), F32(cone), P(rows),
-                               P(start_k), P(start_t), P(caps), P(counts), None, None, P(offsets), 1, P(row_of), P(ts),
-                               P(te), P(positions), P(directions)) == 0
+    assert (
+        lib.emu_march_round(
+            P(o),
+            P(d),
+            I64(n),
+            P(bits),
+            I64(res),
+            P(aabb),
+            F32(0.02),
+            F32(cone),
+            P(rows),
+            P(start_k),
+            P(start_t),
+            P(caps),
+            P(counts),
+            None,
+            None,
+            P(offsets),
+            1,
+            P(row_of),
+            P(ts),
+            P(te),
+            P(positions),
+            P(directions),
+        )
+        == 0
+    )
     for got, expected in zip((row_of, ts, te, positions, directions), (want[0], want[1], want[2], want[6], want[7])):
         assert torch.equal(got, expected)
 
 
 def _native_round(o, d, aabb, bits, res, cone, rows, start_k, start_t, caps):
     from fastcore_ai import _native
-    return _native.native().nerf_ray_march_round(o, d, aabb, bits, res, 1, 0.0, math.inf, 0.02, cone, None, rows,
-                                                 start_k, start_t, caps)
+
+    return _native.native().nerf_ray_march_round(
+        o, d, aabb, bits, res, 1, 0.0, math.inf, 0.02, cone, None, rows, start_k, start_t, caps
+    )
 
 
 def test_render_round_on_emulator(lib):
     """Rendering a round's segments behind the optical depth tau, accumulated into shuffled rows."""
     from fastcore_ai import _native
+
     g = torch.Generator().manual_seed(9)
     R = 150
     counts = torch.randint(0, 12, (R,), generator=g)
@@ -290,8 +467,24 @@ def test_render_round_on_emulator(lib):
     _native.native().nerf_volume_render_round(sig, rgb, ts, te, info, 1e-3, want_tau, out_rows, *want_acc)
     assert (torch.exp(-want_tau) < 1e-3).any() and (torch.exp(-want_tau) >= 1e-3).any()
     tau, acc = tau0.clone(), [a.clone() for a in acc0]
-    assert lib.emu_render_round(P(sig), P(rgb), P(ts), P(te), P(info), I64(R), I64(S), F32(1e-3), P(tau), P(out_rows),
-                                P(acc[0]), P(acc[1]), P(acc[2])) == 0
+    assert (
+        lib.emu_render_round(
+            P(sig),
+            P(rgb),
+            P(ts),
+            P(te),
+            P(info),
+            I64(R),
+            I64(S),
+            F32(1e-3),
+            P(tau),
+            P(out_rows),
+            P(acc[0]),
+            P(acc[1]),
+            P(acc[2]),
+        )
+        == 0
+    )
     assert torch.equal(tau, want_tau)
     for a, b in zip(acc, want_acc):
         assert torch.equal(a, b)

@@ -1,4 +1,5 @@
 """examples/render_scene.py runs end to end at a low resolution and writes a valid PNG of the scene."""
+
 import importlib.util
 import struct
 import zlib
@@ -27,7 +28,7 @@ def test_render_scene_writes_png(tmp_path):
     # the IDAT decompresses to one filter byte + 3 bytes per pixel per row
     idat_len = struct.unpack(">I", data[33:37])[0]
     assert data[37:41] == b"IDAT"
-    assert len(zlib.decompress(data[41:41 + idat_len])) == 16 * (1 + 24 * 3)
+    assert len(zlib.decompress(data[41 : 41 + idat_len])) == 16 * (1 + 24 * 3)
     image = result["image"]
     assert torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
     # the spheres are in view (not a blank background) and the grid is sparse

@@ -2,6 +2,7 @@
 new op is covered without writing them: opcheck of every registered op on every backend that runs here,
 the direct native path bitwise equal to the registered op, torch.compile(fullgraph=True) of every public
 op with the default backend, and coverage (no op without sample calls)."""
+
 import pytest
 import torch
 
@@ -17,8 +18,14 @@ _HERE = ("cpu", "reference")
 
 
 def _public_ops():
-    return sorted(name for name in ops.__all__ if callable(getattr(ops, name)) and not isinstance(getattr(ops, name), type)
-                  and not name.isupper() and name not in _NOT_OPS)
+    return sorted(
+        name
+        for name in ops.__all__
+        if callable(getattr(ops, name))
+        and not isinstance(getattr(ops, name), type)
+        and not name.isupper()
+        and name not in _NOT_OPS
+    )
 
 
 # public names that are helpers, not ops (no kernel, no backend)
@@ -55,13 +62,15 @@ def test_op_names_follow_the_naming_rule():
     assert len(public) == len(ops.__all__), "a public name is exported twice from fastcore_ai.ops"
     for name, defined in REGISTRY.items():
         family = _family_of(defined.module)
-        assert name.startswith(_FAMILY_TAGS[family]), f"{name}: registered ops of {family} start with {_FAMILY_TAGS[family]}"
+        assert name.startswith(_FAMILY_TAGS[family]), (
+            f"{name}: registered ops of {family} start with {_FAMILY_TAGS[family]}"
+        )
         base = name
         for suffix in _COMPANION_SUFFIXES:
-            if base.endswith(suffix) and base[:-len(suffix)] in REGISTRY:
-                base = base[:-len(suffix)]
+            if base.endswith(suffix) and base[: -len(suffix)] in REGISTRY:
+                base = base[: -len(suffix)]
                 break
-        candidates = {base, base[len(family) + 1:] if base.startswith(family + "_") else base}
+        candidates = {base, base[len(family) + 1 :] if base.startswith(family + "_") else base}
         assert candidates & public, f"{name}: no public op named {sorted(candidates)} in fastcore_ai.ops"
 
 
@@ -132,7 +141,7 @@ def test_direct_path_matches_the_registered_op(name):
 def test_direct_path_is_not_taken_when_something_intercepts():
     op = REGISTRY["moe_topk_route"]
     logits = torch.randn(5, 4, requires_grad=True)
-    assert not op.direct_call_allowed((logits, 2, True))          # autograd needed
+    assert not op.direct_call_allowed((logits, 2, True))  # autograd needed
     with torch.no_grad():
         assert op.direct_call_allowed((logits, 2, True))
 
@@ -140,7 +149,7 @@ def test_direct_path_is_not_taken_when_something_intercepts():
             pass
 
         assert not op.direct_call_allowed((logits.detach().as_subclass(Subclass), 2, True))
-        attention = REGISTRY["mux_attention"]                       # an Optional[Tensor] position counts too
+        attention = REGISTRY["mux_attention"]  # an Optional[Tensor] position counts too
         q = torch.randn(1, 1, 2, 4)
         assert attention.direct_call_allowed((q, q, q, None, None, False, 0.5))
         assert not attention.direct_call_allowed((q, q, q, q.new_zeros(2, 2).as_subclass(Subclass), None, False, 0.5))
@@ -155,7 +164,7 @@ def test_direct_path_is_not_taken_when_something_intercepts():
 
     with Spy():
         ops.moe_topk_route(logits.detach(), 2, backend="cpu")
-    assert any("moe_topk_route" in name for name in Spy.seen)        # the mode saw the registered op
+    assert any("moe_topk_route" in name for name in Spy.seen)  # the mode saw the registered op
 
 
 @pytest.mark.parametrize("name", sorted(PUBLIC))
@@ -177,8 +186,11 @@ def test_documented_compile_limits_still_hold(name):
     fn, args = case()
     with pytest.raises(Exception) as info:
         torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
-    assert "Unsupported" in type(info.value).__name__ or "graph break" in str(info.value).lower() \
-        or "data-dependent" in str(info.value).lower(), f"{name} ({reason}) failed for another reason: {info.value}"
+    assert (
+        "Unsupported" in type(info.value).__name__
+        or "graph break" in str(info.value).lower()
+        or "data-dependent" in str(info.value).lower()
+    ), f"{name} ({reason}) failed for another reason: {info.value}"
 
 
 def test_selection_is_cached_and_respects_overrides(monkeypatch):
@@ -191,7 +203,7 @@ def test_selection_is_cached_and_respects_overrides(monkeypatch):
     assert backends.select("moe_topk_route", "auto", x.device, x.dtype, "logits", k=2, num_experts=8) == "reference"
     monkeypatch.delenv("FASTCORE_AI_BACKEND")
     assert backends.select("moe_topk_route", "auto", x.device, x.dtype, "logits", k=2, num_experts=8) == "cpu"
-    with pytest.raises(RuntimeError, match="cannot run"):            # failures are raised every time
+    with pytest.raises(RuntimeError, match="cannot run"):  # failures are raised every time
         backends.select("moe_topk_route", "cuda", x.device, x.dtype, "logits", k=2, num_experts=8)
     with pytest.raises(RuntimeError, match="cannot run"):
         backends.select("moe_topk_route", "cuda", x.device, x.dtype, "logits", k=2, num_experts=8)

@@ -1,6 +1,7 @@
 """pq family: every backend against the float64 reference (tables, encode, decode, ADC distances,
 top-k with ties), FAISS equality with shared codebooks and codes, fast-scan bounds, k-means (incl.
 the balanced Sinkhorn variant), error paths, registered-op checks (opcheck, gradcheck, compile)."""
+
 import contextlib
 
 import numpy as np
@@ -28,9 +29,15 @@ def _clustered(n, d, centers=20, seed=0, dtype=torch.float32):
 
 # ---- tables, encode, decode --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
-                                            pytest.param("reference", "cpu", id="reference"),
-                                            pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)])
+
+@pytest.mark.parametrize(
+    "backend,device",
+    [
+        pytest.param("cpu", "cpu", id="cpu"),
+        pytest.param("reference", "cpu", id="reference"),
+        pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+    ],
+)
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("shape", [(7, 3, 16, 5), (1, 1, 256, 1), (33, 8, 256, 4), (0, 2, 16, 3)])
 def test_lut_matches_reference(backend, device, metric, shape, poisoned_outputs):
@@ -68,13 +75,17 @@ def test_encode_decode(backend, poisoned_outputs):
 
 # ---- exact ADC search ----------------------------------------------------------------------------------
 
-SEARCH_BACKENDS = BACKENDS + [pytest.param("triton", "cpu", id="triton-interpreter", marks=pytest.mark.triton),
-                              pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.triton, pytest.mark.cuda]),
-                              pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda)]
+SEARCH_BACKENDS = BACKENDS + [
+    pytest.param("triton", "cpu", id="triton-interpreter", marks=pytest.mark.triton),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=[pytest.mark.triton, pytest.mark.cuda]),
+    pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
+]
 
 
-@pytest.mark.parametrize("backend,device", [pytest.param("cpu", "cpu", id="cpu"),
-                                            pytest.param("reference", "cpu", id="reference")] + SEARCH_BACKENDS[2:])
+@pytest.mark.parametrize(
+    "backend,device",
+    [pytest.param("cpu", "cpu", id="cpu"), pytest.param("reference", "cpu", id="reference")] + SEARCH_BACKENDS[2:],
+)
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("nq,n,k", [(5, 1000, 10), (1, 33, 7), (3, 7, 12), (0, 10, 3), (4, 0, 2), (20, 3000, 1)])
 def test_search_matches_reference(backend, device, metric, nq, n, k, poisoned_outputs):
@@ -142,7 +153,7 @@ def test_search_threads_and_parts_agree():
     try:
         torch.set_num_threads(2)
         d_many, i_many = ops.pq_search(q, codes, cb, 20, backend="cpu")
-        d_one = [ops.pq_search(q[j:j + 1], codes, cb, 20, backend="cpu") for j in range(3)]
+        d_one = [ops.pq_search(q[j : j + 1], codes, cb, 20, backend="cpu") for j in range(3)]
         torch.set_num_threads(1)
         d1, i1 = ops.pq_search(q, codes, cb, 20, backend="cpu")
     finally:
@@ -163,8 +174,9 @@ needs_faiss = pytest.mark.skipif(faiss is None, reason="faiss-cpu is not install
 
 def _faiss_pq(cb, codes, metric):
     M, ksub, dsub = cb.shape
-    index = faiss.IndexPQ(M * dsub, M, 8 if ksub == 256 else 4,
-                          faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexPQ(
+        M * dsub, M, 8 if ksub == 256 else 4, faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    )
     faiss.copy_array_to_vector(cb.numpy().ravel(), index.pq.centroids)
     index.is_trained = True
     if codes is not None:  # 8-bit codes are IndexPQ's own byte layout
@@ -213,6 +225,7 @@ def test_faiss_padding_convention():
 
 
 # ---- 4-bit fast-scan ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("M,n", [(4, 100), (7, 33), (1, 1), (16, 500), (3, 0)])
 def test_pq4_pack_roundtrip(M, n):
@@ -267,6 +280,7 @@ def test_pq4_rerank_improves_recall():
 
 # ---- k-means -----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kmeans_matches_reference_on_separated_data(backend):
     x = _clustered(600, 6, centers=5, seed=2)
@@ -290,8 +304,13 @@ def test_kmeans_inertia_and_empty_clusters():
 
 def test_constrained_kmeans_balances_skewed_data():
     g = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.randn(900, 4, generator=g) * 0.5, torch.randn(80, 4, generator=g) * 0.5 + 5,
-                   torch.randn(20, 4, generator=g) * 0.5 - 5])
+    x = torch.cat(
+        [
+            torch.randn(900, 4, generator=g) * 0.5,
+            torch.randn(80, 4, generator=g) * 0.5 + 5,
+            torch.randn(20, 4, generator=g) * 0.5 - 5,
+        ]
+    )
     spreads = {}
     for constrained in (False, True):
         c = ops.kmeans(x, 8, niter=10, constrained=constrained, backend="cpu")
@@ -313,6 +332,7 @@ def test_pq_train_shapes_and_recall():
 
 
 # ---- errors ------------------------------------------------------------------------------------------------
+
 
 def test_errors_name_op_and_argument():
     cb = _codebooks(4, 256, 3)
@@ -346,6 +366,7 @@ def test_errors_name_op_and_argument():
 
 def test_native_guards_out_of_range_codes():
     from fastcore_ai import _native
+
     lut = torch.zeros(1, 2, 16)
     with pytest.raises(ValueError, match="codes must lie in"):
         _native.native().pq_search_flat(lut, torch.full((3, 2), 200, dtype=torch.uint8), 1, 0)
@@ -353,16 +374,21 @@ def test_native_guards_out_of_range_codes():
 
 # ---- registered ops ----------------------------------------------------------------------------------------
 
+
 def test_opcheck():
     cb = _codebooks(3, 16, 2, torch.float64)
     q = torch.randn(4, 6, dtype=torch.float64)
     codes = torch.randint(0, 16, (20, 3), dtype=torch.uint8)
     torch.library.opcheck(torch.ops.fastcore_ai.pq_lut.default, (q, cb, "l2", "cpu"))
     torch.library.opcheck(torch.ops.fastcore_ai.pq_decode.default, (codes, cb, "cpu"))
-    torch.library.opcheck(torch.ops.fastcore_ai.pq_encode.default, (q, cb, "cpu"),
-                          test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.fastcore_ai.pq_search.default, (q.float(), codes, cb.float(), 5, "ip", "cpu"),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.pq_encode.default, (q, cb, "cpu"), test_utils=("test_schema", "test_faketensor")
+    )
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.pq_search.default,
+        (q.float(), codes, cb.float(), 5, "ip", "cpu"),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     torch.library.opcheck(torch.ops.fastcore_ai.pq4_pack.default, (codes, "reference"))
 
 
@@ -431,13 +457,16 @@ int emu_scan(const float* lut, const uint8_t* codes, int64_t nq, int64_t n, int6
 @pytest.fixture(scope="module")
 def emulated_pq(tmp_path_factory):
     from test_cuda_build import build_emulated_kernels
-    return build_emulated_kernels(tmp_path_factory.mktemp("pq_emulator"), "pq/pq.cu", _EMU_DRIVER, "pq",
-                                  extra_runtime=_EMU_RUNTIME)
+
+    return build_emulated_kernels(
+        tmp_path_factory.mktemp("pq_emulator"), "pq/pq.cu", _EMU_DRIVER, "pq", extra_runtime=_EMU_RUNTIME
+    )
 
 
 def _unpack_partial(partial: torch.Tensor, n: int, ip: bool):
     """The torch layer's merge (csrc/torch/pq_ops.cpp), in Python: sort, unpack key bits and rows."""
     import numpy as np
+
     u = partial.numpy().view(np.uint64).reshape(partial.shape[0], -1)
     u = np.sort(u, axis=1)
     rows = (u & np.uint64(0xFFFFFFFF)).astype(np.int64)
@@ -449,9 +478,12 @@ def _unpack_partial(partial: torch.Tensor, n: int, ip: bool):
 
 
 @pytest.mark.parametrize("metric", ["l2", "ip"])
-@pytest.mark.parametrize("nq,n,M,ksub,k,chunk", [(2, 300, 3, 16, 5, 128), (1, 70, 4, 256, 64, 64), (3, 9, 2, 16, 4, 32)])
+@pytest.mark.parametrize(
+    "nq,n,M,ksub,k,chunk", [(2, 300, 3, 16, 5, 128), (1, 70, 4, 256, 64, 64), (3, 9, 2, 16, 4, 32)]
+)
 def test_cuda_kernels_on_emulator(emulated_pq, metric, nq, n, M, ksub, k, chunk):
     import ctypes
+
     lib = emulated_pq
     dsub = 3
     cb = _codebooks(M, ksub, dsub)
@@ -460,14 +492,38 @@ def test_cuda_kernels_on_emulator(emulated_pq, metric, nq, n, M, ksub, k, chunk)
     ct = cb.permute(0, 2, 1).contiguous()
     ip = metric == "ip"
     i64 = ctypes.c_int64
-    assert lib.emu_lut(ctypes.c_void_p(q.data_ptr()), ctypes.c_void_p(ct.data_ptr()), i64(nq), i64(M), i64(dsub),
-                       i64(ksub), int(ip), ctypes.c_void_p(lut.data_ptr())) == 0
+    assert (
+        lib.emu_lut(
+            ctypes.c_void_p(q.data_ptr()),
+            ctypes.c_void_p(ct.data_ptr()),
+            i64(nq),
+            i64(M),
+            i64(dsub),
+            i64(ksub),
+            int(ip),
+            ctypes.c_void_p(lut.data_ptr()),
+        )
+        == 0
+    )
     assert relative_error(lut, ref.pq_lut(q.double(), cb.double(), metric)) < 1e-6
     codes = torch.randint(0, ksub, (n, M), dtype=torch.uint8)
     nchunks = (n + chunk - 1) // chunk
     partial = torch.full((nq, nchunks, k), -7, dtype=torch.int64)
-    assert lib.emu_scan(ctypes.c_void_p(lut.data_ptr()), ctypes.c_void_p(codes.data_ptr()), i64(nq), i64(n), i64(M),
-                        i64(ksub), i64(k), i64(chunk), int(ip), ctypes.c_void_p(partial.data_ptr())) == 0
+    assert (
+        lib.emu_scan(
+            ctypes.c_void_p(lut.data_ptr()),
+            ctypes.c_void_p(codes.data_ptr()),
+            i64(nq),
+            i64(n),
+            i64(M),
+            i64(ksub),
+            i64(k),
+            i64(chunk),
+            int(ip),
+            ctypes.c_void_p(partial.data_ptr()),
+        )
+        == 0
+    )
     key, rows = _unpack_partial(partial, n, ip)
     d, i = key[:, :k], rows[:, :k]
     valid = i < n
@@ -481,13 +537,14 @@ def test_pq_train_batched_cpu_matches_per_subspace_kmeans():
     x = _clustered(1500, 12, centers=6, seed=9)
     books = ops.pq_train(x, 3, 4, niter=6, backend="cpu")
     for m in range(3):
-        c = ops.kmeans(x[:, 4 * m:4 * m + 4], 16, niter=6, backend="cpu")
+        c = ops.kmeans(x[:, 4 * m : 4 * m + 4], 16, niter=6, backend="cpu")
         assert torch.allclose(books[m], c, atol=1e-5)
     rb = ops.pq_train(x.double(), 3, 4, niter=6, backend="reference")
     assert relative_error(books, rb) < 1e-4
 
 
 # ---- SIMD kernels against the portable loops ----------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _kernel(name):
@@ -601,6 +658,7 @@ def test_best_columns_equal_a_stable_descending_sort(kernel, n, L, count):
     """The IVF probe selection: the count largest columns, largest first, the lower column on ties, a NaN
     below every number (the native selection's SIMD and scalar paths, many ties, all-NaN rows)."""
     from fastcore_ai.ops.pq import best_columns
+
     g = torch.Generator().manual_seed(L * 7 + count)
     scores = torch.randint(0, 30, (n, L), generator=g).float()
     scores[0, 3] = float("nan")
@@ -617,6 +675,7 @@ def test_best_columns_equal_a_stable_descending_sort(kernel, n, L, count):
 
 def test_best_columns_rejects_a_count_outside_the_row():
     from fastcore_ai import _native
+
     with pytest.raises(RuntimeError, match="ivfpq_search: count must satisfy 1 <= count <= L = 4"):
         _native.native().pq_top_columns(torch.zeros(2, 4), 5)
     with pytest.raises(RuntimeError, match="ivfpq_search: scores must be float32"):
@@ -672,6 +731,7 @@ def test_ivfpq_list_terms_errors():
 
 # ---- k-means assignment and member sums (native) ----------------------------------------------------------
 
+
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("k", [1, 7, 16, 33, 1024])
 def test_nearest_centroid_native_matches_float64(metric, k):
@@ -679,6 +739,7 @@ def test_nearest_centroid_native_matches_float64(metric, k):
     near ties; min_dist is the squared distance (l2) or the inner product (ip) of that centroid."""
     from fastcore_ai import _native
     from fastcore_ai.ops.pq import nearest_centroid
+
     x = _clustered(1300, 24, centers=9, seed=k)
     c = torch.randn(k, 24) * 2
     xd, cd = x.double(), c.double()
@@ -705,6 +766,7 @@ def test_nearest_centroid_ties_go_to_the_lower_index(metric):
     """Duplicated centroids (exact ties, across SIMD lanes and past a 16-column block) and an all-+inf
     row: the lowest index wins, as the scalar loop and torch's argmin."""
     from fastcore_ai import _native
+
     base = torch.randn(5, 8)
     c = torch.cat([torch.randn(20, 8) * 50, base, torch.randn(3, 8) * 50, base, base])  # 5-row copies at 20, 28, 33
     x = base[torch.tensor([0, 1, 2, 3, 4, 2])] * (1.0 if metric == "l2" else 1.0)
@@ -728,6 +790,7 @@ def test_centroid_sums_match_index_add(codes_dtype):
     reference kmeans_update does), for M sub-spaces at once and for M = 1 (a plain k-means), with a
     non-contiguous x and threads splitting the columns."""
     from fastcore_ai import _native
+
     for n, M, dsub, ksub in ((3000, 6, 4, 16), (2000, 1, 40, 100), (5, 3, 1, 256)):
         x = torch.randn(n, M * dsub * 2)[:, ::2]
         codes = torch.randint(0, ksub, (n, M)).to(codes_dtype)
@@ -735,13 +798,16 @@ def test_centroid_sums_match_index_add(codes_dtype):
         assert sums.shape == (M, ksub, dsub) and sums.dtype == torch.float64 and counts.shape == (M, ksub)
         for m in range(M):
             cm = codes[:, m].long()
-            want = torch.zeros(ksub, dsub, dtype=torch.float64).index_add_(0, cm, x[:, m * dsub:(m + 1) * dsub].double())
+            want = torch.zeros(ksub, dsub, dtype=torch.float64).index_add_(
+                0, cm, x[:, m * dsub : (m + 1) * dsub].double()
+            )
             assert torch.equal(sums[m], want)
             assert torch.equal(counts[m], torch.bincount(cm, minlength=ksub))
 
 
 def test_centroid_sums_and_assign_bad_inputs():
     from fastcore_ai import _native
+
     N = _native.native()
     with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*codes must lie in \[0, ksub\)"):
         N.pq_centroid_sums(torch.randn(4, 4), torch.full((4, 2), 9, dtype=torch.uint8), 8)
@@ -759,6 +825,7 @@ def test_kmeans_cpu_equals_reference_update_steps():
     """The cpu kmeans (native assignment + native member sums) takes the reference's update steps bit for
     bit: iterations from the same start, with empty clusters split, equal kmeans_update's."""
     from fastcore_ai import _native
+
     g = torch.Generator().manual_seed(4)
     # 6 distinct rows repeated, a few jittered: duplicated initial centroids tie (the lower index takes the
     # points), so the others come out empty and split the largest
@@ -783,6 +850,7 @@ def test_centroid_update_matches_reference_update(codes_dtype):
     equals kmeans_update."""
     from fastcore_ai import _native
     from fastcore_ai.ops.pq import _centroid_update_cpu
+
     n, M, dsub, ksub = 2500, 5, 6, 40
     x = torch.randn(n, M * dsub * 2)[:, ::2]
     codes = torch.randint(0, ksub - 3, (n, M)).to(codes_dtype)  # the last 3 centroids of each sub-space stay empty
@@ -790,13 +858,15 @@ def test_centroid_update_matches_reference_update(codes_dtype):
     new32, new64, counts = _native.native().pq_centroid_update(x, codes, ksub, old)
     for m in range(M):
         cm = codes[:, m].long()
-        xs = x[:, m * dsub:(m + 1) * dsub].double()
+        xs = x[:, m * dsub : (m + 1) * dsub].double()
         sums = torch.zeros(ksub, dsub, dtype=torch.float64).index_add_(0, cm, xs)
         cnt = torch.bincount(cm, minlength=ksub)
         want = torch.where(cnt[:, None] > 0, sums / cnt.clamp_min(1)[:, None].double(), old[m].double())
         assert torch.equal(new64[m], want) and torch.equal(counts[m], cnt)
         assert torch.equal(new32[m], want.float())
-        assert torch.equal(_centroid_update_cpu(x.contiguous(), codes, ksub, old)[m],
-                           ref.kmeans_update(xs, cm, ksub, old[m].double()).float())
+        assert torch.equal(
+            _centroid_update_cpu(x.contiguous(), codes, ksub, old)[m],
+            ref.kmeans_update(xs, cm, ksub, old[m].double()).float(),
+        )
     with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*old must be float32 \[M, ksub, dsub\]"):
         _native.native().pq_centroid_update(x, codes, ksub, old[:, :4])

@@ -1,5 +1,6 @@
 """fastcore_ai.search: PQIndex / IVFPQIndex (train, add, search, remove_ids, reconstruct, len, numpy
 inputs, save/load and every corrupted-file case) and ShardedPQIndex over 2 gloo processes."""
+
 import os
 import struct
 
@@ -47,9 +48,12 @@ def test_recall_sanity_on_clustered_data(data):
     x, _ = data
     q = x[:40] + 0.05 * torch.randn(40, 32)
     gt = ref.topk_with_ties(torch.cdist(q.double(), x.double()) ** 2, 10)[1]
-    for index, kwargs in ((PQIndex(32, 8, 8), {}), (IVFPQIndex(32, 16, 8, 8), {"nprobe": 4}),
-                          (PQIndex(32, 16, 4), {"refine": 10}), (IVFPQIndex(32, 16, 16, 4, by_residual=False),
-                                                                 {"nprobe": 4})):
+    for index, kwargs in (
+        (PQIndex(32, 8, 8), {}),
+        (IVFPQIndex(32, 16, 8, 8), {"nprobe": 4}),
+        (PQIndex(32, 16, 4), {"refine": 10}),
+        (IVFPQIndex(32, 16, 16, 4, by_residual=False), {"nprobe": 4}),
+    ):
         index.train(x, niter=4)
         index.add(x)
         _, i = index.search(q, 10, **kwargs)
@@ -79,8 +83,9 @@ def test_ivfpq_matches_reference_scan(data, metric, by_residual, nprobe):
     scores = index._coarse_scores(q, index.coarse)
     probes = torch.topk(scores, nprobe, dim=1).indices.contiguous()
     codes, ids, offsets = index._lists()
-    rd, ri = ops.ivfpq_search(q, index.coarse, probes, codes, offsets, ids, index.codebooks, 20, metric, by_residual,
-                              backend="reference")
+    rd, ri = ops.ivfpq_search(
+        q, index.coarse, probes, codes, offsets, ids, index.codebooks, 20, metric, by_residual, backend="reference"
+    )
     assert torch.allclose(d, rd, rtol=1e-4, atol=1e-3)
     assert (i == ri).float().mean() > 0.97
     # nprobe = nlist scans everything: same as exhaustive over the reconstructions
@@ -176,6 +181,7 @@ def test_save_load_roundtrip_and_corruption(tmp_path, data):
 
 
 # ---- sharded: 2 gloo processes ---------------------------------------------------------------------------
+
 
 def _shard_worker(rank, world, out_dir):
     x, q = _clustered(2000, 16, seed=3), _clustered(9, 16, seed=4)

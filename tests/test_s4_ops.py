@@ -1,6 +1,7 @@
 """fastcore_ai.ops.{cauchy, vandermonde, fft_conv, ssm_step}: forward and backward parity of every
 backend with the float64/complex128 reference, Vandermonde accuracy at L = 2^20, gradcheck,
 registration (opcheck, torch.compile), empty inputs, error paths."""
+
 import math
 import subprocess
 import sys
@@ -21,9 +22,14 @@ BWD_BOUND = 2e-5
 def s4_like(B, N, generator=None, dtype=torch.complex64):
     """Residues v and poles w like S4's (Re w < 0, Im w spread as in S4D-Lin)."""
     v = torch.randn(B, N, dtype=torch.complex128, generator=generator)
-    w = (-0.5 * torch.rand(B, N, generator=generator, dtype=torch.float64) - 0.05
-         + 1j * math.pi * torch.arange(N, dtype=torch.float64) * (0.5 + torch.rand(B, N, dtype=torch.float64,
-                                                                                    generator=generator)))
+    w = (
+        -0.5 * torch.rand(B, N, generator=generator, dtype=torch.float64)
+        - 0.05
+        + 1j
+        * math.pi
+        * torch.arange(N, dtype=torch.float64)
+        * (0.5 + torch.rand(B, N, dtype=torch.float64, generator=generator))
+    )
     return v.to(dtype), w.to(dtype)
 
 
@@ -58,10 +64,16 @@ def test_cauchy_parity(backend, device, B, N, L, conj_symmetric, poisoned_output
     v, w = s4_like(B, N)
     z = bilinear_nodes(L)
     g = torch.randn(B, L, dtype=torch.complex64)
-    out, (gv, gw) = grads_of(lambda a, c: ops.cauchy(a, z.to(device), c, conj_symmetric=conj_symmetric,
-                                                    backend=backend), cast_case(backend, device, v, w), g.to(device))
-    ref_out, (rv, rw) = grads_of(lambda a, c: ref.cauchy(a, z.to(torch.complex128), c, conj_symmetric),
-                                 [v.to(torch.complex128), w.to(torch.complex128)], g.to(torch.complex128))
+    out, (gv, gw) = grads_of(
+        lambda a, c: ops.cauchy(a, z.to(device), c, conj_symmetric=conj_symmetric, backend=backend),
+        cast_case(backend, device, v, w),
+        g.to(device),
+    )
+    ref_out, (rv, rw) = grads_of(
+        lambda a, c: ref.cauchy(a, z.to(torch.complex128), c, conj_symmetric),
+        [v.to(torch.complex128), w.to(torch.complex128)],
+        g.to(torch.complex128),
+    )
     assert out.shape == (B, L) and out.dtype == torch.complex64
     assert relative_error(torch.view_as_real(out), torch.view_as_real(ref_out)) < FWD_BOUND
     assert relative_error(torch.view_as_real(gv), torch.view_as_real(rv)) < BWD_BOUND
@@ -92,8 +104,9 @@ def test_cauchy_gradcheck(backend):
     v.requires_grad_(True)
     w.requires_grad_(True)
     for conj in (True, False):
-        assert torch.autograd.gradcheck(lambda a, c: ops.cauchy(a, z, c, conj_symmetric=conj, backend=backend),
-                                        (v, w), eps=1e-6, atol=1e-7)
+        assert torch.autograd.gradcheck(
+            lambda a, c: ops.cauchy(a, z, c, conj_symmetric=conj, backend=backend), (v, w), eps=1e-6, atol=1e-7
+        )
 
 
 def test_cauchy_empty():
@@ -132,10 +145,12 @@ def test_vandermonde_parity(backend, device, B, N, L, poisoned_outputs):
     require_backend("vandermonde", backend, device, torch.complex64)
     v, x = s4d_like(B, N)
     g = torch.randn(B, L)
-    out, (gv, gx) = grads_of(lambda a, b: ops.vandermonde(a, b, L, backend=backend), cast_case(backend, device, v, x),
-                             g.to(device))
-    ref_out, (rv, rx) = grads_of(lambda a, b: ref.vandermonde(a, b, L), [v.to(torch.complex128), x.to(torch.complex128)],
-                                 g.double())
+    out, (gv, gx) = grads_of(
+        lambda a, b: ops.vandermonde(a, b, L, backend=backend), cast_case(backend, device, v, x), g.to(device)
+    )
+    ref_out, (rv, rx) = grads_of(
+        lambda a, b: ref.vandermonde(a, b, L), [v.to(torch.complex128), x.to(torch.complex128)], g.double()
+    )
     assert out.shape == (B, L) and out.dtype == torch.float32
     # the reference backend in complex64 forms x·l in float32 (phase error ~|x·l|·2^-24): looser
     assert relative_error(out, ref_out) < (1e-5 if backend == "reference" else FWD_BOUND)
@@ -184,8 +199,9 @@ def test_vandermonde_gradcheck(backend):
     v, x = s4d_like(2, 4, dtype=torch.complex128)
     v.requires_grad_(True)
     x.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda a, b: ops.vandermonde(a, b, 70, backend=backend), (v, x), eps=1e-6,
-                                    atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.vandermonde(a, b, 70, backend=backend), (v, x), eps=1e-6, atol=1e-6
+    )
 
 
 def test_vandermonde_complex128_cpu_tight():
@@ -215,17 +231,23 @@ def test_fft_conv_parity(backend, device, B, H, L, Lk, with_D, poisoned_outputs)
     D = torch.randn(H) if with_D else None
     g = torch.randn(B, H, L)
     inputs = [u, k] + ([D] if with_D else [])
-    out, grads = grads_of(lambda *a: ops.fft_conv(a[0], a[1], a[2] if with_D else None, backend=backend),
-                          [t.to(device) for t in inputs], g.to(device))
-    ref_out, ref_grads = grads_of(lambda *a: ref.fft_conv(a[0], a[1], a[2] if with_D else None),
-                                  [t.double() for t in inputs], g.double())
+    out, grads = grads_of(
+        lambda *a: ops.fft_conv(a[0], a[1], a[2] if with_D else None, backend=backend),
+        [t.to(device) for t in inputs],
+        g.to(device),
+    )
+    ref_out, ref_grads = grads_of(
+        lambda *a: ref.fft_conv(a[0], a[1], a[2] if with_D else None), [t.double() for t in inputs], g.double()
+    )
     assert out.shape == (B, H, L) and out.dtype == torch.float32
     assert relative_error(out, ref_out) < 1e-5
     for actual, expected in zip(grads, ref_grads):
         assert relative_error(actual, expected) < 1e-5
 
 
-@pytest.mark.parametrize("backend,device,dtype", backend_dtype_cases("fft_conv", [torch.bfloat16, torch.float16, torch.float64]))
+@pytest.mark.parametrize(
+    "backend,device,dtype", backend_dtype_cases("fft_conv", [torch.bfloat16, torch.float16, torch.float64])
+)
 def test_fft_conv_dtypes_non_contiguous(backend, device, dtype, poisoned_outputs):
     require_backend("fft_conv", backend, device, dtype)
     base = torch.randn(2, 40, 3).to(dtype)
@@ -247,8 +269,10 @@ def test_fft_conv_chunked_equals_unchunked_cpu():
     whole = native.s4_fft_conv(u, k, D, n, 0)
     for chunk in (1, 2, 7):
         assert torch.equal(native.s4_fft_conv(u, k, D, n, chunk), whole)
-        for a, b in zip(native.s4_fft_conv_backward(g, u, k, D, n, True, True, True, chunk),
-                        native.s4_fft_conv_backward(g, u, k, D, n, True, True, True, 0)):
+        for a, b in zip(
+            native.s4_fft_conv_backward(g, u, k, D, n, True, True, True, chunk),
+            native.s4_fft_conv_backward(g, u, k, D, n, True, True, True, 0),
+        ):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -299,6 +323,7 @@ def test_fft_size_is_smooth_and_large_enough():
 
 # ---- ssm_step ------------------------------------------------------------------------------------
 
+
 def step_inputs(B, H, N, dtype=torch.complex64):
     real = torch.float64
     dA = torch.exp(torch.complex(-0.1 * torch.rand(H, N, dtype=real), torch.randn(H, N, dtype=real))).to(dtype)
@@ -312,8 +337,14 @@ def step_inputs(B, H, N, dtype=torch.complex64):
 def cpu_step_checked(state, u, dA, dB, C, D):
     """ops.ssm_step on the cpu backend (functional), checked against the complex128 reference: (y, new_state)."""
     y, s2 = ops.ssm_step(state, u, dA, dB, C, D, backend="cpu")
-    ry, rs = ref.ssm_step(state.to(torch.complex128), u.double(), dA.to(torch.complex128), dB.to(torch.complex128),
-                          C.to(torch.complex128), None if D is None else D.double())
+    ry, rs = ref.ssm_step(
+        state.to(torch.complex128),
+        u.double(),
+        dA.to(torch.complex128),
+        dB.to(torch.complex128),
+        C.to(torch.complex128),
+        None if D is None else D.double(),
+    )
     assert relative_error(y, ry) < 1e-5
     assert relative_error(torch.view_as_real(s2), torch.view_as_real(rs)) < 1e-6
     return y, s2
@@ -331,8 +362,9 @@ def test_ssm_step_parity(backend, device, B, H, N, with_D, poisoned_outputs):
     fn = lambda *a: ops.ssm_step(*a[:5], a[5] if with_D else None, backend=backend)  # noqa: E731
     (y, s2), grads = grads_of(fn, [t.to(device) for t in inputs], (gy.to(device), gs.to(device)))
     up = [t.to(torch.complex128) if t.is_complex() else t.double() for t in inputs]
-    (ry, rs), rgrads = grads_of(lambda *a: ref.ssm_step(*a[:5], a[5] if with_D else None), up,
-                                (gy.double(), gs.to(torch.complex128)))
+    (ry, rs), rgrads = grads_of(
+        lambda *a: ref.ssm_step(*a[:5], a[5] if with_D else None), up, (gy.double(), gs.to(torch.complex128))
+    )
     assert y.shape == (B, H) and y.dtype == torch.float32 and s2.shape == (B, H, N)
     assert relative_error(y, ry) < 1e-5
     assert relative_error(torch.view_as_real(s2), torch.view_as_real(rs)) < 1e-6
@@ -355,8 +387,24 @@ def test_ssm_step_inplace(backend, device):
     torch.testing.assert_close(work, s_ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("B,H,N", [(1, 2, 8), (3, 2, 9), (2, 3, 17), (2, 2, 24), (3, 2, 31), (2, 2, 40), (1, 3, 100),
-                                   (2, 1, 130), (16, 3, 32), (21, 2, 16), (33, 2, 8), (17, 3, 24), (48, 1, 32)])
+@pytest.mark.parametrize(
+    "B,H,N",
+    [
+        (1, 2, 8),
+        (3, 2, 9),
+        (2, 3, 17),
+        (2, 2, 24),
+        (3, 2, 31),
+        (2, 2, 40),
+        (1, 3, 100),
+        (2, 1, 130),
+        (16, 3, 32),
+        (21, 2, 16),
+        (33, 2, 8),
+        (17, 3, 24),
+        (48, 1, 32),
+    ],
+)
 def test_ssm_step_cpu_block_and_tail_shapes(B, H, N, poisoned_outputs):
     """The CPU float step has two loops: N = 8/16/24/32 keeps a head's 1-4 coefficient vectors in registers
     and sums 16 rows at a time in a tree (B % 16 rows one by one), other N walk tiles of heads and finish
@@ -383,8 +431,9 @@ def test_ssm_step_cpu_head_pairs_match_single_heads(B, N):
     y, s2 = cpu_step_checked(state, u, dA, dB, C, D)
     for h in range(H):
         sl = slice(h, h + 1)
-        yh, sh = ops.ssm_step(state[:, sl].contiguous(), u[:, sl].contiguous(), dA[sl], dB[sl], C[sl], D[sl],
-                              backend="cpu")
+        yh, sh = ops.ssm_step(
+            state[:, sl].contiguous(), u[:, sl].contiguous(), dA[sl], dB[sl], C[sl], D[sl], backend="cpu"
+        )
         assert torch.equal(yh, y[:, sl]) and torch.equal(sh, s2[:, sl])
     y_no_D, _ = cpu_step_checked(state, u, dA, dB, C, None)
     work = state.clone()
@@ -493,8 +542,14 @@ def test_ssm_step_gradcheck(backend):
 def test_ssm_step_bf16_u_and_empty(B, H, N):
     state, u, dA, dB, C, D = step_inputs(B, H, N)
     y, _ = ops.ssm_step(state, u.bfloat16(), dA, dB, C, D, backend="cpu")
-    ry, _ = ref.ssm_step(state.to(torch.complex128), u.bfloat16().double(), dA.to(torch.complex128),
-                         dB.to(torch.complex128), C.to(torch.complex128), D.double())
+    ry, _ = ref.ssm_step(
+        state.to(torch.complex128),
+        u.bfloat16().double(),
+        dA.to(torch.complex128),
+        dB.to(torch.complex128),
+        C.to(torch.complex128),
+        D.double(),
+    )
     assert y.dtype == torch.bfloat16 and relative_error(y, ry) < 8e-3
     state, u, dA, dB, C, D = step_inputs(0, 3, 4)
     y, s = ops.ssm_step(state, u.float(), dA, dB, C, D, backend="cpu")
@@ -503,20 +558,25 @@ def test_ssm_step_bf16_u_and_empty(B, H, N):
 
 # ---- registration --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_opcheck(backend):
     v, w = s4_like(2, 3)
     z = bilinear_nodes(5)
-    torch.library.opcheck(torch.ops.fastcore_ai.s4_cauchy.default, (v.requires_grad_(), z, w.requires_grad_(), True,
-                                                                     backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.s4_cauchy.default, (v.requires_grad_(), z, w.requires_grad_(), True, backend)
+    )
     v2, x = s4d_like(2, 3)
-    torch.library.opcheck(torch.ops.fastcore_ai.s4_vandermonde.default, (v2.requires_grad_(), x.requires_grad_(), 9,
-                                                                         backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.s4_vandermonde.default, (v2.requires_grad_(), x.requires_grad_(), 9, backend)
+    )
     u, k, D = torch.randn(2, 3, 8, requires_grad=True), torch.randn(3, 5, requires_grad=True), torch.randn(3)
     torch.library.opcheck(torch.ops.fastcore_ai.s4_fft_conv.default, (u, k, D, ops.fft_conv_size(8, 5), backend))
     state, uu, dA, dB, C, DD = step_inputs(2, 3, 4)
-    torch.library.opcheck(torch.ops.fastcore_ai.s4_ssm_step.default,
-                          (state, uu.float().requires_grad_(), dA.requires_grad_(), dB, C, DD, backend))
+    torch.library.opcheck(
+        torch.ops.fastcore_ai.s4_ssm_step.default,
+        (state, uu.float().requires_grad_(), dA.requires_grad_(), dB, C, DD, backend),
+    )
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -544,6 +604,7 @@ def test_torch_compile_fullgraph_cpu():
 
 
 # ---- error paths ---------------------------------------------------------------------------------
+
 
 def test_errors_name_op_and_argument():
     v, w = s4_like(2, 3)

@@ -1,6 +1,7 @@
 """ops.ssm_step's per-step fast path (python/fastcore_ai/ops/s4.py, ssm_step): bitwise the registered
 op's result, the same errors for bad inputs, and the registered op whenever something could observe it
 (autograd, torch.compile, dispatch modes, tensor subclasses)."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,9 @@ from fastcore_ai.ops import s4 as s4_ops
 def inputs(B=4, H=8, N=6, dtype=torch.complex64, seed=0):
     g = torch.Generator().manual_seed(seed)
     real = torch.float64
-    dA = torch.exp(torch.complex(-0.1 * torch.rand(H, N, dtype=real, generator=g),
-                                 torch.randn(H, N, dtype=real, generator=g))).to(dtype)
+    dA = torch.exp(
+        torch.complex(-0.1 * torch.rand(H, N, dtype=real, generator=g), torch.randn(H, N, dtype=real, generator=g))
+    ).to(dtype)
     dB = torch.randn(H, N, dtype=torch.complex128, generator=g).to(dtype)
     C = torch.randn(H, N, dtype=torch.complex128, generator=g).to(dtype)
     state = torch.randn(B, H, N, dtype=torch.complex128, generator=g).to(dtype)
@@ -167,6 +169,7 @@ def test_backend_selection_is_part_of_the_cache_key(monkeypatch):
     ops.ssm_step(state, u, dA, dB, C, D, backend="reference")  # not native: the registered op
     assert len(slow) == 1 and slow[-1][-1] == "reference"
     import fastcore_ai
+
     with fastcore_ai.use_backend("reference"):
         ops.ssm_step(state, u, dA, dB, C, D)
     assert len(slow) == 2 and slow[-1][-1] == "reference"
@@ -216,10 +219,12 @@ def test_modes_and_subclasses_take_the_registered_op(monkeypatch):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             seen.append(str(func))
             return func(*args, **(kwargs or {}))
+
     with Log():
         ops.ssm_step(state, u, dA, dB, C, D)
     assert len(slow) == 1 and any("s4_ssm_step" in name for name in seen)
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     with FakeTensorMode() as mode:
         fake = [mode.from_tensor(t) for t in (state, u, dA, dB, C, D)]
         y, s = ops.ssm_step(*fake)

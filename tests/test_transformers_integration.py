@@ -1,5 +1,6 @@
 """The one-line Hugging Face switch: a tiny randomly initialised MixtralForCausalLM gives the same
 logits and gradients with experts_implementation="fastcore_ai" as with "eager"."""
+
 import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
@@ -12,9 +13,17 @@ from _helpers import relative_error
 def tiny_mixtral():
     fastcore_hf.register()
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=64)
+    config = MixtralConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     return MixtralForCausalLM(config)
 
 
@@ -43,7 +52,8 @@ def test_unsupported_activation_is_a_clear_error(tiny_mixtral):
     experts.act_fn = torch.nn.Tanh()
     try:
         with pytest.raises(ValueError, match="activation Tanh is not supported"):
-            fastcore_hf.experts_forward(experts, torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.int64),
-                                        torch.ones(3, 2))
+            fastcore_hf.experts_forward(
+                experts, torch.randn(3, 32), torch.zeros(3, 2, dtype=torch.int64), torch.ones(3, 2)
+            )
     finally:
         experts.act_fn = original

@@ -5,6 +5,7 @@ Without a GPU the kernels run on Triton's CPU interpreter (TRITON_INTERPRET=1, s
 triton is imported); with a GPU they run natively on CUDA tensors. Bounds: relative Frobenius error
 < 1e-5 for float32 (oracle on the same values in float64), < 2e-2 for bfloat16 / float16.
 """
+
 import os
 
 import pytest
@@ -19,8 +20,9 @@ from fastcore_ai.triton_kernels import moe_grouped_mlp as gm  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not backends.triton_interpreted():
-    pytest.skip("triton cannot run here: no GPU and triton was imported without TRITON_INTERPRET=1",
-                allow_module_level=True)
+    pytest.skip(
+        "triton cannot run here: no GPU and triton was imported without TRITON_INTERPRET=1", allow_module_level=True
+    )
 
 pytestmark = pytest.mark.triton
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -28,11 +30,12 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 # ---- oracle ------------------------------------------------------------------------------------
 
+
 def _act64(g, activation):
     if activation == "silu":
         return g * torch.sigmoid(g)
     if activation == "gelu":
-        return 0.5 * g * (1.0 + torch.erf(g / 2.0 ** 0.5))
+        return 0.5 * g * (1.0 + torch.erf(g / 2.0**0.5))
     return torch.clamp(g, min=0.0)
 
 
@@ -41,7 +44,7 @@ def _act_grad64(g, activation):
         s = torch.sigmoid(g)
         return s * (1.0 + g * (1.0 - s))
     if activation == "gelu":
-        return 0.5 * (1.0 + torch.erf(g / 2.0 ** 0.5)) + g * torch.exp(-0.5 * g * g) / (2.0 * torch.pi) ** 0.5
+        return 0.5 * (1.0 + torch.erf(g / 2.0**0.5)) + g * torch.exp(-0.5 * g * g) / (2.0 * torch.pi) ** 0.5
     return (g > 0).double()
 
 
@@ -90,14 +93,15 @@ def rel(actual, expected):
 
 # ---- inputs ------------------------------------------------------------------------------------
 
+
 def random_offsets(S, E, gen):
     """Uneven [E + 1] int64 offsets; with E > 1 at least one expert (the first or a middle one) is empty."""
     if E == 1:
         return torch.tensor([0, S], dtype=torch.int64)
     weights = torch.rand(E, generator=gen) ** 2 + 0.05
-    weights[int(torch.randint(E, (1,), generator=gen))] = 0.0       # an empty expert
+    weights[int(torch.randint(E, (1,), generator=gen))] = 0.0  # an empty expert
     if E > 3:
-        weights[0] = 0.0                                            # and the first one
+        weights[0] = 0.0  # and the first one
     ids = torch.multinomial(weights, S, replacement=True, generator=gen) if S else torch.zeros(0, dtype=torch.int64)
     counts = torch.bincount(ids, minlength=E)
     return torch.cat((torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)))
@@ -129,12 +133,20 @@ def run_and_check(S, E, H, I, gated, activation, dtype=torch.float32, noncontigu
     want = oracle(x, offsets, w1, w2, gy, activation, gated)
     n1 = 2 * I if gated else I
     assert (y.dtype, gate_up.dtype, grad_x.dtype, grad_w1.dtype, grad_w2.dtype) == (
-        dtype, torch.float32, dtype, dtype, dtype)
+        dtype,
+        torch.float32,
+        dtype,
+        dtype,
+        dtype,
+    )
     assert y.shape == (S, H) and gate_up.shape == (S, n1) and grad_x.shape == (S, H)
     assert grad_w1.shape == (E, n1, H) and grad_w2.shape == (E, H, I)
-    errors = {name: rel(got, ref) for name, got, ref in
-              zip(("y", "gate_up", "grad_x", "grad_w_gate_up", "grad_w_down"),
-                  (y, gate_up, grad_x, grad_w1, grad_w2), want)}
+    errors = {
+        name: rel(got, ref)
+        for name, got, ref in zip(
+            ("y", "gate_up", "grad_x", "grad_w_gate_up", "grad_w_down"), (y, gate_up, grad_x, grad_w1, grad_w2), want
+        )
+    }
     for name, err in errors.items():
         assert err < TOL[dtype], f"{name}: relative error {err:.3g} >= {TOL[dtype]} ({errors})"
     # experts with no rows: exactly zero weight gradients
@@ -163,21 +175,29 @@ FP32_CASES = [
 ]
 
 
-@pytest.mark.parametrize("S,E,H,I,gated,activation", FP32_CASES,
-                         ids=[f"S{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-{'gated' if c[4] else 'plain'}-{c[5]}"
-                              for c in FP32_CASES])
+@pytest.mark.parametrize(
+    "S,E,H,I,gated,activation",
+    FP32_CASES,
+    ids=[f"S{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-{'gated' if c[4] else 'plain'}-{c[5]}" for c in FP32_CASES],
+)
 def test_float32_parity(S, E, H, I, gated, activation, poisoned_outputs):
     run_and_check(S, E, H, I, gated, activation)
 
 
 # Sweep: every (S, E) pair with S > 0 against every (H, I) pair below; gating and activation cycle.
-SWEEP = [(S, E, H, I, (i % 2) == 0, ("silu", "gelu", "relu")[i % 3])
-         for i, (S, E, (H, I)) in enumerate((S, E, HI) for S in (1, 37, 200) for E in (1, 3, 8)
-                                             for HI in ((1, 48), (33, 17), (64, 1)))]
+SWEEP = [
+    (S, E, H, I, (i % 2) == 0, ("silu", "gelu", "relu")[i % 3])
+    for i, (S, E, (H, I)) in enumerate(
+        (S, E, HI) for S in (1, 37, 200) for E in (1, 3, 8) for HI in ((1, 48), (33, 17), (64, 1))
+    )
+]
 
 
-@pytest.mark.parametrize("S,E,H,I,gated,activation", SWEEP,
-                         ids=[f"S{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-{'gated' if c[4] else 'plain'}-{c[5]}" for c in SWEEP])
+@pytest.mark.parametrize(
+    "S,E,H,I,gated,activation",
+    SWEEP,
+    ids=[f"S{c[0]}-E{c[1]}-H{c[2]}-I{c[3]}-{'gated' if c[4] else 'plain'}-{c[5]}" for c in SWEEP],
+)
 def test_float32_sweep(S, E, H, I, gated, activation):
     run_and_check(S, E, H, I, gated, activation, seed=1)
 
@@ -189,8 +209,10 @@ def test_noncontiguous_inputs(activation, poisoned_outputs):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("S,E,H,I,gated,activation", [(200, 8, 64, 48, True, "silu"), (37, 3, 33, 17, False, "gelu"),
-                                                      (37, 1, 64, 1, True, "relu")])
+@pytest.mark.parametrize(
+    "S,E,H,I,gated,activation",
+    [(200, 8, 64, 48, True, "silu"), (37, 3, 33, 17, False, "gelu"), (37, 1, 64, 1, True, "relu")],
+)
 def test_half_precision_parity(dtype, S, E, H, I, gated, activation, poisoned_outputs):
     run_and_check(S, E, H, I, gated, activation, dtype=dtype)
 
@@ -203,7 +225,7 @@ def torch_same_dtype(x, offsets, w_gate_up, w_down, grad_y, activation, gated):
     bounds = offsets.cpu().tolist()
     ys = []
     for e in range(len(bounds) - 1):
-        gu = x[bounds[e]:bounds[e + 1]] @ w1[e].T
+        gu = x[bounds[e] : bounds[e + 1]] @ w1[e].T
         ys.append((act(gu[:, :I]) * gu[:, I:] if gated else act(gu)) @ w2[e].T)
     y = torch.cat(ys)
     y.backward(grad_y)
@@ -220,13 +242,14 @@ def test_half_precision_within_twice_torch(dtype, S, E, H, I, gated, activation)
     factor = 2.5 if (dtype == torch.bfloat16 and DEVICE.type == "cpu") else 2.0
     seed = 7
     errors, _ = run_and_check(S, E, H, I, gated, activation, dtype=dtype, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1000 * S + 100 * E + 10 * H + I)   # same inputs as run_and_check
+    gen = torch.Generator().manual_seed(seed + 1000 * S + 100 * E + 10 * H + I)  # same inputs as run_and_check
     offsets = random_offsets(S, E, gen).to(DEVICE)
     x, w1, w2, gy = make_inputs(S, E, H, I, gated, dtype, gen)
     want = oracle(x, offsets, w1, w2, gy, activation, gated)
     theirs = torch_same_dtype(x, offsets, w1, w2, gy, activation, gated)
-    for name, got, ref in zip(("y", "grad_x", "grad_w_gate_up", "grad_w_down"), theirs,
-                              (want[0], want[2], want[3], want[4])):
+    for name, got, ref in zip(
+        ("y", "grad_x", "grad_w_gate_up", "grad_w_down"), theirs, (want[0], want[2], want[3], want[4])
+    ):
         assert errors[name] <= factor * rel(got, ref), (name, errors[name], rel(got, ref))
 
 
@@ -240,8 +263,8 @@ def test_deterministic():
 def test_all_rows_in_one_expert_of_many():
     """E = 8 with every row in expert 5: seven empty experts, tiles from one segment only."""
     x = torch.randn(70, 33, device=DEVICE)
-    w1 = torch.randn(8, 34, 33, device=DEVICE) / 33 ** 0.5
-    w2 = torch.randn(8, 33, 17, device=DEVICE) / 17 ** 0.5
+    w1 = torch.randn(8, 34, 33, device=DEVICE) / 33**0.5
+    w2 = torch.randn(8, 33, 17, device=DEVICE) / 17**0.5
     gy = torch.randn(70, 33, device=DEVICE)
     offsets = torch.tensor([0, 0, 0, 0, 0, 0, 70, 70, 70], dtype=torch.int64, device=DEVICE)
     y, gate_up = gm.grouped_mlp_forward(x, offsets, w1, w2, "silu", True)
@@ -254,6 +277,7 @@ def test_all_rows_in_one_expert_of_many():
 
 # ---- errors ------------------------------------------------------------------------------------
 
+
 def _good(gated=True):
     x = torch.randn(5, 4, device=DEVICE)
     offsets = torch.tensor([0, 2, 5], dtype=torch.int64, device=DEVICE)
@@ -262,20 +286,23 @@ def _good(gated=True):
     return x, offsets, w1, w2
 
 
-@pytest.mark.parametrize("change,error,name", [
-    (lambda a: a.update(x=a["x"][None]), ValueError, "x_sorted"),
-    (lambda a: a.update(x=a["x"].double()), TypeError, "x_sorted"),
-    (lambda a: a.update(offsets=a["offsets"].int()), TypeError, "expert_offsets"),
-    (lambda a: a.update(offsets=a["offsets"][:1]), ValueError, "expert_offsets"),
-    (lambda a: a.update(offsets=torch.tensor([0, 6, 5], device=DEVICE)), ValueError, "expert_offsets"),
-    (lambda a: a.update(offsets=torch.tensor([0, 2, 4], device=DEVICE)), ValueError, "expert_offsets"),
-    (lambda a: a.update(w1=a["w1"][:, :5]), ValueError, "w_gate_up"),
-    (lambda a: a.update(w1=a["w1"][:, :, :3]), ValueError, "w_gate_up"),
-    (lambda a: a.update(w1=a["w1"].half()), TypeError, "w_gate_up"),
-    (lambda a: a.update(w2=a["w2"][:, :, :2]), ValueError, "w_down"),
-    (lambda a: a.update(w2=a["w2"][:1]), ValueError, "w_down"),
-    (lambda a: a.update(activation="tanh"), ValueError, "activation"),
-])
+@pytest.mark.parametrize(
+    "change,error,name",
+    [
+        (lambda a: a.update(x=a["x"][None]), ValueError, "x_sorted"),
+        (lambda a: a.update(x=a["x"].double()), TypeError, "x_sorted"),
+        (lambda a: a.update(offsets=a["offsets"].int()), TypeError, "expert_offsets"),
+        (lambda a: a.update(offsets=a["offsets"][:1]), ValueError, "expert_offsets"),
+        (lambda a: a.update(offsets=torch.tensor([0, 6, 5], device=DEVICE)), ValueError, "expert_offsets"),
+        (lambda a: a.update(offsets=torch.tensor([0, 2, 4], device=DEVICE)), ValueError, "expert_offsets"),
+        (lambda a: a.update(w1=a["w1"][:, :5]), ValueError, "w_gate_up"),
+        (lambda a: a.update(w1=a["w1"][:, :, :3]), ValueError, "w_gate_up"),
+        (lambda a: a.update(w1=a["w1"].half()), TypeError, "w_gate_up"),
+        (lambda a: a.update(w2=a["w2"][:, :, :2]), ValueError, "w_down"),
+        (lambda a: a.update(w2=a["w2"][:1]), ValueError, "w_down"),
+        (lambda a: a.update(activation="tanh"), ValueError, "activation"),
+    ],
+)
 def test_forward_errors(change, error, name):
     x, offsets, w1, w2 = _good()
     args = dict(x=x, offsets=offsets, w1=w1, w2=w2, activation="silu")
@@ -308,8 +335,7 @@ def test_unchecked_bad_offsets_stay_in_bounds(poisoned_outputs):
     x, _, w1, w2 = _good()
     offsets = torch.tensor([-3, 9, 1], dtype=torch.int64, device=DEVICE)
     y, gate_up = gm.grouped_mlp_forward(x, offsets, w1, w2, "silu", True, check_offsets=False)
-    grads = gm.grouped_mlp_backward(torch.ones_like(y), x, offsets, w1, w2, gate_up, "silu", True,
-                                    check_offsets=False)
+    grads = gm.grouped_mlp_backward(torch.ones_like(y), x, offsets, w1, w2, gate_up, "silu", True, check_offsets=False)
     for t in (y, gate_up) + tuple(grads):
         assert torch.isfinite(t).all()
     # sanitised offsets are [0, 5, 5]: every row belongs to expert 0

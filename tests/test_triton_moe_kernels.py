@@ -4,6 +4,7 @@ On a machine without a GPU the kernels run on Triton's CPU interpreter (TRITON_I
 before triton is imported unless the environment already chose); with a GPU they run natively.
 The op-level parity suite (backend="triton" through fastcore_ai.ops) lives elsewhere.
 """
+
 import os
 
 import pytest
@@ -38,12 +39,22 @@ def _check_forward(logits, k, renormalize):
     want = reference.moe_topk_route(logits.double().cpu(), k, renormalize)
     weights, ids, z_loss, counts, mean_prob, lse = got
     assert (weights.dtype, ids.dtype, z_loss.dtype, counts.dtype, mean_prob.dtype, lse.dtype) == (
-        torch.float32, torch.int64, torch.float32, torch.int64, torch.float32, torch.float32)
+        torch.float32,
+        torch.int64,
+        torch.float32,
+        torch.int64,
+        torch.float32,
+        torch.float32,
+    )
     assert z_loss.shape == () and weights.shape == want[0].shape and lse.shape == want[5].shape
     assert torch.equal(ids.cpu(), want[1])
     assert torch.equal(counts.cpu(), want[3])
-    for name, a, b in (("weights", weights, want[0]), ("z_loss", z_loss, want[2]),
-                       ("mean_prob", mean_prob, want[4]), ("lse", lse, want[5])):
+    for name, a, b in (
+        ("weights", weights, want[0]),
+        ("z_loss", z_loss, want[2]),
+        ("mean_prob", mean_prob, want[4]),
+        ("lse", lse, want[5]),
+    ):
         assert _rel(a, b) < TOL, name
     return got, want
 
@@ -59,11 +70,19 @@ def test_forward_backward_random(T, E, k, renormalize):
     grad_z_loss = torch.randn((), generator=gen, dtype=torch.float64)
     grad_mean_prob = torch.randn(E, generator=gen, dtype=torch.float64)
     grad = triton_moe.moe_topk_route_backward(
-        logits, got[1], got[0], got[5], grad_weights.float().to(DEVICE), grad_z_loss.float().to(DEVICE),
-        grad_mean_prob.float().to(DEVICE), renormalize)
+        logits,
+        got[1],
+        got[0],
+        got[5],
+        grad_weights.float().to(DEVICE),
+        grad_z_loss.float().to(DEVICE),
+        grad_mean_prob.float().to(DEVICE),
+        renormalize,
+    )
     assert grad.dtype == torch.float32 and grad.shape == (T, E)
-    ref = reference.moe_topk_route_backward(logits.double().cpu(), want[1], want[0], want[5], grad_weights,
-                                            grad_z_loss, grad_mean_prob, renormalize)
+    ref = reference.moe_topk_route_backward(
+        logits.double().cpu(), want[1], want[0], want[5], grad_weights, grad_z_loss, grad_mean_prob, renormalize
+    )
     if T:
         assert _rel(grad, ref) < TOL
 
@@ -74,10 +93,10 @@ def test_ties_infinities_and_nans():
     assert torch.equal(ids.cpu(), torch.arange(16).expand(5, 16))
     x = torch.randn(40, 61)
     x[x < 0.3] = float("-inf")
-    x[3, :] = float("-inf")     # no distribution: NaN weights, ids 0..k-1
-    x[4, :5] = float("nan")     # NaN row: NaN weights, ids still in [0, E) and distinct
+    x[3, :] = float("-inf")  # no distribution: NaN weights, ids 0..k-1
+    x[4, :5] = float("nan")  # NaN row: NaN weights, ids still in [0, E) and distinct
     x[5, :] = float("nan")
-    x[6, :-2] = float("-inf")   # fewer finite logits than k: -inf ties by lower index
+    x[6, :-2] = float("-inf")  # fewer finite logits than k: -inf ties by lower index
     for renormalize in (True, False):
         for k in (1, 3, 16):
             got, _ = _check_forward(x.to(DEVICE), k, renormalize)
@@ -90,21 +109,36 @@ def test_ties_infinities_and_nans():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_strided_and_low_precision(dtype):
     base = (torch.randn(61, 333) * 2).to(dtype).to(DEVICE)
-    _check_forward(base.t(), 5, True)                    # column-major
-    _check_forward(base.t()[::3, 7:50:2], 4, False)      # row step and column step
-    _check_forward(base[:1].expand(40, 333), 3, True)    # stride 0 over rows
+    _check_forward(base.t(), 5, True)  # column-major
+    _check_forward(base.t()[::3, 7:50:2], 4, False)  # row step and column step
+    _check_forward(base[:1].expand(40, 333), 3, True)  # stride 0 over rows
 
 
 def test_backward_expanded_grad_weights():
     logits = torch.randn(50, 12, device=DEVICE)
     out = triton_moe.moe_topk_route(logits, 3, False)
     grad_weights = torch.full((1, 1), 0.7, device=DEVICE).expand(50, 3)
-    grad = triton_moe.moe_topk_route_backward(logits, out[1], out[0], out[5], grad_weights,
-                                              torch.tensor(0.5, device=DEVICE), torch.zeros(12, device=DEVICE), False)
+    grad = triton_moe.moe_topk_route_backward(
+        logits,
+        out[1],
+        out[0],
+        out[5],
+        grad_weights,
+        torch.tensor(0.5, device=DEVICE),
+        torch.zeros(12, device=DEVICE),
+        False,
+    )
     x = logits.double().cpu()
-    ref = reference.moe_topk_route_backward(x, out[1].cpu(), out[0].double().cpu(), out[5].double().cpu(),
-                                            grad_weights.double().cpu(), torch.tensor(0.5, dtype=torch.float64),
-                                            torch.zeros(12, dtype=torch.float64), False)
+    ref = reference.moe_topk_route_backward(
+        x,
+        out[1].cpu(),
+        out[0].double().cpu(),
+        out[5].double().cpu(),
+        grad_weights.double().cpu(),
+        torch.tensor(0.5, dtype=torch.float64),
+        torch.zeros(12, dtype=torch.float64),
+        False,
+    )
     assert _rel(grad, ref) < TOL
 
 
@@ -115,4 +149,4 @@ def test_statistics_over_several_tiles_per_program(monkeypatch):
     _check_forward(logits, 4, True)
     first = triton_moe.moe_topk_route(logits, 4, True)
     again = triton_moe.moe_topk_route(logits, 4, True)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))   # deterministic statistics
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # deterministic statistics

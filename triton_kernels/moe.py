@@ -22,6 +22,7 @@ partial Σ lse² and partial int32 counts into scratch rows of its own; torch ad
 program order (float64 for the floats, int64 for the counts). BLOCK_T and blocks_per_program depend
 on (T, E) only, so results are bitwise reproducible for a given shape and device.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -54,24 +55,26 @@ def _num_warps(block_t: int, block_e: int) -> int:
 @triton.jit
 def _moe_topk_route_fwd_kernel(
     # ---- pointers ----
-    logits_ptr,            # [T, E] float32/float16/bfloat16, element (t, e) at t * stride_t + e * stride_e
-    weights_ptr,           # [T, K] float32 out, contiguous
-    ids_ptr,               # [T, K] int64 out, contiguous
-    lse_ptr,               # [T] float32 out
-    partial_prob_ptr,      # [num_programs, E] float32 out: Σ_t p_te over the program's rows
-    partial_lse_sq_ptr,    # [num_programs] float32 out: Σ_t lse_t² over the program's rows
-    partial_counts_ptr,    # [num_programs, E] int32 out: assignments per expert over the program's rows
+    logits_ptr,  # [T, E] float32/float16/bfloat16, element (t, e) at t * stride_t + e * stride_e
+    weights_ptr,  # [T, K] float32 out, contiguous
+    ids_ptr,  # [T, K] int64 out, contiguous
+    lse_ptr,  # [T] float32 out
+    partial_prob_ptr,  # [num_programs, E] float32 out: Σ_t p_te over the program's rows
+    partial_lse_sq_ptr,  # [num_programs] float32 out: Σ_t lse_t² over the program's rows
+    partial_counts_ptr,  # [num_programs, E] int32 out: assignments per expert over the program's rows
     # ---- sizes ----
-    T, E,
-    blocks_per_program,    # row tiles (of BLOCK_T rows) handled by one program, in order
+    T,
+    E,
+    blocks_per_program,  # row tiles (of BLOCK_T rows) handled by one program, in order
     # ---- strides (elements) ----
-    stride_t, stride_e,
+    stride_t,
+    stride_e,
     # ---- meta-parameters ----
-    K: tl.constexpr,            # experts per token (1..16)
-    K_PAD: tl.constexpr,        # next power of two ≥ K (register tile of the outputs)
+    K: tl.constexpr,  # experts per token (1..16)
+    K_PAD: tl.constexpr,  # next power of two ≥ K (register tile of the outputs)
     RENORMALIZE: tl.constexpr,
-    BLOCK_T: tl.constexpr,      # rows per tile
-    BLOCK_E: tl.constexpr,      # columns per tile, power of two ≥ E
+    BLOCK_T: tl.constexpr,  # rows per tile
+    BLOCK_E: tl.constexpr,  # columns per tile, power of two ≥ E
 ):
     """Forward router over `blocks_per_program` tiles of BLOCK_T rows (see the module docstring)."""
     pid = tl.program_id(0)
@@ -89,8 +92,9 @@ def _moe_topk_route_fwd_kernel(
         rows = first_row + b * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
         row_ok = rows < T
         mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(logits_ptr + rows[:, None] * stride_t + col_off[None, :], mask=mask,
-                    other=float("-inf")).to(tl.float32)
+        x = tl.load(logits_ptr + rows[:, None] * stride_t + col_off[None, :], mask=mask, other=float("-inf")).to(
+            tl.float32
+        )
 
         # Selection key: NaN -> -inf. Its row max is the max over non-NaN entries (-inf if none).
         key = tl.where(x != x, float("-inf"), x)
@@ -110,7 +114,7 @@ def _moe_topk_route_fwd_kernel(
         lse_sq_acc += tl.where(row_ok, lse * lse, 0.0)
 
         # K rounds of argmax over the columns not yet taken (padding columns start taken).
-        taken = (cols[None, :] >= E) | (rows[:, None] < 0)   # [BLOCK_T, BLOCK_E]
+        taken = (cols[None, :] >= E) | (rows[:, None] < 0)  # [BLOCK_T, BLOCK_E]
         w_tile = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
         id_tile = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int64)
         w_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -118,7 +122,7 @@ def _moe_topk_route_fwd_kernel(
             candidate = tl.where(taken, float("-inf"), key)
             best = tl.max(candidate, axis=1)
             attains = (candidate == best[:, None]) & ~taken
-            choice = tl.min(tl.where(attains, cols[None, :], BLOCK_E), axis=1)   # lowest index attaining it
+            choice = tl.min(tl.where(attains, cols[None, :], BLOCK_E), axis=1)  # lowest index attaining it
             taken = taken | (cols[None, :] == choice[:, None])
             # best == x at the chosen column unless that x is NaN, in which case lse is NaN anyway.
             w = tl.exp(best - lse)
@@ -143,18 +147,20 @@ def _moe_topk_route_fwd_kernel(
 @triton.jit
 def _moe_topk_route_bwd_kernel(
     # ---- pointers ----
-    logits_ptr,            # [T, E] float32/float16/bfloat16, element (t, e) at t * stride_t + e * stride_e
-    ids_ptr,               # [T, K] int64, contiguous (forward's expert_ids)
-    weights_ptr,           # [T, K] float32, contiguous (forward's weights)
-    lse_ptr,               # [T] float32 (forward's lse)
-    grad_weights_ptr,      # [T, K] float32, contiguous
-    grad_z_loss_ptr,       # [1] float32
-    grad_mean_prob_ptr,    # [E] float32, contiguous
-    grad_logits_ptr,       # [T, E] float32 out, contiguous
+    logits_ptr,  # [T, E] float32/float16/bfloat16, element (t, e) at t * stride_t + e * stride_e
+    ids_ptr,  # [T, K] int64, contiguous (forward's expert_ids)
+    weights_ptr,  # [T, K] float32, contiguous (forward's weights)
+    lse_ptr,  # [T] float32 (forward's lse)
+    grad_weights_ptr,  # [T, K] float32, contiguous
+    grad_z_loss_ptr,  # [1] float32
+    grad_mean_prob_ptr,  # [E] float32, contiguous
+    grad_logits_ptr,  # [T, E] float32 out, contiguous
     # ---- sizes ----
-    T, E,
+    T,
+    E,
     # ---- strides (elements) of logits ----
-    stride_t, stride_e,
+    stride_t,
+    stride_e,
     # ---- meta-parameters ----
     K: tl.constexpr,
     RENORMALIZE: tl.constexpr,
@@ -163,9 +169,9 @@ def _moe_topk_route_bwd_kernel(
 ):
     """d(loss)/d(logits) for one tile of BLOCK_T rows, per row (p_e = exp(x_e − lse)):
 
-      dense_e = gP_e / T (+ gw_j at e = s_j when not renormalising),   dot = Σ_e p_e dense_e,
-      c = 2 gz lse / T,   dx_e = p_e (dense_e − dot) + c p_e
-      (+ w_j (gw_j − Σ_i w_i gw_i) at e = s_j when renormalising).
+    dense_e = gP_e / T (+ gw_j at e = s_j when not renormalising),   dot = Σ_e p_e dense_e,
+    c = 2 gz lse / T,   dx_e = p_e (dense_e − dot) + c p_e
+    (+ w_j (gw_j − Σ_i w_i gw_i) at e = s_j when renormalising).
     """
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
@@ -174,8 +180,9 @@ def _moe_topk_route_bwd_kernel(
     col_ok = cols < E
     mask = row_ok[:, None] & col_ok[None, :]
 
-    x = tl.load(logits_ptr + rows[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_e, mask=mask,
-                other=float("-inf")).to(tl.float32)
+    x = tl.load(
+        logits_ptr + rows[:, None] * stride_t + cols[None, :].to(tl.int64) * stride_e, mask=mask, other=float("-inf")
+    ).to(tl.float32)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     probs = tl.where(mask, tl.exp(x - lse[:, None]), 0.0)
 
@@ -204,8 +211,9 @@ def _moe_topk_route_bwd_kernel(
     tl.store(grad_logits_ptr + rows[:, None] * E + cols[None, :], dx, mask=mask)
 
 
-def moe_topk_route(logits: Tensor, k: int, renormalize: bool = True
-                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def moe_topk_route(
+    logits: Tensor, k: int, renormalize: bool = True
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Triton forward of the fused router; returns (weights, expert_ids, z_loss, tokens_per_expert,
     mean_prob, lse) exactly as fastcore_ai.reference.moe_topk_route (float32 outputs). Inputs are
     validated by fastcore_ai.ops: logits [T, E] float32/float16/bfloat16 with any strides, E ≤ 1024,
@@ -233,11 +241,24 @@ def moe_topk_route(logits: Tensor, k: int, renormalize: bool = True
     partial_counts = torch.empty((num_programs, E), dtype=torch.int32, device=device)
 
     _moe_topk_route_fwd_kernel[(num_programs,)](
-        logits, weights, expert_ids, lse, partial_prob, partial_lse_sq, partial_counts,
-        T, E, blocks_per_program,
-        logits.stride(0), logits.stride(1),
-        K=k, K_PAD=max(2, triton.next_power_of_2(k)), RENORMALIZE=bool(renormalize),
-        BLOCK_T=block_t, BLOCK_E=block_e, num_warps=_num_warps(block_t, block_e),
+        logits,
+        weights,
+        expert_ids,
+        lse,
+        partial_prob,
+        partial_lse_sq,
+        partial_counts,
+        T,
+        E,
+        blocks_per_program,
+        logits.stride(0),
+        logits.stride(1),
+        K=k,
+        K_PAD=max(2, triton.next_power_of_2(k)),
+        RENORMALIZE=bool(renormalize),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
+        num_warps=_num_warps(block_t, block_e),
     )
     z_loss = (partial_lse_sq.sum(dtype=torch.float64) / T).to(torch.float32)
     mean_prob = (partial_prob.sum(0, dtype=torch.float64) / T).to(torch.float32)
@@ -245,8 +266,16 @@ def moe_topk_route(logits: Tensor, k: int, renormalize: bool = True
     return weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse
 
 
-def moe_topk_route_backward(logits: Tensor, expert_ids: Tensor, weights: Tensor, lse: Tensor, grad_weights: Tensor,
-                            grad_z_loss: Tensor, grad_mean_prob: Tensor, renormalize: bool) -> Tensor:
+def moe_topk_route_backward(
+    logits: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    lse: Tensor,
+    grad_weights: Tensor,
+    grad_z_loss: Tensor,
+    grad_mean_prob: Tensor,
+    renormalize: bool,
+) -> Tensor:
     """Triton backward: d(loss)/d(logits) as float32 [T, E] (contiguous), same math as
     fastcore_ai.reference.moe_topk_route_backward; the caller casts to the logits dtype.
     grad_weights may be any tensor expandable to [T, k]; grad_z_loss is a 0-dim tensor read on the device."""
@@ -267,10 +296,22 @@ def moe_topk_route_backward(logits: Tensor, expert_ids: Tensor, weights: Tensor,
     block_e = _block_e(E)
     block_t = _block_t(block_e)
     _moe_topk_route_bwd_kernel[(triton.cdiv(T, block_t),)](
-        logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob, grad_logits,
-        T, E,
-        logits.stride(0), logits.stride(1),
-        K=k, RENORMALIZE=bool(renormalize), BLOCK_T=block_t, BLOCK_E=block_e,
+        logits,
+        expert_ids,
+        weights,
+        lse,
+        grad_weights,
+        grad_z_loss,
+        grad_mean_prob,
+        grad_logits,
+        T,
+        E,
+        logits.stride(0),
+        logits.stride(1),
+        K=k,
+        RENORMALIZE=bool(renormalize),
+        BLOCK_T=block_t,
+        BLOCK_E=block_e,
         num_warps=_num_warps(block_t, block_e),
     )
     return grad_logits

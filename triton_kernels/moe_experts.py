@@ -30,6 +30,7 @@ does), the routing weight and the combine are float32. Interpreter: bf16 tiles a
 Backward: not here. `ops.moe_experts` routes calls that need gradients through the composition of
 registered ops (moe_dispatch -> moe_grouped_mlp -> moe_combine, each with its Triton backward).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -41,14 +42,15 @@ from torch import Tensor
 
 from .moe_grouped_mlp import _act, _dot_precision, _pow2_block, _upcast
 
-BLOCK_M = 32          # rows per block (every expert segment is padded to a multiple of this)
+BLOCK_M = 32  # rows per block (every expert segment is padded to a multiple of this)
 _MAX_BLOCK_N = 64
 _MAX_BLOCK_K = 32
 _NUM_WARPS = 4
 
 
-def align_block_size(expert_ids: Tensor, kept: Optional[Tensor], num_experts: int, block_m: int = BLOCK_M
-                     ) -> Tuple[Tensor, Tensor]:
+def align_block_size(
+    expert_ids: Tensor, kept: Optional[Tensor], num_experts: int, block_m: int = BLOCK_M
+) -> Tuple[Tensor, Tensor]:
     """(sorted_slots [P] int64 with sentinel T·k on padding rows, block_expert [P / block_m] int64 with E
     on surplus blocks); P = T·k + E·(block_m − 1) rounded up to a multiple of block_m. See step 1 above."""
     T, k = expert_ids.shape
@@ -57,13 +59,13 @@ def align_block_size(expert_ids: Tensor, kept: Optional[Tensor], num_experts: in
     device = expert_ids.device
     flat = expert_ids.reshape(-1)
     if kept is not None:
-        flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, E))   # dropped slots sort last
-    order = torch.sort(flat, stable=True).indices                              # kept slots by expert, slot order
+        flat = torch.where(kept.reshape(-1), flat, torch.full_like(flat, E))  # dropped slots sort last
+    order = torch.sort(flat, stable=True).indices  # kept slots by expert, slot order
     counts = torch.bincount(flat, minlength=E + 1)[:E]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
-    first = torch.cumsum(counts, 0) - counts                                   # unpadded start of each expert
+    first = torch.cumsum(counts, 0) - counts  # unpadded start of each expert
     num_rows = (numel + E * (block_m - 1) + block_m - 1) // block_m * block_m
     expert_of_sorted = flat[order]
     is_kept = expert_of_sorted < E
@@ -75,22 +77,34 @@ def align_block_size(expert_ids: Tensor, kept: Optional[Tensor], num_experts: in
     buffer.scatter_(0, dest, order)
     sorted_slots = buffer[:num_rows]
     block_starts = torch.arange(0, num_rows, block_m, device=device, dtype=torch.int64)
-    block_expert = torch.searchsorted(ends, block_starts, right=True)          # E past the last segment
+    block_expert = torch.searchsorted(ends, block_starts, right=True)  # E past the last segment
     return sorted_slots, block_expert
 
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr,              # [T, H], element (t, h) at t * stride_xt + h * stride_xh
-    w_ptr,              # [E, N1, H] w_gate_up, element (e, n, h) at e * stride_we + n * stride_wn + h * stride_wh
-    h_ptr,              # [P, I] out, contiguous, operand dtype
-    slots_ptr,          # [P] int64 sorted_slots (sentinel numel on padding rows)
-    block_expert_ptr,   # [P / BLOCK_M] int64
-    numel, TOP_K, I, H, E,
-    stride_xt, stride_xh,
-    stride_we, stride_wn, stride_wh,
-    GATED: tl.constexpr, ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    x_ptr,  # [T, H], element (t, h) at t * stride_xt + h * stride_xh
+    w_ptr,  # [E, N1, H] w_gate_up, element (e, n, h) at e * stride_we + n * stride_wn + h * stride_wh
+    h_ptr,  # [P, I] out, contiguous, operand dtype
+    slots_ptr,  # [P] int64 sorted_slots (sentinel numel on padding rows)
+    block_expert_ptr,  # [P / BLOCK_M] int64
+    numel,
+    TOP_K,
+    I,
+    H,
+    E,
+    stride_xt,
+    stride_xh,
+    stride_we,
+    stride_wn,
+    stride_wh,
+    GATED: tl.constexpr,
+    ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """h[r, n] = act(Σ_h x[t_r, h] W[e, n, h]) · Σ_h x[t_r, h] W[e, I + n, h] for the BLOCK_M rows r of
     one block (t_r = sorted_slots[r] // k; padding rows give 0)."""
@@ -100,13 +114,13 @@ def _gate_up_kernel(
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < I
     store_mask = col_ok[None, :] & (rows[:, None] >= 0)
-    k_stop = tl.where(expert < E, H, 0)       # surplus block past the last segment: no work, stores zeros
+    k_stop = tl.where(expert < E, H, 0)  # surplus block past the last segment: no work, stores zeros
     expert = tl.minimum(expert, E - 1)
-    slots = tl.load(slots_ptr + rows)         # surplus and padding rows hold the sentinel numel
+    slots = tl.load(slots_ptr + rows)  # surplus and padding rows hold the sentinel numel
     row_ok = slots < numel
     tokens = tl.where(row_ok, slots // TOP_K, 0)
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    x_rows = x_ptr + tokens[:, None] * stride_xt                     # the gather: row t of x, never copied
+    x_rows = x_ptr + tokens[:, None] * stride_xt  # the gather: row t of x, never copied
     w_gate = w_ptr + expert * stride_we + cols[None, :] * stride_wn
     w_up = w_ptr + expert * stride_we + (cols + I)[None, :] * stride_wn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -136,20 +150,29 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr,              # [P, I] contiguous
-    w_ptr,              # [E, H, I] w_down, element (e, h, i) at e * stride_we + h * stride_wh + i * stride_wi
-    weights_ptr,        # [T·k] float32 routing weights, contiguous
-    y_ptr,              # [T·k, H] float32 out, contiguous: row = slot
-    slots_ptr, block_expert_ptr,
-    numel, I, H, E,
-    stride_we, stride_wh, stride_wi,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    h_ptr,  # [P, I] contiguous
+    w_ptr,  # [E, H, I] w_down, element (e, h, i) at e * stride_we + h * stride_wh + i * stride_wi
+    weights_ptr,  # [T·k] float32 routing weights, contiguous
+    y_ptr,  # [T·k, H] float32 out, contiguous: row = slot
+    slots_ptr,
+    block_expert_ptr,
+    numel,
+    I,
+    H,
+    E,
+    stride_we,
+    stride_wh,
+    stride_wi,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """y_slots[s_r, n] = w[s_r] · Σ_i h[r, i] W_down[e, n, i] for the kept rows r of one block (s_r its slot)."""
     block = tl.program_id(0).to(tl.int64)
     expert = tl.load(block_expert_ptr + block)
-    k_stop = tl.where(expert < E, I, 0)       # surplus block: every row is padding, nothing is stored
+    k_stop = tl.where(expert < E, I, 0)  # surplus block: every row is padding, nothing is stored
     expert = tl.minimum(expert, E - 1)
     rows = block * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -170,17 +193,18 @@ def _down_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    route = tl.load(weights_ptr + safe_slots, mask=row_ok, other=0.0)   # routing weight in the epilogue
+    route = tl.load(weights_ptr + safe_slots, mask=row_ok, other=0.0)  # routing weight in the epilogue
     acc = acc * route[:, None]
     tl.store(y_ptr + safe_slots[:, None] * H + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _combine_kernel(
-    y_ptr,              # [T·k, H] float32, contiguous
-    keep_ptr,           # [T·k] int8 (1 kept)
-    out_ptr,            # [T, H] contiguous, x's dtype
-    H, TOP_K,
+    y_ptr,  # [T·k, H] float32, contiguous
+    keep_ptr,  # [T·k] int8 (1 kept)
+    out_ptr,  # [T, H] contiguous, x's dtype
+    H,
+    TOP_K,
     BLOCK_H: tl.constexpr,
 ):
     """out[t, h] = Σ_{j = 0..k−1, kept} y_slots[t·k + j, h], in that order (float32)."""
@@ -196,11 +220,20 @@ def _combine_kernel(
     tl.store(out_ptr + t * H + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def moe_experts_forward(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
-                        w_down: Tensor, activation: str = "silu", gated: bool = True) -> Tensor:
+def moe_experts_forward(
+    x: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    kept: Optional[Tensor],
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str = "silu",
+    gated: bool = True,
+) -> Tensor:
     """out [T, H] in x's dtype. Inputs are validated by ops.moe_experts (ids in range, shapes, dtypes);
     x and the weights may have any strides (nothing is copied)."""
     from .moe_grouped_mlp import _ACT_CODE
+
     T, H = x.shape
     k = expert_ids.shape[1]
     E, _, I = w_down.shape
@@ -217,20 +250,59 @@ def moe_experts_forward(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Op
     precision, upcast = _dot_precision(dtype), _upcast(dtype)
     block_n = _pow2_block(I, _MAX_BLOCK_N)
     _gate_up_kernel[(num_blocks, triton.cdiv(I, block_n))](
-        x, w_gate_up, h, sorted_slots, block_expert, numel, k, I, H, E,
-        x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
-        GATED=bool(gated), ACT=_ACT_CODE[activation], DOT_PRECISION=precision, UPCAST=upcast,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=_pow2_block(H, _MAX_BLOCK_K), num_warps=_NUM_WARPS)
+        x,
+        w_gate_up,
+        h,
+        sorted_slots,
+        block_expert,
+        numel,
+        k,
+        I,
+        H,
+        E,
+        x.stride(0),
+        x.stride(1),
+        w_gate_up.stride(0),
+        w_gate_up.stride(1),
+        w_gate_up.stride(2),
+        GATED=bool(gated),
+        ACT=_ACT_CODE[activation],
+        DOT_PRECISION=precision,
+        UPCAST=upcast,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
+        BLOCK_K=_pow2_block(H, _MAX_BLOCK_K),
+        num_warps=_NUM_WARPS,
+    )
     y_slots = torch.empty((numel, H), dtype=torch.float32, device=device)
     route = weights.to(torch.float32).contiguous().reshape(-1)
     block_h = _pow2_block(H, _MAX_BLOCK_N)
     _down_kernel[(num_blocks, triton.cdiv(H, block_h))](
-        h, w_down, route, y_slots, sorted_slots, block_expert, numel, I, H, E,
-        w_down.stride(0), w_down.stride(1), w_down.stride(2),
-        DOT_PRECISION=precision, UPCAST=upcast,
-        BLOCK_M=BLOCK_M, BLOCK_N=block_h, BLOCK_K=_pow2_block(I, _MAX_BLOCK_K), num_warps=_NUM_WARPS)
-    keep = (torch.ones(numel, dtype=torch.int8, device=device) if kept is None
-            else kept.reshape(-1).to(torch.int8).contiguous())
+        h,
+        w_down,
+        route,
+        y_slots,
+        sorted_slots,
+        block_expert,
+        numel,
+        I,
+        H,
+        E,
+        w_down.stride(0),
+        w_down.stride(1),
+        w_down.stride(2),
+        DOT_PRECISION=precision,
+        UPCAST=upcast,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_h,
+        BLOCK_K=_pow2_block(I, _MAX_BLOCK_K),
+        num_warps=_NUM_WARPS,
+    )
+    keep = (
+        torch.ones(numel, dtype=torch.int8, device=device)
+        if kept is None
+        else kept.reshape(-1).to(torch.int8).contiguous()
+    )
     combine_block = min(1024, triton.next_power_of_2(H))
     _combine_kernel[(T, triton.cdiv(H, combine_block))](y_slots, keep, out, H, k, BLOCK_H=combine_block)
     return out

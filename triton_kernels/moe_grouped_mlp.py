@@ -50,6 +50,7 @@ check_offsets=False; either way the kernels read a sanitised copy (clamped to [0
 made non-decreasing), so malformed offsets can never cause an out-of-bounds access or unwritten rows.
 Offsets arithmetic in the kernels is int64.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -73,10 +74,10 @@ _EPI_ACT_FWD = 1
 _EPI_ACT_BWD = 2
 
 # Tile configuration. Every dot dimension is ≥ 16 (tl.dot's minimum on a GPU); tails are masked.
-_BLOCK_M = 32          # rows of a grouped-GEMM tile (a tile never spans two experts)
+_BLOCK_M = 32  # rows of a grouped-GEMM tile (a tile never spans two experts)
 _MAX_BLOCK_N = 64
 _MAX_BLOCK_K = 32
-_BLOCK_R = 32          # rows per step of the weight-gradient reduction
+_BLOCK_R = 32  # rows per step of the weight-gradient reduction
 _NUM_WARPS = 4
 
 
@@ -92,6 +93,7 @@ def _pow2_block(size: int, largest: int) -> int:
 # ------------------------------------------------------------------------------------------------
 # activation helpers (float32 in, float32 out)
 # ------------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _act(g, ACT: tl.constexpr):
@@ -126,32 +128,40 @@ def _act_and_grad(g, ACT: tl.constexpr):
 # kernels
 # ------------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _grouped_gemm_kernel(
     # ---- pointers ----
-    a_ptr,              # [S, K] operand A, element (r, k) at r * stride_am + k * stride_ak
-    b_ptr,              # [E, K, N(+N)] operand B, element (e, k, n) at e * stride_be + k * stride_bk + n * stride_bn
-    c_ptr,              # [S, N] (EPI_NONE) or gate_up / grad_gu [S, N1] out,
-                        #   element (r, n) at r * stride_cm + n * stride_cn
-    h_ptr,              # [S, N] h out (EPI_ACT_FWD / EPI_ACT_BWD), contiguous; unused with EPI_NONE
-    gu_ptr,             # [S, N1] float32 gate_up in (EPI_ACT_BWD), element (r, n) at r * stride_gm + n * stride_gn
-    tiles_ptr,          # [3, num_tiles] int64: expert, first row, end row of each row tile (empty: first = end)
+    a_ptr,  # [S, K] operand A, element (r, k) at r * stride_am + k * stride_ak
+    b_ptr,  # [E, K, N(+N)] operand B, element (e, k, n) at e * stride_be + k * stride_bk + n * stride_bn
+    c_ptr,  # [S, N] (EPI_NONE) or gate_up / grad_gu [S, N1] out,
+    #   element (r, n) at r * stride_cm + n * stride_cn
+    h_ptr,  # [S, N] h out (EPI_ACT_FWD / EPI_ACT_BWD), contiguous; unused with EPI_NONE
+    gu_ptr,  # [S, N1] float32 gate_up in (EPI_ACT_BWD), element (r, n) at r * stride_gm + n * stride_gn
+    tiles_ptr,  # [3, num_tiles] int64: expert, first row, end row of each row tile (empty: first = end)
     # ---- sizes ----
     num_tiles,
-    N,                  # output columns (I for the activation epilogues)
-    K,                  # reduction length
+    N,  # output columns (I for the activation epilogues)
+    K,  # reduction length
     # ---- strides (elements) ----
-    stride_am, stride_ak,
-    stride_be, stride_bk, stride_bn,
-    stride_cm, stride_cn,
-    stride_gm, stride_gn,
+    stride_am,
+    stride_ak,
+    stride_be,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_gm,
+    stride_gn,
     # ---- meta-parameters ----
-    EPILOGUE: tl.constexpr,       # 0 none, 1 activation forward, 2 activation backward
+    EPILOGUE: tl.constexpr,  # 0 none, 1 activation forward, 2 activation backward
     GATED: tl.constexpr,
-    ACT: tl.constexpr,            # 0 silu, 1 gelu, 2 relu
+    ACT: tl.constexpr,  # 0 silu, 1 gelu, 2 relu
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands
-    UPCAST: tl.constexpr,         # dot in float32 (the interpreter cannot multiply bf16 tiles)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,  # dot in float32 (the interpreter cannot multiply bf16 tiles)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One BLOCK_M × BLOCK_N tile of C[rows of e, :] = A[rows of e, :] @ B[e] (float32 accumulation).
 
@@ -171,9 +181,9 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     row_ok = rows < row_end
     col_ok = cols < N
-    k_stop = tl.where(row_start < row_end, K, 0)   # an empty (surplus) tile does no work
+    k_stop = tl.where(row_start < row_end, K, 0)  # an empty (surplus) tile does no work
 
-    cols_up = cols + N                              # the "up" half's columns (int64 arithmetic)
+    cols_up = cols + N  # the "up" half's columns (int64 arithmetic)
     a_rows = a_ptr + rows[:, None] * stride_am
     b_base = b_ptr + expert * stride_be + cols[None, :] * stride_bn
     b_up_base = b_ptr + expert * stride_be + cols_up[None, :] * stride_bn
@@ -230,19 +240,24 @@ def _grouped_gemm_kernel(
 @triton.jit
 def _expert_weight_grad_kernel(
     # ---- pointers ----
-    g_ptr,              # [S, M] G (grad_y or grad_gu), element (r, m) at r * stride_gr + m * stride_gm
-    a_ptr,              # [S, N] A (h or x), element (r, n) at r * stride_ar + n * stride_an
-    dw_ptr,             # [E, M, N] out, contiguous
-    offsets_ptr,        # [E + 1] int64 sanitised expert offsets
+    g_ptr,  # [S, M] G (grad_y or grad_gu), element (r, m) at r * stride_gr + m * stride_gm
+    a_ptr,  # [S, N] A (h or x), element (r, n) at r * stride_ar + n * stride_an
+    dw_ptr,  # [E, M, N] out, contiguous
+    offsets_ptr,  # [E + 1] int64 sanitised expert offsets
     # ---- sizes ----
-    M, N,
+    M,
+    N,
     # ---- strides (elements) ----
-    stride_gr, stride_gm,
-    stride_ar, stride_an,
+    stride_gr,
+    stride_gm,
+    stride_ar,
+    stride_an,
     # ---- meta-parameters ----
     DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,         # dot in float32 (the interpreter cannot multiply bf16 tiles)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    UPCAST: tl.constexpr,  # dot in float32 (the interpreter cannot multiply bf16 tiles)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """dW[e, m, n] = Σ_{r = off[e]}^{off[e+1]−1} G[r, m] A[r, n] for one BLOCK_M × BLOCK_N tile of expert
     e = program_id(1); rows are taken in BLOCK_R chunks in increasing order (float32 accumulation)."""
@@ -261,10 +276,12 @@ def _expert_weight_grad_kernel(
     for r0 in range(row_start, row_end, BLOCK_R):
         rs = r0 + offs_r
         r_ok = rs < row_end
-        g_t = tl.load(g_ptr + rs[None, :] * stride_gr + ms[:, None] * stride_gm,
-                      mask=m_ok[:, None] & r_ok[None, :], other=0.0)          # [BLOCK_M, BLOCK_R] = Gᵀ
-        a = tl.load(a_ptr + rs[:, None] * stride_ar + ns[None, :] * stride_an,
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)            # [BLOCK_R, BLOCK_N]
+        g_t = tl.load(
+            g_ptr + rs[None, :] * stride_gr + ms[:, None] * stride_gm, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )  # [BLOCK_M, BLOCK_R] = Gᵀ
+        a = tl.load(
+            a_ptr + rs[:, None] * stride_ar + ns[None, :] * stride_an, mask=r_ok[:, None] & n_ok[None, :], other=0.0
+        )  # [BLOCK_R, BLOCK_N]
         if UPCAST:
             g_t = g_t.to(tl.float32)
         acc = tl.dot(g_t, a.to(g_t.dtype), acc, input_precision=DOT_PRECISION)
@@ -276,6 +293,7 @@ def _expert_weight_grad_kernel(
 # host side
 # ------------------------------------------------------------------------------------------------
 
+
 def _describe(t: Tensor) -> str:
     return f"{str(t.dtype).replace('torch.', '')} {tuple(t.shape)} on {t.device}"
 
@@ -283,6 +301,7 @@ def _describe(t: Tensor) -> str:
 # Launcher-side input checks for direct callers (fastcore_ai.ops.moe_grouped_mlp validates before it calls
 # in); the messages follow fastcore_ai._validation's, without importing it (kernels import nothing from
 # fastcore_ai).
+
 
 def _check_tensor(name: str, value, ndim: int, dtypes, layout: str) -> None:
     if isinstance(value, Tensor) and value.dtype in dtypes and value.dim() == ndim:
@@ -298,8 +317,9 @@ def _check_tensor(name: str, value, ndim: int, dtypes, layout: str) -> None:
 def _check_inputs(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated) -> Tuple[int, int, int, int]:
     """Validates the forward inputs; returns (S, H, I, E)."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{_PREFIX}activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, "
-                         f"got {activation!r}")
+        raise ValueError(
+            f"{_PREFIX}activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)}, got {activation!r}"
+        )
     if not isinstance(gated, bool):
         raise TypeError(f"{_PREFIX}gated must be a bool, got {type(gated).__name__} {gated!r}")
     _check_tensor("x_sorted", x_sorted, 2, _DTYPES, "[S, H]")
@@ -309,23 +329,30 @@ def _check_inputs(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated
     S, H = x_sorted.shape
     E = expert_offsets.shape[0] - 1
     if E < 1:
-        raise ValueError(f"{_PREFIX}expert_offsets must have E + 1 >= 2 entries [E + 1], "
-                         f"got {_describe(expert_offsets)}")
+        raise ValueError(
+            f"{_PREFIX}expert_offsets must have E + 1 >= 2 entries [E + 1], got {_describe(expert_offsets)}"
+        )
     for name, t in (("w_gate_up", w_gate_up), ("w_down", w_down)):
         if t.dtype != x_sorted.dtype:
-            raise TypeError(f"{_PREFIX}{name} must have x_sorted's dtype {str(x_sorted.dtype).replace('torch.', '')}, "
-                            f"got {_describe(t)}")
+            raise TypeError(
+                f"{_PREFIX}{name} must have x_sorted's dtype {str(x_sorted.dtype).replace('torch.', '')}, "
+                f"got {_describe(t)}"
+            )
     for name, t in (("expert_offsets", expert_offsets), ("w_gate_up", w_gate_up), ("w_down", w_down)):
         if t.device != x_sorted.device:
             raise ValueError(f"{_PREFIX}{name} must be on x_sorted's device {x_sorted.device}, got {_describe(t)}")
     if w_gate_up.shape[0] != E or w_gate_up.shape[2] != H or (gated and w_gate_up.shape[1] % 2):
         want = "[E, 2I, H] (even dim 1)" if gated else "[E, I, H]"
-        raise ValueError(f"{_PREFIX}w_gate_up must have shape {want} with E = {E} (from expert_offsets) and "
-                         f"H = {H} (from x_sorted), got {_describe(w_gate_up)}")
+        raise ValueError(
+            f"{_PREFIX}w_gate_up must have shape {want} with E = {E} (from expert_offsets) and "
+            f"H = {H} (from x_sorted), got {_describe(w_gate_up)}"
+        )
     I = w_gate_up.shape[1] // 2 if gated else w_gate_up.shape[1]
     if tuple(w_down.shape) != (E, H, I):
-        raise ValueError(f"{_PREFIX}w_down must have shape [E, H, I] = {(E, H, I)} (from expert_offsets, x_sorted "
-                         f"and w_gate_up), got {_describe(w_down)}")
+        raise ValueError(
+            f"{_PREFIX}w_down must have shape [E, H, I] = {(E, H, I)} (from expert_offsets, x_sorted "
+            f"and w_gate_up), got {_describe(w_down)}"
+        )
     return S, H, I, E
 
 
@@ -334,8 +361,10 @@ def _check_offset_values(expert_offsets: Tensor, S: int) -> None:
     bad = (expert_offsets[0] != 0) | (expert_offsets[-1] != S) | (expert_offsets[1:] < expert_offsets[:-1]).any()
     if bool(bad):
         shown = expert_offsets.tolist() if expert_offsets.numel() <= 17 else "[...]"
-        raise ValueError(f"{_PREFIX}expert_offsets must be non-decreasing with expert_offsets[0] = 0 and "
-                         f"expert_offsets[E] = S = {S}, got {shown}")
+        raise ValueError(
+            f"{_PREFIX}expert_offsets must be non-decreasing with expert_offsets[0] = 0 and "
+            f"expert_offsets[E] = S = {S}, got {shown}"
+        )
 
 
 def _sanitized_offsets(expert_offsets: Tensor, S: int) -> Tensor:
@@ -354,7 +383,7 @@ def _row_tiles(offsets: Tensor, S: int, block_m: int) -> Tensor:
     num_tiles = (S + E * (block_m - 1)) // block_m
     counts = offsets[1:] - offsets[:-1]
     tiles_per_expert = (counts + block_m - 1) // block_m
-    cum = torch.cumsum(tiles_per_expert, 0)                              # inclusive
+    cum = torch.cumsum(tiles_per_expert, 0)  # inclusive
     t = torch.arange(num_tiles, device=offsets.device, dtype=torch.int64)
     expert = torch.searchsorted(cum, t, right=True)
     valid = expert < E
@@ -367,7 +396,7 @@ def _row_tiles(offsets: Tensor, S: int, block_m: int) -> Tensor:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit operands
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -377,9 +406,20 @@ def _upcast(dtype: torch.dtype) -> bool:
     return INTERPRETED and dtype == torch.bfloat16
 
 
-def _grouped_gemm(a: Tensor, b: Tensor, b_strides: Tuple[int, int, int], c: Tensor, tiles: Tensor, N: int, K: int,
-                  epilogue: int = _EPI_NONE, h: Tensor = None, gate_up: Tensor = None, gated: bool = False,
-                  act: int = 0) -> None:
+def _grouped_gemm(
+    a: Tensor,
+    b: Tensor,
+    b_strides: Tuple[int, int, int],
+    c: Tensor,
+    tiles: Tensor,
+    N: int,
+    K: int,
+    epilogue: int = _EPI_NONE,
+    h: Tensor = None,
+    gate_up: Tensor = None,
+    gated: bool = False,
+    act: int = 0,
+) -> None:
     """C[rows of e] = A[rows of e] @ B[e] with B[e] (k, n) at b_strides = (e, k, n) element strides."""
     num_tiles = tiles.shape[1]
     if num_tiles == 0 or N == 0:
@@ -389,14 +429,33 @@ def _grouped_gemm(a: Tensor, b: Tensor, b_strides: Tuple[int, int, int], c: Tens
     h_arg = h if h is not None else c
     gu_arg = gate_up if gate_up is not None else c
     _grouped_gemm_kernel[(num_tiles, triton.cdiv(N, block_n))](
-        a, b, c, h_arg, gu_arg, tiles,
-        num_tiles, N, K,
-        a.stride(0), a.stride(1),
-        b_strides[0], b_strides[1], b_strides[2],
-        c.stride(0), c.stride(1),
-        gu_arg.stride(0), gu_arg.stride(1),
-        EPILOGUE=epilogue, GATED=bool(gated), ACT=act, DOT_PRECISION=_dot_precision(b.dtype), UPCAST=_upcast(b.dtype),
-        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_NUM_WARPS,
+        a,
+        b,
+        c,
+        h_arg,
+        gu_arg,
+        tiles,
+        num_tiles,
+        N,
+        K,
+        a.stride(0),
+        a.stride(1),
+        b_strides[0],
+        b_strides[1],
+        b_strides[2],
+        c.stride(0),
+        c.stride(1),
+        gu_arg.stride(0),
+        gu_arg.stride(1),
+        EPILOGUE=epilogue,
+        GATED=bool(gated),
+        ACT=act,
+        DOT_PRECISION=_dot_precision(b.dtype),
+        UPCAST=_upcast(b.dtype),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=_NUM_WARPS,
     )
 
 
@@ -409,16 +468,34 @@ def _expert_weight_grad(g: Tensor, a: Tensor, offsets: Tensor, dw: Tensor) -> No
     block_n = _pow2_block(N, _MAX_BLOCK_N)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), E)
     _expert_weight_grad_kernel[grid](
-        g, a, dw, offsets, M, N,
-        g.stride(0), g.stride(1), a.stride(0), a.stride(1),
-        DOT_PRECISION=_dot_precision(g.dtype), UPCAST=_upcast(g.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=_BLOCK_R, num_warps=_num_warps(block_m, block_n),
+        g,
+        a,
+        dw,
+        offsets,
+        M,
+        N,
+        g.stride(0),
+        g.stride(1),
+        a.stride(0),
+        a.stride(1),
+        DOT_PRECISION=_dot_precision(g.dtype),
+        UPCAST=_upcast(g.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=_BLOCK_R,
+        num_warps=_num_warps(block_m, block_n),
     )
 
 
-def grouped_mlp_forward(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                        activation: str = "silu", gated: bool = True, check_offsets: bool = True
-                        ) -> Tuple[Tensor, Tensor]:
+def grouped_mlp_forward(
+    x_sorted: Tensor,
+    expert_offsets: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str = "silu",
+    gated: bool = True,
+    check_offsets: bool = True,
+) -> Tuple[Tensor, Tensor]:
     """(y_sorted [S, H] in x_sorted's dtype, gate_up [S, 2I] (or [S, I]) float32, the pre-activation
     saved for the backward). See the module docstring for the math, layouts and precision.
     check_offsets=False skips the (host-syncing) check of expert_offsets' values."""
@@ -428,8 +505,10 @@ def grouped_mlp_forward(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Ten
     device, dtype = x_sorted.device, x_sorted.dtype
     n1 = 2 * I if gated else I
     if S == 0 or H == 0 or I == 0:
-        return (torch.zeros((S, H), dtype=dtype, device=device),
-                torch.zeros((S, n1), dtype=torch.float32, device=device))
+        return (
+            torch.zeros((S, H), dtype=dtype, device=device),
+            torch.zeros((S, n1), dtype=torch.float32, device=device),
+        )
     offsets = _sanitized_offsets(expert_offsets, S)
     tiles = _row_tiles(offsets, S, _BLOCK_M)
     gate_up = torch.empty((S, n1), dtype=torch.float32, device=device)
@@ -437,16 +516,35 @@ def grouped_mlp_forward(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Ten
     y = torch.empty((S, H), dtype=dtype, device=device)
     act = _ACT_CODE[activation]
     # gate_up = x @ W_gate_up[e]ᵀ: B[e] (k = h, n = j) = W_gate_up[e, j, h]; epilogue writes h.
-    _grouped_gemm(x_sorted, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)), gate_up,
-                  tiles, N=I, K=H, epilogue=_EPI_ACT_FWD, h=h, gated=gated, act=act)
+    _grouped_gemm(
+        x_sorted,
+        w_gate_up,
+        (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)),
+        gate_up,
+        tiles,
+        N=I,
+        K=H,
+        epilogue=_EPI_ACT_FWD,
+        h=h,
+        gated=gated,
+        act=act,
+    )
     # y = h @ W_down[e]ᵀ: B[e] (k = i, n = h) = W_down[e, h, i].
     _grouped_gemm(h, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), y, tiles, N=H, K=I)
     return y, gate_up
 
 
-def grouped_mlp_backward(grad_y: Tensor, x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                         gate_up: Tensor, activation: str = "silu", gated: bool = True, check_offsets: bool = True
-                         ) -> Tuple[Tensor, Tensor, Tensor]:
+def grouped_mlp_backward(
+    grad_y: Tensor,
+    x_sorted: Tensor,
+    expert_offsets: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    gate_up: Tensor,
+    activation: str = "silu",
+    gated: bool = True,
+    check_offsets: bool = True,
+) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_x [S, H] in x_sorted's dtype, grad_w_gate_up like w_gate_up, grad_w_down like w_down).
     gate_up is the forward's float32 pre-activation. Deterministic (no atomics); experts without rows
     get zero weight gradients."""
@@ -455,21 +553,28 @@ def grouped_mlp_backward(grad_y: Tensor, x_sorted: Tensor, expert_offsets: Tenso
     _check_tensor("grad_y", grad_y, 2, _DTYPES, "[S, H]")
     _check_tensor("gate_up", gate_up, 2, (torch.float32,), "[S, 2I]" if gated else "[S, I]")
     if grad_y.dtype != x_sorted.dtype:
-        raise TypeError(f"{_PREFIX}grad_y must have x_sorted's dtype {str(x_sorted.dtype).replace('torch.', '')}, "
-                        f"got {_describe(grad_y)}")
+        raise TypeError(
+            f"{_PREFIX}grad_y must have x_sorted's dtype {str(x_sorted.dtype).replace('torch.', '')}, "
+            f"got {_describe(grad_y)}"
+        )
     if tuple(grad_y.shape) != (S, H) or grad_y.device != x_sorted.device:
-        raise ValueError(f"{_PREFIX}grad_y must have shape [S, H] = {(S, H)} on {x_sorted.device}, "
-                         f"got {_describe(grad_y)}")
+        raise ValueError(
+            f"{_PREFIX}grad_y must have shape [S, H] = {(S, H)} on {x_sorted.device}, got {_describe(grad_y)}"
+        )
     if tuple(gate_up.shape) != (S, n1) or gate_up.device != x_sorted.device:
-        raise ValueError(f"{_PREFIX}gate_up must have shape {'[S, 2I]' if gated else '[S, I]'} = {(S, n1)} on "
-                         f"{x_sorted.device}, got {_describe(gate_up)}")
+        raise ValueError(
+            f"{_PREFIX}gate_up must have shape {'[S, 2I]' if gated else '[S, I]'} = {(S, n1)} on "
+            f"{x_sorted.device}, got {_describe(gate_up)}"
+        )
     if check_offsets:
         _check_offset_values(expert_offsets, S)
     device, dtype = x_sorted.device, x_sorted.dtype
     if S == 0 or H == 0 or I == 0:
-        return (torch.zeros((S, H), dtype=dtype, device=device),
-                torch.zeros(w_gate_up.shape, dtype=w_gate_up.dtype, device=device),
-                torch.zeros(w_down.shape, dtype=w_down.dtype, device=device))
+        return (
+            torch.zeros((S, H), dtype=dtype, device=device),
+            torch.zeros(w_gate_up.shape, dtype=w_gate_up.dtype, device=device),
+            torch.zeros(w_down.shape, dtype=w_down.dtype, device=device),
+        )
     # Every element of these is written by the kernels (experts without rows store zeros).
     grad_w_gate_up = torch.empty(w_gate_up.shape, dtype=w_gate_up.dtype, device=device)
     grad_w_down = torch.empty(w_down.shape, dtype=w_down.dtype, device=device)
@@ -480,11 +585,24 @@ def grouped_mlp_backward(grad_y: Tensor, x_sorted: Tensor, expert_offsets: Tenso
     h = torch.empty((S, I), dtype=dtype, device=device)
     grad_x = torch.empty((S, H), dtype=dtype, device=device)
     # grad_h = grad_y @ W_down[e]: B[e] (k = h, n = i) = W_down[e, h, i]; epilogue → grad_gu and h.
-    _grouped_gemm(grad_y, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), grad_gu, tiles,
-                  N=I, K=H, epilogue=_EPI_ACT_BWD, h=h, gate_up=gate_up, gated=gated, act=act)
+    _grouped_gemm(
+        grad_y,
+        w_down,
+        (w_down.stride(0), w_down.stride(1), w_down.stride(2)),
+        grad_gu,
+        tiles,
+        N=I,
+        K=H,
+        epilogue=_EPI_ACT_BWD,
+        h=h,
+        gate_up=gate_up,
+        gated=gated,
+        act=act,
+    )
     # grad_x = grad_gu @ W_gate_up[e]: B[e] (k = j, n = h) = W_gate_up[e, j, h].
-    _grouped_gemm(grad_gu, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), grad_x,
-                  tiles, N=H, K=n1)
-    _expert_weight_grad(grad_y, h, offsets, grad_w_down)          # [E, H, I]
+    _grouped_gemm(
+        grad_gu, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)), grad_x, tiles, N=H, K=n1
+    )
+    _expert_weight_grad(grad_y, h, offsets, grad_w_down)  # [E, H, I]
     _expert_weight_grad(grad_gu, x_sorted, offsets, grad_w_gate_up)  # [E, N1, H]
     return grad_x, grad_w_gate_up, grad_w_down

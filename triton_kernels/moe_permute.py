@@ -16,6 +16,7 @@ hidden dimension in fixed BLOCK_H tiles then one tl.sum, with BLOCK_H a function
 are bitwise reproducible. A token_slot outside [−1, S) or a slot_to_token outside [0, T) is never
 dereferenced: the affected output row is NaN (no host sync to raise).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -38,8 +39,9 @@ def _block_rows(block_h: int) -> int:
 
 
 @triton.jit
-def _gather_rows_kernel(in_ptr, src_ptr, out_ptr, rows, in_rows, H, stride_row, stride_col,
-                        BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+def _gather_rows_kernel(
+    in_ptr, src_ptr, out_ptr, rows, in_rows, H, stride_row, stride_col, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr
+):
     """out[s, :] = in[src[s], :] for a tile of BLOCK_S rows × BLOCK_H columns."""
     s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -52,8 +54,19 @@ def _gather_rows_kernel(in_ptr, src_ptr, out_ptr, rows, in_rows, H, stride_row, 
 
 
 @triton.jit
-def _combine_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, T, S, H,
-                    K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(
+    y_ptr,
+    slot_ptr,
+    w_ptr,
+    out_ptr,
+    T,
+    S,
+    H,
+    K: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """out[t, :] (float32) for a tile of BLOCK_T tokens × BLOCK_H columns; j runs 0..K−1 in order."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -65,8 +78,9 @@ def _combine_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, T, S, H,
         slot = tl.load(slot_ptr + t * K + j, mask=row_ok, other=-1)
         valid = (slot >= 0) & (slot < S)
         bad = bad | ((slot != -1) & ~valid)
-        y = tl.load(y_ptr + slot[:, None] * H + cols[None, :], mask=valid[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + slot[:, None] * H + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0).to(
+            tl.float32
+        )
         if HAS_WEIGHTS:
             w = tl.load(w_ptr + t * K + j, mask=valid, other=0.0).to(tl.float32)
             term = w[:, None] * y
@@ -78,8 +92,19 @@ def _combine_kernel(y_ptr, slot_ptr, w_ptr, out_ptr, T, S, H,
 
 
 @triton.jit
-def _combine_backward_y_kernel(grad_out_ptr, slot_ptr, slot_to_token_ptr, w_ptr, grad_y_ptr, S, T, H,
-                               K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_backward_y_kernel(
+    grad_out_ptr,
+    slot_ptr,
+    slot_to_token_ptr,
+    w_ptr,
+    grad_y_ptr,
+    S,
+    T,
+    H,
+    K: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """grad_y[s, :] (float32) for a tile of BLOCK_S rows × BLOCK_H columns."""
     s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -92,15 +117,17 @@ def _combine_backward_y_kernel(grad_out_ptr, slot_ptr, slot_to_token_ptr, w_ptr,
         slot = tl.load(slot_ptr + t * K + j, mask=valid, other=-1)
         w = tl.load(w_ptr + t * K + j, mask=valid, other=0.0).to(tl.float32)
         scale += tl.where(slot == s, w, 0.0)
-    g = tl.load(grad_out_ptr + t[:, None] * H + cols[None, :], mask=valid[:, None] & col_ok[None, :],
-                other=0.0).to(tl.float32)
+    g = tl.load(grad_out_ptr + t[:, None] * H + cols[None, :], mask=valid[:, None] & col_ok[None, :], other=0.0).to(
+        tl.float32
+    )
     result = tl.where(valid[:, None], scale[:, None] * g, float("nan"))
     tl.store(grad_y_ptr + s[:, None] * H + cols[None, :], result, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
-def _combine_backward_w_kernel(grad_out_ptr, y_ptr, slot_ptr, grad_w_ptr, T, S, H,
-                               K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_backward_w_kernel(
+    grad_out_ptr, y_ptr, slot_ptr, grad_w_ptr, T, S, H, K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr
+):
     """grad_w[t, j] (float32) for a tile of BLOCK_T tokens, every j: fixed BLOCK_H column tiles, then one tl.sum."""
     t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs = tl.arange(0, BLOCK_H)
@@ -129,7 +156,8 @@ def gather_rows(x: Tensor, src_row: Tensor) -> Tensor:
     block_h = _block_h(H)
     block_s = _block_rows(block_h)
     _gather_rows_kernel[(triton.cdiv(rows, block_s), triton.cdiv(H, block_h))](
-        x, src_row.contiguous(), out, rows, x.shape[0], H, x.stride(0), x.stride(1), BLOCK_S=block_s, BLOCK_H=block_h)
+        x, src_row.contiguous(), out, rows, x.shape[0], H, x.stride(0), x.stride(1), BLOCK_S=block_s, BLOCK_H=block_h
+    )
     return out
 
 
@@ -145,12 +173,19 @@ def moe_combine(y_sorted: Tensor, token_slot: Tensor, weights: Optional[Tensor])
         block_h = _block_h(H)
         block_t = _block_rows(block_h)
         _combine_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_h))](
-            y, slots, w, out, T, S, H, K=k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h)
+            y, slots, w, out, T, S, H, K=k, HAS_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_H=block_h
+        )
     return out.to(y_sorted.dtype)
 
 
-def moe_combine_backward(grad_out: Tensor, y_sorted: Tensor, slot_to_token: Tensor, token_slot: Tensor,
-                         weights: Tensor, need_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+def moe_combine_backward(
+    grad_out: Tensor,
+    y_sorted: Tensor,
+    slot_to_token: Tensor,
+    token_slot: Tensor,
+    weights: Tensor,
+    need_weights: bool = True,
+) -> Tuple[Tensor, Optional[Tensor]]:
     """(grad_y [S, H] in y_sorted's dtype, grad_w [T, k] in weights' dtype, or None when not need_weights)."""
     T, k = token_slot.shape
     S, H = y_sorted.shape
@@ -165,10 +200,12 @@ def moe_combine_backward(grad_out: Tensor, y_sorted: Tensor, slot_to_token: Tens
     block_rows = _block_rows(block_h)
     if S > 0 and H > 0:
         _combine_backward_y_kernel[(triton.cdiv(S, block_rows), triton.cdiv(H, block_h))](
-            go, slots, slot_to_token.contiguous(), w, grad_y, S, T, H, K=k, BLOCK_S=block_rows, BLOCK_H=block_h)
+            go, slots, slot_to_token.contiguous(), w, grad_y, S, T, H, K=k, BLOCK_S=block_rows, BLOCK_H=block_h
+        )
     if not need_weights:
         return grad_y.to(y_sorted.dtype), None
     if T > 0:
         _combine_backward_w_kernel[(triton.cdiv(T, block_rows),)](
-            go, y, slots, grad_w, T, S, H, K=k, BLOCK_T=block_rows, BLOCK_H=block_h)
+            go, y, slots, grad_w, T, S, H, K=k, BLOCK_T=block_rows, BLOCK_H=block_h
+        )
     return grad_y.to(y_sorted.dtype), grad_w.to(weights.dtype)

@@ -16,6 +16,7 @@ Mux / demux: the Hadamard mux and the demux GELU + LayerNorm epilogue are Triton
 orthogonal mux and the demux's two small GEMMs (A = p W_Lᵀ + b once per index, C = h W_Rᵀ once per
 token) are torch matmuls, as in the cpu backend; reductions of the backward over rows are torch sums.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,26 @@ from torch import Tensor
 
 
 @triton.jit
-def _bias(s, b, h, rows, cols, Lq, Lk, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b, skp_k,
-          MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
+def _bias(
+    s,
+    b,
+    h,
+    rows,
+    cols,
+    Lq,
+    Lk,
+    mask_ptr,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    kpm_ptr,
+    skp_b,
+    skp_k,
+    MASK_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     """Adds the mask terms to scores s [BLOCK_M, BLOCK_N] (−inf where masked or out of range)."""
     valid = (rows[:, None] < Lq) & (cols[None, :] < Lk)
     keep = cols[None, :] < Lk
@@ -50,12 +69,45 @@ def _bias(s, b, h, rows, cols, Lq, Lk, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr
 
 
 @triton.jit
-def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kpm_ptr,
-                          sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-                          sm_b, sm_h, sm_q, sm_k, skp_b, skp_k,
-                          H, Lq, Lk, D, scale,
-                          MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    mask_ptr,
+    kpm_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_l,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_l,
+    sv_d,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    skp_b,
+    skp_k,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    MASK_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -64,8 +116,11 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kpm_ptr
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < Lq
     dim_ok = dims < D
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
     if IEEE:
         q = q.to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -77,18 +132,42 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kpm_ptr
     for start in range(0, end, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_ok = cols < Lk
-        k = tl.load(k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_l + dims[None, :] * sk_d,
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + dims[None, :] * sv_d,
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        k = tl.load(
+            k_ptr + b * sk_b + h * sk_h + cols[:, None] * sk_l + dims[None, :] * sk_d,
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        v = tl.load(
+            v_ptr + b * sv_b + h * sv_h + cols[:, None] * sv_l + dims[None, :] * sv_d,
+            mask=col_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
         if IEEE:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
             s = tl.dot(q, tl.trans(k)) * scale
-        s = _bias(s, b, h, rows, cols, Lq, Lk, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b, skp_k,
-                  MASK_KIND, HAS_KPM, CAUSAL)
+        s = _bias(
+            s,
+            b,
+            h,
+            rows,
+            cols,
+            Lq,
+            Lk,
+            mask_ptr,
+            sm_b,
+            sm_h,
+            sm_q,
+            sm_k,
+            kpm_ptr,
+            skp_b,
+            skp_k,
+            MASK_KIND,
+            HAS_KPM,
+            CAUSAL,
+        )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: p = 0, nothing to rescale
         p = tl.exp(s - m_safe[:, None])
@@ -103,32 +182,94 @@ def _attention_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, kpm_ptr
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     o_rows = bh * Lq + rows
-    tl.store(o_ptr + o_rows[:, None] * D + dims[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & dim_ok[None, :])
+    tl.store(
+        o_ptr + o_rows[:, None] * D + dims[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & dim_ok[None, :],
+    )
     tl.store(lse_ptr + o_rows, lse, mask=row_ok)
 
 
 @triton.jit
-def _probs(q, k, lse, b, h, rows, cols, Lq, Lk, scale, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b, skp_k,
-           MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
+def _probs(
+    q,
+    k,
+    lse,
+    b,
+    h,
+    rows,
+    cols,
+    Lq,
+    Lk,
+    scale,
+    mask_ptr,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    kpm_ptr,
+    skp_b,
+    skp_k,
+    MASK_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     """p = exp(s − lse) [BLOCK_M, BLOCK_N], 0 where masked or the row is fully masked (lse = −inf)."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     else:
         s = tl.dot(q, tl.trans(k)) * scale
-    s = _bias(s, b, h, rows, cols, Lq, Lk, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b, skp_k,
-              MASK_KIND, HAS_KPM, CAUSAL)
+    s = _bias(
+        s, b, h, rows, cols, Lq, Lk, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b, skp_k, MASK_KIND, HAS_KPM, CAUSAL
+    )
     finite = lse > float("-inf")
     return tl.where(finite[:, None], tl.exp(s - tl.where(finite, lse, 0.0)[:, None]), 0.0)
 
 
 @triton.jit
-def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, mask_ptr, kpm_ptr,
-                           sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-                           sm_b, sm_h, sm_q, sm_k, skp_b, skp_k,
-                           H, Lq, Lk, D, scale,
-                           MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    mask_ptr,
+    kpm_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_l,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_l,
+    sv_d,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    skp_b,
+    skp_k,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    MASK_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -151,17 +292,43 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
     for start in range(begin, Lq, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < Lq
-        q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        do = tl.load(do_ptr + (bh * Lq + rows)[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :],
-                     other=0.0)
+        q = tl.load(
+            q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_l + dims[None, :] * sq_d,
+            mask=row_ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )
+        do = tl.load(
+            do_ptr + (bh * Lq + rows)[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0
+        )
         lse = tl.load(lse_ptr + bh * Lq + rows, mask=row_ok, other=float("-inf"))
         delta = tl.load(delta_ptr + bh * Lq + rows, mask=row_ok, other=0.0)
         if IEEE:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
-        p = _probs(q, k, lse, b, h, rows, cols, Lq, Lk, scale, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b,
-                   skp_k, MASK_KIND, HAS_KPM, CAUSAL, IEEE)
+        p = _probs(
+            q,
+            k,
+            lse,
+            b,
+            h,
+            rows,
+            cols,
+            Lq,
+            Lk,
+            scale,
+            mask_ptr,
+            sm_b,
+            sm_h,
+            sm_q,
+            sm_k,
+            kpm_ptr,
+            skp_b,
+            skp_k,
+            MASK_KIND,
+            HAS_KPM,
+            CAUSAL,
+            IEEE,
+        )
         if IEEE:
             dv += tl.dot(tl.trans(p), do, input_precision="ieee")
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -178,12 +345,47 @@ def _attention_dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_p
 
 
 @triton.jit
-def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, mask_ptr, kpm_ptr,
-                         sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_l, sk_d, sv_b, sv_h, sv_l, sv_d,
-                         sm_b, sm_h, sm_q, sm_k, skp_b, skp_k,
-                         H, Lq, Lk, D, scale,
-                         MASK_KIND: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attention_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    mask_ptr,
+    kpm_ptr,
+    sq_b,
+    sq_h,
+    sq_l,
+    sq_d,
+    sk_b,
+    sk_h,
+    sk_l,
+    sk_d,
+    sv_b,
+    sv_h,
+    sv_l,
+    sv_d,
+    sm_b,
+    sm_h,
+    sm_q,
+    sm_k,
+    skp_b,
+    skp_k,
+    H,
+    Lq,
+    Lk,
+    D,
+    scale,
+    MASK_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -212,8 +414,30 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
         if IEEE:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        p = _probs(q, k, lse, b, h, rows, cols, Lq, Lk, scale, mask_ptr, sm_b, sm_h, sm_q, sm_k, kpm_ptr, skp_b,
-                   skp_k, MASK_KIND, HAS_KPM, CAUSAL, IEEE)
+        p = _probs(
+            q,
+            k,
+            lse,
+            b,
+            h,
+            rows,
+            cols,
+            Lq,
+            Lk,
+            scale,
+            mask_ptr,
+            sm_b,
+            sm_h,
+            sm_q,
+            sm_k,
+            kpm_ptr,
+            skp_b,
+            skp_k,
+            MASK_KIND,
+            HAS_KPM,
+            CAUSAL,
+            IEEE,
+        )
         if IEEE:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
             ds = p * (dp - delta[:, None])
@@ -222,8 +446,9 @@ def _attention_dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(dq_ptr + (bh * Lq + rows)[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
-             mask=q_mask)
+    tl.store(
+        dq_ptr + (bh * Lq + rows)[:, None] * D + dims[None, :], (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask
+    )
 
 
 def _ieee(q: Tensor) -> bool:
@@ -267,8 +492,15 @@ def _mask_args(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], key_padding_ma
     return mask, kind, strides, kpm, key_padding_mask is not None, kpm_strides
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                      causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+def attention_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
@@ -280,15 +512,47 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     mask, kind, ms, kpm, has_kpm, ks = _mask_args(q, k, attn_mask, key_padding_mask)
     block_m, block_n = _blocks(D)
     grid = (triton.cdiv(Lq, block_m), B * H)
-    _attention_fwd_kernel[grid](q, k, v, out, lse, mask, kpm, *q.stride(), *k.stride(), *v.stride(), *ms, *ks,
-                                H, Lq, Lk, D, scale, MASK_KIND=kind, HAS_KPM=has_kpm, CAUSAL=causal,
-                                IEEE=_ieee(q), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D))
+    _attention_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        mask,
+        kpm,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *ms,
+        *ks,
+        H,
+        Lq,
+        Lk,
+        D,
+        scale,
+        MASK_KIND=kind,
+        HAS_KPM=has_kpm,
+        CAUSAL=causal,
+        IEEE=_ieee(q),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=_block_d(D),
+    )
     return out, lse
 
 
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                       attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool,
-                       scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq = torch.empty((B, H, Lq, D), dtype=q.dtype, device=q.device)
@@ -303,13 +567,22 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: T
     lse = lse.float().contiguous()
     mask, kind, ms, kpm, has_kpm, ks = _mask_args(q, k, attn_mask, key_padding_mask)
     block_m, block_n = _blocks(D)
-    common = dict(MASK_KIND=kind, HAS_KPM=has_kpm, CAUSAL=causal, IEEE=_ieee(q),
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D))
+    common = dict(
+        MASK_KIND=kind,
+        HAS_KPM=has_kpm,
+        CAUSAL=causal,
+        IEEE=_ieee(q),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=_block_d(D),
+    )
     strides = (*q.stride(), *k.stride(), *v.stride(), *ms, *ks)
-    _attention_dkdv_kernel[(triton.cdiv(Lk, block_n), B * H)](q, k, v, grad_out, lse, delta, dk, dv, mask, kpm,
-                                                               *strides, H, Lq, Lk, D, scale, **common)
-    _attention_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](q, k, v, grad_out, lse, delta, dq, mask, kpm,
-                                                            *strides, H, Lq, Lk, D, scale, **common)
+    _attention_dkdv_kernel[(triton.cdiv(Lk, block_n), B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv, mask, kpm, *strides, H, Lq, Lk, D, scale, **common
+    )
+    _attention_dq_kernel[(triton.cdiv(Lq, block_m), B * H)](
+        q, k, v, grad_out, lse, delta, dq, mask, kpm, *strides, H, Lq, Lk, D, scale, **common
+    )
     return dq, dk, dv
 
 
@@ -365,8 +638,9 @@ def mux_forward(x: Tensor, keys: Tensor, mode: int) -> Tensor:
     if B * L * d == 0:
         return out
     block = _row_block(d)
-    _hadamard_mux_kernel[(B * L, triton.cdiv(d, block))](x.contiguous(), keys.contiguous(), out, N, L, d, 1.0 / N,
-                                                         BLOCK_D=block)
+    _hadamard_mux_kernel[(B * L, triton.cdiv(d, block))](
+        x.contiguous(), keys.contiguous(), out, N, L, d, 1.0 / N, BLOCK_D=block
+    )
     return out
 
 
@@ -385,8 +659,9 @@ def mux_backward(grad_out: Tensor, x: Tensor, keys: Tensor, mode: int, need_keys
     gx = torch.empty((B, N, L, d), dtype=x.dtype, device=x.device)
     if B * N * L * d > 0:
         block = _row_block(d)
-        _hadamard_mux_backward_kernel[(B * N * L, triton.cdiv(d, block))](g, keys.contiguous(), gx, N, L, d, 1.0 / N,
-                                                                          BLOCK_D=block)
+        _hadamard_mux_backward_kernel[(B * N * L, triton.cdiv(d, block))](
+            g, keys.contiguous(), gx, N, L, d, 1.0 / N, BLOCK_D=block
+        )
     if not need_keys:
         return gx, keys.new_empty((0,))
     gk = torch.einsum("bld,bild->id", g.float(), x.float()) / N  # dv_i = (1/N) Σ_{b,l} dout ⊙ x_i
@@ -399,8 +674,23 @@ def _gelu(z):
 
 
 @triton.jit
-def _demux_kernel(a_ptr, c_ptr, gamma_ptr, beta_ptr, out_ptr, z_out_ptr, ghat_ptr, go_ptr, a_batch_stride, N, L, e, eps,
-                  BACKWARD: tl.constexpr, BLOCK_E: tl.constexpr):
+def _demux_kernel(
+    a_ptr,
+    c_ptr,
+    gamma_ptr,
+    beta_ptr,
+    out_ptr,
+    z_out_ptr,
+    ghat_ptr,
+    go_ptr,
+    a_batch_stride,
+    N,
+    L,
+    e,
+    eps,
+    BACKWARD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
     """One output row (b, i, t): z = A[b, i] + C[b, t], g = GELU(z), out = LN(g) · γ + β. With BACKWARD it
     instead writes dz (the gradient w.r.t. z, from dout) and ĝ = (g − μ) r (for dγ = Σ dout ĝ)."""
     row = tl.program_id(0).to(tl.int64)  # (b·N + i)·L + t
@@ -410,8 +700,9 @@ def _demux_kernel(a_ptr, c_ptr, gamma_ptr, beta_ptr, out_ptr, z_out_ptr, ghat_pt
     i = bi % N
     cols = tl.arange(0, BLOCK_E)
     ok = cols < e
-    z = tl.load(a_ptr + b * a_batch_stride + i * e + cols, mask=ok, other=0.0) + \
-        tl.load(c_ptr + (b * L + t) * e + cols, mask=ok, other=0.0)
+    z = tl.load(a_ptr + b * a_batch_stride + i * e + cols, mask=ok, other=0.0) + tl.load(
+        c_ptr + (b * L + t) * e + cols, mask=ok, other=0.0
+    )
     g = _gelu(z)
     mean = tl.sum(tl.where(ok, g, 0.0), axis=0) / e
     centered = tl.where(ok, g - mean, 0.0)
@@ -437,9 +728,15 @@ def _demux_prepare(h, keys, weight, bias, norm_weight, norm_bias):
     B, L, d = h.shape
     w = weight.float()
     a = (keys.float().reshape(-1, d) @ w[:, :d].t() + bias.float()).contiguous()  # once per index
-    c = (h.float().reshape(B * L, d) @ w[:, d:].t()).contiguous()                 # once per token
+    c = (h.float().reshape(B * L, d) @ w[:, d:].t()).contiguous()  # once per token
     N = keys.shape[-2]
-    return a, c, norm_weight.float().contiguous(), norm_bias.float().contiguous(), (0 if keys.dim() == 2 else N * weight.shape[0])
+    return (
+        a,
+        c,
+        norm_weight.float().contiguous(),
+        norm_bias.float().contiguous(),
+        (0 if keys.dim() == 2 else N * weight.shape[0]),
+    )
 
 
 def demux_forward(h, keys, weight, bias, norm_weight, norm_bias, eps):
@@ -449,8 +746,9 @@ def demux_forward(h, keys, weight, bias, norm_weight, norm_bias, eps):
     if out.numel() == 0:
         return out
     a, c, gamma, beta, a_stride = _demux_prepare(h, keys, weight, bias, norm_weight, norm_bias)
-    _demux_kernel[(B * N * L,)](a, c, gamma, beta, out, out, out, out, a_stride, N, L, e, eps, BACKWARD=False,
-                                BLOCK_E=triton.next_power_of_2(e))
+    _demux_kernel[(B * N * L,)](
+        a, c, gamma, beta, out, out, out, out, a_stride, N, L, e, eps, BACKWARD=False, BLOCK_E=triton.next_power_of_2(e)
+    )
     return out
 
 
@@ -462,8 +760,23 @@ def demux_backward(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps)
     ghat = torch.empty((B, N, L, e), dtype=torch.float32, device=h.device)
     go = grad_out.contiguous()
     if dz.numel() > 0:
-        _demux_kernel[(B * N * L,)](a, c, gamma, beta, go, dz, ghat, go, a_stride, N, L, e, eps, BACKWARD=True,
-                                    BLOCK_E=triton.next_power_of_2(e))
+        _demux_kernel[(B * N * L,)](
+            a,
+            c,
+            gamma,
+            beta,
+            go,
+            dz,
+            ghat,
+            go,
+            a_stride,
+            N,
+            L,
+            e,
+            eps,
+            BACKWARD=True,
+            BLOCK_E=triton.next_power_of_2(e),
+        )
     dy = go.float().reshape(B, N, L, e)
     dgamma = (dy * ghat).sum((0, 1, 2))
     dbeta = dy.sum((0, 1, 2))
@@ -475,5 +788,11 @@ def demux_backward(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps)
     g_wl = dA_keys.reshape(-1, e).t() @ keys.float().reshape(-1, d)
     g_h = dC @ w[:, d:]
     g_wr = dC.reshape(B * L, e).t() @ h.float().reshape(B * L, d)
-    return (g_h.to(h.dtype), g_keys.to(keys.dtype), torch.cat([g_wl, g_wr], 1).to(weight.dtype),
-            dA.sum((0, 1)).to(bias.dtype), dgamma.to(norm_weight.dtype), dbeta.to(norm_bias.dtype))
+    return (
+        g_h.to(h.dtype),
+        g_keys.to(keys.dtype),
+        torch.cat([g_wl, g_wr], 1).to(weight.dtype),
+        dA.sum((0, 1)).to(bias.dtype),
+        dgamma.to(norm_weight.dtype),
+        dbeta.to(norm_bias.dtype),
+    )

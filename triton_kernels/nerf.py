@@ -12,6 +12,7 @@ Same math as fastcore_ai.reference.nerf and csrc/kernels/nerf/nerf.h:
 Layout: a program owns BLOCK rays (one lane per ray) and walks the samples of its rays in lockstep, up to
 the longest run in the batch (one host read of max(count)); lanes past their own run are masked.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -67,8 +68,22 @@ def ray_aabb_intersect(rays_o: Tensor, rays_d: Tensor, aabbs: Tensor):
 
 
 @triton.jit
-def _render_forward_kernel(sig_ptr, rgb_ptr, ts_ptr, te_ptr, info_ptr, color_ptr, opacity_ptr, depth_ptr, w_ptr,
-                           R, max_count, eps, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
+def _render_forward_kernel(
+    sig_ptr,
+    rgb_ptr,
+    ts_ptr,
+    te_ptr,
+    info_ptr,
+    color_ptr,
+    opacity_ptr,
+    depth_ptr,
+    w_ptr,
+    R,
+    max_count,
+    eps,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = r < R
     start = tl.load(info_ptr + 2 * r, mask=ok, other=0)
@@ -108,9 +123,27 @@ def _render_forward_kernel(sig_ptr, rgb_ptr, ts_ptr, te_ptr, info_ptr, color_ptr
 
 
 @triton.jit
-def _render_backward_kernel(sig_ptr, rgb_ptr, ts_ptr, te_ptr, info_ptr, color_ptr, opacity_ptr, depth_ptr,
-                            gc_ptr, ga_ptr, gd_ptr, gw_ptr, gs_ptr, grgb_ptr, R, max_count, eps,
-                            HAS_GW: tl.constexpr, BLOCK: tl.constexpr):
+def _render_backward_kernel(
+    sig_ptr,
+    rgb_ptr,
+    ts_ptr,
+    te_ptr,
+    info_ptr,
+    color_ptr,
+    opacity_ptr,
+    depth_ptr,
+    gc_ptr,
+    ga_ptr,
+    gd_ptr,
+    gw_ptr,
+    gs_ptr,
+    grgb_ptr,
+    R,
+    max_count,
+    eps,
+    HAS_GW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = r < R
     start = tl.load(info_ptr + 2 * r, mask=ok, other=0)
@@ -120,9 +153,13 @@ def _render_backward_kernel(sig_ptr, rgb_ptr, ts_ptr, te_ptr, info_ptr, color_pt
     g2 = tl.load(gc_ptr + 3 * r + 2, mask=ok, other=0.0)
     ga = tl.load(ga_ptr + r, mask=ok, other=0.0)
     gd = tl.load(gd_ptr + r, mask=ok, other=0.0)
-    total = g0 * tl.load(color_ptr + 3 * r, mask=ok, other=0.0) + g1 * tl.load(color_ptr + 3 * r + 1, mask=ok, other=0.0) \
-        + g2 * tl.load(color_ptr + 3 * r + 2, mask=ok, other=0.0) + ga * tl.load(opacity_ptr + r, mask=ok, other=0.0) \
+    total = (
+        g0 * tl.load(color_ptr + 3 * r, mask=ok, other=0.0)
+        + g1 * tl.load(color_ptr + 3 * r + 1, mask=ok, other=0.0)
+        + g2 * tl.load(color_ptr + 3 * r + 2, mask=ok, other=0.0)
+        + ga * tl.load(opacity_ptr + r, mask=ok, other=0.0)
         + gd * tl.load(depth_ptr + r, mask=ok, other=0.0)
+    )
     if HAS_GW:  # Σ g_w w needs w: one extra sweep
         tau = tl.zeros((BLOCK,), tl.float32)
         stopped = r < 0
@@ -132,8 +169,9 @@ def _render_backward_kernel(sig_ptr, rgb_ptr, ts_ptr, te_ptr, info_ptr, color_pt
             trans = tl.exp(-tau)
             stopped = stopped | (trans < eps)
             use = live & ~stopped
-            x = tl.load(sig_ptr + s, mask=live, other=0.0) * (tl.load(te_ptr + s, mask=live, other=0.0)
-                                                              - tl.load(ts_ptr + s, mask=live, other=0.0))
+            x = tl.load(sig_ptr + s, mask=live, other=0.0) * (
+                tl.load(te_ptr + s, mask=live, other=0.0) - tl.load(ts_ptr + s, mask=live, other=0.0)
+            )
             alpha = tl.where(x < 1e-3, x * (1.0 - x * (0.5 - x / 6.0)), 1.0 - tl.exp(-x))
             total += tl.where(use, tl.load(gw_ptr + s, mask=live, other=0.0) * trans * alpha, 0.0)
             tau += tl.where(use, x, 0.0)
@@ -180,13 +218,27 @@ def volume_render(sigmas, rgbs, t_starts, t_ends, packed_info, eps: float, need_
     depth = torch.empty(R, dtype=sg.dtype, device=sg.device)
     weights = torch.zeros(S if need_weights else 0, dtype=sg.dtype, device=sg.device)
     if R > 0:
-        _render_forward_kernel[(triton.cdiv(R, _BLOCK),)](sg, rg, ts, te, pi, color, opacity, depth, weights, R,
-                                                          _max_count(pi), eps, HAS_W=need_weights, BLOCK=_BLOCK)
+        _render_forward_kernel[(triton.cdiv(R, _BLOCK),)](
+            sg, rg, ts, te, pi, color, opacity, depth, weights, R, _max_count(pi), eps, HAS_W=need_weights, BLOCK=_BLOCK
+        )
     return color, opacity, depth, weights
 
 
-def volume_render_backward(grad_color, grad_opacity, grad_depth, grad_weights: Optional[Tensor], sigmas, rgbs,
-                           t_starts, t_ends, packed_info, color, opacity, depth, eps: float):
+def volume_render_backward(
+    grad_color,
+    grad_opacity,
+    grad_depth,
+    grad_weights: Optional[Tensor],
+    sigmas,
+    rgbs,
+    t_starts,
+    t_ends,
+    packed_info,
+    color,
+    opacity,
+    depth,
+    eps: float,
+):
     R, S = packed_info.shape[0], sigmas.shape[0]
     grad_sigmas = torch.zeros(S, dtype=sigmas.dtype, device=sigmas.device)
     grad_rgbs = torch.zeros(S, 3, dtype=sigmas.dtype, device=sigmas.device)
@@ -194,16 +246,44 @@ def volume_render_backward(grad_color, grad_opacity, grad_depth, grad_weights: O
         return grad_sigmas, grad_rgbs
     has_gw = grad_weights is not None
     gw = grad_weights.contiguous() if has_gw else grad_sigmas
-    args = [t.contiguous() for t in (sigmas, rgbs, t_starts, t_ends, packed_info, color, opacity, depth,
-                                     grad_color, grad_opacity, grad_depth)]
-    _render_backward_kernel[(triton.cdiv(R, _BLOCK),)](*args, gw, grad_sigmas, grad_rgbs, R, _max_count(packed_info),
-                                                       eps, HAS_GW=has_gw, BLOCK=_BLOCK)
+    args = [
+        t.contiguous()
+        for t in (
+            sigmas,
+            rgbs,
+            t_starts,
+            t_ends,
+            packed_info,
+            color,
+            opacity,
+            depth,
+            grad_color,
+            grad_opacity,
+            grad_depth,
+        )
+    ]
+    _render_backward_kernel[(triton.cdiv(R, _BLOCK),)](
+        *args, gw, grad_sigmas, grad_rgbs, R, _max_count(packed_info), eps, HAS_GW=has_gw, BLOCK=_BLOCK
+    )
     return grad_sigmas, grad_rgbs
 
 
 @triton.jit
-def _composite_kernel(col_ptr, cam_ptr, cen_ptr, vis_ptr, out_ptr, w_ptr, K, R, power, threshold, radius,
-                      PER_RAY: tl.constexpr, BLOCK: tl.constexpr):
+def _composite_kernel(
+    col_ptr,
+    cam_ptr,
+    cen_ptr,
+    vis_ptr,
+    out_ptr,
+    w_ptr,
+    K,
+    R,
+    power,
+    threshold,
+    radius,
+    PER_RAY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = r < R
     cam_off = r * 3 if PER_RAY else r * 0
@@ -263,6 +343,19 @@ def composite_blocks(colors, camera_pos, block_centers, visibility, power, thres
     out = torch.empty(R, 3, dtype=col.dtype, device=col.device)
     weights = torch.empty(K, R, dtype=col.dtype, device=col.device)
     if R > 0:
-        _composite_kernel[(triton.cdiv(R, _BLOCK),)](col, cam, cen, vis, out, weights, K, R, power, threshold,
-                                                     min(radius, 3.0e38), PER_RAY=cam.dim() == 2, BLOCK=_BLOCK)
+        _composite_kernel[(triton.cdiv(R, _BLOCK),)](
+            col,
+            cam,
+            cen,
+            vis,
+            out,
+            weights,
+            K,
+            R,
+            power,
+            threshold,
+            min(radius, 3.0e38),
+            PER_RAY=cam.dim() == 2,
+            BLOCK=_BLOCK,
+        )
     return out, weights

@@ -7,6 +7,7 @@ the row number into one int64 (key in the high half, row in the low half) and th
 its first K entries are written to [nq, blocks, K]. The final merge sorts those candidates the same
 way (torch), so ties go to the lower id exactly as on the other backends.
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -18,8 +19,18 @@ from torch import Tensor
 
 
 @triton.jit
-def _adc_partial_topk_kernel(lut_ptr, codes_ptr, out_ptr, n, nblocks, ksub,
-                             M: tl.constexpr, K: tl.constexpr, BLOCK: tl.constexpr, IP: tl.constexpr):
+def _adc_partial_topk_kernel(
+    lut_ptr,
+    codes_ptr,
+    out_ptr,
+    n,
+    nblocks,
+    ksub,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    IP: tl.constexpr,
+):
     q = tl.program_id(0)
     b = tl.program_id(1)
     rows = b * BLOCK + tl.arange(0, BLOCK)
@@ -53,15 +64,18 @@ def adc_search(lut: Tensor, codes: Tensor, k: int, metric: str) -> Tuple[Tensor,
     ip = metric == "ip"
     pad = float("-inf") if ip else float("inf")
     if nq == 0 or n == 0:
-        return (torch.full((nq, k), pad, dtype=torch.float32, device=lut.device),
-                torch.full((nq, k), -1, dtype=torch.int64, device=lut.device))
+        return (
+            torch.full((nq, k), pad, dtype=torch.float32, device=lut.device),
+            torch.full((nq, k), -1, dtype=torch.int64, device=lut.device),
+        )
     if n >= 2**31:
         raise ValueError("fastcore_ai.ops.pq_search: the triton backend takes n < 2^31 codes")
     block = max(128, triton.next_power_of_2(k))
     nblocks = triton.cdiv(n, block)
     partial = torch.empty((nq, nblocks, k), dtype=torch.int64, device=lut.device)
-    _adc_partial_topk_kernel[(nq, nblocks)](lut.contiguous(), codes.contiguous(), partial, n, nblocks, ksub,
-                                            M=M, K=k, BLOCK=block, IP=ip)
+    _adc_partial_topk_kernel[(nq, nblocks)](
+        lut.contiguous(), codes.contiguous(), partial, n, nblocks, ksub, M=M, K=k, BLOCK=block, IP=ip
+    )
     merged, _ = torch.sort(partial.reshape(nq, nblocks * k), dim=1)
     key, rows = _unpack(merged[:, :k])
     valid = rows < n

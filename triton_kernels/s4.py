@@ -13,6 +13,7 @@ Complex tensors arrive as interleaved (re, im) float32 pairs (Triton has no comp
   the fused backward spectra (grad_kf += G·conj(U), G *= conj(K)) and the D-gradient row dots.
 - ssm_step: one program per tile of (b, h) rows; backward one program per head h looping over b in order.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -31,6 +32,7 @@ def _interleaved(t: Tensor) -> Tensor:
 
 
 # ---- cauchy --------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _cauchy_fwd_kernel(v_ptr, w_ptr, z_ptr, out_ptr, N, L, CONJ: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr):
@@ -67,8 +69,9 @@ def _cauchy_fwd_kernel(v_ptr, w_ptr, z_ptr, out_ptr, N, L, CONJ: tl.constexpr, B
 
 
 @triton.jit
-def _cauchy_bwd_kernel(v_ptr, w_ptr, z_ptr, g_ptr, gv_ptr, gw_ptr, N, L, CONJ: tl.constexpr, BN: tl.constexpr,
-                       BL: tl.constexpr):
+def _cauchy_bwd_kernel(
+    v_ptr, w_ptr, z_ptr, g_ptr, gv_ptr, gw_ptr, N, L, CONJ: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr
+):
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     nm = n < N
@@ -133,8 +136,17 @@ def cauchy(v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tensor:
     if B == 0 or L == 0:
         return out
     BN, BL = _cauchy_blocks(N)
-    _cauchy_fwd_kernel[(B, triton.cdiv(L, BL))](_interleaved(v), _interleaved(w), _interleaved(z),
-                                                torch.view_as_real(out), N, L, CONJ=conj_symmetric, BN=BN, BL=BL)
+    _cauchy_fwd_kernel[(B, triton.cdiv(L, BL))](
+        _interleaved(v),
+        _interleaved(w),
+        _interleaved(z),
+        torch.view_as_real(out),
+        N,
+        L,
+        CONJ=conj_symmetric,
+        BN=BN,
+        BL=BL,
+    )
     return out
 
 
@@ -148,13 +160,24 @@ def cauchy_backward(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetri
     if L == 0:
         return grad_v.zero_(), grad_w.zero_()
     BN, BL = _cauchy_blocks(N)
-    _cauchy_bwd_kernel[(B, triton.cdiv(N, BN))](_interleaved(v), _interleaved(w), _interleaved(z), _interleaved(grad),
-                                                torch.view_as_real(grad_v), torch.view_as_real(grad_w), N, L,
-                                                CONJ=conj_symmetric, BN=BN, BL=BL)
+    _cauchy_bwd_kernel[(B, triton.cdiv(N, BN))](
+        _interleaved(v),
+        _interleaved(w),
+        _interleaved(z),
+        _interleaved(grad),
+        torch.view_as_real(grad_v),
+        torch.view_as_real(grad_w),
+        N,
+        L,
+        CONJ=conj_symmetric,
+        BN=BN,
+        BL=BL,
+    )
     return grad_v, grad_w
 
 
 # ---- vandermonde ---------------------------------------------------------------------------------
+
 
 @triton.jit
 def _exp_times(xr, xi, steps):
@@ -182,8 +205,8 @@ def _vand_fwd_kernel(v_ptr, x_ptr, out_ptr, N, L, BN: tl.constexpr, NB: tl.const
         vi = tl.load(v_ptr + base + 1, mask=nm, other=0.0)
         xr = tl.load(x_ptr + base, mask=nm, other=0.0)
         xi = tl.load(x_ptr + base + 1, mask=nm, other=0.0)
-        pr, pi = _exp_times(xr[:, None], xi[:, None], j[None, :])         # [BN, TB] in-block powers
-        sr, si = _exp_times(xr[None, :], xi[None, :], starts[:, None])    # [NB, BN] block starts
+        pr, pi = _exp_times(xr[:, None], xi[:, None], j[None, :])  # [BN, TB] in-block powers
+        sr, si = _exp_times(xr[None, :], xi[None, :], starts[:, None])  # [NB, BN] block starts
         cr = vr[None, :] * sr - vi[None, :] * si
         ci = vr[None, :] * si + vi[None, :] * sr
         acc += tl.dot(cr, pr, input_precision="ieee") - tl.dot(ci, pi, input_precision="ieee")
@@ -192,8 +215,7 @@ def _vand_fwd_kernel(v_ptr, x_ptr, out_ptr, N, L, BN: tl.constexpr, NB: tl.const
 
 
 @triton.jit
-def _vand_bwd_kernel(v_ptr, x_ptr, g_ptr, gv_ptr, gx_ptr, N, L, BN: tl.constexpr, NB: tl.constexpr,
-                     TBC: tl.constexpr):
+def _vand_bwd_kernel(v_ptr, x_ptr, g_ptr, gv_ptr, gx_ptr, N, L, BN: tl.constexpr, NB: tl.constexpr, TBC: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN)
     nm = n < N
@@ -257,9 +279,18 @@ def vandermonde_backward(grad: Tensor, v: Tensor, x: Tensor):
         return grad_v, grad_x
     if L == 0:
         return grad_v.zero_(), grad_x.zero_()
-    _vand_bwd_kernel[(B, triton.cdiv(N, _VAND_BN))](_interleaved(v), _interleaved(x), grad.float().contiguous(),
-                                                    torch.view_as_real(grad_v), torch.view_as_real(grad_x), N, L,
-                                                    BN=_VAND_BN, NB=_VAND_NB, TBC=TB)
+    _vand_bwd_kernel[(B, triton.cdiv(N, _VAND_BN))](
+        _interleaved(v),
+        _interleaved(x),
+        grad.float().contiguous(),
+        torch.view_as_real(grad_v),
+        torch.view_as_real(grad_x),
+        N,
+        L,
+        BN=_VAND_BN,
+        NB=_VAND_NB,
+        TBC=TB,
+    )
     return grad_v, grad_x
 
 
@@ -305,8 +336,7 @@ def _crop_skip_kernel(buf_ptr, skip_ptr, d_ptr, out_ptr, row_begin, H, L, n, HAS
 
 
 @triton.jit
-def _grad_spectra_kernel(g_ptr, u_ptr, k_ptr, gk_ptr, rows, row_begin, H, F, NEED_K: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _grad_spectra_kernel(g_ptr, u_ptr, k_ptr, gk_ptr, rows, row_begin, H, F, NEED_K: tl.constexpr, BLOCK: tl.constexpr):
     """For head h: grad_kf[h] += Σ_{chunk rows of h, in order} G conj(U); G *= conj(K)."""
     h = tl.program_id(0).to(tl.int64)
     f = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -341,8 +371,9 @@ def _row_dot_kernel(a_ptr, b_ptr, out_ptr, L, BLOCK: tl.constexpr):
     for l0 in range(0, L, BLOCK):
         i = l0 + tl.arange(0, BLOCK)
         m = i < L
-        acc += tl.load(a_ptr + r * L + i, mask=m, other=0.0).to(tl.float32) * \
-            tl.load(b_ptr + r * L + i, mask=m, other=0.0).to(tl.float32)
+        acc += tl.load(a_ptr + r * L + i, mask=m, other=0.0).to(tl.float32) * tl.load(
+            b_ptr + r * L + i, mask=m, other=0.0
+        ).to(tl.float32)
     tl.store(out_ptr + r, tl.sum(acc, axis=0))
 
 
@@ -370,13 +401,15 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
         torch.fft.rfft(rb, n=n, out=sp)
         _cmul_kernel[(count, triton.cdiv(F, _BLOCK))](torch.view_as_real(sp), Kf, r0, H, F, BLOCK=_BLOCK)
         torch.fft.irfft(sp, n=n, out=rb)
-        _crop_skip_kernel[(count, triton.cdiv(L, _BLOCK))](rb, uc, Dc, out, r0, H, L, n, HAS_D=D is not None,
-                                                           BLOCK=_BLOCK)
+        _crop_skip_kernel[(count, triton.cdiv(L, _BLOCK))](
+            rb, uc, Dc, out, r0, H, L, n, HAS_D=D is not None, BLOCK=_BLOCK
+        )
     return out
 
 
-def fft_conv_backward(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n: int, need_u: bool, need_k: bool,
-                      need_D: bool):
+def fft_conv_backward(
+    grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n: int, need_u: bool, need_k: bool, need_D: bool
+):
     B, H, L = u.shape
     Lk = k.shape[1]
     rows, F = B * H, n // 2 + 1
@@ -406,26 +439,46 @@ def fft_conv_backward(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n
                 torch.fft.rfft(rb, n=n, out=su)
             _pad_cast_kernel[(count, triton.cdiv(n, _BLOCK))](G, rb, r0, L, n, BLOCK=_BLOCK)
             torch.fft.rfft(rb, n=n, out=sp)
-            _grad_spectra_kernel[(H, triton.cdiv(F, _BLOCK))](torch.view_as_real(sp), torch.view_as_real(su), Kf, gk,
-                                                              count, r0, H, F, NEED_K=need_k, BLOCK=_BLOCK)
+            _grad_spectra_kernel[(H, triton.cdiv(F, _BLOCK))](
+                torch.view_as_real(sp), torch.view_as_real(su), Kf, gk, count, r0, H, F, NEED_K=need_k, BLOCK=_BLOCK
+            )
             if need_u:
                 torch.fft.irfft(sp, n=n, out=rb)
-                _crop_skip_kernel[(count, triton.cdiv(L, _BLOCK))](rb, G, Dc, grad_u, r0, H, L, n,
-                                                                   HAS_D=D is not None, BLOCK=_BLOCK)
+                _crop_skip_kernel[(count, triton.cdiv(L, _BLOCK))](
+                    rb, G, Dc, grad_u, r0, H, L, n, HAS_D=D is not None, BLOCK=_BLOCK
+                )
     elif need_u:
         grad_u.zero_()
     grad_k = k.new_empty((0,))
     if need_k:
-        grad_k = (torch.fft.irfft(grad_kf, n=n)[:, :Lk].to(k.dtype).contiguous() if rows > 0 and L > 0
-                  else torch.zeros_like(k))
+        grad_k = (
+            torch.fft.irfft(grad_kf, n=n)[:, :Lk].to(k.dtype).contiguous()
+            if rows > 0 and L > 0
+            else torch.zeros_like(k)
+        )
     return grad_u, grad_k, grad_D
 
 
 # ---- ssm_step ------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _step_kernel(s_ptr, u_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, ns_ptr, rows, H, N, HAS_D: tl.constexpr,
-                 BR: tl.constexpr, BN: tl.constexpr):
+def _step_kernel(
+    s_ptr,
+    u_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    y_ptr,
+    ns_ptr,
+    rows,
+    H,
+    N,
+    HAS_D: tl.constexpr,
+    BR: tl.constexpr,
+    BN: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
     rm = row < rows
     h = row % H
@@ -456,8 +509,28 @@ def _step_kernel(s_ptr, u_ptr, a_ptr, b_ptr, c_ptr, d_ptr, y_ptr, ns_ptr, rows, 
 
 
 @triton.jit
-def _step_bwd_kernel(s_ptr, u_ptr, a_ptr, b_ptr, c_ptr, d_ptr, gy_ptr, gns_ptr, gs_ptr, gu_ptr, ga_ptr, gb_ptr, gc_ptr,
-                     gd_ptr, B, H, N, HAS_D: tl.constexpr, HAS_GNS: tl.constexpr, BN: tl.constexpr):
+def _step_bwd_kernel(
+    s_ptr,
+    u_ptr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    d_ptr,
+    gy_ptr,
+    gns_ptr,
+    gs_ptr,
+    gu_ptr,
+    ga_ptr,
+    gb_ptr,
+    gc_ptr,
+    gd_ptr,
+    B,
+    H,
+    N,
+    HAS_D: tl.constexpr,
+    HAS_GNS: tl.constexpr,
+    BN: tl.constexpr,
+):
     """Head h: every b in increasing order (fixed-order sums over b). BN ≥ N (one chunk)."""
     h = tl.program_id(0).to(tl.int64)
     n = tl.arange(0, BN)
@@ -514,8 +587,9 @@ def _step_bwd_kernel(s_ptr, u_ptr, a_ptr, b_ptr, c_ptr, d_ptr, gy_ptr, gns_ptr, 
         tl.store(gd_ptr + h, gd)
 
 
-def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor],
-             out: Optional[Tensor] = None):
+def ssm_step(
+    state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor], out: Optional[Tensor] = None
+):
     """out: write the new state there (may be `state` itself: each element is loaded before it is stored)."""
     B, H, N = state.shape
     y = torch.empty((B, H), dtype=u.dtype, device=u.device)
@@ -527,14 +601,35 @@ def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Opt
     BR = max(1, 1024 // BN)
     s = torch.view_as_real(state) if out is state else _interleaved(state)
     Dc = D.float().contiguous() if D is not None else s
-    _step_kernel[(triton.cdiv(rows, BR),)](s, u.contiguous(), _interleaved(dA), _interleaved(dB), _interleaved(C), Dc,
-                                           y, torch.view_as_real(new_state), rows, H, N, HAS_D=D is not None, BR=BR,
-                                           BN=BN)
+    _step_kernel[(triton.cdiv(rows, BR),)](
+        s,
+        u.contiguous(),
+        _interleaved(dA),
+        _interleaved(dB),
+        _interleaved(C),
+        Dc,
+        y,
+        torch.view_as_real(new_state),
+        rows,
+        H,
+        N,
+        HAS_D=D is not None,
+        BR=BR,
+        BN=BN,
+    )
     return y, new_state
 
 
-def ssm_step_backward(grad_y: Tensor, grad_state: Optional[Tensor], state: Tensor, u: Tensor, dA: Tensor, dB: Tensor,
-                      C: Tensor, D: Optional[Tensor]):
+def ssm_step_backward(
+    grad_y: Tensor,
+    grad_state: Optional[Tensor],
+    state: Tensor,
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+):
     B, H, N = state.shape
     grad_s = torch.empty_like(state, memory_format=torch.contiguous_format)
     grad_u = torch.empty((B, H), dtype=torch.float32, device=u.device)
@@ -544,9 +639,26 @@ def ssm_step_backward(grad_y: Tensor, grad_state: Optional[Tensor], state: Tenso
         s = _interleaved(state)
         Dc = D.float().contiguous() if D is not None else s
         gns = _interleaved(grad_state) if grad_state is not None else s
-        _step_bwd_kernel[(H,)](s, u.contiguous(), _interleaved(dA), _interleaved(dB), _interleaved(C), Dc,
-                               grad_y.float().contiguous(), gns, torch.view_as_real(grad_s), grad_u,
-                               torch.view_as_real(gA), torch.view_as_real(gB), torch.view_as_real(gC), gD, B, H, N,
-                               HAS_D=D is not None, HAS_GNS=grad_state is not None,
-                               BN=max(16, triton.next_power_of_2(N)))
+        _step_bwd_kernel[(H,)](
+            s,
+            u.contiguous(),
+            _interleaved(dA),
+            _interleaved(dB),
+            _interleaved(C),
+            Dc,
+            grad_y.float().contiguous(),
+            gns,
+            torch.view_as_real(grad_s),
+            grad_u,
+            torch.view_as_real(gA),
+            torch.view_as_real(gB),
+            torch.view_as_real(gC),
+            gD,
+            B,
+            H,
+            N,
+            HAS_D=D is not None,
+            HAS_GNS=grad_state is not None,
+            BN=max(16, triton.next_power_of_2(N)),
+        )
     return grad_s, grad_u.to(u.dtype), gA, gB, gC, (gD.to(D.dtype) if D is not None else gD)

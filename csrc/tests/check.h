@@ -7,12 +7,12 @@ inline int& fc_failures() {
   return failures;
 }
 
-#define FC_EXPECT(cond, ...)                                              \
-  do {                                                                    \
-    if (!(cond)) {                                                        \
-      ++fc_failures();                                                    \
+#define FC_EXPECT(cond, ...)                                                   \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      ++fc_failures();                                                         \
       std::fprintf(stderr, "%s:%d: expected %s: ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                  \
-      std::fprintf(stderr, "\n");                                         \
-    }                                                                     \
+      std::fprintf(stderr, __VA_ARGS__);                                       \
+      std::fprintf(stderr, "\n");                                              \
+    }                                                                          \
   } while (0)

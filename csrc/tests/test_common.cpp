@@ -18,8 +18,8 @@ int main() {
     if (std::isnan(expected)) {
       FC_EXPECT(std::isnan(actual), "fp16 0x%04x should widen to NaN", bits);
     } else {
-      FC_EXPECT(bit_cast<uint32_t>(actual) == bit_cast<uint32_t>(expected), "fp16 0x%04x -> %g, expected %g",
-                bits, actual, expected);
+      FC_EXPECT(bit_cast<uint32_t>(actual) == bit_cast<uint32_t>(expected), "fp16 0x%04x -> %g, expected %g", bits,
+                actual, expected);
     }
 #endif
     const float widened = bfloat16_bits_to_float(h);

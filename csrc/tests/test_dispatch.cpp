@@ -95,7 +95,8 @@ void check_plans(std::mt19937& gen) {
                       (long long)E, (long long)k, (long long)chunk);
             FC_EXPECT(got.slot_to_token == want.slot_to_token, "slot_to_token T=%lld chunk=%lld", (long long)T,
                       (long long)chunk);
-            FC_EXPECT(got.token_slot == want.token_slot, "token_slot T=%lld chunk=%lld", (long long)T, (long long)chunk);
+            FC_EXPECT(got.token_slot == want.token_slot, "token_slot T=%lld chunk=%lld", (long long)T,
+                      (long long)chunk);
           }
         }
       }
@@ -153,7 +154,7 @@ void check_gather(int64_t element_size) {
     for (int64_t h = 0; h < H; ++h)
       FC_EXPECT(out[s * H + h] == x[src[s] + h * 2 * T], "gather element %lld,%lld size %lld", (long long)s,
                 (long long)h, (long long)element_size);
-  src[4] = T;   // out of range: counted, not read
+  src[4] = T;  // out of range: counted, not read
   src[5] = -1;
   FC_EXPECT(gather_rows_cpu(g, 0, S) == 2, "bad rows counted");
 }
@@ -199,8 +200,8 @@ void check_combine(std::mt19937& gen) {
         const int64_t s = plan.token_slot[t * k + j];
         if (s >= 0) want += w[t * k + j] * y[s * H + h];
       }
-      FC_EXPECT(std::memcmp(&want, &out[t * H + h], sizeof(float)) == 0, "combine (%lld, %lld): %g vs %g",
-                (long long)t, (long long)h, want, out[t * H + h]);
+      FC_EXPECT(std::memcmp(&want, &out[t * H + h], sizeof(float)) == 0, "combine (%lld, %lld): %g vs %g", (long long)t,
+                (long long)h, want, out[t * H + h]);
       bool bad = false;  // the CPU row loop and the shared per-element body (used by CUDA) agree bitwise
       const float body = combine_element<float>(p, t, h, bad);
       FC_EXPECT(!bad && std::memcmp(&body, &out[t * H + h], sizeof(float)) == 0, "combine_element (%lld, %lld)",

@@ -32,13 +32,13 @@ void check_conversion(const char* name, Widen widen, Narrow narrow, uint32_t inf
     }
     FC_EXPECT(narrow(value) == h, "%s: round trip of 0x%04x gave 0x%04x", name, h, narrow(value));
     if (magnitude >= inf_bits) continue;
-    const uint16_t next = static_cast<uint16_t>(h + 1);          // the neighbour further from zero
+    const uint16_t next = static_cast<uint16_t>(h + 1);  // the neighbour further from zero
     if ((next & 0x7fffu) > inf_bits) continue;
     const float upper = widen(next);
     if (std::isinf(upper)) continue;
     const double mid = (static_cast<double>(value) + static_cast<double>(upper)) / 2;
     const float midpoint = static_cast<float>(mid);
-    if (static_cast<double>(midpoint) != mid) continue;          // not representable in float32
+    if (static_cast<double>(midpoint) != mid) continue;  // not representable in float32
     const uint16_t even = (h & 1u) == 0 ? static_cast<uint16_t>(h) : next;
     FC_EXPECT(narrow(midpoint) == even, "%s: midpoint above 0x%04x gave 0x%04x", name, h, narrow(midpoint));
     const float below = std::nextafter(midpoint, value), above = std::nextafter(midpoint, upper);
@@ -127,10 +127,12 @@ void check_grid_bound() {
 }  // namespace
 
 int main() {
-  check_conversion("float16", [](uint16_t b) { return float16_bits_to_float(b); },
-                   [](float v) { return float_to_float16_bits(v); }, 0x7c00u);
-  check_conversion("bfloat16", [](uint16_t b) { return bfloat16_bits_to_float(b); },
-                   [](float v) { return float_to_bfloat16_bits(v); }, 0x7f80u);
+  check_conversion(
+      "float16", [](uint16_t b) { return float16_bits_to_float(b); }, [](float v) { return float_to_float16_bits(v); },
+      0x7c00u);
+  check_conversion(
+      "bfloat16", [](uint16_t b) { return bfloat16_bits_to_float(b); },
+      [](float v) { return float_to_bfloat16_bits(v); }, 0x7f80u);
   check_overflow_and_tiny();
   check_epilogue();
   check_grid_bound();

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "check.h"
+#include "fastcore/cpu_isa.h"
 #include "mux/attention.h"
 #include "mux/convert.h"
 #include "mux/mux_demux.h"
@@ -101,9 +102,10 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
       std::vector<double> s(c.Lk);
       for (int64_t j = 0; j < c.Lk; ++j) {
         double dot = 0;
-        for (int64_t d = 0; d < c.D; ++d) dot += double(q[(bh * c.Lq + i) * c.D + d]) * double(k[(bh * c.Lk + j) * c.D + d]);
-        bool keep = (!c.bool_mask || mask_storage[i * c.Lk + j]) && !(c.padding && pad[b * c.Lk + j]) &&
-                    !(c.causal && j > i);
+        for (int64_t d = 0; d < c.D; ++d)
+          dot += double(q[(bh * c.Lq + i) * c.D + d]) * double(k[(bh * c.Lk + j) * c.D + d]);
+        bool keep =
+            (!c.bool_mask || mask_storage[i * c.Lk + j]) && !(c.padding && pad[b * c.Lk + j]) && !(c.causal && j > i);
         s[j] = keep ? dot * scale : -INFINITY;
         mx = std::max(mx, s[j]);
       }
@@ -127,7 +129,8 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
       for (int64_t j = 0; j < c.Lk; ++j) {
         const double pij = prob[i * c.Lk + j];
         double dp = 0;
-        for (int64_t d = 0; d < c.D; ++d) dp += double(go[(bh * c.Lq + i) * c.D + d]) * double(v[(bh * c.Lk + j) * c.D + d]);
+        for (int64_t d = 0; d < c.D; ++d)
+          dp += double(go[(bh * c.Lq + i) * c.D + d]) * double(v[(bh * c.Lk + j) * c.D + d]);
         const double ds = pij * (dp - delta);
         for (int64_t d = 0; d < c.D; ++d) {
           rv[(bh * c.Lk + j) * c.D + d] += pij * double(go[(bh * c.Lq + i) * c.D + d]);
@@ -145,7 +148,8 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
     ak[i] = gk[i];
     av[i] = gv[i];
   }
-  FC_EXPECT(rel_error(ao, ro) < bound, "out error %g (D=%ld Lq=%ld Lk=%ld)", rel_error(ao, ro), long(c.D), long(c.Lq), long(c.Lk));
+  FC_EXPECT(rel_error(ao, ro) < bound, "out error %g (D=%ld Lq=%ld Lk=%ld)", rel_error(ao, ro), long(c.D), long(c.Lq),
+            long(c.Lk));
   FC_EXPECT(rel_error(aq, rq) < 5 * bound, "dq error %g", rel_error(aq, rq));
   FC_EXPECT(rel_error(ak, rk) < 5 * bound, "dk error %g", rel_error(ak, rk));
   FC_EXPECT(rel_error(av, rv) < 5 * bound, "dv error %g", rel_error(av, rv));
@@ -203,20 +207,27 @@ void test_hadamard_mux() {
 
 int main() {
   const Case cases[] = {
-      {1, 1, 1, 1, 1, 64, 512, false, false, false},
-      {2, 3, 7, 9, 13, 4, 512, false, true, false},
-      {1, 2, 37, 70, 24, 16, 16, true, false, true},   // several key blocks: online rescaling
-      {1, 1, 20, 33, 200, 7, 8, false, true, true},
-      {1, 1, 9, 5, 256, 64, 2, true, true, false},
+      {1, 1, 1, 1, 1, 64, 512, false, false, false}, {2, 3, 7, 9, 13, 4, 512, false, true, false},
+      {1, 2, 37, 70, 24, 16, 16, true, false, true},  // several key blocks: online rescaling
+      {1, 1, 20, 33, 200, 7, 8, false, true, true},  {1, 1, 9, 5, 256, 64, 2, true, true, false},
   };
-  for (const bool generic : {false, true}) {  // the AVX-512 path (where the CPU has it), then the generic one
-    attention_cpu_force_generic(generic);
+  set_cpu_isa_cap(0);
+  const CpuIsa uncapped = active_cpu_isa();
+  // The AVX-512 path (where the CPU has it), then the generic one (the ISA cap at portable).
+  for (const int cap : {0, static_cast<int>(CpuIsa::kPortable)}) {
+    set_cpu_isa_cap(cap);
     for (const Case& c : cases) {
       run_case<float>(c, ScalarKind::kFloat32, 2e-5);
       run_case<double>(c, ScalarKind::kFloat64, 1e-12);
     }
   }
+  set_cpu_isa_cap(0);
+  // The former switch is the same cap.
+  attention_cpu_force_generic(true);
+  FC_EXPECT(active_cpu_isa() == CpuIsa::kPortable, "attention_cpu_force_generic(true): %s",
+            cpu_isa_name(active_cpu_isa()));
   attention_cpu_force_generic(false);
+  FC_EXPECT(active_cpu_isa() == uncapped, "attention_cpu_force_generic(false): %s", cpu_isa_name(active_cpu_isa()));
   test_conversions();
   test_hadamard_mux();
   if (fc_failures() == 0) std::printf("test_mux_attention: all passed\n");

@@ -120,7 +120,8 @@ void test_march() {
               (long long)counts[r], (long long)expect);
     for (int64_t k = 0; k < counts[r]; ++k) {
       const int64_t s = offsets[r] + k;
-      FC_EXPECT(ray_idx[s] == r && ts[s] == tn + k * step, "ray %lld sample %lld off the lattice", (long long)r, (long long)k);
+      FC_EXPECT(ray_idx[s] == r && ts[s] == tn + k * step, "ray %lld sample %lld off the lattice", (long long)r,
+                (long long)k);
       const double end = tn + (k + 1) * step;
       FC_EXPECT(te[s] == (end < tf ? end : tf), "ray %lld sample %lld end", (long long)r, (long long)k);
     }
@@ -150,13 +151,13 @@ void test_march() {
     int level;
     int64_t cell[3];
     for (int k = 0; k < 3; ++k) x[k] = o[3 * ri[s] + k] + mid * d[3 * ri[s] + k];
-    FC_EXPECT(grid_cell_of<double>(q, x, level, cell) && grid_occupied<double>(q, level, cell), "sample %lld in an empty cell",
-              (long long)s);
+    FC_EXPECT(grid_cell_of<double>(q, x, level, cell) && grid_occupied<double>(q, level, cell),
+              "sample %lld in an empty cell", (long long)s);
   }
 }
 
-std::vector<double> render(const std::vector<double>& sig, const std::vector<double>& rgb, const std::vector<double>& ts,
-                           const std::vector<double>& te, double eps) {
+std::vector<double> render(const std::vector<double>& sig, const std::vector<double>& rgb,
+                           const std::vector<double>& ts, const std::vector<double>& te, double eps) {
   // direct evaluation of the formulas (products of (1 − α), not the kernel's running sum)
   std::vector<double> out(5, 0.0);
   double trans = 1.0;
@@ -285,7 +286,8 @@ void test_composite() {
   p.out = out.data();
   p.weights = w.data();
   composite_cpu<double>(p, 0, R);
-  FC_EXPECT(std::fabs(w[0] - 0.8) < 1e-14 && std::fabs(w[2] - 0.2) < 1e-14 && w[4] == 0.0, "idw %g %g %g", w[0], w[2], w[4]);
+  FC_EXPECT(std::fabs(w[0] - 0.8) < 1e-14 && std::fabs(w[2] - 0.2) < 1e-14 && w[4] == 0.0, "idw %g %g %g", w[0], w[2],
+            w[4]);
   FC_EXPECT(w[1] == 1.0 && w[3] == 0.0 && w[5] == 0.0, "fallback to the nearest block");
   FC_EXPECT(std::fabs(out[3] - colors[3]) < 1e-15, "fallback colour");
 }

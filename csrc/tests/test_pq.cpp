@@ -1,14 +1,19 @@
 // The pq CPU kernels against naive double-precision code written here from the math in pq.h: tables
 // and encode, the k-means assignment and member sums, the 8-bit flat and IVF scans with their top-k (ties by lower id, padding, split into row
 // parts + merge), and the 4-bit fast-scan block sums of every kernel this CPU has (portable, AVX2,
-// AVX-512BW) against each other and against the table sums.
+// AVX-512BW) against each other and against the table sums; the ISA levels of fastcore/cpu_isa.h (cap,
+// environment parsing, the pq4_force_kernel wrapper).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "check.h"
+#include "fastcore/cpu_isa.h"
 #include "pq/pq.h"
 
 using namespace fastcore;
@@ -112,7 +117,8 @@ void check_encode(int64_t n, int64_t M, int64_t dsub, int64_t ksub, std::mt19937
 }
 
 // Naive top-k with the (key, id) order; key = dist or −dist.
-void naive_topk(const std::vector<double>& dist, bool ip, int64_t k, std::vector<double>& out_d, std::vector<int64_t>& out_i) {
+void naive_topk(const std::vector<double>& dist, bool ip, int64_t k, std::vector<double>& out_d,
+                std::vector<int64_t>& out_i) {
   std::vector<std::pair<double, int64_t>> items;
   for (size_t i = 0; i < dist.size(); ++i) items.push_back({ip ? -dist[i] : dist[i], (int64_t)i});
   std::sort(items.begin(), items.end());
@@ -152,7 +158,8 @@ void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool 
   pq_merge_topk_cpu(part_d.data(), part_i.data(), 3, k, p.metric, 0, nq, merged_d.data(), merged_i.data());
   // IVF: every row in one of 3 lists, all probed (plus a skipped −1 probe), bias 0.
   std::vector<int64_t> offsets = {0, n / 3, n / 2, n}, probes(nq * 4), ivf_ids(n);
-  for (int64_t q = 0; q < nq; ++q) probes[q * 4] = 2, probes[q * 4 + 1] = -1, probes[q * 4 + 2] = 0, probes[q * 4 + 3] = 1;
+  for (int64_t q = 0; q < nq; ++q)
+    probes[q * 4] = 2, probes[q * 4 + 1] = -1, probes[q * 4 + 2] = 0, probes[q * 4 + 3] = 1;
   for (int64_t i = 0; i < n; ++i) ivf_ids[i] = i;
   std::vector<float> ivf_d(nq * k);
   std::vector<int64_t> ivf_i(nq * k);
@@ -201,8 +208,8 @@ void check_scan(int64_t nq, int64_t n, int64_t M, int64_t ksub, int64_t k, bool 
                 (long)q, (long)j, (long)term_i[q * k + j], term_d[q * k + j], (long)ei[j], ed[j]);
     naive_topk(dist, ip, k, ed, ei);
     for (int64_t j = 0; j < k; ++j) {
-      FC_EXPECT(ids[q * k + j] == ei[j] && d[q * k + j] == ed[j], "flat q=%ld j=%ld: %ld/%g vs %ld/%g", (long)q, (long)j,
-                (long)ids[q * k + j], d[q * k + j], (long)ei[j], ed[j]);
+      FC_EXPECT(ids[q * k + j] == ei[j] && d[q * k + j] == ed[j], "flat q=%ld j=%ld: %ld/%g vs %ld/%g", (long)q,
+                (long)j, (long)ids[q * k + j], d[q * k + j], (long)ei[j], ed[j]);
       FC_EXPECT(merged_i[q * k + j] == ei[j] && merged_d[q * k + j] == ed[j], "merged q=%ld j=%ld", (long)q, (long)j);
       FC_EXPECT(ivf_i[q * k + j] == ei[j] && ivf_d[q * k + j] == ed[j], "ivf q=%ld j=%ld", (long)q, (long)j);
     }
@@ -225,14 +232,14 @@ void check_fastscan(int64_t M, std::mt19937& gen) {
         expected[t + 16] += qlut[p * 32 + h * 16 + (c >> 4)];
       }
   for (int kernel = 1; kernel <= 3; ++kernel) {
-    pq4_force_kernel(kernel);
+    set_cpu_isa_cap(kernel);
     uint16_t out[32];
     pq4_block_distances(block.data(), qlut.data(), pairs, out);
     for (int v = 0; v < 32; ++v)
       FC_EXPECT(out[v] == expected[v], "fast-scan kernel %s M=%ld vector %d: %u vs %u", pq4_kernel_name(), (long)M, v,
                 out[v], expected[v]);
   }
-  pq4_force_kernel(0);
+  set_cpu_isa_cap(0);
 }
 
 // pq_assign_cpu on an exact [n, k] product (the GEMM is the caller's): against the double argmin
@@ -263,8 +270,8 @@ void check_assign(int64_t n, int64_t k, bool ip, std::mt19937& gen) {
       const float key = ip ? -g[i * k + j] : cn[j] - 2.0f * g[i * k + j];
       if (j == 0 || key < best_key) best_key = key, best = j;
     }
-    FC_EXPECT(assign[i] == best, "assign k=%ld ip=%d row %ld: %ld vs %ld", (long)k, int(ip), (long)i,
-              (long)assign[i], (long)best);
+    FC_EXPECT(assign[i] == best, "assign k=%ld ip=%d row %ld: %ld vs %ld", (long)k, int(ip), (long)i, (long)assign[i],
+              (long)best);
     const float want = ip ? -best_key : std::max(0.0f, xn[i] + best_key);
     FC_EXPECT(min_dist[i] == want, "assign min_dist k=%ld row %ld", (long)k, (long)i);
   }
@@ -319,7 +326,8 @@ void check_assign_fused(int64_t n, int64_t d, int64_t k, bool ip, std::mt19937& 
       if (score[j] < score[best]) best = j;
     }
     const int64_t got = assign[i];
-    FC_EXPECT(got >= 0 && got < k && (got == best || std::fabs(score[got] - score[best]) <= 1e-4 * (1 + std::fabs(score[best]))),
+    FC_EXPECT(got >= 0 && got < k &&
+                  (got == best || std::fabs(score[got] - score[best]) <= 1e-4 * (1 + std::fabs(score[best]))),
               "fused assign n=%ld d=%ld k=%ld ip=%d row %ld: %ld vs %ld", (long)n, (long)d, (long)k, int(ip), (long)i,
               (long)got, (long)best);
     const double want = ip ? -score[got] : score[got];
@@ -391,7 +399,60 @@ void check_centroid_sums(int64_t n, int64_t M, int64_t dsub, int64_t ksub, bool 
 
 }  // namespace
 
+// active_cpu_isa() = min(detected, caps); the cap only lowers; pq4_force_kernel is the same cap; the
+// environment parser (called directly: the process's own value was read at the first active_cpu_isa();
+// the two unknown values print its warning).
+void check_cpu_isa() {
+  const CpuIsa detected = detected_cpu_isa();
+  set_cpu_isa_cap(0);
+  const CpuIsa uncapped = active_cpu_isa();
+  FC_EXPECT(uncapped <= detected, "active %s above detected %s", cpu_isa_name(uncapped), cpu_isa_name(detected));
+  for (int cap = 1; cap <= 4; ++cap) {
+    set_cpu_isa_cap(cap);
+    const CpuIsa expected = static_cast<int>(uncapped) < cap ? uncapped : static_cast<CpuIsa>(cap);
+    FC_EXPECT(active_cpu_isa() == expected, "cap %d: %s, expected %s", cap, cpu_isa_name(active_cpu_isa()),
+              cpu_isa_name(expected));
+  }
+  pq4_force_kernel(1);
+  FC_EXPECT(active_cpu_isa() == CpuIsa::kPortable && std::strcmp(pq4_kernel_name(), "portable") == 0,
+            "pq4_force_kernel(1): %s", pq4_kernel_name());
+  pq4_force_kernel(0);
+  FC_EXPECT(active_cpu_isa() == uncapped, "pq4_force_kernel(0): %s", cpu_isa_name(active_cpu_isa()));
+  const char* names[] = {"FASTCORE_AI_CPU_ISA", "FASTCORE_AI_ATTENTION_CPU_GENERIC"};
+  std::string saved[2];
+  bool was_set[2];
+  for (int v = 0; v < 2; ++v) {
+    const char* value = std::getenv(names[v]);
+    was_set[v] = value != nullptr;
+    saved[v] = value ? value : "";
+  }
+  unsetenv(names[1]);
+  const struct {
+    const char* value;
+    int cap;
+  } cases[] = {{"portable", 1}, {"AVX2", 2}, {"avx512", 3}, {"auto", 0}, {"", 0}, {"avx512bw", 0}, {"sse", 0}};
+  for (const auto& c : cases) {
+    setenv(names[0], c.value, 1);
+    FC_EXPECT(cpu_isa_detail::environment_cap() == c.cap, "FASTCORE_AI_CPU_ISA=%s: cap %d, expected %d", c.value,
+              cpu_isa_detail::environment_cap(), c.cap);
+  }
+  setenv(names[0], "avx2", 1);
+  setenv(names[1], "1", 1);  // the deprecated attention switch means portable
+  FC_EXPECT(cpu_isa_detail::environment_cap() == 1, "FASTCORE_AI_ATTENTION_CPU_GENERIC=1: cap %d",
+            cpu_isa_detail::environment_cap());
+  setenv(names[1], "0", 1);
+  FC_EXPECT(cpu_isa_detail::environment_cap() == 2, "FASTCORE_AI_ATTENTION_CPU_GENERIC=0: cap %d",
+            cpu_isa_detail::environment_cap());
+  for (int v = 0; v < 2; ++v) {
+    if (was_set[v])
+      setenv(names[v], saved[v].c_str(), 1);
+    else
+      unsetenv(names[v]);
+  }
+}
+
 int main() {
+  check_cpu_isa();
   std::mt19937 gen(7);
   for (int64_t ksub : {16, 256}) {
     check_tables(5, 3, 4, ksub, gen);
@@ -399,7 +460,7 @@ int main() {
   }
   // Encode and the 8-bit scan with the portable loops (kernel 1) and with this CPU's SIMD kernels.
   for (int kernel : {1, 0}) {
-    pq4_force_kernel(kernel);
+    set_cpu_isa_cap(kernel);
     for (int64_t ksub : {16, 256, 100, 1}) {
       check_encode(300, 3, 4, ksub, gen);
       check_encode(130, 2, 17, ksub, gen);
@@ -413,11 +474,11 @@ int main() {
     for (bool ip : {false, true}) {
       check_scan(9, 1000, 5, 256, 10, ip, gen);
       check_scan(21, 333, 3, 256, 7, ip, gen);  // more queries than one 16-query pass, odd row count
-      check_scan(3, 7, 4, 16, 12, ip, gen);  // k > n: padding
+      check_scan(3, 7, 4, 16, 12, ip, gen);     // k > n: padding
       check_scan(2, 300, 1, 16, 1, ip, gen);
     }
   }
-  pq4_force_kernel(0);
+  set_cpu_isa_cap(0);
   for (bool wide : {false, true}) {
     check_centroid_sums(50, 3, 4, 16, wide, gen);
     check_centroid_sums(40, 1, 23, 7, wide, gen);  // a plain k-means: one sub-space split across parts

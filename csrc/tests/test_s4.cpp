@@ -42,8 +42,16 @@ void test_cauchy() {
     for (int64_t l = 0; l < L; ++l) zr[l] = z[2 * l], zi[l] = z[2 * l + 1];
     for (int64_t i = 0; i < B * L; ++i) gr[i] = g[2 * i], gi[i] = g[2 * i + 1];
     CauchyParams<float> p;
-    p.v = v.data(); p.w = w.data(); p.z = z.data(); p.out = out.data(); p.grad_v = gv.data(); p.grad_w = gw.data();
-    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj;
+    p.v = v.data();
+    p.w = w.data();
+    p.z = z.data();
+    p.out = out.data();
+    p.grad_v = gv.data();
+    p.grad_w = gw.data();
+    p.batch = B;
+    p.states = N;
+    p.nodes = L;
+    p.conj_symmetric = conj;
     const int64_t tiles = (L + kCauchyTile - 1) / kCauchyTile;
     cauchy_forward_cpu<float>(p, zr.data(), zi.data(), 0, B * tiles);
     cauchy_backward_cpu<float>(p, zr.data(), zi.data(), gr.data(), gi.data(), 0, B * N);
@@ -89,15 +97,23 @@ void test_vandermonde() {
   }
   for (auto& value : g) value = static_cast<float>(uniform());
   VandermondeParams<float> p;
-  p.v = v.data(); p.x = x.data(); p.out = out.data(); p.grad_out = g.data(); p.grad_v = gv.data(); p.grad_x = gx.data();
-  p.batch = B; p.states = N; p.length = L;
+  p.v = v.data();
+  p.x = x.data();
+  p.out = out.data();
+  p.grad_out = g.data();
+  p.grad_v = gv.data();
+  p.grad_x = gx.data();
+  p.batch = B;
+  p.states = N;
+  p.length = L;
   vandermonde_forward_cpu<float>(p, 0, B);
   vandermonde_backward_cpu<float>(p, 0, B * N);
   double err = 0, norm = 0, gerr = 0, gnorm = 0;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t l = 0; l < L; ++l) {
       double expected = 0;
-      for (int64_t n = 0; n < N; ++n) expected += 2 * (at(v, b * N + n) * std::exp(at(x, b * N + n) * double(l))).real();
+      for (int64_t n = 0; n < N; ++n)
+        expected += 2 * (at(v, b * N + n) * std::exp(at(x, b * N + n) * double(l))).real();
       err += (out[b * L + l] - expected) * (out[b * L + l] - expected);
       norm += expected * expected;
     }
@@ -124,8 +140,17 @@ void test_step() {
   for (auto& value : u) value = static_cast<float>(uniform());
   for (auto& value : D) value = static_cast<float>(uniform());
   StepParams<float> p;
-  p.state = s.data(); p.u = u.data(); p.dA = a.data(); p.dB = bb.data(); p.C = c.data(); p.D = D.data();
-  p.y = y.data(); p.new_state = ns.data(); p.batch = B; p.heads = H; p.states = N;
+  p.state = s.data();
+  p.u = u.data();
+  p.dA = a.data();
+  p.dB = bb.data();
+  p.C = c.data();
+  p.D = D.data();
+  p.y = y.data();
+  p.new_state = ns.data();
+  p.batch = B;
+  p.heads = H;
+  p.states = N;
   ssm_step_cpu<float>(p, 0, 4);  // heads [0, 4) and [4, H): as two threads would split them
   ssm_step_cpu<float>(p, 4, H);
   for (int64_t row = 0; row < B * H; ++row) {

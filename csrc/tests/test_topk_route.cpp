@@ -72,7 +72,8 @@ Routed run_naive(const std::vector<float>& logits, int64_t T, int64_t E, int k, 
   for (int64_t t = 0; t < T; ++t) {
     const float* x = logits.data() + t * E;
     double m = -INFINITY;
-    for (int64_t e = 0; e < E; ++e) if (!std::isnan(x[e])) m = std::max(m, double(x[e]));
+    for (int64_t e = 0; e < E; ++e)
+      if (!std::isnan(x[e])) m = std::max(m, double(x[e]));
     double s = 0;
     for (int64_t e = 0; e < E; ++e) s += std::exp(double(x[e]) - m);
     const double lse = m + std::log(s);
@@ -118,7 +119,8 @@ void check_random(int64_t T, int64_t E, int k, bool renormalize, std::mt19937& g
   FC_EXPECT(max_relative(got.weights, want.weights) < 2e-6, "weights E=%lld k=%d: %g", (long long)E, k,
             max_relative(got.weights, want.weights));
   for (int64_t t = 0; t < T; ++t)  // lse can be near 0, so the bound scales with max(1, |lse|)
-    FC_EXPECT(std::fabs(got.lse[t] - want.lse[t]) < 2e-6 * std::max(1.0, std::fabs(want.lse[t])), "lse[%lld]", (long long)t);
+    FC_EXPECT(std::fabs(got.lse[t] - want.lse[t]) < 2e-6 * std::max(1.0, std::fabs(want.lse[t])), "lse[%lld]",
+              (long long)t);
   FC_EXPECT(std::fabs(got.z_loss - want.z_loss) / want.z_loss < 2e-6, "z_loss %g vs %g", got.z_loss, want.z_loss);
   for (int64_t e = 0; e < E; ++e)
     FC_EXPECT(std::fabs(got.mean_prob[e] - want.mean_prob[e]) < 1e-6, "mean_prob[%lld]", (long long)e);
@@ -130,11 +132,11 @@ void check_random(int64_t T, int64_t E, int k, bool renormalize, std::mt19937& g
 void check_special_rows() {
   const int64_t E = 19;
   const int k = 6;
-  std::vector<float> logits(5 * E, 0.0f);                       // row 0: all ties
+  std::vector<float> logits(5 * E, 0.0f);                         // row 0: all ties
   for (int64_t e = 0; e < E; ++e) logits[1 * E + e] = -INFINITY;  // row 1: all -inf
   logits[1 * E + 11] = 2.0f;
-  for (int64_t e = 0; e < E; ++e) logits[2 * E + e] = NAN;         // row 2: all NaN
-  logits[3 * E + 5] = NAN;                                        // row 3: one NaN
+  for (int64_t e = 0; e < E; ++e) logits[2 * E + e] = NAN;  // row 2: all NaN
+  logits[3 * E + 5] = NAN;                                  // row 3: one NaN
   logits[3 * E + 9] = 4.0f;
   for (int64_t e = 0; e < E; ++e) logits[4 * E + e] = float(e % 3);  // row 4: repeated values
   const Routed got = run_kernel(logits, 5, E, k, true, false);
@@ -190,7 +192,8 @@ void check_backward(bool renormalize, std::mt19937& gen) {
     plus[i] += 1e-6;
     minus[i] -= 1e-6;
     const double numeric = (loss(plus) - loss(minus)) / 2e-6;
-    FC_EXPECT(std::fabs(numeric - grad[i]) < 1e-7, "d/dx[%lld]: analytic %g, numeric %g", (long long)i, grad[i], numeric);
+    FC_EXPECT(std::fabs(numeric - grad[i]) < 1e-7, "d/dx[%lld]: analytic %g, numeric %g", (long long)i, grad[i],
+              numeric);
   }
 }
 
@@ -201,8 +204,8 @@ void check_block_sizes() {
       const int64_t rows = route_rows_per_block(T, E, 256);
       const int64_t blocks = (T + rows - 1) / rows;
       FC_EXPECT(rows >= 256, "rows per block %lld", (long long)rows);
-      FC_EXPECT(blocks * E <= (int64_t(1) << 22) + E, "T=%lld E=%lld: %lld partial entries", (long long)T,
-                (long long)E, (long long)(blocks * E));
+      FC_EXPECT(blocks * E <= (int64_t(1) << 22) + E, "T=%lld E=%lld: %lld partial entries", (long long)T, (long long)E,
+                (long long)(blocks * E));
       FC_EXPECT(rows * kMaxTopK < (int64_t(1) << 31), "int32 partial counts would overflow");
     }
 }

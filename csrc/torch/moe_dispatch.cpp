@@ -8,17 +8,14 @@
 // counting kernels and before the scatter). Combine and its backward never sync; on CUDA a malformed
 // plan gives NaN rows instead of an error (see dispatch.h).
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
 #include <optional>
 
+#include "cuda_call.h"
 #include "moe/dispatch.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace fastcore {
 namespace moe {
@@ -26,20 +23,6 @@ namespace {
 
 constexpr const char* kDispatch = "moe_dispatch";
 constexpr const char* kCombine = "moe_combine";
-
-void check_status(int status, const char* op, const char* what) {
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
-}
-
-[[noreturn]] void no_cuda(const char* op) {
-  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with "
-           "nvcc and a CUDA build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
-  throw;  // unreachable
-}
-
-#ifdef FASTCORE_WITH_CUDA
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#endif
 
 // Raises ValueError naming one offending id (only called on the error path).
 [[noreturn]] void raise_bad_ids(const at::Tensor& ids, int64_t E, int64_t bad) {
@@ -63,10 +46,10 @@ std::vector<at::Tensor> dispatch_impl(const at::Tensor& x, const at::Tensor& exp
                                       const std::optional<at::Tensor>& kept, int64_t num_experts, bool gather) {
   FC_CHECK(x.dim() == 2, kDispatch, "x must have shape [T, H], got ", x.dim(), " dims");
   scalar_kind_of(x, kDispatch, "x");
-  FC_CHECK(expert_ids.dim() == 2 && expert_ids.scalar_type() == at::kLong && expert_ids.size(0) == x.size(0),
-           kDispatch, "expert_ids must be int64 [T, k] with T = x.shape[0]");
-  FC_CHECK(num_experts >= 1 && num_experts <= kMaxDispatchExperts, kDispatch, "num_experts must satisfy 1 <= E <= ",
-           kMaxDispatchExperts, ", got ", num_experts);
+  FC_CHECK(expert_ids.dim() == 2 && expert_ids.scalar_type() == at::kLong && expert_ids.size(0) == x.size(0), kDispatch,
+           "expert_ids must be int64 [T, k] with T = x.shape[0]");
+  FC_CHECK(num_experts >= 1 && num_experts <= kMaxDispatchExperts, kDispatch,
+           "num_experts must satisfy 1 <= E <= ", kMaxDispatchExperts, ", got ", num_experts);
   FC_CHECK(expert_ids.device() == x.device(), kDispatch, "expert_ids must be on x's device");
   const int64_t T = x.size(0), H = x.size(1), k = expert_ids.size(1), E = num_experts;
   FC_CHECK(k >= 1 && T * k < (int64_t(1) << 31), kDispatch, "expert_ids must have 1 <= k and T*k < 2^31");
@@ -99,19 +82,16 @@ std::vector<at::Tensor> dispatch_impl(const at::Tensor& x, const at::Tensor& exp
   if (T * k == 0) {
     offsets.zero_();  // empty input: no launch, no sync
   } else if (on_cuda) {
-#ifdef FASTCORE_WITH_CUDA
-    FC_CHECK(x.scalar_type() != at::kDouble, kDispatch, "the cuda backend takes float32, float16 or bfloat16 x, got float64");
-    c10::cuda::CUDAGuard guard(x.device());
+    require_cuda(kDispatch);
+    FC_CHECK(x.scalar_type() != at::kDouble, kDispatch,
+             "the cuda backend takes float32, float16 or bfloat16 x, got float64");
     at::Tensor bad = at::zeros({1}, long_opts);
     p.num_bad_ids = bad.data_ptr<int64_t>();
-    check_status(dispatch_plan_count_cuda(p, current_stream()), kDispatch, "plan (count) launch");
+    FC_CUDA_CALL(kDispatch, "plan (count) launch", x.device(), dispatch_plan_count_cuda(p, current_stream()));
     const at::Tensor host = at::cat({offsets.narrow(0, E, 1), bad}).cpu();  // the one host sync
     S = host[0].item<int64_t>();
     const int64_t num_bad = host[1].item<int64_t>();
     if (num_bad > 0) raise_bad_ids(ids_c, E, num_bad);
-#else
-    no_cuda(kDispatch);
-#endif
   } else {
     at::Tensor bad = at::zeros({std::max<int64_t>(p.num_chunks, 1)}, long_opts);
     p.num_bad_ids = bad.data_ptr<int64_t>();
@@ -135,28 +115,26 @@ std::vector<at::Tensor> dispatch_impl(const at::Tensor& x, const at::Tensor& exp
   g.cols = H;
   g.element_size = element_size_of(x);
   if (on_cuda) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kDispatch);
     // The scatter runs whenever there are slots: it writes token_slot = -1 for the dropped ones (S may be 0).
-    if (T * k > 0) check_status(dispatch_plan_scatter_cuda(p, current_stream()), kDispatch, "plan (scatter) launch");
-    if (gather && S > 0 && H > 0) check_status(gather_rows_cuda(g, current_stream()), kDispatch, "row gather launch");
-#else
-    no_cuda(kDispatch);
-#endif
+    if (T * k > 0)
+      FC_CUDA_CALL(kDispatch, "plan (scatter) launch", x.device(), dispatch_plan_scatter_cuda(p, current_stream()));
+    if (gather && S > 0 && H > 0)
+      FC_CUDA_CALL(kDispatch, "row gather launch", x.device(), gather_rows_cuda(g, current_stream()));
   } else {
     at::parallel_for(0, p.num_chunks, 1, [&](int64_t b, int64_t e) { dispatch_scatter_cpu(p, b, e); });
     if (gather && H > 0) {
       std::atomic<int64_t> bad_rows{0};
-      at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t b, int64_t e) {
-        bad_rows += gather_rows_cpu(g, b, e);
-      });
+      at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)),
+                       [&](int64_t b, int64_t e) { bad_rows += gather_rows_cpu(g, b, e); });
       FC_CHECK(bad_rows.load() == 0, kDispatch, "internal error: slot_to_token out of range");
     }
   }
   return {x_sorted, offsets, slot_to_token, token_slot};
 }
 
-std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_ids, const std::optional<at::Tensor>& kept,
-                                 int64_t num_experts) {
+std::vector<at::Tensor> dispatch(const at::Tensor& x, const at::Tensor& expert_ids,
+                                 const std::optional<at::Tensor>& kept, int64_t num_experts) {
   return dispatch_impl(x, expert_ids, kept, num_experts, /*gather=*/true);
 }
 
@@ -180,7 +158,8 @@ void check_weights(const char* op, const std::optional<at::Tensor>& weights, con
 at::ScalarType acc_of(const at::Tensor& y) { return accumulate_type_of(y); }
 
 [[noreturn]] void raise_bad_plan(const char* op) {
-  TORCH_CHECK_VALUE(false, "fastcore_ai.ops.", op, ": plan is malformed: token_slot must lie in [-1, S) with S = "
+  TORCH_CHECK_VALUE(false, "fastcore_ai.ops.", op,
+                    ": plan is malformed: token_slot must lie in [-1, S) with S = "
                     "y_sorted.shape[0], and slot_to_token in [0, T) (use the plan moe_dispatch returned)");
   throw;  // unreachable
 }
@@ -208,13 +187,10 @@ at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& token_slot, con
   p.hidden = H;
   p.out = out.data_ptr();
   if (y.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-    FC_CHECK(y.scalar_type() != at::kDouble, kCombine, "the cuda backend takes float32, float16 or bfloat16, got float64");
-    c10::cuda::CUDAGuard guard(y.device());
-    check_status(combine_cuda(p, current_stream()), kCombine, "kernel launch");
-#else
-    no_cuda(kCombine);
-#endif
+    require_cuda(kCombine);
+    FC_CHECK(y.scalar_type() != at::kDouble, kCombine,
+             "the cuda backend takes float32, float16 or bfloat16, got float64");
+    FC_CUDA_CALL(kCombine, "kernel launch", y.device(), combine_cuda(p, current_stream()));
   } else {
     std::atomic<int64_t> bad{0};
     at::parallel_for(0, T, std::max<int64_t>(1, 16384 / H), [&](int64_t b, int64_t e) { bad += combine_cpu(p, b, e); });
@@ -234,8 +210,9 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& grad_out, const at::T
   FC_CHECK(slot_to_token.dim() == 1 && slot_to_token.size(0) == S && slot_to_token.scalar_type() == at::kLong &&
                slot_to_token.device() == y_sorted.device(),
            kCombine, "plan.slot_to_token must be int64 [S] with S = y_sorted.shape[0]");
-  FC_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H && grad_out.device() == y_sorted.device(),
-           kCombine, "grad_out must be [T, H]");
+  FC_CHECK(
+      grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H && grad_out.device() == y_sorted.device(),
+      kCombine, "grad_out must be [T, H]");
   scalar_kind_of(grad_out, kCombine, "grad_out");
   const auto acc = acc_of(y_sorted);
   at::Tensor y = y_sorted.contiguous(), ts = token_slot.contiguous(), st = slot_to_token.contiguous();
@@ -258,24 +235,19 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& grad_out, const at::T
   p.grad_y = grad_y.data_ptr();
   p.grad_weights = need_weights ? grad_w.data_ptr() : nullptr;
   if (y.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-    FC_CHECK(y.scalar_type() != at::kDouble, kCombine, "the cuda backend takes float32, float16 or bfloat16, got float64");
-    c10::cuda::CUDAGuard guard(y.device());
+    require_cuda(kCombine);
+    FC_CHECK(y.scalar_type() != at::kDouble, kCombine,
+             "the cuda backend takes float32, float16 or bfloat16, got float64");
     if ((S > 0 && H > 0) || (need_weights && T > 0))
-      check_status(combine_backward_cuda(p, current_stream()), kCombine, "backward kernel launch");
-#else
-    no_cuda(kCombine);
-#endif
+      FC_CUDA_CALL(kCombine, "backward kernel launch", y.device(), combine_backward_cuda(p, current_stream()));
   } else {
     std::atomic<int64_t> bad{0};
     if (H > 0)
-      at::parallel_for(0, S, std::max<int64_t>(1, 16384 / H), [&](int64_t b, int64_t e) {
-        bad += combine_backward_y_cpu(p, b, e);
-      });
+      at::parallel_for(0, S, std::max<int64_t>(1, 16384 / H),
+                       [&](int64_t b, int64_t e) { bad += combine_backward_y_cpu(p, b, e); });
     if (need_weights)
-      at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H * k, 1)), [&](int64_t b, int64_t e) {
-        bad += combine_backward_weights_cpu(p, b, e);
-      });
+      at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(H * k, 1)),
+                       [&](int64_t b, int64_t e) { bad += combine_backward_weights_cpu(p, b, e); });
     if (bad.load() > 0) raise_bad_plan(kCombine);
   }
   if (grad_y.scalar_type() != y.scalar_type()) grad_y = grad_y.to(y.scalar_type());
@@ -284,4 +256,16 @@ std::vector<at::Tensor> combine_backward(const at::Tensor& grad_out, const at::T
 }
 
 }  // namespace moe
+
+void bind_moe_dispatch(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("moe_dispatch", &moe::dispatch, "group (token, slot) pairs by expert and gather x rows", py::arg("x"),
+        py::arg("expert_ids"), py::arg("kept"), py::arg("num_experts"));
+  m.def("moe_combine", &moe::combine, "weighted sum of expert rows back per token (fixed order)", py::arg("y_sorted"),
+        py::arg("token_slot"), py::arg("weights"));
+  m.def("moe_combine_backward", &moe::combine_backward, "combine backward (grad_y, grad_weights)", py::arg("grad_out"),
+        py::arg("y_sorted"), py::arg("slot_to_token"), py::arg("token_slot"), py::arg("weights"),
+        py::arg("need_weights"));
+}
+
 }  // namespace fastcore

@@ -18,19 +18,17 @@
 //         single-threaded GEMMs when there are enough of them, else one after another with threaded GEMMs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cstring>
 #include <optional>
 #include <vector>
 
+#include "cuda_call.h"
 #include "moe/grouped_mlp.h"
 #include "moe_grouped_gemm.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 namespace fastcore {
 namespace moe {
@@ -113,7 +111,8 @@ at::Tensor experts_forward_cpu(const at::Tensor& x, const at::Tensor& offsets, c
         const WorkItem& item = items[i];
         const int64_t rows = item.rows;
         at::Tensor x_chunk = xb.narrow(0, 0, rows);
-        at::Tensor gu_chunk = gate_up_saved.defined() ? gate_up_saved.narrow(0, item.begin, rows) : gu.narrow(0, 0, rows);
+        at::Tensor gu_chunk =
+            gate_up_saved.defined() ? gate_up_saved.narrow(0, item.begin, rows) : gu.narrow(0, 0, rows);
         at::index_select_out(x_chunk, x, 0, slot_to_token.narrow(0, item.begin, rows));  // the one permutation
         at::mm_out(gu_chunk, x_chunk, w_gate_up[item.expert].t());
         const at::Tensor gu_in = dtype == acc ? gu_chunk : gu_chunk.to(acc);
@@ -146,11 +145,9 @@ at::Tensor experts_forward_cpu(const at::Tensor& x, const at::Tensor& offsets, c
   return combine(y_sorted, token_slot, std::nullopt);
 }
 
-#ifdef FASTCORE_WITH_CUDA
 at::Tensor experts_forward_cuda(const at::Tensor& x, const at::Tensor& offsets, const at::Tensor& slot_to_token,
                                 const at::Tensor& token_slot, const at::Tensor& weights, const at::Tensor& w_gate_up,
                                 const at::Tensor& w_down, int64_t activation, bool gated) {
-  c10::cuda::CUDAGuard guard(x.device());
   const int64_t S = slot_to_token.size(0), H = x.size(1), I = w_down.size(2);
   at::Tensor y_sorted = at::empty({S, H}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (S > 0 && H > 0) {
@@ -165,7 +162,6 @@ at::Tensor experts_forward_cuda(const at::Tensor& x, const at::Tensor& offsets, 
   }
   return combine(y_sorted, token_slot, std::nullopt);
 }
-#endif
 
 }  // namespace
 
@@ -204,12 +200,9 @@ at::Tensor experts_forward(const at::Tensor& x, const at::Tensor& expert_ids, co
   const at::Tensor& token_slot = plan[3];
   if (T == 0 || H == 0) return at::zeros({T, H}, x.options());
   if (x.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kOp);
     FC_CHECK(x.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
     return experts_forward_cuda(x, offsets, slot_to_token, token_slot, weights, w_gate_up, w_down, activation, gated);
-#else
-    FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels");
-#endif
   }
   return experts_forward_cpu(x, offsets, slot_to_token, token_slot, weights, w_gate_up, w_down, activation, gated);
 }
@@ -218,10 +211,11 @@ at::Tensor experts_forward(const at::Tensor& x, const at::Tensor& expert_ids, co
 // token_slot [T, k]) — the same computation as experts_forward, bitwise, plus what experts_backward needs.
 std::vector<at::Tensor> experts_forward_train(const at::Tensor& x, const at::Tensor& expert_ids,
                                               const at::Tensor& weights, const std::optional<at::Tensor>& kept,
-                                              const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                                              int64_t activation, bool gated) {
+                                              const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t activation,
+                                              bool gated) {
   check_experts_inputs(x, expert_ids, weights, w_gate_up, w_down, activation, gated);
-  FC_CHECK(x.device().is_cpu(), kOp, "the fused training path runs on the cpu backend (cuda/triton train through "
+  FC_CHECK(x.device().is_cpu(), kOp,
+           "the fused training path runs on the cpu backend (cuda/triton train through "
            "the moe_dispatch -> moe_grouped_mlp -> moe_combine composition)");
   const int64_t T = x.size(0), H = x.size(1), E = w_down.size(0), n1 = w_gate_up.size(1);
   const auto plan = dispatch_impl(x, expert_ids, kept, E, /*gather=*/false);
@@ -229,8 +223,8 @@ std::vector<at::Tensor> experts_forward_train(const at::Tensor& x, const at::Ten
   const at::Tensor& slot_to_token = plan[2];
   const at::Tensor& token_slot = plan[3];
   const int64_t S = slot_to_token.size(0);
-  if (T == 0 || H == 0) return {at::zeros({T, H}, x.options()), at::zeros({S, n1}, x.options()), offsets,
-                                slot_to_token, token_slot};
+  if (T == 0 || H == 0)
+    return {at::zeros({T, H}, x.options()), at::zeros({S, n1}, x.options()), offsets, slot_to_token, token_slot};
   at::Tensor gate_up = at::empty({S, n1}, x.options());
   at::Tensor out = experts_forward_cpu(x, offsets, slot_to_token, token_slot, weights, w_gate_up, w_down, activation,
                                        gated, gate_up);
@@ -252,11 +246,12 @@ std::vector<at::Tensor> experts_forward_train(const at::Tensor& x, const at::Ten
 // activation math in the accumulate type on blocks of kActivationRows rows, plus grad_x_sorted [S, H]. Gradients not asked for (need_*) are returned as
 // empty [0] tensors and not computed. Returns (grad_x [T, H], grad_weights [T, k] in weights' dtype,
 // grad_w_gate_up, grad_w_down).
-std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& expert_offsets,
-                                         const at::Tensor& slot_to_token, const at::Tensor& token_slot,
-                                         const at::Tensor& weights, const at::Tensor& gate_up,
-                                         const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t activation,
-                                         bool gated, bool need_x, bool need_weights, bool need_params) {
+std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                         const at::Tensor& expert_offsets, const at::Tensor& slot_to_token,
+                                         const at::Tensor& token_slot, const at::Tensor& weights,
+                                         const at::Tensor& gate_up, const at::Tensor& w_gate_up,
+                                         const at::Tensor& w_down, int64_t activation, bool gated, bool need_x,
+                                         bool need_weights, bool need_params) {
   check_experts_inputs(x, token_slot, weights, w_gate_up, w_down, activation, gated);
   FC_CHECK(x.device().is_cpu(), kOp, "the fused training backward runs on the cpu backend");
   const int64_t T = x.size(0), H = x.size(1), I = w_down.size(2), n1 = w_gate_up.size(1);
@@ -265,8 +260,9 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
   const auto acc = accumulate_type_of(x);
   FC_CHECK(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H && grad_out.device().is_cpu(), kOp,
            "grad_out must be [T, H] = [", T, ", ", H, "]");
-  FC_CHECK(slot_to_token.dim() == 1 && slot_to_token.scalar_type() == at::kLong && token_slot.scalar_type() == at::kLong,
-           kOp, "slot_to_token [S] and token_slot [T, k] must be int64 (the plan of the forward)");
+  FC_CHECK(
+      slot_to_token.dim() == 1 && slot_to_token.scalar_type() == at::kLong && token_slot.scalar_type() == at::kLong,
+      kOp, "slot_to_token [S] and token_slot [T, k] must be int64 (the plan of the forward)");
   FC_CHECK(gate_up.dim() == 2 && gate_up.size(0) == S && gate_up.size(1) == n1 && gate_up.scalar_type() == dtype, kOp,
            "gate_up must be the forward's [S, ", n1, "] tensor in x's dtype");
   const auto bounds = segment_bounds(expert_offsets, S, kOp);
@@ -281,7 +277,8 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
   // Weight gradients: the GEMMs overwrite the slices of experts that hold rows; only the others are zeroed
   // (no memset pass over the whole [E, ...] tensors). Everything is zero when H or I is 0.
   const bool any_work = S > 0 && H > 0 && I > 0;
-  at::Tensor grad_w_down = need_params ? at::empty_like(w_down, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
+  at::Tensor grad_w_down =
+      need_params ? at::empty_like(w_down, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   at::Tensor grad_w_gate_up =
       need_params ? at::empty_like(w_gate_up, at::MemoryFormat::Contiguous) : at::empty({0}, x.options());
   if (need_params) {
@@ -291,7 +288,8 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
       grad_w_gate_up[e].zero_();
     }
   }
-  at::Tensor grad_x_sorted = any_work ? at::empty({need_x ? S : 0, H}, x.options()) : at::zeros({need_x ? S : 0, H}, x.options());
+  at::Tensor grad_x_sorted =
+      any_work ? at::empty({need_x ? S : 0, H}, x.options()) : at::zeros({need_x ? S : 0, H}, x.options());
   at::Tensor grad_row_weight = at::zeros({need_weights ? S : 0}, x.options().dtype(acc));
   if (any_work && (need_x || need_weights || need_params)) {
     const at::Tensor scale = routing_scale_of_rows(token_slot, weights, S, acc);
@@ -315,8 +313,8 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
       for (int64_t block = 0; block < rows && (need_weights || need_params); block += kActivationRows) {
         const int64_t n = std::min(kActivationRows, rows - block);
         const at::Tensor gu_acc = gu_saved.narrow(0, begin + block, n).to(acc);  // a view when dtype == acc
-        at::Tensor h_acc = dtype == acc && need_params ? weighted_h.narrow(0, block, n)
-                                                       : at::empty({n, I}, x.options().dtype(acc));
+        at::Tensor h_acc =
+            dtype == acc && need_params ? weighted_h.narrow(0, block, n) : at::empty({n, I}, x.options().dtype(acc));
         ap.gate_up = gu_acc.data_ptr();
         ap.h = h_acc.data_ptr();
         ap.rows = n;
@@ -344,7 +342,8 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
         const at::Tensor gu_acc = gu_saved.narrow(0, begin + block, n).to(acc);
         at::Tensor a_acc = a.narrow(0, block, n).to(acc);  // a view when dtype == acc (a is not needed after)
         a_acc.mul_(scale.narrow(0, begin + block, n).unsqueeze(1));
-        at::Tensor grad_gu_acc = dtype == acc ? grad_gu.narrow(0, block, n) : at::empty({n, n1}, x.options().dtype(acc));
+        at::Tensor grad_gu_acc =
+            dtype == acc ? grad_gu.narrow(0, block, n) : at::empty({n, n1}, x.options().dtype(acc));
         ap.gate_up = gu_acc.data_ptr();
         ap.rows = n;
         ap.grad_h = a_acc.data_ptr();
@@ -387,4 +386,22 @@ std::vector<at::Tensor> experts_backward(const at::Tensor& grad_out, const at::T
 }
 
 }  // namespace moe
+
+void bind_moe_experts(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("moe_experts", &moe::experts_forward,
+        "fused expert computation: plan, gathered gate_up GEMM + activation, weighted down GEMM, combine", py::arg("x"),
+        py::arg("expert_ids"), py::arg("weights"), py::arg("kept"), py::arg("w_gate_up"), py::arg("w_down"),
+        py::arg("activation"), py::arg("gated"));
+  m.def("moe_experts_train", &moe::experts_forward_train,
+        "fused expert computation that also returns (gate_up, expert_offsets, slot_to_token, token_slot) (CPU)",
+        py::arg("x"), py::arg("expert_ids"), py::arg("weights"), py::arg("kept"), py::arg("w_gate_up"),
+        py::arg("w_down"), py::arg("activation"), py::arg("gated"));
+  m.def("moe_experts_backward", &moe::experts_backward,
+        "fused expert backward from the saved gate_up (CPU): (grad_x, grad_weights, grad_w_gate_up, grad_w_down)",
+        py::arg("grad_out"), py::arg("x"), py::arg("expert_offsets"), py::arg("slot_to_token"), py::arg("token_slot"),
+        py::arg("weights"), py::arg("gate_up"), py::arg("w_gate_up"), py::arg("w_down"), py::arg("activation"),
+        py::arg("gated"), py::arg("need_x"), py::arg("need_weights"), py::arg("need_params"));
+}
+
 }  // namespace fastcore

@@ -71,7 +71,7 @@ void rows_loop(int64_t begin, int64_t rows, bool threaded, Body&& body) {
   }
 }
 
-#ifdef FASTCORE_WITH_CUDA
+// The CUDA grouped-GEMM launchers (a build without CUDA raises the no-CUDA error at the launch).
 // h [S, I] (x's dtype) = act(A[row(r)] W_gate[e]ᵀ) ⊙ (A[row(r)] W_up[e]ᵀ) per expert segment of
 // expert_offsets (int64 [E + 1] on the device), row(r) = a_rows[r] or r; gate_up_out [S, N1] float32 or nullptr.
 void cuda_gate_up(const at::Tensor& a, const int64_t* a_rows, const at::Tensor& expert_offsets,
@@ -80,7 +80,6 @@ void cuda_gate_up(const at::Tensor& a, const int64_t* a_rows, const at::Tensor& 
 // y [S, H] (row stride y.stride(0)) = row_scale[r] · h[r] W_down[e]ᵀ per expert segment (row_scale may be null).
 void cuda_down(const at::Tensor& h, const at::Tensor& expert_offsets, const at::Tensor& w_down, const float* row_scale,
                at::Tensor& y, const char* op);
-#endif
 
 // moe_dispatch.cpp: the plan (and, with gather, x_sorted) of moe_dispatch.
 std::vector<at::Tensor> dispatch_impl(const at::Tensor& x, const at::Tensor& expert_ids,

@@ -7,18 +7,15 @@
 // host once (one sync per backward).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <vector>
 
+#include "cuda_call.h"
 #include "moe/grouped_gemm.h"
 #include "moe/grouped_mlp.h"
 #include "moe_grouped_gemm.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace fastcore {
 namespace moe {
@@ -37,17 +34,15 @@ GatedActivationParams activation_params(const at::Tensor& gate_up_acc, int64_t i
   return p;
 }
 
-#ifdef FASTCORE_WITH_CUDA
 void launch_grouped_gemm(GroupedGemmParams& p, const at::Tensor& expert_offsets, const char* op) {
   at::Tensor scratch = at::empty({2 * (p.num_experts + 1)}, expert_offsets.options());
   p.scratch = scratch.data_ptr<int64_t>();
   p.expert_offsets = expert_offsets.data_ptr<int64_t>();
-  const int status = grouped_gemm_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA grouped GEMM launch failed with cudaError ", status);
+  FC_CUDA_CALL(op, "grouped GEMM launch", expert_offsets.device(), grouped_gemm_cuda(p, current_stream()));
 }
 
-GroupedGemmParams gemm_params(const at::Tensor& a, const at::Tensor& b, int64_t b_k_dim, int64_t b_n_dim,
-                              int64_t rows, int64_t num_experts, int64_t n, int64_t k, const char* op) {
+GroupedGemmParams gemm_params(const at::Tensor& a, const at::Tensor& b, int64_t b_k_dim, int64_t b_n_dim, int64_t rows,
+                              int64_t num_experts, int64_t n, int64_t k, const char* op) {
   GroupedGemmParams p;
   p.kind = scalar_kind_of(a, op, "x");
   FC_CHECK(p.kind != ScalarKind::kFloat64, op, "the cuda backend takes float32, float16 or bfloat16, got float64");
@@ -65,11 +60,9 @@ GroupedGemmParams gemm_params(const at::Tensor& a, const at::Tensor& b, int64_t 
   p.k = k;
   return p;
 }
-#endif
 
 }  // namespace
 
-#ifdef FASTCORE_WITH_CUDA
 void cuda_gate_up(const at::Tensor& a, const int64_t* a_rows, const at::Tensor& expert_offsets,
                   const at::Tensor& w_gate_up, int64_t inner, bool gated, int64_t activation, float* gate_up_out,
                   at::Tensor& h, const char* op) {
@@ -112,7 +105,6 @@ namespace {
 std::vector<at::Tensor> grouped_mlp_forward_cuda(const at::Tensor& x_sorted, const at::Tensor& expert_offsets,
                                                  const at::Tensor& w_gate_up, const at::Tensor& w_down,
                                                  int64_t activation, bool gated) {
-  c10::cuda::CUDAGuard guard(x_sorted.device());
   const int64_t S = x_sorted.size(0), H = x_sorted.size(1), I = w_down.size(2);
   FC_CHECK(expert_offsets.is_cuda() && w_gate_up.is_cuda() && w_down.is_cuda(), kOp,
            "expert_offsets and the weights must be on x_sorted's device");
@@ -130,7 +122,6 @@ std::vector<at::Tensor> grouped_mlp_backward_cuda(const at::Tensor& grad_y, cons
                                                   const at::Tensor& expert_offsets, const at::Tensor& w_gate_up,
                                                   const at::Tensor& w_down, const at::Tensor& gate_up_acc,
                                                   int64_t activation, bool gated) {
-  c10::cuda::CUDAGuard guard(x_sorted.device());
   const int64_t S = x_sorted.size(0), H = x_sorted.size(1), I = w_down.size(2), n1 = w_gate_up.size(1);
   const auto dtype = x_sorted.scalar_type();
   at::Tensor grad_w_down = at::zeros_like(w_down, at::MemoryFormat::Contiguous);
@@ -173,24 +164,14 @@ std::vector<at::Tensor> grouped_mlp_backward_cuda(const at::Tensor& grad_y, cons
 }
 
 }  // namespace
-#endif
-
-[[noreturn]] void grouped_mlp_no_cuda(const char* op) {
-  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a CUDA "
-           "build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
-  throw;  // unreachable
-}
 
 // Returns (y_sorted [S, H] in x's dtype, gate_up [S, 2I or I] in the accumulate type, saved for backward).
 std::vector<at::Tensor> grouped_mlp_forward(const at::Tensor& x_sorted, const at::Tensor& expert_offsets,
-                                            const at::Tensor& w_gate_up, const at::Tensor& w_down,
-                                            int64_t activation, bool gated) {
+                                            const at::Tensor& w_gate_up, const at::Tensor& w_down, int64_t activation,
+                                            bool gated) {
   if (x_sorted.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kOp);
     return grouped_mlp_forward_cuda(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated);
-#else
-    grouped_mlp_no_cuda(kOp);
-#endif
   }
   FC_CHECK(x_sorted.device().is_cpu(), kOp, "the cpu backend takes CPU tensors");
   const int64_t S = x_sorted.size(0), H = x_sorted.size(1), I = w_down.size(2), n1 = w_gate_up.size(1);
@@ -221,12 +202,9 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
                                              const at::Tensor& w_down, const at::Tensor& gate_up_acc,
                                              int64_t activation, bool gated) {
   if (x_sorted.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kOp);
     return grouped_mlp_backward_cuda(grad_y, x_sorted, expert_offsets, w_gate_up, w_down, gate_up_acc, activation,
                                      gated);
-#else
-    grouped_mlp_no_cuda(kOp);
-#endif
   }
   const int64_t S = x_sorted.size(0), I = w_down.size(2), n1 = w_gate_up.size(1);
   const auto bounds = segment_bounds(expert_offsets, S, kOp);
@@ -273,4 +251,10 @@ std::vector<at::Tensor> grouped_mlp_backward(const at::Tensor& grad_y, const at:
 }
 
 }  // namespace moe
+
+void bind_moe_grouped_mlp(pybind11::module_& m) {
+  m.def("moe_grouped_mlp", &moe::grouped_mlp_forward, "expert MLP over expert segments (CPU, CUDA)");
+  m.def("moe_grouped_mlp_backward", &moe::grouped_mlp_backward, "expert MLP backward (CPU, CUDA)");
+}
+
 }  // namespace fastcore

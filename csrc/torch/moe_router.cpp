@@ -3,14 +3,11 @@
 // validation with full messages lives in fastcore_ai.ops (one helper); these checks guard the
 // kernels when _C is called directly.
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
+#include "cuda_call.h"
 #include "moe/topk_route.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#endif
 
 namespace fastcore {
 namespace moe {
@@ -23,8 +20,8 @@ void check_route_inputs(const at::Tensor& logits, int64_t k) {
   scalar_kind_of(logits, kOp, "logits");
   const int64_t E = logits.size(1);
   FC_CHECK(E >= 1 && E <= kMaxExperts, kOp, "logits must have 1 <= E <= ", kMaxExperts, " experts, got E=", E);
-  FC_CHECK(k >= 1 && k <= std::min<int64_t>(E, kMaxTopK), kOp, "k must satisfy 1 <= k <= min(E, ",
-           kMaxTopK, "), got k=", k, " with E=", E);
+  FC_CHECK(k >= 1 && k <= std::min<int64_t>(E, kMaxTopK), kOp, "k must satisfy 1 <= k <= min(E, ", kMaxTopK,
+           "), got k=", k, " with E=", E);
 }
 
 bool device_is_cuda(const at::Tensor& t) { return t.is_cuda(); }
@@ -37,10 +34,6 @@ void fill_logits(const at::Tensor& logits, const void*& data, ScalarKind& kind, 
   E = logits.size(1);
   row_stride = logits.stride(0);
   col_stride = logits.stride(1);
-}
-
-void check_cuda_status(int status, const char* what) {
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", kOp, ": CUDA ", what, " failed with cudaError ", status);
 }
 
 }  // namespace
@@ -79,23 +72,15 @@ std::vector<at::Tensor> topk_route(const at::Tensor& logits, int64_t k, bool ren
   p.partial_lse_sq_sum = partial_lse_sq.data_ptr();
 
   if (on_cuda) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kOp);
     FC_CHECK(logits.scalar_type() != at::kDouble, kOp,
              "the cuda backend takes float32, float16 or bfloat16 logits, got float64");
-    c10::cuda::CUDAGuard guard(logits.device());
-    check_cuda_status(topk_route_cuda(p, z_loss.data_ptr(), mean_prob.data_ptr(),
-                                      c10::cuda::getCurrentCUDAStream().stream()),
-                      "kernel launch");
-#else
-    FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with "
-             "nvcc and a CUDA build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
-#endif
+    FC_CUDA_CALL(kOp, "kernel launch", logits.device(),
+                 topk_route_cuda(p, z_loss.data_ptr(), mean_prob.data_ptr(), current_stream()));
   } else {
     at::Tensor partial_counts = at::empty({p.num_blocks, E}, logits.options().dtype(at::kInt));
     p.partial_counts = partial_counts.data_ptr<int32_t>();
-    at::parallel_for(0, p.num_blocks, 1, [&](int64_t begin, int64_t end) {
-      topk_route_cpu_blocks(p, begin, end);
-    });
+    at::parallel_for(0, p.num_blocks, 1, [&](int64_t begin, int64_t end) { topk_route_cpu_blocks(p, begin, end); });
     topk_route_cpu_reduce(p, z_loss.data_ptr(), mean_prob.data_ptr());
   }
   return {weights, expert_ids, z_loss, counts, mean_prob, lse};
@@ -103,9 +88,8 @@ std::vector<at::Tensor> topk_route(const at::Tensor& logits, int64_t k, bool ren
 
 // Gradient of (weights, z_loss, mean_prob) w.r.t. logits, in the accumulate type (the Python layer
 // casts to the logits' dtype).
-at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& expert_ids,
-                               const at::Tensor& weights, const at::Tensor& lse,
-                               const at::Tensor& grad_weights, const at::Tensor& grad_z_loss,
+at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& expert_ids, const at::Tensor& weights,
+                               const at::Tensor& lse, const at::Tensor& grad_weights, const at::Tensor& grad_z_loss,
                                const at::Tensor& grad_mean_prob, bool renormalize) {
   check_route_inputs(logits, expert_ids.size(-1));
   const auto acc = accumulate_type_of(logits);
@@ -133,20 +117,22 @@ at::Tensor topk_route_backward(const at::Tensor& logits, const at::Tensor& exper
   p.grad_mean_prob = gp_c.data_ptr();
   p.grad_logits = grad_logits.data_ptr();
   if (logits.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-    c10::cuda::CUDAGuard guard(logits.device());
-    check_cuda_status(topk_route_backward_cuda(p, c10::cuda::getCurrentCUDAStream().stream()),
-                      "backward kernel launch");
-#else
-    FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels");
-#endif
+    FC_CUDA_CALL(kOp, "backward kernel launch", logits.device(), topk_route_backward_cuda(p, current_stream()));
   } else {
-    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
-      topk_route_backward_cpu_rows(p, begin, end);
-    });
+    at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) { topk_route_backward_cpu_rows(p, begin, end); });
   }
   return grad_logits;
 }
 
 }  // namespace moe
+
+void bind_moe_router(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("moe_topk_route", &moe::topk_route, "fused softmax + top-k router", py::arg("logits"), py::arg("k"),
+        py::arg("renormalize"));
+  m.def("moe_topk_route_backward", &moe::topk_route_backward, "router backward", py::arg("logits"),
+        py::arg("expert_ids"), py::arg("weights"), py::arg("lse"), py::arg("grad_weights"), py::arg("grad_z_loss"),
+        py::arg("grad_mean_prob"), py::arg("renormalize"));
+}
+
 }  // namespace fastcore

@@ -2,19 +2,15 @@
 // the CPU (at::parallel_for) or CUDA launches. User-facing validation with full messages lives in
 // fastcore_ai.ops.mux; these checks guard the kernels when _C is called directly.
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <atomic>
 #include <optional>
 
+#include "cuda_call.h"
 #include "mux/attention.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <cuda_runtime_api.h>
-#endif
 
 namespace fastcore {
 namespace mux {
@@ -56,7 +52,8 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   p.scale = scale;
   if (attn_mask.has_value()) {
     at::Tensor m = *attn_mask;
-    FC_CHECK(m.dim() <= 4 && m.device() == q.device(), kOp, "attn_mask must be broadcastable to [B, H, Lq, Lk] on q's device");
+    FC_CHECK(m.dim() <= 4 && m.device() == q.device(), kOp,
+             "attn_mask must be broadcastable to [B, H, Lq, Lk] on q's device");
     while (m.dim() < 4) m = m.unsqueeze(0);
     mask_holder = m.expand({B, H, Lq, Lk});
     fill_strides(p.mask_stride, mask_holder);
@@ -80,24 +77,10 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   return p;
 }
 
-#ifdef FASTCORE_WITH_CUDA
-void check_status(int status, const char* what) {
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", kOp, ": CUDA ", what, " failed with cudaError ", status);
-}
-
 // The tensor-core (WMMA) kernels take float16 / bfloat16 on sm_80+ devices.
 bool uses_tensor_cores(const at::Tensor& q) {
   if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
-  int major = 0;
-  check_status(static_cast<int>(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device())),
-               "device query");
-  return major >= 8;
-}
-#endif
-
-[[noreturn]] void no_cuda() {
-  FC_CHECK(false, kOp, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc");
-  throw;  // unreachable
+  return cuda_capability_major(q.device(), kOp) >= 8;
 }
 
 // Query rows per forward task: a short sequence's whole query block (K/V of the head are packed once
@@ -147,17 +130,13 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   p.lse = lse.data_ptr();
   if (p.batch * p.heads * p.len_q == 0) return {out, lse};
   if (q.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kOp);
     FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
-    c10::cuda::CUDAGuard guard(q.device());
     // float16 / bfloat16 on sm_80+: the tensor-core (WMMA) forward; float32 (and older GPUs): SIMT.
     const bool tensor_cores = uses_tensor_cores(q);
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-    check_status(tensor_cores ? attention_forward_wmma_cuda(p, stream) : attention_forward_cuda(p, stream),
-                 "forward launch");
-#else
-    no_cuda();
-#endif
+    FC_CUDA_CALL(
+        kOp, "forward launch", q.device(),
+        tensor_cores ? attention_forward_wmma_cuda(p, current_stream()) : attention_forward_cuda(p, current_stream()));
   } else {
     p.q_tile = choose_q_tile(p.batch, p.heads, p.len_q);
     p.kv_block = 512;
@@ -172,8 +151,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
 std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                            const std::optional<at::Tensor>& attn_mask,
-                                           const std::optional<at::Tensor>& key_padding_mask, bool causal,
-                                           double scale, bool need_mask_grad) {
+                                           const std::optional<at::Tensor>& key_padding_mask, bool causal, double scale,
+                                           bool need_mask_grad) {
   at::Tensor mask_holder;
   AttentionParams p = make_params(q, k, v, attn_mask, key_padding_mask, causal, scale, mask_holder);
   FC_CHECK(!need_mask_grad || (attn_mask.has_value() && p.mask_kind == MaskKind::kAdditive), kOp,
@@ -196,9 +175,9 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   p.grad_k = gk.data_ptr();
   p.grad_v = gv.data_ptr();
   // ds [B, H, Lq, Lk] in the accumulate dtype, zero where the kernel skips (causal tiles) or nothing flows
-  at::Tensor grad_scores = need_mask_grad
-                               ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options().dtype(accumulate_type_of(q)))
-                               : at::Tensor();
+  at::Tensor grad_scores =
+      need_mask_grad ? at::zeros({p.batch, p.heads, p.len_q, p.len_k}, q.options().dtype(accumulate_type_of(q)))
+                     : at::Tensor();
   p.grad_scores = need_mask_grad ? grad_scores.data_ptr() : nullptr;
   // an additive mask broadcast to [B, H, Lq, Lk] gets ds summed over its broadcast dimensions
   auto mask_grad = [&]() {
@@ -208,19 +187,15 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
   if (p.batch * p.heads == 0 || (p.len_q == 0 && p.len_k == 0)) return {gq, gk, gv, mask_grad()};
   if (p.len_q == 0 || p.len_k == 0) return {gq.zero_(), gk.zero_(), gv.zero_(), mask_grad()};
   if (q.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(kOp);
     FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
-    c10::cuda::CUDAGuard guard(q.device());
     // float32 δ_i = dO_i · O_i per query row
     at::Tensor workspace = at::empty({p.batch * p.heads * p.len_q}, q.options().dtype(at::kFloat));
-    cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
     // float16 / bfloat16 on sm_80+: the tensor-core (WMMA) backward; float32 (and older GPUs): SIMT.
-    check_status(uses_tensor_cores(q) ? attention_backward_wmma_cuda(p, workspace.data_ptr(), stream)
-                                      : attention_backward_cuda(p, workspace.data_ptr(), stream),
-                 "backward launch");
-#else
-    no_cuda();
-#endif
+    const bool tensor_cores = uses_tensor_cores(q);
+    FC_CUDA_CALL(kOp, "backward launch", q.device(),
+                 tensor_cores ? attention_backward_wmma_cuda(p, workspace.data_ptr(), current_stream())
+                              : attention_backward_cuda(p, workspace.data_ptr(), current_stream()));
   } else {
     p.kv_block = 512;
     run_tasks(p, p.batch * p.heads, attention_backward_cpu);
@@ -229,4 +204,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
 }
 
 }  // namespace mux
+
+void bind_mux_attention(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("mux_attention", &mux::attention_forward, "fused attention forward: (out, lse)", py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("attn_mask"), py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+  m.def("mux_attention_backward", &mux::attention_backward,
+        "fused attention backward: (dq, dk, dv, d attn_mask (empty unless need_mask_grad))");
+}
+
 }  // namespace fastcore

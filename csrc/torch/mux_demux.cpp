@@ -2,6 +2,7 @@
 // torch-free kernels of csrc/kernels/mux/mux_demux_cpu.cpp; the orthogonal mux and the two small demux
 // GEMMs (A = p W_Lᵀ + bias, once per index; C = h W_Rᵀ, once per token) are ATen GEMMs.
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
 #include <optional>
@@ -38,11 +39,13 @@ at::Tensor mux_forward(const at::Tensor& x, const at::Tensor& keys, int64_t mode
   FC_CHECK(x.dim() == 4, kMux, "x must be [B, N, L, d]");
   check_cpu(x, kMux, "x");
   scalar_kind_of(x, kMux, "x");
-  FC_CHECK(keys.scalar_type() == x.scalar_type() && keys.device() == x.device(), kMux, "keys must match x's dtype and device");
+  FC_CHECK(keys.scalar_type() == x.scalar_type() && keys.device() == x.device(), kMux,
+           "keys must match x's dtype and device");
   const int64_t B = x.size(0), N = x.size(1), L = x.size(2), d = x.size(3);
   FC_CHECK(N >= 1, kMux, "x must have N >= 1 instances");
   if (mode == 1) {
-    FC_CHECK(keys.dim() == 3 && keys.size(0) == N && keys.size(1) == d && keys.size(2) == d, kMux, "keys must be [N, d, d]");
+    FC_CHECK(keys.dim() == 3 && keys.size(0) == N && keys.size(1) == d && keys.size(2) == d, kMux,
+             "keys must be [N, d, d]");
     return at::matmul(ortho_rows(x), ortho_weight(keys)).div_(std::sqrt(static_cast<double>(N))).reshape({B, L, d});
   }
   FC_CHECK(keys.dim() == 2 && keys.size(0) == N && keys.size(1) == d, kMux, "keys must be [N, d]");
@@ -75,9 +78,11 @@ std::vector<at::Tensor> mux_backward(const at::Tensor& grad_out, const at::Tenso
   if (mode == 1) {
     const double inv = 1.0 / std::sqrt(static_cast<double>(N));
     at::Tensor g = grad_out.reshape({B * L, d});
-    at::Tensor gx = at::matmul(g, ortho_weight(keys).t()).mul_(inv).reshape({B, L, N, d}).permute({0, 2, 1, 3}).contiguous();
-    at::Tensor gk = need_keys ? at::matmul(ortho_rows(x).t(), g).mul_(inv).reshape({N, d, d}).permute({0, 2, 1}).contiguous()
-                              : at::empty({0}, keys.options());
+    at::Tensor gx =
+        at::matmul(g, ortho_weight(keys).t()).mul_(inv).reshape({B, L, N, d}).permute({0, 2, 1, 3}).contiguous();
+    at::Tensor gk = need_keys
+                        ? at::matmul(ortho_rows(x).t(), g).mul_(inv).reshape({N, d, d}).permute({0, 2, 1}).contiguous()
+                        : at::empty({0}, keys.options());
     return {gx, gk};
   }
   const auto acc = accumulate_type_of(x);
@@ -226,11 +231,11 @@ std::vector<at::Tensor> demux_backward(const at::Tensor& grad_out, const at::Ten
   at::Tensor w = weight.to(acc);
   at::Tensor wl = w.narrow(1, 0, d), wr = w.narrow(1, d, d);
   at::Tensor keys_acc = keys.to(acc);
-  at::Tensor dA_keys = in.shared_keys ? dA.sum(0) : dA;                 // [N, e] or [B, N, e]
-  at::Tensor g_keys = at::matmul(dA_keys, wl);                          // dp = dA W_L
+  at::Tensor dA_keys = in.shared_keys ? dA.sum(0) : dA;  // [N, e] or [B, N, e]
+  at::Tensor g_keys = at::matmul(dA_keys, wl);           // dp = dA W_L
   at::Tensor g_wl = at::matmul(dA_keys.reshape({-1, e}).t(), keys_acc.reshape({-1, d}));
   at::Tensor g_bias = dA.sum({0, 1});
-  at::Tensor g_h = at::matmul(dC, wr);                                  // dh = dC W_R
+  at::Tensor g_h = at::matmul(dC, wr);  // dh = dC W_R
   at::Tensor g_wr = at::matmul(dC.reshape({B * L, e}).t(), h.to(acc).reshape({B * L, d}));
   at::Tensor g_w = at::cat({g_wl, g_wr}, 1);
   return {g_h.to(h.scalar_type()),
@@ -242,4 +247,12 @@ std::vector<at::Tensor> demux_backward(const at::Tensor& grad_out, const at::Ten
 }
 
 }  // namespace mux
+
+void bind_mux_demux(pybind11::module_& m) {
+  m.def("mux_mux", &mux::mux_forward, "DataMUX mux (mode 0 Hadamard, 1 orthogonal), CPU");
+  m.def("mux_mux_backward", &mux::mux_backward, "DataMUX mux backward: (grad_x, grad_keys), CPU");
+  m.def("mux_demux", &mux::demux_forward, "DataMUX index demux (separable GEMMs + fused GELU/LayerNorm), CPU");
+  m.def("mux_demux_backward", &mux::demux_backward, "DataMUX index demux backward (6 gradients), CPU");
+}
+
 }  // namespace fastcore

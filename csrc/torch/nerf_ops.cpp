@@ -3,43 +3,19 @@
 // the CUDA launches. Host syncs: ray_march reads the total sample count S once (the scan of the per-ray
 // counts) and the level boxes (6 numbers); occupancy_grid_update reads the mean for the threshold.
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <optional>
 #include <vector>
 
+#include "cuda_call.h"
 #include "nerf/nerf.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace fastcore {
 namespace nerf {
 namespace {
-
-void check_status(int status, const char* op, const char* what) {
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
-}
-
-[[noreturn]] void no_cuda(const char* op) {
-  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with "
-           "nvcc and a CUDA build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
-  throw;  // unreachable
-}
-
-#ifdef FASTCORE_WITH_CUDA
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#define FC_NERF_CUDA(op, what, call)                   \
-  do {                                                 \
-    c10::cuda::CUDAGuard guard_(device_of_call);       \
-    check_status((call), op, what);                    \
-  } while (0)
-#else
-#define FC_NERF_CUDA(op, what, call) no_cuda(op)
-#endif
 
 void check_float(const at::Tensor& t, const char* op, const char* name) {
   FC_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, name,
@@ -56,7 +32,8 @@ constexpr int64_t kMaxPaddedSlots = int64_t(1) << 21;  // 2^21 slots × 40 bytes
 
 }  // namespace
 
-std::vector<at::Tensor> ray_aabb_intersect(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabbs) {
+std::vector<at::Tensor> ray_aabb_intersect(const at::Tensor& rays_o, const at::Tensor& rays_d,
+                                           const at::Tensor& aabbs) {
   constexpr const char* op = "ray_aabb_intersect";
   check_float(rays_o, op, "rays_o");
   check_like(rays_d, rays_o, op, "rays_d");
@@ -69,8 +46,6 @@ std::vector<at::Tensor> ray_aabb_intersect(const at::Tensor& rays_o, const at::T
   at::Tensor near = at::empty({R, A}, o.options()), far = at::empty({R, A}, o.options());
   at::Tensor hit = at::empty({R, A}, o.options().dtype(at::kBool));
   if (R == 0 || A == 0) return {near, far, hit};
-  const at::Device device_of_call = o.device();
-  (void)device_of_call;
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "nerf_ray_aabb", [&] {
     AabbParams<scalar_t> p;
     p.rays_o = o.data_ptr<scalar_t>();
@@ -82,9 +57,10 @@ std::vector<at::Tensor> ray_aabb_intersect(const at::Tensor& rays_o, const at::T
     p.t_far = far.data_ptr<scalar_t>();
     p.hit = hit.data_ptr<bool>();
     if (o.is_cuda()) {
-      FC_NERF_CUDA(op, "launch", ray_aabb_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "launch", o.device(), ray_aabb_cuda<scalar_t>(p, current_stream()));
     } else {
-      at::parallel_for(0, R, std::max<int64_t>(1, 4096 / A), [&](int64_t b0, int64_t e0) { ray_aabb_cpu<scalar_t>(p, b0, e0); });
+      at::parallel_for(0, R, std::max<int64_t>(1, 4096 / A),
+                       [&](int64_t b0, int64_t e0) { ray_aabb_cpu<scalar_t>(p, b0, e0); });
     }
   });
   return {near, far, hit};
@@ -109,8 +85,6 @@ std::vector<at::Tensor> occupancy_grid_update(const at::Tensor& density, const a
   at::Tensor bits = at::empty({(N + 7) / 8}, dens.options().dtype(at::kByte));
   if (N == 0) return {out, bits};
   at::Tensor sampled = at::full({N}, -std::numeric_limits<double>::infinity(), dens.options());
-  const at::Device device_of_call = dens.device();
-  (void)device_of_call;
   AT_DISPATCH_FLOATING_TYPES(dens.scalar_type(), "nerf_grid_update", [&] {
     GridUpdateParams<scalar_t> p;
     p.density = dens.data_ptr<scalar_t>();
@@ -123,7 +97,7 @@ std::vector<at::Tensor> occupancy_grid_update(const at::Tensor& density, const a
     p.out = out.data_ptr<scalar_t>();
     p.bitfield = bits.data_ptr<uint8_t>();
     if (dens.is_cuda()) {
-      FC_NERF_CUDA(op, "update launch", grid_update_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "update launch", dens.device(), grid_update_cuda<scalar_t>(p, current_stream()));
     } else {
       grid_scatter_max_cpu<scalar_t>(p);
       at::parallel_for(0, N, 16384, [&](int64_t b0, int64_t e0) { grid_update_cells_cpu<scalar_t>(p, b0, e0); });
@@ -132,10 +106,11 @@ std::vector<at::Tensor> occupancy_grid_update(const at::Tensor& density, const a
     const at::Tensor live = out.ge(0);
     const int64_t n_live = live.sum().item<int64_t>();
     double mean = 0.0;
-    if (n_live > 0) mean = at::where(live, out, at::zeros({}, out.options())).to(at::kDouble).sum().item<double>() / n_live;
+    if (n_live > 0)
+      mean = at::where(live, out, at::zeros({}, out.options())).to(at::kDouble).sum().item<double>() / n_live;
     p.threshold = static_cast<scalar_t>(std::min(threshold, mean));
     if (dens.is_cuda()) {
-      FC_NERF_CUDA(op, "pack launch", grid_pack_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "pack launch", dens.device(), grid_pack_cuda<scalar_t>(p, current_stream()));
     } else {
       at::parallel_for(0, (N + 7) / 8, 4096, [&](int64_t b0, int64_t e0) { grid_pack_cpu<scalar_t>(p, b0, e0); });
     }
@@ -164,7 +139,8 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
   FC_CHECK(resolution >= 1 && resolution <= 4096, op, "resolution must satisfy 1 <= resolution <= 4096");
   const int64_t cells = levels * resolution * resolution * resolution;
   FC_CHECK(bitfield.scalar_type() == at::kByte && bitfield.dim() == 1 && bitfield.size(0) == (cells + 7) / 8 &&
-           bitfield.device() == rays_o.device(), op, "bitfield must be uint8 [ceil(levels·res³/8)] on the rays' device");
+               bitfield.device() == rays_o.device(),
+           op, "bitfield must be uint8 [ceil(levels·res³/8)] on the rays' device");
   FC_CHECK(aabb.numel() == 6, op, "aabb must have 6 numbers");
   FC_CHECK(step_size > 0 && cone_angle >= 0 && max_samples >= 0, op, "step_size must be > 0, cone_angle >= 0");
   const int64_t num_input_rays = rays_o.size(0);
@@ -180,11 +156,11 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
   if (round != nullptr) {
     R = round->rows.numel();
     FC_CHECK(round->rows.scalar_type() == at::kLong && round->start_k.scalar_type() == at::kLong &&
-             round->rows.dim() == 1 && round->start_k.sizes() == round->rows.sizes() &&
-             round->start_t.sizes() == round->rows.sizes() && round->max_samples.scalar_type() == at::kLong &&
-             round->max_samples.sizes() == round->rows.sizes() && round->rows.device() == o.device() &&
-             round->start_k.device() == o.device() && round->max_samples.device() == o.device(), op,
-             "rows, start_k and max_samples must be int64 [n], start_t [n], on the rays' device");
+                 round->rows.dim() == 1 && round->start_k.sizes() == round->rows.sizes() &&
+                 round->start_t.sizes() == round->rows.sizes() && round->max_samples.scalar_type() == at::kLong &&
+                 round->max_samples.sizes() == round->rows.sizes() && round->rows.device() == o.device() &&
+                 round->start_k.device() == o.device() && round->max_samples.device() == o.device(),
+             op, "rows, start_k and max_samples must be int64 [n], start_t [n], on the rays' device");
     check_like(round->start_t, rays_o, op, "start_t");
     if (R > 0) {
       const bool bad = (round->rows < 0).logical_or(round->rows >= num_input_rays).any().item<bool>();
@@ -205,8 +181,6 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
   at::Tensor counts = at::empty({R}, long_opts);
   const at::Tensor box = aabb.to(at::kDouble).cpu().contiguous();
   const double* b = box.data_ptr<double>();
-  const at::Device device_of_call = o.device();
-  (void)device_of_call;
   at::Tensor ray_indices, t_starts, t_ends, packed_info = at::empty({R, 2}, long_opts);
   AT_DISPATCH_FLOATING_TYPES(o.scalar_type(), "nerf_ray_march", [&] {
     MarchParams<scalar_t> p;
@@ -252,7 +226,7 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
       p.positions = slot_positions.data_ptr<scalar_t>();
       p.directions = slot_directions.data_ptr<scalar_t>();
       if (o.is_cuda()) {
-        FC_NERF_CUDA(op, "fill launch", march_fill_cuda<scalar_t>(p, current_stream()));
+        FC_CUDA_CALL(op, "fill launch", o.device(), march_fill_cuda<scalar_t>(p, current_stream()));
       } else {
         at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { march_fill_cpu<scalar_t>(p, b0, e0); });
       }
@@ -297,7 +271,7 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
     }
     if (R > 0) {
       if (o.is_cuda()) {
-        FC_NERF_CUDA(op, "count launch", march_count_cuda<scalar_t>(p, current_stream()));
+        FC_CUDA_CALL(op, "count launch", o.device(), march_count_cuda<scalar_t>(p, current_stream()));
       } else {
         at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { march_count_cpu<scalar_t>(p, b0, e0); });
       }
@@ -323,7 +297,7 @@ std::vector<at::Tensor> march_impl(const at::Tensor& rays_o, const at::Tensor& r
     p.t_starts = t_starts.data_ptr<scalar_t>();
     p.t_ends = t_ends.data_ptr<scalar_t>();
     if (o.is_cuda()) {
-      FC_NERF_CUDA(op, "fill launch", march_fill_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "fill launch", o.device(), march_fill_cuda<scalar_t>(p, current_stream()));
     } else {
       at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { march_fill_cpu<scalar_t>(p, b0, e0); });
     }
@@ -341,8 +315,8 @@ std::vector<at::Tensor> ray_march(const at::Tensor& rays_o, const at::Tensor& ra
 }
 
 std::vector<at::Tensor> ray_march_round(const at::Tensor& rays_o, const at::Tensor& rays_d, const at::Tensor& aabb,
-                                        const at::Tensor& bitfield, int64_t resolution, int64_t levels, double near_plane,
-                                        double far_plane, double step_size, double cone_angle,
+                                        const at::Tensor& bitfield, int64_t resolution, int64_t levels,
+                                        double near_plane, double far_plane, double step_size, double cone_angle,
                                         const std::optional<at::Tensor>& jitter_u, const at::Tensor& rows,
                                         const at::Tensor& start_k, const at::Tensor& start_t,
                                         const at::Tensor& max_samples) {
@@ -376,26 +350,27 @@ void check_render_inputs(const char* op, const at::Tensor& sigmas, const at::Ten
   check_like(t_starts, sigmas, op, "t_starts");
   check_like(t_ends, sigmas, op, "t_ends");
   const int64_t S = sigmas.numel();
-  FC_CHECK(sigmas.dim() == 1 && rgbs.dim() == 2 && rgbs.size(0) == S && rgbs.size(1) == 3 && t_starts.sizes() == sigmas.sizes() &&
-           t_ends.sizes() == sigmas.sizes(), op, "sigmas, t_starts, t_ends must be [S] and rgbs [S, 3]");
+  FC_CHECK(sigmas.dim() == 1 && rgbs.dim() == 2 && rgbs.size(0) == S && rgbs.size(1) == 3 &&
+               t_starts.sizes() == sigmas.sizes() && t_ends.sizes() == sigmas.sizes(),
+           op, "sigmas, t_starts, t_ends must be [S] and rgbs [S, 3]");
   FC_CHECK(packed_info.dim() == 2 && packed_info.size(1) == 2 && packed_info.scalar_type() == at::kLong &&
-           packed_info.device() == sigmas.device(), op, "packed_info must be int64 [R, 2] on the samples' device");
+               packed_info.device() == sigmas.device(),
+           op, "packed_info must be int64 [R, 2] on the samples' device");
 }
 }  // namespace
 
-std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
-                                              const at::Tensor& t_ends, const at::Tensor& packed_info, double eps,
-                                              bool need_weights) {
+std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at::Tensor& rgbs,
+                                              const at::Tensor& t_starts, const at::Tensor& t_ends,
+                                              const at::Tensor& packed_info, double eps, bool need_weights) {
   constexpr const char* op = "volume_render";
   check_render_inputs(op, sigmas, rgbs, t_starts, t_ends, packed_info);
   at::Tensor sg = sigmas.contiguous(), rg = rgbs.contiguous(), ts = t_starts.contiguous(), te = t_ends.contiguous(),
              pi = packed_info.contiguous();
   const int64_t R = pi.size(0), S = sg.size(0);
-  at::Tensor color = at::empty({R, 3}, sg.options()), opacity = at::empty({R}, sg.options()), depth = at::empty({R}, sg.options());
+  at::Tensor color = at::empty({R, 3}, sg.options()), opacity = at::empty({R}, sg.options()),
+             depth = at::empty({R}, sg.options());
   at::Tensor weights = at::empty({need_weights ? S : 0}, sg.options());
   if (R == 0) return {color, opacity, depth, weights};
-  const at::Device device_of_call = sg.device();
-  (void)device_of_call;
   AT_DISPATCH_FLOATING_TYPES(sg.scalar_type(), "nerf_render_forward", [&] {
     auto p = render_params<scalar_t>(sg, rg, ts, te, pi, eps);
     p.color = color.data_ptr<scalar_t>();
@@ -403,7 +378,7 @@ std::vector<at::Tensor> volume_render_forward(const at::Tensor& sigmas, const at
     p.depth = depth.data_ptr<scalar_t>();
     p.weights = need_weights ? weights.data_ptr<scalar_t>() : nullptr;
     if (sg.is_cuda()) {
-      FC_NERF_CUDA(op, "forward launch", render_forward_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "forward launch", sg.device(), render_forward_cuda<scalar_t>(p, current_stream()));
     } else {
       at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { render_forward_cpu<scalar_t>(p, b0, e0); });
     }
@@ -420,18 +395,16 @@ void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const
   check_like(tau, sigmas, op, "tau");
   for (const at::Tensor* t : {&color, &opacity, &depth}) check_like(*t, sigmas, op, "an accumulator");
   FC_CHECK(tau.dim() == 1 && tau.size(0) == R && tau.is_contiguous() && out_rows.scalar_type() == at::kLong &&
-           out_rows.dim() == 1 && out_rows.size(0) == R && out_rows.device() == sigmas.device(), op,
-           "tau must be contiguous [R] and out_rows int64 [R]");
+               out_rows.dim() == 1 && out_rows.size(0) == R && out_rows.device() == sigmas.device(),
+           op, "tau must be contiguous [R] and out_rows int64 [R]");
   FC_CHECK(color.dim() == 2 && color.size(1) == 3 && color.is_contiguous() && opacity.is_contiguous() &&
-           depth.is_contiguous() && opacity.numel() == rows && depth.numel() == rows, op,
-           "color, opacity, depth must be contiguous [N, 3], [N], [N]");
+               depth.is_contiguous() && opacity.numel() == rows && depth.numel() == rows,
+           op, "color, opacity, depth must be contiguous [N, 3], [N], [N]");
   if (R == 0) return;
   const bool bad = (out_rows < 0).logical_or(out_rows >= rows).any().item<bool>();
   TORCH_CHECK_VALUE(!bad, "fastcore_ai.ops.", op, ": out_rows must lie in [0, N) = [0, ", rows, ")");
   at::Tensor sg = sigmas.contiguous(), rg = rgbs.contiguous(), ts = t_starts.contiguous(), te = t_ends.contiguous(),
              pi = packed_info.contiguous(), orow = out_rows.contiguous();
-  const at::Device device_of_call = sg.device();
-  (void)device_of_call;
   AT_DISPATCH_FLOATING_TYPES(sg.scalar_type(), "nerf_render_round", [&] {
     auto p = render_params<scalar_t>(sg, rg, ts, te, pi, eps);
     p.color = color.data_ptr<scalar_t>();
@@ -440,7 +413,7 @@ void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const
     p.tau = tau.data_ptr<scalar_t>();
     p.out_rows = orow.data_ptr<int64_t>();
     if (sg.is_cuda()) {
-      FC_NERF_CUDA(op, "round launch", render_forward_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "round launch", sg.device(), render_forward_cuda<scalar_t>(p, current_stream()));
     } else {
       at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { render_forward_cpu<scalar_t>(p, b0, e0); });
     }
@@ -448,17 +421,20 @@ void volume_render_round(const at::Tensor& sigmas, const at::Tensor& rgbs, const
 }
 
 std::vector<at::Tensor> volume_render_backward(const at::Tensor& grad_color, const at::Tensor& grad_opacity,
-                                               const at::Tensor& grad_depth, const std::optional<at::Tensor>& grad_weights,
-                                               const at::Tensor& sigmas, const at::Tensor& rgbs, const at::Tensor& t_starts,
+                                               const at::Tensor& grad_depth,
+                                               const std::optional<at::Tensor>& grad_weights, const at::Tensor& sigmas,
+                                               const at::Tensor& rgbs, const at::Tensor& t_starts,
                                                const at::Tensor& t_ends, const at::Tensor& packed_info,
-                                               const at::Tensor& color, const at::Tensor& opacity, const at::Tensor& depth,
-                                               double eps) {
+                                               const at::Tensor& color, const at::Tensor& opacity,
+                                               const at::Tensor& depth, double eps) {
   constexpr const char* op = "volume_render_backward";
   check_render_inputs(op, sigmas, rgbs, t_starts, t_ends, packed_info);
   const int64_t R = packed_info.size(0), S = sigmas.numel();
-  for (const at::Tensor* t : {&grad_color, &grad_opacity, &grad_depth, &color, &opacity, &depth}) check_like(*t, sigmas, op, "a per-ray tensor");
+  for (const at::Tensor* t : {&grad_color, &grad_opacity, &grad_depth, &color, &opacity, &depth})
+    check_like(*t, sigmas, op, "a per-ray tensor");
   FC_CHECK(grad_color.sizes() == color.sizes() && color.dim() == 2 && color.size(0) == R && grad_opacity.numel() == R &&
-           grad_depth.numel() == R && opacity.numel() == R && depth.numel() == R, op, "per-ray tensors must be [R, 3] / [R]");
+               grad_depth.numel() == R && opacity.numel() == R && depth.numel() == R,
+           op, "per-ray tensors must be [R, 3] / [R]");
   at::Tensor gw;
   if (grad_weights.has_value()) {
     check_like(*grad_weights, sigmas, op, "grad_weights");
@@ -471,8 +447,6 @@ std::vector<at::Tensor> volume_render_backward(const at::Tensor& grad_color, con
   // samples outside every ray's run (none for a packed_info from ray_march) get zero gradient
   at::Tensor grad_sigmas = at::zeros({S}, sg.options()), grad_rgbs = at::zeros({S, 3}, sg.options());
   if (R == 0 || S == 0) return {grad_sigmas, grad_rgbs};
-  const at::Device device_of_call = sg.device();
-  (void)device_of_call;
   AT_DISPATCH_FLOATING_TYPES(sg.scalar_type(), "nerf_render_backward", [&] {
     auto p = render_params<scalar_t>(sg, rg, ts, te, pi, eps);
     p.color = c.data_ptr<scalar_t>();
@@ -485,7 +459,7 @@ std::vector<at::Tensor> volume_render_backward(const at::Tensor& grad_color, con
     p.grad_sigmas = grad_sigmas.data_ptr<scalar_t>();
     p.grad_rgbs = grad_rgbs.data_ptr<scalar_t>();
     if (sg.is_cuda()) {
-      FC_NERF_CUDA(op, "backward launch", render_backward_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "backward launch", sg.device(), render_backward_cuda<scalar_t>(p, current_stream()));
     } else {
       at::parallel_for(0, R, kRayGrain, [&](int64_t b0, int64_t e0) { render_backward_cpu<scalar_t>(p, b0, e0); });
     }
@@ -493,8 +467,9 @@ std::vector<at::Tensor> volume_render_backward(const at::Tensor& grad_color, con
   return {grad_sigmas, grad_rgbs};
 }
 
-std::vector<at::Tensor> composite_blocks(const at::Tensor& colors, const at::Tensor& camera_pos, const at::Tensor& block_centers,
-                                         const at::Tensor& visibility, double power, double threshold, double radius) {
+std::vector<at::Tensor> composite_blocks(const at::Tensor& colors, const at::Tensor& camera_pos,
+                                         const at::Tensor& block_centers, const at::Tensor& visibility, double power,
+                                         double threshold, double radius) {
   constexpr const char* op = "composite_blocks";
   check_float(colors, op, "colors");
   check_like(camera_pos, colors, op, "camera_pos");
@@ -502,17 +477,19 @@ std::vector<at::Tensor> composite_blocks(const at::Tensor& colors, const at::Ten
   check_like(visibility, colors, op, "visibility");
   FC_CHECK(colors.dim() == 3 && colors.size(2) == 3, op, "colors must be [K, R, 3]");
   const int64_t K = colors.size(0), R = colors.size(1);
-  FC_CHECK(block_centers.dim() == 2 && block_centers.size(0) == K && block_centers.size(1) == 3, op, "block_centers must be [K, 3]");
-  FC_CHECK(visibility.dim() == 2 && visibility.size(0) == K && visibility.size(1) == R, op, "visibility must be [K, R]");
+  FC_CHECK(block_centers.dim() == 2 && block_centers.size(0) == K && block_centers.size(1) == 3, op,
+           "block_centers must be [K, 3]");
+  FC_CHECK(visibility.dim() == 2 && visibility.size(0) == K && visibility.size(1) == R, op,
+           "visibility must be [K, R]");
   const bool per_ray = camera_pos.dim() == 2;
-  FC_CHECK((camera_pos.dim() == 1 && camera_pos.size(0) == 3) || (per_ray && camera_pos.size(0) == R && camera_pos.size(1) == 3),
+  FC_CHECK((camera_pos.dim() == 1 && camera_pos.size(0) == 3) ||
+               (per_ray && camera_pos.size(0) == R && camera_pos.size(1) == 3),
            op, "camera_pos must be [3] or [R, 3]");
   FC_CHECK(K >= 1, op, "colors must hold at least one block");
-  at::Tensor col = colors.contiguous(), cam = camera_pos.contiguous(), cen = block_centers.contiguous(), vis = visibility.contiguous();
+  at::Tensor col = colors.contiguous(), cam = camera_pos.contiguous(), cen = block_centers.contiguous(),
+             vis = visibility.contiguous();
   at::Tensor out = at::empty({R, 3}, col.options()), weights = at::empty({K, R}, col.options());
   if (R == 0) return {out, weights};
-  const at::Device device_of_call = col.device();
-  (void)device_of_call;
   AT_DISPATCH_FLOATING_TYPES(col.scalar_type(), "nerf_composite", [&] {
     CompositeParams<scalar_t> p;
     p.colors = col.data_ptr<scalar_t>();
@@ -528,13 +505,48 @@ std::vector<at::Tensor> composite_blocks(const at::Tensor& colors, const at::Ten
     p.out = out.data_ptr<scalar_t>();
     p.weights = weights.data_ptr<scalar_t>();
     if (col.is_cuda()) {
-      FC_NERF_CUDA(op, "launch", composite_cuda<scalar_t>(p, current_stream()));
+      FC_CUDA_CALL(op, "launch", col.device(), composite_cuda<scalar_t>(p, current_stream()));
     } else {
-      at::parallel_for(0, R, std::max<int64_t>(1, 4096 / K), [&](int64_t b0, int64_t e0) { composite_cpu<scalar_t>(p, b0, e0); });
+      at::parallel_for(0, R, std::max<int64_t>(1, 4096 / K),
+                       [&](int64_t b0, int64_t e0) { composite_cpu<scalar_t>(p, b0, e0); });
     }
   });
   return {out, weights};
 }
 
 }  // namespace nerf
+
+void bind_nerf(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("nerf_ray_aabb_intersect", &nerf::ray_aabb_intersect, "ray/AABB slab test -> (t_near, t_far, hit)",
+        py::arg("rays_o"), py::arg("rays_d"), py::arg("aabbs"));
+  m.def("nerf_occupancy_grid_update", &nerf::occupancy_grid_update, "grid EMA-max update + bitfield packing",
+        py::arg("density"), py::arg("cell_indices"), py::arg("values"), py::arg("decay"), py::arg("threshold"));
+  m.def("nerf_ray_march", &nerf::ray_march, "two-pass occupancy-grid ray marching -> packed samples", py::arg("rays_o"),
+        py::arg("rays_d"), py::arg("aabb"), py::arg("bitfield"), py::arg("resolution"), py::arg("levels"),
+        py::arg("near"), py::arg("far"), py::arg("step_size"), py::arg("cone_angle"), py::arg("max_samples"),
+        py::arg("jitter_u"));
+  m.def("nerf_ray_march_round", &nerf::ray_march_round,
+        "one round of resumable marching -> (ray rows, t_starts, t_ends, packed_info, next_k, next_t, positions, "
+        "directions)",
+        py::arg("rays_o"), py::arg("rays_d"), py::arg("aabb"), py::arg("bitfield"), py::arg("resolution"),
+        py::arg("levels"), py::arg("near"), py::arg("far"), py::arg("step_size"), py::arg("cone_angle"),
+        py::arg("jitter_u"), py::arg("rows"), py::arg("start_k"), py::arg("start_t"), py::arg("max_samples"));
+  m.def("nerf_volume_render_round", &nerf::volume_render_round,
+        "render one round's segments behind optical depth tau (updated) and add them to rows of color/opacity/depth",
+        py::arg("sigmas"), py::arg("rgbs"), py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"),
+        py::arg("early_stop_eps"), py::arg("tau"), py::arg("out_rows"), py::arg("color"), py::arg("opacity"),
+        py::arg("depth"));
+  m.def("nerf_volume_render", &nerf::volume_render_forward,
+        "packed volume rendering -> (color, opacity, depth, weights)", py::arg("sigmas"), py::arg("rgbs"),
+        py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"), py::arg("early_stop_eps"),
+        py::arg("need_weights"));
+  m.def("nerf_volume_render_backward", &nerf::volume_render_backward, "recomputing backward of volume rendering",
+        py::arg("grad_color"), py::arg("grad_opacity"), py::arg("grad_depth"), py::arg("grad_weights"),
+        py::arg("sigmas"), py::arg("rgbs"), py::arg("t_starts"), py::arg("t_ends"), py::arg("packed_info"),
+        py::arg("color"), py::arg("opacity"), py::arg("depth"), py::arg("early_stop_eps"));
+  m.def("nerf_composite_blocks", &nerf::composite_blocks, "Block-NeRF inverse-distance compositing -> (out, weights)",
+        py::arg("colors"), py::arg("camera_pos"), py::arg("block_centers"), py::arg("visibility"), py::arg("power"),
+        py::arg("threshold"), py::arg("radius"));
+}
 }  // namespace fastcore

@@ -6,18 +6,15 @@
 // each keeping its own top-k, then merged. The top-k is unique under (key, id) order, so the result
 // is the same for any split and thread count.
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
 #include <limits>
 #include <optional>
 
+#include "cuda_call.h"
 #include "pq/pq.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace fastcore {
 namespace pq {
@@ -30,16 +27,6 @@ Metric metric_of(int64_t metric, const char* op) {
 
 void check_cpu(const at::Tensor& t, const char* op, const char* arg) {
   FC_CHECK(t.device().is_cpu(), op, arg, " must be a CPU tensor, got ", t.device());
-}
-
-[[maybe_unused]] void check_status(int status, const char* op, const char* what) {
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
-}
-
-[[noreturn, maybe_unused]] void no_cuda(const char* op) {
-  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a CUDA "
-           "build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
-  throw;  // unreachable
 }
 
 // Row parts for a scan of n rows by nq queries (1 = split by queries only).
@@ -73,10 +60,10 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
            "on CUDA only float32 tables are computed here");
   if (!x.is_cuda()) check_cpu(x, op, "x");
   FC_CHECK(x.dim() == 2 && codebooks.dim() == 3, op, "x must be [n, d] and codebooks [M, ksub, dsub]");
-  FC_CHECK(x.scalar_type() == codebooks.scalar_type() &&
-               (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
-           op, "x and codebooks must both be float32 or both float64, got ", x.scalar_type(), " and ",
-           codebooks.scalar_type());
+  FC_CHECK(
+      x.scalar_type() == codebooks.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
+      op, "x and codebooks must both be float32 or both float64, got ", x.scalar_type(), " and ",
+      codebooks.scalar_type());
   const int64_t n = x.size(0), M = codebooks.size(0), ksub = codebooks.size(1), dsub = codebooks.size(2);
   FC_CHECK(x.size(1) == M * dsub, op, "x must have d = M·dsub = ", M * dsub, " columns, got ", x.size(1));
   FC_CHECK(ksub >= 1 && ksub <= 256, op, "codebooks must have 1 <= ksub <= 256, got ", ksub);
@@ -103,15 +90,10 @@ std::vector<at::Tensor> tables(const at::Tensor& x, const at::Tensor& codebooks,
   at::Tensor codes = want_codes ? at::empty({n, M}, x.options().dtype(at::kByte)) : at::Tensor();
   if (n == 0 || M == 0) return {lut, codes};
   if (x.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
-    c10::cuda::CUDAGuard guard(x.device());
     TableParams<float> p = table_params(float{});
     p.lut = lut.data_ptr<float>();
-    check_status(pq_lut_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), op, "table kernel launch");
+    FC_CUDA_CALL(op, "table kernel launch", x.device(), pq_lut_cuda(p, current_stream()));
     return {lut, codes};
-#else
-    no_cuda(op);
-#endif
   }
   // At least ~2^20 multiply-adds per thread: smaller jobs (a search's query tables) run on the calling
   // thread, since waking the pool costs more than the work (and much more on a loaded machine).
@@ -214,8 +196,8 @@ at::Tensor top_columns(const at::Tensor& scores, int64_t count) {
   const char* op = "ivfpq_search";
   check_cpu(scores, op, "scores");
   FC_CHECK(scores.dim() == 2 && scores.scalar_type() == at::kFloat, op, "scores must be float32 [n, L]");
-  FC_CHECK(count >= 1 && count <= scores.size(1), op, "count must satisfy 1 <= count <= L = ", scores.size(1),
-           ", got ", count);
+  FC_CHECK(count >= 1 && count <= scores.size(1), op, "count must satisfy 1 <= count <= L = ", scores.size(1), ", got ",
+           count);
   at::Tensor sc = scores.contiguous();
   at::Tensor out = at::empty({sc.size(0), count}, sc.options().dtype(at::kLong));
   TopColumnsParams p;
@@ -223,7 +205,8 @@ at::Tensor top_columns(const at::Tensor& scores, int64_t count) {
   p.ld = p.L = sc.size(1);
   p.count = count;
   p.out = out.data_ptr<int64_t>();
-  at::parallel_for(0, sc.size(0), std::max<int64_t>(1, 65536 / p.L), [&](int64_t b, int64_t e) { pq_top_columns_cpu(p, b, e); });
+  at::parallel_for(0, sc.size(0), std::max<int64_t>(1, 65536 / p.L),
+                   [&](int64_t b, int64_t e) { pq_top_columns_cpu(p, b, e); });
   return out;
 }
 
@@ -283,9 +266,8 @@ MemberSums member_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksu
 std::vector<at::Tensor> centroid_sums(const at::Tensor& x, const at::Tensor& codes, int64_t ksub) {
   MemberSums m = member_sums(x, codes, ksub, "kmeans");
   const int64_t d = m.x.size(1);
-  at::parallel_for(0, m.units, m.grain, [&](int64_t u0, int64_t u1) {
-    pq_centroid_sums_cpu(m.p, u0 * 8, std::min(d, u1 * 8));
-  });
+  at::parallel_for(0, m.units, m.grain,
+                   [&](int64_t u0, int64_t u1) { pq_centroid_sums_cpu(m.p, u0 * 8, std::min(d, u1 * 8)); });
   return {m.sums, m.counts};
 }
 
@@ -342,8 +324,7 @@ std::vector<at::Tensor> search_flat_cuda(const at::Tensor& lut, const at::Tensor
   const float pad = ip ? -std::numeric_limits<float>::infinity() : std::numeric_limits<float>::infinity();
   if (nq == 0 || n == 0)
     return {at::full({nq, k}, pad, lut.options()), at::full({nq, k}, -1, lut.options().dtype(at::kLong))};
-#ifdef FASTCORE_WITH_CUDA
-  c10::cuda::CUDAGuard guard(lut.device());
+  require_cuda(op);
   at::Tensor lc = lut.contiguous(), cc = codes.contiguous();
   if (ksub < 256)
     TORCH_CHECK_VALUE(cc.max().item<uint8_t>() < ksub, "fastcore_ai.ops.", op, ": codes must lie in [0, ksub)");
@@ -367,8 +348,8 @@ std::vector<at::Tensor> search_flat_cuda(const at::Tensor& lut, const at::Tensor
     slice.nq = std::min<int64_t>(65535, nq - q0);
     slice.lut = p.lut + q0 * M * ksub;
     slice.partial = p.partial + q0 * p.nchunks * k;
-    check_status(adc_topk_cuda(slice, c10::cuda::getCurrentCUDAStream().stream()), op,
-                 "ADC scan launch (shared memory for the table + chunk keys may exceed the device's opt-in limit)");
+    FC_CUDA_CALL(op, "ADC scan launch (shared memory for the table + chunk keys may exceed the device's opt-in limit)",
+                 lut.device(), adc_topk_cuda(slice, current_stream()));
   }
   // Unsigned order = signed order after flipping the top bit.
   const int64_t flip = std::numeric_limits<int64_t>::min();
@@ -384,9 +365,6 @@ std::vector<at::Tensor> search_flat_cuda(const at::Tensor& lut, const at::Tensor
   at::Tensor dist = at::where(valid, ip ? key.neg() : key, at::full_like(key, pad));
   at::Tensor ids = at::where(valid, rows, at::full_like(rows, -1));
   return {dist, ids};
-#else
-  no_cuda(op);
-#endif
 }
 
 // Flat ADC top-k: lut [nq, M, ksub] float32, codes [n, M] uint8 -> (dist [nq, k] float32, ids [nq, k]).
@@ -431,8 +409,8 @@ std::vector<at::Tensor> search_flat(const at::Tensor& lut, const at::Tensor& cod
   at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
     for (int64_t part = b; part < e; ++part) {
       const int64_t r0 = std::min(n, part * rows_per_part), r1 = std::min(n, r0 + rows_per_part);
-      pq_scan_flat_cpu(p, 0, nq, r0, r1, part_dist.data_ptr<float>() + part * k, part_ids.data_ptr<int64_t>() + part * k,
-                       parts * k);
+      pq_scan_flat_cpu(p, 0, nq, r0, r1, part_dist.data_ptr<float>() + part * k,
+                       part_ids.data_ptr<int64_t>() + part * k, parts * k);
     }
   });
   at::parallel_for(0, nq, 16, [&](int64_t b, int64_t e) {
@@ -458,7 +436,8 @@ std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& code
            "probes must be int64 [nq, nprobe]");
   const int64_t nprobe = probes.size(1);
   FC_CHECK(L == 1 || L == nprobe, op, "lut must have L = 1 or nprobe tables per query");
-  FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == M, op, "codes must be uint8 [n, M]");
+  FC_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == M, op,
+           "codes must be uint8 [n, M]");
   const int64_t n = codes.size(0);
   FC_CHECK(list_offsets.dim() == 1 && list_offsets.size(0) >= 1 && list_offsets.scalar_type() == at::kLong, op,
            "list_offsets must be int64 [nlist + 1]");
@@ -478,14 +457,15 @@ std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& code
                       ksub, ")");
   at::Tensor bc;
   if (bias.has_value() && bias->defined()) {
-    FC_CHECK(bias->dim() == 2 && bias->size(0) == nq && bias->size(1) == nprobe && bias->scalar_type() == at::kFloat, op,
-             "bias must be float32 [nq, nprobe]");
+    FC_CHECK(bias->dim() == 2 && bias->size(0) == nq && bias->size(1) == nprobe && bias->scalar_type() == at::kFloat,
+             op, "bias must be float32 [nq, nprobe]");
     bc = bias->contiguous();
   }
   at::Tensor tc;
   if (list_terms.has_value() && list_terms->defined()) {
     FC_CHECK(L == 1 && list_terms->dim() == 3 && list_terms->size(0) == nlist && list_terms->size(1) == M &&
-                 list_terms->size(2) == ksub && list_terms->scalar_type() == at::kFloat && list_terms->device().is_cpu(),
+                 list_terms->size(2) == ksub && list_terms->scalar_type() == at::kFloat &&
+                 list_terms->device().is_cpu(),
              op, "list_terms must be a CPU float32 [nlist, M, ksub] used with one table per query (L = 1)");
     tc = list_terms->contiguous();
   }
@@ -518,15 +498,17 @@ std::vector<at::Tensor> search_ivf(const at::Tensor& lut, const at::Tensor& code
 
 // 4-bit fast-scan top-k: lut [nq, M, 16] float32 (the float tables), packed [nblocks, pairs, 32] uint8
 // holding n vectors. Returns (dist [nq, k] float32 dequantized, ids [nq, k]).
-std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& packed, int64_t n, int64_t k, int64_t metric) {
+std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& packed, int64_t n, int64_t k,
+                                   int64_t metric) {
   const char* op = "pq4_search";
   check_cpu(lut, op, "lut");
   check_cpu(packed, op, "packed");
-  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat && lut.size(2) == 16, op, "lut must be float32 [nq, M, 16]");
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat && lut.size(2) == 16, op,
+           "lut must be float32 [nq, M, 16]");
   const int64_t nq = lut.size(0), M = lut.size(1), pairs = (M + 1) / 2;
   FC_CHECK(M >= 1 && M <= 256, op, "M must satisfy 1 <= M <= 256 (uint16 sums), got ", M);
-  FC_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(1) == pairs && packed.size(2) == 32, op,
-           "packed must be uint8 [nblocks, ceil(M/2), 32]");
+  FC_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(1) == pairs && packed.size(2) == 32,
+           op, "packed must be uint8 [nblocks, ceil(M/2), 32]");
   FC_CHECK(n >= 0 && (n + 31) / 32 == packed.size(0), op, "packed must hold ceil(n/32) blocks for n = ", n);
   FC_CHECK(k >= 1, op, "k must be >= 1");
   const Metric m = metric_of(metric, op);
@@ -559,22 +541,22 @@ std::vector<at::Tensor> search_pq4(const at::Tensor& lut, const at::Tensor& pack
       pq4_scan_cpu(p, b, e, 0, p.nblocks, dist.data_ptr<float>(), ids.data_ptr<int64_t>(), k);
     });
   } else {
-  quantize(0, nq);  // few queries (parts > 1): cheap on the calling thread
-  at::Tensor part_dist = at::empty({nq, parts, k}, dist.options());
-  at::Tensor part_ids = at::empty({nq, parts, k}, ids.options());
-  const int64_t blocks_per_part = (p.nblocks + parts - 1) / parts;
-  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t part = b; part < e; ++part) {
-      const int64_t b0 = std::min(p.nblocks, part * blocks_per_part), b1 = std::min(p.nblocks, b0 + blocks_per_part);
-      pq4_scan_cpu(p, 0, nq, b0, b1, part_dist.data_ptr<float>() + part * k, part_ids.data_ptr<int64_t>() + part * k,
-                   parts * k);
-    }
-  });
-  at::parallel_for(0, nq, 16, [&](int64_t b, int64_t e) {
-    // Raw quantized sums: merged in the l2 (ascending) order whatever the metric.
-    pq_merge_topk_cpu(part_dist.data_ptr<float>(), part_ids.data_ptr<int64_t>(), parts, k, Metric::kL2, b, e,
-                      dist.data_ptr<float>(), ids.data_ptr<int64_t>());
-  });
+    quantize(0, nq);  // few queries (parts > 1): cheap on the calling thread
+    at::Tensor part_dist = at::empty({nq, parts, k}, dist.options());
+    at::Tensor part_ids = at::empty({nq, parts, k}, ids.options());
+    const int64_t blocks_per_part = (p.nblocks + parts - 1) / parts;
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t part = b; part < e; ++part) {
+        const int64_t b0 = std::min(p.nblocks, part * blocks_per_part), b1 = std::min(p.nblocks, b0 + blocks_per_part);
+        pq4_scan_cpu(p, 0, nq, b0, b1, part_dist.data_ptr<float>() + part * k, part_ids.data_ptr<int64_t>() + part * k,
+                     parts * k);
+      }
+    });
+    at::parallel_for(0, nq, 16, [&](int64_t b, int64_t e) {
+      // Raw quantized sums: merged in the l2 (ascending) order whatever the metric.
+      pq_merge_topk_cpu(part_dist.data_ptr<float>(), part_ids.data_ptr<int64_t>(), parts, k, Metric::kL2, b, e,
+                        dist.data_ptr<float>(), ids.data_ptr<int64_t>());
+    });
   }
   // Dequantize: key = D / a + b (padding stays +inf); ip scores are −key.
   dist.div_(scale.unsqueeze(1)).add_(offset.unsqueeze(1));
@@ -591,11 +573,12 @@ std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& 
   const char* op = "ivfpq_search";
   check_cpu(lut, op, "lut");
   check_cpu(packed, op, "packed");
-  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat && lut.size(2) == 16, op, "lut must be float32 [nq, M, 16]");
+  FC_CHECK(lut.dim() == 3 && lut.scalar_type() == at::kFloat && lut.size(2) == 16, op,
+           "lut must be float32 [nq, M, 16]");
   const int64_t nq = lut.size(0), M = lut.size(1), pairs = (M + 1) / 2;
   FC_CHECK(M >= 1 && M <= 256, op, "M must satisfy 1 <= M <= 256, got ", M);
-  FC_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(1) == pairs && packed.size(2) == 32, op,
-           "packed must be uint8 [blocks, ceil(M/2), 32]");
+  FC_CHECK(packed.dim() == 3 && packed.scalar_type() == at::kByte && packed.size(1) == pairs && packed.size(2) == 32,
+           op, "packed must be uint8 [blocks, ceil(M/2), 32]");
   const int64_t total_blocks = packed.size(0);
   FC_CHECK(list_blocks.dim() == 1 && list_blocks.scalar_type() == at::kLong && list_blocks.size(0) >= 1, op,
            "list_blocks must be int64 [nlist + 1]");
@@ -657,4 +640,29 @@ std::string fastscan_kernel(int64_t force) {
 }
 
 }  // namespace pq
+
+void bind_pq(pybind11::module_& m) {
+  m.def("pq_tables", &pq::tables, "PQ distance tables [n, M, ksub] and/or codes [n, M] (metric 0 l2, 1 ip)");
+  m.def("pq_kmeans_assign", &pq::kmeans_assign,
+        "nearest centroid (metric 0 l2, GEMM form) or largest inner product (metric 1): (assign [n] int64, "
+        "min_dist [n]: l2 the squared distance, ip the inner product)");
+  m.def("pq_top_columns", &pq::top_columns,
+        "the count largest columns of each row of scores [n, L] float32, largest first, the lower column on ties "
+        "(a NaN ranks last): [n, count] int64");
+  m.def("pq_centroid_sums", &pq::centroid_sums,
+        "k-means member sums of x [n, M*dsub] grouped by codes [n, M]: (sums [M, ksub, dsub] float64, counts "
+        "[M, ksub] int64)");
+  m.def("pq_centroid_update", &pq::centroid_update,
+        "k-means update of x [n, M*dsub] grouped by codes [n, M] from old [M, ksub, dsub] float32: (new32, new64 "
+        "[M, ksub, dsub]: member means, the old centroid for an empty cluster; counts [M, ksub] int64)");
+  m.def("pq_search_flat", &pq::search_flat, "flat ADC top-k from tables: (dist [nq, k], ids [nq, k])");
+  m.def("pq_search_ivf", &pq::search_ivf,
+        "IVF ADC top-k over probed lists (list_terms: per-list tables of the L2 residual decomposition or None): "
+        "(dist [nq, k], ids [nq, k])");
+  m.def("pq4_search", &pq::search_pq4, "4-bit fast-scan top-k: (dist [nq, k], ids [nq, k])");
+  m.def("pq4_search_ivf", &pq::search_pq4_ivf, "IVF 4-bit fast-scan top-k (non-residual): (dist [nq, k], ids)");
+  m.def("pq4_kernel", &pq::fastscan_kernel,
+        "the fast-scan kernel in use ('avx512bw', 'avx2', 'portable'); force >= 0 selects one (0 auto, 1 portable, "
+        "2 avx2, 3 avx512bw)");
+}
 }  // namespace fastcore

@@ -4,6 +4,7 @@
 // (torch's rfft/irfft around the fused pointwise kernels, chunked over rows to bound memory).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -14,46 +15,31 @@
 #include <tuple>
 #include <vector>
 
+#include "cuda_call.h"
 #include "s4/s4.h"
 #include "tensor_params.h"
-
-#ifdef FASTCORE_WITH_CUDA
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#endif
 
 namespace fastcore {
 namespace s4 {
 namespace {
 
-void check_status(int status, const char* op, const char* what) {
-  TORCH_CHECK(status == 0, "fastcore_ai.ops.", op, ": CUDA ", what, " failed with cudaError ", status);
-}
-
-#ifdef FASTCORE_WITH_CUDA
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#define FC_S4_CUDA(op, what, call) check_status((call), op, what)
-#else
-[[noreturn]] void no_cuda(const char* op) {
-  FC_CHECK(false, op, "this build of fastcore_ai has no CUDA kernels; reinstall on a machine with nvcc and a "
-           "CUDA build of torch (FASTCORE_AI_CUDA=1 pip install --no-build-isolation .)");
-  throw;
-}
-#endif
-
 // A complex tensor as contiguous interleaved real storage [..., 2] (resolving a lazy conjugate).
 at::Tensor interleaved(const at::Tensor& t) { return at::view_as_real(t.resolve_conj().contiguous()); }
 
 // The same storage without the real view: the tensor itself when it is already contiguous and resolved.
-at::Tensor resolved(const at::Tensor& t) { return t.is_contiguous() && !t.is_conj() ? t : t.resolve_conj().contiguous(); }
+at::Tensor resolved(const at::Tensor& t) {
+  return t.is_contiguous() && !t.is_conj() ? t : t.resolve_conj().contiguous();
+}
 
 void check_complex(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
-  FC_CHECK(t.is_complex() && (t.scalar_type() == at::kComplexFloat || t.scalar_type() == at::kComplexDouble), op,
-           name, " must be complex64 or complex128, got ", t.scalar_type());
+  FC_CHECK(t.is_complex() && (t.scalar_type() == at::kComplexFloat || t.scalar_type() == at::kComplexDouble), op, name,
+           " must be complex64 or complex128, got ", t.scalar_type());
   FC_CHECK(t.dim() == dim, op, name, " must have ", dim, " dims, got ", t.dim());
 }
 
-int64_t parallel_grain(int64_t cost_per_unit) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cost_per_unit, 1)); }
+int64_t parallel_grain(int64_t cost_per_unit) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(cost_per_unit, 1));
+}
 
 }  // namespace
 
@@ -74,16 +60,18 @@ at::Tensor cauchy(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w,
   const at::Tensor vr = interleaved(v), wr = interleaved(w), zr = interleaved(z);
   at::Tensor out_r = at::view_as_real(out);
   if (v.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    c10::cuda::CUDAGuard guard(v.device());
     CauchyParams<float> p;
-    p.v = vr.data_ptr<float>(); p.w = wr.data_ptr<float>(); p.z = zr.data_ptr<float>(); p.out = out_r.data_ptr<float>();
-    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
-    FC_S4_CUDA(op, "forward launch", cauchy_forward_cuda(p, current_stream()));
-#else
-    no_cuda(op);
-#endif
+    p.v = vr.data_ptr<float>();
+    p.w = wr.data_ptr<float>();
+    p.z = zr.data_ptr<float>();
+    p.out = out_r.data_ptr<float>();
+    p.batch = B;
+    p.states = N;
+    p.nodes = L;
+    p.conj_symmetric = conj_symmetric;
+    FC_CUDA_CALL(op, "forward launch", v.device(), cauchy_forward_cuda(p, current_stream()));
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_cauchy", [&] {
@@ -91,8 +79,14 @@ at::Tensor cauchy(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w,
     // z deinterleaved once (shared by every row): the vector loops load 8 contiguous re / im values.
     const at::Tensor z_re = zr.select(1, 0).contiguous(), z_im = zr.select(1, 1).contiguous();
     CauchyParams<T> p;
-    p.v = vr.data_ptr<T>(); p.w = wr.data_ptr<T>(); p.z = zr.data_ptr<T>(); p.out = out_r.data_ptr<T>();
-    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
+    p.v = vr.data_ptr<T>();
+    p.w = wr.data_ptr<T>();
+    p.z = zr.data_ptr<T>();
+    p.out = out_r.data_ptr<T>();
+    p.batch = B;
+    p.states = N;
+    p.nodes = L;
+    p.conj_symmetric = conj_symmetric;
     const int64_t tiles = (L + kCauchyTile - 1) / kCauchyTile;
     const T* zre = z_re.data_ptr<T>();
     const T* zim = z_im.data_ptr<T>();
@@ -118,17 +112,20 @@ std::vector<at::Tensor> cauchy_backward(const at::Tensor& grad, const at::Tensor
   const at::Tensor vr = interleaved(v), wr = interleaved(w), zr = interleaved(z), gr = interleaved(grad);
   at::Tensor gv = at::view_as_real(grad_v), gw = at::view_as_real(grad_w);
   if (v.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    c10::cuda::CUDAGuard guard(v.device());
     CauchyParams<float> p;
-    p.v = vr.data_ptr<float>(); p.w = wr.data_ptr<float>(); p.z = zr.data_ptr<float>();
-    p.grad_out = gr.data_ptr<float>(); p.grad_v = gv.data_ptr<float>(); p.grad_w = gw.data_ptr<float>();
-    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
-    FC_S4_CUDA(op, "backward launch", cauchy_backward_cuda(p, current_stream()));
-#else
-    no_cuda(op);
-#endif
+    p.v = vr.data_ptr<float>();
+    p.w = wr.data_ptr<float>();
+    p.z = zr.data_ptr<float>();
+    p.grad_out = gr.data_ptr<float>();
+    p.grad_v = gv.data_ptr<float>();
+    p.grad_w = gw.data_ptr<float>();
+    p.batch = B;
+    p.states = N;
+    p.nodes = L;
+    p.conj_symmetric = conj_symmetric;
+    FC_CUDA_CALL(op, "backward launch", v.device(), cauchy_backward_cuda(p, current_stream()));
     return {grad_v, grad_w};
   }
   AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_cauchy_backward", [&] {
@@ -136,9 +133,15 @@ std::vector<at::Tensor> cauchy_backward(const at::Tensor& grad, const at::Tensor
     const at::Tensor z_re = zr.select(1, 0).contiguous(), z_im = zr.select(1, 1).contiguous();
     const at::Tensor g_re = gr.select(2, 0).contiguous(), g_im = gr.select(2, 1).contiguous();
     CauchyParams<T> p;
-    p.v = vr.data_ptr<T>(); p.w = wr.data_ptr<T>(); p.z = zr.data_ptr<T>();
-    p.grad_v = gv.data_ptr<T>(); p.grad_w = gw.data_ptr<T>();
-    p.batch = B; p.states = N; p.nodes = L; p.conj_symmetric = conj_symmetric;
+    p.v = vr.data_ptr<T>();
+    p.w = wr.data_ptr<T>();
+    p.z = zr.data_ptr<T>();
+    p.grad_v = gv.data_ptr<T>();
+    p.grad_w = gw.data_ptr<T>();
+    p.batch = B;
+    p.states = N;
+    p.nodes = L;
+    p.conj_symmetric = conj_symmetric;
     const T *zre = z_re.data_ptr<T>(), *zim = z_im.data_ptr<T>(), *gre = g_re.data_ptr<T>(), *gim = g_im.data_ptr<T>();
     at::parallel_for(0, B * N, parallel_grain(L),
                      [&](int64_t b, int64_t e) { cauchy_backward_cpu<T>(p, zre, zim, gre, gim, b, e); });
@@ -162,23 +165,27 @@ at::Tensor vandermonde(const at::Tensor& v, const at::Tensor& x, int64_t L) {
   if (N == 0) return out.zero_();
   const at::Tensor vr = interleaved(v), xr = interleaved(x);
   if (v.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    c10::cuda::CUDAGuard guard(v.device());
     VandermondeParams<float> p;
-    p.v = vr.data_ptr<float>(); p.x = xr.data_ptr<float>(); p.out = out.data_ptr<float>();
-    p.batch = B; p.states = N; p.length = L;
-    FC_S4_CUDA(op, "forward launch", vandermonde_forward_cuda(p, current_stream()));
-#else
-    no_cuda(op);
-#endif
+    p.v = vr.data_ptr<float>();
+    p.x = xr.data_ptr<float>();
+    p.out = out.data_ptr<float>();
+    p.batch = B;
+    p.states = N;
+    p.length = L;
+    FC_CUDA_CALL(op, "forward launch", v.device(), vandermonde_forward_cuda(p, current_stream()));
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_vandermonde", [&] {
     using T = scalar_t;
     VandermondeParams<T> p;
-    p.v = vr.data_ptr<T>(); p.x = xr.data_ptr<T>(); p.out = out.data_ptr<T>();
-    p.batch = B; p.states = N; p.length = L;
+    p.v = vr.data_ptr<T>();
+    p.x = xr.data_ptr<T>();
+    p.out = out.data_ptr<T>();
+    p.batch = B;
+    p.states = N;
+    p.length = L;
     at::parallel_for(0, B, 1, [&](int64_t b, int64_t e) { vandermonde_forward_cpu<T>(p, b, e); });
   });
   return out;
@@ -199,25 +206,31 @@ std::vector<at::Tensor> vandermonde_backward(const at::Tensor& grad, const at::T
   const at::Tensor vr = interleaved(v), xr = interleaved(x);
   at::Tensor gv = at::view_as_real(grad_v), gx = at::view_as_real(grad_x);
   if (v.is_cuda()) {
-#ifdef FASTCORE_WITH_CUDA
+    require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    c10::cuda::CUDAGuard guard(v.device());
     VandermondeParams<float> p;
-    p.v = vr.data_ptr<float>(); p.x = xr.data_ptr<float>(); p.grad_out = g.data_ptr<float>();
-    p.grad_v = gv.data_ptr<float>(); p.grad_x = gx.data_ptr<float>();
-    p.batch = B; p.states = N; p.length = L;
-    FC_S4_CUDA(op, "backward launch", vandermonde_backward_cuda(p, current_stream()));
-#else
-    no_cuda(op);
-#endif
+    p.v = vr.data_ptr<float>();
+    p.x = xr.data_ptr<float>();
+    p.grad_out = g.data_ptr<float>();
+    p.grad_v = gv.data_ptr<float>();
+    p.grad_x = gx.data_ptr<float>();
+    p.batch = B;
+    p.states = N;
+    p.length = L;
+    FC_CUDA_CALL(op, "backward launch", v.device(), vandermonde_backward_cuda(p, current_stream()));
     return {grad_v, grad_x};
   }
   AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_vandermonde_backward", [&] {
     using T = scalar_t;
     VandermondeParams<T> p;
-    p.v = vr.data_ptr<T>(); p.x = xr.data_ptr<T>(); p.grad_out = g.data_ptr<T>();
-    p.grad_v = gv.data_ptr<T>(); p.grad_x = gx.data_ptr<T>();
-    p.batch = B; p.states = N; p.length = L;
+    p.v = vr.data_ptr<T>();
+    p.x = xr.data_ptr<T>();
+    p.grad_out = g.data_ptr<T>();
+    p.grad_v = gv.data_ptr<T>();
+    p.grad_x = gx.data_ptr<T>();
+    p.batch = B;
+    p.states = N;
+    p.length = L;
     at::parallel_for(0, B * N, parallel_grain(L), [&](int64_t b, int64_t e) { vandermonde_backward_cpu<T>(p, b, e); });
   });
   return {grad_v, grad_x};
@@ -240,29 +253,30 @@ int64_t chunk_rows_for(int64_t rows, int64_t n, bool cuda, int64_t requested) {
 
 enum class FFTKernel { kPad, kMul, kCrop, kGradSpectra, kRowDot };
 
-// One pointwise kernel over `units` work units: CPU at::parallel_for, or the CUDA launch.
+// The CUDA launcher of one pointwise kernel (float only: check_fft_args refuses float64 on CUDA); inline,
+// so a build without CUDA never emits it (see cuda_call.h).
+inline int fft_kernel_cuda(FFTKernel kind, const FFTConvParams<float>& p, void* stream) {
+  switch (kind) {
+    case FFTKernel::kPad: return fftconv_pad_cast_cuda(p, stream);
+    case FFTKernel::kMul: return fftconv_cmul_cuda(p, stream);
+    case FFTKernel::kCrop: return fftconv_crop_skip_cuda(p, stream);
+    case FFTKernel::kGradSpectra: return fftconv_grad_spectra_cuda(p, stream);
+    case FFTKernel::kRowDot: return fftconv_row_dot_cuda(p, stream);
+  }
+  return 0;
+}
+
+// One pointwise kernel over `units` work units: CPU at::parallel_for, or the CUDA launch on `device`.
 template <typename Acc>
-void run(FFTKernel kind, const FFTConvParams<Acc>& p, bool cuda, int64_t units, int64_t cost) {
+void run(FFTKernel kind, const FFTConvParams<Acc>& p, const at::Device& device, int64_t units, int64_t cost) {
   if (units == 0) return;
-  if (cuda) {
-#ifdef FASTCORE_WITH_CUDA
+  if (device.is_cuda()) {
+    require_cuda(kFFT);
     if constexpr (std::is_same<Acc, float>::value) {
-      void* s = current_stream();
-      int status = 0;
-      switch (kind) {
-        case FFTKernel::kPad: status = fftconv_pad_cast_cuda(p, s); break;
-        case FFTKernel::kMul: status = fftconv_cmul_cuda(p, s); break;
-        case FFTKernel::kCrop: status = fftconv_crop_skip_cuda(p, s); break;
-        case FFTKernel::kGradSpectra: status = fftconv_grad_spectra_cuda(p, s); break;
-        case FFTKernel::kRowDot: status = fftconv_row_dot_cuda(p, s); break;
-      }
-      check_status(status, kFFT, "pointwise kernel launch");
+      FC_CUDA_CALL(kFFT, "pointwise kernel launch", device, fft_kernel_cuda(kind, p, current_stream()));
       return;
     }
     FC_CHECK(false, kFFT, "the cuda backend takes float32, float16 or bfloat16, got float64");
-#else
-    no_cuda(kFFT);
-#endif
   }
   at::parallel_for(0, units, parallel_grain(cost), [&](int64_t b, int64_t e) {
     switch (kind) {
@@ -286,16 +300,22 @@ void check_fft_args(const at::Tensor& u, const at::Tensor& k, const std::optiona
   FC_CHECK(n >= u.size(2) + k.size(1) - 1, kFFT, "fft size n must be >= L + Lk - 1, got ", n);
   FC_CHECK(k.device() == u.device(), kFFT, "k must be on u's device");
   if (D.has_value())
-    FC_CHECK(D->dim() == 1 && D->size(0) == u.size(1) && D->device() == u.device(), kFFT, "D must be [H] on u's device");
+    FC_CHECK(D->dim() == 1 && D->size(0) == u.size(1) && D->device() == u.device(), kFFT,
+             "D must be [H] on u's device");
   FC_CHECK(!(u.is_cuda() && u.scalar_type() == at::kDouble), kFFT,
            "the cuda backend takes float32, float16 or bfloat16, got float64");
 }
 
 template <typename Acc>
-FFTConvParams<Acc> fft_params(int64_t count, int64_t H, int64_t L, int64_t n, int64_t r0, at::Tensor& rb, at::Tensor& sp,
-                              const at::Tensor& Kf_r) {
+FFTConvParams<Acc> fft_params(int64_t count, int64_t H, int64_t L, int64_t n, int64_t r0, at::Tensor& rb,
+                              at::Tensor& sp, const at::Tensor& Kf_r) {
   FFTConvParams<Acc> p;
-  p.rows = count; p.heads = H; p.length = L; p.fft_size = n; p.freqs = n / 2 + 1; p.row_begin = r0;
+  p.rows = count;
+  p.heads = H;
+  p.length = L;
+  p.fft_size = n;
+  p.freqs = n / 2 + 1;
+  p.row_begin = r0;
   p.real_buf = rb.data_ptr<Acc>();
   p.spec = static_cast<Acc*>(sp.data_ptr());
   p.kernel_spec = Kf_r.data_ptr<Acc>();
@@ -319,35 +339,39 @@ int64_t cpu_block_rows_for(int64_t n, int64_t value_bytes, int64_t requested) {
 void fft_conv_cpu_blocks(const at::Tensor& uc, ScalarKind u_kind, const at::Tensor& Kf, const at::Tensor& Dc,
                          at::Tensor& out, int64_t n, int64_t block_rows_requested) {
   const int64_t H = uc.size(1), L = uc.size(2), rows = uc.size(0) * H, F = n / 2 + 1;
-  AT_DISPATCH_FLOATING_TYPES(at::typeMetaToScalarType(Kf.dtype()) == at::kComplexDouble ? at::kDouble : at::kFloat,
-                             "s4_fft_conv_cpu", [&] {
-    using Acc = scalar_t;
-    const int64_t block = std::min(rows, cpu_block_rows_for(n, sizeof(Acc), block_rows_requested));
-    const at::Tensor Kf_r = at::view_as_real(Kf);
-    // Blocks are handed out one at a time (an atomic counter) rather than as one fixed range per thread:
-    // on a busy machine a descheduled thread then leaves its blocks to the other instead of making it wait
-    // at the join. Which thread transforms a row does not change its result.
-    const int64_t blocks = (rows + block - 1) / block;
-    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-    std::atomic<int64_t> next_block{0};
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      at::Tensor real_buf = at::empty({block, n}, uc.options().dtype(Kf_r.scalar_type()));
-      at::Tensor spec = at::empty({block, F}, Kf.options());
-      for (int64_t index = next_block.fetch_add(1); index < blocks; index = next_block.fetch_add(1)) {
-        const int64_t r0 = index * block, count = std::min(block, rows - r0);
-        at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
-        FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
-        p.in = uc.data_ptr(); p.in_kind = u_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
-        p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-        p.out = out.data_ptr(); p.out_kind = u_kind;
-        fftconv_pad_cast_cpu<Acc>(p, 0, count);
-        at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
-        fftconv_cmul_cpu<Acc>(p, 0, count);
-        at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
-        fftconv_crop_skip_cpu<Acc>(p, 0, count);
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES(
+      at::typeMetaToScalarType(Kf.dtype()) == at::kComplexDouble ? at::kDouble : at::kFloat, "s4_fft_conv_cpu", [&] {
+        using Acc = scalar_t;
+        const int64_t block = std::min(rows, cpu_block_rows_for(n, sizeof(Acc), block_rows_requested));
+        const at::Tensor Kf_r = at::view_as_real(Kf);
+        // Blocks are handed out one at a time (an atomic counter) rather than as one fixed range per thread:
+        // on a busy machine a descheduled thread then leaves its blocks to the other instead of making it wait
+        // at the join. Which thread transforms a row does not change its result.
+        const int64_t blocks = (rows + block - 1) / block;
+        const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+        std::atomic<int64_t> next_block{0};
+        at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+          at::Tensor real_buf = at::empty({block, n}, uc.options().dtype(Kf_r.scalar_type()));
+          at::Tensor spec = at::empty({block, F}, Kf.options());
+          for (int64_t index = next_block.fetch_add(1); index < blocks; index = next_block.fetch_add(1)) {
+            const int64_t r0 = index * block, count = std::min(block, rows - r0);
+            at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
+            FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
+            p.in = uc.data_ptr();
+            p.in_kind = u_kind;
+            p.in2 = uc.data_ptr();
+            p.in2_kind = u_kind;
+            p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
+            p.out = out.data_ptr();
+            p.out_kind = u_kind;
+            fftconv_pad_cast_cpu<Acc>(p, 0, count);
+            at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
+            fftconv_cmul_cpu<Acc>(p, 0, count);
+            at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
+            fftconv_crop_skip_cpu<Acc>(p, 0, count);
+          }
+        });
+      });
 }
 
 }  // namespace
@@ -363,10 +387,6 @@ at::Tensor fft_conv(const at::Tensor& u, const at::Tensor& k, const std::optiona
   if (rows == 0 || L == 0) return out;
   const bool cuda = u.is_cuda();
   const at::ScalarType acc = acc_type_of(u);
-#ifdef FASTCORE_WITH_CUDA
-  std::optional<c10::cuda::CUDAGuard> guard;
-  if (cuda) guard.emplace(u.device());
-#endif
   const at::Tensor uc = u.contiguous();
   const at::Tensor Kf = at::fft_rfft(k.to(acc), n, -1, std::nullopt).contiguous();
   const at::Tensor Dc = D.has_value() ? D->to(acc).contiguous() : at::Tensor();
@@ -386,14 +406,18 @@ at::Tensor fft_conv(const at::Tensor& u, const at::Tensor& k, const std::optiona
       const int64_t count = std::min(chunk, rows - r0);
       at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
       FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
-      p.in = uc.data_ptr(); p.in_kind = u_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
+      p.in = uc.data_ptr();
+      p.in_kind = u_kind;
+      p.in2 = uc.data_ptr();
+      p.in2_kind = u_kind;
       p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-      p.out = out.data_ptr(); p.out_kind = u_kind;
-      run<Acc>(FFTKernel::kPad, p, cuda, count, n);
+      p.out = out.data_ptr();
+      p.out_kind = u_kind;
+      run<Acc>(FFTKernel::kPad, p, u.device(), count, n);
       at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
-      run<Acc>(FFTKernel::kMul, p, cuda, count, F);
+      run<Acc>(FFTKernel::kMul, p, u.device(), count, F);
       at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
-      run<Acc>(FFTKernel::kCrop, p, cuda, count, L);
+      run<Acc>(FFTKernel::kCrop, p, u.device(), count, L);
     }
   });
   return out;
@@ -413,10 +437,6 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
   const int64_t rows = B * H, F = n / 2 + 1;
   const bool cuda = u.is_cuda();
   const at::ScalarType acc = acc_type_of(u);
-#ifdef FASTCORE_WITH_CUDA
-  std::optional<c10::cuda::CUDAGuard> guard;
-  if (cuda) guard.emplace(u.device());
-#endif
   const at::Tensor G = grad.to(u.scalar_type()).contiguous();
   const ScalarKind g_kind = scalar_kind_of(G, kFFT, "grad_out");
   const at::Tensor uc = u.contiguous();
@@ -430,10 +450,15 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
       AT_DISPATCH_FLOATING_TYPES(acc, "s4_fft_conv_dot", [&] {
         using Acc = scalar_t;
         FFTConvParams<Acc> p;
-        p.rows = rows; p.heads = H; p.length = L;
-        p.in = G.data_ptr(); p.in_kind = g_kind; p.in2 = uc.data_ptr(); p.in2_kind = u_kind;
+        p.rows = rows;
+        p.heads = H;
+        p.length = L;
+        p.in = G.data_ptr();
+        p.in_kind = g_kind;
+        p.in2 = uc.data_ptr();
+        p.in2_kind = u_kind;
         p.dot = dots.data_ptr<Acc>();
-        run<Acc>(FFTKernel::kRowDot, p, cuda, rows, L);
+        run<Acc>(FFTKernel::kRowDot, p, u.device(), rows, L);
       });
     }
     grad_D = dots.view({B, H}).sum(0).to(D->scalar_type());
@@ -455,23 +480,27 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
         FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
         if (need_k) {  // U spectra of the chunk first (the real buffer is then reused for G)
           at::Tensor su = spec_u.narrow(0, 0, count);
-          p.in = uc.data_ptr(); p.in_kind = u_kind;
-          run<Acc>(FFTKernel::kPad, p, cuda, count, n);
+          p.in = uc.data_ptr();
+          p.in_kind = u_kind;
+          run<Acc>(FFTKernel::kPad, p, u.device(), count, n);
           at::fft_rfft_out(su, rb, n, -1, std::nullopt);
           p.spec2 = static_cast<const Acc*>(su.data_ptr());
           p.grad_kernel_spec = static_cast<Acc*>(grad_kf.data_ptr());
         }
-        p.in = G.data_ptr(); p.in_kind = g_kind;
-        run<Acc>(FFTKernel::kPad, p, cuda, count, n);
+        p.in = G.data_ptr();
+        p.in_kind = g_kind;
+        run<Acc>(FFTKernel::kPad, p, u.device(), count, n);
         at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
         // grad_kf += G conj(U) per head (fixed order) and G *= conj(K), in one pass.
-        run<Acc>(FFTKernel::kGradSpectra, p, cuda, H * F, count / H + 1);
+        run<Acc>(FFTKernel::kGradSpectra, p, u.device(), H * F, count / H + 1);
         if (need_u) {
           at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
-          p.in2 = G.data_ptr(); p.in2_kind = g_kind;
+          p.in2 = G.data_ptr();
+          p.in2_kind = g_kind;
           p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-          p.out = grad_u.data_ptr(); p.out_kind = u_kind;
-          run<Acc>(FFTKernel::kCrop, p, cuda, count, L);
+          p.out = grad_u.data_ptr();
+          p.out_kind = u_kind;
+          run<Acc>(FFTKernel::kCrop, p, u.device(), count, L);
         }
       }
     });
@@ -480,8 +509,9 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
   }
   at::Tensor grad_k = at::empty({0}, k.options());
   if (need_k) {
-    grad_k = rows > 0 && L > 0 ? at::fft_irfft(grad_kf, n, -1, std::nullopt).narrow(1, 0, Lk).to(k.scalar_type()).contiguous()
-                               : at::zeros({H, Lk}, k.options());
+    grad_k = rows > 0 && L > 0
+                 ? at::fft_irfft(grad_kf, n, -1, std::nullopt).narrow(1, 0, Lk).to(k.scalar_type()).contiguous()
+                 : at::zeros({H, Lk}, k.options());
   }
   return {grad_u, grad_k, grad_D};
 }
@@ -491,25 +521,21 @@ std::vector<at::Tensor> fft_conv_backward(const at::Tensor& grad, const at::Tens
 namespace {
 constexpr const char* kStep = "ssm_step";
 
-#ifdef FASTCORE_WITH_CUDA
-// The CUDA step kernels are float only (the callers refuse complex128 first); a plain overload pair,
-// because AT_DISPATCH lambdas are not templates (an `if constexpr` there would not discard).
-int step_cuda(const StepParams<float>& p, void* stream, bool backward) {
-  return backward ? ssm_step_backward_cuda(p, stream) : ssm_step_cuda(p, stream);
-}
-int step_cuda(const StepParams<double>&, void*, bool) { return 1; }  // cudaErrorInvalidValue (never reached)
-#endif
-
 // The inputs both step directions read (complex storage as interleaved (re, im) pairs of T; D in T or absent).
 template <typename T>
 StepParams<T> step_inputs(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
                           const at::Tensor& C, const at::Tensor& D, int64_t B, int64_t H, int64_t N) {
   StepParams<T> p;
-  p.state = static_cast<const T*>(state.data_ptr()); p.u = u.data_ptr(); p.u_kind = scalar_kind_of(u, kStep, "u");
-  p.dA = static_cast<const T*>(dA.data_ptr()); p.dB = static_cast<const T*>(dB.data_ptr());
+  p.state = static_cast<const T*>(state.data_ptr());
+  p.u = u.data_ptr();
+  p.u_kind = scalar_kind_of(u, kStep, "u");
+  p.dA = static_cast<const T*>(dA.data_ptr());
+  p.dB = static_cast<const T*>(dB.data_ptr());
   p.C = static_cast<const T*>(C.data_ptr());
   p.D = D.defined() ? D.data_ptr<T>() : nullptr;
-  p.batch = B; p.heads = H; p.states = N;
+  p.batch = B;
+  p.heads = H;
+  p.states = N;
   return p;
 }
 
@@ -517,14 +543,13 @@ StepParams<T> step_inputs(const at::Tensor& state, const at::Tensor& u, const at
 template <typename T>
 bool step_on_cuda(const StepParams<T>& p, const at::Tensor& state, bool backward) {
   if (!state.is_cuda()) return false;
-#ifdef FASTCORE_WITH_CUDA
+  require_cuda(kStep);
   FC_CHECK((std::is_same<T, float>::value), kStep, "the cuda backend takes complex64 state, got complex128");
-  c10::cuda::CUDAGuard guard(state.device());
-  check_status(step_cuda(p, current_stream(), backward), kStep, backward ? "backward launch" : "launch");
+  if constexpr (std::is_same<T, float>::value) {  // the CUDA step kernels are float only
+    FC_CUDA_CALL(kStep, backward ? "backward launch" : "launch", state.device(),
+                 backward ? ssm_step_backward_cuda(p, current_stream()) : ssm_step_cuda(p, current_stream()));
+  }
   return true;
-#else
-  no_cuda(kStep);
-#endif
 }
 
 // Blocks for the functional step's new state on the CPU. A generation loop `y, state = ssm_step(state, ...)`
@@ -594,9 +619,9 @@ at::Tensor new_state_like(const at::Tensor& state) {
   const int64_t base = static_cast<int64_t>(reinterpret_cast<uintptr_t>(block) % kPage);
   const int64_t shift = ((input + kPage / 2 - base) % kPage + kPage) % kPage / element_bytes * element_bytes;
   try {
-    return at::from_blob(block + shift, state.sizes(),
-                         [block, bytes](void*) { StepBlockCache::instance().give(block, bytes); },
-                         state.options().memory_format(at::MemoryFormat::Contiguous));
+    return at::from_blob(
+        block + shift, state.sizes(), [block, bytes](void*) { StepBlockCache::instance().give(block, bytes); },
+        state.options().memory_format(at::MemoryFormat::Contiguous));
   } catch (...) {
     StepBlockCache::instance().give(block, bytes);
     throw;
@@ -609,20 +634,23 @@ void check_step_args(const at::Tensor& state, const at::Tensor& u, const at::Ten
   const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
   for (const at::Tensor* t : {&dA, &dB, &C}) {
     check_complex(kStep, "dA/dB/C", *t, 2);
-    FC_CHECK(t->size(0) == H && t->size(1) == N && t->scalar_type() == state.scalar_type() &&
-             t->device() == state.device(), kStep, "dA, dB, C must be [H, N] in state's dtype and device");
+    FC_CHECK(
+        t->size(0) == H && t->size(1) == N && t->scalar_type() == state.scalar_type() && t->device() == state.device(),
+        kStep, "dA, dB, C must be [H, N] in state's dtype and device");
   }
   FC_CHECK(u.dim() == 2 && u.size(0) == B && u.size(1) == H && u.device() == state.device(), kStep,
            "u must be [B, H] on state's device");
   scalar_kind_of(u, kStep, "u");
-  if (D.has_value()) FC_CHECK(D->dim() == 1 && D->size(0) == H && D->device() == state.device(), kStep, "D must be [H]");
+  if (D.has_value())
+    FC_CHECK(D->dim() == 1 && D->size(0) == H && D->device() == state.device(), kStep, "D must be [H]");
 }
 }  // namespace
 
 // (y [B, H] in u's dtype, new_state [B, H, N]); state is not modified unless `inplace` (then the
 // returned new_state is `state` itself, which must be contiguous and not conjugated).
-std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA, const at::Tensor& dB,
-                                 const at::Tensor& C, const std::optional<at::Tensor>& D, bool inplace) {
+std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
+                                 const at::Tensor& dB, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                 bool inplace) {
   check_step_args(state, u, dA, dB, C, D);
   const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
   FC_CHECK(!inplace || (state.is_contiguous() && !state.is_conj()), kStep,
@@ -635,12 +663,14 @@ std::vector<at::Tensor> ssm_step(const at::Tensor& state, const at::Tensor& u, c
   // interleaved() (this runs once per generated sample; each view is a dispatcher call).
   const at::Tensor s = resolved(state), a = resolved(dA), bb = resolved(dB), c = resolved(C);
   const at::Tensor uc = u.is_contiguous() ? u : u.contiguous();
-  const at::Tensor Dc = !D.has_value() ? at::Tensor()
-                        : (D->scalar_type() == real && D->is_contiguous()) ? *D : D->to(real).contiguous();
+  const at::Tensor Dc = !D.has_value()                                     ? at::Tensor()
+                        : (D->scalar_type() == real && D->is_contiguous()) ? *D
+                                                                           : D->to(real).contiguous();
   AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step", [&] {
     using T = scalar_t;
     StepParams<T> p = step_inputs<T>(s, uc, a, bb, c, Dc, B, H, N);
-    p.y = y.data_ptr(); p.new_state = static_cast<T*>(new_state.data_ptr());
+    p.y = y.data_ptr();
+    p.new_state = static_cast<T*>(new_state.data_ptr());
     if (step_on_cuda(p, state, false)) return;
     // Work units are heads (the kernel prepares dA, dB, C once per tile of heads for all B rows). A step is
     // tiny, so a thread gets at least ~2^15 states: below that waking a second thread costs more than it saves.
@@ -663,8 +693,8 @@ bool is_real_float(const at::Tensor& t) {
 // validating path, which raises the documented error (the checks here may only be as strict or stricter).
 // What the Python side keeps: tensor types and autograd/mode eligibility, and the backend selection.
 std::vector<at::Tensor> ssm_step_if_valid(const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
-                                          const at::Tensor& dB, const at::Tensor& C,
-                                          const std::optional<at::Tensor>& D, bool inplace, int64_t max_states) {
+                                          const at::Tensor& dB, const at::Tensor& C, const std::optional<at::Tensor>& D,
+                                          bool inplace, int64_t max_states) {
   const at::ScalarType st = state.scalar_type();
   if (state.dim() != 3 || (st != at::kComplexFloat && st != at::kComplexDouble)) return {};
   const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
@@ -682,7 +712,8 @@ std::vector<at::Tensor> ssm_step_if_valid(const at::Tensor& state, const at::Ten
 // (grad_state, grad_u [B, H] in u's dtype, grad_dA, grad_dB, grad_C, grad_D [H] or [0]).
 std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_new_state,
                                           const at::Tensor& state, const at::Tensor& u, const at::Tensor& dA,
-                                          const at::Tensor& dB, const at::Tensor& C, const std::optional<at::Tensor>& D) {
+                                          const at::Tensor& dB, const at::Tensor& C,
+                                          const std::optional<at::Tensor>& D) {
   check_step_args(state, u, dA, dB, C, D);
   const int64_t B = state.size(0), H = state.size(1), N = state.size(2);
   const at::ScalarType real = state.scalar_type() == at::kComplexFloat ? at::kFloat : at::kDouble;
@@ -693,13 +724,20 @@ std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::o
              grad_C = at::empty({H, N}, dA.options());
   at::Tensor grad_D = at::empty({D.has_value() ? H : 0}, u.options().dtype(real));
   if (H * N == 0 || B == 0) {
-    grad_dA.zero_(); grad_dB.zero_(); grad_C.zero_(); grad_D.zero_();
+    grad_dA.zero_();
+    grad_dB.zero_();
+    grad_C.zero_();
+    grad_D.zero_();
     if (B * H == 0 || N == 0) {
       grad_state.zero_();
-      if (D.has_value() && B * H > 0) grad_u.copy_(grad_y.to(real) * D->to(real));
-      else grad_u.zero_();
+      if (D.has_value() && B * H > 0)
+        grad_u.copy_(grad_y.to(real) * D->to(real));
+      else
+        grad_u.zero_();
       if (D.has_value() && B * H > 0) grad_D.copy_((grad_y.to(real) * u.to(real)).sum(0));
-      return {grad_state, grad_u.to(u.scalar_type()), grad_dA, grad_dB, grad_C, grad_D.to(D.has_value() ? D->scalar_type() : real)};
+      return {grad_state, grad_u.to(u.scalar_type()),
+              grad_dA,    grad_dB,
+              grad_C,     grad_D.to(D.has_value() ? D->scalar_type() : real)};
     }
   }
   const at::Tensor s = interleaved(state), a = interleaved(dA), bb = interleaved(dB), c = interleaved(C);
@@ -712,16 +750,48 @@ std::vector<at::Tensor> ssm_step_backward(const at::Tensor& grad_y, const std::o
   AT_DISPATCH_FLOATING_TYPES(real, "s4_ssm_step_backward", [&] {
     using T = scalar_t;
     StepParams<T> p = step_inputs<T>(s, uc, a, bb, c, Dc, B, H, N);
-    p.grad_y = gy.data_ptr<T>(); p.grad_new_state = gns.defined() ? gns.data_ptr<T>() : nullptr;
-    p.grad_state = gs.data_ptr<T>(); p.grad_u = grad_u.data_ptr<T>();
-    p.grad_dA = gA.data_ptr<T>(); p.grad_dB = gB.data_ptr<T>(); p.grad_C = gC.data_ptr<T>();
+    p.grad_y = gy.data_ptr<T>();
+    p.grad_new_state = gns.defined() ? gns.data_ptr<T>() : nullptr;
+    p.grad_state = gs.data_ptr<T>();
+    p.grad_u = grad_u.data_ptr<T>();
+    p.grad_dA = gA.data_ptr<T>();
+    p.grad_dB = gB.data_ptr<T>();
+    p.grad_C = gC.data_ptr<T>();
     p.grad_D = D.has_value() ? grad_D.data_ptr<T>() : nullptr;
     if (step_on_cuda(p, state, true)) return;
-    at::parallel_for(0, H, parallel_grain(B * N * 16), [&](int64_t b, int64_t e) { ssm_step_backward_cpu<T>(p, b, e); });
+    at::parallel_for(0, H, parallel_grain(B * N * 16),
+                     [&](int64_t b, int64_t e) { ssm_step_backward_cpu<T>(p, b, e); });
   });
-  return {grad_state, grad_u.to(u.scalar_type()), grad_dA, grad_dB, grad_C,
-          D.has_value() ? grad_D.to(D->scalar_type()) : grad_D};
+  return {grad_state, grad_u.to(u.scalar_type()),
+          grad_dA,    grad_dB,
+          grad_C,     D.has_value() ? grad_D.to(D->scalar_type()) : grad_D};
 }
 
 }  // namespace s4
+
+void bind_s4(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("s4_cauchy", &s4::cauchy, "S4 Cauchy kernel out[b,l] = sum_n v/(z-w) (+ conj term)", py::arg("v"), py::arg("z"),
+        py::arg("w"), py::arg("conj_symmetric"));
+  m.def("s4_cauchy_backward", &s4::cauchy_backward, "Cauchy kernel backward (grad_v, grad_w)", py::arg("grad"),
+        py::arg("v"), py::arg("z"), py::arg("w"), py::arg("conj_symmetric"));
+  m.def("s4_vandermonde", &s4::vandermonde, "S4D kernel K[b,l] = 2 Re sum_n v exp(x l)", py::arg("v"), py::arg("x"),
+        py::arg("L"));
+  m.def("s4_vandermonde_backward", &s4::vandermonde_backward, "Vandermonde backward (grad_v, grad_x)", py::arg("grad"),
+        py::arg("v"), py::arg("x"));
+  m.def("s4_fft_conv", &s4::fft_conv, "causal FFT convolution + D skip", py::arg("u"), py::arg("k"), py::arg("D"),
+        py::arg("n"), py::arg("chunk_rows") = 0);
+  m.def("s4_fft_conv_backward", &s4::fft_conv_backward, "FFT convolution backward (grad_u, grad_k, grad_D)",
+        py::arg("grad"), py::arg("u"), py::arg("k"), py::arg("D"), py::arg("n"), py::arg("need_u"), py::arg("need_k"),
+        py::arg("need_D"), py::arg("chunk_rows") = 0);
+  m.def("s4_ssm_step", &s4::ssm_step, "diagonal SSM recurrent step (y, new_state)", py::arg("state"), py::arg("u"),
+        py::arg("dA"), py::arg("dB"), py::arg("C"), py::arg("D"), py::arg("inplace") = false);
+  m.def("s4_ssm_step_if_valid", &s4::ssm_step_if_valid,
+        "ssm_step when every argument check of ops.ssm_step passes, else [] (nothing computed)", py::arg("state"),
+        py::arg("u"), py::arg("dA"), py::arg("dB"), py::arg("C"), py::arg("D"), py::arg("inplace"),
+        py::arg("max_states"));
+  m.def("s4_ssm_step_backward", &s4::ssm_step_backward, "SSM step backward", py::arg("grad_y"),
+        py::arg("grad_new_state"), py::arg("state"), py::arg("u"), py::arg("dA"), py::arg("dB"), py::arg("C"),
+        py::arg("D"));
+}
 }  // namespace fastcore

@@ -17,8 +17,7 @@ inline ScalarKind scalar_kind_of(const at::Tensor& t, const char* op, const char
     case at::kHalf: return ScalarKind::kFloat16;
     case at::kBFloat16: return ScalarKind::kBFloat16;
     case at::kDouble: return ScalarKind::kFloat64;
-    default:
-      FC_CHECK(false, op, arg, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
+    default: FC_CHECK(false, op, arg, " must be float32, float16, bfloat16 or float64, got ", t.scalar_type());
   }
   return ScalarKind::kFloat32;
 }

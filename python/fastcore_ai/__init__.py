@@ -6,6 +6,7 @@ pure-PyTorch reference.
     fastcore_ai.build_info()      # how this install was built and what can run here
     with fastcore_ai.use_backend("reference"): ...
 """
+
 from __future__ import annotations
 
 from ._version import __version__

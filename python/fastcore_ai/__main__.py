@@ -1,4 +1,6 @@
-"""`python -m fastcore_ai [info | demo | bench [--family F] [--device D] [--json PATH] [--quick]]`."""
+"""`python -m fastcore_ai [info | demo | bench [--family F] [--device D] [--json PATH] [--quick]
+[--sweep [--op OP] [--out DIR] [--list] | --sweep-report JSON]]`."""
+
 import argparse
 import json
 
@@ -22,11 +24,22 @@ def main(argv=None) -> None:
     demo = sub.add_parser("demo", help="build info plus the benchmark tables of every family")
     demo.add_argument("--full", action="store_true", help="every benchmark shape (default: a quick subset)")
     run = sub.add_parser("bench", help="benchmark tables")
-    run.add_argument("--family", action="append", choices=sorted(bench.FAMILIES), help="repeatable; default: every family's main table")
+    run.add_argument(
+        "--family",
+        action="append",
+        choices=sorted(bench.FAMILIES),
+        help="repeatable; default: every family's main table",
+    )
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     run.add_argument("--json", dest="json_path", help="also write the rows and build info as JSON")
     run.add_argument("--quick", action="store_true", help="a subset of shapes, shorter timing")
-    run.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads for the run (default: torch's); with "
+        "--sweep: the one thread count to sweep (default 1 and 2)",
+    )
+    bench.sweep.add_arguments(run)  # --sweep, --op, --out, --list, --sweep-report (docs/sweep.md)
     args = parser.parse_args(argv)
     if args.command in (None, "info"):
         print_info()
@@ -34,6 +47,8 @@ def main(argv=None) -> None:
         print_info()
         device = "cuda" if torch.cuda.is_available() else "cpu"
         bench.main(bench.DEFAULT_FAMILIES, device, None, quick=not args.full)
+    elif bench.sweep.wants_sweep(args):
+        bench.sweep.main(args)
     else:
         if args.threads:
             torch.set_num_threads(args.threads)

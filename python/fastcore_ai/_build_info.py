@@ -1,4 +1,5 @@
 """build_info(): how this install was built and what can run here (below everything that reports it)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,8 @@ def build_info() -> dict:
         "cuda_archs": ["sm_" + a.replace(".", "").replace("+PTX", "") for a in archs],
         "cuda_toolkit": config.get("cuda_version") or None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_kernels": "x86-64 baseline + AVX2 + AVX-512 clones (picked at load)" if platform.machine() == "x86_64"
+        "cpu_kernels": "x86-64 baseline + AVX2 + AVX-512 clones (picked at load)"
+        if platform.machine() == "x86_64"
         else f"{platform.machine()} baseline",
         "cpu_threads": torch.get_num_threads(),
         "triton_importable": importlib.util.find_spec("triton") is not None,

@@ -3,6 +3,7 @@
 Nothing here ever hands out None: `native()` returns the module or raises an error that says why
 the extension is missing and how to build it.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -26,9 +27,12 @@ def _load() -> None:
     except ImportError as error:  # the .so is missing or was built against another torch
         _load_error = error
         # Loud, once: backend="auto" then runs the slower pure-torch reference (build_info() says why too).
-        warnings.warn(f"fastcore_ai: the native extension fastcore_ai._C could not be imported ({error}); "
-                      f"backend='auto' runs the pure-torch reference instead; {BUILD_HINT}", RuntimeWarning,
-                      stacklevel=2)
+        warnings.warn(
+            f"fastcore_ai: the native extension fastcore_ai._C could not be imported ({error}); "
+            f"backend='auto' runs the pure-torch reference instead; {BUILD_HINT}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 def load_error() -> Optional[str]:

@@ -3,6 +3,7 @@ expected and what was given, e.g.
 `fastcore_ai.ops.moe_topk_route: logits must be a 2-D tensor [T, E], got 3-D (2, 3, 4)`.
 Raises TypeError for a wrong type/dtype and ValueError for a wrong shape or value (never assert,
 which `python -O` strips)."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -48,8 +49,9 @@ def check_bool(op: str, name: str, value) -> None:
 def check_size(op: str, what: str, value: int, low: int, high: int, given: torch.Tensor) -> None:
     """A dimension `what` of tensor `given` must lie in [low, high]."""
     if not low <= value <= high:
-        raise ValueError(f"{_prefix(op)}{what} must satisfy {low} <= {what.split()[0]} <= {high}, "
-                         f"got {value} ({_describe(given)})")
+        raise ValueError(
+            f"{_prefix(op)}{what} must satisfy {low} <= {what.split()[0]} <= {high}, got {value} ({_describe(given)})"
+        )
 
 
 def check_positive_float(op: str, name: str, value) -> None:

@@ -10,6 +10,7 @@ fallback.
 Precedence: an explicit `backend=` argument, then the innermost `use_backend(...)`, then
 FASTCORE_AI_BACKEND, then "auto".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -30,7 +31,9 @@ _context_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar
 
 def _check_name(name: str) -> str:
     if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"fastcore_ai: unknown backend {name!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS))
+        raise ValueError(
+            f"fastcore_ai: unknown backend {name!r}; choose one of 'auto', " + ", ".join(repr(b) for b in BACKENDS)
+        )
     return name
 
 
@@ -47,6 +50,7 @@ def use_backend(name: str) -> Iterator[None]:
 def triton_interpreted() -> bool:
     """True when Triton kernels run on the CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
     import sys
+
     kernels = sys.modules.get("fastcore_ai.triton_kernels")
     if kernels is not None and hasattr(kernels, "INTERPRETED"):
         return bool(kernels.INTERPRETED)
@@ -54,6 +58,7 @@ def triton_interpreted() -> bool:
 
 
 # ---- environment checks: why a backend cannot run on a device at all --------------------------
+
 
 def _cpu_reasons(device: torch.device, argument: str) -> List[str]:
     reasons = []
@@ -71,8 +76,10 @@ def _cuda_reasons(device: torch.device, argument: str) -> List[str]:
     if error:
         return [error]
     if not _native.CUDA_COMPILED:
-        reasons.append("fastcore_ai was built without CUDA kernels (no nvcc or a CPU-only torch at build time); "
-                       "rebuild on a machine with nvcc: FASTCORE_AI_CUDA=1 pip install --no-build-isolation -e .")
+        reasons.append(
+            "fastcore_ai was built without CUDA kernels (no nvcc or a CPU-only torch at build time); "
+            "rebuild on a machine with nvcc: FASTCORE_AI_CUDA=1 pip install --no-build-isolation -e ."
+        )
     if not torch.cuda.is_available():
         reasons.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
     if device.type != "cuda":
@@ -92,9 +99,13 @@ def _triton_reasons(device: torch.device, argument: str) -> List[str]:
     if device.type == "cpu":
         if triton_interpreted():
             return []
-        return [f"{argument} is a CPU tensor and Triton runs on CPU tensors only under its interpreter: set "
-                "TRITON_INTERPRET=1 before triton is imported (tests do), or pass CUDA tensors"]
-    return [f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), but {argument} is on {device}"]
+        return [
+            f"{argument} is a CPU tensor and Triton runs on CPU tensors only under its interpreter: set "
+            "TRITON_INTERPRET=1 before triton is imported (tests do), or pass CUDA tensors"
+        ]
+    return [
+        f"the triton backend takes CUDA tensors (or CPU ones under TRITON_INTERPRET=1), but {argument} is on {device}"
+    ]
 
 
 def _reference_reasons(device: torch.device, argument: str) -> List[str]:
@@ -102,16 +113,21 @@ def _reference_reasons(device: torch.device, argument: str) -> List[str]:
 
 
 _ENVIRONMENT_CHECKS: Dict[str, Callable[[torch.device, str], List[str]]] = {
-    "cpu": _cpu_reasons, "cuda": _cuda_reasons, "triton": _triton_reasons, "reference": _reference_reasons,
+    "cpu": _cpu_reasons,
+    "cuda": _cuda_reasons,
+    "triton": _triton_reasons,
+    "reference": _reference_reasons,
 }
 
 
 # ---- per-op capability tables -----------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Support:
     """What one backend supports for one op: dtypes of the main input, and extra limits
     (a function of the call's arguments returning the reasons it cannot serve them)."""
+
     dtypes: FrozenSet[torch.dtype]
     limits: Optional[Callable[..., List[str]]] = None
 
@@ -119,7 +135,7 @@ class Support:
 @dataclass(frozen=True)
 class OpTable:
     op: str
-    priority: Tuple[str, ...]           # order tried by "auto"
+    priority: Tuple[str, ...]  # order tried by "auto"
     support: Dict[str, Support] = field(default_factory=dict)
 
 
@@ -134,8 +150,11 @@ _FLOAT64_TOO = KERNEL_DTYPES | {torch.float64}
 
 def standard_table(op: str, priority: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")) -> OpTable:
     """The OpTable of an op whose backends follow the common dtype rule above."""
-    return OpTable(op, priority, {name: Support(_FLOAT64_TOO if name in ("cpu", "reference") else KERNEL_DTYPES)
-                                  for name in priority})
+    return OpTable(
+        op,
+        priority,
+        {name: Support(_FLOAT64_TOO if name in ("cpu", "reference") else KERNEL_DTYPES) for name in priority},
+    )
 
 
 def register_op(table: OpTable) -> OpTable:
@@ -149,8 +168,9 @@ def op_table(op: str) -> OpTable:
     return _OPS[op]
 
 
-def reasons_against(op: str, backend: str, device: torch.device, dtype: torch.dtype, argument: str = "input",
-                    **call) -> List[str]:
+def reasons_against(
+    op: str, backend: str, device: torch.device, dtype: torch.dtype, argument: str = "input", **call
+) -> List[str]:
     """Every reason `backend` cannot run `op` on this device/dtype/call ([] when it can); `argument`
     names the tensor whose device and dtype decide (for the messages)."""
     table = _OPS[op]
@@ -230,8 +250,9 @@ def _select(op: str, backend: str, device: torch.device, dtype: torch.dtype, arg
     if name != "auto":
         reasons = reasons_against(op, name, device, dtype, argument, **call)
         if reasons:
-            raise RuntimeError(f"fastcore_ai.ops.{op}: backend '{name}' (from {source}) cannot run this call: "
-                               + "; ".join(reasons))
+            raise RuntimeError(
+                f"fastcore_ai.ops.{op}: backend '{name}' (from {source}) cannot run this call: " + "; ".join(reasons)
+            )
         return name
     report = []
     for candidate in _OPS[op].priority:
@@ -241,8 +262,10 @@ def _select(op: str, backend: str, device: torch.device, dtype: torch.dtype, arg
         if not reasons:
             return candidate
         report.append(f"  {candidate}: " + "; ".join(reasons))
-    raise RuntimeError(f"fastcore_ai.ops.{op}: no backend can run this call "
-                       f"({argument} on {device}, dtype {dtype}):\n" + "\n".join(report))
+    raise RuntimeError(
+        f"fastcore_ai.ops.{op}: no backend can run this call "
+        f"({argument} on {device}, dtype {dtype}):\n" + "\n".join(report)
+    )
 
 
 def describe() -> List[Tuple[str, str, str, str]]:

@@ -1,22 +1,18 @@
 // CPU-only vector helpers shared by the CPU kernels (never included by .cu files): 8-lane float32
 // vectors in GCC's vector extensions, lowered to AVX-512, AVX2 or SSE by the target clone of the
-// calling function (FC_CPU_CLONES), so one binary is fast everywhere and portable.
+// calling function (FC_CPU_CLONES, defined in cpu_isa.h), so one binary is fast everywhere and portable.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
+
+#include "fastcore/cpu_isa.h"
 
 // 32-byte vectors only live inside inline functions; the psABI note does not apply. The helpers taking
 // or returning them are always inlined: an out-of-line copy is compiled for the default target and
 // passes vectors in memory, while its target_clones callers expect them in registers (a crash).
 #pragma GCC diagnostic ignored "-Wpsabi"
 #define FC_VECTOR_INLINE inline __attribute__((always_inline))
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-#define FC_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FC_CPU_CLONES
-#endif
 
 namespace fastcore {
 
@@ -34,7 +30,7 @@ FC_VECTOR_INLINE Float8Lanes select_lanes(Int8Lanes mask, Float8Lanes a, Float8L
 // (true value < 1.2e-38); above 88.7 +inf; NaN propagates.
 FC_VECTOR_INLINE Float8Lanes exp_lanes(Float8Lanes x) {
   const Float8Lanes low_limit = Float8Lanes{} - 87.3f, high_limit = Float8Lanes{} + 88.7f;
-  const Int8Lanes too_low = x < low_limit, too_high = x > high_limit, is_nan = x != x;
+  const Int8Lanes too_low = x<low_limit, too_high = x> high_limit, is_nan = x != x;
   const Float8Lanes clamped = select_lanes(too_low, low_limit, select_lanes(too_high, high_limit, x));
   // Round to nearest by adding and removing 1.5·2^23 (no libm call, so it vectorises).
   const Float8Lanes n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;

@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "fastcore/common.h"
+#include "fastcore/cuda_launch.h"
 #include "moe/dispatch.h"
 
 namespace fastcore {
@@ -40,7 +41,7 @@ constexpr int kCountThreads = 256;
 constexpr int kScanThreads = 1024;
 constexpr int kScatterThreads = 32;  // one warp
 constexpr int kRowThreads = 128;
-constexpr int64_t kMaxRowBlocks = 65535;
+constexpr int64_t kMaxRowBlocks = 65535;  // the row kernels are grid-stride loops over rows
 
 __global__ void __launch_bounds__(kCountThreads) dispatch_count_kernel(const DispatchParams p) {
   __shared__ int histogram[kMaxDispatchExperts];
@@ -176,7 +177,8 @@ __global__ void __launch_bounds__(kRowThreads) combine_backward_weights_kernel(c
       float dot = 0.0f;
       if (valid)
         for (int64_t h = tid; h < p.hidden; h += kRowThreads)
-          dot += load_as<float>(p.grad_out, p.grad_kind, t * p.hidden + h) * load_as<float>(p.y, p.y_kind, s * p.hidden + h);
+          dot += load_as<float>(p.grad_out, p.grad_kind, t * p.hidden + h) *
+                 load_as<float>(p.y, p.y_kind, s * p.hidden + h);
       partial[tid] = dot;
       __syncthreads();
       for (int offset = kRowThreads / 2; offset > 0; offset >>= 1) {  // fixed-shape tree
@@ -196,32 +198,33 @@ struct alignas(16) Bytes16 {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(rows < kMaxRowBlocks ? rows : kMaxRowBlocks); }
+// One block per row, at most kMaxRowBlocks (each block then strides over rows).
+unsigned row_blocks(int64_t rows) { return grid_stride_blocks(rows, 1, kMaxRowBlocks); }
 
 }  // namespace
 
 int dispatch_plan_count_cuda(const DispatchParams& p, void* stream) {
   const int64_t N = p.num_tokens * p.k;
   if (p.num_experts < 1 || p.num_experts > kMaxDispatchExperts || p.k < 1 || N >= (int64_t(1) << 31) ||
-      p.slots_per_chunk < 1 || p.num_chunks != (N + p.slots_per_chunk - 1) / p.slots_per_chunk ||
-      p.num_chunks > 65535 || p.chunk_counts == nullptr || p.num_bad_ids == nullptr || p.expert_offsets == nullptr)
+      p.slots_per_chunk < 1 || p.num_chunks != ceil_div(N, p.slots_per_chunk) || p.num_chunks > 65535 ||
+      p.chunk_counts == nullptr || p.num_bad_ids == nullptr || p.expert_offsets == nullptr)
     return static_cast<int>(cudaErrorInvalidValue);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.num_chunks > 0) {
     dispatch_count_kernel<<<static_cast<unsigned>(p.num_chunks), kCountThreads, 0, s>>>(p);
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) return static_cast<int>(status);
+    if (const int status = launch_status()) return status;
   }
   dispatch_scan_kernel<<<1, kScanThreads, 0, s>>>(p);  // also writes offsets (all 0) when N = 0
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 int dispatch_plan_scatter_cuda(const DispatchParams& p, void* stream) {
   if (p.num_chunks <= 0) return static_cast<int>(cudaSuccess);
   // slot_to_token may be null when S = 0 (every slot dropped): it is only written for kept slots.
   if (p.num_chunks > 65535 || p.token_slot == nullptr) return static_cast<int>(cudaErrorInvalidValue);
-  dispatch_scatter_kernel<<<static_cast<unsigned>(p.num_chunks), kScatterThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  dispatch_scatter_kernel<<<static_cast<unsigned>(p.num_chunks), kScatterThreads, 0,
+                            static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 int gather_rows_cuda(const GatherRowsParams& p, void* stream) {
@@ -236,7 +239,7 @@ int gather_rows_cuda(const GatherRowsParams& p, void* stream) {
     v.in_row_stride = stride_bytes / 16;
     v.element_size = 16;
     gather_rows_kernel<Bytes16><<<blocks, kRowThreads, 0, s>>>(v);
-    return static_cast<int>(cudaGetLastError());
+    return launch_status();
   }
   switch (p.element_size) {
     case 2: gather_rows_kernel<uint16_t><<<blocks, kRowThreads, 0, s>>>(p); break;
@@ -244,14 +247,15 @@ int gather_rows_cuda(const GatherRowsParams& p, void* stream) {
     case 8: gather_rows_kernel<uint64_t><<<blocks, kRowThreads, 0, s>>>(p); break;
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 int combine_cuda(const CombineParams& p, void* stream) {
   if (p.num_tokens <= 0 || p.hidden <= 0) return static_cast<int>(cudaSuccess);
-  if (p.y_kind == ScalarKind::kFloat64 || p.weights_kind == ScalarKind::kFloat64) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.y_kind == ScalarKind::kFloat64 || p.weights_kind == ScalarKind::kFloat64)
+    return static_cast<int>(cudaErrorInvalidValue);
   combine_kernel<<<row_blocks(p.num_tokens), kRowThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 int combine_backward_cuda(const CombineParams& p, void* stream) {
@@ -260,12 +264,11 @@ int combine_backward_cuda(const CombineParams& p, void* stream) {
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (p.num_rows > 0 && p.hidden > 0) {
     combine_backward_y_kernel<<<row_blocks(p.num_rows), kRowThreads, 0, s>>>(p);
-    const cudaError_t status = cudaGetLastError();
-    if (status != cudaSuccess) return static_cast<int>(status);
+    if (const int status = launch_status()) return status;
   }
   if (p.grad_weights != nullptr && p.num_tokens > 0) {
     combine_backward_weights_kernel<<<row_blocks(p.num_tokens), kRowThreads, 0, s>>>(p);
-    return static_cast<int>(cudaGetLastError());
+    return launch_status();
   }
   return static_cast<int>(cudaSuccess);
 }

@@ -54,43 +54,43 @@ struct DispatchParams {
   const bool* kept = nullptr;           // [T, k] contiguous, or nullptr (all kept)
   int64_t num_tokens = 0;               // T
   int64_t k = 1;
-  int64_t num_experts = 0;              // E
+  int64_t num_experts = 0;  // E
   int64_t slots_per_chunk = 1;
-  int64_t num_chunks = 0;               // ceil(T·k / slots_per_chunk)
+  int64_t num_chunks = 0;  // ceil(T·k / slots_per_chunk)
   // Scratch [num_chunks, E] int64: kept slots per (chunk, expert), then (after the scan) the
   // position of the chunk's first such slot relative to expert_offsets[e].
   int64_t* chunk_counts = nullptr;
-  int64_t* num_bad_ids = nullptr;       // [1] (CPU: [num_chunks]) ids outside [0, E)
-  int64_t* expert_offsets = nullptr;    // [E + 1]
-  int64_t* slot_to_token = nullptr;     // [S]
-  int64_t* token_slot = nullptr;        // [T, k]
+  int64_t* num_bad_ids = nullptr;     // [1] (CPU: [num_chunks]) ids outside [0, E)
+  int64_t* expert_offsets = nullptr;  // [E + 1]
+  int64_t* slot_to_token = nullptr;   // [S]
+  int64_t* token_slot = nullptr;      // [T, k]
 };
 
 // Row gather: out[s, :] = in[src_row[s], :] (raw element copy, element_size bytes).
 struct GatherRowsParams {
   const void* in = nullptr;
   int64_t in_row_stride = 0, in_col_stride = 0;  // elements
-  int64_t in_rows = 0;                          // bound for src_row
-  const int64_t* src_row = nullptr;             // [rows]
-  void* out = nullptr;                          // [rows, H] contiguous
+  int64_t in_rows = 0;                           // bound for src_row
+  const int64_t* src_row = nullptr;              // [rows]
+  void* out = nullptr;                           // [rows, H] contiguous
   int64_t rows = 0, cols = 0;
-  int32_t element_size = 4;                     // 2, 4 or 8 (16: vector copy, set inside dispatch.cu)
+  int32_t element_size = 4;  // 2, 4 or 8 (16: vector copy, set inside dispatch.cu)
 };
 
 // Combine (forward, and dispatch backward with weights == nullptr) and its backward.
 struct CombineParams {
-  const void* y = nullptr;                // [S, H] contiguous, y_kind
+  const void* y = nullptr;  // [S, H] contiguous, y_kind
   ScalarKind y_kind = ScalarKind::kFloat32;
-  const void* weights = nullptr;          // [T, k] contiguous, weights_kind; nullptr = all ones
+  const void* weights = nullptr;  // [T, k] contiguous, weights_kind; nullptr = all ones
   ScalarKind weights_kind = ScalarKind::kFloat32;
-  const int64_t* token_slot = nullptr;    // [T, k]
-  const int64_t* slot_to_token = nullptr; // [S] (backward only)
+  const int64_t* token_slot = nullptr;     // [T, k]
+  const int64_t* slot_to_token = nullptr;  // [S] (backward only)
   int64_t num_tokens = 0, k = 1, num_rows = 0 /* S */, hidden = 0 /* H */;
-  const void* grad_out = nullptr;         // [T, H] contiguous, grad_kind (backward)
+  const void* grad_out = nullptr;  // [T, H] contiguous, grad_kind (backward)
   ScalarKind grad_kind = ScalarKind::kFloat32;
-  void* out = nullptr;                    // forward: [T, H] Acc
-  void* grad_y = nullptr;                 // backward: [S, H] Acc
-  void* grad_weights = nullptr;           // backward: [T, k] Acc (nullptr: not needed)
+  void* out = nullptr;           // forward: [T, H] Acc
+  void* grad_y = nullptr;        // backward: [S, H] Acc
+  void* grad_weights = nullptr;  // backward: [T, k] Acc (nullptr: not needed)
 };
 
 // ---- per-element bodies, shared by the CPU loops and the CUDA kernels (DESIGN rule 2)

@@ -152,7 +152,8 @@ int64_t backward_weight_rows(const CombineParams& p, int64_t token_begin, int64_
       Acc dot = Acc(0);
       if (s >= 0 && s < p.num_rows) {
         for (int64_t h = 0; h < p.hidden; ++h)
-          dot += load_as<Acc>(p.grad_out, p.grad_kind, t * p.hidden + h) * load_as<Acc>(p.y, p.y_kind, s * p.hidden + h);
+          dot +=
+              load_as<Acc>(p.grad_out, p.grad_kind, t * p.hidden + h) * load_as<Acc>(p.y, p.y_kind, s * p.hidden + h);
       } else if (s != -1) {
         ++bad;
       }

@@ -32,6 +32,7 @@
 #endif
 
 #include "fastcore/common.h"
+#include "fastcore/cuda_launch.h"
 #include "moe/grouped_gemm.h"
 
 namespace fastcore {
@@ -40,25 +41,29 @@ namespace {
 
 constexpr int kBlockM = static_cast<int>(kGemmBlockM);
 constexpr int kBlockN = static_cast<int>(kGemmBlockN);
-constexpr int kTcThreads = 128;     // 4 warps, 2 × 2 warp sub-tiles of 32 × 32
-constexpr int kSimtThreads = 256;   // 16 × 16 threads, 4 × 4 elements each
-constexpr int kCPad = 4;            // float padding of a row of the staged accumulator tile
+constexpr int kTcThreads = 128;    // 4 warps, 2 × 2 warp sub-tiles of 32 × 32
+constexpr int kSimtThreads = 256;  // 16 × 16 threads, 4 × 4 elements each
+constexpr int kCPad = 4;           // float padding of a row of the staged accumulator tile
 
 // Storage of one operand element and the WMMA element type of a kind.
-template <int Kind> struct KindTraits;
-template <> struct KindTraits<0> {  // float32, SIMT
+template <int Kind>
+struct KindTraits;
+template <>
+struct KindTraits<0> {  // float32, SIMT
   using Storage = float;
   static constexpr int kBlockK = 16;
   static constexpr int kThreads = kSimtThreads;
   static FC_DEVICE float widen(float v) { return v; }
 };
-template <> struct KindTraits<1> {  // float16, tensor cores
+template <>
+struct KindTraits<1> {  // float16, tensor cores
   using Storage = uint16_t;
   using Wmma = __half;
   static constexpr int kBlockK = 32;
   static constexpr int kThreads = kTcThreads;
 };
-template <> struct KindTraits<2> {  // bfloat16, tensor cores
+template <>
+struct KindTraits<2> {  // bfloat16, tensor cores
   using Storage = uint16_t;
   using Wmma = __nv_bfloat16;
   static constexpr int kBlockK = 32;
@@ -97,8 +102,8 @@ FC_DEVICE typename KindTraits<Kind>::Storage load_element(const void* base, int6
 
 // Float32 SIMT inner product of one K step: acc[i][j] += Σ_kk A[ty + 16 i, kk] B[kk, tx + 16 j].
 template <int BlockK>
-FC_DEVICE void simt_multiply(const float* a_tile, const float* b_tile, const float* b_up_tile, bool two_halves,
-                             int ty, int tx, float (&acc)[4][4], float (&acc_up)[4][4]) {
+FC_DEVICE void simt_multiply(const float* a_tile, const float* b_tile, const float* b_up_tile, bool two_halves, int ty,
+                             int tx, float (&acc)[4][4], float (&acc_up)[4][4]) {
 #pragma unroll 4
   for (int kk = 0; kk < BlockK; ++kk) {
     float a[4], b[4];
@@ -170,21 +175,24 @@ __global__ void __launch_bounds__(KindTraits<Kind>::kThreads, 1) grouped_gemm_ke
   constexpr int kThreads = Traits::kThreads;
   constexpr int kLdc = kBlockN + kCPad;
   __shared__ __align__(128) unsigned char smem[SharedTiles<Kind>::kBytes];
-  Storage* a_tile = reinterpret_cast<Storage*>(smem);                   // [BLOCK_M][BLOCK_K]
-  Storage* b_tile = a_tile + kBlockM * kBlockK;                         // [BLOCK_K][BLOCK_N]
-  Storage* b_up_tile = b_tile + kBlockK * kBlockN;                      // [BLOCK_K][BLOCK_N] (gated forward)
-  float* c_tile = reinterpret_cast<float*>(smem);                       // [BLOCK_M][kLdc], after the K loop
+  Storage* a_tile = reinterpret_cast<Storage*>(smem);  // [BLOCK_M][BLOCK_K]
+  Storage* b_tile = a_tile + kBlockM * kBlockK;        // [BLOCK_K][BLOCK_N]
+  Storage* b_up_tile = b_tile + kBlockK * kBlockN;     // [BLOCK_K][BLOCK_N] (gated forward)
+  float* c_tile = reinterpret_cast<float*>(smem);      // [BLOCK_M][kLdc], after the K loop
   float* c_up_tile = c_tile + kBlockM * kLdc;
 
   const int64_t E = p.num_experts;
   const int64_t* offsets = p.scratch;
   const int64_t* tile_prefix = p.scratch + E + 1;
   const int64_t tile = blockIdx.x;
-  if (tile >= tile_prefix[E]) return;                                   // surplus block (uniform per block)
-  int64_t lo = 0, hi = E - 1;                                           // last e with tile_prefix[e] <= tile
+  if (tile >= tile_prefix[E]) return;  // surplus block (uniform per block)
+  int64_t lo = 0, hi = E - 1;          // last e with tile_prefix[e] <= tile
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (tile_prefix[mid] <= tile) lo = mid; else hi = mid - 1;
+    if (tile_prefix[mid] <= tile)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   const int64_t expert = lo;
   const int64_t row0 = offsets[expert] + (tile - tile_prefix[expert]) * kBlockM;
@@ -274,11 +282,11 @@ __global__ void __launch_bounds__(KindTraits<Kind>::kThreads, 1) grouped_gemm_ke
 template <int Kind>
 int launch_grouped_gemm(const GroupedGemmParams& p, cudaStream_t stream) {
   const int64_t tiles = grouped_gemm_max_tiles(p.rows, p.num_experts);
-  const int64_t col_blocks = (p.n + kBlockN - 1) / kBlockN;
-  if (tiles <= 0 || tiles > 0x7fffffff || col_blocks > 65535) return cudaErrorInvalidValue;
+  const int64_t col_blocks = ceil_div(p.n, kBlockN);
+  if (tiles <= 0 || tiles > kMaxGridX || col_blocks > kMaxGridYZ) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_blocks));
   grouped_gemm_kernel<Kind><<<grid, KindTraits<Kind>::kThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_status();
 }
 
 }  // namespace
@@ -287,8 +295,7 @@ int grouped_gemm_cuda(const GroupedGemmParams& p, void* stream) {
   if (p.rows <= 0 || p.n <= 0 || p.k <= 0 || p.num_experts <= 0 || p.scratch == nullptr) return cudaErrorInvalidValue;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   grouped_gemm_prep_kernel<<<1, 1, 0, s>>>(p);
-  const cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
+  if (const int status = launch_status()) return status;
   switch (p.kind) {
     case ScalarKind::kFloat32: return launch_grouped_gemm<0>(p, s);
     case ScalarKind::kFloat16: return launch_grouped_gemm<1>(p, s);

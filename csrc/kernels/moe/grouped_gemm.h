@@ -39,17 +39,17 @@ struct GroupedGemmParams {
   // A [*, K]: element (row(r), κ) at row(r) * a_row_stride + κ * a_col_stride.
   const void* a = nullptr;
   int64_t a_row_stride = 0, a_col_stride = 1;
-  const int64_t* a_rows = nullptr;      // [S] gather indices into A's rows, or nullptr (row(r) = r)
-  int64_t a_num_rows = 0;               // rows of A (a gather index outside [0, a_num_rows) reads zeros)
+  const int64_t* a_rows = nullptr;  // [S] gather indices into A's rows, or nullptr (row(r) = r)
+  int64_t a_num_rows = 0;           // rows of A (a gather index outside [0, a_num_rows) reads zeros)
   // B [E, K, N(+N)]: element (e, κ, n) at e * b_expert_stride + κ * b_k_stride + n * b_n_stride.
   const void* b = nullptr;
   int64_t b_expert_stride = 0, b_k_stride = 0, b_n_stride = 0;
   const int64_t* expert_offsets = nullptr;  // [E + 1] (sanitised by the prep kernel into `scratch`)
-  int64_t num_experts = 0;              // E
-  int64_t rows = 0;                     // S
-  int64_t n = 0;                        // N: output columns (I for the activation epilogues)
-  int64_t k = 0;                        // K: reduction length
-  int64_t* scratch = nullptr;           // [2 (E + 1)] int64 device scratch: sanitised offsets, tile prefix sum
+  int64_t num_experts = 0;                  // E
+  int64_t rows = 0;                         // S
+  int64_t n = 0;                            // N: output columns (I for the activation epilogues)
+  int64_t k = 0;                            // K: reduction length
+  int64_t* scratch = nullptr;               // [2 (E + 1)] int64 device scratch: sanitised offsets, tile prefix sum
   GemmEpilogue epilogue = GemmEpilogue::kStore;
   bool gated = true;
   Activation activation = Activation::kSilu;
@@ -58,52 +58,10 @@ struct GroupedGemmParams {
   void* c = nullptr;
   int64_t c_row_stride = 0;
   const float* row_scale = nullptr;
-  float* gate_up_out = nullptr;         // kActForward: [S, N1] float32 or nullptr (inference)
-  const float* gate_up_in = nullptr;    // kActBackward: [S, N1] float32
-  void* h = nullptr;                    // kActForward / kActBackward: [S, N] contiguous in `kind`
+  float* gate_up_out = nullptr;       // kActForward: [S, N1] float32 or nullptr (inference)
+  const float* gate_up_in = nullptr;  // kActBackward: [S, N1] float32
+  void* h = nullptr;                  // kActForward / kActBackward: [S, N] contiguous in `kind`
 };
-
-// float32 -> bfloat16 bits, round to nearest even (NaN stays a quiet NaN).
-FC_HOST_DEVICE uint16_t float_to_bfloat16_bits(float value) {
-  uint32_t bits = bit_cast<uint32_t>(value);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-// float32 -> IEEE binary16 bits, round to nearest even: overflow to inf (|x| ≥ 65520), subnormals below
-// 2^-14, NaN stays a quiet NaN.
-FC_HOST_DEVICE uint16_t float_to_float16_bits(float value) {
-  const uint32_t bits = bit_cast<uint32_t>(value);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t magnitude = bits & 0x7fffffffu;
-  if (magnitude > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (magnitude >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);
-  if (magnitude < 0x38800000u) {                       // |x| < 2^-14: a float16 subnormal (or 0)
-    const int32_t exponent = static_cast<int32_t>(magnitude >> 23);
-    if (exponent < 102) return sign;                   // < 2^-25: rounds to ±0
-    const uint32_t mantissa = (magnitude & 0x7fffffu) | 0x800000u;
-    const int32_t shift = 126 - exponent;              // value / 2^-24 = mantissa >> shift
-    uint32_t rounded = mantissa >> shift;
-    const uint32_t rest = mantissa & ((1u << shift) - 1u), half = 1u << (shift - 1);
-    if (rest > half || (rest == half && (rounded & 1u))) ++rounded;
-    return static_cast<uint16_t>(sign | rounded);
-  }
-  const uint32_t rebased = magnitude - (112u << 23);   // exponent bias 127 -> 15
-  uint32_t rounded = rebased >> 13;
-  const uint32_t rest = rebased & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (rounded & 1u))) ++rounded;  // a carry may reach inf: correct
-  return static_cast<uint16_t>(sign | rounded);
-}
-
-// Writes `value` (float32) as element `offset` of a float32 / float16 / bfloat16 tensor.
-FC_HOST_DEVICE void store_from_float(void* data, ScalarKind kind, int64_t offset, float value) {
-  switch (kind) {
-    case ScalarKind::kFloat16: static_cast<uint16_t*>(data)[offset] = float_to_float16_bits(value); break;
-    case ScalarKind::kBFloat16: static_cast<uint16_t*>(data)[offset] = float_to_bfloat16_bits(value); break;
-    default: static_cast<float*>(data)[offset] = value; break;
-  }
-}
 
 // The epilogue of one output element (row r, column col < N) given the accumulated value(s): the
 // per-element body of the kernel (see the header comment for the math).
@@ -112,7 +70,7 @@ FC_HOST_DEVICE void grouped_gemm_epilogue(const GroupedGemmParams& p, int64_t r,
   switch (p.epilogue) {
     case GemmEpilogue::kStore: {
       const float scale = p.row_scale != nullptr ? p.row_scale[r] : 1.0f;
-      store_from_float(p.c, p.kind, r * p.c_row_stride + col, acc * scale);
+      store_as<float>(p.c, p.kind, r * p.c_row_stride + col, acc * scale);
       break;
     }
     case GemmEpilogue::kActForward: {
@@ -121,7 +79,7 @@ FC_HOST_DEVICE void grouped_gemm_epilogue(const GroupedGemmParams& p, int64_t r,
         if (p.gated) p.gate_up_out[r * n1 + N + col] = acc_up;
       }
       const float value = activation_value(p.activation, acc);
-      store_from_float(p.h, p.kind, r * N + col, p.gated ? value * acc_up : value);
+      store_as<float>(p.h, p.kind, r * N + col, p.gated ? value * acc_up : value);
       break;
     }
     case GemmEpilogue::kActBackward:
@@ -130,12 +88,12 @@ FC_HOST_DEVICE void grouped_gemm_epilogue(const GroupedGemmParams& p, int64_t r,
       const float value = activation_value(p.activation, gate), slope = activation_derivative(p.activation, gate);
       if (p.gated) {
         const float up = p.gate_up_in[r * n1 + N + col];
-        store_from_float(p.c, p.kind, r * n1 + col, acc * up * slope);
-        store_from_float(p.c, p.kind, r * n1 + N + col, acc * value);
-        store_from_float(p.h, p.kind, r * N + col, value * up);
+        store_as<float>(p.c, p.kind, r * n1 + col, acc * up * slope);
+        store_as<float>(p.c, p.kind, r * n1 + N + col, acc * value);
+        store_as<float>(p.h, p.kind, r * N + col, value * up);
       } else {
-        store_from_float(p.c, p.kind, r * n1 + col, acc * slope);
-        store_from_float(p.h, p.kind, r * N + col, value);
+        store_as<float>(p.c, p.kind, r * n1 + col, acc * slope);
+        store_as<float>(p.h, p.kind, r * N + col, value);
       }
       break;
     }

@@ -51,11 +51,11 @@ FC_HOST_DEVICE Acc activation_derivative(Activation act, Acc g) {
 // (float or double, `is_double`).
 struct GatedActivationParams {
   const void* gate_up = nullptr;
-  void* h = nullptr;                 // forward output
-  const void* grad_h = nullptr;      // backward input
-  void* grad_gate_up = nullptr;      // backward output
+  void* h = nullptr;             // forward output
+  const void* grad_h = nullptr;  // backward input
+  void* grad_gate_up = nullptr;  // backward output
   int64_t rows = 0;
-  int64_t inner = 0;                 // I
+  int64_t inner = 0;  // I
   bool gated = true;
   bool is_double = false;
   Activation activation = Activation::kSilu;

@@ -56,8 +56,7 @@ void forward_rows(const GatedActivationParams& p, int64_t row_begin, int64_t row
     Acc* h = static_cast<Acc*>(p.h) + r * I;
     int64_t first = 0;
     if constexpr (sizeof(Acc) == sizeof(float))
-      if (p.activation == Activation::kSilu)
-        first = silu_forward_vector(gu, p.gated ? gu + I : nullptr, h, I, p.gated);
+      if (p.activation == Activation::kSilu) first = silu_forward_vector(gu, p.gated ? gu + I : nullptr, h, I, p.gated);
     for (int64_t i = first; i < I; ++i) {
       const Acc a = activation_value(p.activation, gu[i]);
       h[i] = p.gated ? a * gu[I + i] : a;

@@ -46,6 +46,7 @@
 #include <cstdint>
 
 #include "fastcore/common.h"
+#include "fastcore/cuda_launch.h"
 #include "moe/topk_route.h"
 
 namespace fastcore {
@@ -103,8 +104,8 @@ FC_DEVICE void group_argmax(float& key, int& index) {
 // unrolled loop calls load_as with a constant kind (the switch inside it folds away).
 
 template <ScalarKind KIND, int GROUP, int VPL>
-FC_DEVICE void load_row_as(float (&x)[VPL], const void* data, int64_t row_offset, int64_t col_stride,
-                           int g, int num_experts, bool valid) {
+FC_DEVICE void load_row_as(float (&x)[VPL], const void* data, int64_t row_offset, int64_t col_stride, int g,
+                           int num_experts, bool valid) {
 #pragma unroll
   for (int v = 0; v < VPL; ++v) {
     const int col = g + GROUP * v;
@@ -114,8 +115,8 @@ FC_DEVICE void load_row_as(float (&x)[VPL], const void* data, int64_t row_offset
 }
 
 template <int GROUP, int VPL>
-FC_DEVICE void load_row(float (&x)[VPL], const void* data, ScalarKind kind, int64_t row_offset,
-                        int64_t col_stride, int g, int num_experts, bool valid) {
+FC_DEVICE void load_row(float (&x)[VPL], const void* data, ScalarKind kind, int64_t row_offset, int64_t col_stride,
+                        int g, int num_experts, bool valid) {
   switch (kind) {
     case ScalarKind::kFloat16:
       load_row_as<ScalarKind::kFloat16, GROUP, VPL>(x, data, row_offset, col_stride, g, num_experts, valid);
@@ -132,8 +133,7 @@ FC_DEVICE void load_row(float (&x)[VPL], const void* data, ScalarKind kind, int6
 // The lane's best element not marked in `taken` (bit v = column g + GROUP·v), or the sentinel
 // (−inf, kNoExpert), which ranks after every real element including −inf ones.
 template <int GROUP, int VPL>
-FC_DEVICE void best_untaken(const float (&x)[VPL], uint32_t taken, int g, int num_experts, float& key,
-                            int& index) {
+FC_DEVICE void best_untaken(const float (&x)[VPL], uint32_t taken, int g, int num_experts, float& key, int& index) {
   key = -INFINITY;
   index = kNoExpert;
 #pragma unroll
@@ -288,9 +288,9 @@ __global__ void __launch_bounds__(kRouteThreads, 1) topk_route_kernel(const Topk
 // column). Without `mean_prob` the sum is written in place to the group's first row (pass 1);
 // with it, the sum times 1/T goes to mean_prob / z_loss (final pass, a single group).
 __global__ void __launch_bounds__(kReduceThreads)
-    reduce_route_partials_kernel(float* partial_prob, float* partial_lse_sq, int64_t num_experts,
-                                 int64_t num_rows, int64_t row_step, int64_t group_rows, float* mean_prob,
-                                 float* z_loss, double inv_tokens) {
+    reduce_route_partials_kernel(float* partial_prob, float* partial_lse_sq, int64_t num_experts, int64_t num_rows,
+                                 int64_t row_step, int64_t group_rows, float* mean_prob, float* z_loss,
+                                 double inv_tokens) {
   __shared__ double s_sum[kReduceSlices][kReduceCols];
   const int64_t prob_tiles = (num_experts + kReduceCols - 1) / kReduceCols;
   const bool is_lse = blockIdx.x == prob_tiles;
@@ -353,16 +353,15 @@ __global__ void __launch_bounds__(kBackwardThreads, 1) topk_route_backward_kerne
   }
 
   const int64_t row_step = static_cast<int64_t>(gridDim.x) * kBackwardWarps * kRowsPerWarp;
-  for (int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kBackwardWarps + warp) * kRowsPerWarp;
-       row0 < num_tokens; row0 += row_step) {  // uniform per warp
+  for (int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kBackwardWarps + warp) * kRowsPerWarp; row0 < num_tokens;
+       row0 += row_step) {  // uniform per warp
     const int64_t row = row0 + sub;
     const bool valid = row < num_tokens;
     float prob[VPL];
     load_row<GROUP, VPL>(prob, p.logits, p.logits_kind, row * p.row_stride, p.col_stride, g, num_experts, valid);
     const float lse = valid ? lse_in[row] : 0.0f;
 #pragma unroll
-    for (int v = 0; v < VPL; ++v)
-      prob[v] = g + GROUP * v < num_experts ? route_probability(prob[v], lse) : 0.0f;
+    for (int v = 0; v < VPL; ++v) prob[v] = g + GROUP * v < num_experts ? route_probability(prob[v], lse) : 0.0f;
 
     // Lane j < k holds selection j. Ids outside [0, E) (never produced by the forward) match no column.
     int my_id = -1;
@@ -437,9 +436,7 @@ RowLayout row_layout(int64_t num_experts) {
   return RowLayout::k32x32;
 }
 
-int rows_per_warp(RowLayout layout) {
-  return layout == RowLayout::k8x1 ? 4 : layout == RowLayout::k16x1 ? 2 : 1;
-}
+int rows_per_warp(RowLayout layout) { return layout == RowLayout::k8x1 ? 4 : layout == RowLayout::k16x1 ? 2 : 1; }
 
 // What the kernels rely on (the torch layer checks it too, with messages).
 bool check_shape(ScalarKind kind, int64_t num_experts, int32_t k) {
@@ -449,41 +446,40 @@ bool check_shape(ScalarKind kind, int64_t num_experts, int32_t k) {
 }
 
 template <int GROUP, int VPL>
-cudaError_t launch_route(const TopkRouteParams& p, cudaStream_t stream) {
+int launch_route(const TopkRouteParams& p, cudaStream_t stream) {
   topk_route_kernel<GROUP, VPL><<<static_cast<unsigned>(p.num_blocks), kRouteThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_status();
 }
 
 template <int GROUP, int VPL>
-cudaError_t launch_backward(const TopkRouteBackwardParams& p, unsigned blocks, cudaStream_t stream) {
+int launch_backward(const TopkRouteBackwardParams& p, unsigned blocks, cudaStream_t stream) {
   topk_route_backward_kernel<GROUP, VPL><<<blocks, kBackwardThreads, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_status();
 }
 
-cudaError_t launch_reduce(const TopkRouteParams& p, float* z_loss, float* mean_prob, cudaStream_t stream) {
+int launch_reduce(const TopkRouteParams& p, float* z_loss, float* mean_prob, cudaStream_t stream) {
   float* partial_prob = static_cast<float*>(p.partial_prob_sum);
   float* partial_lse_sq = static_cast<float*>(p.partial_lse_sq_sum);
-  const unsigned tiles = static_cast<unsigned>((p.num_experts + kReduceCols - 1) / kReduceCols) + 1;  // + lse²
+  const unsigned tiles = grid_blocks(p.num_experts, kReduceCols) + 1;  // + lse²
   const double inv_tokens = 1.0 / static_cast<double>(p.num_tokens);
   const int64_t blocks = p.num_blocks;
   if (blocks <= kSinglePassRows) {
     reduce_route_partials_kernel<<<dim3(tiles, 1), kReduceThreads, 0, stream>>>(
         partial_prob, partial_lse_sq, p.num_experts, blocks, 1, blocks, mean_prob, z_loss, inv_tokens);
-    return cudaGetLastError();
+    return launch_status();
   }
   // Two passes: groups of G consecutive blocks (G = smallest power of two with G² ≥ blocks, so at
   // most G groups; blocks ≤ 2^22 keeps the group count well inside gridDim.y), then the groups.
   int64_t group = 1;
   while (group * group < blocks) group <<= 1;
-  const int64_t groups = (blocks + group - 1) / group;
-  if (groups > 65535) return cudaErrorInvalidConfiguration;
+  const int64_t groups = ceil_div(blocks, group);
+  if (groups > kMaxGridYZ) return static_cast<int>(cudaErrorInvalidConfiguration);
   reduce_route_partials_kernel<<<dim3(tiles, static_cast<unsigned>(groups)), kReduceThreads, 0, stream>>>(
       partial_prob, partial_lse_sq, p.num_experts, blocks, 1, group, nullptr, nullptr, inv_tokens);
-  cudaError_t status = cudaGetLastError();
-  if (status != cudaSuccess) return status;
+  if (const int status = launch_status()) return status;
   reduce_route_partials_kernel<<<dim3(tiles, 1), kReduceThreads, 0, stream>>>(
       partial_prob, partial_lse_sq, p.num_experts, groups, group, groups, mean_prob, z_loss, inv_tokens);
-  return cudaGetLastError();
+  return launch_status();
 }
 
 }  // namespace
@@ -491,12 +487,12 @@ cudaError_t launch_reduce(const TopkRouteParams& p, float* z_loss, float* mean_p
 int topk_route_cuda(const TopkRouteParams& params, void* z_loss, void* mean_prob, void* stream) {
   if (params.num_tokens <= 0) return static_cast<int>(cudaSuccess);
   if (!check_shape(params.logits_kind, params.num_experts, params.k) || params.rows_per_block < 1 ||
-      params.num_blocks != (params.num_tokens + params.rows_per_block - 1) / params.rows_per_block ||
-      params.num_blocks > INT_MAX || z_loss == nullptr || mean_prob == nullptr || params.counts == nullptr ||
-      params.partial_prob_sum == nullptr || params.partial_lse_sq_sum == nullptr)
+      params.num_blocks != ceil_div(params.num_tokens, params.rows_per_block) || params.num_blocks > kMaxGridX ||
+      z_loss == nullptr || mean_prob == nullptr || params.counts == nullptr || params.partial_prob_sum == nullptr ||
+      params.partial_lse_sq_sum == nullptr)
     return static_cast<int>(cudaErrorInvalidValue);
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
-  cudaError_t status = cudaSuccess;
+  int status = 0;
   switch (row_layout(params.num_experts)) {
     case RowLayout::k8x1: status = launch_route<8, 1>(params, s); break;
     case RowLayout::k16x1: status = launch_route<16, 1>(params, s); break;
@@ -507,8 +503,8 @@ int topk_route_cuda(const TopkRouteParams& params, void* z_loss, void* mean_prob
     case RowLayout::k32x16: status = launch_route<32, 16>(params, s); break;
     case RowLayout::k32x32: status = launch_route<32, 32>(params, s); break;
   }
-  if (status != cudaSuccess) return static_cast<int>(status);
-  return static_cast<int>(launch_reduce(params, static_cast<float*>(z_loss), static_cast<float*>(mean_prob), s));
+  if (status != 0) return status;
+  return launch_reduce(params, static_cast<float*>(z_loss), static_cast<float*>(mean_prob), s);
 }
 
 int topk_route_backward_cuda(const TopkRouteBackwardParams& params, void* stream) {
@@ -520,13 +516,14 @@ int topk_route_backward_cuda(const TopkRouteBackwardParams& params, void* stream
   // Enough blocks to fill the GPU (8 resident blocks of 256 threads per SM at most), capped so each
   // warp loops over several rows and reuses its gP / T registers.
   int device = 0, sms = 0;
-  cudaError_t status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (status != cudaSuccess) return static_cast<int>(status);
+  cudaError_t query = cudaGetDevice(&device);
+  if (query == cudaSuccess) query = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (query != cudaSuccess) return static_cast<int>(query);
   const int64_t rows_per_block = static_cast<int64_t>(kBackwardWarps) * rows_per_warp(layout);
-  const int64_t needed = (params.num_tokens + rows_per_block - 1) / rows_per_block;
+  const int64_t needed = ceil_div(params.num_tokens, rows_per_block);
   const int64_t cap = static_cast<int64_t>(sms > 0 ? sms : 1) * 8;
   const unsigned blocks = static_cast<unsigned>(needed < cap ? needed : cap);
+  int status = 0;
 
   switch (layout) {
     case RowLayout::k8x1: status = launch_backward<8, 1>(params, blocks, s); break;
@@ -538,7 +535,7 @@ int topk_route_backward_cuda(const TopkRouteBackwardParams& params, void* stream
     case RowLayout::k32x16: status = launch_backward<32, 16>(params, blocks, s); break;
     case RowLayout::k32x32: status = launch_backward<32, 32>(params, blocks, s); break;
   }
-  return static_cast<int>(status);
+  return status;
 }
 
 }  // namespace moe

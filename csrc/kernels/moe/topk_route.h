@@ -50,10 +50,10 @@ struct TopkRouteParams {
   // Per-block partial statistics, reduced in block order by reduce_route_partials().
   int64_t rows_per_block = 1;
   int64_t num_blocks = 0;
-  void* partial_prob_sum = nullptr;      // [num_blocks, E] Acc: Σ_t p_te over the block
-  void* partial_lse_sq_sum = nullptr;    // [num_blocks] Acc: Σ_t lse_t² over the block
-  int32_t* partial_counts = nullptr;     // [num_blocks, E] (CPU only; CUDA adds integer counts atomically)
-  int64_t* counts = nullptr;             // [E] tokens_per_expert
+  void* partial_prob_sum = nullptr;    // [num_blocks, E] Acc: Σ_t p_te over the block
+  void* partial_lse_sq_sum = nullptr;  // [num_blocks] Acc: Σ_t lse_t² over the block
+  int32_t* partial_counts = nullptr;   // [num_blocks, E] (CPU only; CUDA adds integer counts atomically)
+  int64_t* counts = nullptr;           // [E] tokens_per_expert
 };
 
 struct TopkRouteBackwardParams {
@@ -62,13 +62,13 @@ struct TopkRouteBackwardParams {
   int64_t num_tokens = 0, num_experts = 0, row_stride = 0, col_stride = 0;
   int32_t k = 1;
   bool renormalize = true;
-  const int64_t* expert_ids = nullptr;  // [T, k]
-  const void* weights = nullptr;        // [T, k] Acc
-  const void* lse = nullptr;            // [T] Acc
-  const void* grad_weights = nullptr;   // [T, k] Acc, contiguous
-  const void* grad_mean_prob = nullptr; // [E] Acc, contiguous
-  const void* grad_z_loss = nullptr;    // [1] Acc: upstream gradient of z_loss (on the device)
-  void* grad_logits = nullptr;          // [T, E] Acc, contiguous
+  const int64_t* expert_ids = nullptr;   // [T, k]
+  const void* weights = nullptr;         // [T, k] Acc
+  const void* lse = nullptr;             // [T] Acc
+  const void* grad_weights = nullptr;    // [T, k] Acc, contiguous
+  const void* grad_mean_prob = nullptr;  // [E] Acc, contiguous
+  const void* grad_z_loss = nullptr;     // [1] Acc: upstream gradient of z_loss (on the device)
+  void* grad_logits = nullptr;           // [T, E] Acc, contiguous
 };
 
 // Rows per statistics block: at least `min_rows`, and enough that the partial buffers stay below ~4M
@@ -84,7 +84,9 @@ FC_HOST_DEVICE int64_t route_rows_per_block(int64_t num_tokens, int64_t num_expe
 // Selection key order: larger value first, equal values by lower index. NaN is mapped to −inf
 // before comparing, so the order is total and every selected id lies in [0, E).
 template <typename Acc>
-FC_HOST_DEVICE Acc selection_key(Acc x) { return x != x ? -INFINITY : x; }
+FC_HOST_DEVICE Acc selection_key(Acc x) {
+  return x != x ? -INFINITY : x;
+}
 
 template <typename Acc>
 FC_HOST_DEVICE bool ranks_before(Acc key_a, int64_t index_a, Acc key_b, int64_t index_b) {
@@ -127,8 +129,7 @@ void topk_route_cpu_blocks(const TopkRouteParams& params, int64_t block_begin, i
 // Adds the per-block partials in block order into z_loss, mean_prob [E] (Acc) and counts [E].
 void topk_route_cpu_reduce(const TopkRouteParams& params, void* z_loss, void* mean_prob);
 // Gradient of rows [row_begin, row_end).
-void topk_route_backward_cpu_rows(const TopkRouteBackwardParams& params, int64_t row_begin,
-                                  int64_t row_end);
+void topk_route_backward_cpu_rows(const TopkRouteBackwardParams& params, int64_t row_begin, int64_t row_end);
 
 // ---- CUDA entry points (topk_route.cu); `stream` is a cudaStream_t. Return a cudaError_t as int
 // ---- (0 = success) so the torch layer can raise with the op's name.

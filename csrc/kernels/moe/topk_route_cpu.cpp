@@ -158,8 +158,8 @@ inline void select_top_k_by_rank(const Acc* key, const int32_t* ids, int n, int 
 // blocks of 8 that hold one (about 1.5·k keys for random logits), and only those reach the sorted
 // insertion. Keys must be NaN-free.
 template <typename Acc>
-inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max, Acc* top_keys,
-                         int64_t* top_ids, int32_t* candidates) {
+inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max, Acc* top_keys, int64_t* top_ids,
+                         int32_t* candidates) {
   const Acc bound = E <= kLanes ? -std::numeric_limits<Acc>::infinity() : kth_largest_of_lanes(column_max, k);
   int64_t count = 0;
   int64_t e = 0;
@@ -191,9 +191,8 @@ inline void select_top_k(const Acc* key, int64_t E, int k, const Acc* column_max
 // One row: writes weights/ids/lse and adds this row's probabilities and lse² to the block partials.
 // `x` is scratch: NaN logits are overwritten with −inf (their selection key) after the softmax.
 template <typename Acc>
-FC_CPU_CLONES void route_one_row(Acc* x, int64_t E, int k, bool renormalize, Acc* probs,
-                                 Acc* weights, int64_t* ids, Acc* lse_out, Acc* prob_sum,
-                                 Acc* lse_sq_sum, int32_t* counts) {
+FC_CPU_CLONES void route_one_row(Acc* x, int64_t E, int k, bool renormalize, Acc* probs, Acc* weights, int64_t* ids,
+                                 Acc* lse_out, Acc* prob_sum, Acc* lse_sq_sum, int32_t* counts) {
   Acc column_max[kLanes];
   column_maxima(x, E, column_max);  // skips NaN; a NaN still makes `sum` NaN below
   Acc row_max = column_max[0];
@@ -245,8 +244,7 @@ void route_blocks(const TopkRouteParams& p, int64_t block_begin, int64_t block_e
     for (int64_t row = row_begin; row < row_end; ++row) {
       widen_row(p.logits, p.logits_kind, row * p.row_stride, p.col_stride, E, x);
       route_one_row<Acc>(x, E, p.k, p.renormalize, probs, static_cast<Acc*>(p.weights) + row * p.k,
-                         p.expert_ids + row * p.k, static_cast<Acc*>(p.lse) + row, prob_sum,
-                         lse_sq_sum, counts);
+                         p.expert_ids + row * p.k, static_cast<Acc*>(p.lse) + row, prob_sum, lse_sq_sum, counts);
     }
   }
 }
@@ -321,8 +319,7 @@ void topk_route_cpu_reduce(const TopkRouteParams& params, void* z_loss, void* me
     reduce_partials<float>(params, static_cast<float*>(z_loss), static_cast<float*>(mean_prob));
 }
 
-void topk_route_backward_cpu_rows(const TopkRouteBackwardParams& params, int64_t row_begin,
-                                  int64_t row_end) {
+void topk_route_backward_cpu_rows(const TopkRouteBackwardParams& params, int64_t row_begin, int64_t row_end) {
   if (params.logits_kind == ScalarKind::kFloat64)
     backward_rows<double>(params, row_begin, row_end);
   else

@@ -33,15 +33,16 @@
 #include <mma.h>
 #endif
 
+#include "fastcore/common.h"
+#include "fastcore/cuda_launch.h"
 #include "mux/attention.h"
-#include "mux/convert.h"
 
 namespace fastcore {
 namespace mux {
 namespace {
 
 constexpr int kWarps = 4;
-constexpr int kTileN = 16;  // 2 tiles × 16 × 257 floats = 33 KB of static shared memory
+constexpr int kTileN = 16;                     // 2 tiles × 16 × 257 floats = 33 KB of static shared memory
 constexpr int kMaxPerLane = kMaxHeadDim / 32;  // 8
 
 // The additive mask term of score (b, h, i, j): 0, the additive mask value, or −inf (masked).
@@ -97,7 +98,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   const bool active = row < p.len_q;
   float q[kMaxPerLane], o[kMaxPerLane];
-  load_lane_row(p.q, p.kind, row_offset(p.q_stride, b, h, active ? row : 0), p.q_stride[3], D, lane, static_cast<float>(p.scale), q);
+  load_lane_row(p.q, p.kind, row_offset(p.q_stride, b, h, active ? row : 0), p.q_stride[3], D, lane,
+                static_cast<float>(p.scale), q);
 #pragma unroll
   for (int c = 0; c < kMaxPerLane; ++c) o[c] = 0.0f;
   float m = -INFINITY, l = 0.0f;
@@ -109,10 +111,10 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
     for (int idx = threadIdx.x; idx < n * D; idx += blockDim.x) {
       const int j = idx / D, d = idx % D;
       const int64_t key = j0 + j;
-      k_tile[j][d] = load_as<float>(p.k, p.kind, b * p.k_stride[0] + h * p.k_stride[1] + key * p.k_stride[2] +
-                                                   d * p.k_stride[3]);
-      v_tile[j][d] = load_as<float>(p.v, p.kind, b * p.v_stride[0] + h * p.v_stride[1] + key * p.v_stride[2] +
-                                                   d * p.v_stride[3]);
+      k_tile[j][d] =
+          load_as<float>(p.k, p.kind, b * p.k_stride[0] + h * p.k_stride[1] + key * p.k_stride[2] + d * p.k_stride[3]);
+      v_tile[j][d] =
+          load_as<float>(p.v, p.kind, b * p.v_stride[0] + h * p.v_stride[1] + key * p.v_stride[2] + d * p.v_stride[3]);
     }
     __syncthreads();
     if (!active) continue;
@@ -249,11 +251,11 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionPara
 // ---- tensor-core forward (float16 / bfloat16)
 
 constexpr int kTcWarps = 4;
-constexpr int kTcRows = 16;                    // query rows per block
-constexpr int kTcKeys = 16;                    // keys per tile
-constexpr int kQLd = kMaxHeadDim + 8;          // 16-bit elements per staged Q / V row
-constexpr int kOLd = kMaxHeadDim + 4;          // floats per O row
-constexpr int kKtLd = kTcKeys;                 // 16-bit elements per K^T row
+constexpr int kTcRows = 16;                                   // query rows per block
+constexpr int kTcKeys = 16;                                   // keys per tile
+constexpr int kQLd = kMaxHeadDim + 8;                         // 16-bit elements per staged Q / V row
+constexpr int kOLd = kMaxHeadDim + 4;                         // floats per O row
+constexpr int kKtLd = kTcKeys;                                // 16-bit elements per K^T row
 constexpr int kTcTilesPerWarp = kMaxHeadDim / 16 / kTcWarps;  // 16-column output tiles a warp owns (≤ 4)
 
 // Staging of 16 rows (row0 … row0 + 15) of a [B, H, L, D] 16-bit tensor into shared memory, the whole
@@ -392,7 +394,6 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(A
 #endif
 }
 
-
 // ---- tensor-core backward (float16 / bfloat16), FlashAttention-2 algebra with P recomputed per tile
 //
 // Two deterministic kernels (no atomics), as the SIMT backward, each tile 16 query rows × 16 keys:
@@ -503,14 +504,14 @@ __device__ __forceinline__ void store_tiles(const AttentionParams& p, Fragment* 
 template <typename Wmma>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_dkdv_wmma_kernel(AttentionParams p, const float* delta) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  __shared__ __align__(32) uint16_t kt_s[kMaxHeadDim * 16];     // Kᵀ of the block's 16 keys
-  __shared__ __align__(32) uint16_t vt_s[kMaxHeadDim * 16];     // Vᵀ
-  __shared__ __align__(32) uint16_t q_s[kTcRows * kQLd];        // the query tile's Q
-  __shared__ __align__(32) uint16_t do_s[kTcRows * kQLd];       // and dO
-  __shared__ __align__(32) uint16_t pt_s[kTcKeys * kTcRows];    // Pᵀ (keys × queries), input dtype
-  __shared__ __align__(32) uint16_t dst_s[kTcKeys * kTcRows];   // dSᵀ
-  __shared__ __align__(32) float s_part[kTcWarps][256];         // per-warp partial S, then the store scratch
-  __shared__ __align__(32) float dp_part[kTcWarps][256];        // per-warp partial dP
+  __shared__ __align__(32) uint16_t kt_s[kMaxHeadDim * 16];    // Kᵀ of the block's 16 keys
+  __shared__ __align__(32) uint16_t vt_s[kMaxHeadDim * 16];    // Vᵀ
+  __shared__ __align__(32) uint16_t q_s[kTcRows * kQLd];       // the query tile's Q
+  __shared__ __align__(32) uint16_t do_s[kTcRows * kQLd];      // and dO
+  __shared__ __align__(32) uint16_t pt_s[kTcKeys * kTcRows];   // Pᵀ (keys × queries), input dtype
+  __shared__ __align__(32) uint16_t dst_s[kTcKeys * kTcRows];  // dSᵀ
+  __shared__ __align__(32) float s_part[kTcWarps][256];        // per-warp partial S, then the store scratch
+  __shared__ __align__(32) float dp_part[kTcWarps][256];       // per-warp partial dP
   __shared__ float lse_s[kTcRows], delta_s[kTcRows];
   namespace wmma = nvcuda::wmma;
   const int tid = threadIdx.x, warp = tid / 32;
@@ -558,13 +559,13 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_dkdv_wmma_kernel(Atte
 template <typename Wmma>
 __global__ void __launch_bounds__(kTcWarps * 32) attention_dq_wmma_kernel(AttentionParams p, const float* delta) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-  __shared__ __align__(32) uint16_t qt_s[kMaxHeadDim * 16];     // Qᵀ of the block's 16 query rows
-  __shared__ __align__(32) uint16_t dot_s[kMaxHeadDim * 16];    // dOᵀ
-  __shared__ __align__(32) uint16_t k_s[kTcKeys * kQLd];        // the key tile's K
-  __shared__ __align__(32) uint16_t v_s[kTcKeys * kQLd];        // and V
-  __shared__ __align__(32) uint16_t ds_s[kTcRows * kTcKeys];    // dS (queries × keys), input dtype
-  __shared__ __align__(32) float s_part[kTcWarps][256];         // per-warp partial Sᵀ, then the store scratch
-  __shared__ __align__(32) float dp_part[kTcWarps][256];        // per-warp partial dPᵀ
+  __shared__ __align__(32) uint16_t qt_s[kMaxHeadDim * 16];   // Qᵀ of the block's 16 query rows
+  __shared__ __align__(32) uint16_t dot_s[kMaxHeadDim * 16];  // dOᵀ
+  __shared__ __align__(32) uint16_t k_s[kTcKeys * kQLd];      // the key tile's K
+  __shared__ __align__(32) uint16_t v_s[kTcKeys * kQLd];      // and V
+  __shared__ __align__(32) uint16_t ds_s[kTcRows * kTcKeys];  // dS (queries × keys), input dtype
+  __shared__ __align__(32) float s_part[kTcWarps][256];       // per-warp partial Sᵀ, then the store scratch
+  __shared__ __align__(32) float dp_part[kTcWarps][256];      // per-warp partial dPᵀ
   __shared__ float lse_s[kTcRows], delta_s[kTcRows];
   namespace wmma = nvcuda::wmma;
   const int tid = threadIdx.x, warp = tid / 32;
@@ -592,8 +593,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_dq_wmma_kernel(Attent
     stage_rows(k_s, kQLd, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
     stage_rows(v_s, kQLd, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
     __syncthreads();
-    partial_tile_product<Wmma>(k_s, kQLd, qt_s, steps, s_part[warp]);   // Sᵀ  = K Qᵀ
-    partial_tile_product<Wmma>(v_s, kQLd, dot_s, steps, dp_part[warp]); // dPᵀ = V dOᵀ
+    partial_tile_product<Wmma>(k_s, kQLd, qt_s, steps, s_part[warp]);    // Sᵀ  = K Qᵀ
+    partial_tile_product<Wmma>(v_s, kQLd, dot_s, steps, dp_part[warp]);  // dPᵀ = V dOᵀ
     __syncthreads();
     // partials are keys × queries: element (query r, key c) sits at c · 16 + r
     backward_tile_elements(p, b, h, i0, j0, s_part, dp_part, 1, 16, lse_s, delta_s, nullptr, ds_s, 16, 1, bf16);
@@ -609,47 +610,45 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_dq_wmma_kernel(Attent
 
 int attention_forward_cuda(const AttentionParams& p, void* stream) {
   if (p.batch * p.heads * p.len_q == 0) return 0;
-  const dim3 grid(static_cast<unsigned>((p.len_q + kWarps - 1) / kWarps), static_cast<unsigned>(p.batch * p.heads));
+  const dim3 grid(grid_blocks(p.len_q, kWarps), static_cast<unsigned>(p.batch * p.heads));
   attention_forward_kernel<<<grid, kWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 // float16 / bfloat16 only; the caller checks the device is sm_80+.
 int attention_forward_wmma_cuda(const AttentionParams& p, void* stream) {
   if (p.batch * p.heads * p.len_q == 0) return 0;
-  if (p.kind != ScalarKind::kFloat16 && p.kind != ScalarKind::kBFloat16) return 1;  // cudaErrorInvalidValue
-  const dim3 grid(static_cast<unsigned>((p.len_q + kTcRows - 1) / kTcRows), static_cast<unsigned>(p.batch * p.heads));
+  if (p.kind != ScalarKind::kFloat16 && p.kind != ScalarKind::kBFloat16) return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(grid_blocks(p.len_q, kTcRows), static_cast<unsigned>(p.batch * p.heads));
   if (p.kind == ScalarKind::kFloat16)
     attention_forward_wmma_kernel<__half><<<grid, kTcWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
   else
     attention_forward_wmma_kernel<__nv_bfloat16><<<grid, kTcWarps * 32, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 // workspace: float32 [B·H·Lq] for δ (the caller allocates at least that much).
 int attention_backward_wmma_cuda(const AttentionParams& p, void* workspace, void* stream) {
   const int64_t rows = p.batch * p.heads * p.len_q;
   if (rows == 0 || p.len_k == 0) return 0;
-  if (p.kind != ScalarKind::kFloat16 && p.kind != ScalarKind::kBFloat16) return 1;  // cudaErrorInvalidValue
+  if (p.kind != ScalarKind::kFloat16 && p.kind != ScalarKind::kBFloat16) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   float* delta = static_cast<float*>(workspace);
-  attention_delta_kernel<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, s>>>(p, delta);
-  int status = static_cast<int>(cudaGetLastError());
-  if (status != 0) return status;
+  attention_delta_kernel<<<grid_blocks(rows, kWarps), kWarps * 32, 0, s>>>(p, delta);
+  if (const int status = launch_status()) return status;
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  const dim3 key_grid(static_cast<unsigned>((p.len_k + kTcKeys - 1) / kTcKeys), bh);
-  const dim3 query_grid(static_cast<unsigned>((p.len_q + kTcRows - 1) / kTcRows), bh);
+  const dim3 key_grid(grid_blocks(p.len_k, kTcKeys), bh);
+  const dim3 query_grid(grid_blocks(p.len_q, kTcRows), bh);
   if (p.kind == ScalarKind::kFloat16)
     attention_dkdv_wmma_kernel<__half><<<key_grid, kTcWarps * 32, 0, s>>>(p, delta);
   else
     attention_dkdv_wmma_kernel<__nv_bfloat16><<<key_grid, kTcWarps * 32, 0, s>>>(p, delta);
-  status = static_cast<int>(cudaGetLastError());
-  if (status != 0) return status;
+  if (const int status = launch_status()) return status;
   if (p.kind == ScalarKind::kFloat16)
     attention_dq_wmma_kernel<__half><<<query_grid, kTcWarps * 32, 0, s>>>(p, delta);
   else
     attention_dq_wmma_kernel<__nv_bfloat16><<<query_grid, kTcWarps * 32, 0, s>>>(p, delta);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 // workspace: float32 [B·H·Lq] for δ (the caller allocates at least that much).
@@ -658,17 +657,13 @@ int attention_backward_cuda(const AttentionParams& p, void* workspace, void* str
   if (rows == 0 || p.len_k == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   float* delta = static_cast<float*>(workspace);
-  attention_delta_kernel<<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kWarps * 32, 0, s>>>(p, delta);
-  int status = static_cast<int>(cudaGetLastError());
-  if (status != 0) return status;
+  attention_delta_kernel<<<grid_blocks(rows, kWarps), kWarps * 32, 0, s>>>(p, delta);
+  if (const int status = launch_status()) return status;
   const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-  attention_dkdv_kernel<<<dim3(static_cast<unsigned>((p.len_k + kWarps - 1) / kWarps), bh), kWarps * 32, 0, s>>>(
-      p, delta);
-  status = static_cast<int>(cudaGetLastError());
-  if (status != 0) return status;
-  attention_dq_kernel<<<dim3(static_cast<unsigned>((p.len_q + kWarps - 1) / kWarps), bh), kWarps * 32, 0, s>>>(
-      p, delta);
-  return static_cast<int>(cudaGetLastError());
+  attention_dkdv_kernel<<<dim3(grid_blocks(p.len_k, kWarps), bh), kWarps * 32, 0, s>>>(p, delta);
+  if (const int status = launch_status()) return status;
+  attention_dq_kernel<<<dim3(grid_blocks(p.len_q, kWarps), bh), kWarps * 32, 0, s>>>(p, delta);
+  return launch_status();
 }
 
 }  // namespace mux

@@ -78,14 +78,13 @@ FC_HOST_DEVICE int64_t attention_forward_tasks(const AttentionParams& p) {
 // Forward tasks are (b, h, q-tile); backward tasks are (b, h) (dK/dV sum over every query row).
 // prefetch_task: the task the calling thread runs next (−1: none); the AVX-512 path prefetches its
 // inputs while this range runs, so the next task does not start on cold memory.
-void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end,
-                           int64_t prefetch_task = -1);
-void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end,
-                            int64_t prefetch_task = -1);
-// float32 / float16 / bfloat16 run an AVX-512 path on CPUs that have it (16-lane FMA micro-kernels), the
-// generic vector path elsewhere (and float64 always). Tests cover the generic path on AVX-512 machines
-// by forcing it: this switch, or FASTCORE_AI_ATTENTION_CPU_GENERIC=1 in the environment at first use.
-// Process-wide; set it only while no attention kernel is running.
+void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end, int64_t prefetch_task = -1);
+void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end, int64_t prefetch_task = -1);
+// float32 / float16 / bfloat16 run an AVX-512 path when active_cpu_isa() (fastcore/cpu_isa.h) is AVX-512
+// (16-lane FMA micro-kernels), the generic vector path otherwise (and float64 always). Tests cover the
+// generic path on AVX-512 machines by capping the level: FASTCORE_AI_CPU_ISA=portable in the environment,
+// or set_cpu_isa_cap. Deprecated, kept for the bindings: this switch is set_cpu_isa_cap(force ? portable :
+// none), a cap for every family (FASTCORE_AI_ATTENTION_CPU_GENERIC=1 likewise means portable).
 void attention_cpu_force_generic(bool force);
 
 // ---- CUDA entry points (attention.cu); return a cudaError_t as int (0 = success).

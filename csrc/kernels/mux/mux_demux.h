@@ -30,26 +30,26 @@ struct HadamardMuxParams {
   ScalarKind x_kind = ScalarKind::kFloat32;
   const void* keys = nullptr;  // [N, d] contiguous, same kind as x
   int64_t batch = 0, instances = 0, length = 0, dim = 0;
-  const void* grad_out = nullptr;  // [B, L, d] contiguous, x_kind (backward)
-  void* out = nullptr;             // forward: [B, L, d] x_kind
-  void* grad_x = nullptr;          // backward: [B, N, L, d] x_kind
+  const void* grad_out = nullptr;     // [B, L, d] contiguous, x_kind (backward)
+  void* out = nullptr;                // forward: [B, L, d] x_kind
+  void* grad_x = nullptr;             // backward: [B, N, L, d] x_kind
   void* grad_keys_partial = nullptr;  // backward: [B, N, d] Acc partial sums over l (nullptr: not needed)
 };
 
 struct DemuxParams {
   const void* a = nullptr;  // [B or 1, N, e] Acc (a_batch_stride 0 when shared)
   int64_t a_batch_stride = 0;
-  const void* c = nullptr;  // [B, L, e] Acc
+  const void* c = nullptr;      // [B, L, e] Acc
   const void* gamma = nullptr;  // [e] Acc
   const void* beta = nullptr;   // [e] Acc
   bool is_double = false;       // Acc = double (float64 inputs) or float
   int64_t batch = 0, instances = 0, length = 0, dim = 0;
   double eps = 1e-5;
   ScalarKind out_kind = ScalarKind::kFloat32;
-  void* out = nullptr;            // [B·N, L, e] out_kind
-  const void* grad_out = nullptr;  // [B·N, L, e] out_kind (backward)
-  void* grad_a = nullptr;          // [B, N, e] Acc (backward)
-  void* grad_c = nullptr;          // [B, L, e] Acc (backward)
+  void* out = nullptr;                 // [B·N, L, e] out_kind
+  const void* grad_out = nullptr;      // [B·N, L, e] out_kind (backward)
+  void* grad_a = nullptr;              // [B, N, e] Acc (backward)
+  void* grad_c = nullptr;              // [B, L, e] Acc (backward)
   void* grad_gamma_partial = nullptr;  // [B, e] Acc
   void* grad_beta_partial = nullptr;   // [B, e] Acc
 };

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "fastcore/common.h"
+#include "fastcore/cuda_launch.h"
 #include "nerf/nerf.h"
 
 namespace fastcore {
@@ -17,14 +18,13 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int64_t kMaxBlocks = 65535;
 
-int64_t blocks_for(int64_t n) {
-  const int64_t b = (n + kThreads - 1) / kThreads;
-  return b < kMaxBlocks ? b : kMaxBlocks;
-}
+// The grid over n items: every kernel here is a grid-stride loop (FC_GRID_LOOP).
+unsigned stride_blocks(int64_t n) { return grid_stride_blocks(n, kThreads, kMaxBlocks); }
 
 // Grid-stride index helpers (int64: sizes may pass 2^31).
-#define FC_GRID_LOOP(i, n) \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+#define FC_GRID_LOOP(i, n)                                                               \
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) ray_aabb_kernel(const AabbParams<T> p) {
@@ -45,8 +45,7 @@ FC_DEVICE void atomic_max_value(double* address, double value) {
   unsigned long long* bits = reinterpret_cast<unsigned long long*>(address);
   unsigned long long old = *bits;
   while (__longlong_as_double(static_cast<long long>(old)) < value) {
-    const unsigned long long seen =
-        atomicCAS(bits, old, static_cast<unsigned long long>(__double_as_longlong(value)));
+    const unsigned long long seen = atomicCAS(bits, old, static_cast<unsigned long long>(__double_as_longlong(value)));
     if (seen == old) break;
     old = seen;
   }
@@ -98,81 +97,79 @@ __global__ void __launch_bounds__(kThreads) composite_kernel(const CompositePara
   FC_GRID_LOOP(r, p.num_rays) composite_ray<T>(p, r);
 }
 
-int last_error() { return static_cast<int>(cudaGetLastError()); }
-
 }  // namespace
 
 template <typename T>
 int ray_aabb_cuda(const AabbParams<T>& p, void* stream) {
   const int64_t n = p.num_rays * p.num_boxes;
   if (n == 0) return 0;
-  ray_aabb_kernel<T><<<blocks_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  ray_aabb_kernel<T><<<stride_blocks(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int grid_update_cuda(const GridUpdateParams<T>& p, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (p.num_samples > 0) {
-    grid_scatter_kernel<T><<<blocks_for(p.num_samples), kThreads, 0, s>>>(p);
-    if (const int e = last_error()) return e;
+    grid_scatter_kernel<T><<<stride_blocks(p.num_samples), kThreads, 0, s>>>(p);
+    if (const int status = launch_status()) return status;
   }
   if (p.num_cells == 0) return 0;
-  grid_cells_kernel<T><<<blocks_for(p.num_cells), kThreads, 0, s>>>(p);
-  return last_error();
+  grid_cells_kernel<T><<<stride_blocks(p.num_cells), kThreads, 0, s>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int grid_pack_cuda(const GridUpdateParams<T>& p, void* stream) {
   const int64_t bytes = (p.num_cells + 7) / 8;
   if (bytes == 0) return 0;
-  grid_pack_kernel<T><<<blocks_for(bytes), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  grid_pack_kernel<T><<<stride_blocks(bytes), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int march_count_cuda(const MarchParams<T>& p, void* stream) {
   if (p.num_rays == 0) return 0;
-  march_count_kernel<T><<<blocks_for(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  march_count_kernel<T><<<stride_blocks(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int march_fill_cuda(const MarchParams<T>& p, void* stream) {
   if (p.num_rays == 0) return 0;
-  march_fill_kernel<T><<<blocks_for(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  march_fill_kernel<T><<<stride_blocks(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int render_forward_cuda(const RenderParams<T>& p, void* stream) {
   if (p.num_rays == 0) return 0;
-  render_forward_kernel<T><<<blocks_for(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  render_forward_kernel<T><<<stride_blocks(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int render_backward_cuda(const RenderParams<T>& p, void* stream) {
   if (p.num_rays == 0) return 0;
-  render_backward_kernel<T><<<blocks_for(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  render_backward_kernel<T><<<stride_blocks(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
 template <typename T>
 int composite_cuda(const CompositeParams<T>& p, void* stream) {
   if (p.num_rays == 0) return 0;
-  composite_kernel<T><<<blocks_for(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return last_error();
+  composite_kernel<T><<<stride_blocks(p.num_rays), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  return launch_status();
 }
 
-#define FC_NERF_INSTANTIATE_CUDA(T)                                          \
-  template int ray_aabb_cuda<T>(const AabbParams<T>&, void*);                \
-  template int grid_update_cuda<T>(const GridUpdateParams<T>&, void*);       \
-  template int grid_pack_cuda<T>(const GridUpdateParams<T>&, void*);         \
-  template int march_count_cuda<T>(const MarchParams<T>&, void*);            \
-  template int march_fill_cuda<T>(const MarchParams<T>&, void*);             \
-  template int render_forward_cuda<T>(const RenderParams<T>&, void*);        \
-  template int render_backward_cuda<T>(const RenderParams<T>&, void*);       \
+#define FC_NERF_INSTANTIATE_CUDA(T)                                    \
+  template int ray_aabb_cuda<T>(const AabbParams<T>&, void*);          \
+  template int grid_update_cuda<T>(const GridUpdateParams<T>&, void*); \
+  template int grid_pack_cuda<T>(const GridUpdateParams<T>&, void*);   \
+  template int march_count_cuda<T>(const MarchParams<T>&, void*);      \
+  template int march_fill_cuda<T>(const MarchParams<T>&, void*);       \
+  template int render_forward_cuda<T>(const RenderParams<T>&, void*);  \
+  template int render_backward_cuda<T>(const RenderParams<T>&, void*); \
   template int composite_cuda<T>(const CompositeParams<T>&, void*);
 
 FC_NERF_INSTANTIATE_CUDA(float)

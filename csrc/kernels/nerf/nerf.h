@@ -26,7 +26,9 @@ constexpr int kMaxLevels = 16;
 FC_HOST_DEVICE float fc_expm1(float x) { return expm1f(x); }
 FC_HOST_DEVICE double fc_expm1(double x) { return expm1(x); }
 template <typename T>
-FC_HOST_DEVICE T fc_inf() { return static_cast<T>(INFINITY); }
+FC_HOST_DEVICE T fc_inf() {
+  return static_cast<T>(INFINITY);
+}
 
 // ---- 1. ray / AABB ----------------------------------------------------------------------------------
 
@@ -36,9 +38,9 @@ struct AabbParams {
   const T* rays_d = nullptr;  // [R, 3]
   const T* aabbs = nullptr;   // [A, 6]
   int64_t num_rays = 0, num_boxes = 0;
-  T* t_near = nullptr;        // [R, A]
-  T* t_far = nullptr;         // [R, A]
-  bool* hit = nullptr;        // [R, A]
+  T* t_near = nullptr;  // [R, A]
+  T* t_far = nullptr;   // [R, A]
+  bool* hit = nullptr;  // [R, A]
 };
 
 // Slab test of the half-line t >= 0 against one box. Per axis the slab is [(lo−o)/d, (hi−o)/d] (sorted);
@@ -91,15 +93,15 @@ FC_HOST_DEVICE void aabb_element(const AabbParams<T>& p, int64_t r, int64_t a) {
 
 template <typename T>
 struct GridUpdateParams {
-  const T* density = nullptr;        // [N] old values
+  const T* density = nullptr;             // [N] old values
   const int64_t* cell_indices = nullptr;  // [M]
-  const T* values = nullptr;         // [M]
+  const T* values = nullptr;              // [M]
   int64_t num_cells = 0, num_samples = 0;
   T decay = T(0.95);
-  T* sampled_max = nullptr;          // [N] scratch, −inf where unsampled
-  T* out = nullptr;                  // [N] new values
-  T threshold = T(0.01);             // the final threshold min(threshold, mean), for packing
-  uint8_t* bitfield = nullptr;       // [ceil(N / 8)]
+  T* sampled_max = nullptr;     // [N] scratch, −inf where unsampled
+  T* out = nullptr;             // [N] new values
+  T threshold = T(0.01);        // the final threshold min(threshold, mean), for packing
+  uint8_t* bitfield = nullptr;  // [ceil(N / 8)]
 };
 
 template <typename T>
@@ -135,17 +137,17 @@ FC_HOST_DEVICE void grid_pack_byte(const GridUpdateParams<T>& p, int64_t byte) {
 
 template <typename T>
 struct MarchParams {
-  const T* rays_o = nullptr;     // [R, 3]
-  const T* rays_d = nullptr;     // [R, 3]
-  const T* jitter_u = nullptr;   // [R] in [0, 1), or nullptr (u = 0)
+  const T* rays_o = nullptr;    // [R, 3]
+  const T* rays_d = nullptr;    // [R, 3]
+  const T* jitter_u = nullptr;  // [R] in [0, 1), or nullptr (u = 0)
   int64_t num_rays = 0;
   const uint8_t* bitfield = nullptr;  // [ceil(levels·res³ / 8)]
   int64_t resolution = 128;
   int32_t levels = 1;
-  T boxes[kMaxLevels][6] = {};   // level boxes (computed on the host in double, like the reference)
+  T boxes[kMaxLevels][6] = {};  // level boxes (computed on the host in double, like the reference)
   T near_plane = T(0), far_plane = T(0), step_size = T(1e-3), cone_angle = T(0);
   int64_t max_samples = 1024;
-  int64_t* counts = nullptr;     // pass 1: [R]
+  int64_t* counts = nullptr;         // pass 1: [R]
   const int64_t* offsets = nullptr;  // pass 2: [R] first sample of each ray
   int64_t* ray_indices = nullptr;    // pass 2: [S]
   T* t_starts = nullptr;             // pass 2: [S]
@@ -154,14 +156,14 @@ struct MarchParams {
   // the input ray rows[i]; it resumes at lattice step start_k[i] (t = start_t[i] when cone > 0; k = 0 is
   // the ray's start) and pass 1 saves where it stopped in next_k / next_t (+inf: the ray reached its end),
   // so rounds of max_samples steps emit exactly the samples of one march, in pieces.
-  const int64_t* rows = nullptr;     // [n] or nullptr (ray i = input ray i, from its start)
-  const int64_t* start_k = nullptr;  // [n]
-  const T* start_t = nullptr;        // [n]
+  const int64_t* rows = nullptr;             // [n] or nullptr (ray i = input ray i, from its start)
+  const int64_t* start_k = nullptr;          // [n]
+  const T* start_t = nullptr;                // [n]
   const int64_t* row_max_samples = nullptr;  // [n] per-row cap (replaces max_samples), or nullptr
-  int64_t* next_k = nullptr;         // [n], written by the pass that has it set
-  T* next_t = nullptr;               // [n]
-  T* positions = nullptr;            // pass 2: [S, 3] midpoints o + m·d (the field's input), or nullptr
-  T* directions = nullptr;           // pass 2: [S, 3] d of the sample's ray, or nullptr
+  int64_t* next_k = nullptr;                 // [n], written by the pass that has it set
+  T* next_t = nullptr;                       // [n]
+  T* positions = nullptr;                    // pass 2: [S, 3] midpoints o + m·d (the field's input), or nullptr
+  T* directions = nullptr;                   // pass 2: [S, 3] d of the sample's ray, or nullptr
 };
 
 // The finest level whose box holds x and the cell there (clamped to the grid); false outside every level.
@@ -261,7 +263,10 @@ FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t i, int64_t bas
   }
   const T step = p.step_size, cone = p.cone_angle;
   const bool uniform = cone == T(0);
-  auto dt_at = [&](T t) { const T c = cone * t; return c > step ? c : step; };
+  auto dt_at = [&](T t) {
+    const T c = cone * t;
+    return c > step ? c : step;
+  };
   const int64_t max_samples = p.row_max_samples ? p.row_max_samples[i] : p.max_samples;
   int64_t count = 0, k = p.start_k ? p.start_k[i] : 0;
   // (0 + u)·step == u·step exactly, so a fresh ray starts where the one-shot march starts
@@ -300,7 +305,9 @@ FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t i, int64_t bas
     // occupied cell's entry, a margin for the walk's rounding: that step's midpoint is tested as usual);
     // otherwise this cell (the samples stay on the same lattice either way).
     const bool run = uniform && p.levels == 1 && in_grid;
-    const T t_exit = !in_grid ? t_next : run ? empty_run_exit<T>(p, o, d, cell) : grid_cell_exit<T>(p, o, d, level, cell);
+    const T t_exit = !in_grid ? t_next
+                     : run    ? empty_run_exit<T>(p, o, d, cell)
+                              : grid_cell_exit<T>(p, o, d, level, cell);
     if (!(t_exit < t1)) {  // every remaining midpoint lies in empty cells
       reached_end = true;
       break;
@@ -341,17 +348,17 @@ FC_HOST_DEVICE int64_t march_ray(const MarchParams<T>& p, int64_t i, int64_t bas
 
 template <typename T>
 struct RenderParams {
-  const T* sigmas = nullptr;     // [S]
-  const T* rgbs = nullptr;       // [S, 3]
-  const T* t_starts = nullptr;   // [S]
-  const T* t_ends = nullptr;     // [S]
+  const T* sigmas = nullptr;             // [S]
+  const T* rgbs = nullptr;               // [S, 3]
+  const T* t_starts = nullptr;           // [S]
+  const T* t_ends = nullptr;             // [S]
   const int64_t* packed_info = nullptr;  // [R, 2]
   int64_t num_rays = 0, num_samples = 0;
   T early_stop_eps = T(1e-4);
-  T* color = nullptr;            // [R, 3] (forward out, backward in)
-  T* opacity = nullptr;          // [R]
-  T* depth = nullptr;            // [R]
-  T* weights = nullptr;          // [S] or nullptr
+  T* color = nullptr;               // [R, 3] (forward out, backward in)
+  T* opacity = nullptr;             // [R]
+  T* depth = nullptr;               // [R]
+  T* weights = nullptr;             // [S] or nullptr
   const T* grad_color = nullptr;    // [R, 3]
   const T* grad_opacity = nullptr;  // [R]
   const T* grad_depth = nullptr;    // [R]
@@ -361,8 +368,8 @@ struct RenderParams {
   // Rendering in rounds (forward only): ray r of this call continues a ray that already holds optical
   // depth tau[r] (in/out: the sweep starts at T = exp(−tau[r]) and saves where it stopped, so the early
   // stop is the one-shot sweep's), and adds its C, A, D to row out_rows[r] of color / opacity / depth.
-  T* tau = nullptr;                  // [R] or nullptr (fresh rays, τ = 0)
-  const int64_t* out_rows = nullptr; // [R] or nullptr (write row r)
+  T* tau = nullptr;                   // [R] or nullptr (fresh rays, τ = 0)
+  const int64_t* out_rows = nullptr;  // [R] or nullptr (write row r)
 };
 
 // True when ray r's run lies inside [0, S) (the glue validates; this keeps a malformed call in bounds).
@@ -421,8 +428,8 @@ FC_HOST_DEVICE void render_backward_ray(const RenderParams<T>& p, int64_t r) {
   if (!render_run<T>(p, r, begin, end)) return;
   const T g0 = p.grad_color[3 * r], g1 = p.grad_color[3 * r + 1], g2 = p.grad_color[3 * r + 2];
   const T ga = p.grad_opacity[r], gd = p.grad_depth[r];
-  T total = g0 * p.color[3 * r] + g1 * p.color[3 * r + 1] + g2 * p.color[3 * r + 2] + ga * p.opacity[r] +
-            gd * p.depth[r];
+  T total =
+      g0 * p.color[3 * r] + g1 * p.color[3 * r + 1] + g2 * p.color[3 * r + 2] + ga * p.opacity[r] + gd * p.depth[r];
   if (p.grad_weights) {  // Σ g_w,i w_i needs w: one extra sweep
     T tau = 0;
     for (int64_t s = begin; s < end; ++s) {
@@ -465,15 +472,15 @@ FC_HOST_DEVICE void render_backward_ray(const RenderParams<T>& p, int64_t r) {
 
 template <typename T>
 struct CompositeParams {
-  const T* colors = nullptr;       // [K, R, 3]
-  const T* camera = nullptr;       // [3] or [R, 3]
+  const T* colors = nullptr;  // [K, R, 3]
+  const T* camera = nullptr;  // [3] or [R, 3]
   bool camera_per_ray = false;
-  const T* centers = nullptr;      // [K, 3]
-  const T* visibility = nullptr;   // [K, R]
+  const T* centers = nullptr;     // [K, 3]
+  const T* visibility = nullptr;  // [K, R]
   int64_t num_blocks = 0, num_rays = 0;
   T power = T(4), threshold = T(0.05), radius = T(0);  // radius = inf: none
-  T* out = nullptr;                // [R, 3]
-  T* weights = nullptr;            // [K, R]
+  T* out = nullptr;                                    // [R, 3]
+  T* weights = nullptr;                                // [K, R]
 };
 
 template <typename T>
@@ -511,8 +518,10 @@ FC_HOST_DEVICE void composite_ray(const CompositeParams<T>& p, int64_t r) {
     if (eligible == 0) {
       w = k == nearest ? T(1) : T(0);
     } else if (p.visibility[k * R + r] >= p.threshold && dist <= p.radius) {
-      if (at_zero > 0) w = dist == T(0) ? T(1) : T(0);
-      else w = fc_exp(-p.power * fc_log(dist) - top);
+      if (at_zero > 0)
+        w = dist == T(0) ? T(1) : T(0);
+      else
+        w = fc_exp(-p.power * fc_log(dist) - top);
     }
     p.weights[k * R + r] = w;
     total += w;
@@ -532,25 +541,43 @@ FC_HOST_DEVICE void composite_ray(const CompositeParams<T>& p, int64_t r) {
 }
 
 // ---- CPU entry points (nerf_cpu.cpp), each over a [begin, end) range (DESIGN rule 3)
-template <typename T> void ray_aabb_cpu(const AabbParams<T>& p, int64_t ray_begin, int64_t ray_end);
-template <typename T> void grid_scatter_max_cpu(const GridUpdateParams<T>& p);  // serial, O(M); returns bad count via cell_indices check in glue
-template <typename T> void grid_update_cells_cpu(const GridUpdateParams<T>& p, int64_t begin, int64_t end);
-template <typename T> void grid_pack_cpu(const GridUpdateParams<T>& p, int64_t byte_begin, int64_t byte_end);
-template <typename T> void march_count_cpu(const MarchParams<T>& p, int64_t ray_begin, int64_t ray_end);
-template <typename T> void march_fill_cpu(const MarchParams<T>& p, int64_t ray_begin, int64_t ray_end);
-template <typename T> void render_forward_cpu(const RenderParams<T>& p, int64_t ray_begin, int64_t ray_end);
-template <typename T> void render_backward_cpu(const RenderParams<T>& p, int64_t ray_begin, int64_t ray_end);
-template <typename T> void composite_cpu(const CompositeParams<T>& p, int64_t ray_begin, int64_t ray_end);
+template <typename T>
+void ray_aabb_cpu(const AabbParams<T>& p, int64_t ray_begin, int64_t ray_end);
+template <typename T>
+void grid_scatter_max_cpu(
+    const GridUpdateParams<T>& p);  // serial, O(M); returns bad count via cell_indices check in glue
+template <typename T>
+void grid_update_cells_cpu(const GridUpdateParams<T>& p, int64_t begin, int64_t end);
+template <typename T>
+void grid_pack_cpu(const GridUpdateParams<T>& p, int64_t byte_begin, int64_t byte_end);
+template <typename T>
+void march_count_cpu(const MarchParams<T>& p, int64_t ray_begin, int64_t ray_end);
+template <typename T>
+void march_fill_cpu(const MarchParams<T>& p, int64_t ray_begin, int64_t ray_end);
+template <typename T>
+void render_forward_cpu(const RenderParams<T>& p, int64_t ray_begin, int64_t ray_end);
+template <typename T>
+void render_backward_cpu(const RenderParams<T>& p, int64_t ray_begin, int64_t ray_end);
+template <typename T>
+void composite_cpu(const CompositeParams<T>& p, int64_t ray_begin, int64_t ray_end);
 
 // ---- CUDA entry points (nerf.cu); return a cudaError_t as int (0 = success). Empty sizes launch nothing.
-template <typename T> int ray_aabb_cuda(const AabbParams<T>& p, void* stream);
-template <typename T> int grid_update_cuda(const GridUpdateParams<T>& p, void* stream);  // scatter + cells
-template <typename T> int grid_pack_cuda(const GridUpdateParams<T>& p, void* stream);
-template <typename T> int march_count_cuda(const MarchParams<T>& p, void* stream);
-template <typename T> int march_fill_cuda(const MarchParams<T>& p, void* stream);
-template <typename T> int render_forward_cuda(const RenderParams<T>& p, void* stream);
-template <typename T> int render_backward_cuda(const RenderParams<T>& p, void* stream);
-template <typename T> int composite_cuda(const CompositeParams<T>& p, void* stream);
+template <typename T>
+int ray_aabb_cuda(const AabbParams<T>& p, void* stream);
+template <typename T>
+int grid_update_cuda(const GridUpdateParams<T>& p, void* stream);  // scatter + cells
+template <typename T>
+int grid_pack_cuda(const GridUpdateParams<T>& p, void* stream);
+template <typename T>
+int march_count_cuda(const MarchParams<T>& p, void* stream);
+template <typename T>
+int march_fill_cuda(const MarchParams<T>& p, void* stream);
+template <typename T>
+int render_forward_cuda(const RenderParams<T>& p, void* stream);
+template <typename T>
+int render_backward_cuda(const RenderParams<T>& p, void* stream);
+template <typename T>
+int composite_cuda(const CompositeParams<T>& p, void* stream);
 
 }  // namespace nerf
 }  // namespace fastcore

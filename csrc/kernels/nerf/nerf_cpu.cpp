@@ -62,15 +62,15 @@ void composite_cpu(const CompositeParams<T>& p, int64_t ray_begin, int64_t ray_e
   for (int64_t r = ray_begin; r < ray_end; ++r) composite_ray<T>(p, r);
 }
 
-#define FC_NERF_INSTANTIATE(T)                                                        \
-  template void ray_aabb_cpu<T>(const AabbParams<T>&, int64_t, int64_t);              \
-  template void grid_scatter_max_cpu<T>(const GridUpdateParams<T>&);                  \
+#define FC_NERF_INSTANTIATE(T)                                                          \
+  template void ray_aabb_cpu<T>(const AabbParams<T>&, int64_t, int64_t);                \
+  template void grid_scatter_max_cpu<T>(const GridUpdateParams<T>&);                    \
   template void grid_update_cells_cpu<T>(const GridUpdateParams<T>&, int64_t, int64_t); \
-  template void grid_pack_cpu<T>(const GridUpdateParams<T>&, int64_t, int64_t);      \
-  template void march_count_cpu<T>(const MarchParams<T>&, int64_t, int64_t);         \
-  template void march_fill_cpu<T>(const MarchParams<T>&, int64_t, int64_t);          \
-  template void render_forward_cpu<T>(const RenderParams<T>&, int64_t, int64_t);     \
-  template void render_backward_cpu<T>(const RenderParams<T>&, int64_t, int64_t);    \
+  template void grid_pack_cpu<T>(const GridUpdateParams<T>&, int64_t, int64_t);         \
+  template void march_count_cpu<T>(const MarchParams<T>&, int64_t, int64_t);            \
+  template void march_fill_cpu<T>(const MarchParams<T>&, int64_t, int64_t);             \
+  template void render_forward_cpu<T>(const RenderParams<T>&, int64_t, int64_t);        \
+  template void render_backward_cpu<T>(const RenderParams<T>&, int64_t, int64_t);       \
   template void composite_cpu<T>(const CompositeParams<T>&, int64_t, int64_t);
 
 FC_NERF_INSTANTIATE(float)

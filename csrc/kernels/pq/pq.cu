@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "fastcore/common.h"
+#include "fastcore/cuda_launch.h"
 #include "pq/pq.h"
 
 namespace fastcore {
@@ -64,8 +65,8 @@ FC_DEVICE uint32_t ordered_bits(float key) {
 
 __global__ void __launch_bounds__(kScanThreads) adc_topk_kernel(const AdcCudaParams p) {
   PQ_DYNAMIC_SMEM(smem);
-  unsigned long long* keys = smem;                                         // [chunk]
-  float* lut = reinterpret_cast<float*>(smem + p.chunk);                    // [M, ksub]
+  unsigned long long* keys = smem;                        // [chunk]
+  float* lut = reinterpret_cast<float*>(smem + p.chunk);  // [M, ksub]
   const int64_t q = blockIdx.y, chunk_index = blockIdx.x;
   const int64_t table = p.M * p.ksub;
   const float* lut_q = p.lut + q * table;
@@ -111,19 +112,20 @@ __global__ void __launch_bounds__(kScanThreads) adc_topk_kernel(const AdcCudaPar
 int pq_lut_cuda(const TableParams<float>& p, void* stream) {
   const int64_t total = p.n * p.M * p.ksub;
   if (total == 0) return 0;
-  const int64_t blocks = (total + kLutThreads - 1) / kLutThreads;
-  if (blocks > 2147483647LL) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const int64_t blocks = ceil_div(total, kLutThreads);
+  if (blocks > kMaxGridX) return static_cast<int>(cudaErrorInvalidConfiguration);
   pq_lut_kernel<<<static_cast<unsigned>(blocks), kLutThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 int64_t adc_cuda_smem_bytes(const AdcCudaParams& p) {
-  return p.chunk * static_cast<int64_t>(sizeof(unsigned long long)) + p.M * p.ksub * static_cast<int64_t>(sizeof(float));
+  return p.chunk * static_cast<int64_t>(sizeof(unsigned long long)) +
+         p.M * p.ksub * static_cast<int64_t>(sizeof(float));
 }
 
 int adc_topk_cuda(const AdcCudaParams& p, void* stream) {
   if (p.nq == 0 || p.nchunks == 0) return 0;
-  if (p.nq > 65535) return static_cast<int>(cudaErrorInvalidConfiguration);
+  if (p.nq > kMaxGridYZ) return static_cast<int>(cudaErrorInvalidConfiguration);
   const int64_t smem = adc_cuda_smem_bytes(p);
   if (smem > 48 * 1024) {
     // Opt into more than the default 48 KiB of dynamic shared memory (the whole float32 table), up to
@@ -139,7 +141,7 @@ int adc_topk_cuda(const AdcCudaParams& p, void* stream) {
   }
   const dim3 grid(static_cast<unsigned>(p.nchunks), static_cast<unsigned>(p.nq));
   adc_topk_kernel<<<grid, kScanThreads, static_cast<size_t>(smem), static_cast<cudaStream_t>(stream)>>>(p);
-  return static_cast<int>(cudaGetLastError());
+  return launch_status();
 }
 
 }  // namespace pq

@@ -25,13 +25,13 @@ enum class Metric : int32_t { kL2 = 0, kIP = 1 };
 // ---- distance tables and encoding ----------------------------------------------------------------
 template <typename T>
 struct TableParams {
-  const T* x = nullptr;        // [n, M·dsub] rows, row stride x_stride (elements), unit column stride
+  const T* x = nullptr;  // [n, M·dsub] rows, row stride x_stride (elements), unit column stride
   int64_t x_stride = 0;
   const T* codebooks_t = nullptr;  // [M, dsub, ksub] contiguous
   int64_t n = 0, M = 0, dsub = 0, ksub = 0;
   Metric metric = Metric::kL2;
-  T* lut = nullptr;            // [n, M, ksub] (tables), or nullptr
-  uint8_t* codes = nullptr;    // [n, M] (encode), or nullptr
+  T* lut = nullptr;          // [n, M, ksub] (tables), or nullptr
+  uint8_t* codes = nullptr;  // [n, M] (encode), or nullptr
 };
 
 // Rows [begin, end): tables into p.lut, and/or argmin codes into p.codes (l2 only).
@@ -53,13 +53,13 @@ void pq_encode_cpu(const TableParams<float>& p, const float* c_norms, int64_t be
 // 2G is exact) or −G[i, j] (ip; exact), scanned 16 columns at a time with a per-lane running minimum
 // (AVX-512) and reduced to the lowest j holding the minimum, which is the scalar loop's answer.
 struct AssignParams {
-  const float* gram = nullptr;   // [n, k] contiguous (rows begin..end of the current chunk)
+  const float* gram = nullptr;     // [n, k] contiguous (rows begin..end of the current chunk)
   const float* x_norms = nullptr;  // [n] (l2 with min_dist only)
   const float* c_norms = nullptr;  // [k] (l2 only)
   int64_t n = 0, k = 0;
   Metric metric = Metric::kL2;
-  int64_t* assign = nullptr;     // [n]
-  float* min_dist = nullptr;     // [n] or nullptr
+  int64_t* assign = nullptr;  // [n]
+  float* min_dist = nullptr;  // [n] or nullptr
 };
 void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end);
 
@@ -74,7 +74,7 @@ void pq_assign_cpu(const AssignParams& p, int64_t begin, int64_t end);
 // does nothing) when this CPU or build has no AVX-512 (or a lower kernel is forced): the caller then
 // takes the GEMM + pq_assign_cpu path.
 struct FusedAssignParams {
-  const float* x = nullptr;       // [n, d], row stride x_stride, unit column stride
+  const float* x = nullptr;  // [n, d], row stride x_stride, unit column stride
   int64_t x_stride = 0;
   const float* c_packed = nullptr;  // [ceil(k/32), d, 32]
   const float* base = nullptr;      // [ceil(k/32)·32]
@@ -95,7 +95,7 @@ void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end)
 struct TopColumnsParams {
   const float* scores = nullptr;  // [n, L], row stride ld
   int64_t ld = 0, L = 0, count = 1;
-  int64_t* out = nullptr;         // [n, count]
+  int64_t* out = nullptr;  // [n, count]
 };
 void pq_top_columns_cpu(const TopColumnsParams& p, int64_t begin, int64_t end);
 
@@ -107,7 +107,7 @@ void pq_top_columns_cpu(const TopColumnsParams& p, int64_t begin, int64_t end);
 // of x (threads split the columns: no two touch the same sum); counts (when p.counts is set) are
 // written by the thread holding column m·dsub. sums and counts must be zeroed by the caller.
 struct CentroidSumParams {
-  const float* x = nullptr;   // [n, M·dsub], row stride x_stride, unit column stride
+  const float* x = nullptr;  // [n, M·dsub], row stride x_stride, unit column stride
   int64_t x_stride = 0;
   const uint8_t* codes8 = nullptr;   // [n, M] contiguous, or nullptr
   const int64_t* codes64 = nullptr;  // [n, M] contiguous, or nullptr
@@ -134,25 +134,25 @@ void pq_centroid_means_cpu(const CentroidMeanParams& p, int64_t col_begin, int64
 
 // ---- 8-bit (any ksub ≤ 256) ADC scan with top-k -----------------------------------------------------
 struct ScanParams {
-  const float* lut = nullptr;     // [nq, L, M, ksub]; L = 1 (flat / shared) or nprobe (per-probe tables)
-  int64_t lut_per_probe = 0;      // 1: one table per (query, probe); 0: one per query
-  const uint8_t* codes = nullptr; // [n, M] contiguous
+  const float* lut = nullptr;      // [nq, L, M, ksub]; L = 1 (flat / shared) or nprobe (per-probe tables)
+  int64_t lut_per_probe = 0;       // 1: one table per (query, probe); 0: one per query
+  const uint8_t* codes = nullptr;  // [n, M] contiguous
   int64_t nq = 0, n = 0, M = 0, ksub = 256, k = 1;
   Metric metric = Metric::kL2;
   // IVF: codes grouped by list; list l holds rows list_offsets[l] .. list_offsets[l + 1]. Query q scans
   // the lists probes[q, 0..nprobe−1] (−1 = skip) with the constant bias[q, j] added. nullptr: flat scan.
   const int64_t* list_offsets = nullptr;  // [nlist + 1]
   int64_t nlist = 0;
-  const int64_t* probes = nullptr;        // [nq, nprobe]
+  const int64_t* probes = nullptr;  // [nq, nprobe]
   int64_t nprobe = 0;
-  const float* bias = nullptr;            // [nq, nprobe] or nullptr (0)
+  const float* bias = nullptr;  // [nq, nprobe] or nullptr (0)
   // L2 residual decomposition (FAISS's precomputed table): with list_terms, the table of (q, list l)
   // is lut[q] + list_terms[l] entry by entry (lut = −2⟨q_m, y_mj⟩, list_terms = ‖y_mj‖² + 2⟨c_l,m, y_mj⟩,
   // bias = ‖q − c_l‖²), so no table per (query, probe) is built. Needs lut_per_probe = 0.
-  const float* list_terms = nullptr;      // [nlist, M, ksub] or nullptr
-  const int64_t* ids = nullptr;           // [n] row -> id, or nullptr (id = row)
-  float* out_dist = nullptr;              // [nq, k]
-  int64_t* out_ids = nullptr;             // [nq, k]
+  const float* list_terms = nullptr;  // [nlist, M, ksub] or nullptr
+  const int64_t* ids = nullptr;       // [n] row -> id, or nullptr (id = row)
+  float* out_dist = nullptr;          // [nq, k]
+  int64_t* out_ids = nullptr;         // [nq, k]
 };
 
 // Flat scan of code rows [row_begin, row_end) for queries [q_begin, q_end), several queries per block
@@ -180,9 +180,9 @@ void pq_merge_topk_cpu(const float* part_dist, const int64_t* part_ids, int64_t 
 struct FastScanParams {
   const uint8_t* packed = nullptr;  // [nblocks, pairs, 32]
   int64_t n = 0, nblocks = 0, pairs = 0;
-  const uint8_t* qlut = nullptr;    // [nq, pairs, 32]
-  const float* scale = nullptr;     // [nq]: a
-  const float* offset = nullptr;    // [nq]: Σ_m min_m (in key sign)
+  const uint8_t* qlut = nullptr;  // [nq, pairs, 32]
+  const float* scale = nullptr;   // [nq]: a
+  const float* offset = nullptr;  // [nq]: Σ_m min_m (in key sign)
   int64_t nq = 0, k = 1;
   Metric metric = Metric::kL2;
 };
@@ -202,20 +202,21 @@ void pq4_scan_cpu(const FastScanParams& p, int64_t q_begin, int64_t q_end, int64
 // scanned together (best list of every query first). out_dist holds raw quantized sums as in pq4_scan_cpu.
 // Returns the number of probes outside [−1, nlist).
 struct FastScanIvfParams {
-  FastScanParams base;              // packed, pairs, qlut, nq, k, metric (n, nblocks unused)
+  FastScanParams base;                   // packed, pairs, qlut, nq, k, metric (n, nblocks unused)
   const int64_t* list_blocks = nullptr;  // [nlist + 1]
   const int64_t* list_sizes = nullptr;   // [nlist]
   const int64_t* row_ids = nullptr;      // [total_blocks · 32]
   int64_t nlist = 0;
-  const int64_t* probes = nullptr;       // [nq, nprobe]
+  const int64_t* probes = nullptr;  // [nq, nprobe]
   int64_t nprobe = 0;
-  float* out_dist = nullptr;             // [nq, k]
-  int64_t* out_ids = nullptr;            // [nq, k]
+  float* out_dist = nullptr;   // [nq, k]
+  int64_t* out_ids = nullptr;  // [nq, k]
 };
 int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end);
-// Which SIMD family the CPU kernels use: "avx512bw" (AVX-512 fast-scan, encode and 8-bit scans), "avx2"
-// (AVX2 fast-scan, portable loops elsewhere) or "portable"; `force` selects one for tests (0 auto,
-// 1 portable, 2 avx2, 3 avx512bw; a request the CPU lacks falls back to auto).
+// Which SIMD family the CPU kernels use, active_cpu_isa() of fastcore/cpu_isa.h: "avx512bw" (AVX-512
+// fast-scan, encode and 8-bit scans), "avx2" (AVX2 fast-scan, portable loops elsewhere) or "portable".
+// pq4_force_kernel(force) is set_cpu_isa_cap(force), kept for the bindings: 0 auto, 1 portable, 2 avx2,
+// 3 avx512bw (a level the CPU lacks gives the detected one), for every family, not only pq.
 const char* pq4_kernel_name();
 void pq4_force_kernel(int force);
 // The quantized distances of all 32 vectors of one block for one query (used by the native tests to
@@ -230,8 +231,8 @@ int pq_lut_cuda(const TableParams<float>& p, void* stream);
 // packed keys (ordered key bits << 32 | row) of rows [c·chunk, (c+1)·chunk), ascending; padding
 // entries are ~0. chunk: a power of two ≥ k, ≤ 8192. n < 2^32.
 struct AdcCudaParams {
-  const float* lut = nullptr;          // [nq, M, ksub]
-  const uint8_t* codes = nullptr;      // [n, M]
+  const float* lut = nullptr;      // [nq, M, ksub]
+  const uint8_t* codes = nullptr;  // [n, M]
   int64_t nq = 0, n = 0, M = 0, ksub = 256, k = 1;
   int64_t chunk = 1024, nchunks = 0;
   Metric metric = Metric::kL2;

@@ -10,6 +10,7 @@
 // the block starts exp(x_n l0), both by the shared exp_times (double phase, see s4.h).
 #include <cuda_runtime.h>
 
+#include "fastcore/cuda_launch.h"
 #include "s4/s4.h"
 
 namespace fastcore {
@@ -17,16 +18,14 @@ namespace s4 {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kStateChunk = 256;  // states staged per shared-memory round (4 KB of v + 4 KB of w)
-constexpr int kBwdStates = 4;     // states per backward block
-constexpr int kVandFwdBlocks = 16;  // TB-blocks (of 64 nodes) per forward CTA: 1024 nodes, 4 per thread
-constexpr int kVandStates = 16;     // states per shared-memory round of the Vandermonde forward
+constexpr int kStateChunk = 256;             // states staged per shared-memory round (4 KB of v + 4 KB of w)
+constexpr int kBwdStates = 4;                // states per backward block
+constexpr int kVandFwdBlocks = 16;           // TB-blocks (of 64 nodes) per forward CTA: 1024 nodes, 4 per thread
+constexpr int kVandStates = 16;              // states per shared-memory round of the Vandermonde forward
+constexpr int64_t kMaxStrideBlocks = 65536;  // grid of the grid-stride FFT-convolution kernels
 
-int launch_status() { return static_cast<int>(cudaGetLastError()); }
-
-unsigned blocks_for(int64_t count, int threads = kThreads) {
-  return static_cast<unsigned>((count + threads - 1) / threads);
-}
+// The grid of a grid-stride FFT-convolution kernel over `total` elements.
+unsigned stride_blocks(int64_t total) { return grid_stride_blocks(total, kThreads, kMaxStrideBlocks); }
 
 // Fixed-order sum of `value` over the block (all threads call it); result valid in thread 0.
 __device__ __forceinline__ float block_sum(float value, float* scratch) {
@@ -169,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) vandermonde_backward_kernel(const Va
       const float g = p.grad_out[b * p.length + l];
       const float pr = table_re[j], pi = table_im[j], sr = start_re[kb], si = start_im[kb];
       const float er = sr * pr - si * pi, ei = sr * pi + si * pr;  // exp(x l)
-      const float tr = g * er, ti = -g * ei;                         // g conj(e)
+      const float tr = g * er, ti = -g * ei;                       // g conj(e)
       s0r += tr;
       s0i += ti;
       const float lf = static_cast<float>(l);
@@ -240,28 +239,23 @@ __global__ void __launch_bounds__(kThreads) ssm_step_backward_kernel(const StepP
   if (h < p.heads) ssm_step_backward_head<float>(p, h);
 }
 
-unsigned grid_stride_blocks(int64_t total) {
-  const int64_t blocks = (total + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(blocks < 65536 ? (blocks > 0 ? blocks : 1) : 65536);
-}
-
 }  // namespace
 
 int cauchy_forward_cuda(const CauchyParams<float>& p, void* stream) {
-  const dim3 grid(static_cast<unsigned>(p.batch), blocks_for(p.nodes));
+  const dim3 grid(static_cast<unsigned>(p.batch), grid_blocks(p.nodes, kThreads));
   cauchy_forward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
 int cauchy_backward_cuda(const CauchyParams<float>& p, void* stream) {
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>((p.states + kBwdStates - 1) / kBwdStates));
+  const dim3 grid(static_cast<unsigned>(p.batch), grid_blocks(p.states, kBwdStates));
   cauchy_backward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
 int vandermonde_forward_cuda(const VandermondeParams<float>& p, void* stream) {
   const int64_t per_block = kVandFwdBlocks * kVandBlock;
-  const dim3 grid(static_cast<unsigned>(p.batch), static_cast<unsigned>((p.length + per_block - 1) / per_block));
+  const dim3 grid(static_cast<unsigned>(p.batch), grid_blocks(p.length, per_block));
   vandermonde_forward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
@@ -273,22 +267,22 @@ int vandermonde_backward_cuda(const VandermondeParams<float>& p, void* stream) {
 }
 
 int fftconv_pad_cast_cuda(const FFTConvParams<float>& p, void* stream) {
-  pad_cast_kernel<<<grid_stride_blocks(p.rows * p.fft_size), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  pad_cast_kernel<<<stride_blocks(p.rows * p.fft_size), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
 int fftconv_cmul_cuda(const FFTConvParams<float>& p, void* stream) {
-  cmul_kernel<<<grid_stride_blocks(p.rows * p.freqs), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  cmul_kernel<<<stride_blocks(p.rows * p.freqs), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
 int fftconv_crop_skip_cuda(const FFTConvParams<float>& p, void* stream) {
-  crop_skip_kernel<<<grid_stride_blocks(p.rows * p.length), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  crop_skip_kernel<<<stride_blocks(p.rows * p.length), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
 int fftconv_grad_spectra_cuda(const FFTConvParams<float>& p, void* stream) {
-  grad_spectra_kernel<<<grid_stride_blocks(p.heads * p.freqs), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  grad_spectra_kernel<<<stride_blocks(p.heads * p.freqs), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
@@ -298,12 +292,12 @@ int fftconv_row_dot_cuda(const FFTConvParams<float>& p, void* stream) {
 }
 
 int ssm_step_cuda(const StepParams<float>& p, void* stream) {
-  ssm_step_kernel<<<blocks_for(p.batch * p.heads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  ssm_step_kernel<<<grid_blocks(p.batch * p.heads, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 
 int ssm_step_backward_cuda(const StepParams<float>& p, void* stream) {
-  ssm_step_backward_kernel<<<blocks_for(p.heads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  ssm_step_backward_kernel<<<grid_blocks(p.heads, kThreads), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(p);
   return launch_status();
 }
 

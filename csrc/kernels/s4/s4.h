@@ -47,60 +47,17 @@ namespace s4 {
 constexpr int64_t kVandBlock = 64;  // TB: in-block powers table length (see the accuracy note above)
 constexpr int64_t kMaxStates = 4096;
 
-// ---- 16-bit stores (round to nearest even), the inverse of common.h's loads
-
-FC_HOST_DEVICE uint16_t float_to_bfloat16_bits(float value) {
-  uint32_t bits = bit_cast<uint32_t>(value);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-FC_HOST_DEVICE uint16_t float_to_float16_bits(float value) {
-  const uint32_t bits = bit_cast<uint32_t>(value);
-  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
-  const uint32_t abs_bits = bits & 0x7fffffffu;
-  if (abs_bits > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);       // NaN
-  if (abs_bits >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);      // ≥ 65520 rounds to inf
-  if (abs_bits < 0x38800000u) {                                                    // subnormal or zero in half
-    // value = m · 2^-24 with m rounded to nearest even: scale exactly by 2^24 and round.
-    const float scaled = bit_cast<float>(abs_bits) * 16777216.0f;
-    const float rounded = nearbyintf(scaled);
-    return static_cast<uint16_t>(sign | static_cast<uint16_t>(rounded));
-  }
-  // Normal: rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even.
-  uint32_t half = ((abs_bits - 0x38000000u) >> 13);
-  const uint32_t rest = abs_bits & 0x1fffu;
-  if (rest > 0x1000u || (rest == 0x1000u && (half & 1u))) ++half;
-  return static_cast<uint16_t>(sign | half);
-}
-
-template <typename Acc>
-FC_HOST_DEVICE void store_as(void* data, ScalarKind kind, int64_t offset, Acc value) {
-  switch (kind) {
-    case ScalarKind::kFloat32: static_cast<float*>(data)[offset] = static_cast<float>(value); break;
-    case ScalarKind::kFloat16:
-      static_cast<uint16_t*>(data)[offset] = float_to_float16_bits(static_cast<float>(value));
-      break;
-    case ScalarKind::kBFloat16:
-      static_cast<uint16_t*>(data)[offset] = float_to_bfloat16_bits(static_cast<float>(value));
-      break;
-    case ScalarKind::kFloat64:
-    default: static_cast<double*>(data)[offset] = static_cast<double>(value); break;
-  }
-}
-
 // ---- Cauchy
 
 template <typename T>
 struct CauchyParams {
-  const T* v = nullptr;         // [B, N, 2]
-  const T* w = nullptr;         // [B, N, 2]
-  const T* z = nullptr;         // [L, 2]
-  const T* grad_out = nullptr;  // [B, L, 2] (backward)
-  T* out = nullptr;             // [B, L, 2] (forward)
-  T* grad_v = nullptr;          // [B, N, 2] (backward)
-  T* grad_w = nullptr;          // [B, N, 2] (backward)
+  const T* v = nullptr;                      // [B, N, 2]
+  const T* w = nullptr;                      // [B, N, 2]
+  const T* z = nullptr;                      // [L, 2]
+  const T* grad_out = nullptr;               // [B, L, 2] (backward)
+  T* out = nullptr;                          // [B, L, 2] (forward)
+  T* grad_v = nullptr;                       // [B, N, 2] (backward)
+  T* grad_w = nullptr;                       // [B, N, 2] (backward)
   int64_t batch = 0, states = 0, nodes = 0;  // B, N, L
   bool conj_symmetric = true;
 };
@@ -110,8 +67,7 @@ struct CauchyParams {
 // v / d = v · conj(d) / |d|². The two conjugate terms are kept separate (combining them over a common
 // denominator loses accuracy when z is close to w).
 template <typename V, typename S>
-FC_HOST_DEVICE void cauchy_forward_term(V zr, V zi, S vr, S vi, S wr, S wi, bool conj_symmetric, V& acc_re,
-                                        V& acc_im) {
+FC_HOST_DEVICE void cauchy_forward_term(V zr, V zi, S vr, S vi, S wr, S wi, bool conj_symmetric, V& acc_re, V& acc_im) {
   const V dr = zr - wr, di = zi - wi;
   const V inv = S(1) / (dr * dr + di * di);
   acc_re += (vr * dr + vi * di) * inv;
@@ -119,18 +75,18 @@ FC_HOST_DEVICE void cauchy_forward_term(V zr, V zi, S vr, S vi, S wr, S wi, bool
   if (conj_symmetric) {
     const V di2 = zi + wi;  // z − conj(w)
     const V inv2 = S(1) / (dr * dr + di2 * di2);
-    acc_re += (vr * dr - vi * di2) * inv2;   // conj(v) · conj(d2) / |d2|²
+    acc_re += (vr * dr - vi * di2) * inv2;  // conj(v) · conj(d2) / |d2|²
     acc_im += (-vi * dr - vr * di2) * inv2;
   }
 }
 
 // Adds node l's contribution to the (grad_v, Σ for grad_w) sums of state n (see the header math).
 template <typename V, typename S>
-FC_HOST_DEVICE void cauchy_backward_term(V zr, V zi, V gr, V gi, S wr, S wi, bool conj_symmetric, V& sv_re,
-                                         V& sv_im, V& sw_re, V& sw_im) {
+FC_HOST_DEVICE void cauchy_backward_term(V zr, V zi, V gr, V gi, S wr, S wi, bool conj_symmetric, V& sv_re, V& sv_im,
+                                         V& sw_re, V& sw_im) {
   const V dr = zr - wr, di = zi - wi;
   const V inv = S(1) / (dr * dr + di * di);
-  const V r1r = dr * inv, r1i = di * inv;  // conj(1 / d) = d / |d|²
+  const V r1r = dr * inv, r1i = di * inv;                        // conj(1 / d) = d / |d|²
   const V t1r = gr * r1r - gi * r1i, t1i = gr * r1i + gi * r1r;  // g · r1
   sv_re += t1r;
   sv_im += t1i;
@@ -139,7 +95,7 @@ FC_HOST_DEVICE void cauchy_backward_term(V zr, V zi, V gr, V gi, S wr, S wi, boo
   if (conj_symmetric) {
     const V di2 = zi + wi;
     const V inv2 = S(1) / (dr * dr + di2 * di2);
-    const V r2r = dr * inv2, r2i = -di2 * inv2;  // 1 / d2 = conj(d2) / |d2|²
+    const V r2r = dr * inv2, r2i = -di2 * inv2;                    // 1 / d2 = conj(d2) / |d2|²
     const V t2r = gr * r2r + gi * r2i, t2i = gr * r2i - gi * r2r;  // conj(g) · r2
     sv_re += t2r;
     sv_im += t2i;
@@ -161,12 +117,12 @@ FC_HOST_DEVICE void cauchy_backward_finish(S vr, S vi, S sv_re, S sv_im, S sw_re
 
 template <typename T>
 struct VandermondeParams {
-  const T* v = nullptr;         // [B, N, 2]
-  const T* x = nullptr;         // [B, N, 2]
-  const T* grad_out = nullptr;  // [B, L] real (backward)
-  T* out = nullptr;             // [B, L] real (forward)
-  T* grad_v = nullptr;          // [B, N, 2]
-  T* grad_x = nullptr;          // [B, N, 2]
+  const T* v = nullptr;                       // [B, N, 2]
+  const T* x = nullptr;                       // [B, N, 2]
+  const T* grad_out = nullptr;                // [B, L] real (backward)
+  T* out = nullptr;                           // [B, L] real (forward)
+  T* grad_v = nullptr;                        // [B, N, 2]
+  T* grad_x = nullptr;                        // [B, N, 2]
   int64_t batch = 0, states = 0, length = 0;  // B, N, L
 };
 
@@ -188,25 +144,25 @@ FC_HOST_DEVICE void exp_times(T xr, T xi, int64_t l, T& out_re, T& out_im) {
 
 template <typename Acc>
 struct FFTConvParams {
-  int64_t rows = 0;        // B·H
-  int64_t heads = 1;       // H (row r uses h = r % H)
-  int64_t length = 0;      // L
-  int64_t fft_size = 0;    // n
-  int64_t freqs = 0;       // F = n / 2 + 1
-  int64_t row_begin = 0;   // first global row of the chunk (buffers hold rows [row_begin, row_begin + rows))
+  int64_t rows = 0;       // B·H
+  int64_t heads = 1;      // H (row r uses h = r % H)
+  int64_t length = 0;     // L
+  int64_t fft_size = 0;   // n
+  int64_t freqs = 0;      // F = n / 2 + 1
+  int64_t row_begin = 0;  // first global row of the chunk (buffers hold rows [row_begin, row_begin + rows))
   // pad_cast / crop_skip / row_dot
-  const void* in = nullptr;       // [total rows, L] of in_kind (global row index)
+  const void* in = nullptr;  // [total rows, L] of in_kind (global row index)
   ScalarKind in_kind = ScalarKind::kFloat32;
-  const void* in2 = nullptr;      // row_dot second operand, or crop_skip's skip input u [total rows, L]
+  const void* in2 = nullptr;  // row_dot second operand, or crop_skip's skip input u [total rows, L]
   ScalarKind in2_kind = ScalarKind::kFloat32;
-  Acc* real_buf = nullptr;        // [rows, n] (chunk-local)
-  const Acc* skip_D = nullptr;    // [H] or nullptr
-  void* out = nullptr;            // crop_skip: [total rows, L] of out_kind
+  Acc* real_buf = nullptr;      // [rows, n] (chunk-local)
+  const Acc* skip_D = nullptr;  // [H] or nullptr
+  void* out = nullptr;          // crop_skip: [total rows, L] of out_kind
   ScalarKind out_kind = ScalarKind::kFloat32;
-  Acc* dot = nullptr;             // row_dot: [total rows]
+  Acc* dot = nullptr;  // row_dot: [total rows]
   // spectra (interleaved complex)
-  Acc* spec = nullptr;            // [rows, F, 2] (chunk-local)
-  const Acc* spec2 = nullptr;     // [rows, F, 2] U spectra (grad_spectra)
+  Acc* spec = nullptr;               // [rows, F, 2] (chunk-local)
+  const Acc* spec2 = nullptr;        // [rows, F, 2] U spectra (grad_spectra)
   const Acc* kernel_spec = nullptr;  // [H, F, 2]
   Acc* grad_kernel_spec = nullptr;   // [H, F, 2] accumulated
   bool conj_kernel = false;
@@ -247,7 +203,7 @@ FC_HOST_DEVICE void grad_spectra_element(const FFTConvParams<Acc>& p, int64_t h,
     const Acc gr = g[0], gi = g[1];
     if (gk != nullptr) {
       const Acc* u = p.spec2 + 2 * (r * p.freqs + f);
-      ar += gr * u[0] + gi * u[1];   // g · conj(u)
+      ar += gr * u[0] + gi * u[1];  // g · conj(u)
       ai += gi * u[0] - gr * u[1];
     }
     g[0] = gr * kr - gi * ki;
@@ -263,15 +219,15 @@ FC_HOST_DEVICE void grad_spectra_element(const FFTConvParams<Acc>& p, int64_t h,
 
 template <typename T>
 struct StepParams {
-  const T* state = nullptr;   // [B, H, N, 2]
-  const void* u = nullptr;    // [B, H] u_kind
+  const T* state = nullptr;  // [B, H, N, 2]
+  const void* u = nullptr;   // [B, H] u_kind
   ScalarKind u_kind = ScalarKind::kFloat32;
-  const T* dA = nullptr;      // [H, N, 2]
-  const T* dB = nullptr;      // [H, N, 2]
-  const T* C = nullptr;       // [H, N, 2]
-  const T* D = nullptr;       // [H] real or nullptr
-  void* y = nullptr;          // [B, H] u_kind
-  T* new_state = nullptr;     // [B, H, N, 2]
+  const T* dA = nullptr;   // [H, N, 2]
+  const T* dB = nullptr;   // [H, N, 2]
+  const T* C = nullptr;    // [H, N, 2]
+  const T* D = nullptr;    // [H] real or nullptr
+  void* y = nullptr;       // [B, H] u_kind
+  T* new_state = nullptr;  // [B, H, N, 2]
   // backward
   const T* grad_y = nullptr;          // [B, H] (T)
   const T* grad_new_state = nullptr;  // [B, H, N, 2] or nullptr (zero)
@@ -280,7 +236,7 @@ struct StepParams {
   T* grad_dA = nullptr;               // [H, N, 2]
   T* grad_dB = nullptr;
   T* grad_C = nullptr;
-  T* grad_D = nullptr;                // [H] or nullptr
+  T* grad_D = nullptr;  // [H] or nullptr
   int64_t batch = 0, heads = 0, states = 0;
 };
 
@@ -342,11 +298,11 @@ FC_HOST_DEVICE void ssm_step_backward_head(const StepParams<T>& p, int64_t h) {
       gs[2 * n] = ar * Gr + ai * Gi;  // conj(dA) G
       gs[2 * n + 1] = ar * Gi - ai * Gr;
       gu += bb[2 * n] * Gr + bb[2 * n + 1] * Gi;  // Re(conj(dB) G)
-      gA[2 * n] += Gr * sr + Gi * si;              // G conj(s)
+      gA[2 * n] += Gr * sr + Gi * si;             // G conj(s)
       gA[2 * n + 1] += Gi * sr - Gr * si;
       gB[2 * n] += Gr * u;
       gB[2 * n + 1] += Gi * u;
-      gC[2 * n] += T(2) * gy * nr;                 // 2 gy conj(s')
+      gC[2 * n] += T(2) * gy * nr;  // 2 gy conj(s')
       gC[2 * n + 1] -= T(2) * gy * ni;
     }
     if (p.D != nullptr) gu += p.D[h] * gy;
@@ -366,8 +322,8 @@ template <typename T>
 void cauchy_forward_cpu(const CauchyParams<T>& p, const T* zr, const T* zi, int64_t begin, int64_t end);
 // Units (b, n) flattened b·N + n in [begin, end); gr, gi: grad_out deinterleaved [B, L].
 template <typename T>
-void cauchy_backward_cpu(const CauchyParams<T>& p, const T* zr, const T* zi, const T* gr, const T* gi,
-                         int64_t begin, int64_t end);
+void cauchy_backward_cpu(const CauchyParams<T>& p, const T* zr, const T* zi, const T* gr, const T* gi, int64_t begin,
+                         int64_t end);
 // Units = rows b in [begin, end).
 template <typename T>
 void vandermonde_forward_cpu(const VandermondeParams<T>& p, int64_t begin, int64_t end);
@@ -376,18 +332,18 @@ template <typename T>
 void vandermonde_backward_cpu(const VandermondeParams<T>& p, int64_t begin, int64_t end);
 
 template <typename Acc>
-void fftconv_pad_cast_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);       // chunk rows
+void fftconv_pad_cast_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);  // chunk rows
 template <typename Acc>
-void fftconv_cmul_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);           // chunk rows
+void fftconv_cmul_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);  // chunk rows
 template <typename Acc>
-void fftconv_crop_skip_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);      // chunk rows
+void fftconv_crop_skip_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);  // chunk rows
 template <typename Acc>
-void fftconv_grad_spectra_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);   // units h·F + f
+void fftconv_grad_spectra_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);  // units h·F + f
 template <typename Acc>
-void fftconv_row_dot_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);        // global rows
+void fftconv_row_dot_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end);  // global rows
 
 template <typename T>
-void ssm_step_cpu(const StepParams<T>& p, int64_t begin, int64_t end);           // heads [begin, end), all B rows of each
+void ssm_step_cpu(const StepParams<T>& p, int64_t begin, int64_t end);  // heads [begin, end), all B rows of each
 template <typename T>
 void ssm_step_backward_cpu(const StepParams<T>& p, int64_t begin, int64_t end);  // heads
 

@@ -50,8 +50,7 @@ inline T sum_lanes(typename Lanes<T>::type v) {
 }
 
 template <typename T>
-FC_CPU_CLONES void cauchy_forward_impl(const CauchyParams<T>& p, const T* zr, const T* zi, int64_t begin,
-                                       int64_t end) {
+FC_CPU_CLONES void cauchy_forward_impl(const CauchyParams<T>& p, const T* zr, const T* zi, int64_t begin, int64_t end) {
   using V = typename Lanes<T>::type;
   const int64_t L = p.nodes, N = p.states;
   const int64_t tiles = (L + kCauchyTile - 1) / kCauchyTile;
@@ -65,10 +64,10 @@ FC_CPU_CLONES void cauchy_forward_impl(const CauchyParams<T>& p, const T* zr, co
     int64_t l = l_begin;
     for (; l + kLanes <= l_end; l += kLanes) {
       const V zr_l = load_lanes(zr + l), zi_l = load_lanes(zi + l);
-      V acc_re = V{} , acc_im = V{};
+      V acc_re = V{}, acc_im = V{};
       for (int64_t n = 0; n < N; ++n)
-        cauchy_forward_term<V, T>(zr_l, zi_l, v[2 * n], v[2 * n + 1], w[2 * n], w[2 * n + 1], p.conj_symmetric,
-                                  acc_re, acc_im);
+        cauchy_forward_term<V, T>(zr_l, zi_l, v[2 * n], v[2 * n + 1], w[2 * n], w[2 * n + 1], p.conj_symmetric, acc_re,
+                                  acc_im);
       for (int i = 0; i < kLanes; ++i) {
         out[2 * (l + i)] = acc_re[i];
         out[2 * (l + i) + 1] = acc_im[i];
@@ -99,8 +98,8 @@ FC_CPU_CLONES void cauchy_backward_impl(const CauchyParams<T>& p, const T* zr, c
     V sv_re = V{}, sv_im = V{}, sw_re = V{}, sw_im = V{};
     int64_t l = 0;
     for (; l + kLanes <= L; l += kLanes)
-      cauchy_backward_term<V, T>(load_lanes(zr + l), load_lanes(zi + l), load_lanes(gr + l), load_lanes(gi + l), wr,
-                                 wi, p.conj_symmetric, sv_re, sv_im, sw_re, sw_im);
+      cauchy_backward_term<V, T>(load_lanes(zr + l), load_lanes(zi + l), load_lanes(gr + l), load_lanes(gi + l), wr, wi,
+                                 p.conj_symmetric, sv_re, sv_im, sw_re, sw_im);
     T s_vr = sum_lanes<T>(sv_re), s_vi = sum_lanes<T>(sv_im), s_wr = sum_lanes<T>(sw_re), s_wi = sum_lanes<T>(sw_im);
     for (; l < L; ++l)
       cauchy_backward_term<T, T>(zr[l], zi[l], gr[l], gi[l], wr, wi, p.conj_symmetric, s_vr, s_vi, s_wr, s_wi);
@@ -242,7 +241,7 @@ __attribute__((always_inline)) inline StepCoefficients step_coefficients(const S
 }
 // s' = a ∘ s + b·u for 8 states: re·s + im·(s with re/im swapped) + b·u.
 __attribute__((always_inline)) inline StepVector step_update(StepVector re, StepVector im, StepVector b, StepVector s,
-                                                            float u) {
+                                                             float u) {
   const StepIndex swap = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
   return re * s + im * __builtin_shuffle(s, swap) + b * u;
 }
@@ -251,7 +250,8 @@ __attribute__((always_inline)) inline StepVector step_update(StepVector re, Step
 // are rearranged once, and the tile's rows walked batch by batch (the tile's rows of one batch are contiguous,
 // so the state streams through the prefetchers while the coefficients stay in L1). y's sum per row: the full
 // vectors in order into one 16-lane accumulator, step_lane_sum, then the N % 8 scalar states.
-__attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams<float>& p, int64_t begin, int64_t end) {
+__attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams<float>& p, int64_t begin,
+                                                                int64_t end) {
   const int64_t N = p.states, H = p.heads;
   const int64_t vectors = (2 * N) / kStepLanes;  // full 16-lane vectors; N % 8 states scalar
   // per tile head: [a_re | a_im | b | c] × vectors × 16 floats (plain floats: a std::vector of 64-byte
@@ -275,8 +275,8 @@ __attribute__((always_inline)) inline void ssm_step_float_tiles(const StepParams
     for (int64_t b = 0; b < p.batch; ++b) {
       for (int64_t g = 0; g < tile; ++g) {
         const int64_t h = h0 + g, row = b * H + h;
-        const float u = p.u_kind == ScalarKind::kFloat32 ? static_cast<const float*>(p.u)[row]
-                                                         : load_as<float>(p.u, p.u_kind, row);
+        const float u =
+            p.u_kind == ScalarKind::kFloat32 ? static_cast<const float*>(p.u)[row] : load_as<float>(p.u, p.u_kind, row);
         const float* s = p.state + 2 * row * N;
         float* s_new = p.new_state + 2 * row * N;
         const float* k = coef.data() + g * head_floats;
@@ -395,8 +395,10 @@ __attribute__((always_inline)) inline void ssm_step_float_head_rows(const StepPa
       for (int64_t j = 0; j < rows; ++j) {
         const int64_t row = (b0 + j) * H + h;
         const float y = 2.f * sums[j] + d * u[j];
-        if (float_io) static_cast<float*>(p.y)[row] = y;
-        else store_as<float>(p.y, p.u_kind, row, y);
+        if (float_io)
+          static_cast<float*>(p.y)[row] = y;
+        else
+          store_as<float>(p.y, p.u_kind, row, y);
       }
     }
   }
@@ -448,8 +450,7 @@ __attribute__((always_inline)) inline void ssm_step_float_head_pairs(const StepP
         StepVector acc = StepVector{};
         for (int q = 0; q < kVectors; ++q) {
           const StepVector sv = load_lanes_as<StepVector>(s + q * kStepLanes);
-          const StepVector next =
-              step_update(k_re[g][q], k_im[g][q], load_lanes_as<StepVector>(bc[g][0][q]), sv, u);
+          const StepVector next = step_update(k_re[g][q], k_im[g][q], load_lanes_as<StepVector>(bc[g][0][q]), sv, u);
           std::memcpy(s_new + q * kStepLanes, &next, sizeof(next));
           acc += load_lanes_as<StepVector>(bc[g][1][q]) * next;
         }
@@ -568,18 +569,18 @@ void ssm_step_backward_cpu(const StepParams<T>& p, int64_t begin, int64_t end) {
   for (int64_t h = begin; h < end; ++h) ssm_step_backward_head<T>(p, h);
 }
 
-#define FC_S4_INSTANTIATE(T)                                                                                      \
-  template void cauchy_forward_cpu<T>(const CauchyParams<T>&, const T*, const T*, int64_t, int64_t);             \
-  template void cauchy_backward_cpu<T>(const CauchyParams<T>&, const T*, const T*, const T*, const T*, int64_t,  \
-                                       int64_t);                                                                  \
-  template void vandermonde_forward_cpu<T>(const VandermondeParams<T>&, int64_t, int64_t);                       \
-  template void vandermonde_backward_cpu<T>(const VandermondeParams<T>&, int64_t, int64_t);                      \
-  template void fftconv_pad_cast_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                              \
-  template void fftconv_cmul_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                                  \
-  template void fftconv_crop_skip_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                             \
-  template void fftconv_grad_spectra_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                          \
-  template void fftconv_row_dot_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                               \
-  template void ssm_step_cpu<T>(const StepParams<T>&, int64_t, int64_t);                                         \
+#define FC_S4_INSTANTIATE(T)                                                                                    \
+  template void cauchy_forward_cpu<T>(const CauchyParams<T>&, const T*, const T*, int64_t, int64_t);            \
+  template void cauchy_backward_cpu<T>(const CauchyParams<T>&, const T*, const T*, const T*, const T*, int64_t, \
+                                       int64_t);                                                                \
+  template void vandermonde_forward_cpu<T>(const VandermondeParams<T>&, int64_t, int64_t);                      \
+  template void vandermonde_backward_cpu<T>(const VandermondeParams<T>&, int64_t, int64_t);                     \
+  template void fftconv_pad_cast_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                             \
+  template void fftconv_cmul_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                                 \
+  template void fftconv_crop_skip_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                            \
+  template void fftconv_grad_spectra_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                         \
+  template void fftconv_row_dot_cpu<T>(const FFTConvParams<T>&, int64_t, int64_t);                              \
+  template void ssm_step_cpu<T>(const StepParams<T>&, int64_t, int64_t);                                        \
   template void ssm_step_backward_cpu<T>(const StepParams<T>&, int64_t, int64_t);
 
 FC_S4_INSTANTIATE(float)

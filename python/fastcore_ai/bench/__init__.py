@@ -1,7 +1,9 @@
 """`python -m fastcore_ai bench` and the pytest-benchmark suites' cases, as a package with one direction:
-harness (rows, cases, timing; imports nothing above it) <- one module per family (its cases) <- this
-module (the family registry, run, the CLI's main).
+harness (rows, cases, sweep specs, timing; imports nothing above it) <- one module per family (its cases and
+its SWEEP) <- sweep (the generic shape sweep, `bench --sweep`) <- this module (the family registry, run, the
+CLI's main).
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .._build_info import build_info
-from . import moe, mux, nerf, overhead, pq, s4
+from . import moe, mux, nerf, overhead, pq, s4, sweep  # noqa: F401  (sweep: bench --sweep)
 from .harness import Case, Row, format_table, time_interleaved, cpu_peak_extra_mb  # noqa: F401  (the harness API)
 
 FAMILIES: Dict[str, Callable] = {}
@@ -51,7 +53,7 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
                         peaks[name] = cpu_peak_extra_mb(lambda: result.append(fn(*inputs)))
                         output = result[0]
                     errors[name] = case.error(output, inputs)
-                    runnable[name] = (lambda fn=fn: fn(*inputs))
+                    runnable[name] = lambda fn=fn: fn(*inputs)
                 except Exception as error:  # a provider that cannot run here is reported, not fatal
                     times[name], errors[name], peaks[name] = float("nan"), float("nan"), None
                     print(f"  [{case.shape}] {name} failed: {error}")
@@ -63,9 +65,19 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
             if torch.get_num_threads() != run_threads:
                 torch.set_num_threads(run_threads)
             for name in case.providers:
-                rows.append(Row(family, case.shape, name, times[name],
-                                times.get("reference", float("nan")) / times[name],
-                                times.get(case.peer, float("nan")) / times[name], case.peer, errors[name], peaks[name]))
+                rows.append(
+                    Row(
+                        family,
+                        case.shape,
+                        name,
+                        times[name],
+                        times.get("reference", float("nan")) / times[name],
+                        times.get(case.peer, float("nan")) / times[name],
+                        case.peer,
+                        errors[name],
+                        peaks[name],
+                    )
+                )
     return rows
 
 
@@ -76,5 +88,7 @@ def main(families: List[str], device: str, json_path: Optional[str], quick: bool
         print(format_table([r for r in rows if r.family == family]))
     if json_path:
         with open(json_path, "w") as handle:
-            json.dump({"build_info": build_info(), "device": device, "rows": [asdict(r) for r in rows]}, handle, indent=2)
+            json.dump(
+                {"build_info": build_info(), "device": device, "rows": [asdict(r) for r in rows]}, handle, indent=2
+            )
     return rows

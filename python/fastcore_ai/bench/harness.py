@@ -5,17 +5,19 @@ against the named peer, max relative error against the float64 oracle, and peak 
 allocator peak; CPU: resident-set peak, see cpu_peak_extra_mb).
 All providers of a row are timed in the same process run, interleaved, so ratios are comparable;
 GPU times use CUDA events after a synchronising warm-up, CPU times use perf_counter.
+SweepOp / SweepCell describe one op's shape sweep (bench/sweep.py, `bench --sweep`), timed with the same
+time_interleaved.
 """
+
 from __future__ import annotations
 
 import ctypes
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-
 
 
 @dataclass
@@ -32,9 +34,45 @@ class Row:
 
 
 @dataclass
+class SweepCell:
+    """One cell of an op's sweep, made by SweepOp.make: `setup()` returns the inputs (untimed); `ours(*inputs)`
+    is the public fastcore_ai op as a user calls it; `peers` map a name to the torch (or FAISS, HF) code a
+    user would write instead, fn(*inputs); the cell's peer time is the fastest of them. `compare(ours_out,
+    peer_out, inputs)` (optional) gives a relative difference of the two outputs (the first peer's), a check
+    that the peer computes the same thing; None where outputs are not comparable numbers."""
+
+    setup: Callable
+    ours: Callable
+    peers: Dict[str, Callable]
+    compare: Optional[Callable] = None
+
+
+@dataclass
+class SweepOp:
+    """The sweep of one public op (`python -m fastcore_ai bench --sweep`): a grid over its main dimensions
+    (`dims`: name -> values, small to large; the first two are a heatmap's rows and columns, a third one
+    facets it), crossed with `dtypes` and the thread counts; `quick` is the grid of a few tiny cells of
+    `--quick` (the CI smoke run). `make(params, dtype, device)` returns the SweepCell of one grid point;
+    `skip(params, dtype)` (optional) returns a reason to leave a point out (e.g. it would not fit in memory).
+    `peer` and `fixed` describe the peers and what the grid holds fixed (markdown, docs)."""
+
+    op: str
+    family: str
+    dims: Dict[str, Sequence]
+    quick: Dict[str, Sequence]
+    make: Callable
+    peer: str
+    dtypes: Sequence[torch.dtype] = (torch.float32,)
+    fixed: str = ""
+    skip: Optional[Callable] = None
+    devices: Sequence[str] = ("cpu", "cuda")
+
+
+@dataclass
 class Case:
     """One benchmark shape: `setup(device)` returns the inputs; providers map a name to fn(*inputs);
     `error(output, inputs)` gives the relative error of an output against the float64 oracle."""
+
     family: str
     shape: str
     setup: Callable
@@ -65,12 +103,14 @@ def cpu_peak_extra_mb(fn: Callable) -> Optional[float]:
     heap pages are released first, the peak-RSS counter is reset through /proc/self/clear_refs, then
     VmHWM read back); None elsewhere. Counts every allocator (torch, BLAS/FFT workspaces, numpy), at
     page granularity."""
+
     def status(field: str) -> int:
         with open("/proc/self/status") as handle:
             for line in handle:
                 if line.startswith(field):
                     return int(line.split()[1])  # kB
         raise KeyError(field)
+
     _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
@@ -82,8 +122,9 @@ def cpu_peak_extra_mb(fn: Callable) -> Optional[float]:
     return max(0, status("VmHWM:") - before) / 1024
 
 
-def time_interleaved(fns: Dict[str, Callable], device: str, min_time_s: float = 0.2,
-                     max_repeats: int = 50) -> Dict[str, float]:
+def time_interleaved(
+    fns: Dict[str, Callable], device: str, min_time_s: float = 0.2, max_repeats: int = 50
+) -> Dict[str, float]:
     """Median milliseconds of each fn() over rounds that call every fn in order (at least 5 rounds, until
     about min_time_s per fn). Interleaving makes a load change during the run hit every provider alike, so
     the ratios of one table stay comparable on a shared machine. On the CPU each timed call directly follows
@@ -118,11 +159,14 @@ def time_interleaved(fns: Dict[str, Callable], device: str, min_time_s: float = 
 def format_table(rows: List[Row]) -> str:
     header = "| shape | backend | median ms | vs reference | vs peer | max rel err | peak extra MB |"
     lines = [header, "|---|---|---:|---:|---:|---:|---:|"]
+
     def ratio(value: float) -> str:
         return "-" if value != value else f"{value:.2f}x"  # NaN: that provider is not in this table
 
     for r in rows:
         peak = "-" if r.peak_extra_mb is None else f"{r.peak_extra_mb:.1f}"
-        lines.append(f"| {r.shape} | {r.backend} | {r.median_ms:.3f} | {ratio(r.speedup_vs_reference)} | "
-                     f"{ratio(r.speedup_vs_peer)} ({r.peer}) | {r.max_rel_error:.1e} | {peak} |")
+        lines.append(
+            f"| {r.shape} | {r.backend} | {r.median_ms:.3f} | {ratio(r.speedup_vs_reference)} | "
+            f"{ratio(r.speedup_vs_peer)} ({r.peer}) | {r.max_rel_error:.1e} | {peak} |"
+        )
     return "\n".join(lines)

@@ -1,14 +1,15 @@
 """Benchmark cases of the mux family (DataMUX multiplexing and attention) for fastcore_ai.bench: family name -> cases(device, quick).
 
-  mux_attention  fused attention vs torch.nn.functional.scaled_dot_product_attention, same run: DataMUX
-                 shapes (B = 16, H = 12, L ∈ {128, 169}, D = 64) and odd head sizes D ∈ {13, 48, 96, 200},
-                 forward and forward+backward, float32.
-  mux            mux + demux (Hadamard mux, separable fused index demux) vs the torch composition of the
-                 DataMUX formulas (concatenate [p_i ; h_t], Linear, GELU, LayerNorm).
-  mux_encoder    DataMUXEncoder (4 layers, d = 256, 4 heads, L = 128) inference throughput: every provider
-                 encodes the same number of instances with N = 1, 2, 5, 10, 20, 40, so "vs peer" (N=1) is the
-                 throughput ratio the paper reports.
+mux_attention  fused attention vs torch.nn.functional.scaled_dot_product_attention, same run: DataMUX
+               shapes (B = 16, H = 12, L ∈ {128, 169}, D = 64) and odd head sizes D ∈ {13, 48, 96, 200},
+               forward and forward+backward, float32.
+mux            mux + demux (Hadamard mux, separable fused index demux) vs the torch composition of the
+               DataMUX formulas (concatenate [p_i ; h_t], Linear, GELU, LayerNorm).
+mux_encoder    DataMUXEncoder (4 layers, d = 256, 4 heads, L = 128) inference throughput: every provider
+               encodes the same number of instances with N = 1, 2, 5, 10, 20, 40, so "vs peer" (N=1) is the
+               throughput ratio the paper reports.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,6 +46,7 @@ def attention_cases(device: str, quick: bool = False) -> list:
     cases: List = []
     for B, H, L, D in shapes:
         for mode in ("forward", "forward+backward"):
+
             def setup(B=B, H=H, L=L, D=D):
                 g = torch.Generator().manual_seed(L * 1000 + D)
                 q, k, v = (torch.randn(B, H, L, D, generator=g).to(device) for _ in range(3))
@@ -64,8 +66,16 @@ def attention_cases(device: str, quick: bool = False) -> list:
                 q, k, v, _ = (t.double().cpu() for t in inputs)
                 return _rel(output, ops.attention(q, k, v, backend="reference"))
 
-            cases.append(Case("mux_attention", f"attention B={B} H={H} L={L} D={D} float32 {mode}", setup, providers,
-                              error, peer="torch-sdpa"))
+            cases.append(
+                Case(
+                    "mux_attention",
+                    f"attention B={B} H={H} L={L} D={D} float32 {mode}",
+                    setup,
+                    providers,
+                    error,
+                    peer="torch-sdpa",
+                )
+            )
     return cases
 
 
@@ -89,6 +99,7 @@ def mux_demux_cases(device: str, quick: bool = False) -> list:
     settings = [(24, 2, 128, 256), (24, 10, 128, 256), (16, 40, 128, 256)] if not quick else [(24, 10, 128, 256)]
     cases: List = []
     for B, N, L, d in settings:
+
         def setup(B=B, N=N, L=L, d=d):
             g = torch.Generator().manual_seed(N)
             x = torch.randn(B, N, L, d, generator=g)
@@ -109,8 +120,16 @@ def mux_demux_cases(device: str, quick: bool = False) -> list:
         def error(output, inputs):
             return _rel(output, torch_composition_mux_demux(*(t.double().cpu() for t in inputs)))
 
-        cases.append(Case("mux", f"mux+demux B={B} N={N} L={L} d={d} float32", setup,
-                          {ours: fused, "torch-composition": composition}, error, peer="torch-composition"))
+        cases.append(
+            Case(
+                "mux",
+                f"mux+demux B={B} N={N} L={L} d={d} float32",
+                setup,
+                {ours: fused, "torch-composition": composition},
+                error,
+                peer="torch-composition",
+            )
+        )
     return cases
 
 
@@ -133,6 +152,7 @@ def encoder_cases(device: str, quick: bool = False) -> list:
         def run(x, models):
             with torch.no_grad():
                 return models[N](x)
+
         return run
 
     def error(output, inputs):
@@ -141,8 +161,223 @@ def encoder_cases(device: str, quick: bool = False) -> list:
         return 0.0 if torch.isfinite(output).all() else float("inf")
 
     providers = {f"N={N}": provider(N) for N in counts}
-    return [Case("mux_encoder", f"DataMUXEncoder {layers}L d={d} h={heads} L={L}, {instances} instances", setup,
-                 providers, error, peer="N=1")]
+    return [
+        Case(
+            "mux_encoder",
+            f"DataMUXEncoder {layers}L d={d} h={heads} L={L}, {instances} instances",
+            setup,
+            providers,
+            error,
+            peer="N=1",
+        )
+    ]
 
 
 FAMILIES.update({"mux_attention": attention_cases, "mux": mux_demux_cases, "mux_encoder": encoder_cases})
+
+
+# ---- the shape sweep (python -m fastcore_ai bench --sweep; bench/sweep.py) ------------------------------------
+
+
+def math_attention_with_lse(q, k, v, scale: float):
+    """Attention with its log-sum-exp as the torch math a user writes (SDPA returns no lse): float32 scores,
+    logsumexp, exp, the value product in v's dtype."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None])
+    return torch.matmul(probs.to(v.dtype), v), lse
+
+
+def torch_mux(x, keys):
+    """Hadamard mux in torch: h = Σ_i x_i ⊙ k_i / N."""
+    return (x * keys[None, :, None, :]).sum(1) / x.shape[1]
+
+
+def torch_demux_concat(h, keys, weight, bias, gamma, beta):
+    """Index demux as the DataMUX formula: concatenate [p_i ; h_t] for every (instance, token), Linear,
+    GELU, LayerNorm -> [B·N, L, e]."""
+    B, L, d = h.shape
+    N = keys.shape[0]
+    pairs = torch.cat([keys[None, :, None, :].expand(B, N, L, d), h[:, None].expand(B, N, L, d)], dim=-1)
+    z = torch.nn.functional.linear(pairs, weight, bias)
+    out = torch.nn.functional.layer_norm(torch.nn.functional.gelu(z), (weight.shape[0],), gamma, beta)
+    return out.reshape(B * N, L, weight.shape[0])
+
+
+def torch_demux_separable(h, keys, weight, bias, gamma, beta):
+    """The same demux with the Linear split (W [p; h] = W_p p + W_h h): two small products and a broadcast
+    add before GELU and LayerNorm (the faster torch a careful user writes)."""
+    B, L, d = h.shape
+    N = keys.shape[0]
+    zp = torch.nn.functional.linear(keys, weight[:, :d], bias)  # [N, e]
+    zh = torch.nn.functional.linear(h, weight[:, d:])  # [B, L, e]
+    z = zp[None, :, None, :] + zh[:, None]
+    out = torch.nn.functional.layer_norm(torch.nn.functional.gelu(z), (weight.shape[0],), gamma, beta)
+    return out.reshape(B * N, L, weight.shape[0])
+
+
+def _heads(text: str):
+    """'16/4' -> (16 query heads, 4 key/value heads)."""
+    a, b = text.split("/")
+    return int(a), int(b)
+
+
+def _sweep_attention(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    Lq, Lk = p["Lq"], p["Lk"]
+    Hq, Hkv = _heads(p["heads q/kv"])
+    B, D, group = 2, 64, Hq // Hkv
+
+    def setup():
+        g = torch.Generator().manual_seed(Lq * 7 + Lk + Hkv)
+        q = torch.randn(B, Hq, Lq, D, generator=g)
+        k, v = (torch.randn(B, Hkv, Lk, D, generator=g) for _ in range(2))
+        return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+    def ours(q, k, v):
+        with torch.no_grad():
+            if group > 1:  # ops.attention takes one k/v head per query head: the user expands them (timed)
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+            return ops.attention(q, k, v)
+
+    def sdpa(q, k, v):
+        with torch.no_grad():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
+
+    return SweepCell(setup, ours, {"torch-sdpa": sdpa}, lambda ours, peer, inputs: _rel(ours, peer.double()))
+
+
+def _sweep_attention_lse(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    Lq, Lk, D = p["Lq"], p["Lk"], p["D"]
+    B, H = 2, 8
+
+    def setup():
+        g = torch.Generator().manual_seed(Lq + Lk + D)
+        q = torch.randn(B, H, Lq, D, generator=g)
+        k, v = (torch.randn(B, H, Lk, D, generator=g) for _ in range(2))
+        return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+    def ours(q, k, v):
+        with torch.no_grad():
+            return ops.attention_with_lse(q, k, v)
+
+    def peer(q, k, v):
+        with torch.no_grad():
+            return math_attention_with_lse(q, k, v, 1.0 / math.sqrt(D))
+
+    return SweepCell(
+        setup,
+        ours,
+        {"torch-math": peer},
+        lambda ours, peer, inputs: max(_rel(ours[0], peer[0].double()), _rel(ours[1], peer[1].double())),
+    )
+
+
+def _sweep_mux(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+    from ..nn.mux import hadamard_keys
+
+    N, L, d, B = p["N"], p["L"], p["d"], 4
+
+    def setup():
+        g = torch.Generator().manual_seed(N + L + d)
+        x = torch.randn(B, N, L, d, generator=g)
+        return x.to(device=device, dtype=dtype), hadamard_keys(N, d, 1.0, g).to(device=device, dtype=dtype)
+
+    def ours(x, keys):
+        with torch.no_grad():
+            return ops.mux(x, keys)
+
+    def peer(x, keys):
+        with torch.no_grad():
+            return torch_mux(x, keys)
+
+    return SweepCell(setup, ours, {"torch-composition": peer}, lambda ours, peer, inputs: _rel(ours, peer.double()))
+
+
+def _sweep_demux(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    N, L, d, B = p["N"], p["L"], p["d"], 4
+
+    def setup():
+        g = torch.Generator().manual_seed(N + L + d)
+        h = torch.randn(B, L, d, generator=g)
+        keys = torch.randn(N, d, generator=g)
+        w = torch.randn(d, 2 * d, generator=g) / math.sqrt(2 * d)
+        b, gamma, beta = torch.randn(d, generator=g) * 0.1, torch.ones(d), torch.zeros(d)
+        return tuple(t.to(device=device, dtype=dtype) for t in (h, keys, w, b, gamma, beta))
+
+    def no_grad(fn):
+        def run(*inputs):
+            with torch.no_grad():
+                return fn(*inputs)
+
+        return run
+
+    return SweepCell(
+        setup,
+        no_grad(ops.demux),
+        {"torch-concat": no_grad(torch_demux_concat), "torch-separable": no_grad(torch_demux_separable)},
+        lambda ours, peer, inputs: _rel(ours, peer.double()),
+    )
+
+
+def _sweep_specs():
+    from .harness import SweepOp
+
+    low = (torch.float32, torch.bfloat16)
+    return [
+        SweepOp(
+            "attention",
+            "mux",
+            {"Lq": [1, 16, 256], "Lk": [16, 256, 4096], "heads q/kv": ["16/16", "16/4", "16/1"]},
+            {"Lq": [1, 8], "Lk": [16], "heads q/kv": ["2/1"]},
+            _sweep_attention,
+            "torch.nn.functional.scaled_dot_product_attention (enable_gqa for grouped heads)",
+            dtypes=low,
+            fixed="B = 2, D = 64, no mask, forward under no_grad; for grouped heads ours includes the "
+            "repeat_interleave of k/v a user needs (ops.attention takes one k/v head per query head)",
+        ),
+        SweepOp(
+            "attention_with_lse",
+            "mux",
+            {"Lq": [1, 64, 512], "Lk": [64, 512, 4096], "D": [32, 64, 128]},
+            {"Lq": [1, 8], "Lk": [16], "D": [8]},
+            _sweep_attention_lse,
+            "torch math: float32 scores, logsumexp, exp, value product (SDPA returns no lse)",
+            dtypes=low,
+            fixed="B = 2, H = 8, no mask, forward under no_grad",
+        ),
+        SweepOp(
+            "mux",
+            "mux",
+            {"N": [2, 10, 40], "L": [32, 128, 256], "d": [128, 256, 768]},
+            {"N": [2, 4], "L": [8], "d": [16]},
+            _sweep_mux,
+            "torch (x * keys).sum(1) / N (Hadamard mux)",
+            dtypes=low,
+            fixed="B = 4 mux groups, Hadamard keys, forward under no_grad",
+        ),
+        SweepOp(
+            "demux",
+            "mux",
+            {"N": [2, 10, 40], "L": [32, 128, 256], "d": [128, 256, 512]},
+            {"N": [2, 4], "L": [8], "d": [16]},
+            _sweep_demux,
+            "the faster of the DataMUX formula in torch (concat [p_i; h_t], Linear, GELU, LayerNorm) and its "
+            "separable form (W_p p + W_h h, broadcast add)",
+            dtypes=low,
+            fixed="B = 4, shared index keys [N, d], e = d, forward under no_grad",
+        ),
+    ]
+
+
+SWEEP = _sweep_specs()

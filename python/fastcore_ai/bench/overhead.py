@@ -6,6 +6,7 @@ Each provider makes CALLS calls per timed sample, so `median ms` is CALLS calls;
 Peers: the torch composition a user writes (topk of softmax for the router, SDPA for attention, the
 torch.fft composition for fft_conv, the elementwise step for ssm_step).
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,6 +25,7 @@ def _loop(fn):
         for _ in range(CALLS):
             out = fn(*inputs)
         return out
+
     return run
 
 
@@ -41,11 +43,18 @@ def _router_case() -> Case:
         weights = output[0] if isinstance(output, tuple) else output
         return _rel(weights, expected)
 
-    return Case("overhead", f"moe_topk_route [4, 8] k=2, x{CALLS} calls", setup, {
-        "fastcore_ai": _loop(lambda x: ops.moe_topk_route(x, 2)),
-        "reference": _loop(lambda x: ops.moe_topk_route(x, 2, backend="reference")),
-        "torch-composition": _loop(lambda x: torch_composition_router(x, 2)),
-    }, error, peer="torch-composition")
+    return Case(
+        "overhead",
+        f"moe_topk_route [4, 8] k=2, x{CALLS} calls",
+        setup,
+        {
+            "fastcore_ai": _loop(lambda x: ops.moe_topk_route(x, 2)),
+            "reference": _loop(lambda x: ops.moe_topk_route(x, 2, backend="reference")),
+            "torch-composition": _loop(lambda x: torch_composition_router(x, 2)),
+        },
+        error,
+        peer="torch-composition",
+    )
 
 
 def _attention_case(shape_q, length_k) -> Case:
@@ -59,11 +68,18 @@ def _attention_case(shape_q, length_k) -> Case:
         return _rel(output, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    return Case("overhead", f"attention q {list(shape_q)} k/v length {length_k}, x{CALLS} calls", setup, {
-        "fastcore_ai": _loop(lambda q, k, v: ops.attention(q, k, v)),
-        "reference": _loop(lambda q, k, v: ops.attention(q, k, v, backend="reference")),
-        "sdpa": _loop(lambda q, k, v: sdpa(q, k, v)),
-    }, error, peer="sdpa")
+    return Case(
+        "overhead",
+        f"attention q {list(shape_q)} k/v length {length_k}, x{CALLS} calls",
+        setup,
+        {
+            "fastcore_ai": _loop(lambda q, k, v: ops.attention(q, k, v)),
+            "reference": _loop(lambda q, k, v: ops.attention(q, k, v, backend="reference")),
+            "sdpa": _loop(lambda q, k, v: sdpa(q, k, v)),
+        },
+        error,
+        peer="sdpa",
+    )
 
 
 def _fft_conv_case() -> Case:
@@ -74,11 +90,18 @@ def _fft_conv_case() -> Case:
         u, k, D = (t.double() for t in inputs)
         return _rel(output, torch_fft_conv(u, k, D))
 
-    return Case("overhead", f"fft_conv (1, 4, 64), x{CALLS} calls", setup, {
-        "fastcore_ai": _loop(lambda u, k, D: ops.fft_conv(u, k, D)),
-        "reference": _loop(lambda u, k, D: ops.fft_conv(u, k, D, backend="reference")),
-        "torch-fft": _loop(torch_fft_conv),
-    }, error, peer="torch-fft")
+    return Case(
+        "overhead",
+        f"fft_conv (1, 4, 64), x{CALLS} calls",
+        setup,
+        {
+            "fastcore_ai": _loop(lambda u, k, D: ops.fft_conv(u, k, D)),
+            "reference": _loop(lambda u, k, D: ops.fft_conv(u, k, D, backend="reference")),
+            "torch-fft": _loop(torch_fft_conv),
+        },
+        error,
+        peer="torch-fft",
+    )
 
 
 def _ssm_step_case() -> Case:
@@ -86,25 +109,43 @@ def _ssm_step_case() -> Case:
 
     def setup():
         cplx = torch.complex64
-        return (torch.randn(B, H, N, dtype=cplx), torch.randn(B, H), 0.9 * torch.randn(H, N, dtype=cplx),
-                torch.randn(H, N, dtype=cplx), torch.randn(H, N, dtype=cplx), torch.randn(H))
+        return (
+            torch.randn(B, H, N, dtype=cplx),
+            torch.randn(B, H),
+            0.9 * torch.randn(H, N, dtype=cplx),
+            torch.randn(H, N, dtype=cplx),
+            torch.randn(H, N, dtype=cplx),
+            torch.randn(H),
+        )
 
     def error(output, inputs):
         expected = torch_ssm_step(*(t.to(torch.complex128) if t.is_complex() else t.double() for t in inputs))
         return _rel(output[0], expected[0])
 
-    return Case("overhead", f"ssm_step B={B} H={H} N={N}, x{CALLS} calls", setup, {
-        "fastcore_ai": _loop(lambda *a: ops.ssm_step(*a)),
-        "reference": _loop(lambda *a: ops.ssm_step(*a, backend="reference")),
-        "torch-composition": _loop(torch_ssm_step),
-    }, error, peer="torch-composition")
+    return Case(
+        "overhead",
+        f"ssm_step B={B} H={H} N={N}, x{CALLS} calls",
+        setup,
+        {
+            "fastcore_ai": _loop(lambda *a: ops.ssm_step(*a)),
+            "reference": _loop(lambda *a: ops.ssm_step(*a, backend="reference")),
+            "torch-composition": _loop(torch_ssm_step),
+        },
+        error,
+        peer="torch-composition",
+    )
 
 
 def overhead_cases(device: str, quick: bool = False):
     if device != "cpu":
         return []  # GPU launch overhead is measured by make gpu-check's CUDA-event timings
-    return [_router_case(), _attention_case((1, 1, 4, 8), 4), _attention_case((1, 8, 1, 64), 256),
-            _fft_conv_case(), _ssm_step_case()]
+    return [
+        _router_case(),
+        _attention_case((1, 1, 4, 8), 4),
+        _attention_case((1, 8, 1, 64), 256),
+        _fft_conv_case(),
+        _ssm_step_case(),
+    ]
 
 
 FAMILIES = {"overhead": overhead_cases}

@@ -7,6 +7,7 @@ B = 16, H = 256, N = 32. Peers, timed in the same run: the naive torch kernels t
 of S4's FFTConv, and the torch composition of one S4D step. Errors are against a float64 oracle on the
 first rows (the full complex128 oracle would need ~8 GB).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,10 @@ def s4_cases(device: str, quick: bool = False):
     def cauchy_setup():
         g = torch.Generator().manual_seed(0)
         v = torch.randn(rows, N, dtype=torch.complex64, generator=g)
-        w = torch.complex(-0.5 * torch.rand(rows, N, generator=g) - 0.05,
-                          math.pi * torch.arange(N).float() * (0.5 + torch.rand(rows, N, generator=g)) * 0.1)
+        w = torch.complex(
+            -0.5 * torch.rand(rows, N, generator=g) - 0.05,
+            math.pi * torch.arange(N).float() * (0.5 + torch.rand(rows, N, generator=g)) * 0.1,
+        )
         omega = torch.exp(-2j * math.pi * torch.arange(L, dtype=torch.float64) / (2 * (L - 1)))
         omega[-1] = omega[-1] * (1 - 1e-6)
         z = ((2 / 0.1) * (1 - omega) / (1 + omega)).to(torch.complex64)
@@ -85,8 +88,11 @@ def s4_cases(device: str, quick: bool = False):
 
     providers = {b: (lambda v, z, w, b=b: ops.cauchy(v, z, w, backend=b)) for b in _fast_backends(device)}
     providers["naive-torch"] = naive_cauchy
-    cases.append(bench.Case("s4", f"cauchy B={rows} N={N} L={L} complex64", cauchy_setup, providers, cauchy_error,
-                            peer="naive-torch"))
+    cases.append(
+        bench.Case(
+            "s4", f"cauchy B={rows} N={N} L={L} complex64", cauchy_setup, providers, cauchy_error, peer="naive-torch"
+        )
+    )
 
     def vand_setup():
         g = torch.Generator().manual_seed(1)
@@ -102,8 +108,11 @@ def s4_cases(device: str, quick: bool = False):
 
     providers = {b: (lambda v, x, b=b: ops.vandermonde(v, x, L, backend=b)) for b in _fast_backends(device)}
     providers["naive-torch"] = lambda v, x: naive_vandermonde(v, x, L)
-    cases.append(bench.Case("s4", f"vandermonde B={rows} N={N} L={L} complex64", vand_setup, providers, vand_error,
-                            peer="naive-torch"))
+    cases.append(
+        bench.Case(
+            "s4", f"vandermonde B={rows} N={N} L={L} complex64", vand_setup, providers, vand_error, peer="naive-torch"
+        )
+    )
 
     B, H, Lc = (2, 64, 4096) if quick else (8, 256, 16384)
 
@@ -121,8 +130,9 @@ def s4_cases(device: str, quick: bool = False):
 
     providers = {b: (lambda u, k, D, b=b: ops.fft_conv(u, k, D, backend=b)) for b in _fast_backends(device)}
     providers["torch-fft"] = torch_fft_conv
-    cases.append(bench.Case("s4", f"fft_conv B={B} H={H} L={Lc} float32", fft_setup, providers, fft_error,
-                            peer="torch-fft"))
+    cases.append(
+        bench.Case("s4", f"fft_conv B={B} H={H} L={Lc} float32", fft_setup, providers, fft_error, peer="torch-fft")
+    )
 
     Bs, Hs, Ns = 16, 256, 32
 
@@ -157,8 +167,16 @@ def s4_cases(device: str, quick: bool = False):
     for b in _fast_backends(device):
         providers[f"{b}-inplace"] = lambda *a, b=b: inplace(*a, b=b)
     providers["torch-composition"] = torch_ssm_step
-    cases.append(bench.Case("s4", f"ssm_step B={Bs} H={Hs} N={Ns} complex64", step_setup, providers, step_error,
-                            peer="torch-composition"))
+    cases.append(
+        bench.Case(
+            "s4",
+            f"ssm_step B={Bs} H={Hs} N={Ns} complex64",
+            step_setup,
+            providers,
+            step_error,
+            peer="torch-composition",
+        )
+    )
 
     # The same step as a generation loop writes it: GENERATION_STEPS steps, each rebinding the state
     # (`y, state = step(state, u_t, ...)`), so every provider's allocator sees a state freed as the next one is
@@ -170,8 +188,7 @@ def s4_cases(device: str, quick: bool = False):
         return state, us, dA, dB, C, D
 
     def loop_error(out, inputs):
-        state, us, dA, dB, C, D = [t.cpu().to(torch.complex128) if t.is_complex() else t.cpu().double()
-                                   for t in inputs]
+        state, us, dA, dB, C, D = [t.cpu().to(torch.complex128) if t.is_complex() else t.cpu().double() for t in inputs]
         for t in range(GENERATION_STEPS):
             y, state = ref.ssm_step(state, us[t], dA, dB, C, D)
         return max(_rel(out[0], y), _rel(out[1], state))
@@ -181,6 +198,7 @@ def s4_cases(device: str, quick: bool = False):
             for t in range(us.shape[0]):
                 y, state = step(state, us[t], dA, dB, C, D)
             return y, state
+
         return run
 
     loop_providers = {b: generation_loop(lambda *a, b=b: ops.ssm_step(*a, backend=b)) for b in _fast_backends(device)}
@@ -194,9 +212,197 @@ def s4_cases(device: str, quick: bool = False):
     for b in _fast_backends(device):
         loop_providers[f"{b}-inplace"] = inplace_generation_loop(b)
     loop_providers["torch-composition"] = generation_loop(torch_ssm_step)
-    cases.append(bench.Case("s4", f"ssm_step loop of {GENERATION_STEPS} B={Bs} H={Hs} N={Ns} complex64", loop_setup,
-                            loop_providers, loop_error, peer="torch-composition"))
+    cases.append(
+        bench.Case(
+            "s4",
+            f"ssm_step loop of {GENERATION_STEPS} B={Bs} H={Hs} N={Ns} complex64",
+            loop_setup,
+            loop_providers,
+            loop_error,
+            peer="torch-composition",
+        )
+    )
     return cases
 
 
 FAMILIES: dict = {"s4": s4_cases}
+
+
+# ---- the shape sweep (python -m fastcore_ai bench --sweep; bench/sweep.py) ------------------------------------
+
+
+def chunked_rows(fn, rows_per_chunk: int):
+    """fn applied to row chunks of its [B, ·] arguments (the others, e.g. z [L], passed whole), concatenated:
+    the naive kernels in the row chunks a user would take so that the [B, N, L] temporary fits in memory."""
+
+    def run(*args):
+        rows = args[0].shape[0]
+        if rows <= rows_per_chunk:
+            return fn(*args)
+
+        def part(i):
+            return [
+                a[i : i + rows_per_chunk] if isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[0] == rows else a
+                for a in args
+            ]
+
+        return torch.cat([fn(*part(i)) for i in range(0, rows, rows_per_chunk)])
+
+    return run
+
+
+def _naive_rows(N: int, L: int, budget_bytes: int = 256 * 2**20) -> int:
+    """Rows per chunk keeping the naive [rows, 2N, L] complex64 temporary under budget_bytes."""
+    return max(1, budget_bytes // (2 * N * L * 8))
+
+
+def _s4_inputs(B: int, N: int, L: int, seed: int):
+    """Cauchy / Vandermonde inputs as S4D-Lin initialises them (the shapes of s4_cases above)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(B, N, dtype=torch.complex64, generator=g)
+    w = torch.complex(
+        -0.5 * torch.rand(B, N, generator=g) - 0.05,
+        math.pi * torch.arange(N).float() * (0.5 + torch.rand(B, N, generator=g)) * 0.1,
+    )
+    omega = torch.exp(-2j * math.pi * torch.arange(L, dtype=torch.float64) / (2 * (L - 1)))
+    omega[-1] = omega[-1] * (1 - 1e-6)
+    z = ((2 / 0.1) * (1 - omega) / (1 + omega)).to(torch.complex64)
+    A = torch.complex(-0.5 * torch.ones(N), math.pi * torch.arange(N).float())
+    dt = torch.exp(torch.rand(B, 1, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+    return v, z, w, (dt * A).to(torch.complex64)
+
+
+def _rel_first(ours, peer, inputs=None) -> float:
+    a = ours[0] if isinstance(ours, tuple) else ours
+    b = peer[0] if isinstance(peer, tuple) else peer
+    return _rel(a, b)
+
+
+def _sweep_cauchy(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    B, N, L = p["B"], p["N"], p["L"]
+
+    def setup():
+        v, z, w, _ = _s4_inputs(B, N, L, 0)
+        return v.to(device), z.to(device), w.to(device)
+
+    return SweepCell(
+        setup,
+        lambda v, z, w: ops.cauchy(v, z, w),
+        {"naive-torch": chunked_rows(naive_cauchy, _naive_rows(N, L))},
+        _rel_first,
+    )
+
+
+def _sweep_vandermonde(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    B, N, L = p["B"], p["N"], p["L"]
+
+    def setup():
+        v, _, _, x = _s4_inputs(B, N, L, 1)
+        return v.to(device), x.to(device)
+
+    naive = chunked_rows(lambda v, x: naive_vandermonde(v, x, L), _naive_rows(N, L) * 2)
+    return SweepCell(setup, lambda v, x: ops.vandermonde(v, x, L), {"naive-torch": naive}, _rel_first)
+
+
+def torch_fft_conv_any(u, k, D):
+    """torch_fft_conv for any float dtype: torch.fft has no bfloat16/float16 CPU kernels, so a user's code
+    computes in float32 and casts back (float32 input: exactly torch_fft_conv)."""
+    if u.dtype == torch.float32:
+        return torch_fft_conv(u, k, D)
+    return torch_fft_conv(u.float(), k.float(), D.float()).to(u.dtype)
+
+
+def _sweep_fft_conv(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    B, H, L = p["B"], p["H"], p["L"]
+
+    def setup():
+        g = torch.Generator().manual_seed(2)
+        u = torch.randn(B, H, L, generator=g)
+        k = torch.randn(H, L, generator=g) / math.sqrt(L)
+        D = torch.randn(H, generator=g)
+        return tuple(t.to(device=device, dtype=dtype) for t in (u, k, D))
+
+    return SweepCell(setup, lambda u, k, D: ops.fft_conv(u, k, D), {"torch-fft": torch_fft_conv_any}, _rel_first)
+
+
+def _sweep_ssm_step(p, dtype, device):
+    from .. import ops
+    from .harness import SweepCell
+
+    B, H, N = p["B"], p["H"], p["N"]
+
+    def setup():
+        g = torch.Generator().manual_seed(3)
+        dA = torch.exp(torch.complex(-0.1 * torch.rand(H, N, generator=g), torch.randn(H, N, generator=g)))
+        dB = torch.randn(H, N, dtype=torch.complex64, generator=g)
+        C = torch.randn(H, N, dtype=torch.complex64, generator=g)
+        state = torch.randn(B, H, N, dtype=torch.complex64, generator=g)
+        u = torch.randn(B, H, generator=g)
+        D = torch.randn(H, generator=g)
+        return tuple(t.to(device) for t in (state, u, dA, dB, C, D))
+
+    return SweepCell(setup, lambda *a: ops.ssm_step(*a), {"torch-composition": torch_ssm_step}, _rel_first)
+
+
+def _sweep_specs():
+    from .harness import SweepOp
+
+    kernel_dims = {"B": [16, 64, 256], "N": [16, 32, 64], "L": [513, 2049, 8193]}
+    kernel_quick = {"B": [4], "N": [8], "L": [33, 65]}
+    naive = (
+        "state-spaces/s4's naive torch kernel (materialises [B, 2N, L] complex terms, in row chunks of at most 256 MB)"
+    )
+    return [
+        SweepOp(
+            "cauchy",
+            "s4",
+            kernel_dims,
+            kernel_quick,
+            _sweep_cauchy,
+            naive,
+            dtypes=(torch.complex64,),
+            fixed="S4D-Lin-like poles, z on the bilinear frequency grid; B = rows (batch x channels)",
+        ),
+        SweepOp(
+            "vandermonde",
+            "s4",
+            kernel_dims,
+            kernel_quick,
+            _sweep_vandermonde,
+            naive.replace("[B, 2N, L]", "[B, N, L]"),
+            dtypes=(torch.complex64,),
+            fixed="S4D log-Vandermonde, x = dt * A with log-uniform dt",
+        ),
+        SweepOp(
+            "fft_conv",
+            "s4",
+            {"B": [1, 4, 8], "H": [16, 64, 256], "L": [1000, 4096, 16384]},
+            {"B": [1], "H": [4], "L": [64, 100]},
+            _sweep_fft_conv,
+            "torch.fft.rfft/irfft at n = 2L, crop, D skip (S4's FFTConv; float32 compute for bfloat16)",
+            dtypes=(torch.float32, torch.bfloat16),
+            fixed="kernel length = L, D skip on",
+        ),
+        SweepOp(
+            "ssm_step",
+            "s4",
+            {"B": [1, 16, 64], "H": [64, 256, 1024], "N": [16, 32, 64]},
+            {"B": [1], "H": [4], "N": [8, 16]},
+            _sweep_ssm_step,
+            "the torch step dA*state + dB*u, 2*Re(einsum(C, state)) + D*u",
+            dtypes=(torch.complex64,),
+            fixed="one step, new state allocated (inplace=False)",
+        ),
+    ]
+
+
+SWEEP = _sweep_specs()

@@ -8,6 +8,7 @@ The experts module's own weights are used in place (MixtralExperts' layout: gate
 down_proj [E, H, I]); the computation is moe_dispatch -> moe_grouped_mlp -> moe_combine, deterministic
 (no index_add_ atomics, unlike HF's eager path on GPU).
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,24 +28,41 @@ def _activation_name(act_fn) -> str:
         return "relu"
     if isinstance(act_fn, GELUActivation) or (isinstance(act_fn, torch.nn.GELU) and act_fn.approximate == "none"):
         return "gelu"
-    raise ValueError(f"fastcore_ai experts implementation: activation {type(act_fn).__name__} is not supported "
-                     "(silu, exact gelu and relu are); use another experts implementation for this model")
+    raise ValueError(
+        f"fastcore_ai experts implementation: activation {type(act_fn).__name__} is not supported "
+        "(silu, exact gelu and relu are); use another experts implementation for this model"
+    )
 
 
 def experts_forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
     """The experts forward HF calls: hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-    unsupported = [name for name, bad in (("bias", getattr(self, "has_bias", False)),
-                                          ("transposed weights", getattr(self, "is_transposed", False)),
-                                          ("interleaved gate/up", not getattr(self, "is_concatenated", True)),
-                                          ("post-expert norm", getattr(self, "has_post_expert_norm", False)))
-                   if bad]
+    unsupported = [
+        name
+        for name, bad in (
+            ("bias", getattr(self, "has_bias", False)),
+            ("transposed weights", getattr(self, "is_transposed", False)),
+            ("interleaved gate/up", not getattr(self, "is_concatenated", True)),
+            ("post-expert norm", getattr(self, "has_post_expert_norm", False)),
+        )
+        if bad
+    ]
     if unsupported:
-        raise ValueError("fastcore_ai experts implementation: this experts module uses " + ", ".join(unsupported)
-                         + ", which fastcore_ai.ops.moe_grouped_mlp does not support yet")
+        raise ValueError(
+            "fastcore_ai experts implementation: this experts module uses "
+            + ", ".join(unsupported)
+            + ", which fastcore_ai.ops.moe_grouped_mlp does not support yet"
+        )
     gated = getattr(self, "has_gate", True)
     w_gate_up = self.gate_up_proj if gated else self.up_proj
-    out = ops.moe_experts(hidden_states, top_k_index.to(torch.int64), top_k_weights, w_gate_up, self.down_proj,
-                          activation=_activation_name(self.act_fn), gated=gated)
+    out = ops.moe_experts(
+        hidden_states,
+        top_k_index.to(torch.int64),
+        top_k_weights,
+        w_gate_up,
+        self.down_proj,
+        activation=_activation_name(self.act_fn),
+        gated=gated,
+    )
     return out.to(hidden_states.dtype)
 
 

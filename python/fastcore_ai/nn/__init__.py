@@ -1,4 +1,5 @@
 """Drop-in torch.nn layers built on fastcore_ai.ops."""
+
 from .moe import MoE, MoEExperts, TopKRouter
 from .moe_parallel import ExpertParallelMoE
 

@@ -1,5 +1,6 @@
 """MoE layers: the router, the experts (Hugging Face MixtralExperts' weight layout) and the whole
 MoE block, on fastcore_ai.ops (route -> dispatch -> grouped expert MLP -> combine)."""
+
 from __future__ import annotations
 
 from typing import Optional
@@ -19,10 +20,23 @@ class TopKRouter(nn.Module):
     `aux_loss(out)` = aux_loss_coef · L_B + z_loss_coef · L_z with ST-MoE's defaults 1e-2 and 1e-3.
     """
 
-    def __init__(self, hidden_size: int, num_experts: int, k: int = 2, *, renormalize: bool = True,
-                 capacity_factor: Optional[float] = None, min_capacity: int = 4, priority: str = "token",
-                 aux_loss_coef: float = 1e-2, z_loss_coef: float = 1e-3, jitter: float = 0.0,
-                 backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        renormalize: bool = True,
+        capacity_factor: Optional[float] = None,
+        min_capacity: int = 4,
+        priority: str = "token",
+        aux_loss_coef: float = 1e-2,
+        z_loss_coef: float = 1e-3,
+        jitter: float = 0.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.hidden_size, self.num_experts, self.k = hidden_size, num_experts, k
         self.renormalize, self.backend = renormalize, backend
@@ -33,7 +47,7 @@ class TopKRouter(nn.Module):
 
     def reset_parameters(self) -> None:
         # Small init keeps the initial router near uniform (Switch Transformer scales init by 0.1).
-        nn.init.normal_(self.weight, std=0.1 / self.hidden_size ** 0.5)
+        nn.init.normal_(self.weight, std=0.1 / self.hidden_size**0.5)
 
     def forward(self, x: Tensor, capacity_factor: Optional[float] = None) -> ops.RouterOutput:
         tokens = x.reshape(-1, self.hidden_size)
@@ -43,15 +57,24 @@ class TopKRouter(nn.Module):
                 tokens = tokens * torch.empty_like(tokens).uniform_(1 - self.jitter, 1 + self.jitter)
             logits = tokens @ self.weight.float().t()
         factor = self.capacity_factor if capacity_factor is None else capacity_factor
-        return ops.moe_topk_route(logits, self.k, renormalize=self.renormalize, capacity_factor=factor,
-                                  min_capacity=self.min_capacity, priority=self.priority, backend=self.backend)
+        return ops.moe_topk_route(
+            logits,
+            self.k,
+            renormalize=self.renormalize,
+            capacity_factor=factor,
+            min_capacity=self.min_capacity,
+            priority=self.priority,
+            backend=self.backend,
+        )
 
     def aux_loss(self, out: ops.RouterOutput) -> Tensor:
         return self.aux_loss_coef * out.load_balancing_loss() + self.z_loss_coef * out.z_loss
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.k}, "
-                f"renormalize={self.renormalize}, capacity_factor={self.capacity_factor}, backend={self.backend!r}")
+        return (
+            f"hidden_size={self.hidden_size}, num_experts={self.num_experts}, k={self.k}, "
+            f"renormalize={self.renormalize}, capacity_factor={self.capacity_factor}, backend={self.backend!r}"
+        )
 
 
 class MoEExperts(nn.Module):
@@ -63,28 +86,50 @@ class MoEExperts(nn.Module):
     moe_dispatch -> moe_grouped_mlp -> moe_combine (deterministic, dropped assignments add exactly 0).
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, activation: str = "silu",
-                 gated: bool = True, backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        activation: str = "silu",
+        gated: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.activation, self.gated, self.backend = activation, gated, backend
         rows = 2 * intermediate_size if gated else intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, rows, hidden_size, device=device, dtype=dtype))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, device=device,
-                                                  dtype=dtype))
+        self.down_proj = nn.Parameter(
+            torch.empty(num_experts, hidden_size, intermediate_size, device=device, dtype=dtype)
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_up_proj, std=self.hidden_size ** -0.5)
-        nn.init.normal_(self.down_proj, std=self.intermediate_size ** -0.5)
+        nn.init.normal_(self.gate_up_proj, std=self.hidden_size**-0.5)
+        nn.init.normal_(self.down_proj, std=self.intermediate_size**-0.5)
 
     def forward(self, x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor] = None) -> Tensor:
-        return ops.moe_experts(x, expert_ids, weights.to(x.dtype), self.gate_up_proj, self.down_proj, kept=kept,
-                               activation=self.activation, gated=self.gated, backend=self.backend)
+        return ops.moe_experts(
+            x,
+            expert_ids,
+            weights.to(x.dtype),
+            self.gate_up_proj,
+            self.down_proj,
+            kept=kept,
+            activation=self.activation,
+            gated=self.gated,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
-                f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, gated={self.gated}")
+        return (
+            f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+            f"intermediate_size={self.intermediate_size}, activation={self.activation!r}, gated={self.gated}"
+        )
 
 
 class MoE(nn.Module):
@@ -96,19 +141,44 @@ class MoE(nn.Module):
     the RouterOutput (weights, ids, kept, counts) for logging.
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, *,
-                 capacity_factor: Optional[float] = 1.25, eval_capacity_factor: Optional[float] = 2.0,
-                 min_capacity: int = 4, z_loss_coef: float = 1e-3, aux_loss_coef: float = 1e-2, jitter: float = 0.0,
-                 activation: str = "silu", gated: bool = True, backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        capacity_factor: Optional[float] = 1.25,
+        eval_capacity_factor: Optional[float] = 2.0,
+        min_capacity: int = 4,
+        z_loss_coef: float = 1e-3,
+        aux_loss_coef: float = 1e-2,
+        jitter: float = 0.0,
+        activation: str = "silu",
+        gated: bool = True,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.d_model = d_model
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         # The router itself is dropless; the block passes the train or eval factor on every call.
-        self.router = TopKRouter(d_model, num_experts, k, capacity_factor=None, min_capacity=min_capacity,
-                                 aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, jitter=jitter,
-                                 backend=backend, device=device)
-        self.experts = MoEExperts(num_experts, d_model, d_ff, activation=activation, gated=gated, backend=backend,
-                                  device=device, dtype=dtype)
+        self.router = TopKRouter(
+            d_model,
+            num_experts,
+            k,
+            capacity_factor=None,
+            min_capacity=min_capacity,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            jitter=jitter,
+            backend=backend,
+            device=device,
+        )
+        self.experts = MoEExperts(
+            num_experts, d_model, d_ff, activation=activation, gated=gated, backend=backend, device=device, dtype=dtype
+        )
         self.aux_loss: Optional[Tensor] = None
         self.last_router: Optional[ops.RouterOutput] = None
 

@@ -21,6 +21,7 @@ after backward (all-reduce SUM) to get the gradient of the sum of the ranks' los
 process would compute on the concatenated batch. Capacity (when a capacity factor is set) is computed
 per rank on its own tokens, and `aux_loss` is the local tokens' auxiliary loss.
 """
+
 from __future__ import annotations
 
 from typing import List, Optional
@@ -61,29 +62,65 @@ class ExpertParallelMoE(nn.Module):
     After backward, call `sync_router_grads()` (see the module docstring).
     """
 
-    def __init__(self, d_model: int, d_ff: int, num_experts: int, k: int = 2, *,
-                 capacity_factor: Optional[float] = 1.25, eval_capacity_factor: Optional[float] = 2.0,
-                 min_capacity: int = 4, z_loss_coef: float = 1e-3, aux_loss_coef: float = 1e-2, jitter: float = 0.0,
-                 activation: str = "silu", gated: bool = True, backend: str = "auto", group=None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        capacity_factor: Optional[float] = 1.25,
+        eval_capacity_factor: Optional[float] = 2.0,
+        min_capacity: int = 4,
+        z_loss_coef: float = 1e-3,
+        aux_loss_coef: float = 1e-2,
+        jitter: float = 0.0,
+        activation: str = "silu",
+        gated: bool = True,
+        backend: str = "auto",
+        group=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("ExpertParallelMoE needs an initialised torch.distributed process group "
-                               "(torch.distributed.init_process_group)")
+            raise RuntimeError(
+                "ExpertParallelMoE needs an initialised torch.distributed process group "
+                "(torch.distributed.init_process_group)"
+            )
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         if num_experts % self.world_size != 0:
-            raise ValueError(f"ExpertParallelMoE: num_experts ({num_experts}) must be divisible by the "
-                             f"expert-parallel group size ({self.world_size})")
+            raise ValueError(
+                f"ExpertParallelMoE: num_experts ({num_experts}) must be divisible by the "
+                f"expert-parallel group size ({self.world_size})"
+            )
         self.d_model, self.num_experts, self.backend = d_model, num_experts, backend
         self.num_local_experts = num_experts // self.world_size
         self.expert_start = self.rank * self.num_local_experts
         self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
-        self.router = TopKRouter(d_model, num_experts, k, capacity_factor=None, min_capacity=min_capacity,
-                                 aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef, jitter=jitter,
-                                 backend=backend, device=device)
-        self.experts = MoEExperts(self.num_local_experts, d_model, d_ff, activation=activation, gated=gated,
-                                  backend=backend, device=device, dtype=dtype)
+        self.router = TopKRouter(
+            d_model,
+            num_experts,
+            k,
+            capacity_factor=None,
+            min_capacity=min_capacity,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            jitter=jitter,
+            backend=backend,
+            device=device,
+        )
+        self.experts = MoEExperts(
+            self.num_local_experts,
+            d_model,
+            d_ff,
+            activation=activation,
+            gated=gated,
+            backend=backend,
+            device=device,
+            dtype=dtype,
+        )
         self.aux_loss: Optional[Tensor] = None
         self.last_router: Optional[ops.RouterOutput] = None
 
@@ -92,11 +129,24 @@ class ExpertParallelMoE(nn.Module):
         """This rank's shard of a single-process `MoE`: same configuration, router weight copied, experts
         [expert_start, expert_start + E_local) copied from moe.experts."""
         r, e = moe.router, moe.experts
-        layer = cls(moe.d_model, e.intermediate_size, r.num_experts, r.k, capacity_factor=moe.capacity_factor,
-                    eval_capacity_factor=moe.eval_capacity_factor, min_capacity=r.min_capacity,
-                    z_loss_coef=r.z_loss_coef, aux_loss_coef=r.aux_loss_coef, jitter=r.jitter,
-                    activation=e.activation, gated=e.gated, backend=r.backend, group=group,
-                    device=e.gate_up_proj.device, dtype=e.gate_up_proj.dtype)
+        layer = cls(
+            moe.d_model,
+            e.intermediate_size,
+            r.num_experts,
+            r.k,
+            capacity_factor=moe.capacity_factor,
+            eval_capacity_factor=moe.eval_capacity_factor,
+            min_capacity=r.min_capacity,
+            z_loss_coef=r.z_loss_coef,
+            aux_loss_coef=r.aux_loss_coef,
+            jitter=r.jitter,
+            activation=e.activation,
+            gated=e.gated,
+            backend=r.backend,
+            group=group,
+            device=e.gate_up_proj.device,
+            dtype=e.gate_up_proj.dtype,
+        )
         local = slice(layer.expert_start, layer.expert_start + layer.num_local_experts)
         with torch.no_grad():
             layer.router.weight.copy_(r.weight)
@@ -120,10 +170,9 @@ class ExpertParallelMoE(nn.Module):
     def _experts_parallel(self, tokens: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor]) -> Tensor:
         W, E_local, experts = self.world_size, self.num_local_experts, self.experts
         # Rows grouped by global expert id: rank r's rows are the contiguous block at expert_offsets[r·E_local].
-        x_sorted, plan = ops.moe_dispatch(tokens, expert_ids, kept, self.num_experts,
-                                          backend=experts.backend)
-        send_counts = plan.tokens_per_expert()                       # [W·E_local], destination-rank major
-        recv_counts = torch.empty_like(send_counts)                  # [W·E_local], source-rank major
+        x_sorted, plan = ops.moe_dispatch(tokens, expert_ids, kept, self.num_experts, backend=experts.backend)
+        send_counts = plan.tokens_per_expert()  # [W·E_local], destination-rank major
+        recv_counts = torch.empty_like(send_counts)  # [W·E_local], source-rank major
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         # The one host read: both split lists in a single transfer.
         splits = torch.stack([send_counts.view(W, E_local).sum(1), recv_counts.view(W, E_local).sum(1)]).tolist()
@@ -137,13 +186,21 @@ class ExpertParallelMoE(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         per_expert = recv_counts.view(W, E_local).sum(0)
         local_offsets = torch.cat([per_expert.new_zeros(1), per_expert.cumsum(0)])
-        y_local = ops.moe_grouped_mlp(x_recv.index_select(0, order), local_offsets, experts.gate_up_proj,
-                                      experts.down_proj, activation=experts.activation, gated=experts.gated,
-                                      backend=experts.backend)
+        y_local = ops.moe_grouped_mlp(
+            x_recv.index_select(0, order),
+            local_offsets,
+            experts.gate_up_proj,
+            experts.down_proj,
+            activation=experts.activation,
+            gated=experts.gated,
+            backend=experts.backend,
+        )
         y_sorted = _AllToAll.apply(y_local.index_select(0, inverse), send_splits, recv_splits, self.group)
         return ops.moe_combine(y_sorted, plan, weights.to(y_sorted.dtype), backend=experts.backend)
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.num_experts}, world_size={self.world_size}, rank={self.rank}, "
-                f"local_experts=[{self.expert_start}, {self.expert_start + self.num_local_experts}), "
-                f"capacity_factor={self.capacity_factor}")
+        return (
+            f"num_experts={self.num_experts}, world_size={self.world_size}, rank={self.rank}, "
+            f"local_experts=[{self.expert_start}, {self.expert_start + self.num_local_experts}), "
+            f"capacity_factor={self.capacity_factor}"
+        )

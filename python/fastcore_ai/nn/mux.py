@@ -1,12 +1,13 @@
 """DataMUX layers: a drop-in fused attention block, multiplexed self-attention, and the DataMUX encoder.
 
-  Attention                 nn.MultiheadAttention(batch_first=True)'s interface and parameter names, with
-                            the fused `ops.attention` core (never materialises the attention weights).
-  MultiplexedSelfAttention  mux N instances into one sequence, then self-attention over it.
-  DataMUXEncoder            DataMUX (Murahari et al. 2022): index prefix -> mux -> Transformer layers ->
-                            index demux, [B·N, L, d] -> [B·N, L, d]; a batch that is not a multiple of N is
-                            padded with masked instances and the padding removed (never dropped silently).
+Attention                 nn.MultiheadAttention(batch_first=True)'s interface and parameter names, with
+                          the fused `ops.attention` core (never materialises the attention weights).
+MultiplexedSelfAttention  mux N instances into one sequence, then self-attention over it.
+DataMUXEncoder            DataMUX (Murahari et al. 2022): index prefix -> mux -> Transformer layers ->
+                          index demux, [B·N, L, d] -> [B·N, L, d]; a batch that is not a multiple of N is
+                          padded with masked instances and the padding removed (never dropped silently).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -19,7 +20,9 @@ from .. import ops
 __all__ = ["Attention", "MultiplexedSelfAttention", "DataMUXEncoder", "hadamard_keys", "ortho_keys"]
 
 
-def hadamard_keys(num_instances: int, dim: int, norm: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+def hadamard_keys(
+    num_instances: int, dim: int, norm: float = 1.0, generator: Optional[torch.Generator] = None
+) -> Tensor:
     """DataMUX Gaussian Hadamard keys v_i = norm · g_i / ‖g_i‖, g_i ~ N(0, I_d): [N, d]."""
     g = torch.randn(num_instances, dim, generator=generator)
     return norm * g / g.norm(dim=1, keepdim=True)
@@ -44,11 +47,21 @@ class Attention(nn.Module):
     need_weights=True raises. A query whose keys are all masked outputs out_proj(0) = out_proj.bias.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, bias: bool = True, causal: bool = False,
-                 backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        bias: bool = True,
+        causal: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if embed_dim % num_heads != 0:
-            raise ValueError(f"fastcore_ai.nn.Attention: embed_dim = {embed_dim} must be divisible by num_heads = {num_heads}")
+            raise ValueError(
+                f"fastcore_ai.nn.Attention: embed_dim = {embed_dim} must be divisible by num_heads = {num_heads}"
+            )
         factory = {"device": device, "dtype": dtype}
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
         self.causal, self.backend = causal, backend
@@ -67,12 +80,21 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D] view, no copy
 
-    def forward(self, query: Tensor, key: Optional[Tensor] = None, value: Optional[Tensor] = None,
-                key_padding_mask: Optional[Tensor] = None, need_weights: bool = False,
-                attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tuple[Tensor, None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tuple[Tensor, None]:
         if need_weights:
-            raise ValueError("fastcore_ai.nn.Attention: need_weights=True is not supported (the fused kernel never "
-                             "forms the attention weights); pass need_weights=False")
+            raise ValueError(
+                "fastcore_ai.nn.Attention: need_weights=True is not supported (the fused kernel never "
+                "forms the attention weights); pass need_weights=False"
+            )
         key = query if key is None else key
         value = key if value is None else value
         E = self.embed_dim
@@ -82,16 +104,23 @@ class Attention(nn.Module):
         else:
             bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
             q = nn.functional.linear(query, w[:E], bq)
-            k = nn.functional.linear(key, w[E:2 * E], bk)
-            v = nn.functional.linear(value, w[2 * E:], bv)
+            k = nn.functional.linear(key, w[E : 2 * E], bk)
+            v = nn.functional.linear(value, w[2 * E :], bv)
         B, Lq, Lk = query.shape[0], query.shape[1], key.shape[1]
         mask = None
         if attn_mask is not None:
             if attn_mask.dim() == 3:  # [B·H, Lq, Lk]
                 attn_mask = attn_mask.view(B, self.num_heads, Lq, Lk)
             mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
-        out = ops.attention(self._heads(q), self._heads(k), self._heads(v), attn_mask=mask,
-                            key_padding_mask=key_padding_mask, causal=self.causal or is_causal, backend=self.backend)
+        out = ops.attention(
+            self._heads(q),
+            self._heads(k),
+            self._heads(v),
+            attn_mask=mask,
+            key_padding_mask=key_padding_mask,
+            causal=self.causal or is_causal,
+            backend=self.backend,
+        )
         return self.out_proj(out.transpose(1, 2).reshape(B, Lq, E)), None
 
     def extra_repr(self) -> str:
@@ -103,13 +132,27 @@ class MultiplexedSelfAttention(nn.Module):
     learn_keys=True), then self-attention over the multiplexed sequence: returns [B, L, d]. The flat batch
     must be a multiple of N (see DataMUXEncoder for padding)."""
 
-    def __init__(self, num_instances: int, embed_dim: int, num_heads: int, mux: str = "hadamard",
-                 key_norm: float = 1.0, learn_keys: bool = False, backend: str = "auto"):
+    def __init__(
+        self,
+        num_instances: int,
+        embed_dim: int,
+        num_heads: int,
+        mux: str = "hadamard",
+        key_norm: float = 1.0,
+        learn_keys: bool = False,
+        backend: str = "auto",
+    ):
         super().__init__()
         if mux not in ops.MUX_MODES:
-            raise ValueError(f"fastcore_ai.nn.MultiplexedSelfAttention: mux must be one of {ops.MUX_MODES}, got {mux!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.MultiplexedSelfAttention: mux must be one of {ops.MUX_MODES}, got {mux!r}"
+            )
         self.num_instances, self.mux_mode, self.backend = num_instances, mux, backend
-        keys = hadamard_keys(num_instances, embed_dim, key_norm) if mux == "hadamard" else ortho_keys(num_instances, embed_dim)
+        keys = (
+            hadamard_keys(num_instances, embed_dim, key_norm)
+            if mux == "hadamard"
+            else ortho_keys(num_instances, embed_dim)
+        )
         if learn_keys:
             self.keys = nn.Parameter(keys)
         else:
@@ -117,8 +160,13 @@ class MultiplexedSelfAttention(nn.Module):
         self.attention = Attention(embed_dim, num_heads, backend=backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        muxed = ops.mux(x, self.keys.to(x.dtype), self.mux_mode, num_instances=self.num_instances,
-                        backend=_aux_backend(self.backend))
+        muxed = ops.mux(
+            x,
+            self.keys.to(x.dtype),
+            self.mux_mode,
+            num_instances=self.num_instances,
+            backend=_aux_backend(self.backend),
+        )
         return self.attention(muxed)[0]
 
     def extra_repr(self) -> str:
@@ -162,20 +210,35 @@ class DataMUXEncoder(nn.Module):
     in input order (DataMUX's reference silently drops those rows).
     """
 
-    def __init__(self, num_instances: int, d_model: int, n_heads: int, n_layers: int, d_ff: int,
-                 mux: str = "hadamard", demux: str = "index", dropout: float = 0.0, key_norm: float = 1.0,
-                 backend: str = "auto", seed: int = 0):
+    def __init__(
+        self,
+        num_instances: int,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        d_ff: int,
+        mux: str = "hadamard",
+        demux: str = "index",
+        dropout: float = 0.0,
+        key_norm: float = 1.0,
+        backend: str = "auto",
+        seed: int = 0,
+    ):
         super().__init__()
         if mux not in ops.MUX_MODES:
             raise ValueError(f"fastcore_ai.nn.DataMUXEncoder: mux must be one of {ops.MUX_MODES}, got {mux!r}")
         if demux != "index":
-            raise ValueError(f"fastcore_ai.nn.DataMUXEncoder: demux must be 'index' (the only demux implemented), got {demux!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.DataMUXEncoder: demux must be 'index' (the only demux implemented), got {demux!r}"
+            )
         if not (isinstance(num_instances, int) and num_instances >= 1):
             raise ValueError(f"fastcore_ai.nn.DataMUXEncoder: num_instances must be an int >= 1, got {num_instances!r}")
         N = num_instances
         self.num_instances, self.d_model, self.mux_mode, self.backend = N, d_model, mux, backend
         generator = torch.Generator().manual_seed(seed)
-        keys = hadamard_keys(N, d_model, key_norm, generator) if mux == "hadamard" else ortho_keys(N, d_model, generator)
+        keys = (
+            hadamard_keys(N, d_model, key_norm, generator) if mux == "hadamard" else ortho_keys(N, d_model, generator)
+        )
         self.register_buffer("mux_keys", keys)
         self.index_embedding = nn.Parameter(torch.randn(N, d_model, generator=generator) * 0.02)
         self.filler_embedding = nn.Parameter(torch.randn(d_model, generator=generator) * 0.02)
@@ -193,8 +256,9 @@ class DataMUXEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
-            raise ValueError(f"fastcore_ai.nn.DataMUXEncoder: x must be [B·N, L, d_model = {self.d_model}], "
-                             f"got {tuple(x.shape)}")
+            raise ValueError(
+                f"fastcore_ai.nn.DataMUXEncoder: x must be [B·N, L, d_model = {self.d_model}], got {tuple(x.shape)}"
+            )
         R, L, d = x.shape
         N = self.num_instances
         B = -(-R // N)
@@ -208,8 +272,16 @@ class DataMUXEncoder(nn.Module):
         h = ops.mux(prefixed, self.mux_keys.to(x.dtype), self.mux_mode, num_instances=N, backend=aux)  # [B, L', d]
         for layer in self.layers:
             h = layer(h)
-        out = ops.demux(h[:, N + 1:], h[:, :N], self.demux_linear.weight, self.demux_linear.bias,
-                        self.demux_norm.weight, self.demux_norm.bias, eps=self.demux_norm.eps, backend=aux)
+        out = ops.demux(
+            h[:, N + 1 :],
+            h[:, :N],
+            self.demux_linear.weight,
+            self.demux_linear.bias,
+            self.demux_norm.weight,
+            self.demux_norm.bias,
+            eps=self.demux_norm.eps,
+            backend=aux,
+        )
         return out[:R]
 
     def extra_repr(self) -> str:

@@ -1,12 +1,13 @@
 """NeRF ray marching and rendering: layers.
 
-  OccupancyGrid   instant-ngp-style multi-level occupancy grid (density per cell + packed bitfield,
-                  update rule of ops.occupancy_grid_update), saved with state_dict.
-  NeRFRenderer    field -> march -> render: `forward` for training (differentiable into the field),
-                  `render_inference` in rounds over the rays still alive, with early termination and
-                  compaction, in chunks (memory bounded whatever the image size).
-  BlockNeRF       renders the blocks eligible for a camera and composites them (ops.composite_blocks).
+OccupancyGrid   instant-ngp-style multi-level occupancy grid (density per cell + packed bitfield,
+                update rule of ops.occupancy_grid_update), saved with state_dict.
+NeRFRenderer    field -> march -> render: `forward` for training (differentiable into the field),
+                `render_inference` in rounds over the rays still alive, with early termination and
+                compaction, in chunks (memory bounded whatever the image size).
+BlockNeRF       renders the blocks eligible for a camera and composites them (ops.composite_blocks).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ __all__ = ["OccupancyGrid", "NeRFRenderer", "BlockNeRF"]
 def _as_aabb(aabb) -> Tensor:
     box = torch.as_tensor(aabb, dtype=torch.float32).reshape(-1)
     if box.numel() != 6 or not bool((box[3:] > box[:3]).all()):
-        raise ValueError(f"fastcore_ai.nn: aabb must be 6 numbers [x0, y0, z0, x1, y1, z1] with x1 > x0 etc., got "
-                         f"{box.tolist()}")
+        raise ValueError(
+            f"fastcore_ai.nn: aabb must be 6 numbers [x0, y0, z0, x1, y1, z1] with x1 > x0 etc., got {box.tolist()}"
+        )
     return box
 
 
@@ -48,27 +50,38 @@ class OccupancyGrid(nn.Module):
     value = density_fn(x) · step_size; new = max(decay·old, value); occupied = new > min(threshold, mean).
     """
 
-    def __init__(self, aabb, resolution: int = 128, levels: int = 1, step_size: Optional[float] = None,
-                 decay: float = 0.95, threshold: float = 0.01, warmup_steps: int = 256):
+    def __init__(
+        self,
+        aabb,
+        resolution: int = 128,
+        levels: int = 1,
+        step_size: Optional[float] = None,
+        decay: float = 0.95,
+        threshold: float = 0.01,
+        warmup_steps: int = 256,
+    ):
         super().__init__()
         if isinstance(resolution, bool) or not isinstance(resolution, int) or not 1 <= resolution <= 1024:
-            raise ValueError(f"fastcore_ai.nn.OccupancyGrid: resolution must be an int in [1, 1024], got {resolution!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.OccupancyGrid: resolution must be an int in [1, 1024], got {resolution!r}"
+            )
         if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= ops.MAX_GRID_LEVELS:
-            raise ValueError(f"fastcore_ai.nn.OccupancyGrid: levels must be an int in [1, {ops.MAX_GRID_LEVELS}], "
-                             f"got {levels!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.OccupancyGrid: levels must be an int in [1, {ops.MAX_GRID_LEVELS}], got {levels!r}"
+            )
         box = _as_aabb(aabb)
         self.resolution, self.levels = resolution, levels
         # instant-ngp's minimum step √3/1024 of a unit cube: the box diagonal / 1024
         self.step_size = float(step_size) if step_size is not None else float((box[3:] - box[:3]).norm()) / 1024
         self.decay, self.threshold, self.warmup_steps = float(decay), float(threshold), int(warmup_steps)
-        cells = levels * resolution ** 3
+        cells = levels * resolution**3
         self.register_buffer("aabb", box)
         self.register_buffer("density", torch.zeros(cells))
         self.register_buffer("bitfield", torch.full(((cells + 7) // 8,), 255, dtype=torch.uint8))
 
     @property
     def num_cells(self) -> int:
-        return self.levels * self.resolution ** 3
+        return self.levels * self.resolution**3
 
     def level_aabbs(self) -> Tensor:
         """[levels, 6] boxes of the cascades."""
@@ -89,27 +102,40 @@ class OccupancyGrid(nn.Module):
         """Set the bitfield from a [levels, res, res, res] (or flat) bool mask; density follows (1/0)."""
         flat = occupied.reshape(-1).to(self.bitfield.device)
         if flat.numel() != self.num_cells:
-            raise ValueError(f"fastcore_ai.nn.OccupancyGrid.set_occupied: need {self.num_cells} cells, got {flat.numel()}")
+            raise ValueError(
+                f"fastcore_ai.nn.OccupancyGrid.set_occupied: need {self.num_cells} cells, got {flat.numel()}"
+            )
         self.bitfield.copy_(_pack(flat.bool()))
         self.density.copy_(flat.to(self.density.dtype))
 
     def cell_points(self, cell_indices: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """A uniformly jittered point inside each listed cell, [M, 3]."""
         res = self.resolution
-        level = torch.div(cell_indices, res ** 3, rounding_mode="floor")
-        rem = cell_indices - level * res ** 3
-        ijk = torch.stack([torch.div(rem, res * res, rounding_mode="floor"),
-                           torch.div(rem, res, rounding_mode="floor") % res, rem % res], 1)
+        level = torch.div(cell_indices, res**3, rounding_mode="floor")
+        rem = cell_indices - level * res**3
+        ijk = torch.stack(
+            [
+                torch.div(rem, res * res, rounding_mode="floor"),
+                torch.div(rem, res, rounding_mode="floor") % res,
+                rem % res,
+            ],
+            1,
+        )
         boxes = self.level_aabbs()[level]
         jitter = torch.rand(ijk.shape, generator=generator, device=ijk.device, dtype=boxes.dtype)
         return boxes[:, :3] + (ijk.to(boxes.dtype) + jitter) / res * (boxes[:, 3:] - boxes[:, :3])
 
     @torch.no_grad()
-    def update(self, density_fn: Callable[[Tensor], Tensor], step: int, chunk: int = 1 << 18,
-               generator: Optional[torch.Generator] = None) -> None:
+    def update(
+        self,
+        density_fn: Callable[[Tensor], Tensor],
+        step: int,
+        chunk: int = 1 << 18,
+        generator: Optional[torch.Generator] = None,
+    ) -> None:
         """One grid update (see the class docstring). density_fn(x [M, 3]) -> σ [M] (or [M, 1])."""
         device = self.density.device
-        cells_per_level = self.resolution ** 3
+        cells_per_level = self.resolution**3
         if step < self.warmup_steps:
             indices = torch.arange(self.num_cells, device=device)
         else:
@@ -126,7 +152,7 @@ class OccupancyGrid(nn.Module):
             indices = torch.cat(chosen)
         values = []
         for begin in range(0, indices.numel(), chunk):
-            x = self.cell_points(indices[begin:begin + chunk], generator)
+            x = self.cell_points(indices[begin : begin + chunk], generator)
             values.append(density_fn(x).reshape(-1).to(self.density.dtype) * self.step_size)
         values = torch.cat(values) if values else self.density.new_empty(0)
         density, bitfield = ops.occupancy_grid_update(self.density, indices, values, self.decay, self.threshold)
@@ -134,8 +160,10 @@ class OccupancyGrid(nn.Module):
         self.bitfield.copy_(bitfield)
 
     def extra_repr(self) -> str:
-        return (f"aabb={[round(v, 4) for v in self.aabb.tolist()]}, resolution={self.resolution}, levels={self.levels}, "
-                f"step_size={self.step_size:.3g}")
+        return (
+            f"aabb={[round(v, 4) for v in self.aabb.tolist()]}, resolution={self.resolution}, levels={self.levels}, "
+            f"step_size={self.step_size:.3g}"
+        )
 
 
 class NeRFRenderer(nn.Module):
@@ -154,10 +182,22 @@ class NeRFRenderer(nn.Module):
     render_inference. field_batch: samples per field call (None: 2^16 on the CPU, the whole round on a GPU).
     """
 
-    def __init__(self, field: nn.Module, aabb=None, grid: Optional[OccupancyGrid] = None, resolution: int = 128,
-                 levels: int = 1, step_size: Optional[float] = None, cone_angle: float = 0.0, near: float = 0.0,
-                 far: float = math.inf, early_stop_eps: float = 1e-4, background: Optional[Tensor] = None,
-                 max_samples_per_ray: int = 1024, field_batch: Optional[int] = None):
+    def __init__(
+        self,
+        field: nn.Module,
+        aabb=None,
+        grid: Optional[OccupancyGrid] = None,
+        resolution: int = 128,
+        levels: int = 1,
+        step_size: Optional[float] = None,
+        cone_angle: float = 0.0,
+        near: float = 0.0,
+        far: float = math.inf,
+        early_stop_eps: float = 1e-4,
+        background: Optional[Tensor] = None,
+        max_samples_per_ray: int = 1024,
+        field_batch: Optional[int] = None,
+    ):
         super().__init__()
         if grid is None:
             if aabb is None:
@@ -167,11 +207,16 @@ class NeRFRenderer(nn.Module):
         self.step_size = float(step_size) if step_size is not None else grid.step_size
         self.cone_angle, self.near, self.far = float(cone_angle), float(near), float(far)
         self.early_stop_eps, self.max_samples_per_ray = float(early_stop_eps), int(max_samples_per_ray)
-        if field_batch is not None and (isinstance(field_batch, bool) or not isinstance(field_batch, int) or
-                                        field_batch < 1):
-            raise ValueError(f"fastcore_ai.nn.NeRFRenderer: field_batch must be a positive int or None, got {field_batch!r}")
+        if field_batch is not None and (
+            isinstance(field_batch, bool) or not isinstance(field_batch, int) or field_batch < 1
+        ):
+            raise ValueError(
+                f"fastcore_ai.nn.NeRFRenderer: field_batch must be a positive int or None, got {field_batch!r}"
+            )
         self.field_batch = field_batch
-        self.register_buffer("background", None if background is None else torch.as_tensor(background, dtype=torch.float32))
+        self.register_buffer(
+            "background", None if background is None else torch.as_tensor(background, dtype=torch.float32)
+        )
 
     # On the CPU the field runs on batches of at most this many samples (on a GPU on the whole round). The
     # per-sample cost of a small MLP field depends on the batch mostly through glibc: activations of a few MiB
@@ -186,7 +231,7 @@ class NeRFRenderer(nn.Module):
         if x.shape[0] <= batch:
             sigma, rgb = self.field(x, d)
             return sigma.reshape(-1), rgb.reshape(-1, 3)
-        parts = [self.field(x[s:s + batch], d[s:s + batch]) for s in range(0, x.shape[0], batch)]
+        parts = [self.field(x[s : s + batch], d[s : s + batch]) for s in range(0, x.shape[0], batch)]
         return torch.cat([p[0].reshape(-1) for p in parts]), torch.cat([p[1].reshape(-1, 3) for p in parts])
 
     def _field(self, rays_o: Tensor, rays_d: Tensor, ray_indices: Tensor, t_starts: Tensor, t_ends: Tensor):
@@ -195,17 +240,32 @@ class NeRFRenderer(nn.Module):
         return self._run_field(rays_o[ray_indices] + t_mid * d, d)
 
     def forward(self, rays_o: Tensor, rays_d: Tensor) -> ops.RenderOutput:
-        needs_graph = torch.is_grad_enabled() and (rays_o.requires_grad or rays_d.requires_grad or
-                                                   any(p.requires_grad for p in self.field.parameters()))
+        needs_graph = torch.is_grad_enabled() and (
+            rays_o.requires_grad or rays_d.requires_grad or any(p.requires_grad for p in self.field.parameters())
+        )
         if needs_graph:  # training: autograd through the field on every marched sample
             with torch.no_grad():
-                samples = ops.ray_march(rays_o, rays_d, self.grid, near=self.near, far=self.far,
-                                        step_size=self.step_size, cone_angle=self.cone_angle,
-                                        max_samples_per_ray=self.max_samples_per_ray, jitter=self.training)
+                samples = ops.ray_march(
+                    rays_o,
+                    rays_d,
+                    self.grid,
+                    near=self.near,
+                    far=self.far,
+                    step_size=self.step_size,
+                    cone_angle=self.cone_angle,
+                    max_samples_per_ray=self.max_samples_per_ray,
+                    jitter=self.training,
+                )
             sigma, rgb = self._field(rays_o, rays_d, samples.ray_indices, samples.t_starts, samples.t_ends)
-            return ops.volume_render(sigma.to(rays_o.dtype), rgb.to(rays_o.dtype), samples.t_starts, samples.t_ends,
-                                     samples.packed_info, background=self.background,
-                                     early_stop_eps=self.early_stop_eps)
+            return ops.volume_render(
+                sigma.to(rays_o.dtype),
+                rgb.to(rays_o.dtype),
+                samples.t_starts,
+                samples.t_ends,
+                samples.packed_info,
+                background=self.background,
+                early_stop_eps=self.early_stop_eps,
+            )
         # no autograd: the same image in rounds (the field skips the samples behind each ray's early stop)
         ops.nerf.check_rays("ray_march", rays_o, rays_d)
         R = rays_o.shape[0]
@@ -218,8 +278,14 @@ class NeRFRenderer(nn.Module):
         return ops.RenderOutput(color, opacity, depth, None)
 
     @torch.no_grad()
-    def render_inference(self, rays_o: Tensor, rays_d: Tensor, chunk: int = 1 << 16, samples_per_round: int = 1 << 18,
-                         max_steps_per_round: int = 64) -> ops.RenderOutput:
+    def render_inference(
+        self,
+        rays_o: Tensor,
+        rays_d: Tensor,
+        chunk: int = 1 << 16,
+        samples_per_round: int = 1 << 18,
+        max_steps_per_round: int = 64,
+    ) -> ops.RenderOutput:
         ops.nerf.check_rays("ray_march", rays_o, rays_d)
         R = rays_o.shape[0]
         rgb = rays_o.new_zeros(R, 3)
@@ -227,14 +293,30 @@ class NeRFRenderer(nn.Module):
         depth = rays_o.new_zeros(R)
         for begin in range(0, R, chunk):
             sl = slice(begin, min(R, begin + chunk))
-            self._render_rounds(rays_o[sl].contiguous(), rays_d[sl].contiguous(), rgb[sl], opacity[sl], depth[sl],
-                                samples_per_round, max_steps_per_round)
+            self._render_rounds(
+                rays_o[sl].contiguous(),
+                rays_d[sl].contiguous(),
+                rgb[sl],
+                opacity[sl],
+                depth[sl],
+                samples_per_round,
+                max_steps_per_round,
+            )
         if self.background is not None:
             rgb = rgb + (1.0 - opacity)[:, None] * self.background.to(rgb.dtype)
         return ops.RenderOutput(rgb, opacity, depth, None)
 
-    def _render_rounds(self, rays_o: Tensor, rays_d: Tensor, color: Tensor, opacity: Tensor, depth: Tensor,
-                       samples_per_round: int, max_steps: int, jitter_u: Optional[Tensor] = None) -> None:
+    def _render_rounds(
+        self,
+        rays_o: Tensor,
+        rays_d: Tensor,
+        color: Tensor,
+        opacity: Tensor,
+        depth: Tensor,
+        samples_per_round: int,
+        max_steps: int,
+        jitter_u: Optional[Tensor] = None,
+    ) -> None:
         """Renders the rays into color/opacity/depth (zeros, or views of the output; accumulated in place) in
         rounds.
 
@@ -255,18 +337,49 @@ class NeRFRenderer(nn.Module):
         while rows.numel() > 0:
             steps = max(1, min(max_steps, samples_per_round // rows.numel()))
             cap = (self.max_samples_per_ray - emitted).clamp_(max=steps)
-            march = ops.nerf.march_round(rays_o, rays_d, self.grid, rows, step_k, step_t, cap, self.near, self.far,
-                                         self.step_size, self.cone_angle, jitter_u)
+            march = ops.nerf.march_round(
+                rays_o,
+                rays_d,
+                self.grid,
+                rows,
+                step_k,
+                step_t,
+                cap,
+                self.near,
+                self.far,
+                self.step_size,
+                self.cone_angle,
+                jitter_u,
+            )
             if march.t_starts.numel() > 0:
                 sigma, rgb = self._run_field(march.positions, march.directions)
-                ops.nerf.render_round(sigma.to(rays_o.dtype), rgb.to(rays_o.dtype), march.t_starts, march.t_ends,
-                                      march.packed_info, self.early_stop_eps, tau, rows, color, opacity, depth)
+                ops.nerf.render_round(
+                    sigma.to(rays_o.dtype),
+                    rgb.to(rays_o.dtype),
+                    march.t_starts,
+                    march.t_ends,
+                    march.packed_info,
+                    self.early_stop_eps,
+                    tau,
+                    rows,
+                    color,
+                    opacity,
+                    depth,
+                )
             emitted += march.packed_info[:, 1]
-            alive = (torch.isfinite(march.next_t) & (torch.exp(-tau) >= self.early_stop_eps) &
-                     (emitted < self.max_samples_per_ray))
+            alive = (
+                torch.isfinite(march.next_t)
+                & (torch.exp(-tau) >= self.early_stop_eps)
+                & (emitted < self.max_samples_per_ray)
+            )
             keep = alive.nonzero().squeeze(1)  # once: five boolean masks would each search the mask again
-            rows, step_k, step_t, tau, emitted = (rows[keep], march.next_k[keep], march.next_t[keep], tau[keep],
-                                                  emitted[keep])
+            rows, step_k, step_t, tau, emitted = (
+                rows[keep],
+                march.next_k[keep],
+                march.next_t[keep],
+                tau[keep],
+                emitted[keep],
+            )
 
 
 class BlockNeRF(nn.Module):
@@ -277,20 +390,34 @@ class BlockNeRF(nn.Module):
     inverse-distance weights ‖camera − centre‖^(−power). camera_pos defaults to the ray origins ([R, 3]);
     visibility [K, R] defaults to all ones (pass e.g. a visibility network's mean prediction per block)."""
 
-    def __init__(self, blocks: Sequence[nn.Module], block_centers, power: float = 4.0,
-                 visibility_threshold: float = 0.05, radius: Optional[float] = None):
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        block_centers,
+        power: float = 4.0,
+        visibility_threshold: float = 0.05,
+        radius: Optional[float] = None,
+    ):
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         centers = torch.as_tensor(block_centers, dtype=torch.float32)
         if centers.shape != (len(self.blocks), 3):
-            raise ValueError(f"fastcore_ai.nn.BlockNeRF: block_centers must be [K, 3] with K = {len(self.blocks)}, "
-                             f"got {tuple(centers.shape)}")
+            raise ValueError(
+                f"fastcore_ai.nn.BlockNeRF: block_centers must be [K, 3] with K = {len(self.blocks)}, "
+                f"got {tuple(centers.shape)}"
+            )
         self.register_buffer("block_centers", centers)
         self.power, self.visibility_threshold, self.radius = float(power), float(visibility_threshold), radius
 
     @torch.no_grad()
-    def forward(self, rays_o: Tensor, rays_d: Tensor, camera_pos: Optional[Tensor] = None,
-                visibility: Optional[Tensor] = None, chunk: int = 16384) -> Tensor:
+    def forward(
+        self,
+        rays_o: Tensor,
+        rays_d: Tensor,
+        camera_pos: Optional[Tensor] = None,
+        visibility: Optional[Tensor] = None,
+        chunk: int = 16384,
+    ) -> Tensor:
         K, R = len(self.blocks), rays_o.shape[0]
         camera = rays_o if camera_pos is None else camera_pos.to(rays_o.dtype)
         centers = self.block_centers.to(rays_o.dtype)
@@ -307,5 +434,12 @@ class BlockNeRF(nn.Module):
         colors = rays_o.new_zeros(K, R, 3)
         for k in needed.nonzero().reshape(-1).tolist():
             colors[k] = self.blocks[k].render_inference(rays_o, rays_d, chunk=chunk).rgb
-        return ops.composite_blocks(colors, camera, centers, vis, power=self.power,
-                                    visibility_threshold=self.visibility_threshold, radius=self.radius)
+        return ops.composite_blocks(
+            colors,
+            camera,
+            centers,
+            vis,
+            power=self.power,
+            visibility_threshold=self.visibility_threshold,
+            radius=self.radius,
+        )

@@ -1,2 +1,3 @@
 """product-quantization search: layers."""
+
 __all__: list = []

@@ -13,6 +13,7 @@ bilinear step (S4's "linear" mode) in torch ops, C recovered once from S4's stor
 diagonalising the HiPPO-LegS system is avoided (its eigenvectors are ill-conditioned). The state is
 [B, H, d_state / 2] complex64 in both modes.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,14 +42,24 @@ class S4DKernel(nn.Module):
     B is folded into C (B = 1), as in S4D.
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, channels: int = 1, init: str = "lin", disc: str = "zoh",
-                 dt_min: float = 1e-3, dt_max: float = 1e-1):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        channels: int = 1,
+        init: str = "lin",
+        disc: str = "zoh",
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ):
         super().__init__()
         if d_state < 2 or d_state % 2:
             raise ValueError(f"fastcore_ai.nn.S4DKernel: d_state must be an even number >= 2, got {d_state}")
         if init not in ("lin", "inv") or disc not in ("zoh", "bilinear"):
-            raise ValueError(f"fastcore_ai.nn.S4DKernel: init must be 'lin' or 'inv' and disc 'zoh' or 'bilinear', "
-                             f"got {init!r}, {disc!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.S4DKernel: init must be 'lin' or 'inv' and disc 'zoh' or 'bilinear', "
+                f"got {init!r}, {disc!r}"
+            )
         N = d_state // 2
         self.d_model, self.N, self.channels, self.init, self.disc = d_model, N, channels, init, disc
         self.log_dt = nn.Parameter(_log_dt(d_model, dt_min, dt_max))
@@ -56,7 +67,7 @@ class S4DKernel(nn.Module):
         imag = math.pi * n if init == "lin" else (N / math.pi) * (N / (2 * n + 1) - 1)
         self.A_log_re = nn.Parameter(torch.full((d_model, N), math.log(0.5)))
         self.A_im = nn.Parameter(imag.float().repeat(d_model, 1))
-        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, d_model, N, dtype=torch.cfloat) * 0.5 ** 0.5))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, d_model, N, dtype=torch.cfloat) * 0.5**0.5))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={2 * self.N}, channels={self.channels}, init={self.init}, disc={self.disc}"
@@ -114,13 +125,22 @@ class S4Kernel(nn.Module):
     Re Λ < 0 (Hurwitz, as in SaShiMi): the recurrence is stable.
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, l_max: int = 1024, channels: int = 1, dt_min: float = 1e-3,
-                 dt_max: float = 1e-1):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        l_max: int = 1024,
+        channels: int = 1,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+    ):
         super().__init__()
         if d_state < 2 or d_state % 2:
             raise ValueError(f"fastcore_ai.nn.S4Kernel: d_state must be an even number >= 2, got {d_state}")
         if not isinstance(l_max, int) or l_max < 1:
-            raise ValueError(f"fastcore_ai.nn.S4Kernel: l_max must be a positive int (S4's C̃ is tied to it), got {l_max!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.S4Kernel: l_max must be a positive int (S4's C̃ is tied to it), got {l_max!r}"
+            )
         N = d_state // 2
         self.d_model, self.N, self.channels, self.l_max = d_model, N, channels, l_max
         Lambda, P, B = hippo_legs_dplr(d_state)
@@ -129,15 +149,20 @@ class S4Kernel(nn.Module):
         self.Lambda_im = nn.Parameter(Lambda.imag.float().repeat(d_model, 1))
         self.P = nn.Parameter(torch.view_as_real(P.to(torch.complex64).repeat(d_model, 1)).clone())
         self.B = nn.Parameter(torch.view_as_real(B.to(torch.complex64).repeat(d_model, 1)).clone())
-        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, d_model, N, dtype=torch.cfloat) * 0.5 ** 0.5))
+        self.C = nn.Parameter(torch.view_as_real(torch.randn(channels, d_model, N, dtype=torch.cfloat) * 0.5**0.5))
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, d_state={2 * self.N}, channels={self.channels}, l_max={self.l_max}"
 
     def _params(self):
         Lambda = torch.complex(-torch.exp(self.Lambda_log_re), self.Lambda_im)
-        return (Lambda, torch.view_as_complex(self.P), torch.view_as_complex(self.B), torch.view_as_complex(self.C),
-                torch.exp(self.log_dt))
+        return (
+            Lambda,
+            torch.view_as_complex(self.P),
+            torch.view_as_complex(self.B),
+            torch.view_as_complex(self.C),
+            torch.exp(self.log_dt),
+        )
 
     def forward(self, L: Optional[int] = None) -> Tensor:
         """The kernel [channels, H, L] (float32), L ≤ l_max (computed at l_max, then cropped)."""
@@ -151,16 +176,18 @@ class S4Kernel(nn.Module):
         z = (2 * (1 - omega) / (1 + omega)).to(torch.complex64)
         if Lm % 2 == 0:  # ω = −1 maps to z = ∞; a large finite node keeps the Cauchy sums finite (bin replaced below)
             z[-1] = 1e12
-        w = (Lambda * dt[:, None])  # [H, N]
+        w = Lambda * dt[:, None]  # [H, N]
         # rows: c·H of C̃·B, c·H of C̃·P, H of P̄·B, H of P̄·P
-        v = torch.cat([(C * B).reshape(c * H, N), (C * P).reshape(c * H, N), P.conj() * B, P.conj() * P]) * \
-            torch.cat([dt.repeat(c), dt.repeat(c), dt, dt])[:, None]
+        v = (
+            torch.cat([(C * B).reshape(c * H, N), (C * P).reshape(c * H, N), P.conj() * B, P.conj() * P])
+            * torch.cat([dt.repeat(c), dt.repeat(c), dt, dt])[:, None]
+        )
         w_rows = torch.cat([w.repeat(c, 1), w.repeat(c, 1), w, w])
         r = ops.cauchy(v.contiguous(), z.to(v.device), w_rows.contiguous())  # [(2c + 2) H, F]
         r00 = r[: c * H].view(c, H, -1)
-        r01 = r[c * H: 2 * c * H].view(c, H, -1)
-        r10 = r[2 * c * H: 2 * c * H + H]
-        r11 = r[2 * c * H + H:]
+        r01 = r[c * H : 2 * c * H].view(c, H, -1)
+        r10 = r[2 * c * H : 2 * c * H + H]
+        r11 = r[2 * c * H + H :]
         K_hat = r00 - r01 * r10 / (1 + r11)
         K_hat = K_hat * (2 / (1 + omega)).to(torch.complex64).to(v.device)
         if Lm % 2 == 0:
@@ -175,8 +202,9 @@ class S4Kernel(nn.Module):
     def discrete_dense(self) -> Tuple[Tensor, Tensor, Tensor]:
         """(Ā [H, N, N], B̄ [H, N], C [H, N]) complex128 of the full N = d_state system, C recovered from
         C̃ by solving (I − Ā^L)ᵀ C = C̃ (channel 0)."""
-        Lambda, P, B, C, dt = (t.detach().to(torch.complex128) if t.is_complex() else t.detach().double()
-                               for t in self._params())
+        Lambda, P, B, C, dt = (
+            t.detach().to(torch.complex128) if t.is_complex() else t.detach().double() for t in self._params()
+        )
         Lf = torch.cat([Lambda, Lambda.conj()], -1)
         Pf = torch.cat([P, P.conj()], -1)
         Bf = torch.cat([B, B.conj()], -1)
@@ -227,8 +255,16 @@ class S4Conv(nn.Module):
     l_max: S4 mode needs it (its kernel is tied to l_max); S4D computes the kernel at each call's L.
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, l_max: Optional[int] = None, mode: str = "s4d",
-                 bidirectional: bool = False, transposed: bool = True, **kernel_args):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        l_max: Optional[int] = None,
+        mode: str = "s4d",
+        bidirectional: bool = False,
+        transposed: bool = True,
+        **kernel_args,
+    ):
         super().__init__()
         if mode not in ("s4d", "s4"):
             raise ValueError(f"fastcore_ai.nn.S4Conv: mode must be 's4d' or 's4', got {mode!r}")
@@ -245,8 +281,10 @@ class S4Conv(nn.Module):
         self._step = None
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, d_state={self.d_state}, l_max={self.l_max}, mode={self.mode!r}, "
-                f"bidirectional={self.bidirectional}, transposed={self.transposed}")
+        return (
+            f"d_model={self.d_model}, d_state={self.d_state}, l_max={self.l_max}, mode={self.mode!r}, "
+            f"bidirectional={self.bidirectional}, transposed={self.transposed}"
+        )
 
     def forward(self, u: Tensor) -> Tensor:
         x = u if self.transposed else u.transpose(1, 2)
@@ -295,12 +333,23 @@ class S4Block(nn.Module):
     Input/output [B, L, H] (transposed=False, the default, like a Transformer block) or [B, H, L].
     """
 
-    def __init__(self, d_model: int, d_state: int = 64, l_max: Optional[int] = None, mode: str = "s4d",
-                 bidirectional: bool = False, dropout: float = 0.0, transposed: bool = False,
-                 activation: str = "gelu", **kernel_args):
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 64,
+        l_max: Optional[int] = None,
+        mode: str = "s4d",
+        bidirectional: bool = False,
+        dropout: float = 0.0,
+        transposed: bool = False,
+        activation: str = "gelu",
+        **kernel_args,
+    ):
         super().__init__()
         if activation not in ("gelu", "silu", "identity"):
-            raise ValueError(f"fastcore_ai.nn.S4Block: activation must be 'gelu', 'silu' or 'identity', got {activation!r}")
+            raise ValueError(
+                f"fastcore_ai.nn.S4Block: activation must be 'gelu', 'silu' or 'identity', got {activation!r}"
+            )
         self.transposed = transposed
         self.norm = nn.LayerNorm(d_model)
         self.conv = S4Conv(d_model, d_state, l_max, mode, bidirectional, transposed=True, **kernel_args)
@@ -315,7 +364,7 @@ class S4Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         seq = x.transpose(1, 2) if self.transposed else x  # [B, L, H]
         z = self.norm(seq).transpose(1, 2)  # [B, H, L]
-        z = self.conv(z).transpose(1, 2)     # [B, L, H]
+        z = self.conv(z).transpose(1, 2)  # [B, L, H]
         out = seq + self._mix(z)
         return out.transpose(1, 2) if self.transposed else out
 

@@ -2,6 +2,7 @@
 (argument `backend=`, `fastcore_ai.use_backend`, FASTCORE_AI_BACKEND, else the op's priority list)
 and runs as a registered torch op (`torch.ops.fastcore_ai.*`) with a fake implementation and
 autograd, so it works under torch.compile(fullgraph=True)."""
+
 # torch._dynamo now, not at the first op call (torch imports it lazily there): it imports modules whose
 # functions take `group=group.WORLD` as a default argument, and imported while a process group is live they
 # keep that group referenced, so destroy_process_group cannot stop gloo's threads and one can abort the
@@ -14,9 +15,19 @@ from .moe_experts import moe_experts
 from .moe_grouped_mlp import moe_grouped_mlp
 from .moe_permute import MAX_DISPATCH_EXPERTS, DispatchPlan, moe_combine, moe_dispatch
 
-__all__ = ["moe_topk_route", "RouterOutput", "switch_load_balancing_loss", "MAX_EXPERTS", "MAX_TOP_K",
-           "moe_dispatch", "moe_combine", "DispatchPlan", "MAX_DISPATCH_EXPERTS", "moe_grouped_mlp",
-           "moe_experts"]
+__all__ = [
+    "moe_topk_route",
+    "RouterOutput",
+    "switch_load_balancing_loss",
+    "MAX_EXPERTS",
+    "MAX_TOP_K",
+    "moe_dispatch",
+    "moe_combine",
+    "DispatchPlan",
+    "MAX_DISPATCH_EXPERTS",
+    "moe_grouped_mlp",
+    "moe_experts",
+]
 
 from . import s4 as _s4
 from .s4 import *  # noqa: F401,F403  (each family module lists its public names in __all__)

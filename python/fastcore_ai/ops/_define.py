@@ -22,6 +22,7 @@ torch.library dispatch (~11 µs a call, RESULTS.md "per-call overhead") which a 
 per token; the result is bitwise the registered op's (tests/test_op_registry.py). A mutating op's direct
 call bumps the mutated tensors' version counters, as the dispatcher does.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -76,12 +77,20 @@ def _nothing_intercepts() -> bool:
     if torch.compiler.is_compiling():
         return False
     _C = torch._C
-    return not (_C._get_tracing_state() is not None or _C._are_functorch_transforms_active()
-                or _C._is_torch_function_mode_enabled() or _C._len_torch_dispatch_stack() > 0)
+    return not (
+        _C._get_tracing_state() is not None
+        or _C._are_functorch_transforms_active()
+        or _C._is_torch_function_mode_enabled()
+        or _C._len_torch_dispatch_stack() > 0
+    )
 
 
-def _runner(impls: Dict[str, Callable], check: Optional[Callable], contiguous_positions: Tuple[int, ...],
-            contiguous_outputs: bool) -> Callable:
+def _runner(
+    impls: Dict[str, Callable],
+    check: Optional[Callable],
+    contiguous_positions: Tuple[int, ...],
+    contiguous_outputs: bool,
+) -> Callable:
     """run(backend, args): the impl, with what every backend of the op shares done once around it: the
     op's data check (inside the op, so the public function stays traceable and the direct path runs it too),
     dense copies of the arguments the kernels index densely (autograd may hand expanded gradients), dense
@@ -101,16 +110,24 @@ def _runner(impls: Dict[str, Callable], check: Optional[Callable], contiguous_po
         if contiguous_outputs:
             out = tuple(t if t is None else t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
         return out
+
     return run
 
 
 class DefinedOp:
     """A registered torch op with its backend implementations (see the module docstring)."""
 
-    def __init__(self, name: str, prototype: Callable, impls: Mapping[str, Callable],
-                 mutates_args: Sequence[str] = (), autograd: Optional[Tuple[Callable, Callable]] = None,
-                 check: Optional[Callable] = None, contiguous_args: Sequence[str] = (),
-                 contiguous_outputs: bool = False):
+    def __init__(
+        self,
+        name: str,
+        prototype: Callable,
+        impls: Mapping[str, Callable],
+        mutates_args: Sequence[str] = (),
+        autograd: Optional[Tuple[Callable, Callable]] = None,
+        check: Optional[Callable] = None,
+        contiguous_args: Sequence[str] = (),
+        contiguous_outputs: bool = False,
+    ):
         self.name = name
         self.qualname = f"fastcore_ai::{name}"
         self.module = prototype.__module__  # the family module that declares it (the naming-rule test reads it)
@@ -119,14 +136,18 @@ class DefinedOp:
         schema = torch.library.infer_schema(prototype, mutates_args=tuple(mutates_args))
         arguments, returns = schema.rsplit(") ->", 1)
         schema = f"{arguments}{', ' if arguments != '(' else ''}str backend) ->{returns}"
-        parameters = list(prototype.__code__.co_varnames[:prototype.__code__.co_argcount])
+        parameters = list(prototype.__code__.co_varnames[: prototype.__code__.co_argcount])
         self._mutated = tuple(parameters.index(a) for a in mutates_args)
         kinds = [str(a.type) for a in torch._C.parse_schema(f"{name}{schema}").arguments][:-1]  # no backend
         self._tensor_positions = tuple(i for i, kind in enumerate(kinds) if kind in ("Tensor", "Optional[Tensor]"))
-        self._tensor_list_positions = tuple(i for i, kind in enumerate(kinds)
-                                            if kind in ("List[Tensor]", "List[Optional[Tensor]]"))
-        unknown = [kind for kind in kinds if "Tensor" in kind and kind not in
-                   ("Tensor", "Optional[Tensor]", "List[Tensor]", "List[Optional[Tensor]]")]
+        self._tensor_list_positions = tuple(
+            i for i, kind in enumerate(kinds) if kind in ("List[Tensor]", "List[Optional[Tensor]]")
+        )
+        unknown = [
+            kind
+            for kind in kinds
+            if "Tensor" in kind and kind not in ("Tensor", "Optional[Tensor]", "List[Tensor]", "List[Optional[Tensor]]")
+        ]
         if unknown:
             raise TypeError(f"define_op({name!r}): argument types {unknown} are not understood by the direct path")
         self._run = _runner(self.impls, check, tuple(parameters.index(a) for a in contiguous_args), contiguous_outputs)
@@ -170,19 +191,33 @@ class DefinedOp:
         return self.op(*args, backend)
 
 
-def define_op(name: str, *, impls: Mapping[str, Callable], mutates_args: Sequence[str] = (),
-              autograd: Optional[Tuple[Callable, Callable]] = None, check: Optional[Callable] = None,
-              contiguous_args: Sequence[str] = (), contiguous_outputs: bool = False) -> Callable[[Callable], DefinedOp]:
+def define_op(
+    name: str,
+    *,
+    impls: Mapping[str, Callable],
+    mutates_args: Sequence[str] = (),
+    autograd: Optional[Tuple[Callable, Callable]] = None,
+    check: Optional[Callable] = None,
+    contiguous_args: Sequence[str] = (),
+    contiguous_outputs: bool = False,
+) -> Callable[[Callable], DefinedOp]:
     """Decorator over the op's prototype (annotations = schema, body = fake): see the module docstring.
     `check(*args)` runs before every backend; `contiguous_args` names arguments every backend gets dense;
     `contiguous_outputs` makes every backend's outputs dense."""
+
     def wrap(prototype: Callable) -> DefinedOp:
         return DefinedOp(name, prototype, impls, mutates_args, autograd, check, contiguous_args, contiguous_outputs)
+
     return wrap
 
 
-def native_impls(name: str, *, triton_launcher: Optional[Tuple[str, str]] = None,
-                 reference: Optional[Callable] = None, cuda: bool = True) -> Dict[str, Callable]:
+def native_impls(
+    name: str,
+    *,
+    triton_launcher: Optional[Tuple[str, str]] = None,
+    reference: Optional[Callable] = None,
+    cuda: bool = True,
+) -> Dict[str, Callable]:
     """The common impl table: `_C.<name>` on cpu (and cuda), a Triton launcher, the reference."""
     impls: Dict[str, Callable] = {}
     function = native(name)

@@ -4,6 +4,7 @@ Layering (DESIGN): validate -> choose backend -> registered torch op `fastcore_a
 (fake impl, autograd, opcheck, torch.compile) -> backend implementation (`_C`, Triton launcher or
 the pure-torch reference).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional, Tuple
@@ -32,6 +33,7 @@ class RouterOutput(NamedTuple):
     kept [T, k] bool: the assignments that fit their expert's capacity (all True when dropless);
       the weights of dropped assignments are exactly 0, so they contribute nothing.
     """
+
     weights: Tensor
     expert_ids: Tensor
     z_loss: Tensor
@@ -62,11 +64,24 @@ def switch_load_balancing_loss(tokens_per_expert: Tensor, mean_prob: Tensor) -> 
 backends.register_op(backends.standard_table(_OP))
 
 
-@define_op("moe_topk_route_backward", impls=native_impls(
-    "moe_topk_route_backward", triton_launcher=("moe", "moe_topk_route_backward"),
-    reference=reference.moe_topk_route_backward))
-def _route_backward_op(logits: Tensor, expert_ids: Tensor, weights: Tensor, lse: Tensor, grad_weights: Tensor,
-                       grad_z_loss: Tensor, grad_mean_prob: Tensor, renormalize: bool) -> Tensor:
+@define_op(
+    "moe_topk_route_backward",
+    impls=native_impls(
+        "moe_topk_route_backward",
+        triton_launcher=("moe", "moe_topk_route_backward"),
+        reference=reference.moe_topk_route_backward,
+    ),
+)
+def _route_backward_op(
+    logits: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    lse: Tensor,
+    grad_weights: Tensor,
+    grad_z_loss: Tensor,
+    grad_mean_prob: Tensor,
+    renormalize: bool,
+) -> Tensor:
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -81,27 +96,53 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_weights, grad_ids, grad_z_loss, grad_counts, grad_mean_prob, grad_lse):
     logits, expert_ids, weights, lse = ctx.saved_tensors
-    grad = _route_backward_op(logits, expert_ids, weights, lse, grad_weights, grad_z_loss, grad_mean_prob,
-                              ctx.renormalize, backend=ctx.backend)
+    grad = _route_backward_op(
+        logits,
+        expert_ids,
+        weights,
+        lse,
+        grad_weights,
+        grad_z_loss,
+        grad_mean_prob,
+        ctx.renormalize,
+        backend=ctx.backend,
+    )
     return grad.to(logits.dtype), None, None, None
 
 
-@define_op("moe_topk_route", impls=native_impls("moe_topk_route", triton_launcher=("moe", "moe_topk_route"),
-                                                reference=reference.moe_topk_route),
-           autograd=(_setup_context, _backward))
+@define_op(
+    "moe_topk_route",
+    impls=native_impls("moe_topk_route", triton_launcher=("moe", "moe_topk_route"), reference=reference.moe_topk_route),
+    autograd=(_setup_context, _backward),
+)
 def _route_op(logits: Tensor, k: int, renormalize: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     T, E = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     floats = dict(dtype=acc, device=logits.device)
     longs = dict(dtype=torch.int64, device=logits.device)
-    return (logits.new_empty((T, k), **floats), logits.new_empty((T, k), **longs), logits.new_empty((), **floats),
-            logits.new_empty((E,), **longs), logits.new_empty((E,), **floats), logits.new_empty((T,), **floats))
+    return (
+        logits.new_empty((T, k), **floats),
+        logits.new_empty((T, k), **longs),
+        logits.new_empty((), **floats),
+        logits.new_empty((E,), **longs),
+        logits.new_empty((E,), **floats),
+        logits.new_empty((T,), **floats),
+    )
 
 
 # ---- public API -------------------------------------------------------------------------------
 
-def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, capacity_factor: Optional[float] = None,
-                   min_capacity: int = 4, priority: str = "token", backend: str = "auto") -> RouterOutput:
+
+def moe_topk_route(
+    logits: Tensor,
+    k: int,
+    *,
+    renormalize: bool = True,
+    capacity_factor: Optional[float] = None,
+    min_capacity: int = 4,
+    priority: str = "token",
+    backend: str = "auto",
+) -> RouterOutput:
     """Fused MoE router: softmax over experts, top-k, optional renormalisation and router statistics,
     in one pass per row with float32 math whatever the input dtype.
 
@@ -126,8 +167,14 @@ def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, capacity
     has no distribution: its weights are NaN. Gradients flow from `weights`, `z_loss` and `mean_prob`
     to `logits`.
     """
-    check_tensor(_OP, "logits", logits, ndim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
-                 layout="[T, E]")
+    check_tensor(
+        _OP,
+        "logits",
+        logits,
+        ndim=2,
+        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
+        layout="[T, E]",
+    )
     num_experts = logits.shape[1]
     check_size(_OP, "E (logits.shape[1])", num_experts, 1, MAX_EXPERTS, logits)
     check_int(_OP, "k", k, 1, min(num_experts, MAX_TOP_K), f"at most min(E, {MAX_TOP_K}) with E={num_experts}")
@@ -137,8 +184,7 @@ def moe_topk_route(logits: Tensor, k: int, *, renormalize: bool = True, capacity
         check_int(_OP, "min_capacity", min_capacity, 0, 2**62)
     check_choice(_OP, "priority", priority, ("token", "batch"))
     chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits", k=k, num_experts=num_experts)
-    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize,
-                                                                                backend=chosen)
+    weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize, backend=chosen)
     if capacity_factor is None:
         kept = torch.ones_like(expert_ids, dtype=torch.bool)
     else:

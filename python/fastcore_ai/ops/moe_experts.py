@@ -30,6 +30,7 @@ Two paths, chosen per call:
   The inference op also has autograd (so it is a complete torch op), but its backward recomputes the
   forward through that composition.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -44,14 +45,21 @@ from ..reference import moe_grouped_mlp as reference_mlp
 from ..reference import moe_permute as reference_permute
 from ._define import define_op, native, triton
 from .moe_grouped_mlp import _ACTIVATION_CODES, _mlp_backward_op, _mlp_op, moe_grouped_mlp
-from .moe_permute import (MAX_DISPATCH_EXPERTS, _combine_backward_op, _dispatch_backward_op,
-                          _dispatch_op, moe_combine, moe_dispatch)
+from .moe_permute import (
+    MAX_DISPATCH_EXPERTS,
+    _combine_backward_op,
+    _dispatch_backward_op,
+    _dispatch_op,
+    moe_combine,
+    moe_dispatch,
+)
 
 _OP = "moe_experts"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ---- backend implementations (forward, inference) -----------------------------------------------
+
 
 def _check_experts_ids(x, expert_ids, weights, kept, w1, w2, act, gated):
     """The ids are checked inside the op (every backend, the direct path included): torch.compile never
@@ -68,8 +76,12 @@ def _forward_native(x, expert_ids, weights, kept, w1, w2, act, gated):
     return _native_experts(x, expert_ids, weights, kept, w1, w2, _ACTIVATION_CODES[act], gated)
 
 
-_FORWARD = {"cpu": _forward_native, "cuda": _forward_native,
-            "triton": triton("moe_experts", "moe_experts_forward"), "reference": reference_experts.moe_experts}
+_FORWARD = {
+    "cpu": _forward_native,
+    "cuda": _forward_native,
+    "triton": triton("moe_experts", "moe_experts_forward"),
+    "reference": reference_experts.moe_experts,
+}
 
 
 backends.register_op(backends.standard_table(_OP))  # cuda, triton, cpu, reference
@@ -88,67 +100,145 @@ def _experts_backward(ctx, grad_out):
     x_sorted, offsets, slot_to_token, token_slot = _dispatch_op(x, expert_ids, kept, w_down.shape[0], backend=backend)
     y_sorted, gate_up = _mlp_op(x_sorted, offsets, w_gate_up, w_down, ctx.activation, ctx.gated, backend=backend)
     need_weights = ctx.needs_input_grad[2]
-    grad_y, grad_weights = _combine_backward_op(grad_out.contiguous(), y_sorted, slot_to_token, token_slot, weights,
-                                                need_weights, backend=backend)
-    grad_x_sorted, grad_w1, grad_w2 = _mlp_backward_op(grad_y, x_sorted, offsets, w_gate_up, w_down, gate_up,
-                                                       ctx.activation, ctx.gated, backend=backend)
+    grad_y, grad_weights = _combine_backward_op(
+        grad_out.contiguous(), y_sorted, slot_to_token, token_slot, weights, need_weights, backend=backend
+    )
+    grad_x_sorted, grad_w1, grad_w2 = _mlp_backward_op(
+        grad_y, x_sorted, offsets, w_gate_up, w_down, gate_up, ctx.activation, ctx.gated, backend=backend
+    )
     grad_x = _dispatch_backward_op(grad_x_sorted, token_slot, backend=backend)
     return (grad_x, None, grad_weights if need_weights else None, None, grad_w1, grad_w2, None, None, None)
 
 
-@define_op("moe_experts", impls=_FORWARD, autograd=(_experts_setup_context, _experts_backward),
-           check=_check_experts_ids)
-def _experts_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
-                w_down: Tensor, activation: str, gated: bool) -> Tensor:
+@define_op(
+    "moe_experts", impls=_FORWARD, autograd=(_experts_setup_context, _experts_backward), check=_check_experts_ids
+)
+def _experts_op(
+    x: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    kept: Optional[Tensor],
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str,
+    gated: bool,
+) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1]))
 
 
 # ---- fused training path (cpu backend; the reference is the composition of the reference ops) ----
 
+
 def _train_native(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated):
-    return tuple(_native_experts_train(x, expert_ids, weights, kept, w_gate_up, w_down,
-                                       _ACTIVATION_CODES[activation], gated))
+    return tuple(
+        _native_experts_train(x, expert_ids, weights, kept, w_gate_up, w_down, _ACTIVATION_CODES[activation], gated)
+    )
 
 
 def _train_reference(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated):
     x_sorted, expert_offsets, slot_to_token, token_slot = reference_permute.moe_dispatch(
-        x, expert_ids, kept, w_down.shape[0])
+        x, expert_ids, kept, w_down.shape[0]
+    )
     y_sorted, gate_up = reference_mlp.moe_grouped_mlp(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated)
     out = reference_permute.moe_combine(y_sorted, token_slot, weights)
     return out, gate_up.to(x.dtype), expert_offsets, slot_to_token, token_slot
 
 
-def _backward_native(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
-                     activation, gated, need_x, need_weights, need_params):
-    return tuple(_native_experts_backward(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up,
-                                          w_gate_up, w_down, _ACTIVATION_CODES[activation], gated, need_x,
-                                          need_weights, need_params))
+def _backward_native(
+    grad_out,
+    x,
+    expert_offsets,
+    slot_to_token,
+    token_slot,
+    weights,
+    gate_up,
+    w_gate_up,
+    w_down,
+    activation,
+    gated,
+    need_x,
+    need_weights,
+    need_params,
+):
+    return tuple(
+        _native_experts_backward(
+            grad_out,
+            x,
+            expert_offsets,
+            slot_to_token,
+            token_slot,
+            weights,
+            gate_up,
+            w_gate_up,
+            w_down,
+            _ACTIVATION_CODES[activation],
+            gated,
+            need_x,
+            need_weights,
+            need_params,
+        )
+    )
 
 
-def _backward_reference(grad_out, x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
-                        activation, gated, need_x, need_weights, need_params):
+def _backward_reference(
+    grad_out,
+    x,
+    expert_offsets,
+    slot_to_token,
+    token_slot,
+    weights,
+    gate_up,
+    w_gate_up,
+    w_down,
+    activation,
+    gated,
+    need_x,
+    need_weights,
+    need_params,
+):
     x_sorted = x.index_select(0, slot_to_token)
     y_sorted, _ = reference_mlp.moe_grouped_mlp(x_sorted, expert_offsets, w_gate_up, w_down, activation, gated)
-    grad_y, grad_weights = reference_permute.moe_combine_backward(grad_out, y_sorted, slot_to_token, token_slot,
-                                                                  weights, need_weights)
+    grad_y, grad_weights = reference_permute.moe_combine_backward(
+        grad_out, y_sorted, slot_to_token, token_slot, weights, need_weights
+    )
     grad_x_sorted, grad_w1, grad_w2 = reference_mlp.moe_grouped_mlp_backward(
-        grad_y, x_sorted, expert_offsets, w_gate_up, w_down, gate_up, activation, gated)
+        grad_y, x_sorted, expert_offsets, w_gate_up, w_down, gate_up, activation, gated
+    )
     grad_x = reference_permute.moe_combine(grad_x_sorted, token_slot, None)
 
     def asked(t, needed, like):
         return t.to(like.dtype).contiguous() if needed else like.new_empty((0,))
-    return (asked(grad_x, need_x, x), asked(grad_weights, need_weights, weights),
-            asked(grad_w1, need_params, w_gate_up), asked(grad_w2, need_params, w_down))
+
+    return (
+        asked(grad_x, need_x, x),
+        asked(grad_weights, need_weights, weights),
+        asked(grad_w1, need_params, w_gate_up),
+        asked(grad_w2, need_params, w_down),
+    )
 
 
 @define_op("moe_experts_backward", impls={"cpu": _backward_native, "reference": _backward_reference})
-def _experts_backward_op(grad_out: Tensor, x: Tensor, expert_offsets: Tensor, slot_to_token: Tensor,
-                         token_slot: Tensor, weights: Tensor, gate_up: Tensor, w_gate_up: Tensor, w_down: Tensor,
-                         activation: str, gated: bool, need_x: bool, need_weights: bool,
-                         need_params: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _experts_backward_op(
+    grad_out: Tensor,
+    x: Tensor,
+    expert_offsets: Tensor,
+    slot_to_token: Tensor,
+    token_slot: Tensor,
+    weights: Tensor,
+    gate_up: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str,
+    gated: bool,
+    need_x: bool,
+    need_weights: bool,
+    need_params: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_x, grad_weights, grad_w_gate_up, grad_w_down); the ones not asked for are empty [0] tensors."""
+
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed else t.new_empty((0,))
+
     return like(x, need_x), like(weights, need_weights), like(w_gate_up, need_params), like(w_down, need_params)
 
 
@@ -170,25 +260,64 @@ def _experts_train_backward(ctx, grad_out, *_unused_grads):
     need_x, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
     need_params = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
     grad_x, grad_weights, grad_w1, grad_w2 = _experts_backward_op(
-        grad_out.contiguous(), x, expert_offsets, slot_to_token, token_slot, weights, gate_up, w_gate_up, w_down,
-        ctx.activation, ctx.gated, need_x, need_weights, need_params, backend=ctx.backend)
-    return (grad_x if need_x else None, None, grad_weights if need_weights else None, None,
-            grad_w1 if ctx.needs_input_grad[4] else None, grad_w2 if ctx.needs_input_grad[5] else None, None, None,
-            None)
+        grad_out.contiguous(),
+        x,
+        expert_offsets,
+        slot_to_token,
+        token_slot,
+        weights,
+        gate_up,
+        w_gate_up,
+        w_down,
+        ctx.activation,
+        ctx.gated,
+        need_x,
+        need_weights,
+        need_params,
+        backend=ctx.backend,
+    )
+    return (
+        grad_x if need_x else None,
+        None,
+        grad_weights if need_weights else None,
+        None,
+        grad_w1 if ctx.needs_input_grad[4] else None,
+        grad_w2 if ctx.needs_input_grad[5] else None,
+        None,
+        None,
+        None,
+    )
 
 
-@define_op("moe_experts_train", impls={"cpu": _train_native, "reference": _train_reference},
-           autograd=(_experts_train_setup_context, _experts_train_backward), check=_check_experts_ids)
-def _experts_train_op(x: Tensor, expert_ids: Tensor, weights: Tensor, kept: Optional[Tensor], w_gate_up: Tensor,
-                      w_down: Tensor, activation: str, gated: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@define_op(
+    "moe_experts_train",
+    impls={"cpu": _train_native, "reference": _train_reference},
+    autograd=(_experts_train_setup_context, _experts_train_backward),
+    check=_check_experts_ids,
+)
+def _experts_train_op(
+    x: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    kept: Optional[Tensor],
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    activation: str,
+    gated: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out [T, H], gate_up [S, 2I or I] in x's dtype, expert_offsets [E + 1], slot_to_token [S], token_slot [T, k])."""
     num_rows = torch.library.get_ctx().new_dynamic_size()  # S = number of kept slots: data-dependent
-    return (x.new_empty((x.shape[0], x.shape[1])), x.new_empty((num_rows, w_gate_up.shape[1])),
-            expert_ids.new_empty((w_down.shape[0] + 1,)), expert_ids.new_empty((num_rows,)),
-            expert_ids.new_empty(tuple(expert_ids.shape)))
+    return (
+        x.new_empty((x.shape[0], x.shape[1])),
+        x.new_empty((num_rows, w_gate_up.shape[1])),
+        expert_ids.new_empty((w_down.shape[0] + 1,)),
+        expert_ids.new_empty((num_rows,)),
+        expert_ids.new_empty(tuple(expert_ids.shape)),
+    )
 
 
 # ---- public API ---------------------------------------------------------------------------------
+
 
 def _validate(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated) -> None:
     check_tensor(_OP, "x", x, ndim=2, dtypes=_FLOATS, layout="[T, H]")
@@ -201,33 +330,51 @@ def _validate(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated
     T, H = x.shape
     E, _, I = w_down.shape
     if expert_ids.shape[0] != T or expert_ids.shape[1] < 1:
-        raise ValueError(f"fastcore_ai.ops.{_OP}: expert_ids must have shape [T, k] with T = x.shape[0] = {T} "
-                         f"and k >= 1, got {_describe(expert_ids)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_OP}: expert_ids must have shape [T, k] with T = x.shape[0] = {T} "
+            f"and k >= 1, got {_describe(expert_ids)}"
+        )
     if weights.shape != expert_ids.shape:
-        raise ValueError(f"fastcore_ai.ops.{_OP}: weights must have expert_ids' shape {tuple(expert_ids.shape)}, "
-                         f"got {_describe(weights)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_OP}: weights must have expert_ids' shape {tuple(expert_ids.shape)}, "
+            f"got {_describe(weights)}"
+        )
     if kept is not None:
         check_tensor(_OP, "kept", kept, ndim=2, dtypes=(torch.bool,), layout="[T, k]")
         if kept.shape != expert_ids.shape:
-            raise ValueError(f"fastcore_ai.ops.{_OP}: kept must have expert_ids' shape {tuple(expert_ids.shape)}, "
-                             f"got {_describe(kept)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_OP}: kept must have expert_ids' shape {tuple(expert_ids.shape)}, "
+                f"got {_describe(kept)}"
+            )
     if not 1 <= E <= MAX_DISPATCH_EXPERTS:
-        raise ValueError(f"fastcore_ai.ops.{_OP}: w_down must have 1 <= E <= {MAX_DISPATCH_EXPERTS} experts, "
-                         f"got {_describe(w_down)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_OP}: w_down must have 1 <= E <= {MAX_DISPATCH_EXPERTS} experts, got {_describe(w_down)}"
+        )
     if w_down.shape[1] != H:
-        raise ValueError(f"fastcore_ai.ops.{_OP}: w_down must have shape [E, H, I] with H = x.shape[1] = {H}, "
-                         f"got {_describe(w_down)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_OP}: w_down must have shape [E, H, I] with H = x.shape[1] = {H}, "
+            f"got {_describe(w_down)}"
+        )
     expected = (E, 2 * I if gated else I, H)
     if tuple(w_gate_up.shape) != expected:
-        raise ValueError(f"fastcore_ai.ops.{_OP}: w_gate_up must have shape [E, {'2I' if gated else 'I'}, H] = "
-                         f"{expected} (gated={gated}), got {_describe(w_gate_up)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_OP}: w_gate_up must have shape [E, {'2I' if gated else 'I'}, H] = "
+            f"{expected} (gated={gated}), got {_describe(w_gate_up)}"
+        )
     if not (x.dtype == w_gate_up.dtype == w_down.dtype):
-        raise TypeError(f"fastcore_ai.ops.{_OP}: x, w_gate_up and w_down must share one dtype, got "
-                        f"{x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
+        raise TypeError(
+            f"fastcore_ai.ops.{_OP}: x, w_gate_up and w_down must share one dtype, got "
+            f"{x.dtype}, {w_gate_up.dtype}, {w_down.dtype}"
+        )
     if x.shape[0] * expert_ids.shape[1] >= 2**31:
         raise ValueError(f"fastcore_ai.ops.{_OP}: expert_ids must have T*k < 2^31 slots, got {_describe(expert_ids)}")
-    for name, t in (("expert_ids", expert_ids), ("weights", weights), ("kept", kept), ("w_gate_up", w_gate_up),
-                    ("w_down", w_down)):
+    for name, t in (
+        ("expert_ids", expert_ids),
+        ("weights", weights),
+        ("kept", kept),
+        ("w_gate_up", w_gate_up),
+        ("w_down", w_down),
+    ):
         if t is not None and t.device != x.device:
             raise ValueError(f"fastcore_ai.ops.{_OP}: {name} must be on x's device {x.device}, got {_describe(t)}")
 
@@ -237,13 +384,22 @@ def _check_ids(expert_ids: Tensor, num_experts: int) -> None:
     of bounds in the fused kernels)."""
     if expert_ids.numel() and bool(((expert_ids < 0) | (expert_ids >= num_experts)).any()):
         bad = expert_ids[(expert_ids < 0) | (expert_ids >= num_experts)][0].item()
-        raise ValueError(f"fastcore_ai.ops.{_OP}: expert_ids must lie in [0, num_experts = {num_experts}), "
-                         f"got {bad}")
+        raise ValueError(f"fastcore_ai.ops.{_OP}: expert_ids must lie in [0, num_experts = {num_experts}), got {bad}")
 
 
-def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, w_gate_up: Tensor, w_down: Tensor, *,
-                kept: Optional[Tensor] = None, activation: str = "silu", gated: bool = True,
-                backend: str = "auto", mlp_backend: Optional[str] = None) -> Tensor:
+def moe_experts(
+    x: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    *,
+    kept: Optional[Tensor] = None,
+    activation: str = "silu",
+    gated: bool = True,
+    backend: str = "auto",
+    mlp_backend: Optional[str] = None,
+) -> Tensor:
     """The expert computation of an MoE layer: [T, H] in x's dtype (see the module docstring for the math).
 
     Args:
@@ -265,11 +421,17 @@ def moe_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, w_gate_up: Tenso
     chosen = backends.select(_OP, backend, x.device, x.dtype, "x")
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w_gate_up, w_down))
     if needs_grad and chosen == "cpu" and mlp_backend is None:
-        return _experts_train_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated,
-                                 backend=chosen)[0]
+        return _experts_train_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated, backend=chosen)[0]
     if needs_grad or (mlp_backend is not None and mlp_backend != backend):
         x_sorted, plan = moe_dispatch(x, expert_ids, kept, E, backend=chosen)
-        y_sorted = moe_grouped_mlp(x_sorted, plan.expert_offsets, w_gate_up, w_down, activation=activation,
-                                   gated=gated, backend=mlp_backend or chosen)
+        y_sorted = moe_grouped_mlp(
+            x_sorted,
+            plan.expert_offsets,
+            w_gate_up,
+            w_down,
+            activation=activation,
+            gated=gated,
+            backend=mlp_backend or chosen,
+        )
         return moe_combine(y_sorted, plan, weights, backend=chosen)
     return _experts_op(x, expert_ids, weights, kept, w_gate_up, w_down, activation, gated, backend=chosen)

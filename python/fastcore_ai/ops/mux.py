@@ -5,6 +5,7 @@ Layering (DESIGN): validate -> choose backend -> registered torch ops `fastcore_
 torch.compile) -> backend implementation (`_C`, Triton launcher or the pure-torch reference).
 The math of each op is written out in `fastcore_ai.reference.mux`.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,44 +40,74 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---- backend tables -----------------------------------------------------------------------------
 
+
 def _attention_limits(head_dim: int = 1, **_) -> list:
     return [] if 1 <= head_dim <= MAX_HEAD_DIM else [f"head size {head_dim} is outside 1..{MAX_HEAD_DIM}"]
 
 
 # On a GPU "auto" prefers Triton (tensor cores through tl.dot for bf16/fp16) over the SIMT cuda kernel.
-backends.register_op(backends.OpTable(_ATTENTION, ("triton", "cuda", "cpu", "reference"), {
-    "cuda": backends.Support(_LOW, _attention_limits),
-    "triton": backends.Support(_LOW, _attention_limits),
-    "cpu": backends.Support(_LOW | {torch.float64}, _attention_limits),
-    "reference": backends.Support(_LOW | {torch.float64}),
-}))
-backends.register_op(backends.OpTable(_MUX, ("triton", "cpu", "reference"), {
-    "triton": backends.Support(_LOW), "cpu": backends.Support(_LOW | {torch.float64}),
-    "reference": backends.Support(_LOW | {torch.float64}),
-}))
-backends.register_op(backends.OpTable(_DEMUX, ("triton", "cpu", "reference"), {
-    "triton": backends.Support(_LOW), "cpu": backends.Support(_LOW | {torch.float64}),
-    "reference": backends.Support(_LOW | {torch.float64}),
-}))
+backends.register_op(
+    backends.OpTable(
+        _ATTENTION,
+        ("triton", "cuda", "cpu", "reference"),
+        {
+            "cuda": backends.Support(_LOW, _attention_limits),
+            "triton": backends.Support(_LOW, _attention_limits),
+            "cpu": backends.Support(_LOW | {torch.float64}, _attention_limits),
+            "reference": backends.Support(_LOW | {torch.float64}),
+        },
+    )
+)
+backends.register_op(
+    backends.OpTable(
+        _MUX,
+        ("triton", "cpu", "reference"),
+        {
+            "triton": backends.Support(_LOW),
+            "cpu": backends.Support(_LOW | {torch.float64}),
+            "reference": backends.Support(_LOW | {torch.float64}),
+        },
+    )
+)
+backends.register_op(
+    backends.OpTable(
+        _DEMUX,
+        ("triton", "cpu", "reference"),
+        {
+            "triton": backends.Support(_LOW),
+            "cpu": backends.Support(_LOW | {torch.float64}),
+            "reference": backends.Support(_LOW | {torch.float64}),
+        },
+    )
+)
 
 
 # ---- attention: the registered torch ops (forward -> (out, lse), and its backward) --------------
 
+
 def _attention_reference(q, k, v, attn_mask, key_padding_mask, causal, scale):
     acc = _acc_dtype(q.dtype)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
-    out, lse = reference_mux.attention_with_lse(q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal,
-                                                scale)
+    out, lse = reference_mux.attention_with_lse(q.to(acc), k.to(acc), v.to(acc), mask, key_padding_mask, causal, scale)
     return out.to(q.dtype), lse.to(acc)
 
 
-def _attention_backward_reference(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
-                                  need_mask_grad):
+def _attention_backward_reference(
+    grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, need_mask_grad
+):
     acc = _acc_dtype(q.dtype)
     mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.to(acc)
-    *grads, grad_mask = reference_mux.attention_backward(grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), mask,
-                                                         key_padding_mask, causal, scale,
-                                                         need_mask_grad=need_mask_grad)
+    *grads, grad_mask = reference_mux.attention_backward(
+        grad_out.to(acc),
+        q.to(acc),
+        k.to(acc),
+        v.to(acc),
+        mask,
+        key_padding_mask,
+        causal,
+        scale,
+        need_mask_grad=need_mask_grad,
+    )
     grad_mask = grad_mask.to(attn_mask.dtype) if need_mask_grad else q.new_empty((0,))
     return (*(g.to(q.dtype) for g in grads), grad_mask)
 
@@ -84,8 +115,7 @@ def _attention_backward_reference(grad_out, q, k, v, out, lse, attn_mask, key_pa
 _attention_backward_triton_grads = triton("mux", "attention_backward")
 
 
-def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale,
-                               need_mask_grad):
+def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, need_mask_grad):
     # need_mask_grad is never True here: ops.attention rejects a differentiable mask for this backend
     grads = _attention_backward_triton_grads(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
     return (*grads, q.new_empty((0,)))
@@ -95,18 +125,39 @@ def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_paddi
 _MASK_GRAD_BACKENDS = ("cpu", "reference")
 
 
-@define_op("mux_attention_backward", impls={
-    **native_impls("mux_attention_backward", reference=_attention_backward_reference),
-    "triton": _attention_backward_triton})
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], causal: bool, scale: float,
-                           need_mask_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+@define_op(
+    "mux_attention_backward",
+    impls={
+        **native_impls("mux_attention_backward", reference=_attention_backward_reference),
+        "triton": _attention_backward_triton,
+    },
+)
+def _attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: float,
+    need_mask_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d attn_mask): the last is the additive mask's gradient in its shape and dtype when
     need_mask_grad (cpu and reference backends), else an empty tensor."""
-    grad_mask = (torch.empty(attn_mask.shape, dtype=attn_mask.dtype, device=attn_mask.device) if need_mask_grad
-                 else q.new_empty((0,)))
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device), grad_mask)
+    grad_mask = (
+        torch.empty(attn_mask.shape, dtype=attn_mask.dtype, device=attn_mask.device)
+        if need_mask_grad
+        else q.new_empty((0,))
+    )
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        torch.empty(v.shape, dtype=v.dtype, device=v.device),
+        grad_mask,
+    )
 
 
 def _attention_setup_context(ctx, inputs, output):
@@ -120,16 +171,37 @@ def _attention_setup_context(ctx, inputs, output):
 def _attention_backward(ctx, grad_out, grad_lse):
     q, k, v, out, lse, attn_mask, key_padding_mask = ctx.saved_tensors
     need_mask_grad = bool(ctx.needs_input_grad[3])  # only ever True for an additive mask (bool has no grad)
-    dq, dk, dv, dmask = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, attn_mask, key_padding_mask,
-                                               ctx.causal, ctx.scale, need_mask_grad, backend=ctx.backend)
+    dq, dk, dv, dmask = _attention_backward_op(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        attn_mask,
+        key_padding_mask,
+        ctx.causal,
+        ctx.scale,
+        need_mask_grad,
+        backend=ctx.backend,
+    )
     return dq, dk, dv, (dmask if need_mask_grad else None), None, None, None, None
 
 
-@define_op("mux_attention", impls=native_impls("mux_attention", triton_launcher=("mux", "attention_forward"),
-                                               reference=_attention_reference),
-           autograd=(_attention_setup_context, _attention_backward))
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                  causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+@define_op(
+    "mux_attention",
+    impls=native_impls("mux_attention", triton_launcher=("mux", "attention_forward"), reference=_attention_reference),
+    autograd=(_attention_setup_context, _attention_backward),
+)
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
     B, H, Lq, D = q.shape
     return q.new_empty((B, H, Lq, D)), q.new_empty((B, H, Lq), dtype=_acc_dtype(q.dtype))
 
@@ -149,8 +221,7 @@ def _attention_valid(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int
         Bv, Hv, Lv, Dv = v.shape
     except ValueError:  # not 4-D
         return 0
-    if (Bk != B or Bv != B or Hk != H or Hv != H or Dk != D or Dv != D or Lv != Lk
-            or not 1 <= D <= MAX_HEAD_DIM):
+    if Bk != B or Bv != B or Hk != H or Hv != H or Dk != D or Dv != D or Lv != Lk or not 1 <= D <= MAX_HEAD_DIM:
         return 0
     device = q.device
     if k.device != device or v.device != device:
@@ -186,39 +257,54 @@ def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: head size D = q.shape[3] must satisfy 1 <= D <= "
-                         f"{MAX_HEAD_DIM}, got {D} ({_describe(q)})")
+        raise ValueError(
+            f"fastcore_ai.ops.{_ATTENTION}: head size D = q.shape[3] must satisfy 1 <= D <= "
+            f"{MAX_HEAD_DIM}, got {D} ({_describe(q)})"
+        )
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: {name} must have q's dtype {q.dtype}, got {_describe(t)}")
         if t.device != q.device:
-            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: {name} must be on q's device {q.device}, got {_describe(t)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_ATTENTION}: {name} must be on q's device {q.device}, got {_describe(t)}"
+            )
         if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
-            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: {name} must have shape [B, H, Lk, D] = "
-                             f"[{B}, {H}, Lk, {D}] to match q {tuple(q.shape)}, got {_describe(t)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_ATTENTION}: {name} must have shape [B, H, Lk, D] = "
+                f"[{B}, {H}, Lk, {D}] to match q {tuple(q.shape)}, got {_describe(t)}"
+            )
     if v.shape[2] != Lk:
         raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: v must have k's length Lk = {Lk}, got {_describe(v)}")
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be a tensor or None, got "
-                            f"{type(attn_mask).__name__}")
+            raise TypeError(
+                f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}"
+            )
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in _FLOATS:
-            raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be bool (True = attend) or a float "
-                            f"additive mask, got {_describe(attn_mask)}")
+            raise TypeError(
+                f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be bool (True = attend) or a float "
+                f"additive mask, got {_describe(attn_mask)}"
+            )
         if attn_mask.device != q.device:
-            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be on q's device, got {_describe(attn_mask)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be on q's device, got {_describe(attn_mask)}"
+            )
         try:
             ok = attn_mask.dim() <= 4 and torch.broadcast_shapes(attn_mask.shape, (B, H, Lq, Lk)) == (B, H, Lq, Lk)
         except RuntimeError:
             ok = False
         if not ok:
-            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be broadcastable to [B, H, Lq, Lk] = "
-                             f"{[B, H, Lq, Lk]}, got {_describe(attn_mask)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_ATTENTION}: attn_mask must be broadcastable to [B, H, Lq, Lk] = "
+                f"{[B, H, Lq, Lk]}, got {_describe(attn_mask)}"
+            )
     if key_padding_mask is not None:
         check_tensor(_ATTENTION, "key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,), layout="[B, Lk]")
         if tuple(key_padding_mask.shape) != (B, Lk) or key_padding_mask.device != q.device:
-            raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: key_padding_mask must be bool [B, Lk] = [{B}, {Lk}] on "
-                             f"q's device, got {_describe(key_padding_mask)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_ATTENTION}: key_padding_mask must be bool [B, Lk] = [{B}, {Lk}] on "
+                f"q's device, got {_describe(key_padding_mask)}"
+            )
     check_bool(_ATTENTION, "causal", causal)
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -226,33 +312,56 @@ def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int
     return D
 
 
-def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
-                       key_padding_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
-                       backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """`attention` that also returns the log-sum-exp per query row, lse [B, H, Lq] (float32; float64 for
     float64 inputs; −inf for a fully masked row). lse is not differentiable."""
     return _attention_with_lse(q, k, v, attn_mask, key_padding_mask, causal, scale, backend)
 
 
 def _attention_with_lse(q, k, v, attn_mask, key_padding_mask, causal, scale, backend):
-    head_dim = (_attention_valid(q, k, v, attn_mask, key_padding_mask, causal, scale)
-                or _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale))
+    head_dim = _attention_valid(q, k, v, attn_mask, key_padding_mask, causal, scale) or _check_attention(
+        q, k, v, attn_mask, key_padding_mask, causal, scale
+    )
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
         attn_mask = attn_mask.to(q.dtype)
     chosen = backends.select(_ATTENTION, backend, q.device, q.dtype, "q", head_dim=head_dim)
-    if (attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
-            and chosen not in _MASK_GRAD_BACKENDS):
-        raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: attn_mask requires grad, and the gradient of an additive "
-                         f"mask is computed by the {' and '.join(_MASK_GRAD_BACKENDS)} backends only; the chosen "
-                         f"backend is {chosen!r} (pass backend='cpu' for CPU tensors, or detach the mask), got "
-                         f"{_describe(attn_mask)}")
+    if (
+        attn_mask is not None
+        and attn_mask.requires_grad
+        and torch.is_grad_enabled()
+        and chosen not in _MASK_GRAD_BACKENDS
+    ):
+        raise ValueError(
+            f"fastcore_ai.ops.{_ATTENTION}: attn_mask requires grad, and the gradient of an additive "
+            f"mask is computed by the {' and '.join(_MASK_GRAD_BACKENDS)} backends only; the chosen "
+            f"backend is {chosen!r} (pass backend='cpu' for CPU tensors, or detach the mask), got "
+            f"{_describe(attn_mask)}"
+        )
     return _attention_op(q, k, v, attn_mask, key_padding_mask, causal, scale, backend=chosen)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
-              key_padding_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None,
-              backend: str = "auto") -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: str = "auto",
+) -> Tensor:
     """Fused attention softmax(scale · q kᵀ + mask) v without materialising [Lq, Lk] (tiled online softmax).
 
     Args:
@@ -276,6 +385,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = 
 
 # ---- mux ----------------------------------------------------------------------------------------
 
+
 def _mux_reference(x, keys, mode):
     acc = _acc_dtype(x.dtype)
     return reference_mux.mux(x.to(acc), keys.to(acc), MUX_MODES[mode]).to(x.dtype)
@@ -289,8 +399,12 @@ def _mux_backward_reference(grad_out, x, keys, mode, need_keys):
 
 
 # Every backend returns grad_keys as an empty tensor when not need_keys.
-@define_op("mux_mux_backward", impls=native_impls("mux_mux_backward", triton_launcher=("mux", "mux_backward"),
-                                                  reference=_mux_backward_reference, cuda=False))
+@define_op(
+    "mux_mux_backward",
+    impls=native_impls(
+        "mux_mux_backward", triton_launcher=("mux", "mux_backward"), reference=_mux_backward_reference, cuda=False
+    ),
+)
 def _mux_backward_op(grad_out: Tensor, x: Tensor, keys: Tensor, mode: int, need_keys: bool) -> Tuple[Tensor, Tensor]:
     gk = torch.empty(keys.shape, dtype=keys.dtype, device=keys.device) if need_keys else keys.new_empty((0,))
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), gk
@@ -309,16 +423,19 @@ def _mux_backward(ctx, grad_out):
     return gx, (gk if need_keys else None), None, None
 
 
-@define_op("mux_mux", impls=native_impls("mux_mux", triton_launcher=("mux", "mux_forward"), reference=_mux_reference,
-                                         cuda=False),
-           autograd=(_mux_setup_context, _mux_backward))
+@define_op(
+    "mux_mux",
+    impls=native_impls("mux_mux", triton_launcher=("mux", "mux_forward"), reference=_mux_reference, cuda=False),
+    autograd=(_mux_setup_context, _mux_backward),
+)
 def _mux_op(x: Tensor, keys: Tensor, mode: int) -> Tensor:
     B, N, L, d = x.shape
     return x.new_empty((B, L, d))
 
 
-def mux(x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optional[int] = None,
-        backend: str = "auto") -> Tensor:
+def mux(
+    x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optional[int] = None, backend: str = "auto"
+) -> Tensor:
     """DataMUX multiplexing of N instances into one: [B, N, L, d] (or [B·N, L, d] with num_instances=N) -> [B, L, d].
 
     mode "hadamard": out = (1/N) Σ_i x_i ⊙ v_i with keys v [N, d] (DataMUX: Gaussian vectors scaled to a norm);
@@ -330,13 +447,16 @@ def mux(x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optio
     check_choice(_MUX, "mode", mode, MUX_MODES)
     if isinstance(x, Tensor) and x.dim() == 3:
         if num_instances is None:
-            raise ValueError(f"fastcore_ai.ops.{_MUX}: x [B·N, L, d] needs num_instances=N, got None "
-                             f"(or pass x as [B, N, L, d])")
+            raise ValueError(
+                f"fastcore_ai.ops.{_MUX}: x [B·N, L, d] needs num_instances=N, got None (or pass x as [B, N, L, d])"
+            )
         check_int(_MUX, "num_instances", num_instances, 1, 2**31 - 1)
         if x.shape[0] % num_instances != 0:
-            raise ValueError(f"fastcore_ai.ops.{_MUX}: x.shape[0] = {x.shape[0]} must be a multiple of "
-                             f"num_instances = {num_instances} (pad the batch, e.g. with nn.DataMUXEncoder, which "
-                             f"masks and removes the padding), got {_describe(x)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_MUX}: x.shape[0] = {x.shape[0]} must be a multiple of "
+                f"num_instances = {num_instances} (pad the batch, e.g. with nn.DataMUXEncoder, which "
+                f"masks and removes the padding), got {_describe(x)}"
+            )
         x = x.reshape(x.shape[0] // num_instances, num_instances, *x.shape[1:])
     check_tensor(_MUX, "x", x, ndim=4, dtypes=_FLOATS, layout="[B, N, L, d]")
     B, N, L, d = x.shape
@@ -345,23 +465,30 @@ def mux(x: Tensor, keys: Tensor, mode: str = "hadamard", *, num_instances: Optio
     if N < 1:
         raise ValueError(f"fastcore_ai.ops.{_MUX}: x must hold N >= 1 instances, got {_describe(x)}")
     want = (N, d) if mode == "hadamard" else (N, d, d)
-    check_tensor(_MUX, "keys", keys, ndim=len(want), dtypes=_FLOATS, layout="[N, d]" if mode == "hadamard" else "[N, d, d]")
+    check_tensor(
+        _MUX, "keys", keys, ndim=len(want), dtypes=_FLOATS, layout="[N, d]" if mode == "hadamard" else "[N, d, d]"
+    )
     if tuple(keys.shape) != want:
-        raise ValueError(f"fastcore_ai.ops.{_MUX}: keys must have shape {list(want)} for mode {mode!r}, "
-                         f"got {_describe(keys)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_MUX}: keys must have shape {list(want)} for mode {mode!r}, got {_describe(keys)}"
+        )
     if keys.dtype != x.dtype or keys.device != x.device:
-        raise TypeError(f"fastcore_ai.ops.{_MUX}: keys must have x's dtype and device ({x.dtype}, {x.device}), "
-                        f"got {_describe(keys)}")
+        raise TypeError(
+            f"fastcore_ai.ops.{_MUX}: keys must have x's dtype and device ({x.dtype}, {x.device}), "
+            f"got {_describe(keys)}"
+        )
     chosen = backends.select(_MUX, backend, x.device, x.dtype, "x")
     return _mux_op(x, keys, MUX_MODES.index(mode), backend=chosen)
 
 
 # ---- demux --------------------------------------------------------------------------------------
 
+
 def _demux_reference(h, keys, weight, bias, norm_weight, norm_bias, eps):
     acc = _acc_dtype(h.dtype)
-    return reference_mux.demux(*(t.to(acc) for t in (h, keys, weight, bias, norm_weight, norm_bias)),
-                               eps=eps).to(h.dtype)
+    return reference_mux.demux(*(t.to(acc) for t in (h, keys, weight, bias, norm_weight, norm_bias)), eps=eps).to(
+        h.dtype
+    )
 
 
 def _demux_backward_reference(grad_out, h, keys, weight, bias, norm_weight, norm_bias, eps):
@@ -371,13 +498,26 @@ def _demux_backward_reference(grad_out, h, keys, weight, bias, norm_weight, norm
     return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
-@define_op("mux_demux_backward", impls=native_impls("mux_demux_backward", triton_launcher=("mux", "demux_backward"),
-                                                    reference=_demux_backward_reference, cuda=False))
-def _demux_backward_op(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor,
-                       norm_weight: Tensor, norm_bias: Tensor,
-                       eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
-                 for t in (h, index_keys, weight, bias, norm_weight, norm_bias))
+@define_op(
+    "mux_demux_backward",
+    impls=native_impls(
+        "mux_demux_backward", triton_launcher=("mux", "demux_backward"), reference=_demux_backward_reference, cuda=False
+    ),
+)
+def _demux_backward_op(
+    grad_out: Tensor,
+    h: Tensor,
+    index_keys: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return tuple(
+        torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        for t in (h, index_keys, weight, bias, norm_weight, norm_bias)
+    )
 
 
 def _demux_setup_context(ctx, inputs, output):
@@ -391,17 +531,29 @@ def _demux_backward(ctx, grad_out):
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None, None)
 
 
-@define_op("mux_demux", impls=native_impls("mux_demux", triton_launcher=("mux", "demux_forward"),
-                                           reference=_demux_reference, cuda=False),
-           autograd=(_demux_setup_context, _demux_backward))
-def _demux_op(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-              eps: float) -> Tensor:
+@define_op(
+    "mux_demux",
+    impls=native_impls("mux_demux", triton_launcher=("mux", "demux_forward"), reference=_demux_reference, cuda=False),
+    autograd=(_demux_setup_context, _demux_backward),
+)
+def _demux_op(
+    h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, eps: float
+) -> Tensor:
     B, L, _ = h.shape
     return h.new_empty((B * index_keys.shape[-2], L, weight.shape[0]))
 
 
-def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor, *,
-          eps: float = 1e-5, backend: str = "auto") -> Tensor:
+def demux(
+    h: Tensor,
+    index_keys: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    *,
+    eps: float = 1e-5,
+    backend: str = "auto",
+) -> Tensor:
     """DataMUX index demultiplexing: out[b·N + i, t] = LayerNorm(GELU(W [p_i ; h_t] + bias)), [B·N, L, e].
 
     Computed as (W_L p_i + bias) + W_R h_t with W = [W_L | W_R]: the index term once per index and the
@@ -416,25 +568,37 @@ def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weig
     check_tensor(_DEMUX, "h", h, ndim=3, dtypes=_FLOATS, layout="[B, L, d]")
     B, L, d = h.shape
     if not isinstance(index_keys, Tensor) or index_keys.dim() not in (2, 3):
-        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: index_keys must be a 2-D [N, d] or 3-D [B, N, d] tensor, got "
-                         f"{_describe(index_keys) if isinstance(index_keys, Tensor) else type(index_keys).__name__}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_DEMUX}: index_keys must be a 2-D [N, d] or 3-D [B, N, d] tensor, got "
+            f"{_describe(index_keys) if isinstance(index_keys, Tensor) else type(index_keys).__name__}"
+        )
     if index_keys.shape[-1] != d or (index_keys.dim() == 3 and index_keys.shape[0] != B) or index_keys.shape[-2] < 1:
-        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: index_keys must be [N, {d}] or [{B}, N, {d}] with N >= 1 to match "
-                         f"h {tuple(h.shape)}, got {_describe(index_keys)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_DEMUX}: index_keys must be [N, {d}] or [{B}, N, {d}] with N >= 1 to match "
+            f"h {tuple(h.shape)}, got {_describe(index_keys)}"
+        )
     check_tensor(_DEMUX, "weight", weight, ndim=2, dtypes=_FLOATS, layout="[e, 2d]")
     if weight.shape[1] != 2 * d or weight.shape[0] < 1:
-        raise ValueError(f"fastcore_ai.ops.{_DEMUX}: weight must be [e, 2d] = [e, {2 * d}] with e >= 1, "
-                         f"got {_describe(weight)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_DEMUX}: weight must be [e, 2d] = [e, {2 * d}] with e >= 1, got {_describe(weight)}"
+        )
     e = weight.shape[0]
     for name, t in (("bias", bias), ("norm_weight", norm_weight), ("norm_bias", norm_bias)):
         check_tensor(_DEMUX, name, t, ndim=1, dtypes=_FLOATS, layout="[e]")
         if t.shape[0] != e:
             raise ValueError(f"fastcore_ai.ops.{_DEMUX}: {name} must be [e] = [{e}], got {_describe(t)}")
-    for name, t in (("index_keys", index_keys), ("weight", weight), ("bias", bias), ("norm_weight", norm_weight),
-                    ("norm_bias", norm_bias)):
+    for name, t in (
+        ("index_keys", index_keys),
+        ("weight", weight),
+        ("bias", bias),
+        ("norm_weight", norm_weight),
+        ("norm_bias", norm_bias),
+    ):
         if t.dtype != h.dtype or t.device != h.device:
-            raise TypeError(f"fastcore_ai.ops.{_DEMUX}: {name} must have h's dtype and device ({h.dtype}, {h.device}), "
-                            f"got {_describe(t)}")
+            raise TypeError(
+                f"fastcore_ai.ops.{_DEMUX}: {name} must have h's dtype and device ({h.dtype}, {h.device}), "
+                f"got {_describe(t)}"
+            )
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"fastcore_ai.ops.{_DEMUX}: eps must be a float > 0, got {eps!r}")
     chosen = backends.select(_DEMUX, backend, h.device, h.dtype, "h")

@@ -13,6 +13,7 @@ Search conventions: distances float32 [nq, k], ids int64 [nq, k], best first; l2
 ascending, ip = inner product descending; ties go to the lower id; fewer than k results are padded
 with id −1 and +inf (l2) / −inf (ip).
 """
+
 from __future__ import annotations
 
 from typing import Tuple
@@ -34,8 +35,9 @@ _METRIC_ID = {"l2": 0, "ip": 1}
 
 def _table(op: str) -> backends.OpTable:
     dtypes = frozenset(_FLOATS)
-    return backends.OpTable(op, ("cpu", "reference"), {"cpu": backends.Support(dtypes),
-                                                       "reference": backends.Support(dtypes)})
+    return backends.OpTable(
+        op, ("cpu", "reference"), {"cpu": backends.Support(dtypes), "reference": backends.Support(dtypes)}
+    )
 
 
 for _op in ("kmeans", "pq_encode", "pq_decode", "pq4_search", "ivfpq_search"):
@@ -43,13 +45,31 @@ for _op in ("kmeans", "pq_encode", "pq_decode", "pq4_search", "ivfpq_search"):
 _F32 = frozenset({torch.float32})
 # pq_lut has a CUDA kernel; pq_search has the CUDA scan (table in shared memory, block-wide top-k, k <= 4096)
 # and the Triton ADC scan (CUDA tensors, or CPU ones under the interpreter).
-backends.register_op(backends.OpTable("pq_lut", ("cuda", "cpu", "reference"), {
-    "cuda": backends.Support(_F32), "cpu": backends.Support(frozenset(_FLOATS)),
-    "reference": backends.Support(frozenset(_FLOATS))}))
-backends.register_op(backends.OpTable("pq_search", ("cuda", "triton", "cpu", "reference"), {
-    "cuda": backends.Support(_F32, limits=lambda k=1, **_: [] if k <= 4096 else [f"the cuda scan supports k <= 4096, got {k}"]),
-    "triton": backends.Support(_F32),
-    "cpu": backends.Support(frozenset(_FLOATS)), "reference": backends.Support(frozenset(_FLOATS))}))
+backends.register_op(
+    backends.OpTable(
+        "pq_lut",
+        ("cuda", "cpu", "reference"),
+        {
+            "cuda": backends.Support(_F32),
+            "cpu": backends.Support(frozenset(_FLOATS)),
+            "reference": backends.Support(frozenset(_FLOATS)),
+        },
+    )
+)
+backends.register_op(
+    backends.OpTable(
+        "pq_search",
+        ("cuda", "triton", "cpu", "reference"),
+        {
+            "cuda": backends.Support(
+                _F32, limits=lambda k=1, **_: [] if k <= 4096 else [f"the cuda scan supports k <= 4096, got {k}"]
+            ),
+            "triton": backends.Support(_F32),
+            "cpu": backends.Support(frozenset(_FLOATS)),
+            "reference": backends.Support(frozenset(_FLOATS)),
+        },
+    )
+)
 
 
 def _err(op: str, message: str) -> str:
@@ -60,15 +80,22 @@ def _check_codebooks(op: str, codebooks) -> None:
     check_tensor(op, "codebooks", codebooks, ndim=3, dtypes=_FLOATS, layout="[M, ksub, dsub]")
     M, ksub, dsub = codebooks.shape
     if M < 1 or dsub < 1 or not 1 <= ksub <= 256:
-        raise ValueError(_err(op, f"codebooks must have M >= 1, 1 <= ksub <= 256 and dsub >= 1, got {_describe(codebooks)}"))
+        raise ValueError(
+            _err(op, f"codebooks must have M >= 1, 1 <= ksub <= 256 and dsub >= 1, got {_describe(codebooks)}")
+        )
 
 
 def _check_vectors(op: str, name: str, x, codebooks: Tensor) -> None:
     check_tensor(op, name, x, ndim=2, dtypes=_FLOATS, layout="[n, d]")
     M, _, dsub = codebooks.shape
     if x.shape[1] != M * dsub:
-        raise ValueError(_err(op, f"{name} must have d = M·dsub = {M}·{dsub} = {M * dsub} columns (codebooks "
-                                  f"{tuple(codebooks.shape)}), got {_describe(x)}"))
+        raise ValueError(
+            _err(
+                op,
+                f"{name} must have d = M·dsub = {M}·{dsub} = {M * dsub} columns (codebooks "
+                f"{tuple(codebooks.shape)}), got {_describe(x)}",
+            )
+        )
     if x.device != codebooks.device:
         raise ValueError(_err(op, f"{name} must be on codebooks' device {codebooks.device}, got {_describe(x)}"))
 
@@ -76,7 +103,9 @@ def _check_vectors(op: str, name: str, x, codebooks: Tensor) -> None:
 def _check_codes(op: str, codes, codebooks: Tensor) -> None:
     check_tensor(op, "codes", codes, ndim=2, dtypes=(torch.uint8,), layout="[n, M]")
     if codes.shape[1] != codebooks.shape[0]:
-        raise ValueError(_err(op, f"codes must have M = {codebooks.shape[0]} columns (codebooks), got {_describe(codes)}"))
+        raise ValueError(
+            _err(op, f"codes must have M = {codebooks.shape[0]} columns (codebooks), got {_describe(codes)}")
+        )
     if codes.device != codebooks.device:
         raise ValueError(_err(op, f"codes must be on codebooks' device {codebooks.device}, got {_describe(codes)}"))
 
@@ -106,12 +135,17 @@ def _check_probe_range(op: str, probes: Tensor, nlist: int) -> None:
 
 def _same_dtype(op: str, name: str, x: Tensor, codebooks: Tensor) -> Tensor:
     if x.dtype != codebooks.dtype:
-        raise TypeError(_err(op, f"{name} must have codebooks' dtype {str(codebooks.dtype).replace('torch.', '')}, "
-                                 f"got {_describe(x)}"))
+        raise TypeError(
+            _err(
+                op,
+                f"{name} must have codebooks' dtype {str(codebooks.dtype).replace('torch.', '')}, got {_describe(x)}",
+            )
+        )
     return x
 
 
 # ---- k-means ----------------------------------------------------------------------------------------
+
 
 def _kmeans_cpu(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroid: int, constrained: bool) -> Tensor:
     sample, c = _ref.kmeans_init(x.float(), k, seed, max_points_per_centroid)
@@ -152,14 +186,19 @@ def nearest_centroid(x: Tensor, centroids: Tensor, metric: str = "l2") -> Tensor
     index-building helper, used by kmeans and fastcore_ai.search for the coarse assignment and the
     single-probe IVF search). float32 CPU tensors: the native fused assignment (register tiles with a
     running argmin, no [n, k] product in memory; docs/pq.md); otherwise torch in row chunks."""
-    if (x.dtype == torch.float32 and centroids.dtype == torch.float32 and x.device.type == "cpu"
-            and centroids.device.type == "cpu" and _native.load_error() is None):
+    if (
+        x.dtype == torch.float32
+        and centroids.dtype == torch.float32
+        and x.device.type == "cpu"
+        and centroids.device.type == "cpu"
+        and _native.load_error() is None
+    ):
         return _native.native().pq_kmeans_assign(x.contiguous(), centroids.contiguous(), _METRIC_ID[metric])[0]
     step = max(1, (1 << 22) // max(centroids.shape[0], 1))
     c_norms = (centroids * centroids).sum(1)[None]
     parts = []
     for i in range(0, x.shape[0], step):
-        g = x[i:i + step] @ centroids.T
+        g = x[i : i + step] @ centroids.T
         parts.append((c_norms - 2.0 * g).argmin(1) if metric == "l2" else g.argmax(1))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=x.device)
 
@@ -180,8 +219,16 @@ def _kmeans_op(x: Tensor, k: int, niter: int, seed: int, max_points_per_centroid
     return x.new_empty((k, x.shape[1]))
 
 
-def kmeans(x: Tensor, k: int, niter: int = 25, seed: int = 0, max_points_per_centroid: int = 256,
-           constrained: bool = False, *, backend: str = "auto") -> Tensor:
+def kmeans(
+    x: Tensor,
+    k: int,
+    niter: int = 25,
+    seed: int = 0,
+    max_points_per_centroid: int = 256,
+    constrained: bool = False,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """Lloyd's k-means: centroids [k, d] in x's dtype.
 
     x [n, d] float32/float64 with n >= k. Trains on at most k·max_points_per_centroid rows (a random
@@ -205,8 +252,18 @@ def kmeans(x: Tensor, k: int, niter: int = 25, seed: int = 0, max_points_per_cen
     return _kmeans_op(x, k, niter, seed, max_points_per_centroid, constrained, backend=chosen)
 
 
-def pq_train(x: Tensor, M: int, nbits: int = 8, metric: str = "l2", niter: int = 25, constrained: bool = False,
-             seed: int = 0, max_points_per_centroid: int = 256, *, backend: str = "auto") -> Tensor:
+def pq_train(
+    x: Tensor,
+    M: int,
+    nbits: int = 8,
+    metric: str = "l2",
+    niter: int = 25,
+    constrained: bool = False,
+    seed: int = 0,
+    max_points_per_centroid: int = 256,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """PQ codebooks [M, 2^nbits, d/M] (float32; float64 for float64 x): one k-means per sub-space,
     sub-space m seeded with seed + m. nbits ∈ {4, 8}; d % M == 0. As in FAISS, sub-quantizers are
     L2 k-means for both metrics (`metric` is validated and kept for the caller's record)."""
@@ -219,15 +276,17 @@ def pq_train(x: Tensor, M: int, nbits: int = 8, metric: str = "l2", niter: int =
     d = x.shape[1]
     if d % M != 0:
         raise ValueError(_err(op, f"d must be divisible by M, got d = {d}, M = {M} ({_describe(x)})"))
-    ksub = 2 ** nbits
+    ksub = 2**nbits
     if x.shape[0] < ksub:
         raise ValueError(_err(op, f"x must have at least 2^nbits = {ksub} rows, got {_describe(x)}"))
     dsub = d // M
     chosen = backends.select("kmeans", backend, x.device, x.dtype, "x")
     if chosen == "cpu" and not constrained:
         return _pq_train_batched_cpu(x, M, ksub, niter, seed, max_points_per_centroid)
-    books = [kmeans(x[:, m * dsub:(m + 1) * dsub], ksub, niter, seed, max_points_per_centroid, constrained,
-                    backend=chosen) for m in range(M)]
+    books = [
+        kmeans(x[:, m * dsub : (m + 1) * dsub], ksub, niter, seed, max_points_per_centroid, constrained, backend=chosen)
+        for m in range(M)
+    ]
     return torch.stack(books).contiguous()
 
 
@@ -264,6 +323,7 @@ def _split_empty(centroids: Tensor, counts: Tensor) -> Tensor:
 
 # ---- encode / decode / tables ----------------------------------------------------------------------
 
+
 def _encode_cpu(x, codebooks):
     return _native.native().pq_tables(x, codebooks, 0, False, True)[1]
 
@@ -291,7 +351,7 @@ def _decode_setup(ctx, inputs, output):
 
 
 def _decode_backward(ctx, grad):
-    codes, = ctx.saved_tensors
+    (codes,) = ctx.saved_tensors
     M, ksub, dsub = ctx.shape
     # grad_C[m, j] = Σ_{i : code[i, m] = j} grad[i, m·dsub : (m+1)·dsub]
     flat = (codes.long() + torch.arange(M, device=codes.device)[None, :] * ksub).reshape(-1)
@@ -301,8 +361,12 @@ def _decode_backward(ctx, grad):
 
 
 # A gather on every backend (memory-bound; torch's indexing is already optimal for it).
-@define_op("pq_decode", impls={"cpu": _ref.pq_decode, "reference": _ref.pq_decode},
-           autograd=(_decode_setup, _decode_backward), contiguous_outputs=True)
+@define_op(
+    "pq_decode",
+    impls={"cpu": _ref.pq_decode, "reference": _ref.pq_decode},
+    autograd=(_decode_setup, _decode_backward),
+    contiguous_outputs=True,
+)
 def _decode_op(codes: Tensor, codebooks: Tensor) -> Tensor:
     return codebooks.new_empty((codes.shape[0], codebooks.shape[0] * codebooks.shape[2]))
 
@@ -346,8 +410,11 @@ def _lut_backward(ctx, grad):
     return grad_q.reshape(queries.shape), grad_c, None, None
 
 
-@define_op("pq_lut", impls={"cpu": _lut_cpu, "cuda": _lut_cpu, "reference": _lut_reference},
-           autograd=(_lut_setup, _lut_backward))
+@define_op(
+    "pq_lut",
+    impls={"cpu": _lut_cpu, "cuda": _lut_cpu, "reference": _lut_reference},
+    autograd=(_lut_setup, _lut_backward),
+)
 def _lut_op(queries: Tensor, codebooks: Tensor, metric: str) -> Tensor:
     return queries.new_empty((queries.shape[0], codebooks.shape[0], codebooks.shape[1]))
 
@@ -365,6 +432,7 @@ def pq_lut(queries: Tensor, codebooks: Tensor, metric: str = "l2", *, backend: s
 
 
 # ---- exact ADC search --------------------------------------------------------------------------------
+
 
 def _search_dtype(queries: Tensor) -> torch.dtype:
     """The registered pq_search's distance dtype: float64 for float64 queries, else float32, on every
@@ -401,8 +469,10 @@ def _search_triton(queries, codes, codebooks, k, metric):
     return d.to(_search_dtype(queries)), i
 
 
-@define_op("pq_search", impls={"cpu": _search_cpu, "cuda": _search_cpu, "triton": _search_triton,
-                               "reference": _search_reference})
+@define_op(
+    "pq_search",
+    impls={"cpu": _search_cpu, "cuda": _search_cpu, "triton": _search_triton, "reference": _search_reference},
+)
 def _search_op(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=_search_dtype(queries)), queries.new_empty((nq, k), dtype=torch.int64)
@@ -412,8 +482,9 @@ def _check_k(op: str, k) -> None:
     check_int(op, "k", k, 1, 2**24)
 
 
-def pq_search(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric: str = "l2", *,
-              backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def pq_search(
+    queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric: str = "l2", *, backend: str = "auto"
+) -> Tuple[Tensor, Tensor]:
     """Exact ADC k-nearest-neighbour search over PQ codes (FAISS IndexPQ semantics).
 
     queries [nq, d], codes [n, M] uint8, codebooks [M, ksub, dsub] (any ksub ≤ 256, 8-bit typical).

@@ -2,6 +2,7 @@
 layout), an 8-bit quantized LUT scanned with byte shuffles, top-k of the k·k_factor best candidates
 reranked exactly. Conventions as in ops/pq.py.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -13,13 +14,23 @@ from .. import _native, backends
 from .._validation import _describe, check_choice, check_int, check_tensor
 from ..reference import pq as _ref
 from ._define import define_op
-from .pq import (METRICS, _FLOATS, _METRIC_ID, _check_code_range, _check_codebooks, _check_k, _check_vectors, _err,
-                 _same_dtype)
+from .pq import (
+    METRICS,
+    _FLOATS,
+    _METRIC_ID,
+    _check_code_range,
+    _check_codebooks,
+    _check_k,
+    _check_vectors,
+    _err,
+    _same_dtype,
+)
 
 __all__ = ["pq4_pack", "pq4_search", "pq4_kernel"]
 
 
 # ---- 4-bit fast-scan ----------------------------------------------------------------------------------
+
 
 # A byte shuffle in torch on any device: one implementation, registered as "reference" (pq4_pack has no
 # backend choice).
@@ -66,8 +77,6 @@ def _pq4_reference(queries, packed, n, codebooks, k, metric):
     return _pq4_scan_reference(_ref.pq_lut(queries, codebooks, metric).float(), packed, n, k, metric)
 
 
-
-
 def _rerank(queries, candidates, codebooks, packed, n, k, metric, rerank_vectors):
     """Exact re-ranking of the candidate ids [nq, k'] (−1 = none) with the original vectors or, when
     None, the exact float ADC distance of the decoded codes."""
@@ -100,25 +109,44 @@ def _rerank(queries, candidates, codebooks, packed, n, k, metric, rerank_vectors
 def _with_rerank(scan):
     """The pq4_search impl over the quantized `scan` of a backend: the best k·k_factor, re-ranked
     exactly (_rerank) when k_factor > 1 or rerank_vectors are given."""
+
     def search(queries, packed, n, codebooks, k, metric, k_factor, rerank_vectors):
         d, i = scan(queries, packed, n, codebooks, k * k_factor, metric)
         if k_factor == 1 and rerank_vectors is None:
             return d, i
         return _rerank(queries, i, codebooks, packed, n, k, metric, rerank_vectors)
+
     search.__name__ = search.__qualname__ = f"{scan.__name__}_with_rerank"
     return search
 
 
 @define_op("pq4_search", impls={"cpu": _with_rerank(_pq4_cpu), "reference": _with_rerank(_pq4_reference)})
-def _pq4_op(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: int, metric: str, k_factor: int,
-            rerank_vectors: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _pq4_op(
+    queries: Tensor,
+    packed: Tensor,
+    n: int,
+    codebooks: Tensor,
+    k: int,
+    metric: str,
+    k_factor: int,
+    rerank_vectors: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
 
-def pq4_search(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: int, metric: str = "l2", *,
-               k_factor: int = 1, rerank_vectors: Optional[Tensor] = None,
-               backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def pq4_search(
+    queries: Tensor,
+    packed: Tensor,
+    n: int,
+    codebooks: Tensor,
+    k: int,
+    metric: str = "l2",
+    *,
+    k_factor: int = 1,
+    rerank_vectors: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """4-bit fast-scan search (FAISS IndexPQFastScan semantics, approximate distances).
 
     queries [nq, d]; packed = pq4_pack(codes) for n vectors; codebooks [M, 16, d/M]. Per query the
@@ -140,16 +168,25 @@ def pq4_search(queries: Tensor, packed: Tensor, n: int, codebooks: Tensor, k: in
     check_int(op, "n", n, 0, 2**40)
     M = codebooks.shape[0]
     if tuple(packed.shape) != ((n + 31) // 32, (M + 1) // 2, 32):
-        raise ValueError(_err(op, f"packed must have shape [ceil(n/32), ceil(M/2), 32] = "
-                                  f"{((n + 31) // 32, (M + 1) // 2, 32)} for n = {n}, M = {M}, got {_describe(packed)}"))
+        raise ValueError(
+            _err(
+                op,
+                f"packed must have shape [ceil(n/32), ceil(M/2), 32] = "
+                f"{((n + 31) // 32, (M + 1) // 2, 32)} for n = {n}, M = {M}, got {_describe(packed)}",
+            )
+        )
     _check_k(op, k)
     check_int(op, "k_factor", k_factor, 1, 4096)
     check_choice(op, "metric", metric, METRICS)
     if rerank_vectors is not None:
         check_tensor(op, "rerank_vectors", rerank_vectors, ndim=2, dtypes=_FLOATS, layout="[n, d]")
         if tuple(rerank_vectors.shape) != (n, queries.shape[1]):
-            raise ValueError(_err(op, f"rerank_vectors must have shape [n, d] = {(n, queries.shape[1])}, "
-                                      f"got {_describe(rerank_vectors)}"))
+            raise ValueError(
+                _err(
+                    op,
+                    f"rerank_vectors must have shape [n, d] = {(n, queries.shape[1])}, got {_describe(rerank_vectors)}",
+                )
+            )
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
     return _pq4_op(queries, packed.contiguous(), n, codebooks, k, metric, k_factor, rerank_vectors, backend=chosen)
 

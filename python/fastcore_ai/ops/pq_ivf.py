@@ -2,6 +2,7 @@
 tables (residual or not), top-k over all probed lists; `ivfpq4_search` does the same over 4-bit
 fast-scan lists. Conventions as in ops/pq.py.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -13,13 +14,25 @@ from .. import _native, backends
 from .._validation import _describe, check_bool, check_choice, check_tensor
 from ..reference import pq as _ref
 from ._define import define_op
-from .pq import (METRICS, _METRIC_ID, _check_code_range, _check_codebooks, _check_codes, _check_k, _check_probe_range,
-                 _check_vectors, _err, _same_dtype, _table)
+from .pq import (
+    METRICS,
+    _METRIC_ID,
+    _check_code_range,
+    _check_codebooks,
+    _check_codes,
+    _check_k,
+    _check_probe_range,
+    _check_vectors,
+    _err,
+    _same_dtype,
+    _table,
+)
 
 __all__ = ["ivfpq_search", "ivfpq4_search", "pq4_pack_lists", "ivfpq_list_terms"]
 
 
 # ---- IVF-PQ scan ------------------------------------------------------------------------------------------
+
 
 def _ivf_tables(queries, coarse, probes, codebooks, metric, by_residual):
     """(lut [nq, L, M, ksub] float32, bias [nq, nprobe] float32).
@@ -49,8 +62,9 @@ def _native_or_ref_lut(x, codebooks, metric):
     return _ref.pq_lut(x, codebooks, metric).float()
 
 
-def _ivf_reference(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual,
-                   list_terms=None):
+def _ivf_reference(
+    queries, coarse, probes, codes, list_offsets, ids, codebooks, k, metric, by_residual, list_terms=None
+):
     """Exact: gather the probed lists' rows and compute the float64 distance to the reconstruction."""
     nq = queries.shape[0]
     out_d = torch.empty(nq, k, dtype=torch.float64)
@@ -59,8 +73,13 @@ def _ivf_reference(queries, coarse, probes, codes, list_offsets, ids, codebooks,
     for q in range(nq):
         rows = [torch.arange(offsets[l], offsets[l + 1]) for l in probes[q].tolist() if l >= 0]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
-        lists = torch.cat([torch.full((offsets[l + 1] - offsets[l],), l, dtype=torch.int64)
-                           for l in probes[q].tolist() if l >= 0]) if rows.numel() else rows
+        lists = (
+            torch.cat(
+                [torch.full((offsets[l + 1] - offsets[l],), l, dtype=torch.int64) for l in probes[q].tolist() if l >= 0]
+            )
+            if rows.numel()
+            else rows
+        )
         recon = _ref.pq_decode(codes[rows], codebooks.double())
         if by_residual:
             recon = recon + coarse.double()[lists]
@@ -96,24 +115,52 @@ def _ivf_cpu(queries, coarse, probes, codes, list_offsets, ids, codebooks, k, me
         terms = list_terms.float().contiguous() if list_terms is not None else ivfpq_list_terms(coarse, codebooks)
         lut = _native_or_ref_lut(queries * -2.0, codebooks, "ip")[:, None]  # ⟨−2q, c⟩: the scaling is exact
         bias = ((queries.float()[:, None, :] - coarse.float()[probes.clamp_min(0)]) ** 2).sum(-1)
-        return tuple(_native.native().pq_search_ivf(lut.contiguous(), codes, list_offsets, probes, bias.contiguous(),
-                                                    ids, k, _METRIC_ID[metric], terms))
+        return tuple(
+            _native.native().pq_search_ivf(
+                lut.contiguous(), codes, list_offsets, probes, bias.contiguous(), ids, k, _METRIC_ID[metric], terms
+            )
+        )
     lut, bias = _ivf_tables(queries, coarse, probes, codebooks, metric, by_residual)
-    return tuple(_native.native().pq_search_ivf(lut.contiguous(), codes, list_offsets, probes, bias, ids, k,
-                                                _METRIC_ID[metric], None))
+    return tuple(
+        _native.native().pq_search_ivf(
+            lut.contiguous(), codes, list_offsets, probes, bias, ids, k, _METRIC_ID[metric], None
+        )
+    )
 
 
 @define_op("ivfpq_search", impls={"cpu": _ivf_cpu, "reference": _ivf_reference})
-def _ivf_op(queries: Tensor, coarse: Tensor, probes: Tensor, codes: Tensor, list_offsets: Tensor, ids: Tensor,
-            codebooks: Tensor, k: int, metric: str, by_residual: bool,
-            list_terms: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _ivf_op(
+    queries: Tensor,
+    coarse: Tensor,
+    probes: Tensor,
+    codes: Tensor,
+    list_offsets: Tensor,
+    ids: Tensor,
+    codebooks: Tensor,
+    k: int,
+    metric: str,
+    by_residual: bool,
+    list_terms: Optional[Tensor],
+) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
 
-def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, codes: Tensor, list_offsets: Tensor,
-                 ids: Tensor, codebooks: Tensor, k: int, metric: str = "l2", by_residual: bool = True, *,
-                 list_terms: Optional[Tensor] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def ivfpq_search(
+    queries: Tensor,
+    coarse_centroids: Tensor,
+    probes: Tensor,
+    codes: Tensor,
+    list_offsets: Tensor,
+    ids: Tensor,
+    codebooks: Tensor,
+    k: int,
+    metric: str = "l2",
+    by_residual: bool = True,
+    *,
+    list_terms: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """IVF-PQ scan of the probed inverted lists (FAISS IndexIVFPQ semantics).
 
     queries [nq, d]; coarse_centroids [nlist, d]; probes [nq, nprobe] int64 list numbers (−1 = none);
@@ -138,7 +185,9 @@ def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, code
     if probes.shape[0] != queries.shape[0]:
         raise ValueError(_err(op, f"probes must have nq = {queries.shape[0]} rows, got {_describe(probes)}"))
     if list_offsets.shape[0] != nlist + 1:
-        raise ValueError(_err(op, f"list_offsets must have nlist + 1 = {nlist + 1} entries, got {_describe(list_offsets)}"))
+        raise ValueError(
+            _err(op, f"list_offsets must have nlist + 1 = {nlist + 1} entries, got {_describe(list_offsets)}")
+        )
     if ids.shape[0] != codes.shape[0]:
         raise ValueError(_err(op, f"ids must have n = {codes.shape[0]} entries, got {_describe(ids)}"))
     _check_probe_range(op, probes, nlist)
@@ -150,17 +199,38 @@ def ivfpq_search(queries: Tensor, coarse_centroids: Tensor, probes: Tensor, code
         M, ksub = codebooks.shape[0], codebooks.shape[1]
         check_tensor(op, "list_terms", list_terms, ndim=3, dtypes=(torch.float32,), layout="[nlist, M, ksub]")
         if tuple(list_terms.shape) != (nlist, M, ksub):
-            raise ValueError(_err(op, f"list_terms must have shape [nlist, M, ksub] = {(nlist, M, ksub)}, "
-                                      f"got {_describe(list_terms)}"))
+            raise ValueError(
+                _err(
+                    op, f"list_terms must have shape [nlist, M, ksub] = {(nlist, M, ksub)}, got {_describe(list_terms)}"
+                )
+            )
         if metric != "l2" or not by_residual:
-            raise ValueError(_err(op, f"list_terms apply to metric 'l2' with by_residual=True, got metric {metric!r}, "
-                                      f"by_residual={by_residual}"))
+            raise ValueError(
+                _err(
+                    op,
+                    f"list_terms apply to metric 'l2' with by_residual=True, got metric {metric!r}, "
+                    f"by_residual={by_residual}",
+                )
+            )
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
-    return _ivf_op(queries, coarse_centroids, probes, codes.contiguous(), list_offsets, ids, codebooks, k, metric,
-                   by_residual, list_terms, backend=chosen)
+    return _ivf_op(
+        queries,
+        coarse_centroids,
+        probes,
+        codes.contiguous(),
+        list_offsets,
+        ids,
+        codebooks,
+        k,
+        metric,
+        by_residual,
+        list_terms,
+        backend=chosen,
+    )
 
 
 # ---- IVF 4-bit fast-scan (non-residual) -----------------------------------------------------------------
+
 
 def pq4_pack_lists(codes: Tensor, list_no: Tensor, ids: Tensor, nlist: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pack 4-bit codes list by list for ivfpq4_search: (packed [blocks, ceil(M/2), 32], list_blocks
@@ -182,13 +252,21 @@ def pq4_pack_lists(codes: Tensor, list_no: Tensor, ids: Tensor, nlist: int) -> T
     full[row] = codes[order]
     row_ids = torch.full((total * 32,), -1, dtype=torch.int64)
     row_ids[row] = ids[order]
-    return _ref.pq4_pack(full) if total else torch.zeros(0, (M + 1) // 2, 32, dtype=torch.uint8), list_blocks, sizes, row_ids
+    return (
+        _ref.pq4_pack(full) if total else torch.zeros(0, (M + 1) // 2, 32, dtype=torch.uint8),
+        list_blocks,
+        sizes,
+        row_ids,
+    )
 
 
 def _ivf4_cpu(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric):
-    lut = _native.native().pq_tables(queries.float().contiguous(), codebooks.float(), _METRIC_ID[metric], True, False)[0]
-    return tuple(_native.native().pq4_search_ivf(lut, packed, list_blocks, list_sizes, row_ids, probes, k,
-                                                 _METRIC_ID[metric]))
+    lut = _native.native().pq_tables(queries.float().contiguous(), codebooks.float(), _METRIC_ID[metric], True, False)[
+        0
+    ]
+    return tuple(
+        _native.native().pq4_search_ivf(lut, packed, list_blocks, list_sizes, row_ids, probes, k, _METRIC_ID[metric])
+    )
 
 
 def _ivf4_reference(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric):
@@ -204,8 +282,11 @@ def _ivf4_reference(queries, probes, packed, list_blocks, list_sizes, row_ids, c
     out_d = torch.empty(nq, k)
     out_i = torch.empty(nq, k, dtype=torch.int64)
     for q in range(nq):
-        rows = [torch.arange(int(list_blocks[l]) * 32, int(list_blocks[l]) * 32 + int(list_sizes[l]))
-                for l in probes[q].tolist() if l >= 0]
+        rows = [
+            torch.arange(int(list_blocks[l]) * 32, int(list_blocks[l]) * 32 + int(list_sizes[l]))
+            for l in probes[q].tolist()
+            if l >= 0
+        ]
         rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
         D = qlut[q][torch.arange(M)[:, None], codes[rows].T].sum(0)[None]
         d, i = _ref.topk_with_ties(D, k, "l2", row_ids[rows])
@@ -219,15 +300,34 @@ backends.register_op(_table("ivfpq4_search"))
 
 
 @define_op("ivfpq4_search", impls={"cpu": _ivf4_cpu, "reference": _ivf4_reference})
-def _ivf4_op(queries: Tensor, probes: Tensor, packed: Tensor, list_blocks: Tensor, list_sizes: Tensor,
-             row_ids: Tensor, codebooks: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
+def _ivf4_op(
+    queries: Tensor,
+    probes: Tensor,
+    packed: Tensor,
+    list_blocks: Tensor,
+    list_sizes: Tensor,
+    row_ids: Tensor,
+    codebooks: Tensor,
+    k: int,
+    metric: str,
+) -> Tuple[Tensor, Tensor]:
     nq = queries.shape[0]
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
 
-def ivfpq4_search(queries: Tensor, probes: Tensor, packed: Tensor, list_blocks: Tensor, list_sizes: Tensor,
-                  row_ids: Tensor, codebooks: Tensor, k: int, metric: str = "l2", *,
-                  backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def ivfpq4_search(
+    queries: Tensor,
+    probes: Tensor,
+    packed: Tensor,
+    list_blocks: Tensor,
+    list_sizes: Tensor,
+    row_ids: Tensor,
+    codebooks: Tensor,
+    k: int,
+    metric: str = "l2",
+    *,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """IVF 4-bit fast-scan over non-residual codes (FAISS `IVF…,PQ…x4fs`): the lists packed by
     `pq4_pack_lists`, probes [nq, nprobe] (−1 = none). One quantized table per query (as pq4_search);
     top-k by (quantized sum, id), distances dequantized. Returns (dist [nq, k] float32, ids [nq, k])."""
@@ -247,5 +347,3 @@ def ivfpq4_search(queries: Tensor, probes: Tensor, packed: Tensor, list_blocks: 
     check_choice(op, "metric", metric, METRICS)
     chosen = backends.select(op, backend, queries.device, queries.dtype, "queries")
     return _ivf4_op(queries, probes, packed, list_blocks, list_sizes, row_ids, codebooks, k, metric, backend=chosen)
-
-

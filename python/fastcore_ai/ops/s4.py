@@ -12,6 +12,7 @@ CPU/CUDA kernels, Triton launchers, or the pure-torch reference in fastcore_ai.r
 Complex tensors go to the kernels as interleaved (re, im) float pairs (torch.view_as_real). Gradients
 follow PyTorch's complex convention. The nodes z of `cauchy` are constants (no gradient).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -37,10 +38,16 @@ fft_conv_size = _ref.fft_conv_size
 def _complex_table(op: str) -> backends.OpTable:
     """complex64 everywhere, complex128 on the cpu and reference backends (gradcheck, oracle)."""
     both = frozenset(_COMPLEX)
-    return backends.OpTable(op, ("cuda", "triton", "cpu", "reference"), {
-        "cuda": backends.Support(frozenset({torch.complex64})),
-        "triton": backends.Support(frozenset({torch.complex64})),
-        "cpu": backends.Support(both), "reference": backends.Support(both)})
+    return backends.OpTable(
+        op,
+        ("cuda", "triton", "cpu", "reference"),
+        {
+            "cuda": backends.Support(frozenset({torch.complex64})),
+            "triton": backends.Support(frozenset({torch.complex64})),
+            "cpu": backends.Support(both),
+            "reference": backends.Support(both),
+        },
+    )
 
 
 _CAUCHY, _VAND, _FFT, _STEP = "cauchy", "vandermonde", "fft_conv", "ssm_step"
@@ -52,9 +59,12 @@ backends.register_op(_complex_table(_STEP))
 
 # ---- cauchy --------------------------------------------------------------------------------------
 
-@define_op("s4_cauchy_backward", impls=native_impls(
-    "s4_cauchy_backward", triton_launcher=("s4", "cauchy_backward"), reference=_ref.cauchy_backward),
-    contiguous_args=("grad",))
+
+@define_op(
+    "s4_cauchy_backward",
+    impls=native_impls("s4_cauchy_backward", triton_launcher=("s4", "cauchy_backward"), reference=_ref.cauchy_backward),
+    contiguous_args=("grad",),
+)
 def _cauchy_backward_op(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tuple[Tensor, Tensor]:
     return v.new_empty(v.shape), v.new_empty(v.shape)
 
@@ -71,15 +81,20 @@ def _cauchy_backward(ctx, grad):
     return gv, None, gw, None, None
 
 
-@define_op("s4_cauchy", impls=native_impls("s4_cauchy", triton_launcher=("s4", "cauchy"), reference=_ref.cauchy),
-           autograd=(_cauchy_setup, _cauchy_backward))
+@define_op(
+    "s4_cauchy",
+    impls=native_impls("s4_cauchy", triton_launcher=("s4", "cauchy"), reference=_ref.cauchy),
+    autograd=(_cauchy_setup, _cauchy_backward),
+)
 def _cauchy_op(v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool) -> Tensor:
     return v.new_empty((v.shape[0], z.shape[0]))
 
 
 def _same_device(op, name, value, ref_name, ref):
     if value.device != ref.device:
-        raise ValueError(f"fastcore_ai.ops.{op}: {name} must be on {ref_name}'s device {ref.device}, got {_describe(value)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{op}: {name} must be on {ref_name}'s device {ref.device}, got {_describe(value)}"
+        )
 
 
 def cauchy(v: Tensor, z: Tensor, w: Tensor, *, conj_symmetric: bool = True, backend: str = "auto") -> Tensor:
@@ -97,24 +112,33 @@ def cauchy(v: Tensor, z: Tensor, w: Tensor, *, conj_symmetric: bool = True, back
     check_tensor(_CAUCHY, "z", z, ndim=1, dtypes=_COMPLEX, layout="[L]")
     check_bool(_CAUCHY, "conj_symmetric", conj_symmetric)
     if w.shape != v.shape or w.dtype != v.dtype:
-        raise ValueError(f"fastcore_ai.ops.{_CAUCHY}: w must have v's shape {tuple(v.shape)} and dtype, got {_describe(w)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_CAUCHY}: w must have v's shape {tuple(v.shape)} and dtype, got {_describe(w)}"
+        )
     if z.dtype != v.dtype:
         raise TypeError(f"fastcore_ai.ops.{_CAUCHY}: z must have v's dtype {v.dtype}, got {_describe(z)}")
     check_size(_CAUCHY, "N (v.shape[1])", v.shape[1], 1, MAX_STATES, v)
     _same_device(_CAUCHY, "w", w, "v", v)
     _same_device(_CAUCHY, "z", z, "v", v)
     if z.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"fastcore_ai.ops.{_CAUCHY}: z must not require grad (the nodes are constants; gradients "
-                         "flow to v and w only), got z.requires_grad=True")
+        raise ValueError(
+            f"fastcore_ai.ops.{_CAUCHY}: z must not require grad (the nodes are constants; gradients "
+            "flow to v and w only), got z.requires_grad=True"
+        )
     chosen = backends.select(_CAUCHY, backend, v.device, v.dtype, "v")
     return _cauchy_op(v, z, w, conj_symmetric, backend=chosen)
 
 
 # ---- vandermonde ---------------------------------------------------------------------------------
 
-@define_op("s4_vandermonde_backward", impls=native_impls(
-    "s4_vandermonde_backward", triton_launcher=("s4", "vandermonde_backward"), reference=_ref.vandermonde_backward),
-    contiguous_args=("grad",))
+
+@define_op(
+    "s4_vandermonde_backward",
+    impls=native_impls(
+        "s4_vandermonde_backward", triton_launcher=("s4", "vandermonde_backward"), reference=_ref.vandermonde_backward
+    ),
+    contiguous_args=("grad",),
+)
 def _vand_backward_op(grad: Tensor, v: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     return v.new_empty(v.shape), v.new_empty(v.shape)
 
@@ -131,9 +155,11 @@ def _vand_backward(ctx, grad):
     return gv, gx, None, None
 
 
-@define_op("s4_vandermonde", impls=native_impls("s4_vandermonde", triton_launcher=("s4", "vandermonde"),
-                                                reference=_ref.vandermonde),
-           autograd=(_vand_setup, _vand_backward))
+@define_op(
+    "s4_vandermonde",
+    impls=native_impls("s4_vandermonde", triton_launcher=("s4", "vandermonde"), reference=_ref.vandermonde),
+    autograd=(_vand_setup, _vand_backward),
+)
 def _vand_op(v: Tensor, x: Tensor, L: int) -> Tensor:
     return v.new_empty((v.shape[0], L), dtype=v.real.dtype if v.is_complex() else v.dtype)
 
@@ -153,7 +179,9 @@ def vandermonde(v: Tensor, x: Tensor, L: int, *, backend: str = "auto") -> Tenso
     check_tensor(_VAND, "v", v, ndim=2, dtypes=_COMPLEX, layout="[B, N]")
     check_tensor(_VAND, "x", x, ndim=2, dtypes=_COMPLEX, layout="[B, N]")
     if x.shape != v.shape or x.dtype != v.dtype:
-        raise ValueError(f"fastcore_ai.ops.{_VAND}: x must have v's shape {tuple(v.shape)} and dtype, got {_describe(x)}")
+        raise ValueError(
+            f"fastcore_ai.ops.{_VAND}: x must have v's shape {tuple(v.shape)} and dtype, got {_describe(x)}"
+        )
     check_size(_VAND, "N (v.shape[1])", v.shape[1], 1, MAX_STATES, v)
     check_int(_VAND, "L", L, 0, MAX_VANDERMONDE_LENGTH, "the phase Im(x)·l is formed exactly in double below 2^29")
     _same_device(_VAND, "x", x, "v", v)
@@ -163,6 +191,7 @@ def vandermonde(v: Tensor, x: Tensor, L: int, *, backend: str = "auto") -> Tenso
 
 # ---- fft_conv ------------------------------------------------------------------------------------
 
+
 def _fft_reference(u, k, D, n):
     # it derives n = fft_conv_size(L, Lk) itself; without D its result is a crop of the irfft (strided)
     return _ref.fft_conv(u, k, D).contiguous()
@@ -171,15 +200,24 @@ def _fft_reference(u, k, D, n):
 def _fft_backward_reference(grad, u, k, D, n, need_u, need_k, need_D):
     gu, gk, gD = _ref.fft_conv_backward(grad, u, k, D)
     # one empty tensor per gradient not asked for (outputs of a registered op must not alias each other)
-    return (gu if need_u else u.new_empty((0,)), gk if need_k else u.new_empty((0,)),
-            gD if (need_D and D is not None) else u.new_empty((0,)))
+    return (
+        gu if need_u else u.new_empty((0,)),
+        gk if need_k else u.new_empty((0,)),
+        gD if (need_D and D is not None) else u.new_empty((0,)),
+    )
 
 
-@define_op("s4_fft_conv_backward", impls=native_impls(
-    "s4_fft_conv_backward", triton_launcher=("s4", "fft_conv_backward"), reference=_fft_backward_reference),
-    contiguous_args=("grad",), contiguous_outputs=True)
-def _fft_backward_op(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n: int, need_u: bool, need_k: bool,
-                     need_D: bool) -> Tuple[Tensor, Tensor, Tensor]:
+@define_op(
+    "s4_fft_conv_backward",
+    impls=native_impls(
+        "s4_fft_conv_backward", triton_launcher=("s4", "fft_conv_backward"), reference=_fft_backward_reference
+    ),
+    contiguous_args=("grad",),
+    contiguous_outputs=True,
+)
+def _fft_backward_op(
+    grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor], n: int, need_u: bool, need_k: bool, need_D: bool
+) -> Tuple[Tensor, Tensor, Tensor]:
     gu = torch.empty_like(u, memory_format=torch.contiguous_format) if need_u else u.new_empty((0,))
     gk = torch.empty_like(k, memory_format=torch.contiguous_format) if need_k else k.new_empty((0,))
     gD = torch.empty_like(D) if (need_D and D is not None) else u.new_empty((0,))
@@ -199,8 +237,11 @@ def _fft_backward(ctx, grad):
     return (gu if need_u else None, gk if need_k else None, gD if (need_D and D is not None) else None, None, None)
 
 
-@define_op("s4_fft_conv", impls=native_impls("s4_fft_conv", triton_launcher=("s4", "fft_conv"), reference=_fft_reference),
-           autograd=(_fft_setup, _fft_backward))
+@define_op(
+    "s4_fft_conv",
+    impls=native_impls("s4_fft_conv", triton_launcher=("s4", "fft_conv"), reference=_fft_reference),
+    autograd=(_fft_setup, _fft_backward),
+)
 def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
     return torch.empty_like(u, memory_format=torch.contiguous_format)
 
@@ -239,6 +280,7 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str =
 
 # ---- ssm_step ------------------------------------------------------------------------------------
 
+
 def _step_backward_reference(grad_y, grad_state, state, u, dA, dB, C, D):
     grads = list(_ref.ssm_step_backward(grad_y, grad_state, state, u, dA, dB, C, D))
     if D is None:
@@ -246,14 +288,33 @@ def _step_backward_reference(grad_y, grad_state, state, u, dA, dB, C, D):
     return tuple(grads)
 
 
-@define_op("s4_ssm_step_backward", impls=native_impls(
-    "s4_ssm_step_backward", triton_launcher=("s4", "ssm_step_backward"), reference=_step_backward_reference),
-    contiguous_args=("grad_y",), contiguous_outputs=True)
-def _step_backward_op(grad_y: Tensor, grad_state: Optional[Tensor], state: Tensor, u: Tensor, dA: Tensor, dB: Tensor,
-                      C: Tensor, D: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+@define_op(
+    "s4_ssm_step_backward",
+    impls=native_impls(
+        "s4_ssm_step_backward", triton_launcher=("s4", "ssm_step_backward"), reference=_step_backward_reference
+    ),
+    contiguous_args=("grad_y",),
+    contiguous_outputs=True,
+)
+def _step_backward_op(
+    grad_y: Tensor,
+    grad_state: Optional[Tensor],
+    state: Tensor,
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     gD = D.new_empty(D.shape) if D is not None else u.new_empty((0,))
-    return (state.new_empty(state.shape), u.new_empty(u.shape), dA.new_empty(dA.shape), dB.new_empty(dB.shape),
-            C.new_empty(C.shape), gD)
+    return (
+        state.new_empty(state.shape),
+        u.new_empty(u.shape),
+        dA.new_empty(dA.shape),
+        dB.new_empty(dB.shape),
+        C.new_empty(C.shape),
+        gD,
+    )
 
 
 def _step_setup(ctx, inputs, output):
@@ -270,8 +331,11 @@ def _step_backward(ctx, grad_y, grad_state):
     return gs, gu, gA, gB, gC, (gD if D is not None else None), None
 
 
-@define_op("s4_ssm_step", impls=native_impls("s4_ssm_step", triton_launcher=("s4", "ssm_step"), reference=_ref.ssm_step),
-           autograd=(_step_setup, _step_backward))
+@define_op(
+    "s4_ssm_step",
+    impls=native_impls("s4_ssm_step", triton_launcher=("s4", "ssm_step"), reference=_ref.ssm_step),
+    autograd=(_step_setup, _step_backward),
+)
 def _step_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     return u.new_empty(u.shape), state.new_empty(state.shape)
 
@@ -294,9 +358,16 @@ def _step_inplace_reference(state, u, dA, dB, C, D):
     return y
 
 
-@define_op("s4_ssm_step_", mutates_args=("state",), impls={
-    "cpu": _step_inplace_native, "cuda": _step_inplace_native, "triton": _step_inplace_triton,
-    "reference": _step_inplace_reference})
+@define_op(
+    "s4_ssm_step_",
+    mutates_args=("state",),
+    impls={
+        "cpu": _step_inplace_native,
+        "cuda": _step_inplace_native,
+        "triton": _step_inplace_triton,
+        "reference": _step_inplace_reference,
+    },
+)
 def _step_inplace_op(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor]) -> Tensor:
     return u.new_empty(u.shape)
 
@@ -313,8 +384,10 @@ def _step_validate(state, u, dA, dB, C, D, inplace, backend) -> str:
     for name, t in (("dA", dA), ("dB", dB), ("C", C)):
         check_tensor(_STEP, name, t, ndim=2, dtypes=_COMPLEX, layout="[H, N]")
         if tuple(t.shape) != (H, N) or t.dtype != state.dtype:
-            raise ValueError(f"fastcore_ai.ops.{_STEP}: {name} must be [H, N] = {(H, N)} in state's dtype "
-                             f"{state.dtype}, got {_describe(t)}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_STEP}: {name} must be [H, N] = {(H, N)} in state's dtype "
+                f"{state.dtype}, got {_describe(t)}"
+            )
         _same_device(_STEP, name, t, "state", state)
     _same_device(_STEP, "u", u, "state", state)
     if D is not None:
@@ -326,11 +399,15 @@ def _step_validate(state, u, dA, dB, C, D, inplace, backend) -> str:
     chosen = backends.select(_STEP, backend, state.device, state.dtype, "state")
     if inplace:
         if not state.is_contiguous() or state.is_conj():
-            raise ValueError(f"fastcore_ai.ops.{_STEP}: inplace=True needs a contiguous, non-conjugated state, "
-                             f"got {_describe(state)} with strides {state.stride()}")
+            raise ValueError(
+                f"fastcore_ai.ops.{_STEP}: inplace=True needs a contiguous, non-conjugated state, "
+                f"got {_describe(state)} with strides {state.stride()}"
+            )
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (state, u, dA, dB, C, D)):
-            raise ValueError(f"fastcore_ai.ops.{_STEP}: inplace=True has no autograd; use inplace=False to "
-                             "differentiate (or run under torch.no_grad())")
+            raise ValueError(
+                f"fastcore_ai.ops.{_STEP}: inplace=True has no autograd; use inplace=False to "
+                "differentiate (or run under torch.no_grad())"
+            )
     return chosen
 
 
@@ -358,8 +435,17 @@ def step_fast_path_cache_clear() -> None:
     backends.clear_selection_cache()
 
 
-def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None, *,
-             inplace: bool = False, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+def ssm_step(
+    state: Tensor,
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    *,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
     """One recurrent step of a diagonal SSM (S4D, or S4 after diagonalisation), conjugate half stored:
         state' = dA ∘ state + dB · u,   y = 2 · Re Σ_n C · state' + D · u.
 

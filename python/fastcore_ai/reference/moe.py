@@ -4,6 +4,7 @@ Shapes: logits [T, E]; weights, expert_ids [T, k]; z_loss []; tokens_per_expert,
 lse [T]. Float outputs are float32 (float64 when logits are float64): the router computes in float32
 whatever the input dtype, and the oracle is this function called on `logits.double()`.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,9 @@ def select_top_k(x: Tensor, k: int) -> Tensor:
     return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
 
 
-def moe_topk_route(logits: Tensor, k: int, renormalize: bool = True) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def moe_topk_route(
+    logits: Tensor, k: int, renormalize: bool = True
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Softmax over experts, top-k, optional renormalisation, and router statistics.
 
     p_te = exp(x_te − lse_t);  weight_tj = p_{t,s_j} (/ Σ_i p_{t,s_i} if renormalize);
@@ -58,8 +61,16 @@ def moe_topk_route(logits: Tensor, k: int, renormalize: bool = True) -> Tuple[Te
     return weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse
 
 
-def moe_topk_route_backward(logits: Tensor, expert_ids: Tensor, weights: Tensor, lse: Tensor, grad_weights: Tensor,
-                            grad_z_loss: Tensor, grad_mean_prob: Tensor, renormalize: bool) -> Tensor:
+def moe_topk_route_backward(
+    logits: Tensor,
+    expert_ids: Tensor,
+    weights: Tensor,
+    lse: Tensor,
+    grad_weights: Tensor,
+    grad_z_loss: Tensor,
+    grad_mean_prob: Tensor,
+    renormalize: bool,
+) -> Tensor:
     """d(loss)/d(logits) in the accumulate dtype, by the closed form (checked by gradcheck and against
     torch autograd in tests/test_moe_topk_route.py):
 
@@ -94,8 +105,9 @@ def expert_capacity(num_tokens: int, k: int, num_experts: int, capacity_factor: 
     return max(min_capacity, math.ceil(capacity_factor * num_tokens * k / num_experts))
 
 
-def capacity_mask(expert_ids: Tensor, top1_weight: Tensor, num_experts: int, capacity: int,
-                  priority: str = "token") -> Tensor:
+def capacity_mask(
+    expert_ids: Tensor, top1_weight: Tensor, num_experts: int, capacity: int, priority: str = "token"
+) -> Tensor:
     """kept [T, k] bool: which (token, slot) assignments fit in their expert's `capacity` slots.
 
     Slots are filled in priority order: every token's first choice before any second choice (choice
@@ -109,14 +121,14 @@ def capacity_mask(expert_ids: Tensor, top1_weight: Tensor, num_experts: int, cap
         token_order = torch.sort(-top1_weight, stable=True).indices
     else:
         token_order = torch.arange(T, device=expert_ids.device)
-    in_priority_order = expert_ids[token_order].t().reshape(-1)          # [k·T], level-major
-    grouped = torch.sort(in_priority_order, stable=True).indices          # slots grouped by expert
+    in_priority_order = expert_ids[token_order].t().reshape(-1)  # [k·T], level-major
+    grouped = torch.sort(in_priority_order, stable=True).indices  # slots grouped by expert
     counts = torch.bincount(in_priority_order, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_grouped = torch.arange(k * T, device=expert_ids.device) - starts[in_priority_order[grouped]]
     rank = torch.empty_like(rank_grouped)
-    rank[grouped] = rank_grouped                                          # rank within its expert
-    kept_in_order = (rank < capacity).reshape(k, T).t()                   # [T', k] in token_order rows
+    rank[grouped] = rank_grouped  # rank within its expert
+    kept_in_order = (rank < capacity).reshape(k, T).t()  # [T', k] in token_order rows
     kept = torch.empty_like(kept_in_order)
     kept[token_order] = kept_in_order
     return kept

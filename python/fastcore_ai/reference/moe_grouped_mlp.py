@@ -6,6 +6,7 @@ gated, [E, I, H] otherwise; w_down [E, H, I]. For the rows X of expert e (x_sort
 Backward: dHd = dY W_down;  dW_down = dYᵀ Hd;  gated: dG = dHd ⊙ U ⊙ act'(G), dU = dHd ⊙ act(G);
 dX = dGU W_gate_up;  dW_gate_up = dGUᵀ X.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,8 +50,9 @@ def _hidden(gate_up: Tensor, inner: int, act: str, gated: bool) -> Tensor:
     return activation(act, gate_up)
 
 
-def moe_grouped_mlp(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor, act: str = "silu",
-                    gated: bool = True) -> Tuple[Tensor, Tensor]:
+def moe_grouped_mlp(
+    x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor, w_down: Tensor, act: str = "silu", gated: bool = True
+) -> Tuple[Tensor, Tensor]:
     """(y_sorted [S, H] in x's dtype, gate_up [S, 2I or I] in the accumulate dtype, kept for backward)."""
     acc = _accumulate(x_sorted)
     x, w1, w2 = x_sorted.to(acc), w_gate_up.to(acc), w_down.to(acc)
@@ -63,8 +65,16 @@ def moe_grouped_mlp(x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor,
     return y.to(x_sorted.dtype), gate_up
 
 
-def moe_grouped_mlp_backward(grad_y: Tensor, x_sorted: Tensor, expert_offsets: Tensor, w_gate_up: Tensor,
-                             w_down: Tensor, gate_up: Tensor, act: str, gated: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def moe_grouped_mlp_backward(
+    grad_y: Tensor,
+    x_sorted: Tensor,
+    expert_offsets: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    gate_up: Tensor,
+    act: str,
+    gated: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
     acc = _accumulate(x_sorted)
     x, w1, w2, gy, gu = (t.to(acc) for t in (x_sorted, w_gate_up, w_down, grad_y, gate_up))
     inner = w_down.shape[2]
@@ -76,8 +86,9 @@ def moe_grouped_mlp_backward(grad_y: Tensor, x_sorted: Tensor, expert_offsets: T
         grad_w2[e] = gy[begin:end].t() @ hidden
         if gated:
             gate, up = g[:, :inner], g[:, inner:]
-            grad_gu = torch.cat([grad_hidden * up * activation_derivative(act, gate),
-                                 grad_hidden * activation(act, gate)], dim=1)
+            grad_gu = torch.cat(
+                [grad_hidden * up * activation_derivative(act, gate), grad_hidden * activation(act, gate)], dim=1
+            )
         else:
             grad_gu = grad_hidden * activation_derivative(act, g)
         grad_x[begin:end] = grad_gu @ w1[e]

@@ -19,6 +19,7 @@ Shapes and formulas (DataMUX, Murahari et al. 2022, §1.2 / §1.3 of the anchor 
                     A row whose every key is masked has out_i = 0 and lse_i = −inf (defined, never NaN),
                     and gradients 0 through it.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,11 +28,20 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["mux", "mux_backward", "demux", "demux_backward", "attention", "attention_with_lse",
-           "attention_backward", "attention_bias"]
+__all__ = [
+    "mux",
+    "mux_backward",
+    "demux",
+    "demux_backward",
+    "attention",
+    "attention_with_lse",
+    "attention_backward",
+    "attention_bias",
+]
 
 
 # ---- mux -----------------------------------------------------------------------------------------
+
 
 def mux(x: Tensor, keys: Tensor, mode: str = "hadamard") -> Tensor:
     """x [B, N, L, d] -> [B, L, d]; see the module docstring for the two modes."""
@@ -58,8 +68,16 @@ def mux_backward(grad_out: Tensor, x: Tensor, keys: Tensor, mode: str, need_keys
 
 # ---- demux ---------------------------------------------------------------------------------------
 
-def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weight: Tensor, norm_bias: Tensor,
-          eps: float = 1e-5) -> Tensor:
+
+def demux(
+    h: Tensor,
+    index_keys: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    eps: float = 1e-5,
+) -> Tensor:
     """Index demultiplexing, the straightforward way: concatenate [p_i ; h_t] for every (i, t) pair and
     apply Linear(2d -> e), GELU, LayerNorm. h [B, L, d], index_keys [B, N, d] or [N, d] -> [B·N, L, e]."""
     B, L, d = h.shape
@@ -72,8 +90,16 @@ def demux(h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor, norm_weig
     return out.reshape(B * N, L, weight.shape[0])
 
 
-def demux_backward(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tensor, bias: Tensor,
-                   norm_weight: Tensor, norm_bias: Tensor, eps: float = 1e-5) -> Tuple[Tensor, ...]:
+def demux_backward(
+    grad_out: Tensor,
+    h: Tensor,
+    index_keys: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    norm_weight: Tensor,
+    norm_bias: Tensor,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, ...]:
     """Gradients of `demux` for (h, index_keys, weight, bias, norm_weight, norm_bias), written out with
     z = W_L p_i + b + W_R h_t, g = GELU(z), ĝ = (g − μ) r:
       dγ = Σ dy ĝ, dβ = Σ dy, dg = r (dĝ − mean(dĝ) − ĝ mean(dĝ ĝ)) with dĝ = dy γ,
@@ -83,7 +109,7 @@ def demux_backward(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tens
     p = index_keys.expand(B, *index_keys.shape) if shared else index_keys
     N, e = p.shape[1], weight.shape[0]
     w_l, w_r = weight[:, :d], weight[:, d:]
-    z = (p @ w_l.t() + bias)[:, :, None, :] + (h @ w_r.t())[:, None, :, :]            # [B, N, L, e]
+    z = (p @ w_l.t() + bias)[:, :, None, :] + (h @ w_r.t())[:, None, :, :]  # [B, N, L, e]
     g = torch.nn.functional.gelu(z)
     mean = g.mean(-1, keepdim=True)
     rstd = torch.rsqrt(g.var(-1, unbiased=False, keepdim=True) + eps)
@@ -96,7 +122,7 @@ def demux_backward(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tens
     cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))
     pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
     dz = dg * (cdf + z * pdf)
-    dA, dC = dz.sum(2), dz.sum(1)                                                         # [B, N, e], [B, L, e]
+    dA, dC = dz.sum(2), dz.sum(1)  # [B, N, e], [B, L, e]
     d_keys = dA @ w_l
     d_weight = torch.cat([torch.einsum("bne,bnd->ed", dA, p), torch.einsum("ble,bld->ed", dC, h)], dim=1)
     return dC @ w_r, (d_keys.sum(0) if shared else d_keys), d_weight, dA.sum((0, 1)), d_norm_weight, d_norm_bias
@@ -104,8 +130,18 @@ def demux_backward(grad_out: Tensor, h: Tensor, index_keys: Tensor, weight: Tens
 
 # ---- attention -----------------------------------------------------------------------------------
 
-def attention_bias(B: int, H: int, Lq: int, Lk: int, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
-                   causal: bool, dtype: torch.dtype, device) -> Tensor:
+
+def attention_bias(
+    B: int,
+    H: int,
+    Lq: int,
+    Lk: int,
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    dtype: torch.dtype,
+    device,
+) -> Tensor:
     """The additive bias a [B, H, Lq, Lk] every mask argument adds to the scores (0 or −inf, or the
     additive mask's values): bool attn_mask True = attend (as torch SDPA), key_padding_mask True = ignore
     that key (as nn.MultiheadAttention), causal = top-left aligned (key j > query i is masked)."""
@@ -123,9 +159,15 @@ def attention_bias(B: int, H: int, Lq: int, Lk: int, attn_mask: Optional[Tensor]
     return bias
 
 
-def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-                       key_padding_mask: Optional[Tensor] = None, causal: bool = False,
-                       scale: Optional[float] = None) -> Tuple[Tensor, Tensor]:
+def attention_with_lse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
     """(out [B, H, Lq, D], lse [B, H, Lq]) by materialising the [Lq, Lk] scores (fine for an oracle).
     Fully masked rows: out = 0, lse = −inf; the safe max below keeps their gradient 0 instead of NaN."""
     B, H, Lq, D = q.shape
@@ -143,15 +185,30 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tens
     return out, lse
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
-              key_padding_mask: Optional[Tensor] = None, causal: bool = False, scale: Optional[float] = None) -> Tensor:
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
     """softmax(scale · q kᵀ + mask) v, [B, H, Lq, D]; fully masked rows give 0 (see attention_with_lse)."""
     return attention_with_lse(q, k, v, attn_mask, key_padding_mask, causal, scale)[0]
 
 
-def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
-                       key_padding_mask: Optional[Tensor], causal: bool, scale: Optional[float],
-                       need_mask_grad: bool = False) -> Tuple[Tensor, ...]:
+def attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    scale: Optional[float],
+    need_mask_grad: bool = False,
+) -> Tuple[Tensor, ...]:
     """(grad_q, grad_k, grad_v, grad_attn_mask) written out:
     dV = pᵀ dO,  dp = dO vᵀ,  ds = p (dp − rowsum(dp ∘ p)),  dQ = scale ds k,  dK = scale dsᵀ q.
     An additive attn_mask enters s with coefficient 1, so its gradient is ds summed over the dimensions

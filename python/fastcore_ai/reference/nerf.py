@@ -12,6 +12,7 @@ Conventions shared by every op:
     its centre; cell (l, i, j, k) has flat index l·res³ + (i·res + j)·res + k, and its bit is
     bit (index mod 8) of byte index // 8 of the bitfield.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,11 +21,23 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ray_aabb_intersect", "occupancy_grid_update", "pack_bitfield", "grid_level_aabbs", "ray_march", "ray_march_round",
-           "volume_render", "volume_render_round", "volume_render_backward", "composite_blocks", "composite_blocks_weights"]
+__all__ = [
+    "ray_aabb_intersect",
+    "occupancy_grid_update",
+    "pack_bitfield",
+    "grid_level_aabbs",
+    "ray_march",
+    "ray_march_round",
+    "volume_render",
+    "volume_render_round",
+    "volume_render_backward",
+    "composite_blocks",
+    "composite_blocks_weights",
+]
 
 
 # ---- 1. ray / AABB --------------------------------------------------------------------------------
+
 
 def _slab(o: float, d: float, lo: float, hi: float) -> Tuple[float, float]:
     """The t-interval where o + t·d lies in [lo, hi] on one axis (empty: (inf, -inf)).
@@ -73,6 +86,7 @@ def ray_aabb_intersect(rays_o: Tensor, rays_d: Tensor, aabbs: Tensor) -> Tuple[T
 
 # ---- 2. occupancy grid update ----------------------------------------------------------------------
 
+
 def pack_bitfield(occupied: Tensor) -> Tensor:
     """[N] bool -> [ceil(N / 8)] uint8, bit b of byte i = occupied[8·i + b] (missing tail bits 0)."""
     n = occupied.numel()
@@ -82,8 +96,9 @@ def pack_bitfield(occupied: Tensor) -> Tensor:
     return (padded.view(-1, 8) << shifts).sum(1).to(torch.uint8)
 
 
-def occupancy_grid_update(density: Tensor, cell_indices: Tensor, values: Tensor, decay: float = 0.95,
-                          threshold: float = 0.01) -> Tuple[Tensor, Tensor]:
+def occupancy_grid_update(
+    density: Tensor, cell_indices: Tensor, values: Tensor, decay: float = 0.95, threshold: float = 0.01
+) -> Tuple[Tensor, Tensor]:
     """One instant-ngp / nerfacc grid update (the per-cell work of OccupancyGrid.update).
 
     density [N] float: the grid's current values (a negative cell is culled and never changes).
@@ -111,7 +126,7 @@ def grid_level_aabbs(aabb: Sequence[float], levels: int) -> List[List[float]]:
     lo, hi = [float(v) for v in aabb[:3]], [float(v) for v in aabb[3:]]
     out = []
     for level in range(levels):
-        scale = float(2 ** level)
+        scale = float(2**level)
         centre = [(lo[a] + hi[a]) * 0.5 for a in range(3)]
         half = [(hi[a] - lo[a]) * 0.5 * scale for a in range(3)]
         out.append([centre[a] - half[a] for a in range(3)] + [centre[a] + half[a] for a in range(3)])
@@ -119,6 +134,7 @@ def grid_level_aabbs(aabb: Sequence[float], levels: int) -> List[List[float]]:
 
 
 # ---- 3. ray marching ------------------------------------------------------------------------------
+
 
 def _cell_of(x: Sequence[float], boxes, res: int):
     """(level, i, j, k) of the finest level whose box holds x, or None outside every level."""
@@ -145,10 +161,20 @@ def _cell_exit(o, d, box, res: int, cell) -> float:
     return t
 
 
-def ray_march(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, resolution: int, levels: int,
-              near: float = 0.0, far: float = math.inf, step_size: float = 1e-3, cone_angle: float = 0.0,
-              max_samples_per_ray: int = 1024, jitter_u: Optional[Tensor] = None
-              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def ray_march(
+    rays_o: Tensor,
+    rays_d: Tensor,
+    aabb: Tensor,
+    bitfield: Tensor,
+    resolution: int,
+    levels: int,
+    near: float = 0.0,
+    far: float = math.inf,
+    step_size: float = 1e-3,
+    cone_angle: float = 0.0,
+    max_samples_per_ray: int = 1024,
+    jitter_u: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """March every ray through the occupancy grid and return the packed samples in occupied cells.
 
     Range: [t0, t1] = [max(near, entry), min(far, exit)] of the outermost level's box (no samples when
@@ -177,10 +203,23 @@ def ray_march(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, re
     return march.pack(ray_idx, starts, ends, info)
 
 
-def ray_march_round(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tensor, resolution: int, levels: int,
-                    near: float, far: float, step_size: float, cone_angle: float, jitter_u: Optional[Tensor],
-                    rows: Tensor, start_k: Tensor, start_t: Tensor, max_samples: Tensor
-                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def ray_march_round(
+    rays_o: Tensor,
+    rays_d: Tensor,
+    aabb: Tensor,
+    bitfield: Tensor,
+    resolution: int,
+    levels: int,
+    near: float,
+    far: float,
+    step_size: float,
+    cone_angle: float,
+    jitter_u: Optional[Tensor],
+    rows: Tensor,
+    start_k: Tensor,
+    start_t: Tensor,
+    max_samples: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One round of resumable marching (NeRFRenderer's rounds): row i marches ray rows[i] on the lattice of
     ray_march, from lattice step start_k[i] (t = start_t[i] when cone_angle > 0; k = 0 is the ray's start),
     for at most max_samples[i] emitted samples, and stops where one-shot marching would have gone on; so
@@ -192,8 +231,9 @@ def ray_march_round(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tens
     starts: List[float] = []
     ends: List[float] = []
     info, next_k, next_t = [], [], []
-    for i, (r, k, t, cap) in enumerate(zip(rows.tolist(), start_k.tolist(), start_t.double().tolist(),
-                                           max_samples.tolist())):
+    for i, (r, k, t, cap) in enumerate(
+        zip(rows.tolist(), start_k.tolist(), start_t.double().tolist(), max_samples.tolist())
+    ):
         first = len(starts)
         ray_starts, ray_ends, k_stop, t_stop = march.ray(r, cap, k, t)
         row_idx += [i] * len(ray_starts)
@@ -207,8 +247,16 @@ def ray_march_round(rays_o: Tensor, rays_d: Tensor, aabb: Tensor, bitfield: Tens
     rays = rows[row_indices] if row_indices.numel() else row_indices
     mid = (0.5 * (t_starts.double() + t_ends.double()))[:, None]
     positions = (rays_o.double()[rays] + mid * rays_d.double()[rays]).to(dtype)
-    return (row_indices, t_starts, t_ends, packed_info, torch.tensor(next_k, dtype=torch.int64, device=device),
-            torch.tensor(next_t, dtype=torch.float64).to(device, dtype), positions, rays_d[rays].clone())
+    return (
+        row_indices,
+        t_starts,
+        t_ends,
+        packed_info,
+        torch.tensor(next_k, dtype=torch.int64, device=device),
+        torch.tensor(next_t, dtype=torch.float64).to(device, dtype),
+        positions,
+        rays_d[rays].clone(),
+    )
 
 
 class _Marcher:
@@ -225,7 +273,7 @@ class _Marcher:
     def occupied(self, cell) -> bool:
         level, i, j, k = cell
         res = self.res
-        index = level * res ** 3 + (i * res + j) * res + k
+        index = level * res**3 + (i * res + j) * res + k
         return (self.bits[index >> 3] >> (index & 7)) & 1 == 1
 
     def ray(self, r: int, max_samples: int, k: int = 0, t_resume: float = 0.0):
@@ -275,16 +323,20 @@ class _Marcher:
 
     def pack(self, indices, starts, ends, info):
         device, dtype = self.device, self.dtype
-        return (torch.tensor(indices, dtype=torch.int64, device=device),
-                torch.tensor(starts, dtype=torch.float64).to(device, dtype),
-                torch.tensor(ends, dtype=torch.float64).to(device, dtype),
-                torch.tensor(info, dtype=torch.int64, device=device).reshape(len(info), 2))
+        return (
+            torch.tensor(indices, dtype=torch.int64, device=device),
+            torch.tensor(starts, dtype=torch.float64).to(device, dtype),
+            torch.tensor(ends, dtype=torch.float64).to(device, dtype),
+            torch.tensor(info, dtype=torch.int64, device=device).reshape(len(info), 2),
+        )
 
 
 # ---- 4. volume rendering --------------------------------------------------------------------------
 
-def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
-                  early_stop_eps: float = 1e-4) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+
+def volume_render(
+    sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor, early_stop_eps: float = 1e-4
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Front-to-back compositing of packed samples (differentiable through torch autograd).
 
     Per ray, samples i in order, δ_i = t_end − t_start, m_i = (t_start + t_end)/2:
@@ -309,15 +361,27 @@ def volume_render(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor
     alive = (trans >= early_stop_eps).to(dtype)
     weights = trans * alpha * alive
     mid = 0.5 * (t_starts + t_ends).to(dtype)
-    color = torch.zeros(R, rgbs.shape[1], dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights[:, None] * rgbs)
+    color = torch.zeros(R, rgbs.shape[1], dtype=dtype, device=sigmas.device).index_add(
+        0, ray_of, weights[:, None] * rgbs
+    )
     opacity = torch.zeros(R, dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights)
     depth = torch.zeros(R, dtype=dtype, device=sigmas.device).index_add(0, ray_of, weights * mid)
     return color, opacity, depth, weights
 
 
-def volume_render_round(sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
-                        early_stop_eps: float, tau: Tensor, out_rows: Tensor, color: Tensor, opacity: Tensor,
-                        depth: Tensor) -> None:
+def volume_render_round(
+    sigmas: Tensor,
+    rgbs: Tensor,
+    t_starts: Tensor,
+    t_ends: Tensor,
+    packed_info: Tensor,
+    early_stop_eps: float,
+    tau: Tensor,
+    out_rows: Tensor,
+    color: Tensor,
+    opacity: Tensor,
+    depth: Tensor,
+) -> None:
     """One round of rendering in rounds (NeRFRenderer.render_inference), in place: the R packed segments
     continue rays that already hold optical depth tau [R]; their weights are volume_render's with
     T_i = exp(−(tau + Σ_{j<i} σ_j δ_j)) (so the early stop is the one-shot sweep's), their C, A, D are added
@@ -346,9 +410,18 @@ def _segment_exclusive_sum(values: Tensor, packed_info: Tensor, ray_of: Tensor) 
     return inclusive - values - ray_base[ray_of]
 
 
-def volume_render_backward(grad_color: Tensor, grad_opacity: Tensor, grad_depth: Tensor, grad_weights: Optional[Tensor],
-                           sigmas: Tensor, rgbs: Tensor, t_starts: Tensor, t_ends: Tensor, packed_info: Tensor,
-                           early_stop_eps: float = 1e-4) -> Tuple[Tensor, Tensor]:
+def volume_render_backward(
+    grad_color: Tensor,
+    grad_opacity: Tensor,
+    grad_depth: Tensor,
+    grad_weights: Optional[Tensor],
+    sigmas: Tensor,
+    rgbs: Tensor,
+    t_starts: Tensor,
+    t_ends: Tensor,
+    packed_info: Tensor,
+    early_stop_eps: float = 1e-4,
+) -> Tuple[Tensor, Tensor]:
     """Closed-form gradient of volume_render (torch ops, no autograd) -> (grad_sigmas [S], grad_rgbs [S, 3]).
 
     Every output is linear in w, so with u_i = g_C·c_i + g_A + g_D m_i + g_w,i (per-ray g's of the sample's
@@ -390,8 +463,15 @@ def _ranks(counts: Tensor) -> Tensor:
 
 # ---- 5. Block-NeRF compositing ---------------------------------------------------------------------
 
-def composite_blocks_weights(camera_pos: Tensor, block_centers: Tensor, visibility: Tensor, power: float = 4.0,
-                             visibility_threshold: float = 0.05, radius: Optional[float] = None) -> Tensor:
+
+def composite_blocks_weights(
+    camera_pos: Tensor,
+    block_centers: Tensor,
+    visibility: Tensor,
+    power: float = 4.0,
+    visibility_threshold: float = 0.05,
+    radius: Optional[float] = None,
+) -> Tensor:
     """[K, R] inverse-distance weights of Block-NeRF's image-space compositing.
 
     d_kr = ‖c_r − x_k‖ (c_r = camera_pos, [3] or per ray [R, 3]); block k is eligible for ray r when
@@ -410,7 +490,9 @@ def composite_blocks_weights(camera_pos: Tensor, block_centers: Tensor, visibili
     zero = eligible & (dist == 0)
     any_zero = zero.any(0, keepdim=True)
     # log-space normalisation: log w = −p log d − max (stable for large p or tiny distances)
-    logw = torch.where(eligible & ~zero, -power * torch.log(dist.clamp_min(1e-300)), torch.tensor(-math.inf, dtype=torch.float64))
+    logw = torch.where(
+        eligible & ~zero, -power * torch.log(dist.clamp_min(1e-300)), torch.tensor(-math.inf, dtype=torch.float64)
+    )
     top = logw.max(0, keepdim=True).values
     raw = torch.where(eligible & ~zero, torch.exp(logw - torch.where(torch.isfinite(top), top, 0)), 0.0)
     raw = torch.where(any_zero, zero.double(), raw)
@@ -425,8 +507,15 @@ def composite_blocks_weights(camera_pos: Tensor, block_centers: Tensor, visibili
     return weights
 
 
-def composite_blocks(colors: Tensor, camera_pos: Tensor, block_centers: Tensor, visibility: Tensor,
-                     power: float = 4.0, visibility_threshold: float = 0.05, radius: Optional[float] = None) -> Tensor:
+def composite_blocks(
+    colors: Tensor,
+    camera_pos: Tensor,
+    block_centers: Tensor,
+    visibility: Tensor,
+    power: float = 4.0,
+    visibility_threshold: float = 0.05,
+    radius: Optional[float] = None,
+) -> Tensor:
     """out[r] = Σ_k w_kr · colors[k, r] with the weights of composite_blocks_weights; colors [K, R, 3]."""
     w = composite_blocks_weights(camera_pos, block_centers, visibility, power, visibility_threshold, radius)
     return (w.to(colors.dtype)[:, :, None] * colors).sum(0)

@@ -12,6 +12,7 @@ ksub = 2^nbits centroids per sub-space, codebooks C [M, ksub, dsub], codes [n, M
             than k candidates are padded with id −1 and distance +inf (l2) / −inf (ip).
 These are FAISS's IndexPQ definitions (ProductQuantizer::compute_distance_tables + pq_knn_search).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -19,8 +20,19 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["kmeans", "sinkhorn_balanced_assign", "pq_train", "pq_encode", "pq_decode", "pq_lut",
-           "pq_adc_distances", "pq_search", "topk_with_ties", "pq4_pack", "pq4_unpack"]
+__all__ = [
+    "kmeans",
+    "sinkhorn_balanced_assign",
+    "pq_train",
+    "pq_encode",
+    "pq_decode",
+    "pq_lut",
+    "pq_adc_distances",
+    "pq_search",
+    "topk_with_ties",
+    "pq4_pack",
+    "pq4_unpack",
+]
 
 # Relative perturbation when an empty cluster takes half of the largest one (FAISS's EPS = 1/1024).
 _SPLIT_EPS = 1.0 / 1024.0
@@ -96,8 +108,16 @@ def kmeans_update(sample: Tensor, assign: Tensor, k: int, centroids: Tensor) -> 
     return new
 
 
-def kmeans(x: Tensor, k: int, niter: int = 25, seed: int = 0, max_points_per_centroid: int = 256,
-           constrained: bool = False, sinkhorn_epsilon: float = 0.003, sinkhorn_iters: int = 100) -> Tensor:
+def kmeans(
+    x: Tensor,
+    k: int,
+    niter: int = 25,
+    seed: int = 0,
+    max_points_per_centroid: int = 256,
+    constrained: bool = False,
+    sinkhorn_epsilon: float = 0.003,
+    sinkhorn_iters: int = 100,
+) -> Tensor:
     """Lloyd's k-means in float64. x [n, d] with n >= k → centroids [k, d] (x's dtype).
 
     Init: k distinct rows of a ≤ k·max_points_per_centroid subsample (both drawn from `seed`). Each of
@@ -114,15 +134,25 @@ def kmeans(x: Tensor, k: int, niter: int = 25, seed: int = 0, max_points_per_cen
     return c.to(x.dtype)
 
 
-def pq_train(x: Tensor, M: int, nbits: int, metric: str = "l2", niter: int = 25, constrained: bool = False,
-             seed: int = 0, max_points_per_centroid: int = 256) -> Tensor:
+def pq_train(
+    x: Tensor,
+    M: int,
+    nbits: int,
+    metric: str = "l2",
+    niter: int = 25,
+    constrained: bool = False,
+    seed: int = 0,
+    max_points_per_centroid: int = 256,
+) -> Tensor:
     """Codebooks [M, 2^nbits, d/M]: one k-means per sub-space, all with the same seed (so the same
     training rows and initial rows in every sub-space, as FAISS's ProductQuantizer::train). Like FAISS,
     the sub-quantizers are L2 k-means for both metrics (`metric` only changes how they are searched)."""
     n, d = x.shape
     dsub = d // M
-    books = [kmeans(x[:, m * dsub:(m + 1) * dsub], 2 ** nbits, niter, seed, max_points_per_centroid, constrained)
-             for m in range(M)]
+    books = [
+        kmeans(x[:, m * dsub : (m + 1) * dsub], 2**nbits, niter, seed, max_points_per_centroid, constrained)
+        for m in range(M)
+    ]
     return torch.stack(books).to(torch.float32 if x.dtype != torch.float64 else torch.float64)
 
 
@@ -194,6 +224,7 @@ def pq_search(queries: Tensor, codes: Tensor, codebooks: Tensor, k: int, metric:
 #   byte 16·h + t = code[32b + t, m] | code[32b + t + 16, m] << 4           (t = 0..15)
 # so one 256-bit register holds both halves and `vpshufb` looks up 16-entry tables per 128-bit lane.
 # Padding vectors (rows ≥ n in the last block) have code 0. packed: [ceil(n/32), M2/2, 32] uint8.
+
 
 def pq4_pack(codes: Tensor) -> Tensor:
     n, M = codes.shape

@@ -5,6 +5,7 @@ Conjugates are taken with conj_physical (lazy conj views trip functionalization 
 torch.compile). Complex-gradient convention: PyTorch's (the gradient of a real loss w.r.t. a complex input z is
 ∂L/∂Re z + i ∂L/∂Im z), which autograd applies to these formulas automatically.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -12,8 +13,17 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["cauchy", "vandermonde", "fft_conv", "fft_conv_size", "ssm_step", "cauchy_backward", "vandermonde_backward",
-           "fft_conv_backward", "ssm_step_backward"]
+__all__ = [
+    "cauchy",
+    "vandermonde",
+    "fft_conv",
+    "fft_conv_size",
+    "ssm_step",
+    "cauchy_backward",
+    "vandermonde_backward",
+    "fft_conv_backward",
+    "ssm_step_backward",
+]
 
 
 def cauchy(v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool = True) -> Tensor:
@@ -81,8 +91,9 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None) -> Tensor:
     return y.to(u.dtype)
 
 
-def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None
-             ) -> Tuple[Tensor, Tensor]:
+def ssm_step(
+    state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
     """One step of a diagonal (complex) SSM, the conjugate half stored:
         state' = dA ∘ state + dB · u[..., None]
         y      = 2 · Re Σ_n C · state' + D · u
@@ -99,8 +110,10 @@ def ssm_step(state: Tensor, u: Tensor, dA: Tensor, dB: Tensor, C: Tensor, D: Opt
 # ---- backward formulas (PyTorch's complex convention: grad_x = conj(∂y/∂x)·g + (∂y/∂conj x)·conj(g)).
 # The tests check these against autograd through the forward formulas above.
 
-def cauchy_backward(grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool = True
-                    ) -> Tuple[Tensor, Tensor]:
+
+def cauchy_backward(
+    grad: Tensor, v: Tensor, z: Tensor, w: Tensor, conj_symmetric: bool = True
+) -> Tuple[Tensor, Tensor]:
     """r1 = conj(1/(z − w)), r2 = 1/(z − conj(w)) ([B, N, L]):
     grad_v = Σ_l g r1 (+ conj(g) r2),  grad_w = conj(v) · Σ_l (g r1² (+ conj(g) r2²))."""
     g = grad[:, None, :]
@@ -123,8 +136,9 @@ def vandermonde_backward(grad: Tensor, v: Tensor, x: Tensor) -> Tuple[Tensor, Te
     return 2 * (g * E).sum(-1), 2 * v.conj_physical() * (g * steps * E).sum(-1)
 
 
-def fft_conv_backward(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor] = None
-                      ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+def fft_conv_backward(
+    grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """grad_u = irfft(rfft(G, n) conj(rfft(k, n)))[..., :L] + D G   (a correlation with k),
     grad_k = irfft(Σ_b rfft(G, n) conj(rfft(u, n)))[:, :Lk],  grad_D = Σ_{b, l} G u."""
     L, Lk = u.shape[-1], k.shape[-1]
@@ -141,8 +155,16 @@ def fft_conv_backward(grad: Tensor, u: Tensor, k: Tensor, D: Optional[Tensor] = 
     return grad_u.to(u.dtype), grad_k.to(k.dtype), grad_D
 
 
-def ssm_step_backward(grad_y: Tensor, grad_state: Optional[Tensor], state: Tensor, u: Tensor, dA: Tensor, dB: Tensor,
-                      C: Tensor, D: Optional[Tensor] = None):
+def ssm_step_backward(
+    grad_y: Tensor,
+    grad_state: Optional[Tensor],
+    state: Tensor,
+    u: Tensor,
+    dA: Tensor,
+    dB: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+):
     """With G = grad_state' + 2 g_y conj(C):  grad_state = conj(dA) G,  grad_u = Σ_n Re(conj(dB) G) + D g_y,
     grad_dA = Σ_b G conj(state), grad_dB = Σ_b G u, grad_C = Σ_b 2 g_y conj(state'), grad_D = Σ_b g_y u."""
     real = state.real.dtype
@@ -156,5 +178,11 @@ def ssm_step_backward(grad_y: Tensor, grad_state: Optional[Tensor], state: Tenso
     if D is not None:
         grad_u = grad_u + D.to(real) * gy
         grad_D = (gy * uu).sum(0).to(D.dtype)
-    return (dA.conj_physical() * G, grad_u.to(u.dtype), (G * state.conj_physical()).sum(0), (G * uu[..., None]).sum(0),
-            (2 * gy[..., None] * new_state.conj_physical()).sum(0), grad_D)
+    return (
+        dA.conj_physical() * G,
+        grad_u.to(u.dtype),
+        (G * state.conj_physical()).sum(0),
+        (G * uu[..., None]).sum(0),
+        (2 * gy[..., None] * new_state.conj_physical()).sum(0),
+        grad_D,
+    )

@@ -1,4 +1,5 @@
 """Product-quantization indexes (PQIndex, IVFPQIndex, ShardedPQIndex) built on fastcore_ai.ops."""
+
 from .index import IndexFileError, IVFPQIndex, PQIndex, load_index
 from .sharded import ShardedPQIndex
 

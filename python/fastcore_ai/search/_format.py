@@ -12,6 +12,7 @@ an allowed dtype, a shape whose size matches nbytes and lies inside the data. An
 IndexFileError (a ValueError); nothing is interpreted before the checksum passed. Writing is atomic:
 a temporary file in the same directory, fsync, rename over the target, fsync of the directory.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,9 @@ def write_index_file(path: str, meta: dict, arrays: Dict[str, torch.Tensor]) -> 
         if dtype not in _DTYPES:
             raise TypeError(f"fastcore_ai.search: cannot store array {name} of dtype {dtype}")
         data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-        entries.append({"name": name, "dtype": dtype, "shape": list(array.shape), "offset": offset, "nbytes": len(data)})
+        entries.append(
+            {"name": name, "dtype": dtype, "shape": list(array.shape), "offset": offset, "nbytes": len(data)}
+        )
         blobs.append(data)
         offset += len(data)
     header = json.dumps({"meta": meta, "arrays": entries}, sort_keys=True).encode("utf-8")
@@ -85,19 +88,20 @@ def read_index_file(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
         raise IndexFileError(f"fastcore_ai.search: {where} is not a fastcore_ai index (bad magic)")
     version, hlen = struct.unpack("<II", raw[8:16])
     if version != FORMAT_VERSION:
-        raise IndexFileError(f"fastcore_ai.search: {where} has format version {version}; this fastcore_ai reads "
-                             f"version {FORMAT_VERSION}")
+        raise IndexFileError(
+            f"fastcore_ai.search: {where} has format version {version}; this fastcore_ai reads version {FORMAT_VERSION}"
+        )
     body, digest = raw[:-_DIGEST], raw[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
         raise IndexFileError(f"fastcore_ai.search: {where} is corrupted or truncated (checksum mismatch)")
     if _PREFIX + hlen > len(body):
         raise IndexFileError(f"fastcore_ai.search: {where} has a header longer than the file")
     try:
-        header = json.loads(body[_PREFIX:_PREFIX + hlen].decode("utf-8"))
+        header = json.loads(body[_PREFIX : _PREFIX + hlen].decode("utf-8"))
         meta, entries = header["meta"], header["arrays"]
     except (ValueError, KeyError, TypeError) as error:
         raise IndexFileError(f"fastcore_ai.search: {where} has an unreadable header ({error})") from error
-    data = memoryview(body)[_PREFIX + hlen:]
+    data = memoryview(body)[_PREFIX + hlen :]
     arrays = {}
     for entry in entries:
         try:
@@ -110,6 +114,6 @@ def read_index_file(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
         itemsize = np.dtype(_DTYPES[dtype]).itemsize
         if int(np.prod(shape, dtype=np.int64)) * itemsize != nbytes or offset < 0 or offset + nbytes > len(data):
             raise IndexFileError(f"fastcore_ai.search: {where}: array {name} does not fit the file")
-        array = np.frombuffer(data[offset:offset + nbytes], dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<"))
+        array = np.frombuffer(data[offset : offset + nbytes], dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<"))
         arrays[name] = torch.from_numpy(array.astype(_DTYPES[dtype]).reshape(shape).copy())
     return meta, arrays

@@ -3,6 +3,7 @@ residual PQ, nprobe lists), on fastcore_ai.ops. Inputs: torch tensors or numpy a
 already float32 and C-contiguous on the CPU; CUDA tensors are copied to the CPU, where the kernels run).
 Results: (distances [nq, k] float32, ids [nq, k] int64) as torch tensors, FAISS conventions.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -95,7 +96,9 @@ class PQIndex:
     # ---- build ----
     def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False) -> "PQIndex":
         x = _as_matrix(type(self).__name__, "x", x, self.d)
-        self.codebooks = ops.pq_train(x, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed)
+        self.codebooks = ops.pq_train(
+            x, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed
+        )
         return self
 
     def _encode(self, x: Tensor) -> Tensor:
@@ -105,8 +108,11 @@ class PQIndex:
         self._require_trained("add to")
         x = _as_matrix(type(self).__name__, "x", x, self.d)
         n = x.shape[0]
-        ids = (torch.arange(self._next_id, self._next_id + n, dtype=torch.int64) if ids is None
-               else _as_ids(type(self).__name__, ids, n))
+        ids = (
+            torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
+            if ids is None
+            else _as_ids(type(self).__name__, ids, n)
+        )
         self._add_encoded(x, ids)
         if n:
             self._next_id = max(self._next_id, int(ids.max()) + 1)
@@ -149,8 +155,7 @@ class PQIndex:
         if self.nbits == 4:
             if self._packed is None:
                 self._packed = ops.pq4_pack(self.codes)
-            d, rows = ops.pq4_search(q, self._packed, len(self), self.codebooks, k, self.metric,
-                                     k_factor=refine or 1)
+            d, rows = ops.pq4_search(q, self._packed, len(self), self.codebooks, k, self.metric, k_factor=refine or 1)
         else:
             d, rows = ops.pq_search(q, self.codes, self.codebooks, k, self.metric)
         return d, self._map_rows(rows)
@@ -162,8 +167,15 @@ class PQIndex:
 
     # ---- persistence ----
     def _meta(self) -> dict:
-        return {"kind": self._kind, "d": self.d, "M": self.M, "nbits": self.nbits, "metric": self.metric,
-                "next_id": self._next_id, "trained": self.is_trained}
+        return {
+            "kind": self._kind,
+            "d": self.d,
+            "M": self.M,
+            "nbits": self.nbits,
+            "metric": self.metric,
+            "next_id": self._next_id,
+            "trained": self.is_trained,
+        }
 
     def _arrays(self) -> dict:
         arrays = {"codes": self.codes, "ids": self.ids}
@@ -186,18 +198,20 @@ class PQIndex:
         def need(name, dtype, shape):
             a = arrays.get(name)
             if a is None or a.dtype != dtype or (shape is not None and tuple(a.shape) != tuple(shape)):
-                raise IndexFileError(f"fastcore_ai.search: {path!r}: array {name} is missing or has the wrong "
-                                     f"dtype/shape")
+                raise IndexFileError(
+                    f"fastcore_ai.search: {path!r}: array {name} is missing or has the wrong dtype/shape"
+                )
             return a
+
         self._next_id = int(meta.get("next_id", 0))
         if meta.get("trained"):
-            self.codebooks = need("codebooks", torch.float32, (self.M, 2 ** self.nbits, self.d // self.M))
+            self.codebooks = need("codebooks", torch.float32, (self.M, 2**self.nbits, self.d // self.M))
         codes = need("codes", torch.uint8, None)
         if codes.dim() != 2 or codes.shape[1] != self.M:
             raise IndexFileError(f"fastcore_ai.search: {path!r}: codes must be [n, {self.M}]")
         self.codes = codes
         self.ids = need("ids", torch.int64, (codes.shape[0],))
-        if codes.numel() and int(codes.max()) >= 2 ** self.nbits:
+        if codes.numel() and int(codes.max()) >= 2**self.nbits:
             raise IndexFileError(f"fastcore_ai.search: {path!r}: codes out of range for nbits = {self.nbits}")
 
 
@@ -221,16 +235,18 @@ class IVFPQIndex(PQIndex):
         self._csr = None
         self._list_terms: Optional[Tensor] = None
 
-    def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False,
-              coarse_niter: int = 10) -> "IVFPQIndex":
+    def train(
+        self, x, niter: int = 25, seed: int = 0, constrained: bool = False, coarse_niter: int = 10
+    ) -> "IVFPQIndex":
         """Coarse k-means (nlist centroids, coarse_niter Lloyd iterations), then the PQ codebooks (niter) on the
         residuals (or on x when by_residual=False). coarse_niter = 10 is FAISS's IndexIVF default: the coarse
         clustering is the large one (nlist up to 2^16 centroids), and extra iterations there buy little recall."""
         x = _as_matrix("IVFPQIndex", "x", x, self.d)
         coarse = ops.kmeans(x, self.nlist, niter=coarse_niter, seed=seed)
         target = x - coarse[self._assign(x, coarse)] if self.by_residual else x
-        self.codebooks = ops.pq_train(target, self.M, self.nbits, self.metric, niter=niter, constrained=constrained,
-                                      seed=seed + 1)
+        self.codebooks = ops.pq_train(
+            target, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed + 1
+        )
         self.coarse = coarse
         self._list_terms = None
         return self
@@ -298,8 +314,19 @@ class IVFPQIndex(PQIndex):
             packed, list_blocks, sizes, row_ids = self._packed
             return ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, self.codebooks, k, self.metric)
         codes, ids, offsets = self._lists()
-        return ops.ivfpq_search(q, self.coarse, probes, codes, offsets, ids, self.codebooks, k, self.metric,
-                                self.by_residual, list_terms=self._residual_terms())
+        return ops.ivfpq_search(
+            q,
+            self.coarse,
+            probes,
+            codes,
+            offsets,
+            ids,
+            self.codebooks,
+            k,
+            self.metric,
+            self.by_residual,
+            list_terms=self._residual_terms(),
+        )
 
     def _residual_terms(self) -> Optional[Tensor]:
         """The per-list tables of the L2 residual decomposition, built once per trained/loaded model
@@ -325,8 +352,12 @@ class IVFPQIndex(PQIndex):
     def _restore(self, meta: dict, arrays: dict, path: str) -> None:
         super()._restore(meta, arrays, path)
         list_no = arrays.get("list_no")
-        if list_no is None or list_no.dtype != torch.int64 or tuple(list_no.shape) != (self.codes.shape[0],) or (
-                list_no.numel() and (int(list_no.min()) < 0 or int(list_no.max()) >= self.nlist)):
+        if (
+            list_no is None
+            or list_no.dtype != torch.int64
+            or tuple(list_no.shape) != (self.codes.shape[0],)
+            or (list_no.numel() and (int(list_no.min()) < 0 or int(list_no.max()) >= self.nlist))
+        ):
             raise IndexFileError(f"fastcore_ai.search: {path!r}: list_no is missing or out of range")
         self.list_no = list_no
         if meta.get("trained"):
@@ -356,4 +387,3 @@ def load_index(path: str):
         raise IndexFileError(f"fastcore_ai.search: {path!r} has inconsistent metadata ({error})") from error
     index._restore(meta, arrays, path)
     return index
-

@@ -7,6 +7,7 @@ merged under the same (distance, id) order as a single index, so the result equa
 holding all vectors (ties to the lower id). Works with any backend torch.distributed supports for
 CPU tensors (gloo).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -24,11 +25,14 @@ __all__ = ["ShardedPQIndex"]
 class ShardedPQIndex:
     def __init__(self, local: PQIndex, group: Optional[dist.ProcessGroup] = None):
         if not isinstance(local, PQIndex):
-            raise TypeError(f"fastcore_ai.search.ShardedPQIndex: local must be a PQIndex or IVFPQIndex, got "
-                            f"{type(local).__name__}")
+            raise TypeError(
+                f"fastcore_ai.search.ShardedPQIndex: local must be a PQIndex or IVFPQIndex, got {type(local).__name__}"
+            )
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("fastcore_ai.search.ShardedPQIndex: torch.distributed must be initialised "
-                               "(dist.init_process_group) before building a sharded index")
+            raise RuntimeError(
+                "fastcore_ai.search.ShardedPQIndex: torch.distributed must be initialised "
+                "(dist.init_process_group) before building a sharded index"
+            )
         self.local, self.group = local, group
 
     def train(self, x, **kwargs) -> "ShardedPQIndex":
@@ -36,7 +40,7 @@ class ShardedPQIndex:
         rank = dist.get_rank(self.group)
         if rank == 0:
             self.local.train(x, **kwargs)
-        M, ksub, dsub = self.local.M, 2 ** self.local.nbits, self.local.d // self.local.M
+        M, ksub, dsub = self.local.M, 2**self.local.nbits, self.local.d // self.local.M
         books = self.local.codebooks if rank == 0 else torch.empty(M, ksub, dsub)
         dist.broadcast(books, src=0, group=self.group)
         self.local.codebooks = books
@@ -66,15 +70,16 @@ class ShardedPQIndex:
         all_d, all_i = torch.cat(ds, 1), torch.cat(is_, 1)
         # Padding (id −1) must sort after every real id: map it to a huge id for the merge.
         big = torch.iinfo(torch.int64).max
-        merged_d, merged_i = _merge(all_d, torch.where(all_i >= 0, all_i, torch.full_like(all_i, big)), k,
-                                    self.local.metric)
+        merged_d, merged_i = _merge(
+            all_d, torch.where(all_i >= 0, all_i, torch.full_like(all_i, big)), k, self.local.metric
+        )
         return merged_d, torch.where(merged_i == big, torch.full_like(merged_i, -1), merged_i)
 
 
 def _merge(dist_: Tensor, ids: Tensor, k: int, metric: str) -> Tuple[Tensor, Tensor]:
     rows_d, rows_i = [], []
     for row in range(dist_.shape[0]):
-        d, i = topk_with_ties(dist_[row:row + 1], k, metric, ids[row])
+        d, i = topk_with_ties(dist_[row : row + 1], k, metric, ids[row])
         rows_d.append(d)
         rows_i.append(i)
     if not rows_d:
