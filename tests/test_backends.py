@@ -138,3 +138,29 @@ def test_cpu_kernels_run_in_parallel():
         assert _native.native().parallel_for_threads_used() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cpu_isa_cap_lowers_and_lifts_for_every_family():
+    """One process-wide level (fastcore/cpu_isa.h): a cap lowers it, "auto" lifts it, pq4_kernel is the
+    same level under pq's names, and the cap changes which path runs, not the answer."""
+    order = ["portable", "avx2", "avx512"]
+    detected = backends.cpu_isa("auto")
+    assert detected in order
+    q, k, v = (torch.randn(1, 2, 5, 24) for _ in range(3))
+    fast = ops.attention(q, k, v, backend="cpu")
+    try:
+        for cap in order:
+            expected = order[min(order.index(cap), order.index(detected))]
+            assert backends.cpu_isa(cap) == expected
+            assert backends.cpu_isa() == expected  # None only reads
+            assert ops.pq4_kernel() == ("avx512bw" if expected == "avx512" else expected)
+        backends.cpu_isa("portable")
+        torch.testing.assert_close(ops.attention(q, k, v, backend="cpu"), fast, rtol=1e-5, atol=1e-6)
+    finally:
+        assert backends.cpu_isa("auto") == detected
+    assert ops.pq4_kernel("portable") == "portable" and backends.cpu_isa() == "portable"
+    assert ops.pq4_kernel("auto") == ("avx512bw" if detected == "avx512" else detected)
+    with pytest.raises(ValueError, match=r"backends\.cpu_isa: cap must be one of"):
+        backends.cpu_isa("sse")
+    with pytest.raises(ValueError, match="pq4_kernel"):
+        ops.pq4_kernel("avx512")

@@ -2,7 +2,7 @@
 // and encode, the k-means assignment and member sums, the 8-bit flat and IVF scans with their top-k (ties by lower id, padding, split into row
 // parts + merge), and the 4-bit fast-scan block sums of every kernel this CPU has (portable, AVX2,
 // AVX-512BW) against each other and against the table sums; the ISA levels of fastcore/cpu_isa.h (cap,
-// environment parsing, the pq4_force_kernel wrapper).
+// environment parsing).
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -399,7 +399,7 @@ void check_centroid_sums(int64_t n, int64_t M, int64_t dsub, int64_t ksub, bool 
 
 }  // namespace
 
-// active_cpu_isa() = min(detected, caps); the cap only lowers; pq4_force_kernel is the same cap; the
+// active_cpu_isa() = min(detected, caps); the cap only lowers, and lifting it restores the level; the
 // environment parser (called directly: the process's own value was read at the first active_cpu_isa();
 // the two unknown values print its warning).
 void check_cpu_isa() {
@@ -413,11 +413,10 @@ void check_cpu_isa() {
     FC_EXPECT(active_cpu_isa() == expected, "cap %d: %s, expected %s", cap, cpu_isa_name(active_cpu_isa()),
               cpu_isa_name(expected));
   }
-  pq4_force_kernel(1);
-  FC_EXPECT(active_cpu_isa() == CpuIsa::kPortable && std::strcmp(pq4_kernel_name(), "portable") == 0,
-            "pq4_force_kernel(1): %s", pq4_kernel_name());
-  pq4_force_kernel(0);
-  FC_EXPECT(active_cpu_isa() == uncapped, "pq4_force_kernel(0): %s", cpu_isa_name(active_cpu_isa()));
+  set_cpu_isa_cap(1);
+  FC_EXPECT(std::strcmp(pq4_kernel_name(), "portable") == 0, "cap 1: pq4_kernel_name %s", pq4_kernel_name());
+  set_cpu_isa_cap(0);
+  FC_EXPECT(active_cpu_isa() == uncapped, "cap lifted: %s", cpu_isa_name(active_cpu_isa()));
   const char* names[] = {"FASTCORE_AI_CPU_ISA", "FASTCORE_AI_ATTENTION_CPU_GENERIC"};
   std::string saved[2];
   bool was_set[2];

@@ -7,6 +7,7 @@
 #include <atomic>
 
 #include "cuda_call.h"
+#include "fastcore/cpu_isa.h"
 
 #ifndef FASTCORE_TORCH_VERSION
 #define FASTCORE_TORCH_VERSION "unknown"
@@ -52,6 +53,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     });
     return __builtin_popcountll(seen.load());
   });
+  // The CPU instruction-set level of every family's hand-written intrinsic paths (fastcore/cpu_isa.h):
+  // cap > 0 caps it process-wide (1 portable, 2 avx2, 3 avx512), 0 lifts the cap, < 0 only reads.
+  m.def(
+      "cpu_isa",
+      [](int64_t cap) {
+        if (cap >= 0) fastcore::set_cpu_isa_cap(static_cast<int>(cap));
+        return std::string(fastcore::cpu_isa_name(fastcore::active_cpu_isa()));
+      },
+      pybind11::arg("cap") = -1);
   fastcore::bind_moe_router(m);
   fastcore::bind_moe_dispatch(m);
   fastcore::bind_moe_grouped_mlp(m);

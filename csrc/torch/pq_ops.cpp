@@ -634,11 +634,6 @@ std::vector<at::Tensor> search_pq4_ivf(const at::Tensor& lut, const at::Tensor& 
   return {dist, ids};
 }
 
-std::string fastscan_kernel(int64_t force) {
-  if (force >= 0) pq4_force_kernel(static_cast<int>(force));
-  return pq4_kernel_name();
-}
-
 }  // namespace pq
 
 void bind_pq(pybind11::module_& m) {
@@ -661,8 +656,5 @@ void bind_pq(pybind11::module_& m) {
         "(dist [nq, k], ids [nq, k])");
   m.def("pq4_search", &pq::search_pq4, "4-bit fast-scan top-k: (dist [nq, k], ids [nq, k])");
   m.def("pq4_search_ivf", &pq::search_pq4_ivf, "IVF 4-bit fast-scan top-k (non-residual): (dist [nq, k], ids)");
-  m.def("pq4_kernel", &pq::fastscan_kernel,
-        "the fast-scan kernel in use ('avx512bw', 'avx2', 'portable'); force >= 0 selects one (0 auto, 1 portable, "
-        "2 avx2, 3 avx512bw)");
 }
 }  // namespace fastcore

@@ -554,10 +554,10 @@ bool step_on_cuda(const StepParams<T>& p, const at::Tensor& state, bool backward
 
 // Blocks for the functional step's new state on the CPU. A generation loop `y, state = ssm_step(state, ...)`
 // frees the old state just after receiving the new one; glibc serves blocks of this size (~1 MiB) by mmap, or
-// from the heap top and then trims it, and which one it does depends on its heap's history: in one process the
-// loop at B = 16, H = 256, N = 32 took 33 µs a step, in another 245–336 µs with ~160 page faults a step (the
-// whole new state faulted in each time). The step therefore takes its new state from a small cache of the
-// blocks its earlier results released: a loop then alternates between two blocks that stay mapped. At most
+// from the heap top and then trims it, and which one it does depends on its heap's history; in the second case
+// the whole new state faults in at every step (several times slower: docs/s4.md, "Functional step
+// allocation"). The step therefore takes its new state from a small cache of the blocks its earlier results
+// released: a loop then alternates between two blocks that stay mapped. At most
 // kCachedBlocks blocks and kCachedBytes bytes are kept (a block is reused only at its exact size); the cache
 // is never destroyed, because tensors may release blocks during static destruction.
 class StepBlockCache {
@@ -605,9 +605,8 @@ class StepBlockCache {
 // placed so that its address differs from the input state's by about 2 KiB modulo 4 KiB: the kernel stores each
 // new row while it loads the next ones, and a load whose address bits 0-11 match a pending store waits for it
 // ("4K aliasing", see ssm_step_float_head_pairs in s4_cpu.cpp); blocks of one size from one allocator tend to
-// share their offset within a page. Measured (standalone C++ loop, both threads, B = 16, H = 256, N = 32):
-// 27.6–27.8 µs with the output at the input's offset, 21.8–22.1 µs 2 KiB away. The result is an ordinary
-// contiguous tensor (its storage is not resizable, as any from_blob tensor's).
+// share their offset within a page (the measured cost: docs/s4.md, "Functional step allocation"). The
+// result is an ordinary contiguous tensor (its storage is not resizable, as any from_blob tensor's).
 at::Tensor new_state_like(const at::Tensor& state) {
   const int64_t elements = state.numel(), element_bytes = static_cast<int64_t>(state.element_size());
   if (!state.device().is_cpu() || elements * element_bytes < (int64_t(1) << 16))

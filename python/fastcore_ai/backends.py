@@ -283,3 +283,23 @@ def describe() -> List[Tuple[str, str, str, str]]:
 
 def priority_names(op: str) -> Sequence[str]:
     return _OPS[op].priority
+
+
+_CPU_ISA_CAPS = {None: -1, "auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+
+
+def cpu_isa(cap: Optional[str] = None) -> str:
+    """The instruction-set level of the cpu backend's hand-written SIMD paths, for every family:
+    "avx512" (AVX-512 F+BW), "avx2" or "portable" — what this CPU has, lowered by a cap.
+
+    `cap` ("portable", "avx2", "avx512") lowers the level for the whole process until `cap="auto"` lifts
+    it; a level above what the CPU has changes nothing. The environment variable FASTCORE_AI_CPU_ISA
+    (same names, read once) is a cap `cap` cannot lift. Set it only while no kernel runs (tests use it
+    to cover the portable loops on AVX-512 machines). The cap reaches the intrinsic paths only: the
+    auto-vectorised loops are compiled in three copies (x86-64-v4/v3/baseline) of which the library
+    loader picks one for this CPU, whatever the cap (csrc/include/fastcore/cpu_isa.h)."""
+    if cap not in _CPU_ISA_CAPS:
+        raise ValueError(
+            f"fastcore_ai.backends.cpu_isa: cap must be one of {[c for c in _CPU_ISA_CAPS if c]} or None, got {cap!r}"
+        )
+    return _native.native().cpu_isa(_CPU_ISA_CAPS[cap])

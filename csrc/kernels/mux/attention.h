@@ -83,9 +83,7 @@ void attention_backward_cpu(const AttentionParams& p, int64_t task_begin, int64_
 // float32 / float16 / bfloat16 run an AVX-512 path when active_cpu_isa() (fastcore/cpu_isa.h) is AVX-512
 // (16-lane FMA micro-kernels), the generic vector path otherwise (and float64 always). Tests cover the
 // generic path on AVX-512 machines by capping the level: FASTCORE_AI_CPU_ISA=portable in the environment,
-// or set_cpu_isa_cap. Deprecated, kept for the bindings: this switch is set_cpu_isa_cap(force ? portable :
-// none), a cap for every family (FASTCORE_AI_ATTENTION_CPU_GENERIC=1 likewise means portable).
-void attention_cpu_force_generic(bool force);
+// or set_cpu_isa_cap (FASTCORE_AI_ATTENTION_CPU_GENERIC=1, the former switch, likewise means portable).
 
 // ---- CUDA entry points (attention.cu); return a cudaError_t as int (0 = success).
 int attention_forward_cuda(const AttentionParams& p, void* stream);

@@ -309,10 +309,6 @@ FC_CPU_CLONES void backward_double(const AttentionParams& p, int64_t begin, int6
 
 }  // namespace
 
-// Kept for the bindings: the cap of fastcore/cpu_isa.h (every family's intrinsic paths), portable when
-// forced.
-void attention_cpu_force_generic(bool force) { set_cpu_isa_cap(force ? static_cast<int>(CpuIsa::kPortable) : 0); }
-
 void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end, int64_t prefetch_task) {
   if (task_begin >= task_end) return;
   if (p.kind == ScalarKind::kFloat64) {

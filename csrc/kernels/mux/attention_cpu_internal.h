@@ -12,7 +12,7 @@
 
 #include "fastcore/cpu_isa.h"
 #include "mux/attention.h"
-#include "mux/convert.h"
+#include "fastcore/common.h"
 
 #define FC_ALWAYS_INLINE inline __attribute__((always_inline))
 

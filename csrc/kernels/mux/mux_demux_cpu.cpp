@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "fastcore/cpu_vector.h"
-#include "mux/convert.h"
+#include "fastcore/common.h"
 #include "mux/mux_demux.h"
 
 namespace fastcore {

@@ -89,8 +89,8 @@ void pq_assign_fused_cpu(const FusedAssignParams& p, int64_t begin, int64_t end)
 // ---- top columns per row (IVF probe lists) ---------------------------------------------------------
 // out[i, 0..count−1] = the count columns of scores[i, 0..L−1] with the largest values, largest first,
 // the lower column first among equal values; a NaN ranks below every number. 1 <= count <= L. The
-// IVF search's probe lists from the coarse scores (torch.topk costs ~2.4 µs a row for nlist = 1024,
-// this ~0.1 µs: after the first count columns, 16 columns per compare against the current last value).
+// IVF search's probe lists from the coarse scores, in place of torch.topk (a fraction of its cost per row,
+// docs/pq.md): after the first count columns, 16 columns per compare against the current last value.
 // Rows [begin, end).
 struct TopColumnsParams {
   const float* scores = nullptr;  // [n, L], row stride ld
@@ -215,10 +215,8 @@ struct FastScanIvfParams {
 int64_t pq4_scan_ivf_cpu(const FastScanIvfParams& p, int64_t q_begin, int64_t q_end);
 // Which SIMD family the CPU kernels use, active_cpu_isa() of fastcore/cpu_isa.h: "avx512bw" (AVX-512
 // fast-scan, encode and 8-bit scans), "avx2" (AVX2 fast-scan, portable loops elsewhere) or "portable".
-// pq4_force_kernel(force) is set_cpu_isa_cap(force), kept for the bindings: 0 auto, 1 portable, 2 avx2,
-// 3 avx512bw (a level the CPU lacks gives the detected one), for every family, not only pq.
+// set_cpu_isa_cap lowers it (for every family, not only pq).
 const char* pq4_kernel_name();
-void pq4_force_kernel(int force);
 // The quantized distances of all 32 vectors of one block for one query (used by the native tests to
 // compare the SIMD and portable kernels): out[32].
 void pq4_block_distances(const uint8_t* block, const uint8_t* qlut, int64_t pairs, uint16_t* out);

@@ -135,8 +135,8 @@ constexpr int kFastQueryGroup = 4;  // queries sharing each block of codes (AVX-
 // * larger k: a reservoir. Candidates whose sum is ≤ `limit` are appended to a buffer of cap = 2k + 32
 //   entries (whole blocks at once, in registers, with AVX-512); a full buffer keeps its k best entries
 //   and `limit` becomes the k-th best key. It always holds the k best entries seen so far (a dropped
-//   entry has k better ones, a refused candidate a key above k kept keys). k = 100 over one IVF list of
-//   ~1000 codes: ~330 sift-downs of a 100-entry heap (~9 µs) against a few selections (~5 µs).
+//   entry has k better ones, a refused candidate a key above k kept keys). For large k a few selections
+//   cost less than the hundreds of heap sift-downs one IVF list causes (docs/pq.md).
 // The reservoir's selections count keys (two byte-wise passes; sums < 2^16) instead of comparing
 // entries: nth_element's partitions mispredict on every other entry and were most of a k = 100 search.
 constexpr int64_t kHeapMaxK = 32;

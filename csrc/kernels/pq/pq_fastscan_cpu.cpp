@@ -156,9 +156,6 @@ const char* pq4_kernel_name() {
   return kernel == CpuIsa::kAvx512 ? "avx512bw" : kernel == CpuIsa::kAvx2 ? "avx2" : "portable";
 }
 
-// The cap of fastcore/cpu_isa.h (every family's intrinsic paths), kept for the bindings.
-void pq4_force_kernel(int force) { set_cpu_isa_cap(force); }
-
 void pq4_block_distances(const uint8_t* block, const uint8_t* qlut, int64_t pairs, uint16_t* out) {
   block_fn(active_cpu_isa())(block, qlut, pairs, out);
 }

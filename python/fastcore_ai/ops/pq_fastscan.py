@@ -194,8 +194,8 @@ def pq4_search(
 def pq4_kernel(force: Optional[str] = None) -> str:
     """The SIMD family the cpu backend's pq kernels use ("avx512bw", "avx2" or "portable"): the fast-scan
     kernel, and for "avx512bw" also the AVX-512 encode and 8-bit scans (the others run their portable
-    loops). `force` selects one ("auto" restores the run-time choice; a kernel this CPU lacks falls
-    back to auto)."""
-    codes = {None: -1, "auto": 0, "portable": 1, "avx2": 2, "avx512bw": 3}
-    check_choice("pq4_kernel", "force", force, tuple(codes))
-    return _native.native().pq4_kernel(codes[force])
+    loops). It is `backends.cpu_isa()` under pq's names: `force` caps that level for every family, the
+    whole process ("auto" lifts the cap; a kernel this CPU lacks gives the detected one)."""
+    check_choice("pq4_kernel", "force", force, (None, "auto", "portable", "avx2", "avx512bw"))
+    level = backends.cpu_isa({"avx512bw": "avx512"}.get(force, force))
+    return "avx512bw" if level == "avx512" else level
