@@ -267,6 +267,119 @@ void test_render() {
   FC_EXPECT(opacity[0] == 0.0 && opacity[1] == 0.0, "malformed runs are skipped");
 }
 
+// The float CPU path walks 8 rays per vector lane group (nerf_cpu.cpp): against the scalar body of nerf.h
+// evaluated in double on the same float inputs, over ragged runs (empty, 1 sample, longer than the rest),
+// a malformed run, early stops, weights and the backward with grad_weights; and a ray's result must not
+// depend on the rays that share its group (each ray alone, and the whole range, bitwise equal).
+void test_render_float_lanes() {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> uni(0.0f, 1.0f);
+  const int64_t R = 21;
+  std::vector<int64_t> info;
+  int64_t S = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t count = r == 3 ? 0 : r == 5 ? 1 : r == 8 ? 40 : 1 + static_cast<int64_t>(uni(rng) * 17);
+    info.push_back(S);
+    info.push_back(count);
+    S += count;
+  }
+  info[2 * 12 + 1] = S + 5;  // ray 12's run leaves [0, S): skipped, as the scalar body skips it
+  std::vector<float> sig(S), rgb(3 * S), ts(S), te(S), gw(S);
+  for (int64_t i = 0; i < S; ++i) {
+    sig[i] = (i % 7 == 0 ? 40.0f : 4.0f) * uni(rng);  // some rays reach the early stop
+    for (int c = 0; c < 3; ++c) rgb[3 * i + c] = uni(rng);
+    ts[i] = 0.1f + 0.02f * static_cast<float>(i % 50);
+    te[i] = ts[i] + 0.02f + 0.1f * uni(rng);
+    gw[i] = uni(rng) - 0.5f;
+  }
+  std::vector<double> sig_d(sig.begin(), sig.end()), rgb_d(rgb.begin(), rgb.end()), ts_d(ts.begin(), ts.end()),
+      te_d(te.begin(), te.end()), gw_d(gw.begin(), gw.end());
+  std::vector<float> gc(3 * R), ga(R), gd(R);
+  for (auto* v : {&gc, &ga, &gd})
+    for (float& x : *v) x = uni(rng) - 0.5f;
+  std::vector<double> gc_d(gc.begin(), gc.end()), ga_d(ga.begin(), ga.end()), gd_d(gd.begin(), gd.end());
+  struct Out {
+    std::vector<float> color, opacity, depth, weights, grad_sigmas, grad_rgbs;
+  };
+  auto run_float = [&](int64_t begin, int64_t end, Out& o) {
+    RenderParams<float> p;
+    p.sigmas = sig.data();
+    p.rgbs = rgb.data();
+    p.t_starts = ts.data();
+    p.t_ends = te.data();
+    p.packed_info = info.data();
+    p.num_rays = R;
+    p.num_samples = S;
+    p.early_stop_eps = 1e-3f;
+    p.color = o.color.data();
+    p.opacity = o.opacity.data();
+    p.depth = o.depth.data();
+    p.weights = o.weights.data();
+    render_forward_cpu<float>(p, begin, end);
+    p.grad_color = gc.data();
+    p.grad_opacity = ga.data();
+    p.grad_depth = gd.data();
+    p.grad_weights = gw.data();
+    p.grad_sigmas = o.grad_sigmas.data();
+    p.grad_rgbs = o.grad_rgbs.data();
+    render_backward_cpu<float>(p, begin, end);
+  };
+  auto fresh = [&]() {
+    return Out{std::vector<float>(3 * R),   std::vector<float>(R),       std::vector<float>(R),
+               std::vector<float>(S, 0.0f), std::vector<float>(S, 0.0f), std::vector<float>(3 * S, 0.0f)};
+  };
+  Out whole = fresh(), alone = fresh();
+  run_float(0, R, whole);
+  for (int64_t r = 0; r < R; ++r) run_float(r, r + 1, alone);
+  FC_EXPECT(whole.color == alone.color && whole.opacity == alone.opacity && whole.depth == alone.depth &&
+                whole.weights == alone.weights && whole.grad_sigmas == alone.grad_sigmas &&
+                whole.grad_rgbs == alone.grad_rgbs,
+            "float render: a ray's result depends on the rays grouped with it");
+  // The scalar body in double on the same inputs.
+  std::vector<double> color(3 * R), opacity(R), depth(R), weights(S, 0.0), gs(S, 0.0), grgb(3 * S, 0.0);
+  RenderParams<double> q;
+  q.sigmas = sig_d.data();
+  q.rgbs = rgb_d.data();
+  q.t_starts = ts_d.data();
+  q.t_ends = te_d.data();
+  q.packed_info = info.data();
+  q.num_rays = R;
+  q.num_samples = S;
+  q.early_stop_eps = static_cast<double>(1e-3f);
+  q.color = color.data();
+  q.opacity = opacity.data();
+  q.depth = depth.data();
+  q.weights = weights.data();
+  for (int64_t r = 0; r < R; ++r) render_forward_ray<double>(q, r);
+  q.grad_color = gc_d.data();
+  q.grad_opacity = ga_d.data();
+  q.grad_depth = gd_d.data();
+  q.grad_weights = gw_d.data();
+  q.grad_sigmas = gs.data();
+  q.grad_rgbs = grgb.data();
+  for (int64_t r = 0; r < R; ++r) render_backward_ray<double>(q, r);
+  auto close = [](double got, double want) { return std::fabs(got - want) <= 2e-5 * (1.0 + std::fabs(want)); };
+  for (int64_t r = 0; r < R; ++r) {
+    FC_EXPECT(close(whole.opacity[r], opacity[r]) && close(whole.depth[r], depth[r]), "float ray %lld opacity/depth",
+              (long long)r);
+    for (int c = 0; c < 3; ++c)
+      FC_EXPECT(close(whole.color[3 * r + c], color[3 * r + c]), "float ray %lld color", (long long)r);
+  }
+  FC_EXPECT(whole.opacity[3] == 0.0f && whole.opacity[12] == 0.0f, "empty and malformed rays are transparent");
+  FC_EXPECT(opacity[0] > 0.0, "the double body rendered something");
+  int stopped = 0;
+  for (int64_t i = 0; i < S; ++i) {
+    FC_EXPECT(close(whole.weights[i], weights[i]), "float weight %lld: %g vs %g", (long long)i, whole.weights[i],
+              weights[i]);
+    FC_EXPECT(close(whole.grad_sigmas[i], gs[i]), "float grad sigma %lld: %g vs %g", (long long)i, whole.grad_sigmas[i],
+              gs[i]);
+    for (int c = 0; c < 3; ++c)
+      FC_EXPECT(close(whole.grad_rgbs[3 * i + c], grgb[3 * i + c]), "float grad rgb %lld", (long long)i);
+    if (weights[i] == 0.0 && whole.weights[i] == 0.0 && whole.grad_sigmas[i] == 0.0) ++stopped;
+  }
+  FC_EXPECT(stopped > 0, "the case must contain early-stopped samples");
+}
+
 void test_composite() {
   const int64_t K = 3, R = 2;
   std::vector<double> colors(K * R * 3), centers = {1, 0, 0, 0, 2, 0, 10, 0, 0}, camera = {0, 0, 0};
@@ -299,6 +412,7 @@ int main() {
   test_grid_update();
   test_march();
   test_render();
+  test_render_float_lanes();
   test_composite();
   if (fc_failures()) std::fprintf(stderr, "%d failure(s)\n", fc_failures());
   return fc_failures() ? 1 : 0;
