@@ -899,6 +899,22 @@ class TinyField(torch.nn.Module):
         return torch.nn.functional.softplus(h[:, 0]) * 5, torch.sigmoid(h[:, 1:])
 
 
+def test_occupancy_grid_update_warns_once_when_it_empties_the_grid():
+    """A density too small for the threshold empties every cell, after which ray_march returns nothing:
+    the update says so (once, not again while the grid stays empty), instead of a silent black render."""
+    import warnings
+
+    grid = fnn.OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, levels=1, warmup_steps=10)
+    with pytest.warns(RuntimeWarning, match=r"left every cell empty .*largest sampled sigma\*step_size was 0"):
+        grid.update(lambda x: torch.zeros(x.shape[0]), step=0)
+    assert not grid.bitfield.any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grid.update(lambda x: torch.zeros(x.shape[0]), step=1)  # still empty: no repeat
+        grid.update(lambda x: torch.full((x.shape[0],), 100.0), step=2)  # occupied again: nothing to say
+    assert grid.bitfield.any()
+
+
 def test_occupancy_grid_update_and_state_dict():
     grid = fnn.OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, levels=2)
     assert grid.occupied.all()

@@ -140,6 +140,50 @@ def test_errors():
         index.search(torch.randn(2, 31), 1)
 
 
+@pytest.mark.parametrize("kind", ["pq", "ivfpq"])
+def test_add_rejects_duplicate_ids_and_non_finite_vectors(data, kind):
+    """Duplicate ids (within one add, or already in the index) and NaN/inf vectors used to be accepted
+    silently: a search could then return one id for two vectors, or garbage codes for a NaN row."""
+    x, _ = data
+    index = PQIndex(32, 8) if kind == "pq" else IVFPQIndex(32, 8, 8)
+    index.train(x[:1000], niter=2) if kind == "pq" else index.train(x[:1000], niter=2, coarse_niter=2)
+    index.add(x[:10], ids=torch.arange(100, 110))
+    with pytest.raises(ValueError, match=r"search\.\w+Index: add: ids must be unique"):
+        index.add(x[10:13], ids=torch.tensor([1, 2, 1]))
+    with pytest.raises(ValueError, match="add: id 105 is already in the index"):
+        index.add(x[10:13], ids=torch.tensor([3, 105, 4]))
+    bad = x[10:14].clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"x must be finite: 1 row\(s\) hold NaN or inf \(first: row 2\)"):
+        index.add(bad, ids=torch.arange(200, 204))
+    bad[2, 5] = float("inf")
+    with pytest.raises(ValueError, match="x must be finite"):
+        index.add(bad)
+    with pytest.raises(ValueError, match="x must be finite"):
+        (PQIndex(32, 8) if kind == "pq" else IVFPQIndex(32, 8, 8)).train(torch.cat([x[:500], bad]))
+    assert len(index) == 10  # nothing of a refused add landed
+    index.add(x[10:14], ids=torch.arange(200, 204))  # fresh unique ids are fine
+    index.add(x[14:16])  # automatic ids continue past the largest id
+    assert len(index) == 16 and int(index.ids.max()) == 205
+
+
+def test_cuda_inputs_warn_once_that_the_index_runs_on_the_cpu(monkeypatch, data):
+    """CUDA inputs are copied to the host: loud the first time, not silent (a GPU index is not built yet)."""
+    import fastcore_ai.search.index as index_module
+
+    x, q = data
+    monkeypatch.setattr(index_module, "_warned_cuda_copy", False)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: torch.Tensor.contiguous(self).float())
+    with pytest.warns(RuntimeWarning, match="CUDA inputs are copied to the CPU"):
+        index_module._as_matrix("PQIndex", "q", q, 32)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index_module._as_matrix("PQIndex", "q", q, 32)  # once only
+
+
 def test_save_load_roundtrip_and_corruption(tmp_path, data):
     x, q = data
     for index in (PQIndex(32, 8, 8, "ip"), IVFPQIndex(32, 4, 8, 4, "l2"), PQIndex(32, 8, 4)):

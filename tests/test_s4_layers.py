@@ -73,6 +73,28 @@ def test_recurrent_step_reproduces_convolution(mode):
     assert relative_error(y_rec, y_conv) < 1e-4
 
 
+@pytest.mark.parametrize("mode", ["s4d", "s4"])
+def test_step_inplace_updates_the_given_state(mode):
+    """step(inplace=True) writes the new state into the tensor passed in and returns that tensor, with the
+    functional step's values (mode="s4" used to return a fresh state and leave the given one unchanged)."""
+    torch.manual_seed(2)
+    B, H = 3, 4
+    layer = fnn.S4Conv(H, d_state=16, l_max=32, mode=mode)
+    with torch.no_grad():
+        layer.setup_step()
+        functional = layer.default_state(B)
+        state = layer.default_state(B)
+        for _ in range(5):
+            u = torch.randn(B, H)
+            y_f, functional = layer.step(u, functional)
+            before = state.data_ptr()
+            y_i, returned = layer.step(u, state, inplace=True)
+            assert returned is state and state.data_ptr() == before
+            torch.testing.assert_close(y_i, y_f, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(state, functional, rtol=1e-5, atol=1e-6)
+        assert float(state.abs().sum()) > 0
+
+
 def test_block_step_reproduces_forward():
     torch.manual_seed(2)
     B, H, L = 2, 8, 40

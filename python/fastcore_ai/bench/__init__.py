@@ -82,10 +82,12 @@ def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[R
 
 
 def main(families: List[str], device: str, json_path: Optional[str], quick: bool) -> List[Row]:
-    rows = run(families, device, quick)
-    for family in families:
+    rows: List[Row] = []
+    for family in families:  # each table as soon as its family finishes (a full run takes many minutes)
+        family_rows = run([family], device, quick)
+        rows.extend(family_rows)
         print(f"\n## {family} ({device}, {torch.get_num_threads()} threads, torch {torch.__version__})\n")
-        print(format_table([r for r in rows if r.family == family]))
+        print(format_table(family_rows), flush=True)
     if json_path:
         with open(json_path, "w") as handle:
             json.dump(

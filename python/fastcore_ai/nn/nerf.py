@@ -11,6 +11,7 @@ BlockNeRF       renders the blocks eligible for a camera and composites them (op
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -155,9 +156,21 @@ class OccupancyGrid(nn.Module):
             x = self.cell_points(indices[begin : begin + chunk], generator)
             values.append(density_fn(x).reshape(-1).to(self.density.dtype) * self.step_size)
         values = torch.cat(values) if values else self.density.new_empty(0)
+        was_occupied = bool(self.bitfield.any())
         density, bitfield = ops.occupancy_grid_update(self.density, indices, values, self.decay, self.threshold)
         self.density.copy_(density)
         self.bitfield.copy_(bitfield)
+        if was_occupied and not bool(bitfield.any()):
+            # An empty grid makes ray_march return no samples at all: a silent black render. Said once per
+            # emptying (a grid that stays empty does not repeat it).
+            largest = float(values.max()) if values.numel() else float("nan")
+            warnings.warn(
+                "fastcore_ai.nn.OccupancyGrid.update: this update left every cell empty (the largest sampled "
+                f"sigma*step_size was {largest:.3g}, the occupancy threshold is {self.threshold:.3g}), so "
+                "ray_march will return no samples; check density_fn's scale or lower `threshold`",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def extra_repr(self) -> str:
         return (

@@ -311,8 +311,9 @@ class S4Conv(nn.Module):
         return torch.zeros(batch, self.d_model, self.d_state // 2, dtype=torch.complex64, device=self.D.device)
 
     def step(self, u: Tensor, state: Tensor, inplace: bool = False) -> Tuple[Tensor, Tensor]:
-        """One time step: u [B, H] -> (y [B, H], new state). Functional unless inplace=True (S4D: the state
-        tensor is updated in place, no allocation; needs no autograd).
+        """One time step: u [B, H] -> (y [B, H], new state). Functional unless inplace=True: the state tensor
+        is updated in place and returned (S4D: no allocation; S4's DPLR step computes the new state and copies
+        it into `state`); needs no autograd.
 
         Generation should run under torch.no_grad() / torch.inference_mode(): S4D then takes
         ops.ssm_step's lean per-step path (cached validation, the native kernel called directly, bitwise
@@ -321,7 +322,11 @@ class S4Conv(nn.Module):
         if self._step is None:
             raise RuntimeError("fastcore_ai.nn.S4Conv: call setup_step() before step()")
         if self.mode == "s4":  # O(N) DPLR step (torch ops), then the D skip
-            y, state = S4Kernel.step(self._step, u, state)
+            y, new_state = S4Kernel.step(self._step, u, state)
+            if inplace:
+                state = state.copy_(new_state)
+            else:
+                state = new_state
             return (y + self.D * u.to(y.dtype)).to(u.dtype), state
         dA, dB, C = self._step
         return ops.ssm_step(state, u, dA, dB, C, self.D, inplace=inplace)

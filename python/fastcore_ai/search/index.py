@@ -1,11 +1,14 @@
 """PQIndex (exhaustive ADC; 8-bit exact scan, 4-bit fast-scan) and IVFPQIndex (coarse k-means +
 residual PQ, nprobe lists), on fastcore_ai.ops. Inputs: torch tensors or numpy arrays (zero-copy when
-already float32 and C-contiguous on the CPU; CUDA tensors are copied to the CPU, where the kernels run).
+already float32 and C-contiguous on the CPU; CUDA tensors are copied to the CPU, where the kernels run,
+with a warning the first time: the indexes have no GPU search yet). Vectors given to train and add must
+be finite, and the ids of an index unique.
 Results: (distances [nq, k] float32, ids [nq, k] int64) as torch tensors, FAISS conventions.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import numpy as np
@@ -23,7 +26,21 @@ def _err(cls: str, message: str) -> str:
     return f"fastcore_ai.search.{cls}: {message}"
 
 
-def _as_matrix(cls: str, name: str, x, d: int) -> Tensor:
+_warned_cuda_copy = False
+
+
+def _warn_cuda_copy(cls: str) -> None:
+    global _warned_cuda_copy
+    if not _warned_cuda_copy:
+        _warned_cuda_copy = True
+        warnings.warn(
+            _err(cls, "CUDA inputs are copied to the CPU: the index kernels run on the CPU (no GPU search yet)"),
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def _as_matrix(cls: str, name: str, x, d: int, finite: bool = False) -> Tensor:
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32) if x.dtype != np.float32 else x)
     if not isinstance(x, Tensor):
@@ -32,7 +49,15 @@ def _as_matrix(cls: str, name: str, x, d: int) -> Tensor:
         raise ValueError(_err(cls, f"{name} must have shape [n, d] with d = {d}, got {tuple(x.shape)}"))
     if not (x.is_floating_point()):
         raise TypeError(_err(cls, f"{name} must hold floating-point values, got {x.dtype}"))
-    return x.detach().to("cpu", torch.float32).contiguous()
+    if x.is_cuda:
+        _warn_cuda_copy(cls)
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):
+        rows = torch.nonzero(~torch.isfinite(x).all(1)).flatten()
+        raise ValueError(
+            _err(cls, f"{name} must be finite: {rows.numel()} row(s) hold NaN or inf (first: row {int(rows[0])})")
+        )
+    return x
 
 
 def _as_ids(cls: str, ids, n: int = -1) -> Tensor:
@@ -95,7 +120,7 @@ class PQIndex:
 
     # ---- build ----
     def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False) -> "PQIndex":
-        x = _as_matrix(type(self).__name__, "x", x, self.d)
+        x = _as_matrix(type(self).__name__, "x", x, self.d, finite=True)
         self.codebooks = ops.pq_train(
             x, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed
         )
@@ -106,13 +131,20 @@ class PQIndex:
 
     def add(self, x, ids=None) -> None:
         self._require_trained("add to")
-        x = _as_matrix(type(self).__name__, "x", x, self.d)
+        cls = type(self).__name__
+        x = _as_matrix(cls, "x", x, self.d, finite=True)
         n = x.shape[0]
-        ids = (
-            torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
-            if ids is None
-            else _as_ids(type(self).__name__, ids, n)
-        )
+        if ids is None:
+            ids = torch.arange(self._next_id, self._next_id + n, dtype=torch.int64)
+        else:
+            ids = _as_ids(cls, ids, n)
+            if torch.unique(ids).numel() != n:
+                raise ValueError(_err(cls, "add: ids must be unique, got repeated ids"))
+            present = torch.isin(ids, self.ids)
+            if bool(present.any()):
+                raise ValueError(
+                    _err(cls, f"add: id {int(ids[present][0])} is already in the index (remove_ids it first)")
+                )
         self._add_encoded(x, ids)
         if n:
             self._next_id = max(self._next_id, int(ids.max()) + 1)
@@ -241,7 +273,7 @@ class IVFPQIndex(PQIndex):
         """Coarse k-means (nlist centroids, coarse_niter Lloyd iterations), then the PQ codebooks (niter) on the
         residuals (or on x when by_residual=False). coarse_niter = 10 is FAISS's IndexIVF default: the coarse
         clustering is the large one (nlist up to 2^16 centroids), and extra iterations there buy little recall."""
-        x = _as_matrix("IVFPQIndex", "x", x, self.d)
+        x = _as_matrix("IVFPQIndex", "x", x, self.d, finite=True)
         coarse = ops.kmeans(x, self.nlist, niter=coarse_niter, seed=seed)
         target = x - coarse[self._assign(x, coarse)] if self.by_residual else x
         self.codebooks = ops.pq_train(
