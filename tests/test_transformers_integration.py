@@ -28,19 +28,46 @@ def tiny_mixtral():
 
 
 def run(model, implementation, ids):
+    """Logits, parameter gradients and each layer's experts output (captured by forward hooks: the experts'
+    share of the logits is small next to the residual stream, so the logits alone would hide a wrong
+    expert output)."""
     model.set_experts_implementation(implementation)
     model.zero_grad()
-    logits = model(ids).logits
+    expert_outputs = []
+    hooks = [
+        layer.mlp.experts.register_forward_hook(lambda module, args, out: expert_outputs.append(out.detach()))
+        for layer in model.model.layers
+    ]
+    try:
+        logits = model(ids).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
     logits.square().mean().backward()
-    return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return logits.detach(), grads, expert_outputs
 
 
-def test_logits_and_gradients_match_eager(tiny_mixtral):
+def test_logits_and_gradients_match_eager(tiny_mixtral, monkeypatch):
+    calls = []
+    kernel = fastcore_hf.ops.moe_experts
+
+    def counting_kernel(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(fastcore_hf.ops, "moe_experts", counting_kernel)
     ids = torch.randint(0, 97, (2, 13))
-    eager_logits, eager_grads = run(tiny_mixtral, "eager", ids)
-    ours_logits, ours_grads = run(tiny_mixtral, "fastcore_ai", ids)
+    eager_logits, eager_grads, eager_experts = run(tiny_mixtral, "eager", ids)
+    assert not calls
+    ours_logits, ours_grads, ours_experts = run(tiny_mixtral, "fastcore_ai", ids)
     assert tiny_mixtral.config._experts_implementation == "fastcore_ai"
-    assert relative_error(ours_logits, eager_logits) < 1e-5
+    assert len(calls) == len(tiny_mixtral.model.layers)  # our kernel ran once per layer
+    assert len(ours_experts) == len(eager_experts) == len(tiny_mixtral.model.layers)
+    for ours, eager in zip(ours_experts, eager_experts):
+        assert float(eager.norm()) > 0
+        assert relative_error(ours, eager) < 1e-5
+    assert relative_error(ours_logits, eager_logits) < 1e-6
     assert eager_grads.keys() == ours_grads.keys()
     for name in eager_grads:
         assert relative_error(ours_grads[name], eager_grads[name]) < 1e-4, name
