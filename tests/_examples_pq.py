@@ -186,7 +186,7 @@ NOT_COMPILABLE = {
     ),
     "pq4_kernel": (
         "a configuration call, not a tensor op: it returns a str from the native pybind function "
-        "pq4_kernel, which dynamo cannot trace",
+        "cpu_isa, which dynamo cannot trace",
         lambda: (lambda: ops.pq4_kernel(), ()),
     ),
 }

@@ -867,3 +867,27 @@ def test_centroid_update_matches_reference_update(codes_dtype):
         )
     with pytest.raises((ValueError, RuntimeError), match=r"kmeans.*old must be float32 \[M, ksub, dsub\]"):
         _native.native().pq_centroid_update(x, codes, ksub, old[:, :4])
+
+
+def test_pq4_pack_lists_rejects_bad_input_with_named_errors():
+    """Out-of-range list numbers, wide codes and mismatched lengths used to surface as raw bincount /
+    indexing errors (issue 20); each now names the op and the argument."""
+    codes = torch.randint(0, 16, (10, 3), dtype=torch.uint8)
+    list_no, ids = torch.randint(0, 4, (10,)), torch.arange(10)
+    bad_lists = list_no.clone()
+    bad_lists[3] = 4
+    with pytest.raises(ValueError, match=r"pq4_pack_lists: list_no must lie in \[0, nlist\) = \[0, 4\), got 4"):
+        ops.pq4_pack_lists(codes, bad_lists, ids, 4)
+    bad_lists[3] = -1
+    with pytest.raises(ValueError, match="list_no must lie in .* got -1"):
+        ops.pq4_pack_lists(codes, bad_lists, ids, 4)
+    with pytest.raises(ValueError, match=r"pq4_pack_lists: ids must have n = codes.shape\[0\] = 10 entries"):
+        ops.pq4_pack_lists(codes, list_no, ids[:9], 4)
+    with pytest.raises(ValueError, match="codes must be 4-bit"):
+        ops.pq4_pack_lists(codes + 16, list_no, ids, 4)
+    with pytest.raises(TypeError, match="pq4_pack_lists: list_no must be int64"):
+        ops.pq4_pack_lists(codes, list_no.int(), ids, 4)
+    with pytest.raises(ValueError, match="pq4_pack_lists: nlist must satisfy 1 <= nlist"):
+        ops.pq4_pack_lists(codes, list_no, ids, 0)
+    empty = ops.pq4_pack_lists(codes[:0], list_no[:0], ids[:0], 4)
+    assert empty[0].shape == (0, 2, 32) and empty[2].tolist() == [0, 0, 0, 0]

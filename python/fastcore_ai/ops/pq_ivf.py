@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import _native, backends
-from .._validation import _describe, check_bool, check_choice, check_tensor
+from .._validation import _describe, check_bool, check_choice, check_int, check_tensor
 from ..reference import pq as _ref
 from ._define import define_op
 from .pq import (
@@ -235,8 +235,29 @@ def ivfpq_search(
 def pq4_pack_lists(codes: Tensor, list_no: Tensor, ids: Tensor, nlist: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pack 4-bit codes list by list for ivfpq4_search: (packed [blocks, ceil(M/2), 32], list_blocks
     [nlist + 1], list_sizes [nlist], row_ids [blocks·32] with −1 for padding rows). Each list starts on
-    a fresh block of 32; within a list rows keep their insertion order."""
+    a fresh block of 32; within a list rows keep their insertion order. codes [n, M] uint8 in [0, 16),
+    list_no [n] int64 in [0, nlist), ids [n] int64."""
+    op = "pq4_pack_lists"
+    check_tensor(op, "codes", codes, ndim=2, dtypes=(torch.uint8,), layout="[n, M]")
     n, M = codes.shape
+    check_int(op, "nlist", nlist, 1, 2**31 - 1)
+    for name, value in (("list_no", list_no), ("ids", ids)):
+        check_tensor(op, name, value, ndim=1, dtypes=(torch.int64,), layout="[n]")
+        if value.shape[0] != n:
+            raise ValueError(
+                f"fastcore_ai.ops.{op}: {name} must have n = codes.shape[0] = {n} entries, got {_describe(value)}"
+            )
+        if value.device != codes.device:
+            raise ValueError(
+                f"fastcore_ai.ops.{op}: {name} must be on codes' device {codes.device}, got {value.device}"
+            )
+    if n:
+        if int(codes.max()) >= 16:
+            raise ValueError(f"fastcore_ai.ops.{op}: codes must be 4-bit (< 16), got a code {int(codes.max())}")
+        low, high = int(list_no.min()), int(list_no.max())
+        if low < 0 or high >= nlist:
+            bad = low if low < 0 else high
+            raise ValueError(f"fastcore_ai.ops.{op}: list_no must lie in [0, nlist) = [0, {nlist}), got {bad}")
     sizes = torch.bincount(list_no, minlength=nlist)
     blocks = (sizes + 31) // 32
     list_blocks = torch.zeros(nlist + 1, dtype=torch.int64)
