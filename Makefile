@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NATIVE_BUILD := build-native
 
-.PHONY: demo test install lint format native-test pytest gpu-check bench clean
+.PHONY: demo test install lint format native-test pytest gpu-check gpu-check-dry bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,10 @@ bench: install
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# The same script's plumbing without a GPU (CPU stand-ins for every step; tests/test_gpu_check_dry.py).
+gpu-check-dry: install
+	GPU_CHECK_DRY=1 PYTHON=$(abspath $(PY)) OUT=$${OUT:-./gpu-check-dry-out} bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf build $(NATIVE_BUILD) python/fastcore_ai/*.so *.egg-info python/*.egg-info
