@@ -507,3 +507,151 @@ def test_capacity_errors(kwargs, error, words):
     assert str(info.value).startswith("fastcore_ai.ops.moe_topk_route: ")
     for word in words:
         assert word in str(info.value)
+
+
+# ---- the cpu kernel's two row paths (AVX-512 and portable), the direct path, small calls -------------
+
+
+@pytest.fixture(params=["portable", "auto"])
+def cpu_isa_level(request):
+    """Runs a test on the portable rows and on the best this CPU has (AVX-512 here: the intrinsic rows)."""
+    from fastcore_ai import backends
+
+    previous = backends.cpu_isa()
+    backends.cpu_isa(request.param)
+    yield request.param
+    backends.cpu_isa("auto")
+    backends.cpu_isa(previous)
+
+
+def isa_shape_cases():
+    # E ≤ 16 (one vector, no bound), E = 17 / 33 / 61 (a partial last vector), multiples of 16, the maximum;
+    # k from 1 to 16 (k = 16 with E > 16 takes the many-candidates fallback).
+    cases = []
+    for E in (1, 2, 5, 15, 16, 17, 33, 61, 64, 128, 200, 1024):
+        for k in sorted({1, min(E, 2), min(E, 3), min(E, 8), min(E, 16)}):
+            cases.append(pytest.param(E, k, id=f"E{E}-k{k}"))
+    return cases
+
+
+@pytest.mark.parametrize("E,k", isa_shape_cases())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_rows_match_oracle(cpu_isa_level, E, k, dtype, poisoned_outputs):
+    T = 301
+    logits = (torch.randn(T, E, generator=torch.Generator().manual_seed(E * 31 + k)) * 3).to(dtype)
+    for renormalize in (True, False):
+        out = ops.moe_topk_route(logits, k, renormalize=renormalize, backend="cpu")
+        assert_matches_oracle(out, logits, k, renormalize)
+        assert out.kept.dtype == torch.bool and out.kept.shape == (T, k) and bool(out.kept.all())
+
+
+@pytest.mark.parametrize("E,k", [(16, 4), (37, 7), (128, 8), (128, 16), (1024, 16)])
+def test_cpu_rows_with_many_ties(cpu_isa_level, E, k):
+    """Quantised logits: equal keys at and above the bound (the tie-aware ranks, and more than 16
+    candidates: the fallback), -inf columns, a constant row; ids must follow the lower-index rule."""
+    T = 257
+    g = torch.Generator().manual_seed(E + k)
+    logits = torch.randint(-3, 3, (T, E), generator=g).float()
+    logits[::5, 1::3] = -torch.inf
+    logits[7] = 0.25
+    logits[9, : E // 2] = -torch.inf
+    out = ops.moe_topk_route(logits, k, renormalize=False, backend="cpu")
+    assert_matches_oracle(out, logits, k, False)
+    assert torch.equal(out.expert_ids[7], torch.arange(k))
+
+
+def test_cpu_rows_special_values(cpu_isa_level):
+    """NaN, ±inf and logits far below the row max (exp underflow: exactly 0 for -inf, tiny but
+    finite differences within the float32 range) on both row paths."""
+    T, E, k = 12, 40, 5
+    logits = torch.randn(T, E) * 2
+    logits[0, 3] = torch.nan
+    logits[1, :] = -torch.inf
+    logits[2, 17] = torch.inf
+    logits[3, :20] = -95.0  # differences between -87 and -106: denormal or zero probabilities
+    logits[4, :20] = -120.0
+    logits[5, ::2] = -torch.inf
+    logits[6, :] = torch.nan
+    logits[:, 39] = -torch.inf  # a masked expert: probability exactly 0 in every row
+    out = ops.moe_topk_route(logits, k, renormalize=False, backend="cpu")
+    ref = oracle(logits, k, False)
+    assert torch.equal(out.expert_ids, ref[1])
+    finite_rows = [3, 4, 5, 7, 8, 9, 10, 11]
+    assert relative_error(out.weights[finite_rows], ref[0][finite_rows]) < FP32_BOUND
+    for row in (0, 1, 2, 6):
+        assert bool(torch.isnan(out.weights[row]).all())
+    clean = logits[finite_rows]
+    stats = ops.moe_topk_route(clean, k, renormalize=False, backend="cpu")
+    assert float(stats.mean_prob[39]) == 0.0
+    assert_matches_oracle(stats, clean, k, False)
+
+
+def test_cpu_row_paths_agree_on_ids_and_closely_on_weights():
+    from fastcore_ai import backends
+
+    logits = torch.randn(2000, 96) * 4
+    previous = backends.cpu_isa()
+    try:
+        backends.cpu_isa("portable")
+        portable = ops.moe_topk_route(logits, 6, backend="cpu")
+        backends.cpu_isa("auto")
+        best = ops.moe_topk_route(logits, 6, backend="cpu")
+    finally:
+        backends.cpu_isa("auto")
+        backends.cpu_isa(previous)
+    assert torch.equal(portable.expert_ids, best.expert_ids)
+    assert torch.equal(portable.tokens_per_expert, best.tokens_per_expert)
+    assert relative_error(best.weights, portable.weights.double()) < 1e-6
+
+
+@pytest.mark.parametrize("T", [1, 255, 256, 257, 2047, 2048, 2049, 6000])
+@pytest.mark.parametrize("E", [16, 100])
+def test_cpu_thread_count_independence_across_the_grain(cpu_isa_level, T, E):
+    """Small calls run on the calling thread, large ones on the pool: the block partition (and so every
+    bit of the statistics) must not depend on which."""
+    logits = torch.randn(T, E, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.moe_topk_route(logits, 4, backend="cpu")
+        torch.set_num_threads(max(2, threads))
+        many = ops.moe_topk_route(logits, 4, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_direct_path_matches_the_registered_op():
+    """The public function's direct cpu path (one native call that also makes `kept`) gives bitwise the
+    registered op's outputs, and a fresh, writable kept mask per call."""
+    logits = torch.randn(77, 24)
+    out = ops.moe_topk_route(logits, 3, backend="cpu")
+    registered = torch.ops.fastcore_ai.moe_topk_route(logits, 3, True, "cpu")
+    for a, b in zip(out[:5], registered[:5]):
+        assert torch.equal(a, b)
+    again = ops.moe_topk_route(logits, 3, backend="cpu")
+    assert out.kept.data_ptr() != again.kept.data_ptr() and out.kept.is_contiguous()
+    out.kept[0, 0] = False
+    assert bool(again.kept.all())
+    empty = ops.moe_topk_route(torch.randn(0, 5), 2, backend="cpu")
+    assert empty.kept.shape == (0, 2) and float(empty.z_loss) == 0.0 and bool((empty.tokens_per_expert == 0).all())
+    assert bool((empty.mean_prob == 0).all())
+
+
+def test_native_with_kept_checks_its_input():
+    from fastcore_ai._native import native
+
+    with pytest.raises(RuntimeError, match="moe_topk_route: k must satisfy"):
+        native().moe_topk_route_with_kept(torch.randn(4, 8), 9, True)
+    with pytest.raises(RuntimeError, match="moe_topk_route: logits must have shape"):
+        native().moe_topk_route_with_kept(torch.randn(4, 8, 2), 1, True)
+
+
+def test_errors_for_odd_argument_types():
+    with pytest.raises(TypeError, match="moe_topk_route: k must be an int, got bool"):
+        ops.moe_topk_route(torch.randn(4, 8), True)
+    with pytest.raises(ValueError, match="moe_topk_route: priority must be one of"):
+        ops.moe_topk_route(torch.randn(4, 8), 2, priority=None)
+    with pytest.raises(TypeError, match="moe_topk_route: renormalize must be a bool, got int"):
+        ops.moe_topk_route(torch.randn(4, 8), 2, renormalize=1)

@@ -1,17 +1,31 @@
 // CPU kernel of the fused MoE router (math and determinism contract in topk_route.h).
 //
-// Per row: widen the row into a stack buffer, one pass for the max, one vectorised pass for
+// Per row: one pass for the max (kept per lane: the column maxima), one vectorised pass for
 // exp(x − max) and its sum, a bounded top-k (only logits above a cheap lower bound of the k-th best
-// reach the insertion), then the k weights. The hot row function is compiled for AVX-512, AVX2 and baseline x86-64 and picked
-// at load time (GCC target_clones), so one binary is fast everywhere and portable.
+// are ranked), then the k weights. Two implementations of the float32-math rows:
+// * AVX-512 (route_blocks_avx512, chosen at run time by active_cpu_isa()): reads float32 rows in place
+//   and widens 16-bit rows 16 lanes at a time, exp by a degree-6 polynomial and vscalefps, and a
+//   branch-free selection (vcompressps of the candidates, ranks by lane rotations). Branches that the
+//   data decide (a candidate block or not, a rank loop of varying length) cost more than the whole
+//   softmax: they mispredict about once per row on random logits.
+// * portable (route_one_row, also for float64): compiled for AVX-512, AVX2 and baseline x86-64 and
+//   picked at load time (GCC target_clones).
+// Both return the same ids (selection is exact); weights and statistics agree to float32 rounding, as
+// the bounds against the float64 reference say. Within one process the path is fixed, so results do
+// not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #include "moe/topk_route.h"
 
 #include "fastcore/cpu_vector.h"
+
+#if FC_CPU_X86
+#include <immintrin.h>
+#endif
 
 namespace fastcore {
 namespace moe {
@@ -249,6 +263,237 @@ void route_blocks(const TopkRouteParams& p, int64_t block_begin, int64_t block_e
   }
 }
 
+#if FC_CPU_X86
+// ---- AVX-512 rows (float32 math; see the top of this file) ----------------------------------------
+// GCC 12's avx512fintrin.h self-initialises its "undefined" vectors, which -Wmaybe-uninitialized
+// reports once inlined (as in the pq and mux ISA files).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FC_ROUTE_AVX512 __attribute__((target("avx512f,avx512bw,popcnt")))
+#define FC_ROUTE_AVX512_INLINE __attribute__((target("avx512f,avx512bw,popcnt"), always_inline)) inline
+
+constexpr int kVec = 16;  // float32 lanes of a zmm register, = kLanes (the column maxima layout)
+static_assert(kVec == kLanes, "the AVX-512 column maxima must have the portable layout (fallback selection)");
+
+FC_ROUTE_AVX512_INLINE __mmask16 first_lanes(int64_t count) {  // the first min(count, 16) lanes
+  return count >= kVec ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1u);
+}
+
+// exp(d) for d ≤ 0 or NaN (d = x − row max): d = n ln2 + r with |r| ≤ ln2/2, exp(r) by a degree-6
+// minimax polynomial (relative error 2e-8 with float32 coefficients, below float32 rounding), 2^n by
+// vscalefps. d is clamped at −106 first, where n = −153 and poly · 2^n < 2^-150 rounds to exactly 0: so
+// −inf (a masked expert) gives exactly 0, and no r is computed from an infinite n. NaN passes the clamp
+// (max returns its second operand when one is NaN) and propagates. Round to nearest by adding and
+// removing 1.5·2^23.
+FC_ROUTE_AVX512_INLINE __m512 exp_nonpositive(__m512 d) {
+  d = _mm512_max_ps(_mm512_set1_ps(-106.0f), d);
+  const __m512 shifter = _mm512_set1_ps(12582912.0f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(d, _mm512_set1_ps(1.44269504088896341f), shifter), shifter);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), d);  // Cody–Waite: n·ln2 in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
+  __m512 poly = _mm512_set1_ps(1.383684576e-03f);
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(8.374815807e-03f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.166822508e-02f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.666641980e-01f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(4.999999106e-01f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(poly, n);
+}
+
+// Lane i of the result: key[(i + R) mod 16].
+template <int R>
+FC_ROUTE_AVX512_INLINE __m512 rotate_lanes(__m512 key) {
+  const __m512i bits = _mm512_castps_si512(key);
+  return _mm512_castsi512_ps(_mm512_alignr_epi32(bits, bits, R));
+}
+
+// greater_count[i] = #{j : key[j] > key[i]}: all 15 other lanes, one rotation each.
+template <int... R>
+FC_ROUTE_AVX512_INLINE __m512i count_greater(__m512 key, std::integer_sequence<int, R...>) {
+  __m512i count = _mm512_setzero_si512();
+  const __m512i minus_one = _mm512_set1_epi32(-1);
+  ((count =
+        _mm512_mask_sub_epi32(count, _mm512_cmp_ps_mask(rotate_lanes<R + 1>(key), key, _CMP_GT_OQ), count, minus_one)),
+   ...);
+  return count;
+}
+
+// rank[i] = #{j : key[j] ranks before key[i]} under ranks_before, for lanes whose expert index increases
+// with the lane (so "equal key, lower index" is "equal key, lower lane": in rotation R the lanes i ≥ 16 − R
+// see lanes j = i + R − 16 < i). A permutation of 0..15 for NaN-free keys.
+template <int... R>
+FC_ROUTE_AVX512_INLINE __m512i rank_with_ties(__m512 key, std::integer_sequence<int, R...>) {
+  __m512i rank = _mm512_setzero_si512();
+  const __m512i minus_one = _mm512_set1_epi32(-1);
+  ((rank = _mm512_mask_sub_epi32(rank,
+                                 _mm512_cmp_ps_mask(rotate_lanes<R + 1>(key), key, _CMP_GT_OQ) |
+                                     _mm512_mask_cmp_ps_mask(static_cast<__mmask16>(0xffffu << (kVec - 1 - R)),
+                                                             rotate_lanes<R + 1>(key), key, _CMP_EQ_OQ),
+                                 rank, minus_one)),
+   ...);
+  return rank;
+}
+
+// The k-th largest of the 16 column maxima (NaN-free): the smallest one with fewer than k larger ones.
+FC_ROUTE_AVX512_INLINE float kth_largest_of_lanes_avx512(__m512 column_max, int k) {
+  const __m512i greater = count_greater(column_max, std::make_integer_sequence<int, kVec - 1>{});
+  const __mmask16 within = _mm512_cmplt_epi32_mask(greater, _mm512_set1_epi32(k));
+  return _mm512_mask_reduce_min_ps(within, column_max);
+}
+
+// Top k (k ≤ 16) of 16 candidate keys (NaN-free) with expert ids ids[0..16) increasing by lane; the first
+// `count` lanes are real (count ≥ k), the rest are padding (−inf, ids above every real one). Strict
+// ranks first: the sum of #{j : key_j > key_i} over all lanes is 120 minus the number of equal pairs, so
+// it tells exactly whether any real key ties (the padding lanes tie among themselves, p(p−1)/2 pairs,
+// and with a real key only if that key is −inf); only then are the ranks redone with the tie-break.
+FC_ROUTE_AVX512_INLINE void top_k_of_16(__m512 key, const int32_t* ids, int count, int k, int64_t* top_ids) {
+  __m512i rank = count_greater(key, std::make_integer_sequence<int, kVec - 1>{});
+  const int pads = kVec - count;
+  if (_mm512_reduce_add_epi32(rank) != 120 - pads * (pads - 1) / 2)
+    rank = rank_with_ties(key, std::make_integer_sequence<int, kVec - 1>{});
+  // Real lanes now hold distinct ranks below `count`, so rank j < k is held by exactly one lane.
+  for (int j = 0; j < k; ++j) {
+    const uint32_t lane = _mm512_cmpeq_epi32_mask(rank, _mm512_set1_epi32(j));
+    top_ids[j] = ids[__builtin_ctz(lane)];
+  }
+}
+
+// Rows of float32 values, read in place (contiguous float32) or widened into `scratch` first.
+FC_ROUTE_AVX512_INLINE const float* row_as_float(const TopkRouteParams& p, int64_t row, float* scratch) {
+  const int64_t E = p.num_experts, base = row * p.row_stride;
+  if (p.col_stride != 1) {
+    widen_row(p.logits, p.logits_kind, base, p.col_stride, E, scratch);
+    return scratch;
+  }
+  if (p.logits_kind == ScalarKind::kFloat32) return static_cast<const float*>(p.logits) + base;
+  const uint16_t* source = static_cast<const uint16_t*>(p.logits) + base;
+  const bool bf16 = p.logits_kind == ScalarKind::kBFloat16;
+  for (int64_t e = 0; e < E; e += kVec) {
+    // 16-bit lanes of a masked 32-lane load (AVX-512BW), so the tail reads nothing past the row.
+    const __mmask32 lanes =
+        E - e >= kVec ? static_cast<__mmask32>(0xffff) : static_cast<__mmask32>((1u << (E - e)) - 1u);
+    const __m256i half = _mm512_castsi512_si256(_mm512_maskz_loadu_epi16(lanes, source + e));
+    const __m512 wide = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16))
+                             : _mm512_cvtph_ps(half);  // exact, as float16_bits_to_float
+    _mm512_mask_storeu_ps(scratch + e, static_cast<__mmask16>(lanes), wide);
+  }
+  return scratch;
+}
+
+FC_ROUTE_AVX512 void route_blocks_avx512(const TopkRouteParams& p, int64_t block_begin, int64_t block_end) {
+  const int64_t E = p.num_experts;
+  const int k = p.k;
+  const int64_t full_vectors = E / kVec;
+  const __mmask16 tail = first_lanes(E - full_vectors * kVec);  // 0 when E is a multiple of 16
+  const __m512 minus_inf = _mm512_set1_ps(-INFINITY);
+  const __m512i lane_index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) float scratch[kMaxExperts];      // widened 16-bit or strided rows
+  alignas(64) float exps[kMaxExperts + kVec];  // exp(x − max), unnormalised
+  alignas(64) float keys[kMaxExperts];         // NaN-free selection keys (rows with NaN only)
+  alignas(64) float candidate_keys[kMaxExperts + kVec];
+  alignas(64) int32_t candidate_ids[kMaxExperts + kVec];
+  for (int64_t block = block_begin; block < block_end; ++block) {
+    float* prob_sum = static_cast<float*>(p.partial_prob_sum) + block * E;
+    int32_t* counts = p.partial_counts + block * E;
+    std::memset(prob_sum, 0, sizeof(float) * E);
+    std::memset(counts, 0, sizeof(int32_t) * E);
+    float lse_sq_sum = 0;
+    const int64_t row_begin = block * p.rows_per_block;
+    const int64_t row_end = std::min(p.num_tokens, row_begin + p.rows_per_block);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const float* x = row_as_float(p, row, scratch);
+      // Column maxima (max returns its second operand for a NaN first one: NaN is skipped) and the max.
+      __m512 column_max = minus_inf;
+      for (int64_t v = 0; v < full_vectors; ++v) column_max = _mm512_max_ps(_mm512_loadu_ps(x + v * kVec), column_max);
+      if (tail) column_max = _mm512_max_ps(_mm512_mask_loadu_ps(minus_inf, tail, x + full_vectors * kVec), column_max);
+      const float row_max = _mm512_reduce_max_ps(column_max);
+      // exp(x − max) and its sum (lanes past E load −inf, whose exp is 0; a NaN anywhere makes sum NaN).
+      const __m512 shift = _mm512_set1_ps(row_max);
+      __m512 lanes_sum = _mm512_setzero_ps();
+      for (int64_t v = 0; v < full_vectors; ++v) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(x + v * kVec), shift));
+        _mm512_store_ps(exps + v * kVec, e);
+        lanes_sum = _mm512_add_ps(lanes_sum, e);
+      }
+      if (tail) {
+        const __m512 chunk = _mm512_mask_loadu_ps(minus_inf, tail, x + full_vectors * kVec);
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(chunk, shift));
+        _mm512_store_ps(exps + full_vectors * kVec, e);
+        lanes_sum = _mm512_add_ps(lanes_sum, e);
+      }
+      const float sum = _mm512_reduce_add_ps(lanes_sum);
+      const float lse = row_max + std::log(sum);
+      const float inv_sum = 1.0f / sum;
+      const __m512 inv = _mm512_set1_ps(inv_sum);
+      for (int64_t v = 0; v < full_vectors; ++v)
+        _mm512_storeu_ps(prob_sum + v * kVec,
+                         _mm512_fmadd_ps(_mm512_load_ps(exps + v * kVec), inv, _mm512_loadu_ps(prob_sum + v * kVec)));
+      if (tail)
+        _mm512_mask_storeu_ps(prob_sum + full_vectors * kVec, tail,
+                              _mm512_fmadd_ps(_mm512_load_ps(exps + full_vectors * kVec), inv,
+                                              _mm512_maskz_loadu_ps(tail, prob_sum + full_vectors * kVec)));
+      static_cast<float*>(p.lse)[row] = lse;
+      lse_sq_sum += lse * lse;
+
+      // Selection on NaN-free keys: a row with NaN (sum is NaN) gets its keys with NaN → −inf.
+      const float* key = x;
+      if (sum != sum) {
+        for (int64_t e = 0; e < E; ++e) keys[e] = selection_key(x[e]);
+        key = keys;
+      }
+      int64_t top_ids[kMaxTopK];
+      if (E <= kVec) {
+        const __mmask16 real = first_lanes(E);
+        _mm512_storeu_si512(candidate_ids, _mm512_mask_add_epi32(lane_index, static_cast<__mmask16>(~real), lane_index,
+                                                                 _mm512_set1_epi32(kMaxExperts)));
+        top_k_of_16(_mm512_mask_loadu_ps(minus_inf, real, key), candidate_ids, static_cast<int>(E), k, top_ids);
+      } else {
+        alignas(64) float column_max_lanes[kVec];
+        _mm512_store_ps(column_max_lanes, column_max);
+        const __m512 bound = _mm512_set1_ps(kth_largest_of_lanes_avx512(column_max, k));
+        int64_t count = 0;
+        for (int64_t v = 0; v * kVec < E; ++v) {
+          const __mmask16 lanes = v < full_vectors ? static_cast<__mmask16>(0xffff) : tail;
+          const __m512 chunk = _mm512_maskz_loadu_ps(lanes, key + v * kVec);
+          const __mmask16 chosen = _mm512_mask_cmp_ps_mask(lanes, chunk, bound, _CMP_GE_OQ);
+          // Register-form compress, then a full store: the memory form is microcoded on some CPUs.
+          _mm512_storeu_ps(candidate_keys + count, _mm512_maskz_compress_ps(chosen, chunk));
+          _mm512_storeu_si512(
+              candidate_ids + count,
+              _mm512_maskz_compress_epi32(chosen, _mm512_add_epi32(lane_index, _mm512_set1_epi32(v * kVec))));
+          count += __builtin_popcount(chosen);
+        }
+        if (count <= kVec) {
+          _mm512_storeu_si512(candidate_ids + count, _mm512_add_epi32(lane_index, _mm512_set1_epi32(kMaxExperts)));
+          top_k_of_16(_mm512_mask_loadu_ps(minus_inf, first_lanes(count), candidate_keys), candidate_ids,
+                      static_cast<int>(count), k, top_ids);
+        } else {  // many keys at or above the bound (ties, large k): the portable selection
+          float top_keys[kMaxTopK];
+          int32_t candidates[kMaxExperts];
+          select_top_k(key, E, k, column_max_lanes, top_keys, top_ids, candidates);
+        }
+      }
+
+      float selected_sum = 0;
+      for (int j = 0; j < k; ++j) selected_sum += exps[top_ids[j]] * inv_sum;
+      const float scale = p.renormalize ? 1.0f / selected_sum : 1.0f;
+      float* weights = static_cast<float*>(p.weights) + row * k;
+      int64_t* ids = p.expert_ids + row * k;
+      for (int j = 0; j < k; ++j) {
+        weights[j] = exps[top_ids[j]] * inv_sum * scale;
+        ids[j] = top_ids[j];
+        counts[top_ids[j]] += 1;
+      }
+    }
+    static_cast<float*>(p.partial_lse_sq_sum)[block] = lse_sq_sum;
+  }
+}
+
+#pragma GCC diagnostic pop
+#endif  // FC_CPU_X86
+
 template <typename Acc>
 void reduce_partials(const TopkRouteParams& p, Acc* z_loss, Acc* mean_prob) {
   const int64_t E = p.num_experts;
@@ -306,10 +551,11 @@ void backward_rows(const TopkRouteBackwardParams& p, int64_t row_begin, int64_t 
 }  // namespace
 
 void topk_route_cpu_blocks(const TopkRouteParams& params, int64_t block_begin, int64_t block_end) {
-  if (params.logits_kind == ScalarKind::kFloat64)
-    route_blocks<double>(params, block_begin, block_end);
-  else
-    route_blocks<float>(params, block_begin, block_end);
+  if (params.logits_kind == ScalarKind::kFloat64) return route_blocks<double>(params, block_begin, block_end);
+#if FC_CPU_X86
+  if (active_cpu_isa() >= CpuIsa::kAvx512) return route_blocks_avx512(params, block_begin, block_end);
+#endif
+  route_blocks<float>(params, block_begin, block_end);
 }
 
 void topk_route_cpu_reduce(const TopkRouteParams& params, void* z_loss, void* mean_prob) {

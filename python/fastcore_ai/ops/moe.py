@@ -15,11 +15,15 @@ from torch import Tensor
 from .. import backends, reference
 from .._validation import check_bool, check_choice, check_int, check_positive_float, check_size, check_tensor
 from ..reference import moe as reference_moe
-from ._define import define_op, native_impls
+from ._define import define_op, native, native_impls
 
 MAX_EXPERTS = 1024
 MAX_TOP_K = 16
 _OP = "moe_topk_route"
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# The native router that also returns the dropless `kept` mask (all True): the direct cpu path of the
+# public function, where a separate torch.ones_like would cost as much as routing a small batch.
+_route_with_kept = native("moe_topk_route_with_kept")
 
 
 class RouterOutput(NamedTuple):
@@ -167,23 +171,27 @@ def moe_topk_route(
     has no distribution: its weights are NaN. Gradients flow from `weights`, `z_loss` and `mean_prob`
     to `logits`.
     """
-    check_tensor(
-        _OP,
-        "logits",
-        logits,
-        ndim=2,
-        dtypes=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
-        layout="[T, E]",
-    )
+    # The checks run on every call: the common case is tested in one expression, and the helpers
+    # (which build the messages) only run when something is wrong.
+    if not (isinstance(logits, torch.Tensor) and logits.dtype in _LOGITS_DTYPES and logits.dim() == 2):
+        check_tensor(_OP, "logits", logits, ndim=2, dtypes=_LOGITS_DTYPES, layout="[T, E]")
     num_experts = logits.shape[1]
-    check_size(_OP, "E (logits.shape[1])", num_experts, 1, MAX_EXPERTS, logits)
-    check_int(_OP, "k", k, 1, min(num_experts, MAX_TOP_K), f"at most min(E, {MAX_TOP_K}) with E={num_experts}")
-    check_bool(_OP, "renormalize", renormalize)
+    if not 1 <= num_experts <= MAX_EXPERTS:
+        check_size(_OP, "E (logits.shape[1])", num_experts, 1, MAX_EXPERTS, logits)
+    if type(k) is not int or not 1 <= k <= min(num_experts, MAX_TOP_K):
+        check_int(_OP, "k", k, 1, min(num_experts, MAX_TOP_K), f"at most min(E, {MAX_TOP_K}) with E={num_experts}")
+    if renormalize is not True and renormalize is not False:
+        check_bool(_OP, "renormalize", renormalize)
     if capacity_factor is not None:
         check_positive_float(_OP, "capacity_factor", capacity_factor)
         check_int(_OP, "min_capacity", min_capacity, 0, 2**62)
-    check_choice(_OP, "priority", priority, ("token", "batch"))
-    chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits", k=k, num_experts=num_experts)
+    if priority != "token" and priority != "batch":
+        check_choice(_OP, "priority", priority, ("token", "batch"))
+    chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits")
+    if capacity_factor is None and chosen == "cpu" and _route_op.direct_call_allowed((logits, k, renormalize)):
+        # What _route_op would run (its direct path), with the all-True mask made by the same call.
+        weights, expert_ids, z_loss, tokens_per_expert, mean_prob, _, kept = _route_with_kept(logits, k, renormalize)
+        return RouterOutput(weights, expert_ids, z_loss, tokens_per_expert, mean_prob, kept)
     weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize, backend=chosen)
     if capacity_factor is None:
         kept = torch.ones_like(expert_ids, dtype=torch.bool)
