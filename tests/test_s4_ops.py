@@ -276,22 +276,50 @@ def test_fft_conv_chunked_equals_unchunked_cpu():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_fft_conv_cpu_blocks_independent_of_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_fft_conv_cpu_blocks_independent_of_threads(dtype):
     """The CPU forward splits rows over threads, each running the pipeline on its own blocks (chunk_rows
-    sets the block): one thread or several, any block size, a bit-identical result."""
+    sets the block) in head-major row order, with MKL's DFTI called directly (cached descriptors) or through
+    at::fft: one thread or several, any block size, either FFT path, a bit-identical result."""
     native = _native.native()
-    u, k, D = torch.randn(4, 5, 300), torch.randn(5, 120), torch.randn(5)
+    u, k, D = (t.to(dtype) for t in (torch.randn(4, 5, 300), torch.randn(5, 120), torch.randn(5)))
     n = ops.fft_conv_size(300, 120)
     threads = torch.get_num_threads()
+    direct = native.s4_fft_direct_mkl()
     results = []
     try:
-        for count in (1, max(2, threads)):
-            torch.set_num_threads(count)
-            results += [native.s4_fft_conv(u, k, D, n, block) for block in (0, 1, 3, 8)]
+        for use_direct in (True, False):
+            native.s4_fft_direct_mkl(use_direct)
+            for count in (1, max(2, threads)):
+                torch.set_num_threads(count)
+                results += [native.s4_fft_conv(u, k, D, n, block) for block in (0, 1, 3, 8)]
+                results.append(native.s4_fft_conv(u, k, None, n, 0) + D[:, None] * u)  # the no-skip kernel
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(r, results[0]) for r in results[1:])
-    assert relative_error(results[0], ref.fft_conv(u.double(), k.double(), D.double())) < 1e-5
+        native.s4_fft_direct_mkl(direct)
+    assert all(torch.equal(r, results[0]) for i, r in enumerate(results) if i % 5 != 4)
+    expected = ref.fft_conv(u.double(), k.double(), D.double())
+    assert relative_error(results[0], expected) < (1e-5 if dtype != torch.bfloat16 else 1.6e-2)
+    assert relative_error(results[4], expected) < (1e-5 if dtype != torch.bfloat16 else 1.6e-2)
+
+
+def test_fft_conv_direct_mkl_is_linked_where_torch_has_mkl():
+    """The CPU forward's FFTs go to MKL's DFTI directly wherever torch's own CPU FFTs are MKL's."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("torch without MKL: the CPU forward uses at::fft")
+    assert _native.native().s4_fft_direct_mkl()
+
+
+def test_fft_conv_cpu_many_shapes_cached_descriptors():
+    """Many (n, block) descriptor keys in one process (more than the pool keeps), both FFT paths."""
+    native = _native.native()
+    for L, Lk, B, H in ((7, 7, 1, 1), (64, 30, 3, 2), (100, 100, 2, 9), (129, 64, 5, 3), (1000, 1000, 1, 3)):
+        u, k, D = torch.randn(B, H, L), torch.randn(H, Lk), torch.randn(H)
+        n = ops.fft_conv_size(L, Lk)
+        expected = ref.fft_conv(u.double(), k.double(), D.double())
+        for block in (0, 1, 2, 4):
+            out = native.s4_fft_conv(u, k, D, n, block)
+            assert relative_error(out, expected) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -319,6 +347,9 @@ def test_fft_size_is_smooth_and_large_enough():
                 m //= p
         assert m == 1
     assert ops.fft_conv_size(16384, 16384) == 32768
+    # the next power of two where its n·log n is within 1.3x of the smallest smooth size's
+    assert ops.fft_conv_size(1000, 1000) == 2048 and ops.fft_conv_size(1500, 1500) == 3000
+    assert ops.fft_conv_size(8193, 8193) == 16875
 
 
 # ---- ssm_step ------------------------------------------------------------------------------------

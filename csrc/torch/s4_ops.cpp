@@ -19,6 +19,21 @@
 #include "s4/s4.h"
 #include "tensor_params.h"
 
+// MKL's DFTI entry points, from the MKL that torch's CPU library links and exports (torch's own CPU FFTs are
+// these calls, see fft_conv details in docs/s4.md). Weak: with a torch built without MKL they stay null and the
+// CPU FFTs go through at::fft. The enum arguments are ints and the values MKL_LONG (long on LP64 Linux); the
+// functions are variadic in mkl_dfti.h, so a value is passed as exactly the type MKL reads back.
+extern "C" {
+struct DFTI_DESCRIPTOR;
+long DftiCreateDescriptor_s_1d(DFTI_DESCRIPTOR** handle, int domain, ...) __attribute__((weak));
+long DftiCreateDescriptor_d_1d(DFTI_DESCRIPTOR** handle, int domain, ...) __attribute__((weak));
+long DftiSetValue(DFTI_DESCRIPTOR* handle, int param, ...) __attribute__((weak));
+long DftiCommitDescriptor(DFTI_DESCRIPTOR* handle) __attribute__((weak));
+long DftiComputeForward(DFTI_DESCRIPTOR* handle, void* in, ...) __attribute__((weak));
+long DftiComputeBackward(DFTI_DESCRIPTOR* handle, void* in, ...) __attribute__((weak));
+long DftiFreeDescriptor(DFTI_DESCRIPTOR** handle) __attribute__((weak));
+}
+
 namespace fastcore {
 namespace s4 {
 namespace {
@@ -322,56 +337,280 @@ FFTConvParams<Acc> fft_params(int64_t count, int64_t H, int64_t L, int64_t n, in
   return p;
 }
 
-// Rows per block of the CPU pipeline: a block's padded rows and spectra (2·n values per row) fit in ~2 MiB,
-// about one core's L2, so the five passes over a block hit cache instead of memory. Larger blocks spill to
-// L3/DRAM (measured: a 256-row batched rfft at n = 32768 costs several times more per row than 8-row
-// batches); smaller ones pay the fixed cost of each torch FFT call (~0.1 ms of descriptor set-up) too often.
-int64_t cpu_block_rows_for(int64_t n, int64_t value_bytes, int64_t requested) {
-  if (requested > 0) return requested;
-  return std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(2 * n * value_bytes, 1));
+// ---- CPU FFTs of row blocks --------------------------------------------------------------------------------
+// Every at::fft call plans its transform afresh: MKL's descriptor set-up (twiddle tables) is ~10 µs at n = 2000,
+// ~30 µs at n = 8192 and 110-330 µs at n = 32768, up to 10x the transform of one row. The CPU driver therefore
+// calls MKL's DFTI itself with committed descriptors kept across calls (the configuration torch's MKL path sets:
+// out of place, CCE storage, unit strides, row distance n / F; but the inverse unnormalised, its 1/n folded into
+// the kernel spectra) and falls back to at::fft when torch has no MKL (or MKL refuses a descriptor).
+
+// mkl_dfti.h's enum values (unchanged since MKL 10).
+enum : int {
+  kDftiNumberOfTransforms = 7,
+  kDftiConjugateEvenStorage = 10,
+  kDftiPlacement = 11,
+  kDftiInputDistance = 14,
+  kDftiOutputDistance = 15,
+  kDftiThreadLimit = 27,
+  kDftiReal = 33,
+  kDftiComplexComplex = 39,
+  kDftiNotInplace = 44,
+};
+
+bool dfti_linked() {
+  return DftiCreateDescriptor_s_1d != nullptr && DftiCreateDescriptor_d_1d != nullptr && DftiSetValue != nullptr &&
+         DftiCommitDescriptor != nullptr && DftiComputeForward != nullptr && DftiComputeBackward != nullptr &&
+         DftiFreeDescriptor != nullptr;
 }
 
-// The CPU forward: every thread runs the whole pipeline (pad + cast, rfft, ·K, irfft, crop + skip + cast) on
-// blocks of its own rows with its own workspaces. The threads meet once per call instead of once per pass,
-// and a block stays in cache across its passes. The FFTs run inside the parallel region, so each is
-// single-threaded on its thread's rows (torch's FFT threading is for batches; nested parallelism is off).
-// Row results do not depend on the blocking or the thread count (each row is transformed on its own).
-void fft_conv_cpu_blocks(const at::Tensor& uc, ScalarKind u_kind, const at::Tensor& Kf, const at::Tensor& Dc,
+std::atomic<bool> g_direct_dfti{true};  // cleared by s4_fft_direct_mkl(False) or by a descriptor MKL refuses
+
+bool direct_dfti() { return g_direct_dfti.load(std::memory_order_relaxed) && dfti_linked(); }
+
+// `batch` real rows of length n <-> their n/2 + 1 spectra; single-threaded (each worker transforms its own rows).
+struct PlanKey {
+  int64_t n, batch;
+  bool is_double, forward;
+  bool operator==(const PlanKey& o) const {
+    return n == o.n && batch == o.batch && is_double == o.is_double && forward == o.forward;
+  }
+};
+
+// Committed descriptors not in use, most recently returned last; a worker takes one for a call and gives it back
+// (a descriptor is never used by two threads at once). The least recently returned are freed beyond the bounds
+// below. Never destroyed (a static destructor could run after MKL's own).
+class PlanPool {
+ public:
+  static PlanPool& get() {
+    static PlanPool* pool = new PlanPool;
+    return *pool;
+  }
+
+  DFTI_DESCRIPTOR* take(const PlanKey& key) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (size_t i = idle_.size(); i-- > 0;) {
+        if (idle_[i].key == key) {
+          DFTI_DESCRIPTOR* handle = idle_[i].handle;
+          idle_.erase(idle_.begin() + static_cast<std::ptrdiff_t>(i));
+          return handle;
+        }
+      }
+    }
+    return create(key);  // outside the lock: committing takes up to ~0.3 ms
+  }
+
+  void give(const PlanKey& key, DFTI_DESCRIPTOR* handle) {
+    std::vector<DFTI_DESCRIPTOR*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      idle_.push_back({key, handle});
+      idle_bytes_ += bytes_of(key);
+      while (idle_.size() > 1 && (idle_.size() > kMaxIdle || idle_bytes_ > kMaxIdleBytes)) {
+        evicted.push_back(idle_.front().handle);
+        idle_bytes_ -= bytes_of(idle_.front().key);
+        idle_.erase(idle_.begin());
+      }
+    }
+    for (DFTI_DESCRIPTOR* old : evicted) DftiFreeDescriptor(&old);
+  }
+
+ private:
+  // At most 32 idle descriptors and ~64 MiB of them (measured: ~0.28 MB for a committed real descriptor at
+  // n = 32768, ~2.1 MB at 262144 in single precision, i.e. about 8·n bytes; 16·n assumed for double).
+  static constexpr size_t kMaxIdle = 32;
+  static constexpr int64_t kMaxIdleBytes = int64_t(64) << 20;
+  static int64_t bytes_of(const PlanKey& key) { return (key.is_double ? 16 : 8) * key.n; }
+  struct Entry {
+    PlanKey key;
+    DFTI_DESCRIPTOR* handle;
+  };
+
+  static DFTI_DESCRIPTOR* create(const PlanKey& key) {
+    DFTI_DESCRIPTOR* handle = nullptr;
+    const long n = static_cast<long>(key.n), freqs = n / 2 + 1;
+    const long status = key.is_double ? DftiCreateDescriptor_d_1d(&handle, kDftiReal, n)
+                                      : DftiCreateDescriptor_s_1d(&handle, kDftiReal, n);
+    if (status != 0 || handle == nullptr) return nullptr;
+    const bool ok = DftiSetValue(handle, kDftiPlacement, static_cast<long>(kDftiNotInplace)) == 0 &&
+                    DftiSetValue(handle, kDftiConjugateEvenStorage, static_cast<long>(kDftiComplexComplex)) == 0 &&
+                    DftiSetValue(handle, kDftiNumberOfTransforms, static_cast<long>(key.batch)) == 0 &&
+                    DftiSetValue(handle, kDftiInputDistance, key.forward ? n : freqs) == 0 &&
+                    DftiSetValue(handle, kDftiOutputDistance, key.forward ? freqs : n) == 0 &&
+                    DftiSetValue(handle, kDftiThreadLimit, 1L) == 0 && DftiCommitDescriptor(handle) == 0;
+    if (!ok) {
+      DftiFreeDescriptor(&handle);
+      return nullptr;
+    }
+    return handle;
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> idle_;
+  int64_t idle_bytes_ = 0;
+};
+
+// rfft (forward) of `count` rows real [count, n] -> spec [count, n/2 + 1] (interleaved complex), or the irfft
+// (unnormalised: n times the inverse) back into real. Rows are transformed independently: a row's result does not
+// depend on `count`, on the thread or on the path (DFTI or at::fft; tested bit for bit).
+template <typename Acc>
+void block_fft(bool forward, Acc* real, Acc* spec, int64_t count, int64_t n) {
+  if (direct_dfti()) {
+    const PlanKey key{n, count, sizeof(Acc) == 8, forward};
+    PlanPool& pool = PlanPool::get();
+    DFTI_DESCRIPTOR* handle = pool.take(key);
+    if (handle != nullptr) {
+      const long status = forward ? DftiComputeForward(handle, static_cast<void*>(real), static_cast<void*>(spec))
+                                  : DftiComputeBackward(handle, static_cast<void*>(spec), static_cast<void*>(real));
+      pool.give(key, handle);
+      if (status == 0) return;
+    }
+    g_direct_dfti.store(false, std::memory_order_relaxed);  // this MKL refuses: at::fft from now on
+  }
+  const at::ScalarType real_type = sizeof(Acc) == 8 ? at::kDouble : at::kFloat;
+  at::Tensor r = at::from_blob(real, {count, n}, at::TensorOptions().dtype(real_type));
+  at::Tensor s = at::from_blob(spec, {count, n / 2 + 1}, at::TensorOptions().dtype(complex_of(real_type)));
+  if (forward)
+    at::fft_rfft_out(s, r, n, -1, std::nullopt);
+  else
+    at::fft_irfft_out(r, s, n, -1, "forward");  // unnormalised, as the DFTI inverse
+}
+
+// A worker's block workspace, kept across calls in a thread-local buffer (a fresh allocation per call would fault
+// its pages in again whenever glibc has returned them), 64-byte aligned, grown as needed up to kCachedBytes
+// (a larger one, only from an explicit block_rows, is allocated for the call).
+class BlockWorkspace {
+ public:
+  ~BlockWorkspace() { std::free(data_); }
+  void* reserve(size_t bytes, at::Tensor& temporary) {
+    bytes = (bytes + 63) / 64 * 64;
+    if (bytes > kCachedBytes) {
+      temporary = at::empty({static_cast<int64_t>(bytes)}, at::TensorOptions().dtype(at::kByte));
+      return temporary.data_ptr();
+    }
+    if (bytes > capacity_) {
+      std::free(data_);
+      data_ = std::aligned_alloc(64, bytes);
+      capacity_ = data_ != nullptr ? bytes : 0;
+      if (data_ == nullptr) throw std::bad_alloc();
+    }
+    return data_;
+  }
+
+ private:
+  static constexpr size_t kCachedBytes = size_t(16) << 20;
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+// Rows per block of the CPU pipeline: a block's padded rows and spectra (2·n values per row) fit in ~1 MiB, one
+// core's L2 here, so the five passes over a block hit cache instead of memory (measured: a 256-row batched rfft at
+// n = 32768 costs several times more per row than 8-row batches; with cached descriptors 4-row blocks at n = 32768
+// ran 263 ms vs 298 ms for 8-row ones, B = 8, H = 256, one thread, while the block size made no difference at
+// n <= 8192). The blocks are then split further so that every worker gets the same number of blocks: with 16 rows
+// at n = 2048 (one cache block) two threads get 8 rows each instead of one thread taking all 16.
+int64_t cpu_block_rows_for(int64_t rows, int64_t n, int64_t value_bytes, int64_t threads, int64_t requested) {
+  if (requested > 0) return std::max<int64_t>(1, std::min(requested, rows));
+  const int64_t cache_rows = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(2 * n * value_bytes, 1));
+  const int64_t per_worker = ((rows + cache_rows - 1) / cache_rows + threads - 1) / threads;
+  const int64_t blocks = std::max<int64_t>(1, std::min(rows, per_worker * threads));
+  return (rows + blocks - 1) / blocks;
+}
+
+// Runs body(r0, count, real, spec) over the blocks of `rows` rows: every worker takes the next block from an atomic
+// counter (on a busy machine a descheduled thread then leaves its blocks to the other instead of making it wait at
+// the join) and runs it with its own workspace (real [block, n] and spec [block, n/2 + 1] complex). Which thread
+// transforms a row does not change its result.
+template <typename Acc, typename Body>
+void for_each_block(int64_t rows, int64_t block, int64_t n, const Body& body) {
+  const int64_t F = n / 2 + 1, blocks = (rows + block - 1) / block;
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
+  std::atomic<int64_t> next_block{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    thread_local BlockWorkspace workspace;
+    at::Tensor temporary;
+    const int64_t spec_offset = (block * n + 15) / 16 * 16;  // the spectra 64-byte aligned too
+    Acc* real =
+        static_cast<Acc*>(workspace.reserve(sizeof(Acc) * static_cast<size_t>(spec_offset + 2 * block * F), temporary));
+    Acc* spec = real + spec_offset;
+    for (int64_t index = next_block.fetch_add(1); index < blocks; index = next_block.fetch_add(1)) {
+      const int64_t r0 = index * block;
+      body(r0, std::min(block, rows - r0), real, spec);
+    }
+  });
+}
+
+// The CPU forward: the kernel spectra K = rfft(k, n) [H, F] in one parallel pass over blocks of heads, then every
+// worker runs the whole pipeline (pad + cast, rfft, ·K, irfft, crop + skip + cast) on blocks of rows, so the
+// threads meet twice per call instead of once per pass and a block stays in cache across its passes. Row results
+// do not depend on the blocking or the thread count (each row is transformed on its own).
+void fft_conv_cpu_blocks(const at::Tensor& uc, ScalarKind u_kind, const at::Tensor& k, const at::Tensor& Dc,
                          at::Tensor& out, int64_t n, int64_t block_rows_requested) {
   const int64_t H = uc.size(1), L = uc.size(2), rows = uc.size(0) * H, F = n / 2 + 1;
-  AT_DISPATCH_FLOATING_TYPES(
-      at::typeMetaToScalarType(Kf.dtype()) == at::kComplexDouble ? at::kDouble : at::kFloat, "s4_fft_conv_cpu", [&] {
-        using Acc = scalar_t;
-        const int64_t block = std::min(rows, cpu_block_rows_for(n, sizeof(Acc), block_rows_requested));
-        const at::Tensor Kf_r = at::view_as_real(Kf);
-        // Blocks are handed out one at a time (an atomic counter) rather than as one fixed range per thread:
-        // on a busy machine a descheduled thread then leaves its blocks to the other instead of making it wait
-        // at the join. Which thread transforms a row does not change its result.
-        const int64_t blocks = (rows + block - 1) / block;
-        const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
-        std::atomic<int64_t> next_block{0};
-        at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-          at::Tensor real_buf = at::empty({block, n}, uc.options().dtype(Kf_r.scalar_type()));
-          at::Tensor spec = at::empty({block, F}, Kf.options());
-          for (int64_t index = next_block.fetch_add(1); index < blocks; index = next_block.fetch_add(1)) {
-            const int64_t r0 = index * block, count = std::min(block, rows - r0);
-            at::Tensor rb = real_buf.narrow(0, 0, count), sp = spec.narrow(0, 0, count);
-            FFTConvParams<Acc> p = fft_params<Acc>(count, H, L, n, r0, rb, sp, Kf_r);
-            p.in = uc.data_ptr();
-            p.in_kind = u_kind;
-            p.in2 = uc.data_ptr();
-            p.in2_kind = u_kind;
-            p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
-            p.out = out.data_ptr();
-            p.out_kind = u_kind;
-            fftconv_pad_cast_cpu<Acc>(p, 0, count);
-            at::fft_rfft_out(sp, rb, n, -1, std::nullopt);
-            fftconv_cmul_cpu<Acc>(p, 0, count);
-            at::fft_irfft_out(rb, sp, n, -1, std::nullopt);
-            fftconv_crop_skip_cpu<Acc>(p, 0, count);
-          }
-        });
-      });
+  const at::ScalarType acc = acc_type_of(uc);
+  const at::Tensor kc = k.contiguous();
+  const ScalarKind k_kind = scalar_kind_of(kc, kFFT, "k");
+  at::Tensor Kf = at::empty({H, F}, uc.options().dtype(complex_of(acc)));
+  AT_DISPATCH_FLOATING_TYPES(acc, "s4_fft_conv_cpu", [&] {
+    using Acc = scalar_t;
+    const int64_t threads = at::get_num_threads();
+    Acc* const kernel_spec = static_cast<Acc*>(Kf.data_ptr());
+    for_each_block<Acc>(H, cpu_block_rows_for(H, n, sizeof(Acc), threads, block_rows_requested), n,
+                        [&](int64_t h0, int64_t count, Acc* real, Acc* /*spec*/) {
+                          FFTConvParams<Acc> p;
+                          p.rows = count;
+                          p.heads = H;
+                          p.length = kc.size(1);
+                          p.fft_size = n;
+                          p.freqs = F;
+                          p.row_begin = h0;
+                          p.real_buf = real;
+                          p.in = kc.data_ptr();
+                          p.in_kind = k_kind;
+                          fftconv_pad_cast_cpu<Acc>(p, 0, count);
+                          Acc* K = kernel_spec + 2 * h0 * F;
+                          block_fft<Acc>(true, real, K, count, n);
+                          // the irfft's 1/n, folded into K (exact for a power-of-two n): one pass over K in
+                          // cache instead of MKL's scaling pass over every row's inverse
+                          const Acc scale = Acc(1) / static_cast<Acc>(n);
+                          for (int64_t e = 0; e < 2 * count * F; ++e) K[e] *= scale;
+                        });
+    // Rows in head-major order j = h·B + b (row b·H + h): a block holds consecutive batches of a head, so each
+    // kernel spectrum is read from memory once and then from cache (in (b, h) order every block read its heads'
+    // spectra anew: B times 33.5 MB at H = 256, n = 32768, more than the L3).
+    const int64_t B = uc.size(0);
+    for_each_block<Acc>(rows, cpu_block_rows_for(rows, n, sizeof(Acc), threads, block_rows_requested), n,
+                        [&](int64_t j0, int64_t count, Acc* real, Acc* spec) {
+                          FFTConvParams<Acc> p;
+                          p.rows = 1;
+                          p.heads = H;
+                          p.length = L;
+                          p.fft_size = n;
+                          p.freqs = F;
+                          p.kernel_spec = kernel_spec;
+                          p.in = uc.data_ptr();
+                          p.in_kind = u_kind;
+                          p.in2 = uc.data_ptr();
+                          p.in2_kind = u_kind;
+                          p.skip_D = Dc.defined() ? Dc.data_ptr<Acc>() : nullptr;
+                          p.out = out.data_ptr();
+                          p.out_kind = u_kind;
+                          auto each_row = [&](auto pass) {
+                            for (int64_t i = 0; i < count; ++i) {
+                              const int64_t j = j0 + i;
+                              p.row_begin = (j % B) * H + j / B;
+                              p.real_buf = real + i * n;
+                              p.spec = spec + 2 * i * F;
+                              pass(p);
+                            }
+                          };
+                          each_row([](const FFTConvParams<Acc>& q) { fftconv_pad_cast_cpu<Acc>(q, 0, 1); });
+                          block_fft<Acc>(true, real, spec, count, n);
+                          each_row([](const FFTConvParams<Acc>& q) { fftconv_cmul_cpu<Acc>(q, 0, 1); });
+                          block_fft<Acc>(false, real, spec, count, n);
+                          each_row([](const FFTConvParams<Acc>& q) { fftconv_crop_skip_cpu<Acc>(q, 0, 1); });
+                        });
+  });
 }
 
 }  // namespace
@@ -388,13 +627,13 @@ at::Tensor fft_conv(const at::Tensor& u, const at::Tensor& k, const std::optiona
   const bool cuda = u.is_cuda();
   const at::ScalarType acc = acc_type_of(u);
   const at::Tensor uc = u.contiguous();
-  const at::Tensor Kf = at::fft_rfft(k.to(acc), n, -1, std::nullopt).contiguous();
   const at::Tensor Dc = D.has_value() ? D->to(acc).contiguous() : at::Tensor();
-  const int64_t F = n / 2 + 1;
   if (!cuda) {
-    fft_conv_cpu_blocks(uc, u_kind, Kf, Dc, out, n, chunk_rows);
+    fft_conv_cpu_blocks(uc, u_kind, k, Dc, out, n, chunk_rows);
     return out;
   }
+  const at::Tensor Kf = at::fft_rfft(k.to(acc), n, -1, std::nullopt).contiguous();
+  const int64_t F = n / 2 + 1;
   const int64_t chunk = chunk_rows_for(rows, n, cuda, chunk_rows);
   // Two reused chunk workspaces: the zero-padded real rows (also the irfft output) and their spectra.
   at::Tensor real_buf = at::empty({chunk, n}, u.options().dtype(acc));
@@ -421,6 +660,12 @@ at::Tensor fft_conv(const at::Tensor& u, const at::Tensor& k, const std::optiona
     }
   });
   return out;
+}
+
+// Whether the CPU forward calls MKL's DFTI itself (else at::fft); `enable` switches it (tests compare both paths).
+bool fft_direct_mkl(std::optional<bool> enable) {
+  if (enable.has_value()) g_direct_dfti.store(*enable, std::memory_order_relaxed);
+  return direct_dfti();
 }
 
 // (grad_u [B, H, L] in u's dtype, grad_k [H, Lk] in k's dtype, grad_D [H] in D's dtype); an output
@@ -780,6 +1025,9 @@ void bind_s4(pybind11::module_& m) {
         py::arg("v"), py::arg("x"));
   m.def("s4_fft_conv", &s4::fft_conv, "causal FFT convolution + D skip", py::arg("u"), py::arg("k"), py::arg("D"),
         py::arg("n"), py::arg("chunk_rows") = 0);
+  m.def("s4_fft_direct_mkl", &s4::fft_direct_mkl,
+        "whether the CPU fft_conv forward calls MKL's DFTI with cached descriptors (else at::fft); enable sets it",
+        py::arg("enable") = std::nullopt);
   m.def("s4_fft_conv_backward", &s4::fft_conv_backward, "FFT convolution backward (grad_u, grad_k, grad_D)",
         py::arg("grad"), py::arg("u"), py::arg("k"), py::arg("D"), py::arg("n"), py::arg("need_u"), py::arg("need_k"),
         py::arg("need_D"), py::arg("chunk_rows") = 0);

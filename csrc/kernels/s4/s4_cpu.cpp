@@ -485,6 +485,112 @@ FC_CPU_CLONES void ssm_step_float_heads(const StepParams<float>& p, int64_t begi
   }
 }
 
+// ---- FFT convolution pointwise passes: one row at a time, the row's head and the element kinds resolved once
+// per row (not per element), so each inner loop is a plain vectorisable loop over l or f.
+
+// Calls f with a null pointer of the C++ element type of `kind` (uint16_t for both 16-bit kinds, told apart by
+// the kind again where they are widened / rounded).
+template <typename F>
+__attribute__((always_inline)) inline void with_element_type(ScalarKind kind, F&& f) {
+  switch (kind) {
+    case ScalarKind::kFloat32: f(static_cast<float*>(nullptr)); break;
+    case ScalarKind::kFloat64: f(static_cast<double*>(nullptr)); break;
+    default: f(static_cast<uint16_t*>(nullptr)); break;
+  }
+}
+
+template <typename Acc>
+FC_CPU_CLONES void fftconv_pad_rows(const FFTConvParams<Acc>& p, int64_t begin, int64_t end) {
+  const int64_t L = p.length, n = p.fft_size;
+  for (int64_t r = begin; r < end; ++r) {
+    Acc* dst = p.real_buf + r * n;
+    const int64_t src = (p.row_begin + r) * L;
+    if (p.in_kind == ScalarKind::kFloat32) {
+      const float* in = static_cast<const float*>(p.in) + src;
+      if constexpr (sizeof(Acc) == 4) {
+        std::memcpy(dst, in, sizeof(float) * L);
+      } else {
+        for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<Acc>(in[l]);
+      }
+    } else if (p.in_kind == ScalarKind::kFloat64) {
+      const double* in = static_cast<const double*>(p.in) + src;
+      if constexpr (sizeof(Acc) == 8) {
+        std::memcpy(dst, in, sizeof(double) * L);
+      } else {
+        for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<Acc>(in[l]);
+      }
+    } else if (p.in_kind == ScalarKind::kBFloat16) {
+      const uint16_t* in = static_cast<const uint16_t*>(p.in) + src;
+      for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<Acc>(bfloat16_bits_to_float(in[l]));
+    } else {
+      const uint16_t* in = static_cast<const uint16_t*>(p.in) + src;
+      for (int64_t l = 0; l < L; ++l) dst[l] = static_cast<Acc>(float16_bits_to_float(in[l]));
+    }
+    std::memset(static_cast<void*>(dst + L), 0, sizeof(Acc) * (n - L));
+  }
+}
+
+// X *= K (or conj K), interleaved complex, the same two products and one sum per component as cmul_element.
+template <typename Acc>
+FC_CPU_CLONES void fftconv_cmul_rows(const FFTConvParams<Acc>& p, int64_t begin, int64_t end) {
+  const int64_t F = p.freqs;
+  const Acc sign = p.conj_kernel ? Acc(-1) : Acc(1);
+  for (int64_t r = begin; r < end; ++r) {
+    Acc* __restrict__ x = p.spec + 2 * r * F;
+    const Acc* __restrict__ k = p.kernel_spec + 2 * ((p.row_begin + r) % p.heads) * F;
+    for (int64_t f = 0; f < F; ++f) {
+      const Acc kr = k[2 * f], ki = sign * k[2 * f + 1];
+      const Acc xr = x[2 * f], xi = x[2 * f + 1];
+      x[2 * f] = xr * kr - xi * ki;
+      x[2 * f + 1] = xr * ki + xi * kr;
+    }
+  }
+}
+
+// out[row, l] = y[l] + D[h] u[row, l] (crop_skip_value), stored in the output's kind.
+template <typename Acc, typename Out, typename In>
+__attribute__((always_inline)) inline void fftconv_crop_row(const FFTConvParams<Acc>& p, const Acc* __restrict__ y,
+                                                            Out* __restrict__ out, const In* __restrict__ u, Acc d) {
+  auto widen = [&](In v) __attribute__((always_inline)) {
+    if constexpr (std::is_same<In, uint16_t>::value)
+      return static_cast<Acc>(p.in2_kind == ScalarKind::kBFloat16 ? bfloat16_bits_to_float(v)
+                                                                  : float16_bits_to_float(v));
+    else
+      return static_cast<Acc>(v);
+  };
+  const int64_t L = p.length;
+  if constexpr (std::is_same<Out, uint16_t>::value) {
+    const bool bf16 = p.out_kind == ScalarKind::kBFloat16;
+    for (int64_t l = 0; l < L; ++l) {
+      const float v = static_cast<float>(u != nullptr ? y[l] + d * widen(u[l]) : y[l]);
+      out[l] = bf16 ? float_to_bfloat16_bits(v) : float_to_float16_bits(v);
+    }
+  } else if (u != nullptr) {
+    for (int64_t l = 0; l < L; ++l) out[l] = static_cast<Out>(y[l] + d * widen(u[l]));
+  } else {
+    for (int64_t l = 0; l < L; ++l) out[l] = static_cast<Out>(y[l]);
+  }
+}
+
+template <typename Acc>
+FC_CPU_CLONES void fftconv_crop_rows(const FFTConvParams<Acc>& p, int64_t begin, int64_t end) {
+  with_element_type(p.out_kind, [&](auto out_tag) __attribute__((always_inline)) {
+    using Out = std::remove_pointer_t<decltype(out_tag)>;
+    with_element_type(p.in2_kind, [&](auto in_tag) __attribute__((always_inline)) {
+      using In = std::remove_pointer_t<decltype(in_tag)>;
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t row = p.row_begin + r, base = row * p.length;
+        const Acc* y = p.real_buf + r * p.fft_size;
+        Out* out = static_cast<Out*>(p.out) + base;
+        if (p.skip_D != nullptr)
+          fftconv_crop_row<Acc, Out, In>(p, y, out, static_cast<const In*>(p.in2) + base, p.skip_D[row % p.heads]);
+        else
+          fftconv_crop_row<Acc, Out, In>(p, y, out, nullptr, Acc(0));
+      }
+    });
+  });
+}
+
 }  // namespace
 
 template <typename T>
@@ -507,36 +613,17 @@ void vandermonde_backward_cpu(const VandermondeParams<T>& p, int64_t begin, int6
 
 template <typename Acc>
 void fftconv_pad_cast_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    Acc* dst = p.real_buf + r * p.fft_size;
-    const int64_t src = (p.row_begin + r) * p.length;
-    if (p.in_kind == ScalarKind::kFloat32 && sizeof(Acc) == 4) {
-      std::memcpy(dst, static_cast<const float*>(p.in) + src, sizeof(float) * p.length);
-    } else if (p.in_kind == ScalarKind::kFloat64 && sizeof(Acc) == 8) {
-      std::memcpy(dst, static_cast<const double*>(p.in) + src, sizeof(double) * p.length);
-    } else {
-      for (int64_t l = 0; l < p.length; ++l) dst[l] = load_as<Acc>(p.in, p.in_kind, src + l);
-    }
-    std::memset(static_cast<void*>(dst + p.length), 0, sizeof(Acc) * (p.fft_size - p.length));
-  }
+  fftconv_pad_rows(p, begin, end);
 }
 
 template <typename Acc>
 void fftconv_cmul_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r)
-    for (int64_t f = 0; f < p.freqs; ++f) cmul_element<Acc>(p, r, f);
+  fftconv_cmul_rows(p, begin, end);
 }
 
 template <typename Acc>
 void fftconv_crop_skip_cpu(const FFTConvParams<Acc>& p, int64_t begin, int64_t end) {
-  for (int64_t r = begin; r < end; ++r) {
-    const int64_t base = (p.row_begin + r) * p.length;
-    if (p.out_kind == ScalarKind::kFloat32 && p.skip_D == nullptr && sizeof(Acc) == 4) {
-      std::memcpy(static_cast<float*>(p.out) + base, p.real_buf + r * p.fft_size, sizeof(float) * p.length);
-      continue;
-    }
-    for (int64_t l = 0; l < p.length; ++l) store_as<Acc>(p.out, p.out_kind, base + l, crop_skip_value<Acc>(p, r, l));
-  }
+  fftconv_crop_rows(p, begin, end);
 }
 
 template <typename Acc>

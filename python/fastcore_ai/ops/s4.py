@@ -246,13 +246,18 @@ def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
     return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
+_fft_sizes: dict = {}  # (L, Lk) -> fft_conv_size(L, Lk), outside torch.compile
+
+
 def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
     """Causal long convolution with skip: y[b, h, l] = Σ_{j ≤ l} k[h, j] u[b, h, l − j] + D[h] u[b, h, l].
 
-    Computed as irfft(rfft(u, n) · rfft(k, n), n)[..., :L] + D·u with n = fft_conv_size(L, Lk), the
-    smallest 2^a 3^b 5^c ≥ L + Lk − 1 (no wrap-around). The transforms are torch's (pocketfft/MKL,
-    cuFFT); the cpu/cuda/triton backends fuse the zero padding and input cast, the spectral product,
-    and the crop + skip + output cast, chunked over rows so only one chunk's spectra exist at a time.
+    Computed as irfft(rfft(u, n) · rfft(k, n), n)[..., :L] + D·u with n = fft_conv_size(L, Lk), a fast
+    2^a 3^b 5^c ≥ L + Lk − 1 (no wrap-around; the next power of two when it is about as cheap). The
+    transforms are MKL's on the CPU (called directly with cached descriptors where torch links MKL, else
+    torch's), cuFFT on CUDA; the cpu/cuda/triton backends fuse the zero padding and input cast, the
+    spectral product, and the crop + skip + output cast, in row blocks so only one block's spectra exist
+    at a time.
 
     Args:
       u: [B, H, L] float32, bfloat16 or float16 (float64 on cpu/reference); float32 math.
@@ -274,7 +279,13 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str =
             raise ValueError(f"fastcore_ai.ops.{_FFT}: D must have H = {H} entries, got {_describe(D)}")
         _same_device(_FFT, "D", D, "u", u)
     chosen = backends.select(_FFT, backend, u.device, u.dtype, "u")
-    n = fft_conv_size(L, max(k.shape[1], 1))
+    Lk = max(k.shape[1], 1)
+    if torch.compiler.is_compiling():
+        n = fft_conv_size(L, Lk)
+    else:  # fft_conv_size is ~5 µs of Python loops, as much as the rest of this wrapper
+        n = _fft_sizes.get((L, Lk)) or _fft_sizes.setdefault((L, Lk), fft_conv_size(L, Lk))
+        if len(_fft_sizes) > 4096:
+            _fft_sizes.clear()
     return _fft_op(u, k, D, n, backend=chosen)
 
 
