@@ -190,8 +190,8 @@ def test_deterministic(backend, device):
         assert torch.equal(a, b)
 
 
-def test_cpu_statistics_do_not_depend_on_thread_count():
-    logits = torch.randn(5000, 64)
+def assert_thread_count_independent(logits):
+    """Every output bitwise the same on one thread and on several."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -202,6 +202,10 @@ def test_cpu_statistics_do_not_depend_on_thread_count():
         torch.set_num_threads(threads)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
+
+
+def test_cpu_statistics_do_not_depend_on_thread_count():
+    assert_thread_count_independent(torch.randn(5000, 64))
 
 
 # ---- gradients ----------------------------------------------------------------------------------
@@ -609,17 +613,7 @@ def test_cpu_row_paths_agree_on_ids_and_closely_on_weights():
 def test_cpu_thread_count_independence_across_the_grain(cpu_isa_level, T, E):
     """Small calls run on the calling thread, large ones on the pool: the block partition (and so every
     bit of the statistics) must not depend on which."""
-    logits = torch.randn(T, E, dtype=torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.moe_topk_route(logits, 4, backend="cpu")
-        torch.set_num_threads(max(2, threads))
-        many = ops.moe_topk_route(logits, 4, backend="cpu")
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(one, many):
-        assert torch.equal(a, b)
+    assert_thread_count_independent(torch.randn(T, E, dtype=torch.bfloat16))
 
 
 def test_direct_path_matches_the_registered_op():
