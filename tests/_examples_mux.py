@@ -20,8 +20,19 @@ def _attention():
         (q, k, v, None, None, False, 0.35),
         (q, k, v, bool_mask, padding, True, 0.5),
         (q, k, v, additive, None, False, 0.35),
-        (q.detach()[:, :, :1], k.detach(), v.detach(), None, padding, False, 0.25),
-    ]  # one decode query
+        (q.detach()[:, :, :1], k.detach(), v.detach(), None, padding, False, 0.25),  # one decode query
+        # grouped-query attention: one kv head for both query heads
+        (
+            q,
+            k.detach()[:, :1].clone().requires_grad_(),
+            v.detach()[:, :1].clone().requires_grad_(),
+            None,
+            padding,
+            True,
+            0.35,
+        ),
+        (q.detach()[:, :, :3], k.detach()[:, 1:], v.detach()[:, 1:], bool_mask[:3], None, False, 0.3),
+    ]
 
 
 def _attention_backward():
@@ -37,6 +48,9 @@ def _attention_backward():
     ):
         out, lse = torch.ops.fastcore_ai.mux_attention(q, k, v, mask, padding, causal, 0.35, "cpu")
         cases.append((torch.randn_like(out), q, k, v, out, lse, mask, padding, causal, 0.35, need_mask_grad))
+    kg, vg = k[:, :1].contiguous(), v[:, :1].contiguous()  # grouped-query: one kv head for both query heads
+    out, lse = torch.ops.fastcore_ai.mux_attention(q, kg, vg, additive, None, True, 0.35, "cpu")
+    cases.append((torch.randn_like(out), q, kg, vg, out, lse, additive, None, True, 0.35, True))
     return cases
 
 

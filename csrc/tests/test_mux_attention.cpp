@@ -23,6 +23,7 @@ namespace {
 struct Case {
   int64_t B, H, Lq, Lk, D, q_tile, kv_block;
   bool causal, bool_mask, padding;
+  int64_t Hk = 0;  // kv heads (grouped-query attention; 0 = H)
 };
 
 double rel_error(const std::vector<double>& a, const std::vector<double>& b) {
@@ -38,7 +39,8 @@ template <typename T>
 void run_case(const Case& c, ScalarKind kind, double bound) {
   std::mt19937 rng(42);
   std::normal_distribution<double> normal;
-  const int64_t nq = c.B * c.H * c.Lq * c.D, nk = c.B * c.H * c.Lk * c.D;
+  const int64_t Hk = c.Hk > 0 ? c.Hk : c.H, G = c.H / Hk;
+  const int64_t nq = c.B * c.H * c.Lq * c.D, nk = c.B * Hk * c.Lk * c.D;
   std::vector<T> q(nq), k(nk), v(nk), go(nq), out(nq), gq(nq), gk(nk), gv(nk), lse(c.B * c.H * c.Lq);
   for (auto& x : q) x = static_cast<T>(normal(rng));
   for (auto& x : k) x = static_cast<T>(normal(rng));
@@ -58,7 +60,7 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
   p.k = k.data();
   p.v = v.data();
   p.kind = kind;
-  const int64_t sq[4] = {c.H * c.Lq * c.D, c.Lq * c.D, c.D, 1}, sk[4] = {c.H * c.Lk * c.D, c.Lk * c.D, c.D, 1};
+  const int64_t sq[4] = {c.H * c.Lq * c.D, c.Lq * c.D, c.D, 1}, sk[4] = {Hk * c.Lk * c.D, c.Lk * c.D, c.D, 1};
   for (int d = 0; d < 4; ++d) {
     p.q_stride[d] = sq[d];
     p.k_stride[d] = sk[d];
@@ -66,6 +68,7 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
   }
   p.batch = c.B;
   p.heads = c.H;
+  p.kv_heads = c.Hk;
   p.len_q = c.Lq;
   p.len_k = c.Lk;
   p.head_dim = c.D;
@@ -91,12 +94,12 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
   p.grad_q = gq.data();
   p.grad_k = gk.data();
   p.grad_v = gv.data();
-  attention_backward_cpu(p, 0, c.B * c.H);
+  attention_backward_cpu(p, 0, c.B * Hk);
 
-  // naive double reference: full score matrix per (b, h)
+  // naive double reference: full score matrix per (b, h); query head h reads kv head h / G (bk below)
   std::vector<double> ro(nq, 0), rq(nq, 0), rk(nk, 0), rv(nk, 0), ao(nq), aq(nq), ak(nk), av(nk);
   for (int64_t bh = 0; bh < c.B * c.H; ++bh) {
-    const int64_t b = bh / c.H;
+    const int64_t b = bh / c.H, bk = b * Hk + (bh % c.H) / G;
     std::vector<double> prob(c.Lq * c.Lk, 0.0);
     for (int64_t i = 0; i < c.Lq; ++i) {
       double mx = -INFINITY;
@@ -104,7 +107,7 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
       for (int64_t j = 0; j < c.Lk; ++j) {
         double dot = 0;
         for (int64_t d = 0; d < c.D; ++d)
-          dot += double(q[(bh * c.Lq + i) * c.D + d]) * double(k[(bh * c.Lk + j) * c.D + d]);
+          dot += double(q[(bh * c.Lq + i) * c.D + d]) * double(k[(bk * c.Lk + j) * c.D + d]);
         bool keep =
             (!c.bool_mask || mask_storage[i * c.Lk + j]) && !(c.padding && pad[b * c.Lk + j]) && !(c.causal && j > i);
         s[j] = keep ? dot * scale : -INFINITY;
@@ -120,7 +123,7 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
       for (int64_t j = 0; j < c.Lk; ++j) prob[i * c.Lk + j] = sum == 0 ? 0.0 : std::exp(s[j] - mx) / sum;
       for (int64_t d = 0; d < c.D; ++d) {
         double acc = 0;
-        for (int64_t j = 0; j < c.Lk; ++j) acc += prob[i * c.Lk + j] * double(v[(bh * c.Lk + j) * c.D + d]);
+        for (int64_t j = 0; j < c.Lk; ++j) acc += prob[i * c.Lk + j] * double(v[(bk * c.Lk + j) * c.D + d]);
         ro[(bh * c.Lq + i) * c.D + d] = acc;
       }
     }
@@ -131,12 +134,12 @@ void run_case(const Case& c, ScalarKind kind, double bound) {
         const double pij = prob[i * c.Lk + j];
         double dp = 0;
         for (int64_t d = 0; d < c.D; ++d)
-          dp += double(go[(bh * c.Lq + i) * c.D + d]) * double(v[(bh * c.Lk + j) * c.D + d]);
+          dp += double(go[(bh * c.Lq + i) * c.D + d]) * double(v[(bk * c.Lk + j) * c.D + d]);
         const double ds = pij * (dp - delta);
         for (int64_t d = 0; d < c.D; ++d) {
-          rv[(bh * c.Lk + j) * c.D + d] += pij * double(go[(bh * c.Lq + i) * c.D + d]);
-          rk[(bh * c.Lk + j) * c.D + d] += scale * ds * double(q[(bh * c.Lq + i) * c.D + d]);
-          rq[(bh * c.Lq + i) * c.D + d] += scale * ds * double(k[(bh * c.Lk + j) * c.D + d]);
+          rv[(bk * c.Lk + j) * c.D + d] += pij * double(go[(bh * c.Lq + i) * c.D + d]);
+          rk[(bk * c.Lk + j) * c.D + d] += scale * ds * double(q[(bh * c.Lq + i) * c.D + d]);
+          rq[(bh * c.Lq + i) * c.D + d] += scale * ds * double(k[(bk * c.Lk + j) * c.D + d]);
         }
       }
     }
@@ -193,9 +196,18 @@ void test_hadamard_mux() {
 
 int main() {
   const Case cases[] = {
-      {1, 1, 1, 1, 1, 64, 512, false, false, false}, {2, 3, 7, 9, 13, 4, 512, false, true, false},
+      {1, 1, 1, 1, 1, 64, 512, false, false, false},
+      {2, 3, 7, 9, 13, 4, 512, false, true, false},
       {1, 2, 37, 70, 24, 16, 16, true, false, true},  // several key blocks: online rescaling
-      {1, 1, 20, 33, 200, 7, 8, false, true, true},  {1, 1, 9, 5, 256, 64, 2, true, true, false},
+      {1, 1, 20, 33, 200, 7, 8, false, true, true},
+      {1, 1, 9, 5, 256, 64, 2, true, true, false},
+      // grouped kv heads: query tiles that cross head boundaries (q_tile 5 over 3-row heads), the few-rows,
+      // rows-in-lanes (8 < G·Lq ≤ 16, unmasked, split key blocks) and packed paths
+      {2, 4, 3, 40, 13, 5, 16, true, true, true, 2},
+      {1, 6, 1, 600, 64, 7, 512, false, false, false, 2},
+      {1, 8, 2, 30, 16, 16, 16, false, false, false, 1},
+      {1, 6, 2, 20, 8, 5, 8, false, false, false, 1},
+      {1, 4, 9, 21, 33, 64, 8, true, false, true, 1},
   };
   // The AVX-512 path (where the CPU has it), then the generic one (the ISA cap at portable).
   for (const int cap : {0, static_cast<int>(CpuIsa::kPortable)}) {

@@ -31,9 +31,9 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   FC_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), kOp,
            "q, k, v must have one dtype");
   FC_CHECK(k.device() == q.device() && v.device() == q.device(), kOp, "q, k, v must be on one device");
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2);
-  FC_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(), kOp,
-           "k and v must have shape [B, H, Lk, D] matching q [B, H, Lq, D]");
+  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3), Lk = k.size(2), Hk = k.size(1);
+  FC_CHECK(k.size(0) == B && Hk >= 1 && H % Hk == 0 && k.size(3) == D && v.sizes() == k.sizes(), kOp,
+           "k and v must have shape [B, H_kv, Lk, D] matching q [B, H, Lq, D], H_kv dividing H");
   FC_CHECK(D >= 1 && D <= kMaxHeadDim, kOp, "head size D must satisfy 1 <= D <= ", kMaxHeadDim, ", got ", D);
   AttentionParams p;
   p.q = q.data_ptr();
@@ -45,6 +45,7 @@ AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, const at::
   fill_strides(p.v_stride, v);
   p.batch = B;
   p.heads = H;
+  p.kv_heads = Hk;
   p.len_q = Lq;
   p.len_k = Lk;
   p.head_dim = D;
@@ -83,13 +84,21 @@ bool uses_tensor_cores(const at::Tensor& q) {
   return cuda_capability_major(q.device(), kOp) >= 8;
 }
 
-// Query rows per forward task: a short sequence's whole query block (K/V of the head are packed once
-// per task, so bigger tiles amortise the packing), halved until there are ≥ 4 tasks per thread.
-int64_t choose_q_tile(int64_t B, int64_t H, int64_t Lq) {
-  int64_t tile = Lq <= 192 ? std::max<int64_t>(Lq, 1) : 128;
+// Stacked query rows per forward task (rows = G·Lq per kv head, attention.h): a short sequence's whole
+// query block (K/V of the kv head are packed once per task, so bigger tiles amortise the packing), halved
+// until there are ≥ 4 tasks per thread.
+int64_t choose_q_tile(int64_t B, int64_t Hk, int64_t rows) {
+  int64_t tile = rows <= 192 ? std::max<int64_t>(rows, 1) : 128;
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-  while (tile > 16 && B * H * ((Lq + tile - 1) / tile) < want) tile = (tile + 1) / 2;
+  while (tile > 16 && B * Hk * ((rows + tile - 1) / tile) < want) tile = (tile + 1) / 2;
   return tile;
+}
+
+// Threads worth waking for `flops` multiply-adds: each must get at least kMinWork of them, since waking a
+// pool thread and joining it costs about as much as that much work (tiny and decode calls run inline).
+int64_t useful_threads(double flops) {
+  constexpr double kMinWork = 1 << 17;
+  return std::max<int64_t>(1, static_cast<int64_t>(flops / kMinWork));
 }
 
 // Runs kernel(p, task, task + 1, next) over the tasks [0, tasks) on the at::parallel_for threads, one
@@ -100,9 +109,13 @@ int64_t choose_q_tile(int64_t B, int64_t H, int64_t Lq) {
 // its own outputs in a fixed order, so the results do not depend on which thread ran it (or on the
 // thread count).
 template <typename Kernel>
-void run_tasks(const AttentionParams& p, int64_t tasks, Kernel kernel) {
+void run_tasks(const AttentionParams& p, int64_t tasks, Kernel kernel, double flops) {
+  const int64_t workers = std::min<int64_t>({tasks, at::get_num_threads(), useful_threads(flops)});
+  if (workers <= 1) {  // on the calling thread, no pool wake-up
+    for (int64_t task = 0; task < tasks; ++task) kernel(p, task, task + 1, task + 1 < tasks ? task + 1 : -1);
+    return;
+  }
   std::atomic<int64_t> counter{0};
-  const int64_t workers = std::min<int64_t>(tasks, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t worker = begin; worker < end; ++worker) {
       int64_t task = counter.fetch_add(1);
@@ -138,10 +151,10 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
         kOp, "forward launch", q.device(),
         tensor_cores ? attention_forward_wmma_cuda(p, current_stream()) : attention_forward_cuda(p, current_stream()));
   } else {
-    p.q_tile = choose_q_tile(p.batch, p.heads, p.len_q);
+    p.q_tile = choose_q_tile(p.batch, attention_kv_heads(p), attention_group(p) * p.len_q);
     p.kv_block = 512;
     const int64_t tasks = attention_forward_tasks(p);
-    run_tasks(p, tasks, attention_forward_cpu);
+    run_tasks(p, tasks, attention_forward_cpu, 2.0 * p.batch * p.heads * p.len_q * p.len_k * p.head_dim);
   }
   return {out, lse};
 }
@@ -191,14 +204,30 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     FC_CHECK(q.scalar_type() != at::kDouble, kOp, "the cuda backend takes float32, float16 or bfloat16, got float64");
     // float32 δ_i = dO_i · O_i per query row
     at::Tensor workspace = at::empty({p.batch * p.heads * p.len_q}, q.options().dtype(at::kFloat));
+    // The CUDA kernels write dK, dV per query head ([B, H, Lk, D]); with grouped kv heads each group's G
+    // slices are summed here (float32, a fixed-order reduction).
+    const int64_t G = attention_group(p);
+    at::Tensor gk_heads = gk, gv_heads = gv;
+    if (G > 1) {
+      gk_heads = at::empty({p.batch, p.heads, p.len_k, p.head_dim}, k.options());
+      gv_heads = at::empty({p.batch, p.heads, p.len_k, p.head_dim}, v.options());
+      p.grad_k = gk_heads.data_ptr();
+      p.grad_v = gv_heads.data_ptr();
+    }
     // float16 / bfloat16 on sm_80+: the tensor-core (WMMA) backward; float32 (and older GPUs): SIMT.
     const bool tensor_cores = uses_tensor_cores(q);
     FC_CUDA_CALL(kOp, "backward launch", q.device(),
                  tensor_cores ? attention_backward_wmma_cuda(p, workspace.data_ptr(), current_stream())
                               : attention_backward_cuda(p, workspace.data_ptr(), current_stream()));
+    if (G > 1) {
+      const std::vector<int64_t> grouped = {p.batch, attention_kv_heads(p), G, p.len_k, p.head_dim};
+      gk = gk_heads.view(grouped).sum(2, false, at::kFloat).to(k.scalar_type());
+      gv = gv_heads.view(grouped).sum(2, false, at::kFloat).to(v.scalar_type());
+    }
   } else {
     p.kv_block = 512;
-    run_tasks(p, p.batch * p.heads, attention_backward_cpu);
+    run_tasks(p, p.batch * attention_kv_heads(p), attention_backward_cpu,
+              5.0 * p.batch * p.heads * p.len_q * p.len_k * p.head_dim);
   }
   return {gq, gk, gv, mask_grad()};
 }

@@ -94,7 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
   __shared__ float v_tile[kTileN][kMaxHeadDim + 1];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = attention_kv_head(p, h);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   const bool active = row < p.len_q;
   float q[kMaxPerLane], o[kMaxPerLane];
@@ -112,9 +112,9 @@ __global__ void __launch_bounds__(kWarps * 32) attention_forward_kernel(Attentio
       const int j = idx / D, d = idx % D;
       const int64_t key = j0 + j;
       k_tile[j][d] =
-          load_as<float>(p.k, p.kind, b * p.k_stride[0] + h * p.k_stride[1] + key * p.k_stride[2] + d * p.k_stride[3]);
+          load_as<float>(p.k, p.kind, b * p.k_stride[0] + hk * p.k_stride[1] + key * p.k_stride[2] + d * p.k_stride[3]);
       v_tile[j][d] =
-          load_as<float>(p.v, p.kind, b * p.v_stride[0] + h * p.v_stride[1] + key * p.v_stride[2] + d * p.v_stride[3]);
+          load_as<float>(p.v, p.kind, b * p.v_stride[0] + hk * p.v_stride[1] + key * p.v_stride[2] + d * p.v_stride[3]);
     }
     __syncthreads();
     if (!active) continue;
@@ -179,12 +179,12 @@ __global__ void __launch_bounds__(kWarps * 32) attention_delta_kernel(AttentionP
 __global__ void __launch_bounds__(kWarps * 32, 1) attention_dkdv_kernel(AttentionParams p, const float* delta) {
   const int lane = threadIdx.x % 32;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = attention_kv_head(p, h);
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (j >= p.len_k) return;
   float k[kMaxPerLane], v[kMaxPerLane], dk[kMaxPerLane], dv[kMaxPerLane];
-  load_lane_row(p.k, p.kind, row_offset(p.k_stride, b, h, j), p.k_stride[3], D, lane, 1.0f, k);
-  load_lane_row(p.v, p.kind, row_offset(p.v_stride, b, h, j), p.v_stride[3], D, lane, 1.0f, v);
+  load_lane_row(p.k, p.kind, row_offset(p.k_stride, b, hk, j), p.k_stride[3], D, lane, 1.0f, k);
+  load_lane_row(p.v, p.kind, row_offset(p.v_stride, b, hk, j), p.v_stride[3], D, lane, 1.0f, v);
 #pragma unroll
   for (int c = 0; c < kMaxPerLane; ++c) dk[c] = dv[c] = 0.0f;
   const float scale = static_cast<float>(p.scale);
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1) attention_dkdv_kernel(Attentio
 __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionParams p, const float* delta) {
   const int lane = threadIdx.x % 32;
   const int D = static_cast<int>(p.head_dim);
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = attention_kv_head(p, h);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   if (i >= p.len_q) return;
   const float scale = static_cast<float>(p.scale);
@@ -233,8 +233,8 @@ __global__ void __launch_bounds__(kWarps * 32) attention_dq_kernel(AttentionPara
     const float bias = attention_bias_of(p, b, h, i, j);
     if (bias == -INFINITY) continue;
     float k[kMaxPerLane], v[kMaxPerLane];
-    load_lane_row(p.k, p.kind, row_offset(p.k_stride, b, h, j), p.k_stride[3], D, lane, 1.0f, k);
-    load_lane_row(p.v, p.kind, row_offset(p.v_stride, b, h, j), p.v_stride[3], D, lane, 1.0f, v);
+    load_lane_row(p.k, p.kind, row_offset(p.k_stride, b, hk, j), p.k_stride[3], D, lane, 1.0f, k);
+    load_lane_row(p.v, p.kind, row_offset(p.v_stride, b, hk, j), p.v_stride[3], D, lane, 1.0f, v);
     const float prob = recomputed_probability(lane_dot(q, k, D, lane), scale, bias, lse);
     const float ds = prob * (lane_dot(dout, v, D, lane) - di);
 #pragma unroll
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(A
   const int D = static_cast<int>(p.head_dim);
   const int Dp = (D + 15) / 16 * 16;
   const int steps = Dp / 16;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = attention_kv_head(p, h);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTcRows;
   const bool bf16 = p.kind == ScalarKind::kBFloat16;
   stage_rows(q_s, kQLd, p.q, p.q_stride, b, h, row0, p.len_q, D, Dp);
@@ -311,8 +311,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_forward_wmma_kernel(A
   for (int64_t j0 = 0; j0 < end; j0 += kTcKeys) {
     const int n = static_cast<int>(p.len_k - j0 < kTcKeys ? p.len_k - j0 : kTcKeys);
     __syncthreads();  // the previous tile's P V is done with kt_s, v_s, p_s
-    stage_rows_transposed(kt_s, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
-    stage_rows(v_s, kQLd, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
+    stage_rows_transposed(kt_s, p.k, p.k_stride, b, hk, j0, p.len_k, D, Dp);
+    stage_rows(v_s, kQLd, p.v, p.v_stride, b, hk, j0, p.len_k, D, Dp);
     __syncthreads();
     {  // S partials: warp w sums the k-steps w, w + kTcWarps, …
       wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
@@ -518,12 +518,12 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_dkdv_wmma_kernel(Atte
   const int D = static_cast<int>(p.head_dim);
   const int Dp = (D + 15) / 16 * 16;
   const int steps = Dp / 16;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = attention_kv_head(p, h);
   const int64_t j0 = static_cast<int64_t>(blockIdx.x) * kTcKeys;
   const bool bf16 = p.kind == ScalarKind::kBFloat16;
   const int64_t grad_out_stride[4] = {p.heads * p.len_q * p.head_dim, p.len_q * p.head_dim, p.head_dim, 1};
-  stage_rows_transposed(kt_s, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
-  stage_rows_transposed(vt_s, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
+  stage_rows_transposed(kt_s, p.k, p.k_stride, b, hk, j0, p.len_k, D, Dp);
+  stage_rows_transposed(vt_s, p.v, p.v_stride, b, hk, j0, p.len_k, D, Dp);
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> dk[kTcTilesPerWarp], dv[kTcTilesPerWarp];
 #pragma unroll
   for (int t = 0; t < kTcTilesPerWarp; ++t) {
@@ -572,7 +572,7 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_dq_wmma_kernel(Attent
   const int D = static_cast<int>(p.head_dim);
   const int Dp = (D + 15) / 16 * 16;
   const int steps = Dp / 16;
-  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads;
+  const int64_t bh = blockIdx.y, b = bh / p.heads, h = bh % p.heads, hk = attention_kv_head(p, h);
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kTcRows;
   const bool bf16 = p.kind == ScalarKind::kBFloat16;
   const int64_t grad_out_stride[4] = {p.heads * p.len_q * p.head_dim, p.len_q * p.head_dim, p.head_dim, 1};
@@ -590,8 +590,8 @@ __global__ void __launch_bounds__(kTcWarps * 32) attention_dq_wmma_kernel(Attent
   const int64_t end = p.causal ? min(p.len_k, last_row + 1) : p.len_k;
   for (int64_t j0 = 0; j0 < end; j0 += kTcKeys) {
     __syncthreads();  // the previous tile's dS K is done with k_s, ds_s
-    stage_rows(k_s, kQLd, p.k, p.k_stride, b, h, j0, p.len_k, D, Dp);
-    stage_rows(v_s, kQLd, p.v, p.v_stride, b, h, j0, p.len_k, D, Dp);
+    stage_rows(k_s, kQLd, p.k, p.k_stride, b, hk, j0, p.len_k, D, Dp);
+    stage_rows(v_s, kQLd, p.v, p.v_stride, b, hk, j0, p.len_k, D, Dp);
     __syncthreads();
     partial_tile_product<Wmma>(k_s, kQLd, qt_s, steps, s_part[warp]);    // Sᵀ  = K Qᵀ
     partial_tile_product<Wmma>(v_s, kQLd, dot_s, steps, dp_part[warp]);  // dPᵀ = V dOᵀ

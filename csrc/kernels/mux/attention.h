@@ -40,6 +40,10 @@ struct AttentionParams {
   int64_t k_stride[4] = {0, 0, 0, 0};
   int64_t v_stride[4] = {0, 0, 0, 0};
   int64_t batch = 0, heads = 0, len_q = 0, len_k = 0, head_dim = 0;
+  // k / v heads H_kv (grouped-query attention; 0 = heads). heads % kv_heads == 0. k_stride / v_stride
+  // index kv heads; grad_k / grad_v are [B, H_kv, Lk, D] on the CPU (the CUDA kernels write [B, H, Lk, D]
+  // per query head and the glue sums each group).
+  int64_t kv_heads = 0;
   // Optional attention mask broadcast to [B, H, Lq, Lk] by strides (0 on broadcast dims): bool (True =
   // attend) or additive (mask_kind_scalar gives its float dtype).
   const void* mask = nullptr;
@@ -51,7 +55,7 @@ struct AttentionParams {
   int64_t key_padding_stride[2] = {0, 0};
   bool causal = false;
   double scale = 1.0;
-  int64_t q_tile = 64;     // query rows per forward task
+  int64_t q_tile = 64;     // (stacked) query rows per forward task
   int64_t kv_block = 512;  // keys per online-softmax step
   // Outputs: out [B, H, Lq, D] contiguous in `kind`; lse [B, H, Lq] contiguous in Acc (float32, or
   // float64 for float64 inputs).
@@ -68,14 +72,22 @@ struct AttentionParams {
   void* grad_scores = nullptr;
 };
 
-// Number of forward tasks: (b, h, q-tile) triples.
+// H_kv, and the group size G = H / H_kv (query heads per kv head).
+FC_HOST_DEVICE int64_t attention_kv_heads(const AttentionParams& p) { return p.kv_heads > 0 ? p.kv_heads : p.heads; }
+FC_HOST_DEVICE int64_t attention_group(const AttentionParams& p) { return p.kv_heads > 0 ? p.heads / p.kv_heads : 1; }
+// The kv head query head h reads.
+FC_HOST_DEVICE int64_t attention_kv_head(const AttentionParams& p, int64_t h) { return h / attention_group(p); }
+
+// Number of CPU forward tasks: (b, kv head, tile of q_tile stacked rows) triples, G·Lq rows per kv head.
 FC_HOST_DEVICE int64_t attention_forward_tasks(const AttentionParams& p) {
-  const int64_t tiles = (p.len_q + p.q_tile - 1) / p.q_tile;
-  return p.batch * p.heads * tiles;
+  const int64_t rows = attention_group(p) * p.len_q;
+  const int64_t tiles = (rows + p.q_tile - 1) / p.q_tile;
+  return p.batch * attention_kv_heads(p) * tiles;
 }
 
 // ---- CPU entry points (attention_cpu.cpp), each over a [begin, end) range of tasks (DESIGN rule 3).
-// Forward tasks are (b, h, q-tile); backward tasks are (b, h) (dK/dV sum over every query row).
+// Forward tasks are (b, kv head, stacked-row tile); backward tasks are (b, kv head) (dK/dV sum over every
+// stacked query row).
 // prefetch_task: the task the calling thread runs next (−1: none); the AVX-512 path prefetches its
 // inputs while this range runs, so the next task does not start on cold memory.
 void attention_forward_cpu(const AttentionParams& p, int64_t task_begin, int64_t task_end, int64_t prefetch_task = -1);

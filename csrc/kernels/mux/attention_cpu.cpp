@@ -1,10 +1,10 @@
 // CPU fused attention (see attention.h for the math). Specialised for the short sequences DataMUX runs
-// (L' = 128..169, D = 64): a forward task owns one (batch, head, q-tile) and packs the whole key block
-// of its head once (K transposed, V row-major, both padded to the vector width with zeros), so every
+// (L' = 128..169, D = 64): a forward task owns one (batch, kv head, tile of stacked query rows: the G
+// query heads of a grouped-query kv head share its K/V) and packs the whole key block of its kv head once (K transposed, V row-major, both padded to the vector width with zeros), so every
 // inner product is a register-blocked micro-GEMM over cache-resident panels, the scores tile is
 // [q_tile, kv_block] (no [Lq, Lk] for long sequences), and exp runs 8 lanes at a time.
-// A backward task owns one (batch, head): it recomputes p from the saved lse and accumulates dK, dV
-// over all query tiles in a fixed order (no atomics), so results are thread-count independent.
+// A backward task owns one (batch, kv head): it recomputes p from the saved lse and accumulates dK, dV
+// over all tiles of stacked query rows (every query head of the group) in a fixed order (no atomics), so results are thread-count independent.
 // This file: the generic path (8-lane GCC vectors, FC_CPU_CLONES) and the dispatch; the AVX-512 float32
 // path is in attention_avx512_cpu.cpp.
 #include <algorithm>
@@ -146,19 +146,20 @@ FC_ALWAYS_INLINE void transpose_panel(const T* rows, int64_t n, int64_t D, int64
 template <typename T>
 struct Shapes {
   int64_t D, d_pad, block, block_pad, tile;
-  explicit Shapes(const AttentionParams& p, int64_t tile_rows) {
+  explicit Shapes(const AttentionParams& p, int64_t tile_rows, int64_t stacked_rows) {
     constexpr int64_t L = Lanes<T>::kCount;
     D = p.head_dim;
     d_pad = round_up(std::max<int64_t>(D, 1), L);
     block = std::max<int64_t>(1, std::min(p.kv_block, p.len_k));
     block_pad = round_up(block, L);
-    tile = std::max<int64_t>(1, std::min(tile_rows, p.len_q));
+    tile = std::max<int64_t>(1, std::min(tile_rows, stacked_rows));
   }
 };
 
 template <typename T>
 FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
-  const Shapes<T> s(p, p.q_tile);
+  const int64_t G = attention_group(p), Hk = attention_kv_heads(p), Lq = p.len_q, R = G * Lq;
+  const Shapes<T> s(p, p.q_tile, R);
   const int64_t D = s.D, Dp = s.d_pad, Bk = s.block, Bkp = s.block_pad, Tq = s.tile;
   ForwardScratch<T>& scratch = ForwardScratch<T>::of_this_thread();
   T* const q_panel = at_least(scratch.q_panel, Tq * Dp);
@@ -169,28 +170,30 @@ FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin
   T* const o_acc = at_least(scratch.o_acc, Tq * Dp);
   T* const row_max_ = at_least(scratch.row_max, Tq);
   T* const row_sum = at_least(scratch.row_sum, Tq);
-  const int64_t tiles = (p.len_q + Tq - 1) / Tq;
+  const int64_t tiles = (R + Tq - 1) / Tq;
   const bool bias = has_bias(p);
   const T neg_inf = -std::numeric_limits<T>::infinity();
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t bh = task / tiles, tile = task % tiles, b = bh / p.heads, h = bh % p.heads;
-    const int64_t q0 = tile * Tq, rows = std::min(Tq, p.len_q - q0);
-    pack_rows<T>(p.q, p.kind, p.q_stride, b, h, q0, rows, D, Dp, static_cast<T>(p.scale), q_panel);
+    const int64_t bk = task / tiles, tile = task % tiles, b = bk / Hk, hk = bk % Hk;
+    const int64_t r0 = tile * Tq, rows = std::min(Tq, R - r0), reach = last_query(p, r0, rows);
+    for_each_head_run(p, hk, r0, rows, [&](int64_t h, int64_t i0, int64_t count, int64_t at) {
+      pack_rows<T>(p.q, p.kind, p.q_stride, b, h, i0, count, D, Dp, static_cast<T>(p.scale), q_panel + at * Dp);
+    });
     std::fill(o_acc, o_acc + rows * Dp, T(0));
     std::fill(row_max_, row_max_ + Tq, neg_inf);
     std::fill(row_sum, row_sum + Tq, T(0));
     for (int64_t j0 = 0; j0 < p.len_k; j0 += Bk) {
-      if (p.causal && j0 > q0 + rows - 1) break;  // every later key is above the diagonal
+      if (p.causal && j0 > reach) break;  // every later key is above the diagonal
       const int64_t n = std::min(Bk, p.len_k - j0), n_pad = round_up(n, Lanes<T>::kCount);
-      pack_rows<T>(p.k, p.kind, p.k_stride, b, h, j0, n, D, Dp, T(1), k_rows);
+      pack_rows<T>(p.k, p.kind, p.k_stride, b, hk, j0, n, D, Dp, T(1), k_rows);
       transpose_panel<T>(k_rows, n, D, Dp, n_pad, k_cols);
-      pack_rows<T>(p.v, p.kind, p.v_stride, b, h, j0, n, D, Dp, T(1), v_rows);
+      pack_rows<T>(p.v, p.kind, p.v_stride, b, hk, j0, n, D, Dp, T(1), v_rows);
       // scores = (scale q) kᵀ  [rows, n_pad]
       gemm<T>(rows, n_pad, D, q_panel, Dp, 1, k_cols, n_pad, scores, Bkp, false);
       for (int64_t i = 0; i < rows; ++i) {
         T* si = scores + i * Bkp;
         for (int64_t j = n; j < n_pad; ++j) si[j] = neg_inf;
-        if (bias) add_bias<T>(p, b, h, q0 + i, j0, n, si);
+        if (bias) add_bias<T>(p, b, hk * G + (r0 + i) / Lq, (r0 + i) % Lq, j0, n, si);
         const T m_old = row_max_[i], m_new = std::max(m_old, row_max(si, n_pad));
         if (m_new == neg_inf) {  // nothing attended yet: p = 0 for this block
           std::fill(si, si + n_pad, T(0));
@@ -209,13 +212,12 @@ FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin
       // o += p v  [rows, Dp]
       gemm<T>(rows, Dp, n, scores, Bkp, 1, v_rows, Dp, o_acc, Dp, true);
     }
-    T* lse = static_cast<T*>(p.lse) + bh * p.len_q + q0;
-    const int64_t out_offset = (bh * p.len_q + q0) * D;
     for (int64_t i = 0; i < rows; ++i) {
+      const int64_t row = (b * p.heads + hk * G + (r0 + i) / Lq) * Lq + (r0 + i) % Lq;  // [B, H, Lq] index
       const T l = row_sum[i];
       const T inv = l > T(0) ? T(1) / l : T(0);  // fully masked row: out = 0
-      lse[i] = l > T(0) ? row_max_[i] + std::log(l) : neg_inf;
-      store_row<T>(p.out, p.kind, out_offset + i * D, D, inv, o_acc + i * Dp);
+      static_cast<T*>(p.lse)[row] = l > T(0) ? row_max_[i] + std::log(l) : neg_inf;
+      store_row<T>(p.out, p.kind, row * D, D, inv, o_acc + i * Dp);
     }
   }
 }
@@ -223,43 +225,49 @@ FC_ALWAYS_INLINE void forward_range(const AttentionParams& p, int64_t task_begin
 template <typename T>
 FC_ALWAYS_INLINE void backward_range(const AttentionParams& p, int64_t task_begin, int64_t task_end) {
   constexpr int64_t kTile = 64;
-  const Shapes<T> s(p, kTile);
-  const int64_t D = s.D, Dp = s.d_pad, Bk = s.block, Bkp = s.block_pad, Tq = s.tile, Lq = p.len_q;
-  std::vector<T> q_rows(Lq * Dp), do_rows(Lq * Dp), o_row(Dp), delta(Lq), dq(Lq * Dp), k_rows(Bk * Dp), k_cols(D * Bkp),
-      v_cols(D * Bkp), v_rows(Bk * Dp), dk(Bk * Dp), dv(Bk * Dp), probs(Tq * Bkp), dprobs(Tq * Bkp);
+  const int64_t G = attention_group(p), Hk = attention_kv_heads(p), Lq = p.len_q, R = G * Lq;
+  const Shapes<T> s(p, kTile, R);
+  const int64_t D = s.D, Dp = s.d_pad, Bk = s.block, Bkp = s.block_pad, Tq = s.tile;
+  // stacked rows (attention.h): the G query heads of the task's kv head, G·Lq rows
+  std::vector<T> q_rows(R * Dp), do_rows(R * Dp), o_row(Dp), delta(R), lse(R), dq(R * Dp), k_rows(Bk * Dp),
+      k_cols(D * Bkp), v_cols(D * Bkp), v_rows(Bk * Dp), dk(Bk * Dp), dv(Bk * Dp), probs(Tq * Bkp), dprobs(Tq * Bkp);
+  std::vector<int64_t> row_of(R);  // stacked row -> its [B, H, Lq] index
   const int64_t contiguous[4] = {p.heads * Lq * D, Lq * D, D, 1};
   const bool bias = has_bias(p);
   const T neg_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t bh = task_begin; bh < task_end; ++bh) {
-    const int64_t b = bh / p.heads, h = bh % p.heads;
-    const T* lse = static_cast<const T*>(p.lse) + bh * Lq;
-    pack_rows<T>(p.q, p.kind, p.q_stride, b, h, 0, Lq, D, Dp, static_cast<T>(p.scale), q_rows.data());
-    pack_rows<T>(p.grad_out, p.kind, contiguous, b, h, 0, Lq, D, Dp, T(1), do_rows.data());
-    for (int64_t i = 0; i < Lq; ++i) {  // δ_i = dO_i · O_i
-      load_row<T>(p.out, p.kind, (bh * Lq + i) * D, 1, D, T(1), o_row.data());
+  for (int64_t bk = task_begin; bk < task_end; ++bk) {
+    const int64_t b = bk / Hk, hk = bk % Hk;
+    for_each_head_run(p, hk, 0, R, [&](int64_t h, int64_t i0, int64_t count, int64_t at) {
+      pack_rows<T>(p.q, p.kind, p.q_stride, b, h, i0, count, D, Dp, static_cast<T>(p.scale), q_rows.data() + at * Dp);
+      pack_rows<T>(p.grad_out, p.kind, contiguous, b, h, i0, count, D, Dp, T(1), do_rows.data() + at * Dp);
+      for (int64_t i = 0; i < count; ++i) row_of[at + i] = (b * p.heads + h) * Lq + i0 + i;
+    });
+    for (int64_t r = 0; r < R; ++r) {  // δ_r = dO_r · O_r
+      load_row<T>(p.out, p.kind, row_of[r] * D, 1, D, T(1), o_row.data());
       T sum = T(0);
-      for (int64_t c = 0; c < D; ++c) sum += o_row[c] * do_rows[i * Dp + c];
-      delta[i] = sum;
+      for (int64_t c = 0; c < D; ++c) sum += o_row[c] * do_rows[r * Dp + c];
+      delta[r] = sum;
+      lse[r] = static_cast<const T*>(p.lse)[row_of[r]];
     }
     std::fill(dq.begin(), dq.end(), T(0));
     for (int64_t j0 = 0; j0 < p.len_k; j0 += Bk) {
       const int64_t n = std::min(Bk, p.len_k - j0), n_pad = round_up(n, Lanes<T>::kCount);
-      pack_rows<T>(p.k, p.kind, p.k_stride, b, h, j0, n, D, Dp, T(1), k_rows.data());
+      pack_rows<T>(p.k, p.kind, p.k_stride, b, hk, j0, n, D, Dp, T(1), k_rows.data());
       transpose_panel<T>(k_rows.data(), n, D, Dp, n_pad, k_cols.data());
-      pack_rows<T>(p.v, p.kind, p.v_stride, b, h, j0, n, D, Dp, T(1), v_rows.data());
+      pack_rows<T>(p.v, p.kind, p.v_stride, b, hk, j0, n, D, Dp, T(1), v_rows.data());
       transpose_panel<T>(v_rows.data(), n, D, Dp, n_pad, v_cols.data());
       std::fill(dk.begin(), dk.begin() + n * Dp, T(0));
       std::fill(dv.begin(), dv.begin() + n * Dp, T(0));
-      const int64_t q_start = p.causal ? (j0 / Tq) * Tq : 0;  // tiles wholly above the diagonal add nothing
-      for (int64_t i0 = q_start; i0 < Lq; i0 += Tq) {
-        const int64_t rows = std::min(Tq, Lq - i0);
+      for (int64_t i0 = 0; i0 < R; i0 += Tq) {
+        const int64_t rows = std::min(Tq, R - i0);
+        if (p.causal && last_query(p, i0, rows) < j0) continue;  // a tile wholly above the diagonal adds nothing
         const T* qi = q_rows.data() + i0 * Dp;
         const T* doi = do_rows.data() + i0 * Dp;
         gemm<T>(rows, n_pad, D, qi, Dp, 1, k_cols.data(), n_pad, probs.data(), Bkp, false);
         for (int64_t i = 0; i < rows; ++i) {  // p = exp(s − lse), 0 where masked or the row is fully masked
           T* pi = probs.data() + i * Bkp;
           for (int64_t j = n; j < n_pad; ++j) pi[j] = neg_inf;
-          if (bias) add_bias<T>(p, b, h, i0 + i, j0, n, pi);
+          if (bias) add_bias<T>(p, b, hk * G + (i0 + i) / Lq, (i0 + i) % Lq, j0, n, pi);
           const T l = lse[i0 + i];
           if (l == neg_inf) {
             std::fill(pi, pi + n_pad, T(0));
@@ -277,20 +285,20 @@ FC_ALWAYS_INLINE void backward_range(const AttentionParams& p, int64_t task_begi
           const T di = delta[i0 + i];
           for (int64_t j = 0; j < n_pad; ++j) dsi[j] = pi[j] * (dsi[j] - di);
           if (p.grad_scores != nullptr)  // the additive mask's gradient, before its broadcast reduction
-            std::copy(dsi, dsi + n, static_cast<T*>(p.grad_scores) + (bh * Lq + i0 + i) * p.len_k + j0);
+            std::copy(dsi, dsi + n, static_cast<T*>(p.grad_scores) + row_of[i0 + i] * p.len_k + j0);
         }
         // dQ += ds k (scaled at the end), dK += dsᵀ (scale q)
         gemm<T>(rows, Dp, n, dprobs.data(), Bkp, 1, k_rows.data(), Dp, dq.data() + i0 * Dp, Dp, true);
         gemm<T>(n, Dp, rows, dprobs.data(), 1, Bkp, qi, Dp, dk.data(), Dp, true);
       }
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t offset = (bh * p.len_k + j0 + j) * D;
+        const int64_t offset = (bk * p.len_k + j0 + j) * D;  // grad_k, grad_v: [B, H_kv, Lk, D]
         store_row<T>(p.grad_k, p.kind, offset, D, T(1), dk.data() + j * Dp);
         store_row<T>(p.grad_v, p.kind, offset, D, T(1), dv.data() + j * Dp);
       }
     }
-    for (int64_t i = 0; i < Lq; ++i)
-      store_row<T>(p.grad_q, p.kind, (bh * Lq + i) * D, D, static_cast<T>(p.scale), dq.data() + i * Dp);
+    for (int64_t r = 0; r < R; ++r)
+      store_row<T>(p.grad_q, p.kind, row_of[r] * D, D, static_cast<T>(p.scale), dq.data() + r * Dp);
   }
 }
 

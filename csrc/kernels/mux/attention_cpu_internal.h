@@ -105,6 +105,25 @@ static FC_ALWAYS_INLINE void add_bias(const AttentionParams& p, int64_t b, int64
     for (int64_t j = std::max<int64_t>(0, qi + 1 - j0); j < n; ++j) s[j] = neg_inf;
 }
 
+// Stacked query rows (attention.h): the G query heads of kv head hk form G·Lq rows, row r = g·Lq + i
+// being query i of head hk·G + g. Calls f(h, i0, count, at) for each run of rows [at, at + count) of
+// the range [r0, r0 + rows) that belongs to one query head h (its queries i0 .. i0 + count − 1).
+template <typename F>
+static FC_ALWAYS_INLINE void for_each_head_run(const AttentionParams& p, int64_t hk, int64_t r0, int64_t rows, F&& f) {
+  const int64_t G = attention_group(p), Lq = p.len_q;
+  for (int64_t r = r0; r < r0 + rows;) {
+    const int64_t i0 = r % Lq, count = std::min(r0 + rows - r, Lq - i0);
+    f(hk * G + r / Lq, i0, count, r - r0);
+    r += count;
+  }
+}
+
+// The largest query index among stacked rows [r0, r0 + rows) (how far right the causal rule reaches).
+static inline int64_t last_query(const AttentionParams& p, int64_t r0, int64_t rows) {
+  const int64_t last = r0 + rows - 1;
+  return r0 / p.len_q == last / p.len_q ? last % p.len_q : p.len_q - 1;
+}
+
 // Packs keys j0 .. j0 + n − 1 of head (b, h): Kt [D, n_pad] (transposed, zero-padded columns) when kt
 // is given, Krow [n, D_pad] (zero-padded) when krow is given; likewise any [L, D] input.
 template <typename T>
@@ -123,7 +142,7 @@ static FC_ALWAYS_INLINE void pack_rows(const void* base, ScalarKind kind, const 
 // their initial contents: packing writes every element a product reads, padding included.
 template <typename T>
 struct ForwardScratch {
-  std::vector<T> q_panel, k_rows, k_cols, v_rows, scores, o_acc, row_max, row_sum;
+  std::vector<T> q_panel, q_cols, k_rows, k_cols, v_rows, scores, o_acc, row_max, row_sum;
   static ForwardScratch& of_this_thread() {
     static thread_local ForwardScratch scratch;
     return scratch;

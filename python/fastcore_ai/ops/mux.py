@@ -112,13 +112,30 @@ def _attention_backward_reference(
     return (*(g.to(q.dtype) for g in grads), grad_mask)
 
 
+_attention_forward_triton_kernel = triton("mux", "attention_forward")
 _attention_backward_triton_grads = triton("mux", "attention_backward")
+
+
+# Grouped kv heads (H_kv < H) on the Triton backend: its kernels take one k/v head per query head, so the
+# k/v heads are expanded here (repeat_interleave, what a user would do) and dK, dV summed back per group.
+# The cpu and cuda backends read the grouped k/v in place (csrc/kernels/mux/attention.h).
+def _attention_triton(q, k, v, attn_mask, key_padding_mask, causal, scale):
+    H = q.shape[1]
+    k, v = reference_mux.expand_kv(k, H), reference_mux.expand_kv(v, H)
+    return _attention_forward_triton_kernel(q, k, v, attn_mask, key_padding_mask, causal, scale)
 
 
 def _attention_backward_triton(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale, need_mask_grad):
     # need_mask_grad is never True here: ops.attention rejects a differentiable mask for this backend
-    grads = _attention_backward_triton_grads(grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale)
-    return (*grads, q.new_empty((0,)))
+    H, kv_heads = q.shape[1], k.shape[1]
+    k, v = reference_mux.expand_kv(k, H), reference_mux.expand_kv(v, H)
+    dq, dk, dv = _attention_backward_triton_grads(
+        grad_out, q, k, v, out, lse, attn_mask, key_padding_mask, causal, scale
+    )[:3]
+    if kv_heads != H:  # float32 sums of the G query heads' slices, cast back
+        dk = reference_mux.reduce_kv_grad(dk.float(), kv_heads).to(dk.dtype)
+        dv = reference_mux.reduce_kv_grad(dv.float(), kv_heads).to(dv.dtype)
+    return dq, dk, dv, q.new_empty((0,))
 
 
 # Backends whose backward also returns the additive attn_mask's gradient (ds summed over its broadcast dims).
@@ -190,7 +207,7 @@ def _attention_backward(ctx, grad_out, grad_lse):
 
 @define_op(
     "mux_attention",
-    impls=native_impls("mux_attention", triton_launcher=("mux", "attention_forward"), reference=_attention_reference),
+    impls={**native_impls("mux_attention", reference=_attention_reference), "triton": _attention_triton},
     autograd=(_attention_setup_context, _attention_backward),
 )
 def _attention_op(
@@ -221,7 +238,9 @@ def _attention_valid(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int
         Bv, Hv, Lv, Dv = v.shape
     except ValueError:  # not 4-D
         return 0
-    if Bk != B or Bv != B or Hk != H or Hv != H or Dk != D or Dv != D or Lv != Lk or not 1 <= D <= MAX_HEAD_DIM:
+    if Bk != B or Bv != B or Hv != Hk or Dk != D or Dv != D or Lv != Lk or not 1 <= D <= MAX_HEAD_DIM:
+        return 0
+    if Hk < 1 or H % Hk:  # grouped-query attention: H_kv must divide H
         return 0
     device = q.device
     if k.device != device or v.device != device:
@@ -261,6 +280,7 @@ def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int
             f"fastcore_ai.ops.{_ATTENTION}: head size D = q.shape[3] must satisfy 1 <= D <= "
             f"{MAX_HEAD_DIM}, got {D} ({_describe(q)})"
         )
+    Hk = k.shape[1]
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"fastcore_ai.ops.{_ATTENTION}: {name} must have q's dtype {q.dtype}, got {_describe(t)}")
@@ -268,11 +288,18 @@ def _check_attention(q, k, v, attn_mask, key_padding_mask, causal, scale) -> int
             raise ValueError(
                 f"fastcore_ai.ops.{_ATTENTION}: {name} must be on q's device {q.device}, got {_describe(t)}"
             )
-        if t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+        if t.shape[0] != B or t.shape[3] != D:
             raise ValueError(
-                f"fastcore_ai.ops.{_ATTENTION}: {name} must have shape [B, H, Lk, D] = "
-                f"[{B}, {H}, Lk, {D}] to match q {tuple(q.shape)}, got {_describe(t)}"
+                f"fastcore_ai.ops.{_ATTENTION}: {name} must have shape [B, H_kv, Lk, D] = "
+                f"[{B}, H_kv, Lk, {D}] to match q {tuple(q.shape)}, got {_describe(t)}"
             )
+    if Hk < 1 or H % Hk:
+        raise ValueError(
+            f"fastcore_ai.ops.{_ATTENTION}: k's head count H_kv = k.shape[1] must divide q's H = {H} "
+            f"(grouped-query attention: query head h reads kv head h // (H / H_kv)), got {_describe(k)}"
+        )
+    if v.shape[1] != Hk:
+        raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: v must have k's head count H_kv = {Hk}, got {_describe(v)}")
     if v.shape[2] != Lk:
         raise ValueError(f"fastcore_ai.ops.{_ATTENTION}: v must have k's length Lk = {Lk}, got {_describe(v)}")
     if attn_mask is not None:
@@ -365,7 +392,10 @@ def attention(
     """Fused attention softmax(scale · q kᵀ + mask) v without materialising [Lq, Lk] (tiled online softmax).
 
     Args:
-      q: [B, H, Lq, D]; k, v: [B, H, Lk, D] (Lq ≠ Lk is cross-attention). D any of 1..256, any Lq, Lk.
+      q: [B, H, Lq, D]; k, v: [B, H_kv, Lk, D] (Lq ≠ Lk is cross-attention). D any of 1..256, any Lq, Lk.
+        H_kv divides H: grouped-query / multi-query attention (SDPA's enable_gqa), query head h reads kv
+        head h // (H / H_kv), and k, v's gradients sum over each kv head's query heads; H_kv = H is plain
+        multi-head attention.
         float32, bfloat16, float16 (float32 softmax and accumulation), float64 on cpu/reference. Any strides.
       attn_mask: optional, broadcastable to [B, H, Lq, Lk]: bool (True = attend, as torch SDPA) or an
         additive float mask, differentiable on the cpu and reference backends (its gradient is ds, the

@@ -12,7 +12,9 @@ Shapes and formulas (DataMUX, Murahari et al. 2022, §1.2 / §1.3 of the anchor 
   demux (index):    h [B, L, d], p [B, N, d] (or [N, d]), W [e, 2d] = [W_L | W_R], b [e], γ, β [e]
                     out[b·N + i, t] = LayerNorm_{γ,β}(GELU(W_L p_{b,i} + W_R h_{b,t} + b))      [B·N, L, e]
                     GELU is the exact erf form; LayerNorm uses the biased variance and eps.
-  attention:        q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, D]
+  attention:        q [B, H, Lq, D], k [B, H_kv, Lk, D], v [B, H_kv, Lk, D], H % H_kv == 0 (grouped-query
+                    attention, SDPA's enable_gqa: query head h reads kv head h // (H / H_kv); H_kv = H is
+                    plain multi-head attention)
                     s_ij = scale · q_i·k_j + a_ij   (a: additive mask, −inf where a bool mask is False,
                     where key_padding_mask[b, j] is True, or where causal and j > i)
                     out_i = Σ_j softmax_j(s_i) v_j,   lse_i = log Σ_j exp(s_ij)
@@ -131,6 +133,18 @@ def demux_backward(
 # ---- attention -----------------------------------------------------------------------------------
 
 
+def expand_kv(kv: Tensor, heads: int) -> Tensor:
+    """k or v [B, H_kv, Lk, D] -> [B, H, Lk, D]: query head h reads kv head h // (H / H_kv)."""
+    kv_heads = kv.shape[1]
+    return kv if kv_heads == heads else kv.repeat_interleave(heads // kv_heads, dim=1)
+
+
+def reduce_kv_grad(grad: Tensor, kv_heads: int) -> Tensor:
+    """The gradient of `expand_kv`: [B, H, Lk, D] -> [B, H_kv, Lk, D], summing each kv head's G query heads."""
+    B, H, Lk, D = grad.shape
+    return grad if kv_heads == H else grad.reshape(B, kv_heads, H // kv_heads, Lk, D).sum(2)
+
+
 def attention_bias(
     B: int,
     H: int,
@@ -172,6 +186,7 @@ def attention_with_lse(
     Fully masked rows: out = 0, lse = −inf; the safe max below keeps their gradient 0 instead of NaN."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    k, v = expand_kv(k, H), expand_kv(v, H)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     s = s + attention_bias(B, H, Lq, Lk, attn_mask, key_padding_mask, causal, s.dtype, s.device)
@@ -213,9 +228,10 @@ def attention_backward(
     dV = pᵀ dO,  dp = dO vᵀ,  ds = p (dp − rowsum(dp ∘ p)),  dQ = scale ds k,  dK = scale dsᵀ q.
     An additive attn_mask enters s with coefficient 1, so its gradient is ds summed over the dimensions
     it was broadcast along (returned when need_mask_grad, else None); bool masks, key_padding_mask and
-    causal are constants."""
+    causal are constants. Grouped kv heads: dK, dV of a kv head sum those of its G query heads."""
     B, H, Lq, D = q.shape
-    Lk = k.shape[2]
+    Lk, kv_heads = k.shape[2], k.shape[1]
+    k, v = expand_kv(k, H), expand_kv(v, H)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     s = (q @ k.transpose(-1, -2)) * scale
     s = s + attention_bias(B, H, Lq, Lk, attn_mask, key_padding_mask, causal, s.dtype, s.device)
@@ -228,4 +244,5 @@ def attention_backward(
     dp = grad_out @ v.transpose(-1, -2)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     grad_mask = ds.sum_to_size(attn_mask.shape) if need_mask_grad else None
-    return (ds @ k) * scale, (ds.transpose(-1, -2) @ q) * scale, grad_v, grad_mask
+    grad_k = reduce_kv_grad((ds.transpose(-1, -2) @ q) * scale, kv_heads)
+    return (ds @ k) * scale, grad_k, reduce_kv_grad(grad_v, kv_heads), grad_mask
