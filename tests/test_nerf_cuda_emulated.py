@@ -1,6 +1,7 @@
 """The nerf CUDA kernels (csrc/kernels/nerf/nerf.cu), source unchanged, run on the CPU CUDA emulator of
 tests/test_cuda_build.py: every launcher against the CPU backend on the same float32 inputs. Both run the
-same FC_HOST_DEVICE bodies compiled by the host compiler, so the outputs must agree bit for bit; this checks
+same FC_HOST_DEVICE bodies compiled by the host compiler, so the outputs must agree bit for bit (volume
+rendering: to float rounding, see _same_render); this checks
 the launch geometry, the grid-stride loops, the two-pass march with the scan between the passes, the
 float atomic max of the grid update and the empty-size guards, without a GPU."""
 
@@ -12,6 +13,16 @@ import torch
 
 from fastcore_ai import ops
 from test_cuda_build import build_emulated_kernels
+
+
+def _same_render(got, want):
+    """The CUDA kernels run nerf.h's scalar per-ray body (expf / expm1f); the float32 CPU kernel walks 8 rays
+    per vector lane group with its own exp polynomials (nerf_cpu.cpp), so the two agree to float rounding, not
+    bitwise — and exactly on which samples the early stop zeroes."""
+    assert got.shape == want.shape
+    assert torch.equal(got == 0, want == 0)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-6)
+
 
 EXTRA_RUNTIME = r"""
 inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
@@ -280,8 +291,8 @@ def test_render_on_emulator(lib, with_weights):
         )
         == 0
     )
-    assert torch.equal(color, want.rgb) and torch.equal(opacity, want.opacity) and torch.equal(depth, want.depth)
-    assert torch.equal(weights, want.weights)
+    for got, expected in ((color, want.rgb), (opacity, want.opacity), (depth, want.depth), (weights, want.weights)):
+        _same_render(got, expected)
     gc, ga, gd, gw = (
         torch.randn(R, 3, generator=g),
         torch.randn(R, generator=g),
@@ -315,7 +326,8 @@ def test_render_on_emulator(lib, with_weights):
         )
         == 0
     )
-    assert torch.equal(gs, want_s) and torch.equal(grgb, want_c)
+    _same_render(gs, want_s)
+    _same_render(grgb, want_c)
 
 
 def test_composite_on_emulator(lib):
@@ -485,6 +497,6 @@ def test_render_round_on_emulator(lib):
         )
         == 0
     )
-    assert torch.equal(tau, want_tau)
+    _same_render(tau, want_tau)
     for a, b in zip(acc, want_acc):
-        assert torch.equal(a, b)
+        _same_render(a, b)
