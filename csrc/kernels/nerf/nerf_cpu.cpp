@@ -18,7 +18,7 @@ namespace {
 // stopped early is masked), with exp_lanes / expm1_lanes. Every operation is lane-wise, so a ray's result
 // does not depend on which rays share its group (thread count and range splits change nothing), and the
 // forward, the rounds and the backward evaluate T_i and α_i with the same operations, so they agree on the
-// early stop. The sweep carries T_{i+1} = exp(−(τ_i + x_i)) to the next sample instead of recomputing it.
+// early stop (one RaySweep below). The sweep carries T_{i+1} = exp(−(τ_i + x_i)) to the next sample.
 constexpr int kRayLanes = 8;
 
 // expm1(y): |y| < ln2/2 by its degree-8 Taylor polynomial in Horner form (relative truncation < 6e-10),
@@ -78,11 +78,30 @@ FC_VECTOR_INLINE SampleLanes load_samples(const RenderParams<float>& p, const Ra
   return s;
 }
 
-// Lanes whose ray still takes sample i: in range and not stopped (T_i < eps stops a ray for good, because
-// its τ no longer grows; `!(T < eps)` keeps a NaN transmittance going, as the scalar body does).
-FC_VECTOR_INLINE Int8Lanes live_lanes(const SampleLanes& s, Float8Lanes trans, float eps) {
-  return s.in_range & ~(trans < eps);
-}
+// The front-to-back sweep of a lane group, one sample at a time: `take` decides which lanes take sample i
+// (in range and not stopped: T_i < eps stops a ray for good, because its τ no longer grows; `!(T < eps)`
+// keeps a NaN transmittance going, as the scalar body does) and evaluates x_i = σ_i δ_i, w_i = T_i α_i (0
+// where not live) and T_{i+1} = exp(−(τ_i + x_i)); `advance` moves the live lanes on. The forward, the
+// backward's weight sweep and its main sweep all step through this one object, so they agree on the stop.
+struct RaySweep {
+  Float8Lanes tau{}, trans{};
+  Int8Lanes live{};
+  Float8Lanes delta{}, x{}, w{}, tau_next{}, trans_next{};
+
+  FC_VECTOR_INLINE explicit RaySweep(Float8Lanes start_tau) : tau(start_tau), trans(exp_lanes(-start_tau)) {}
+  FC_VECTOR_INLINE void take(const SampleLanes& s, float eps) {
+    live = s.in_range & ~(trans < eps);
+    delta = s.t_end - s.t_start;
+    x = s.sigma * delta;
+    w = select_lanes(live, trans * -expm1_lanes(-x), Float8Lanes{});
+    tau_next = tau + x;
+    trans_next = exp_lanes(-tau_next);
+  }
+  FC_VECTOR_INLINE void advance() {
+    trans = select_lanes(live, trans_next, trans);
+    tau = select_lanes(live, tau_next, tau);
+  }
+};
 
 FC_CPU_CLONES void render_forward_float(const RenderParams<float>& p, int64_t ray_begin, int64_t ray_end) {
   const Float8Lanes zero{};
@@ -92,12 +111,12 @@ FC_CPU_CLONES void render_forward_float(const RenderParams<float>& p, int64_t ra
     Float8Lanes tau = zero;
     if (p.tau)
       for (int l = 0; l < lanes; ++l) tau[l] = g.valid[l] ? p.tau[r0 + l] : 0.0f;
-    Float8Lanes trans = exp_lanes(-tau), c0 = zero, c1 = zero, c2 = zero, acc = zero, dep = zero;
+    RaySweep sweep(tau);
+    Float8Lanes c0 = zero, c1 = zero, c2 = zero, acc = zero, dep = zero;
     for (int64_t i = 0; i < g.longest; ++i) {
       const SampleLanes s = load_samples(p, g, i);
-      const Int8Lanes live = live_lanes(s, trans, p.early_stop_eps);
-      const Float8Lanes x = s.sigma * (s.t_end - s.t_start);
-      const Float8Lanes w = select_lanes(live, trans * -expm1_lanes(-x), zero);
+      sweep.take(s, p.early_stop_eps);
+      const Float8Lanes w = sweep.w;
       c0 += w * s.red;
       c1 += w * s.green;
       c2 += w * s.blue;
@@ -106,10 +125,9 @@ FC_CPU_CLONES void render_forward_float(const RenderParams<float>& p, int64_t ra
       if (p.weights)
         for (int l = 0; l < kRayLanes; ++l)
           if (i < g.count[l]) p.weights[g.begin[l] + i] = w[l];
-      const Float8Lanes tau_next = tau + x;
-      trans = select_lanes(live, exp_lanes(-tau_next), trans);
-      tau = select_lanes(live, tau_next, tau);
+      sweep.advance();
     }
+    tau = sweep.tau;
     for (int l = 0; l < lanes; ++l) {
       const int64_t r = r0 + l;
       if (p.tau && g.valid[l]) p.tau[r] = tau[l];
@@ -150,30 +168,25 @@ FC_CPU_CLONES void render_backward_float(const RenderParams<float>& p, int64_t r
                  ga[l] * p.opacity[r] + gd[l] * p.depth[r];
     }
     if (p.grad_weights) {  // Σ g_w,i w_i needs w: one extra sweep
-      Float8Lanes tau = zero, trans = exp_lanes(-tau);
+      RaySweep sweep(zero);
       for (int64_t i = 0; i < g.longest; ++i) {
         const SampleLanes s = load_samples(p, g, i);
-        const Int8Lanes live = live_lanes(s, trans, p.early_stop_eps);
-        const Float8Lanes x = s.sigma * (s.t_end - s.t_start);
-        total += select_lanes(live, s.grad_weight * (trans * -expm1_lanes(-x)), zero);
-        const Float8Lanes tau_next = tau + x;
-        trans = select_lanes(live, exp_lanes(-tau_next), trans);
-        tau = select_lanes(live, tau_next, tau);
+        sweep.take(s, p.early_stop_eps);
+        total += select_lanes(sweep.live, s.grad_weight * sweep.w, zero);
+        sweep.advance();
       }
     }
-    Float8Lanes tau = zero, trans = exp_lanes(-tau), prefix = zero;
+    RaySweep sweep(zero);
+    Float8Lanes prefix = zero;
     for (int64_t i = 0; i < g.longest; ++i) {
       const SampleLanes s = load_samples(p, g, i);
-      const Int8Lanes live = live_lanes(s, trans, p.early_stop_eps);
-      const Float8Lanes delta = s.t_end - s.t_start;
-      const Float8Lanes x = s.sigma * delta;
-      const Float8Lanes w = select_lanes(live, trans * -expm1_lanes(-x), zero);
-      const Float8Lanes tau_next = tau + x;
-      const Float8Lanes trans_next = exp_lanes(-tau_next);
+      sweep.take(s, p.early_stop_eps);
+      const Int8Lanes live = sweep.live;
+      const Float8Lanes w = sweep.w;
       Float8Lanes u = g0 * s.red + g1 * s.green + g2 * s.blue + ga + gd * (0.5f * (s.t_start + s.t_end));
       if (p.grad_weights) u += s.grad_weight;
       prefix += select_lanes(live, w * u, zero);
-      const Float8Lanes grad_sigma = select_lanes(live, delta * (trans_next * u - (total - prefix)), zero);
+      const Float8Lanes grad_sigma = select_lanes(live, sweep.delta * (sweep.trans_next * u - (total - prefix)), zero);
       const Float8Lanes grad_red = select_lanes(live, w * g0, zero), grad_green = select_lanes(live, w * g1, zero),
                         grad_blue = select_lanes(live, w * g2, zero);
       for (int l = 0; l < kRayLanes; ++l) {
@@ -184,8 +197,7 @@ FC_CPU_CLONES void render_backward_float(const RenderParams<float>& p, int64_t r
         p.grad_rgbs[3 * at + 1] = grad_green[l];
         p.grad_rgbs[3 * at + 2] = grad_blue[l];
       }
-      trans = select_lanes(live, trans_next, trans);
-      tau = select_lanes(live, tau_next, tau);
+      sweep.advance();
     }
   }
 }

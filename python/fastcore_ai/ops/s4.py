@@ -15,6 +15,8 @@ follow PyTorch's complex convention. The nodes z of `cauchy` are constants (no g
 
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Tuple
 
 import torch
@@ -246,7 +248,9 @@ def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
     return torch.empty_like(u, memory_format=torch.contiguous_format)
 
 
-_fft_sizes: dict = {}  # (L, Lk) -> fft_conv_size(L, Lk), outside torch.compile
+# fft_conv_size is ~5 µs of Python loops, as much as the rest of fft_conv's wrapper: memoised outside
+# torch.compile (dynamo traces the plain function).
+_cached_fft_conv_size = functools.lru_cache(maxsize=4096)(fft_conv_size)
 
 
 def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
@@ -280,12 +284,7 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str =
         _same_device(_FFT, "D", D, "u", u)
     chosen = backends.select(_FFT, backend, u.device, u.dtype, "u")
     Lk = max(k.shape[1], 1)
-    if torch.compiler.is_compiling():
-        n = fft_conv_size(L, Lk)
-    else:  # fft_conv_size is ~5 µs of Python loops, as much as the rest of this wrapper
-        n = _fft_sizes.get((L, Lk)) or _fft_sizes.setdefault((L, Lk), fft_conv_size(L, Lk))
-        if len(_fft_sizes) > 4096:
-            _fft_sizes.clear()
+    n = fft_conv_size(L, Lk) if torch.compiler.is_compiling() else _cached_fft_conv_size(L, Lk)
     return _fft_op(u, k, D, n, backend=chosen)
 
 
