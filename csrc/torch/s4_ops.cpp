@@ -60,6 +60,33 @@ int64_t parallel_grain(int64_t cost_per_unit) {
 
 // ---- Cauchy ------------------------------------------------------------------------------------
 
+// The fields every Cauchy / Vandermonde call fills the same way (inputs interleaved re, im; sizes); each
+// call adds its outputs or gradients.
+template <typename T>
+CauchyParams<T> cauchy_params(const at::Tensor& vr, const at::Tensor& wr, const at::Tensor& zr, int64_t B, int64_t N,
+                              int64_t L, bool conj_symmetric) {
+  CauchyParams<T> p;
+  p.v = vr.data_ptr<T>();
+  p.w = wr.data_ptr<T>();
+  p.z = zr.data_ptr<T>();
+  p.batch = B;
+  p.states = N;
+  p.nodes = L;
+  p.conj_symmetric = conj_symmetric;
+  return p;
+}
+
+template <typename T>
+VandermondeParams<T> vandermonde_params(const at::Tensor& vr, const at::Tensor& xr, int64_t B, int64_t N, int64_t L) {
+  VandermondeParams<T> p;
+  p.v = vr.data_ptr<T>();
+  p.x = xr.data_ptr<T>();
+  p.batch = B;
+  p.states = N;
+  p.length = L;
+  return p;
+}
+
 at::Tensor cauchy(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w, bool conj_symmetric) {
   constexpr const char* op = "cauchy";
   check_complex(op, "v", v, 2);
@@ -77,15 +104,8 @@ at::Tensor cauchy(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w,
   if (v.is_cuda()) {
     require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    CauchyParams<float> p;
-    p.v = vr.data_ptr<float>();
-    p.w = wr.data_ptr<float>();
-    p.z = zr.data_ptr<float>();
+    CauchyParams<float> p = cauchy_params<float>(vr, wr, zr, B, N, L, conj_symmetric);
     p.out = out_r.data_ptr<float>();
-    p.batch = B;
-    p.states = N;
-    p.nodes = L;
-    p.conj_symmetric = conj_symmetric;
     FC_CUDA_CALL(op, "forward launch", v.device(), cauchy_forward_cuda(p, current_stream()));
     return out;
   }
@@ -93,15 +113,8 @@ at::Tensor cauchy(const at::Tensor& v, const at::Tensor& z, const at::Tensor& w,
     using T = scalar_t;
     // z deinterleaved once (shared by every row): the vector loops load 8 contiguous re / im values.
     const at::Tensor z_re = zr.select(1, 0).contiguous(), z_im = zr.select(1, 1).contiguous();
-    CauchyParams<T> p;
-    p.v = vr.data_ptr<T>();
-    p.w = wr.data_ptr<T>();
-    p.z = zr.data_ptr<T>();
+    CauchyParams<T> p = cauchy_params<T>(vr, wr, zr, B, N, L, conj_symmetric);
     p.out = out_r.data_ptr<T>();
-    p.batch = B;
-    p.states = N;
-    p.nodes = L;
-    p.conj_symmetric = conj_symmetric;
     const int64_t tiles = (L + kCauchyTile - 1) / kCauchyTile;
     const T* zre = z_re.data_ptr<T>();
     const T* zim = z_im.data_ptr<T>();
@@ -129,17 +142,10 @@ std::vector<at::Tensor> cauchy_backward(const at::Tensor& grad, const at::Tensor
   if (v.is_cuda()) {
     require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    CauchyParams<float> p;
-    p.v = vr.data_ptr<float>();
-    p.w = wr.data_ptr<float>();
-    p.z = zr.data_ptr<float>();
+    CauchyParams<float> p = cauchy_params<float>(vr, wr, zr, B, N, L, conj_symmetric);
     p.grad_out = gr.data_ptr<float>();
     p.grad_v = gv.data_ptr<float>();
     p.grad_w = gw.data_ptr<float>();
-    p.batch = B;
-    p.states = N;
-    p.nodes = L;
-    p.conj_symmetric = conj_symmetric;
     FC_CUDA_CALL(op, "backward launch", v.device(), cauchy_backward_cuda(p, current_stream()));
     return {grad_v, grad_w};
   }
@@ -147,16 +153,9 @@ std::vector<at::Tensor> cauchy_backward(const at::Tensor& grad, const at::Tensor
     using T = scalar_t;
     const at::Tensor z_re = zr.select(1, 0).contiguous(), z_im = zr.select(1, 1).contiguous();
     const at::Tensor g_re = gr.select(2, 0).contiguous(), g_im = gr.select(2, 1).contiguous();
-    CauchyParams<T> p;
-    p.v = vr.data_ptr<T>();
-    p.w = wr.data_ptr<T>();
-    p.z = zr.data_ptr<T>();
+    CauchyParams<T> p = cauchy_params<T>(vr, wr, zr, B, N, L, conj_symmetric);
     p.grad_v = gv.data_ptr<T>();
     p.grad_w = gw.data_ptr<T>();
-    p.batch = B;
-    p.states = N;
-    p.nodes = L;
-    p.conj_symmetric = conj_symmetric;
     const T *zre = z_re.data_ptr<T>(), *zim = z_im.data_ptr<T>(), *gre = g_re.data_ptr<T>(), *gim = g_im.data_ptr<T>();
     at::parallel_for(0, B * N, parallel_grain(L),
                      [&](int64_t b, int64_t e) { cauchy_backward_cpu<T>(p, zre, zim, gre, gim, b, e); });
@@ -182,25 +181,15 @@ at::Tensor vandermonde(const at::Tensor& v, const at::Tensor& x, int64_t L) {
   if (v.is_cuda()) {
     require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    VandermondeParams<float> p;
-    p.v = vr.data_ptr<float>();
-    p.x = xr.data_ptr<float>();
+    VandermondeParams<float> p = vandermonde_params<float>(vr, xr, B, N, L);
     p.out = out.data_ptr<float>();
-    p.batch = B;
-    p.states = N;
-    p.length = L;
     FC_CUDA_CALL(op, "forward launch", v.device(), vandermonde_forward_cuda(p, current_stream()));
     return out;
   }
   AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_vandermonde", [&] {
     using T = scalar_t;
-    VandermondeParams<T> p;
-    p.v = vr.data_ptr<T>();
-    p.x = xr.data_ptr<T>();
+    VandermondeParams<T> p = vandermonde_params<T>(vr, xr, B, N, L);
     p.out = out.data_ptr<T>();
-    p.batch = B;
-    p.states = N;
-    p.length = L;
     at::parallel_for(0, B, 1, [&](int64_t b, int64_t e) { vandermonde_forward_cpu<T>(p, b, e); });
   });
   return out;
@@ -223,29 +212,19 @@ std::vector<at::Tensor> vandermonde_backward(const at::Tensor& grad, const at::T
   if (v.is_cuda()) {
     require_cuda(op);
     FC_CHECK(v.scalar_type() == at::kComplexFloat, op, "the cuda backend takes complex64, got ", v.scalar_type());
-    VandermondeParams<float> p;
-    p.v = vr.data_ptr<float>();
-    p.x = xr.data_ptr<float>();
+    VandermondeParams<float> p = vandermonde_params<float>(vr, xr, B, N, L);
     p.grad_out = g.data_ptr<float>();
     p.grad_v = gv.data_ptr<float>();
     p.grad_x = gx.data_ptr<float>();
-    p.batch = B;
-    p.states = N;
-    p.length = L;
     FC_CUDA_CALL(op, "backward launch", v.device(), vandermonde_backward_cuda(p, current_stream()));
     return {grad_v, grad_x};
   }
   AT_DISPATCH_FLOATING_TYPES(vr.scalar_type(), "s4_vandermonde_backward", [&] {
     using T = scalar_t;
-    VandermondeParams<T> p;
-    p.v = vr.data_ptr<T>();
-    p.x = xr.data_ptr<T>();
+    VandermondeParams<T> p = vandermonde_params<T>(vr, xr, B, N, L);
     p.grad_out = g.data_ptr<T>();
     p.grad_v = gv.data_ptr<T>();
     p.grad_x = gx.data_ptr<T>();
-    p.batch = B;
-    p.states = N;
-    p.length = L;
     at::parallel_for(0, B * N, parallel_grain(L), [&](int64_t b, int64_t e) { vandermonde_backward_cpu<T>(p, b, e); });
   });
   return {grad_v, grad_x};
