@@ -56,3 +56,17 @@ def test_mux_demux_cpu(benchmark, provider, N):
 
     out = benchmark(fused if provider == "fastcore-cpu" else composition)
     assert out.shape == (B * N, L, d)
+
+
+@pytest.mark.parametrize("provider", ["fastcore-mha", "torch-mha"])
+def test_transformer_encoder_training_step_cpu(benchmark, provider):
+    """torch.nn.TransformerEncoder (4 layers, d = 256, 4 heads, dropout 0, batch_first) training step (forward +
+    backward) before vs after fastcore_ai.nn.replace_attention, same weights (`bench --family mux_mha`)."""
+    from fastcore_ai.bench.mux import encoder_training_step, transformer_encoder_pair
+
+    B, L, d = 16, 128, 256
+    reference, swapped = transformer_encoder_pair(d, 4, 4, "cpu")
+    x, grad = torch.randn(B, L, d), torch.randn(B, L, d)
+    benchmark.group = f"TransformerEncoder 4L d={d} h=4 B={B} L={L} training step cpu"
+    out = benchmark(encoder_training_step, swapped if provider == "fastcore-mha" else reference, x, grad)
+    assert out.shape == (B, L, d)

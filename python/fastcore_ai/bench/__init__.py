@@ -13,20 +13,32 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .._build_info import build_info
-from . import moe, mux, nerf, overhead, pq, s4, sweep  # noqa: F401  (sweep: bench --sweep)
+from . import hf_models, moe, mux, nerf, overhead, pq, s4, sweep  # noqa: F401  (sweep: bench --sweep)
 from .harness import Case, Row, format_table, time_interleaved, cpu_peak_extra_mb  # noqa: F401  (the harness API)
 
 FAMILIES: Dict[str, Callable] = {}
 
 
-for _module in (moe, s4, nerf, pq, mux, overhead):
+for _module in (moe, s4, nerf, pq, mux, overhead, hf_models):
     FAMILIES.update(_module.FAMILIES)
 
 # What `bench` without --family and `demo` run: one entry per family's main table. The other names in
 # FAMILIES are parts or subsets of these (e.g. nerf_render, pq_fastscan) for focused runs. nerf runs last:
 # its render-backward case fixes glibc's mmap threshold for the rest of the process (to make its peak
 # column exact), which would change every later family's allocation costs.
-DEFAULT_FAMILIES = ["moe", "moe_experts", "s4", "pq", "mux_attention", "mux", "mux_encoder", "overhead", "nerf"]
+DEFAULT_FAMILIES = [
+    "moe",
+    "moe_experts",
+    "s4",
+    "pq",
+    "mux_attention",
+    "mux",
+    "mux_encoder",
+    "mux_mha",
+    "hf_attention",
+    "overhead",
+    "nerf",
+]
 
 
 def run(families: List[str], device: str = "cpu", quick: bool = False) -> List[Row]:

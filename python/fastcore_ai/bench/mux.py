@@ -8,6 +8,8 @@ mux            mux + demux (Hadamard mux, separable fused index demux) vs the to
 mux_encoder    DataMUXEncoder (4 layers, d = 256, 4 heads, L = 128) inference throughput: every provider
                encodes the same number of instances with N = 1, 2, 5, 10, 20, 40, so "vs peer" (N=1) is the
                throughput ratio the paper reports.
+mux_mha        torch.nn.TransformerEncoder (4 layers, d = 256, 4 heads, B = 16 × L = 128) training step and
+               eval forward before vs after nn.replace_attention, same weights.
 """
 
 from __future__ import annotations
@@ -379,3 +381,85 @@ def _sweep_specs():
 
 
 SWEEP = _sweep_specs()
+
+
+# ---- nn.MultiheadAttention drop-in: a torch TransformerEncoder before / after replace_attention -----------
+
+
+def encoder_training_step(model, x, grad):
+    """One training step's compute: fresh gradients (set to None, as optimizer.zero_grad does), forward,
+    backward of `grad`."""
+    for p in model.parameters():
+        p.grad = None
+    out = model(x)
+    out.backward(grad)
+    return out.detach()
+
+
+def transformer_encoder_pair(d_model: int, heads: int, layers: int, device: str, seed: int = 0):
+    """(torch.nn.TransformerEncoder, the same weights after fastcore_ai.nn.replace_attention): post-LN,
+    GELU, dim_feedforward = 4·d_model, dropout 0.0, batch_first=True."""
+    import copy
+
+    from ..nn import replace_attention
+
+    torch.manual_seed(seed)
+    layer = torch.nn.TransformerEncoderLayer(
+        d_model, heads, dim_feedforward=4 * d_model, dropout=0.0, activation="gelu", batch_first=True
+    )
+    reference = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).to(device)
+    return reference, replace_attention(copy.deepcopy(reference))
+
+
+def multihead_encoder_cases(device: str, quick: bool = False) -> list:
+    """torch.nn.TransformerEncoder (d = 256, 4 heads, 4 layers, B = 16 × L = 128, float32) with torch's
+    nn.MultiheadAttention vs the same model after replace_attention (fastcore_ai.nn.MultiheadAttention, fused
+    kernel), same weights, same run: a training step (forward + backward, dropout 0) and eval inference
+    under no_grad (where torch's encoder layers take their native fast path)."""
+    from .harness import Case
+
+    B, L, d, heads, layers = (2, 16, 32, 4, 1) if quick else (16, 128, 256, 4, 4)
+    cases: List = []
+    for mode in ("training step", "eval forward"):
+
+        def setup(mode=mode):
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(B, L, d, generator=g).to(device)
+            grad = torch.randn(B, L, d, generator=g).to(device)
+            reference, swapped = transformer_encoder_pair(d, heads, layers, device)
+            if mode == "eval forward":
+                reference.eval(), swapped.eval()
+            return x, grad, reference, swapped
+
+        def run(which, mode=mode):
+            def step(x, grad, reference, swapped):
+                model = swapped if which == "fastcore" else reference
+                if mode == "training step":
+                    return encoder_training_step(model, x, grad)
+                with torch.no_grad():
+                    return model(x)
+
+            return step
+
+        def error(output, inputs):
+            import copy
+
+            x, _, reference, _ = inputs
+            with torch.no_grad():
+                expected = copy.deepcopy(reference).cpu().double()(x.cpu().double())
+            return _rel(output, expected)
+
+        cases.append(
+            Case(
+                "mux_mha",
+                f"TransformerEncoder {layers}L d={d} h={heads} B={B} L={L} float32 {mode}",
+                setup,
+                {"fastcore": run("fastcore"), "torch-mha": run("torch")},
+                error,
+                peer="torch-mha",
+            )
+        )
+    return cases
+
+
+FAMILIES["mux_mha"] = multihead_encoder_cases
