@@ -7,10 +7,15 @@
     data    the arrays' raw little-endian bytes, at their offsets relative to the start of data
     sha256  32 bytes: SHA-256 of everything before it
 
-Reading checks, in order: the size, the magic, the version, the checksum, then that every array has
-an allowed dtype, a shape whose size matches nbytes and lies inside the data. Any failure raises
-IndexFileError (a ValueError); nothing is interpreted before the checksum passed. Writing is atomic:
-a temporary file in the same directory, fsync, rename over the target, fsync of the directory.
+Reading checks, in order: the size, the magic, the version, the checksum, then the header's structure
+and that the arrays tile the data section exactly (each with an allowed dtype, a shape whose size matches
+its byte count, no gaps, overlaps, duplicates or trailing bytes). Any failure raises IndexFileError
+(a ValueError) naming the file; nothing is interpreted before the checksum passed (only the message
+of a failed checksum looks further, to say whether the file is shorter than its header describes).
+
+Writing is atomic: the bytes go to a temporary file in the target's directory, which is flushed,
+fsynced and renamed over the target (then the directory is fsynced). If anything fails on the way
+(a full disk, an interrupt) the temporary file is removed and the file at the target is untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 from typing import Dict, Tuple
@@ -30,41 +36,96 @@ FORMAT_VERSION = 1
 _DTYPES = {"float32": np.float32, "float64": np.float64, "int64": np.int64, "uint8": np.uint8}
 _PREFIX = 8 + 4 + 4
 _DIGEST = 32
+_TEMP_PREFIX, _TEMP_SUFFIX = ".fcpq-", ".tmp"
 
 
 class IndexFileError(ValueError):
-    """A fastcore_ai index file is missing, truncated, corrupted or of another version."""
+    """A fastcore_ai index file is missing, truncated, corrupted, of another version or inconsistent."""
 
 
-def write_index_file(path: str, meta: dict, arrays: Dict[str, torch.Tensor]) -> None:
+def _fail(where: str, problem: str) -> IndexFileError:
+    """'... index file 'p' is truncated', '... index file 'p': array 'codes' ...'"""
+    return IndexFileError(f"fastcore_ai.search: {where}{':' if problem.startswith('array') else ''} {problem}")
+
+
+def _encode(arrays: Dict[str, torch.Tensor]) -> Tuple[list, list]:
+    """The header entries and the little-endian bytes of every array, in order."""
     entries, blobs, offset = [], [], 0
     for name, tensor in arrays.items():
         array = np.ascontiguousarray(tensor.detach().cpu().numpy())
         dtype = str(array.dtype)
         if dtype not in _DTYPES:
             raise TypeError(f"fastcore_ai.search: cannot store array {name} of dtype {dtype}")
-        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        little = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False))
+        data = little.reshape(-1).view(np.uint8)
         entries.append(
-            {"name": name, "dtype": dtype, "shape": list(array.shape), "offset": offset, "nbytes": len(data)}
+            {"name": name, "dtype": dtype, "shape": list(array.shape), "offset": offset, "nbytes": int(data.nbytes)}
         )
         blobs.append(data)
-        offset += len(data)
-    header = json.dumps({"meta": meta, "arrays": entries}, sort_keys=True).encode("utf-8")
-    body = MAGIC + struct.pack("<II", FORMAT_VERSION, len(header)) + header + b"".join(blobs)
-    digest = hashlib.sha256(body).digest()
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fcpq-", suffix=".tmp", dir=directory)
+        offset += int(data.nbytes)
+    return entries, blobs
+
+
+def _new_file_mode(path: str) -> int:
+    """The permission bits the saved file should get: those of the file it replaces, else what a plain
+    open() would give (0o666 less the umask). mkstemp makes its file 0o600, which would otherwise stick."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.write(digest)
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        pass
+    try:  # Linux reports the umask without changing it (os.umask would, for every thread at once)
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o644
+
+
+def write_index_file(path, meta: dict, arrays: Dict[str, torch.Tensor], who: str = "save") -> None:
+    """Write meta and arrays to path atomically (see the module docstring). `who` names the caller in
+    errors. An OSError on the way is raised again as an OSError (same errno) naming the caller and the
+    path; the previous file at path, if any, is left as it was and no temporary file stays behind."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"fastcore_ai.search.{who}: path must be a str or os.PathLike, got {type(path).__name__}")
+    entries, blobs = _encode(arrays)
+    header = json.dumps({"meta": meta, "arrays": entries}, sort_keys=True).encode("utf-8")
+    prefix = MAGIC + struct.pack("<II", FORMAT_VERSION, len(header))
+    directory = os.path.dirname(os.path.abspath(path))
+    mode = _new_file_mode(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_TEMP_PREFIX, suffix=_TEMP_SUFFIX, dir=directory)
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
+            # The arrays are streamed: joining them into one bytes object would hold the index twice in memory.
+            digest = hashlib.sha256()
+            for chunk in (prefix, header, *blobs):
+                digest.update(chunk)
+                f.write(chunk)
+            f.write(digest.digest())
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        tmp = None
+    except OSError as error:
+        raise OSError(
+            error.errno, f"fastcore_ai.search.{who}: cannot write index file {path!r}: {error.strerror or error}"
+        ) from error
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:  # already gone: nothing is left behind either way
+                pass
     try:
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
@@ -75,45 +136,97 @@ def write_index_file(path: str, meta: dict, arrays: Dict[str, torch.Tensor]) -> 
         pass
 
 
-def read_index_file(path: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+def _declared_size(raw: memoryview, hlen: int):
+    """For the message of a failed checksum only: the file size the header describes, or None."""
+    try:
+        entries = json.loads(bytes(raw[_PREFIX : _PREFIX + hlen]).decode("utf-8"))["arrays"]
+        return _PREFIX + hlen + sum(int(entry["nbytes"]) for entry in entries) + _DIGEST
+    except Exception:  # any damage: the checksum message stands alone
+        return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_entries(where: str, entries, data_bytes: int) -> list:
+    """The header's array entries, checked to tile the data section exactly."""
+    if not isinstance(entries, list):
+        raise _fail(where, "has a malformed header: 'arrays' must be a list")
+    checked, names, expected_offset = [], set(), 0
+    for entry in entries:
+        if not isinstance(entry, dict) or set(entry) != {"name", "dtype", "shape", "offset", "nbytes"}:
+            raise _fail(where, f"has a malformed array entry {entry!r}")
+        name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
+        offset, nbytes = entry["offset"], entry["nbytes"]
+        if not isinstance(name, str) or name in names:
+            raise _fail(where, f"has a repeated or non-string array name {name!r}")
+        names.add(name)
+        if dtype not in _DTYPES:
+            raise _fail(where, f"array {name!r} has dtype {dtype!r}, not one of {sorted(_DTYPES)}")
+        if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+            raise _fail(where, f"array {name!r} has an invalid shape {shape!r}")
+        if not _is_int(offset) or not _is_int(nbytes):
+            raise _fail(where, f"array {name!r} has a non-integer offset or byte count")
+        size = int(np.prod(shape, dtype=object)) * np.dtype(_DTYPES[dtype]).itemsize
+        if size != nbytes:
+            raise _fail(where, f"array {name!r}: shape {shape} of {dtype} is {size} bytes, the header says {nbytes}")
+        if offset != expected_offset or offset + nbytes > data_bytes:
+            raise _fail(
+                where,
+                f"array {name!r} lies at bytes [{offset}, {offset + nbytes}) of the data section, "
+                f"expected to start at {expected_offset} and end by {data_bytes}",
+            )
+        expected_offset = offset + nbytes
+        checked.append((name, dtype, shape, offset, nbytes))
+    if expected_offset != data_bytes:
+        raise _fail(where, f"has {data_bytes - expected_offset} bytes of data that no array of the header describes")
+    return checked
+
+
+def read_index_file(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    """(meta, arrays) of an index file, every structural check of the module docstring passed."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"fastcore_ai.search.load: path must be a str or os.PathLike, got {type(path).__name__}")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = memoryview(f.read())
     except OSError as error:
         raise IndexFileError(f"fastcore_ai.search: cannot read index file {path!r}: {error}") from error
     where = f"index file {path!r}"
     if len(raw) < _PREFIX + _DIGEST:
-        raise IndexFileError(f"fastcore_ai.search: {where} is truncated ({len(raw)} bytes)")
+        raise _fail(where, f"is truncated ({len(raw)} bytes, less than the {_PREFIX + _DIGEST} of an empty file)")
     if raw[:8] != MAGIC:
-        raise IndexFileError(f"fastcore_ai.search: {where} is not a fastcore_ai index (bad magic)")
-    version, hlen = struct.unpack("<II", raw[8:16])
-    if version != FORMAT_VERSION:
-        raise IndexFileError(
-            f"fastcore_ai.search: {where} has format version {version}; this fastcore_ai reads version {FORMAT_VERSION}"
+        raise _fail(where, f"is not a fastcore_ai index (bad magic {bytes(raw[:8])!r}, expected {MAGIC!r})")
+    version, hlen = struct.unpack("<II", raw[8:_PREFIX])
+    if version > FORMAT_VERSION:
+        raise _fail(
+            where,
+            f"has format version {version}, newer than this fastcore_ai reads (version {FORMAT_VERSION}); "
+            "upgrade fastcore_ai to load it",
         )
+    if version != FORMAT_VERSION:
+        raise _fail(where, f"has format version {version}; this fastcore_ai reads version {FORMAT_VERSION}")
     body, digest = raw[:-_DIGEST], raw[-_DIGEST:]
     if hashlib.sha256(body).digest() != digest:
-        raise IndexFileError(f"fastcore_ai.search: {where} is corrupted or truncated (checksum mismatch)")
+        declared = _declared_size(raw, hlen)
+        if declared is not None and declared > len(raw):
+            raise _fail(where, f"is truncated ({len(raw)} bytes, its header describes {declared}; checksum mismatch)")
+        raise _fail(where, "is corrupted or truncated (checksum mismatch)")
     if _PREFIX + hlen > len(body):
-        raise IndexFileError(f"fastcore_ai.search: {where} has a header longer than the file")
+        raise _fail(where, f"has a header length {hlen} longer than the file")
     try:
-        header = json.loads(body[_PREFIX : _PREFIX + hlen].decode("utf-8"))
-        meta, entries = header["meta"], header["arrays"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise IndexFileError(f"fastcore_ai.search: {where} has an unreadable header ({error})") from error
-    data = memoryview(body)[_PREFIX + hlen :]
+        header = json.loads(bytes(body[_PREFIX : _PREFIX + hlen]).decode("utf-8"))
+    except ValueError as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _fail(where, f"has an unreadable header ({error})") from error
+    if not isinstance(header, dict) or set(header) != {"meta", "arrays"} or not isinstance(header["meta"], dict):
+        raise _fail(where, "has a malformed header: expected an object with 'meta' (an object) and 'arrays'")
+    data = body[_PREFIX + hlen :]
     arrays = {}
-    for entry in entries:
-        try:
-            name, dtype, shape = str(entry["name"]), str(entry["dtype"]), [int(s) for s in entry["shape"]]
-            offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-        except (KeyError, TypeError, ValueError) as error:
-            raise IndexFileError(f"fastcore_ai.search: {where} has a malformed array entry ({error})") from error
-        if dtype not in _DTYPES or any(s < 0 for s in shape):
-            raise IndexFileError(f"fastcore_ai.search: {where}: array {name} has dtype {dtype} / shape {shape}")
-        itemsize = np.dtype(_DTYPES[dtype]).itemsize
-        if int(np.prod(shape, dtype=np.int64)) * itemsize != nbytes or offset < 0 or offset + nbytes > len(data):
-            raise IndexFileError(f"fastcore_ai.search: {where}: array {name} does not fit the file")
-        array = np.frombuffer(data[offset : offset + nbytes], dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<"))
-        arrays[name] = torch.from_numpy(array.astype(_DTYPES[dtype]).reshape(shape).copy())
-    return meta, arrays
+    for name, dtype, shape, offset, nbytes in _read_entries(where, header["arrays"], len(data)):
+        native = np.dtype(_DTYPES[dtype])
+        stored = np.frombuffer(data[offset : offset + nbytes], dtype=native.newbyteorder("<"))
+        arrays[name] = torch.from_numpy(stored.astype(native).reshape(shape))  # astype copies: writable, owned
+    return header["meta"], arrays

@@ -4,10 +4,24 @@ already float32 and C-contiguous on the CPU; CUDA tensors are copied to the CPU,
 with a warning the first time: the indexes have no GPU search yet). Vectors given to train and add must
 be finite, and the ids of an index unique.
 Results: (distances [nq, k] float32, ids [nq, k] int64) as torch tensors, FAISS conventions.
+
+Threads: an index may be shared between threads. Each index has a lock (a threading.RLock) that
+serialises the calls that change it (train's assignment of the trained model, add, remove_ids) with each
+other and with the moment a search, reconstruct or save takes its view of the index. The work of a
+search then runs outside the lock on that view: the index's tensors are replaced when it changes, never
+written in place, so searches run in parallel with each other, and a search that overlaps an add or a
+remove_ids returns exactly the result of the index before it or after it, never a mixture.
+Assigning the attributes (codes, ids, codebooks, ...) directly bypasses the lock: do it from one thread.
+
+Files: save writes atomically (a temporary file in the same directory, fsync, rename); load and
+load_index check the whole file (size, magic, version, checksum, header, every array's dtype and shape
+against the metadata, code ranges, unique ids, list numbers) before an index is built from it, and
+raise IndexFileError naming the file and the problem (docs/pq.md, "Index files").
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Optional, Tuple
 
@@ -60,6 +74,13 @@ def _as_matrix(cls: str, name: str, x, d: int, finite: bool = False) -> Tensor:
     return x
 
 
+def _map_rows(rows: Tensor, ids: Tensor) -> Tensor:
+    """The ids of the result rows (−1 padding kept)."""
+    if ids.shape[0] == 0:
+        return rows
+    return torch.where(rows >= 0, ids[rows.clamp_min(0)], rows)
+
+
 def _as_ids(cls: str, ids, n: int = -1) -> Tensor:
     """ids as a 1-D int64 CPU tensor (of length n unless n = −1)."""
     if isinstance(ids, np.ndarray):
@@ -78,9 +99,14 @@ def _as_ids(cls: str, ids, n: int = -1) -> Tensor:
 
 class PQIndex:
     """Exhaustive product-quantization index. nbits = 8: exact ADC scan; nbits = 4: fast-scan
-    (search(refine=f) re-ranks the best k·f exactly with the decoded codes)."""
+    (search(refine=f) re-ranks the best k·f exactly with the decoded codes).
+
+    Thread-safe (the module docstring, "Threads"): a per-index RLock serialises train's update, add,
+    remove_ids and the views that search, reconstruct and save take; searches do not serialise with each
+    other, and one that overlaps an add sees the index before or after the add."""
 
     _kind = "PQIndex"
+    _file_arrays = frozenset({"codes", "ids", "codebooks"})
 
     def __init__(self, d: int, M: int, nbits: int = 8, metric: str = "l2"):
         cls = type(self).__name__
@@ -98,6 +124,18 @@ class PQIndex:
         self.ids = torch.zeros(0, dtype=torch.int64)
         self._next_id = 0
         self._packed: Optional[Tensor] = None
+        self._lock = threading.RLock()
+
+    # The lock cannot be copied or pickled; a copy gets a fresh one (copy.deepcopy worked before the lock).
+    def __getstate__(self) -> dict:
+        with self._lock:
+            state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     # ---- state ----
     @property
@@ -121,15 +159,20 @@ class PQIndex:
     # ---- build ----
     def train(self, x, niter: int = 25, seed: int = 0, constrained: bool = False) -> "PQIndex":
         x = _as_matrix(type(self).__name__, "x", x, self.d, finite=True)
-        self.codebooks = ops.pq_train(
-            x, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed
-        )
+        # Trained outside the lock (searches go on with the current model meanwhile), installed under it.
+        codebooks = ops.pq_train(x, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed)
+        with self._lock:
+            self.codebooks = codebooks
         return self
 
     def _encode(self, x: Tensor) -> Tensor:
         return ops.pq_encode(x, self.codebooks)
 
     def add(self, x, ids=None) -> None:
+        with self._lock:
+            self._add(x, ids)
+
+    def _add(self, x, ids) -> None:
         self._require_trained("add to")
         cls = type(self).__name__
         x = _as_matrix(cls, "x", x, self.d, finite=True)
@@ -157,9 +200,10 @@ class PQIndex:
     def remove_ids(self, ids) -> int:
         """Remove every vector whose id is in `ids`; returns how many were removed."""
         ids = _as_ids(type(self).__name__, ids)
-        keep = ~torch.isin(self.ids, ids)
-        removed = int((~keep).sum())
-        self._keep_rows(keep)
+        with self._lock:
+            keep = ~torch.isin(self.ids, ids)
+            removed = int((~keep).sum())
+            self._keep_rows(keep)
         return removed
 
     def _keep_rows(self, keep: Tensor) -> None:
@@ -177,25 +221,32 @@ class PQIndex:
 
     def reconstruct(self, ids) -> Tensor:
         """The decoded vectors [len(ids), d] of the given ids (KeyError when one is missing)."""
-        self._require_trained("reconstruct from")
-        return ops.pq_decode(self.codes[self._rows_of(ids)], self.codebooks)
+        with self._lock:
+            self._require_trained("reconstruct from")
+            codes, codebooks = self.codes[self._rows_of(ids)], self.codebooks
+        return ops.pq_decode(codes, codebooks)
 
     # ---- search ----
     def search(self, q, k: int, nprobe: Optional[int] = None, refine: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        self._require_trained("search")
+        with self._lock:
+            self._require_trained("search")
+            view = self._search_view()
         q = _as_matrix(type(self).__name__, "q", q, self.d)
-        if self.nbits == 4:
-            if self._packed is None:
-                self._packed = ops.pq4_pack(self.codes)
-            d, rows = ops.pq4_search(q, self._packed, len(self), self.codebooks, k, self.metric, k_factor=refine or 1)
-        else:
-            d, rows = ops.pq_search(q, self.codes, self.codebooks, k, self.metric)
-        return d, self._map_rows(rows)
+        return self._search_on(view, q, k, nprobe, refine)
 
-    def _map_rows(self, rows: Tensor) -> Tensor:
-        if len(self) == 0:
-            return rows
-        return torch.where(rows >= 0, self.ids[rows.clamp_min(0)], rows)
+    def _search_view(self) -> tuple:
+        """What a search reads, taken under the lock (the fast-scan packing built once per change)."""
+        if self.nbits == 4 and self._packed is None:
+            self._packed = ops.pq4_pack(self.codes)
+        return self.codebooks, self.codes, self.ids, self._packed
+
+    def _search_on(self, view: tuple, q: Tensor, k: int, nprobe, refine) -> Tuple[Tensor, Tensor]:
+        codebooks, codes, ids, packed = view
+        if self.nbits == 4:
+            d, rows = ops.pq4_search(q, packed, codes.shape[0], codebooks, k, self.metric, k_factor=refine or 1)
+        else:
+            d, rows = ops.pq_search(q, codes, codebooks, k, self.metric)
+        return d, _map_rows(rows, ids)
 
     # ---- persistence ----
     def _meta(self) -> dict:
@@ -215,36 +266,65 @@ class PQIndex:
             arrays["codebooks"] = self.codebooks
         return arrays
 
-    def save(self, path: str) -> None:
-        """Write the index atomically (temp file, fsync, rename) in the versioned, checksummed format."""
-        write_index_file(path, self._meta(), self._arrays())
+    def save(self, path) -> None:
+        """Write the index atomically (temp file, fsync, rename) in the versioned, checksummed format. On
+        failure (an OSError naming the path, e.g. a full disk) the file already at path is left unchanged."""
+        with self._lock:
+            meta, arrays = self._meta(), self._arrays()
+        write_index_file(path, meta, arrays, who=f"{type(self).__name__}.save")
 
     @classmethod
-    def load(cls, path: str) -> "PQIndex":
-        index = load_index(path)
-        if not isinstance(index, cls):
-            raise IndexFileError(f"fastcore_ai.search: {path!r} holds a {type(index).__name__}, not a {cls.__name__}")
-        return index
+    def load(cls, path) -> "PQIndex":
+        """The index saved at path; IndexFileError if the file is damaged or holds another kind of index."""
+        return _index_from_file(path, expected=cls)
 
-    def _restore(self, meta: dict, arrays: dict, path: str) -> None:
-        def need(name, dtype, shape):
-            a = arrays.get(name)
-            if a is None or a.dtype != dtype or (shape is not None and tuple(a.shape) != tuple(shape)):
-                raise IndexFileError(
-                    f"fastcore_ai.search: {path!r}: array {name} is missing or has the wrong dtype/shape"
-                )
-            return a
+    @classmethod
+    def _params_from_meta(cls, meta: dict, where: str) -> dict:
+        """The constructor's arguments, from a file's metadata."""
+        return {
+            "d": _meta_field(meta, "d", int, where),
+            "M": _meta_field(meta, "M", int, where),
+            "nbits": _meta_field(meta, "nbits", int, where),
+            "metric": _meta_field(meta, "metric", str, where),
+        }
 
-        self._next_id = int(meta.get("next_id", 0))
-        if meta.get("trained"):
-            self.codebooks = need("codebooks", torch.float32, (self.M, 2**self.nbits, self.d // self.M))
-        codes = need("codes", torch.uint8, None)
+    def _state_from_file(self, meta: dict, arrays: dict, where: str) -> dict:
+        """The attributes a loaded index gets, every one checked against the metadata (self: the empty index
+        built with the file's parameters; nothing is assigned here)."""
+        unexpected = sorted(set(arrays) - self._file_arrays)
+        if unexpected:
+            raise IndexFileError(f"fastcore_ai.search: {where} holds arrays {unexpected} that a {self._kind} has not")
+        trained = _meta_field(meta, "trained", bool, where)
+        next_id = _meta_field(meta, "next_id", int, where)
+        codes = _file_array(arrays, "codes", torch.uint8, where)
         if codes.dim() != 2 or codes.shape[1] != self.M:
-            raise IndexFileError(f"fastcore_ai.search: {path!r}: codes must be [n, {self.M}]")
-        self.codes = codes
-        self.ids = need("ids", torch.int64, (codes.shape[0],))
-        if codes.numel() and int(codes.max()) >= 2**self.nbits:
-            raise IndexFileError(f"fastcore_ai.search: {path!r}: codes out of range for nbits = {self.nbits}")
+            raise IndexFileError(
+                f"fastcore_ai.search: {where}: codes must be [n, M] with M = {self.M}, got {list(codes.shape)}"
+            )
+        n = codes.shape[0]
+        ids = _file_array(arrays, "ids", torch.int64, where, (n,))
+        if n and int(codes.max()) >= 2**self.nbits:
+            raise IndexFileError(
+                f"fastcore_ai.search: {where}: codes hold {int(codes.max())}, out of range for nbits = {self.nbits}"
+            )
+        if n and int(ids.min()) < 0:
+            raise IndexFileError(f"fastcore_ai.search: {where}: ids hold a negative id {int(ids.min())}")
+        if torch.unique(ids).numel() != n:
+            raise IndexFileError(f"fastcore_ai.search: {where}: ids are not unique")
+        if next_id < 0 or (n and next_id <= int(ids.max())):
+            raise IndexFileError(
+                f"fastcore_ai.search: {where}: next_id = {next_id} must be >= 0 and above every id"
+                + (f" (largest {int(ids.max())})" if n else "")
+            )
+        codebooks = None
+        if trained:
+            codebooks = _file_array(
+                arrays, "codebooks", torch.float32, where, (self.M, 2**self.nbits, self.d // self.M)
+            )
+            _require_finite(codebooks, "codebooks", where)
+        elif "codebooks" in arrays or n:
+            raise IndexFileError(f"fastcore_ai.search: {where}: an untrained index holds codebooks or vectors")
+        return {"codebooks": codebooks, "codes": codes, "ids": ids, "_next_id": next_id}
 
 
 class IVFPQIndex(PQIndex):
@@ -253,9 +333,13 @@ class IVFPQIndex(PQIndex):
     (by_residual=True, FAISS's IndexIVFPQ default). nbits = 4 with by_residual=False is FAISS's
     IVF…,PQ…x4fs and is searched with the fast-scan kernel (one quantized table per query). search(q, k, nprobe) scans the nprobe best lists:
     l2 uses one table per (query, list) on q − c_l; ip uses the decomposition ⟨q, c_l⟩ + ⟨q, y_R⟩ (one
-    table per query plus a per-list bias)."""
+    table per query plus a per-list bias).
+
+    Thread-safe as PQIndex is (the module docstring, "Threads"): the lists, their fast-scan packing and the
+    residual tables a search needs are built under the lock, once per change, and the scan runs outside it."""
 
     _kind = "IVFPQIndex"
+    _file_arrays = PQIndex._file_arrays | {"list_no", "coarse"}
 
     def __init__(self, d: int, nlist: int, M: int, nbits: int = 8, metric: str = "l2", by_residual: bool = True):
         super().__init__(d, M, nbits, metric)
@@ -276,11 +360,12 @@ class IVFPQIndex(PQIndex):
         x = _as_matrix("IVFPQIndex", "x", x, self.d, finite=True)
         coarse = ops.kmeans(x, self.nlist, niter=coarse_niter, seed=seed)
         target = x - coarse[self._assign(x, coarse)] if self.by_residual else x
-        self.codebooks = ops.pq_train(
+        codebooks = ops.pq_train(
             target, self.M, self.nbits, self.metric, niter=niter, constrained=constrained, seed=seed + 1
         )
-        self.coarse = coarse
-        self._list_terms = None
+        with self._lock:  # the two halves of the model are installed together
+            self.codebooks, self.coarse = codebooks, coarse
+            self._list_terms = None
         return self
 
     def _coarse_scores(self, x: Tensor, coarse: Tensor) -> Tensor:
@@ -310,10 +395,12 @@ class IVFPQIndex(PQIndex):
         self._csr = None
 
     def reconstruct(self, ids) -> Tensor:
-        self._require_trained("reconstruct from")
-        rows = self._rows_of(ids)
-        out = ops.pq_decode(self.codes[rows], self.codebooks)
-        return out + self.coarse[self.list_no[rows]] if self.by_residual else out
+        with self._lock:
+            self._require_trained("reconstruct from")
+            rows = self._rows_of(ids)
+            codes, codebooks, centroids = self.codes[rows], self.codebooks, self.coarse[self.list_no[rows]]
+        out = ops.pq_decode(codes, codebooks)
+        return out + centroids if self.by_residual else out
 
     def _lists(self):
         """(codes grouped by list, ids in the same order, list_offsets [nlist + 1]) — a stable sort."""
@@ -326,8 +413,22 @@ class IVFPQIndex(PQIndex):
         return self._csr
 
     def search(self, q, k: int, nprobe: Optional[int] = None, refine: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        self._require_trained("search")
+        with self._lock:
+            self._require_trained("search")
+            view = self._search_view()
         q = _as_matrix("IVFPQIndex", "q", q, self.d)
+        return self._search_on(view, q, k, nprobe, refine)
+
+    def _search_view(self) -> tuple:
+        """(coarse, codebooks, lists or None, residual terms or None, fast-scan packing or None), under the lock."""
+        if self.nbits == 4 and not self.by_residual:
+            if self._packed is None:
+                self._packed = ops.pq4_pack_lists(self.codes, self.list_no, self.ids, self.nlist)
+            return self.coarse, self.codebooks, None, None, self._packed
+        return self.coarse, self.codebooks, self._lists(), self._residual_terms(), None
+
+    def _search_on(self, view: tuple, q: Tensor, k: int, nprobe, refine) -> Tuple[Tensor, Tensor]:
+        coarse, codebooks, lists, list_terms, packed = view
         nprobe = 1 if nprobe is None else nprobe
         if not isinstance(nprobe, int) or nprobe < 1:
             raise ValueError(_err("IVFPQIndex", f"nprobe must be a positive int, got {nprobe!r}"))
@@ -336,28 +437,16 @@ class IVFPQIndex(PQIndex):
         # memory), more from the coarse GEMM by the native selection (torch.topk cost ~2.4 µs a query for
         # nlist = 1024, as much as scanning two lists).
         if nprobe == 1:
-            probes = nearest_centroid(q, self.coarse, self.metric)[:, None]
+            probes = nearest_centroid(q, coarse, self.metric)[:, None]
         else:
-            probes = best_columns(self._coarse_scores(q, self.coarse), nprobe)
-        if self.nbits == 4 and not self.by_residual:
+            probes = best_columns(self._coarse_scores(q, coarse), nprobe)
+        if packed is not None:
             # FAISS's IVF…,PQ…x4fs: non-residual 4-bit codes, fast-scan per list.
-            if self._packed is None:
-                self._packed = ops.pq4_pack_lists(self.codes, self.list_no, self.ids, self.nlist)
-            packed, list_blocks, sizes, row_ids = self._packed
-            return ops.ivfpq4_search(q, probes, packed, list_blocks, sizes, row_ids, self.codebooks, k, self.metric)
-        codes, ids, offsets = self._lists()
+            blocks, list_blocks, sizes, row_ids = packed
+            return ops.ivfpq4_search(q, probes, blocks, list_blocks, sizes, row_ids, codebooks, k, self.metric)
+        codes, ids, offsets = lists
         return ops.ivfpq_search(
-            q,
-            self.coarse,
-            probes,
-            codes,
-            offsets,
-            ids,
-            self.codebooks,
-            k,
-            self.metric,
-            self.by_residual,
-            list_terms=self._residual_terms(),
+            q, coarse, probes, codes, offsets, ids, codebooks, k, self.metric, self.by_residual, list_terms=list_terms
         )
 
     def _residual_terms(self) -> Optional[Tensor]:
@@ -381,41 +470,91 @@ class IVFPQIndex(PQIndex):
             arrays["coarse"] = self.coarse
         return arrays
 
-    def _restore(self, meta: dict, arrays: dict, path: str) -> None:
-        super()._restore(meta, arrays, path)
-        list_no = arrays.get("list_no")
-        if (
-            list_no is None
-            or list_no.dtype != torch.int64
-            or tuple(list_no.shape) != (self.codes.shape[0],)
-            or (list_no.numel() and (int(list_no.min()) < 0 or int(list_no.max()) >= self.nlist))
-        ):
-            raise IndexFileError(f"fastcore_ai.search: {path!r}: list_no is missing or out of range")
-        self.list_no = list_no
-        if meta.get("trained"):
-            coarse = arrays.get("coarse")
-            if coarse is None or coarse.dtype != torch.float32 or tuple(coarse.shape) != (self.nlist, self.d):
-                raise IndexFileError(f"fastcore_ai.search: {path!r}: coarse centroids are missing or malformed")
-            self.coarse = coarse
-            self._list_terms = None
+    @classmethod
+    def _params_from_meta(cls, meta: dict, where: str) -> dict:
+        params = super()._params_from_meta(meta, where)
+        params.update(
+            nlist=_meta_field(meta, "nlist", int, where), by_residual=_meta_field(meta, "by_residual", bool, where)
+        )
+        return params
+
+    def _state_from_file(self, meta: dict, arrays: dict, where: str) -> dict:
+        state = super()._state_from_file(meta, arrays, where)
+        list_no = _file_array(arrays, "list_no", torch.int64, where, (state["codes"].shape[0],))
+        if list_no.numel() and (int(list_no.min()) < 0 or int(list_no.max()) >= self.nlist):
+            raise IndexFileError(f"fastcore_ai.search: {where}: list_no holds list numbers outside [0, {self.nlist})")
+        coarse = None
+        if state["codebooks"] is not None:
+            coarse = _file_array(arrays, "coarse", torch.float32, where, (self.nlist, self.d))
+            _require_finite(coarse, "coarse", where)
+        elif "coarse" in arrays:
+            raise IndexFileError(f"fastcore_ai.search: {where}: an untrained index holds coarse centroids")
+        state.update(list_no=list_no, coarse=coarse)
+        return state
 
 
-def load_index(path: str):
-    """Load a PQIndex or IVFPQIndex written by .save(path); IndexFileError when the file is truncated,
-    tampered with, of another format version or inconsistent."""
+_KINDS = {cls._kind: cls for cls in (PQIndex, IVFPQIndex)}
+
+
+def _meta_field(meta: dict, key: str, kind: type, where: str):
+    """meta[key], which must be of type kind (an int is not a bool, nor a bool an int)."""
+    if key not in meta:
+        raise IndexFileError(f"fastcore_ai.search: {where} has no {key!r} in its metadata")
+    value = meta[key]
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise IndexFileError(f"fastcore_ai.search: {where}: metadata {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _file_array(arrays: dict, name: str, dtype: torch.dtype, where: str, shape: Optional[tuple] = None) -> Tensor:
+    array = arrays.get(name)
+    if array is None:
+        raise IndexFileError(f"fastcore_ai.search: {where} has no array {name!r}")
+    if array.dtype != dtype or (shape is not None and tuple(array.shape) != tuple(shape)):
+        expected = str(dtype).replace("torch.", "") + ("" if shape is None else f" {list(shape)}")
+        raise IndexFileError(
+            f"fastcore_ai.search: {where}: array {name!r} is {str(array.dtype).replace('torch.', '')} "
+            f"{list(array.shape)}, the metadata implies {expected}"
+        )
+    return array
+
+
+def _require_finite(array: Tensor, name: str, where: str) -> None:
+    if not bool(torch.isfinite(array).all()):
+        raise IndexFileError(f"fastcore_ai.search: {where}: {name} hold NaN or inf")
+
+
+def _index_from_file(path, expected: Optional[type] = None) -> PQIndex:
+    """The index in the file, every check passed before its attributes are set (so no partly-built index
+    can escape); expected: the class whose load was called, checked against the file's kind first."""
     meta, arrays = read_index_file(path)
+    where = f"index file {path!r}"
+    kind = meta.get("kind")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise IndexFileError(f"fastcore_ai.search: {where} holds an unknown index kind {kind!r}")
+    if expected is not None and cls is not expected:
+        raise IndexFileError(
+            f"fastcore_ai.search.{expected.__name__}.load: {path!r} holds a {kind}, not a {expected.__name__} "
+            f"(load it with {kind}.load or load_index)"
+        )
+    params = cls._params_from_meta(meta, where)
     try:
-        kind = meta["kind"]
-        d, M, nbits, metric = int(meta["d"]), int(meta["M"]), int(meta["nbits"]), str(meta["metric"])
-        if kind == "PQIndex":
-            index = PQIndex(d, M, nbits, metric)
-        elif kind == "IVFPQIndex":
-            index = IVFPQIndex(d, int(meta["nlist"]), M, nbits, metric, bool(meta["by_residual"]))
-        else:
-            raise IndexFileError(f"fastcore_ai.search: {path!r} holds an unknown index kind {kind!r}")
-    except (KeyError, TypeError, ValueError) as error:
-        if isinstance(error, IndexFileError):
-            raise
-        raise IndexFileError(f"fastcore_ai.search: {path!r} has inconsistent metadata ({error})") from error
-    index._restore(meta, arrays, path)
+        index = cls(**params)
+    except (TypeError, ValueError) as error:
+        raise IndexFileError(f"fastcore_ai.search: {where} has inconsistent metadata ({error})") from error
+    for name, value in index._state_from_file(meta, arrays, where).items():
+        setattr(index, name, value)
     return index
+
+
+def load_index(path) -> PQIndex:
+    """Load a PQIndex or IVFPQIndex written by .save(path); IndexFileError when the file is truncated,
+    tampered with, of another format version or inconsistent (nothing is built from a file that fails)."""
+    return _index_from_file(path)

@@ -6,10 +6,18 @@ every rank searches its shard with the same queries, the per-shard top-k lists a
 merged under the same (distance, id) order as a single index, so the result equals the single index
 holding all vectors (ties to the lower id). Works with any backend torch.distributed supports for
 CPU tensors (gloo).
+
+Threads: train, search and len are collectives, which every rank must enter in the same order. Two
+threads of one rank calling them at once could pair one thread's all-gather with another rank's call for
+other queries, which would give wrong results or a hang, so a second concurrent call raises a
+RuntimeError instead. add is local (the shard's own lock serialises it, see PQIndex).
+Saving is per shard: save the local index (sharded.local.save(path)) on every rank.
 """
 
 from __future__ import annotations
 
+import threading
+from contextlib import contextmanager
 from typing import Optional, Tuple
 
 import torch
@@ -23,6 +31,9 @@ __all__ = ["ShardedPQIndex"]
 
 
 class ShardedPQIndex:
+    """A PQIndex / IVFPQIndex shard per rank (the module docstring). Not to be shared between threads of one
+    rank for its collectives: a call of train, search or len while another is running raises RuntimeError."""
+
     def __init__(self, local: PQIndex, group: Optional[dist.ProcessGroup] = None):
         if not isinstance(local, PQIndex):
             raise TypeError(
@@ -34,20 +45,38 @@ class ShardedPQIndex:
                 "(dist.init_process_group) before building a sharded index"
             )
         self.local, self.group = local, group
+        self._collective = threading.Lock()
+
+    @contextmanager
+    def _one_collective(self, what: str):
+        if not self._collective.acquire(blocking=False):
+            raise RuntimeError(
+                f"fastcore_ai.search.ShardedPQIndex.{what}: another thread of this rank is running a collective "
+                "call of this index; the ranks must enter train, search and len in one order, so call them "
+                "from one thread per rank"
+            )
+        try:
+            yield
+        finally:
+            self._collective.release()
 
     def train(self, x, **kwargs) -> "ShardedPQIndex":
         """Rank 0 trains on its x (other ranks may pass None); the quantizer is broadcast to all."""
-        rank = dist.get_rank(self.group)
-        if rank == 0:
-            self.local.train(x, **kwargs)
-        M, ksub, dsub = self.local.M, 2**self.local.nbits, self.local.d // self.local.M
-        books = self.local.codebooks if rank == 0 else torch.empty(M, ksub, dsub)
-        dist.broadcast(books, src=0, group=self.group)
-        self.local.codebooks = books
-        if isinstance(self.local, IVFPQIndex):
-            coarse = self.local.coarse if rank == 0 else torch.empty(self.local.nlist, self.local.d)
-            dist.broadcast(coarse, src=0, group=self.group)
-            self.local.coarse = coarse
+        with self._one_collective("train"):
+            rank = dist.get_rank(self.group)
+            if rank == 0:
+                self.local.train(x, **kwargs)
+            M, ksub, dsub = self.local.M, 2**self.local.nbits, self.local.d // self.local.M
+            books = self.local.codebooks if rank == 0 else torch.empty(M, ksub, dsub)
+            dist.broadcast(books, src=0, group=self.group)
+            coarse = None
+            if isinstance(self.local, IVFPQIndex):
+                coarse = self.local.coarse if rank == 0 else torch.empty(self.local.nlist, self.local.d)
+                dist.broadcast(coarse, src=0, group=self.group)
+            with self.local._lock:  # the model is installed as the shard's own train does: both halves at once
+                self.local.codebooks = books
+                if coarse is not None:
+                    self.local.coarse, self.local._list_terms = coarse, None
         return self
 
     def add(self, x, ids) -> None:
@@ -55,18 +84,20 @@ class ShardedPQIndex:
         self.local.add(x, ids)
 
     def __len__(self) -> int:
-        n = torch.tensor([len(self.local)], dtype=torch.int64)
-        dist.all_reduce(n, group=self.group)
+        with self._one_collective("__len__"):
+            n = torch.tensor([len(self.local)], dtype=torch.int64)
+            dist.all_reduce(n, group=self.group)
         return int(n)
 
     def search(self, q, k: int, nprobe: Optional[int] = None, refine: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         q = _as_matrix("ShardedPQIndex", "q", q, self.local.d)
-        d, i = self.local.search(q, k, nprobe=nprobe, refine=refine)
-        world = dist.get_world_size(self.group)
-        ds = [torch.empty_like(d) for _ in range(world)]
-        is_ = [torch.empty_like(i) for _ in range(world)]
-        dist.all_gather(ds, d.contiguous(), group=self.group)
-        dist.all_gather(is_, i.contiguous(), group=self.group)
+        with self._one_collective("search"):
+            d, i = self.local.search(q, k, nprobe=nprobe, refine=refine)
+            world = dist.get_world_size(self.group)
+            ds = [torch.empty_like(d) for _ in range(world)]
+            is_ = [torch.empty_like(i) for _ in range(world)]
+            dist.all_gather(ds, d.contiguous(), group=self.group)
+            dist.all_gather(is_, i.contiguous(), group=self.group)
         all_d, all_i = torch.cat(ds, 1), torch.cat(is_, 1)
         # Padding (id −1) must sort after every real id: map it to a huge id for the merge.
         big = torch.iinfo(torch.int64).max
