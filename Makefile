@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 NATIVE_BUILD := build-native
 
-.PHONY: demo test install lint format native-test pytest gpu-check gpu-check-dry bench clean
+.PHONY: demo test install lint format native-test pytest gpu-check gpu-check-dry bench clean fuzz
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ pytest: install
 	$(PY) -m pytest tests -q
 
 test: install lint native-test pytest
+
+# The long fuzzing profile (tests/test_fuzz_ops.py; CI runs its bounded, derandomized profile in `pytest`).
+fuzz: install
+	FASTCORE_FUZZ=long $(PY) -m pytest tests/test_fuzz_ops.py -q
 
 bench: install
 	$(PY) -m fastcore_ai bench

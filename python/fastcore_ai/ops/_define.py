@@ -26,6 +26,7 @@ call bumps the mutated tensors' version counters, as the dispatcher does.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -85,7 +86,41 @@ def _nothing_intercepts() -> bool:
     )
 
 
+def _allocation_error(name: str, backend: str, error: RuntimeError) -> RuntimeError:
+    """torch's bare "can't allocate memory" (or OutOfMemoryError) raised inside a backend, renamed: which op
+    and backend could not get memory for these sizes (an expanded input can ask for far more than it holds)."""
+    if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+        return error
+    return RuntimeError(
+        f"fastcore_ai.ops.{_public_name(name)}: the {backend} backend could not allocate its outputs or "
+        f"workspace for these input sizes ({error})"
+    )
+
+
+def _public_name(name: str) -> str:
+    """The public function a registered op serves: its name, or its name without the family prefix
+    (s4_fft_conv -> fft_conv) when that is what fastcore_ai.ops exports. Error path only."""
+    public = getattr(sys.modules.get(__package__), "__all__", ())
+    if name in public:
+        return name
+    family, _, rest = name.partition("_")
+    return rest if rest in public else name
+
+
+def call_naming_allocation_errors(name: str, backend: str, fn: Callable, *args):
+    """fn(*args) with an allocation failure renamed as `_allocation_error` does (for a public function's
+    own direct native call, outside the registered op)."""
+    try:
+        return fn(*args)
+    except RuntimeError as error:
+        renamed = _allocation_error(name, backend, error)
+        if renamed is error:
+            raise
+        raise renamed from error
+
+
 def _runner(
+    name: str,
     impls: Dict[str, Callable],
     check: Optional[Callable],
     contiguous_positions: Tuple[int, ...],
@@ -94,9 +129,19 @@ def _runner(
     """run(backend, args): the impl, with what every backend of the op shares done once around it: the
     op's data check (inside the op, so the public function stays traceable and the direct path runs it too),
     dense copies of the arguments the kernels index densely (autograd may hand expanded gradients), dense
-    outputs (the fake promises them)."""
+    outputs (the fake promises them), an allocation failure named after the op."""
+
+    def call(backend, args):  # the try costs nothing until something raises (the hot path stays one frame)
+        try:
+            return _as_output(impls[backend](*args))
+        except RuntimeError as error:
+            renamed = _allocation_error(name, backend, error)
+            if renamed is error:
+                raise
+            raise renamed from error
+
     if check is None and not contiguous_positions and not contiguous_outputs:
-        return lambda backend, args: _as_output(impls[backend](*args))
+        return call
 
     def run(backend, args):
         if check is not None:
@@ -106,7 +151,7 @@ def _runner(
             for position in contiguous_positions:
                 if args[position] is not None:
                     args[position] = args[position].contiguous()
-        out = _as_output(impls[backend](*args))
+        out = call(backend, args)
         if contiguous_outputs:
             out = tuple(t if t is None else t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
         return out
@@ -150,7 +195,9 @@ class DefinedOp:
         ]
         if unknown:
             raise TypeError(f"define_op({name!r}): argument types {unknown} are not understood by the direct path")
-        self._run = _runner(self.impls, check, tuple(parameters.index(a) for a in contiguous_args), contiguous_outputs)
+        self._run = _runner(
+            name, self.impls, check, tuple(parameters.index(a) for a in contiguous_args), contiguous_outputs
+        )
         run = self._run
 
         def dispatch(*args):

@@ -13,14 +13,15 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference
-from .._validation import check_bool, check_choice, check_int, check_positive_float, check_size, check_tensor
+from .._validation import _describe, check_bool, check_choice, check_int, check_positive_float, check_size, check_tensor
 from ..reference import moe as reference_moe
-from ._define import define_op, native, native_impls
+from ._define import call_naming_allocation_errors, define_op, native, native_impls
 
 MAX_EXPERTS = 1024
 MAX_TOP_K = 16
 _OP = "moe_topk_route"
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_COUNT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8) + _LOGITS_DTYPES
 # The native router that also returns the dropless `kept` mask (all True): the direct cpu path of the
 # public function, where a separate torch.ones_like would cost as much as routing a small batch.
 _route_with_kept = native("moe_topk_route_with_kept")
@@ -57,7 +58,18 @@ def switch_load_balancing_loss(tokens_per_expert: Tensor, mean_prob: Tensor) -> 
     to expert e (all k slots count, as in MegaBlocks), P_e = mean_prob_e. A perfectly balanced router
     gives L_B = 1 for every k. Gradients flow through P_e (f_e is a count). Scale it by the usual
     coefficient c_B = 1e-2 (Switch, ST-MoE) yourself.
+
+    Args: tokens_per_expert [E] integer (or float) counts, mean_prob [E] float, E >= 1, same device.
     """
+    op = "switch_load_balancing_loss"
+    check_tensor(op, "mean_prob", mean_prob, ndim=1, dtypes=_LOGITS_DTYPES, layout="[E]")
+    check_tensor(op, "tokens_per_expert", tokens_per_expert, ndim=1, dtypes=_COUNT_DTYPES, layout="[E]")
+    if tokens_per_expert.shape != mean_prob.shape or tokens_per_expert.device != mean_prob.device:
+        raise ValueError(
+            f"fastcore_ai.ops.{op}: tokens_per_expert must have mean_prob's shape {tuple(mean_prob.shape)} and "
+            f"device {mean_prob.device}, got {_describe(tokens_per_expert)}"
+        )
+    check_size(op, "E (mean_prob.shape[0])", mean_prob.shape[0], 1, 2**62, mean_prob)
     counts = tokens_per_expert.to(mean_prob.dtype)
     fraction = counts / counts.sum().clamp_min(1)
     return mean_prob.shape[0] * (fraction * mean_prob).sum()
@@ -190,7 +202,9 @@ def moe_topk_route(
     chosen = backends.select(_OP, backend, logits.device, logits.dtype, "logits")
     if capacity_factor is None and chosen == "cpu" and _route_op.direct_call_allowed((logits, k, renormalize)):
         # What _route_op would run (its direct path), with the all-True mask made by the same call.
-        weights, expert_ids, z_loss, tokens_per_expert, mean_prob, _, kept = _route_with_kept(logits, k, renormalize)
+        weights, expert_ids, z_loss, tokens_per_expert, mean_prob, _, kept = call_naming_allocation_errors(
+            "moe_topk_route", "cpu", _route_with_kept, logits, k, renormalize
+        )
         return RouterOutput(weights, expert_ids, z_loss, tokens_per_expert, mean_prob, kept)
     weights, expert_ids, z_loss, tokens_per_expert, mean_prob, lse = _route_op(logits, k, renormalize, backend=chosen)
     if capacity_factor is None:

@@ -273,6 +273,11 @@ def pq_train(
     if nbits not in (4, 8) or isinstance(nbits, bool):
         raise ValueError(_err(op, f"nbits must be 4 or 8, got {nbits!r}"))
     check_choice(op, "metric", metric, METRICS)
+    # kmeans checks these too, but the batched cpu path never calls it: checked here under pq_train's name
+    check_int(op, "niter", niter, 0, 10**6)
+    check_int(op, "seed", seed, 0, 2**63 - M)
+    check_int(op, "max_points_per_centroid", max_points_per_centroid, 1, 2**30)
+    check_bool(op, "constrained", constrained)
     d = x.shape[1]
     if d % M != 0:
         raise ValueError(_err(op, f"d must be divisible by M, got d = {d}, M = {M} ({_describe(x)})"))

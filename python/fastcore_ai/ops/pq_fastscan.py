@@ -82,12 +82,19 @@ def _rerank(queries, candidates, codebooks, packed, n, k, metric, rerank_vectors
     None, the exact float ADC distance of the decoded codes."""
     nq, kk = candidates.shape
     valid = candidates >= 0
+    if n == 0:  # no vectors: every candidate is padding, and there is no row 0 to gather safely
+        worst = float("inf") if metric == "l2" else float("-inf")
+        return (
+            torch.full((nq, k), worst, dtype=torch.float32, device=queries.device),
+            torch.full((nq, k), -1, dtype=torch.int64, device=queries.device),
+        )
     safe = candidates.clamp_min(0)
     if rerank_vectors is not None:
-        vec = rerank_vectors[safe.reshape(-1)].reshape(nq, kk, -1).to(queries.dtype)
+        # the sizes spelled out: with nq = 0 a -1 cannot be inferred
+        vec = rerank_vectors[safe.reshape(-1)].reshape(nq, kk, queries.shape[1]).to(queries.dtype)
     else:
         codes = _ref.pq4_unpack(packed, n, codebooks.shape[0])
-        vec = _ref.pq_decode(codes[safe.reshape(-1)], codebooks).reshape(nq, kk, -1).to(queries.dtype)
+        vec = _ref.pq_decode(codes[safe.reshape(-1)], codebooks).reshape(nq, kk, queries.shape[1]).to(queries.dtype)
     if metric == "l2":
         dist = ((vec - queries[:, None, :]) ** 2).sum(-1)
     else:

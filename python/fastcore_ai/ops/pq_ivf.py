@@ -45,7 +45,7 @@ def _ivf_tables(queries, coarse, probes, codebooks, metric, by_residual):
     nq, nprobe = probes.shape
     safe = probes.clamp_min(0)
     if by_residual and metric == "l2":
-        res = (queries[:, None, :] - coarse[safe]).reshape(nq * nprobe, -1)
+        res = (queries[:, None, :] - coarse[safe]).reshape(nq * nprobe, queries.shape[1])  # nq = 0 too
         lut = _native_or_ref_lut(res, codebooks, metric).reshape(nq, nprobe, codebooks.shape[0], codebooks.shape[1])
         return lut, torch.zeros(nq, nprobe, dtype=torch.float32, device=queries.device)
     lut = _native_or_ref_lut(queries, codebooks, metric)[:, None]
@@ -336,6 +336,40 @@ def _ivf4_op(
     return queries.new_empty((nq, k), dtype=torch.float32), queries.new_empty((nq, k), dtype=torch.int64)
 
 
+def _check_fast_scan_lists(op, packed, list_blocks, list_sizes, row_ids, M):
+    """The layout pq4_pack_lists returns: every backend reads it by these sizes, so they are checked here
+    (the contents on the host: nlist + 1 numbers)."""
+    check_tensor(op, "packed", packed, ndim=3, dtypes=(torch.uint8,), layout="[blocks, ceil(M/2), 32]")
+    if packed.shape[1:] != ((M + 1) // 2, 32):
+        raise ValueError(_err(op, f"packed must be [blocks, ceil(M/2) = {(M + 1) // 2}, 32], got {_describe(packed)}"))
+    check_tensor(op, "list_blocks", list_blocks, ndim=1, dtypes=(torch.int64,), layout="[nlist + 1]")
+    if list_blocks.shape[0] < 1:
+        raise ValueError(_err(op, f"list_blocks must have nlist + 1 >= 1 entries, got {_describe(list_blocks)}"))
+    nlist, blocks = list_blocks.shape[0] - 1, packed.shape[0]
+    check_tensor(op, "list_sizes", list_sizes, ndim=1, dtypes=(torch.int64,), layout="[nlist]")
+    if list_sizes.shape[0] != nlist:
+        raise ValueError(_err(op, f"list_sizes must have nlist = {nlist} entries, got {_describe(list_sizes)}"))
+    check_tensor(op, "row_ids", row_ids, ndim=1, dtypes=(torch.int64,), layout="[blocks·32]")
+    if row_ids.shape[0] != 32 * blocks:
+        raise ValueError(_err(op, f"row_ids must have blocks·32 = {32 * blocks} entries, got {_describe(row_ids)}"))
+    for name, t in (("list_blocks", list_blocks), ("list_sizes", list_sizes), ("row_ids", row_ids)):
+        if t.device != packed.device:
+            raise ValueError(_err(op, f"{name} must be on packed's device {packed.device}, got {_describe(t)}"))
+    # contents: a traced assertion under torch.compile (as _check_probe_range), else read on the host
+    steps = list_blocks[1:] - list_blocks[:-1]
+    ok = (list_blocks[0] == 0) & (list_blocks[-1] == blocks) & (steps >= 0).all()
+    ok = ok & ((list_sizes >= 0) & (list_sizes <= steps * 32)).all()
+    message = _err(
+        op,
+        f"list_blocks must rise from 0 to the number of blocks {blocks} and list_sizes lie in "
+        "[0, 32 · the list's blocks] (as pq4_pack_lists returns them)",
+    )
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+    elif not bool(ok):
+        raise ValueError(message)
+
+
 def ivfpq4_search(
     queries: Tensor,
     probes: Tensor,
@@ -359,10 +393,10 @@ def ivfpq4_search(
     _check_vectors(op, "queries", queries, codebooks)
     _same_dtype(op, "queries", queries, codebooks)
     check_tensor(op, "probes", probes, ndim=2, dtypes=(torch.int64,), layout="[nq, nprobe]")
-    check_tensor(op, "packed", packed, ndim=3, dtypes=(torch.uint8,), layout="[blocks, ceil(M/2), 32]")
-    nlist = list_blocks.shape[0] - 1
     if probes.shape[0] != queries.shape[0]:
         raise ValueError(_err(op, f"probes must have nq = {queries.shape[0]} rows, got {_describe(probes)}"))
+    _check_fast_scan_lists(op, packed, list_blocks, list_sizes, row_ids, codebooks.shape[0])
+    nlist = list_blocks.shape[0] - 1
     _check_probe_range(op, probes, nlist)
     _check_k(op, k)
     check_choice(op, "metric", metric, METRICS)

@@ -34,7 +34,14 @@ MAX_VANDERMONDE_LENGTH = 2**29 - 1  # the phase Im(x)·l is exact in double belo
 _COMPLEX = (torch.complex64, torch.complex128)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
-fft_conv_size = _ref.fft_conv_size
+
+def fft_conv_size(L: int, Lk: int) -> int:
+    """The FFT length fft_conv uses for inputs of length L and a kernel of length Lk (1 <= Lk <= L): a fast
+    2^a 3^b 5^c >= L + Lk - 1, or the next power of two when it is about as cheap
+    (fastcore_ai.reference.s4.fft_conv_size)."""
+    check_int(_FFT_SIZE, "L", L, 1, 2**62)
+    check_int(_FFT_SIZE, "Lk", Lk, 1, L, "fft_conv takes kernels at most as long as the input")
+    return _ref.fft_conv_size(L, Lk)
 
 
 def _complex_table(op: str) -> backends.OpTable:
@@ -53,6 +60,7 @@ def _complex_table(op: str) -> backends.OpTable:
 
 
 _CAUCHY, _VAND, _FFT, _STEP = "cauchy", "vandermonde", "fft_conv", "ssm_step"
+_FFT_SIZE = "fft_conv_size"
 backends.register_op(_complex_table(_CAUCHY))
 backends.register_op(_complex_table(_VAND))
 backends.register_op(backends.standard_table(_FFT))
@@ -194,6 +202,38 @@ def vandermonde(v: Tensor, x: Tensor, L: int, *, backend: str = "auto") -> Tenso
 # ---- fft_conv ------------------------------------------------------------------------------------
 
 
+def _empty_forward(impl):
+    """fft_conv's impl with the empty case done first (DESIGN rule 7: an empty input gives an empty output
+    without a launch; the kernels and MKL reject a zero-length transform or an empty batch)."""
+
+    def run(u, k, D, n):
+        if u.numel() == 0:
+            return torch.empty(u.shape, dtype=u.dtype, device=u.device)
+        return impl(u, k, D, n)
+
+    run.__name__ = run.__qualname__ = f"{impl.__name__}_or_empty"
+    return run
+
+
+def _empty_backward(impl):
+    """fft_conv_backward's impl with the empty case first: nothing reaches k or D from an empty u."""
+
+    def run(grad, u, k, D, n, need_u, need_k, need_D):
+        if u.numel() == 0:
+            empty = u.new_empty((0,))
+            return (
+                torch.zeros(u.shape, dtype=u.dtype, device=u.device) if need_u else empty,
+                torch.zeros(k.shape, dtype=k.dtype, device=k.device) if need_k else u.new_empty((0,)),
+                torch.zeros(D.shape, dtype=D.dtype, device=D.device)
+                if (need_D and D is not None)
+                else u.new_empty((0,)),
+            )
+        return impl(grad, u, k, D, n, need_u, need_k, need_D)
+
+    run.__name__ = run.__qualname__ = f"{impl.__name__}_or_empty"
+    return run
+
+
 def _fft_reference(u, k, D, n):
     # it derives n = fft_conv_size(L, Lk) itself; without D its result is a crop of the irfft (strided)
     return _ref.fft_conv(u, k, D).contiguous()
@@ -211,9 +251,12 @@ def _fft_backward_reference(grad, u, k, D, n, need_u, need_k, need_D):
 
 @define_op(
     "s4_fft_conv_backward",
-    impls=native_impls(
-        "s4_fft_conv_backward", triton_launcher=("s4", "fft_conv_backward"), reference=_fft_backward_reference
-    ),
+    impls={
+        backend: _empty_backward(impl)
+        for backend, impl in native_impls(
+            "s4_fft_conv_backward", triton_launcher=("s4", "fft_conv_backward"), reference=_fft_backward_reference
+        ).items()
+    },
     contiguous_args=("grad",),
     contiguous_outputs=True,
 )
@@ -241,7 +284,12 @@ def _fft_backward(ctx, grad):
 
 @define_op(
     "s4_fft_conv",
-    impls=native_impls("s4_fft_conv", triton_launcher=("s4", "fft_conv"), reference=_fft_reference),
+    impls={
+        backend: _empty_forward(impl)
+        for backend, impl in native_impls(
+            "s4_fft_conv", triton_launcher=("s4", "fft_conv"), reference=_fft_reference
+        ).items()
+    },
     autograd=(_fft_setup, _fft_backward),
 )
 def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
@@ -250,7 +298,7 @@ def _fft_op(u: Tensor, k: Tensor, D: Optional[Tensor], n: int) -> Tensor:
 
 # fft_conv_size is ~5 µs of Python loops, as much as the rest of fft_conv's wrapper: memoised outside
 # torch.compile (dynamo traces the plain function).
-_cached_fft_conv_size = functools.lru_cache(maxsize=4096)(fft_conv_size)
+_cached_fft_conv_size = functools.lru_cache(maxsize=4096)(_ref.fft_conv_size)
 
 
 def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str = "auto") -> Tensor:
@@ -284,7 +332,8 @@ def fft_conv(u: Tensor, k: Tensor, D: Optional[Tensor] = None, *, backend: str =
         _same_device(_FFT, "D", D, "u", u)
     chosen = backends.select(_FFT, backend, u.device, u.dtype, "u")
     Lk = max(k.shape[1], 1)
-    n = fft_conv_size(L, Lk) if torch.compiler.is_compiling() else _cached_fft_conv_size(L, Lk)
+    # the unchecked size: L = 0 (an empty result, no transform) is valid here and Lk <= L was checked above
+    n = _ref.fft_conv_size(L, Lk) if torch.compiler.is_compiling() else _cached_fft_conv_size(L, Lk)
     return _fft_op(u, k, D, n, backend=chosen)
 
 
