@@ -5,7 +5,7 @@ clustered synthetic data, one provider per parametrisation (compare rows of one 
 import pytest
 import torch
 
-faiss = pytest.importorskip("faiss")
+import faiss  # a test dependency: an error, not a skip, when missing
 
 from fastcore_ai.bench.pq import _built  # noqa: E402
 
