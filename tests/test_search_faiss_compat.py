@@ -338,7 +338,7 @@ def test_reset_and_reconstruct_n(small_trained, clustered):
     assert sorted(index.search(clustered[1][:3], 1)[1].ravel()) == [0, 1, 2]  # ids restart at 0
 
 
-@pytest.mark.parametrize("description", ["PQ8", "PQ8x4fs", "IVF16,PQ8", "IVF16,PQ8x4", "IVF16,PQ8x4fs"])
+@pytest.mark.parametrize("description", ["PQ8", "PQ8x4", "PQ8x4fs", "IVF16,PQ8", "IVF16,PQ8x4", "IVF16,PQ8x4fs"])
 def test_write_index_read_index_round_trip(small_trained, clustered, description, tmp_path):
     index = fresh_copy(small_trained[description])
     index.add_with_ids(clustered[1][:500], np.arange(500, dtype=np.int64) * 3)
@@ -355,17 +355,49 @@ def test_write_index_read_index_round_trip(small_trained, clustered, description
         index.nbits,
     )
     if description.startswith("IVF"):
-        assert loaded.nlist == index.nlist and loaded.by_residual == index.by_residual
-        loaded.nprobe = index.nprobe  # not stored in the file (FAISS's file keeps it)
+        assert (loaded.nlist, loaded.by_residual, loaded.nprobe) == (index.nlist, index.by_residual, 4)
     (D1, I1), (D2, I2) = index.search(clustered[2], 10), loaded.search(clustered[2], 10)
     np.testing.assert_array_equal(I2, I1)
     np.testing.assert_array_equal(D2, D1)
     assert (I1 >= 0).all()
 
 
+def test_files_written_by_the_native_indexes_read_as_their_default_class(small_trained, tmp_path):
+    # PQIndex.save writes no annotations: a 4-bit flat file reads as the fast-scan, an IVF one with nprobe 1
+    for description, expected in (("PQ8x4", fc.IndexPQFastScan), ("PQ8", fc.IndexPQ), ("IVF16,PQ8", fc.IndexIVFPQ)):
+        small_trained[description].native.save(tmp_path / "native.fcpq")
+        loaded = fc.read_index(tmp_path / "native.fcpq")
+        assert type(loaded) is expected
+        assert getattr(loaded, "nprobe", 1) == 1
+
+
+@pytest.mark.parametrize(
+    "annotations, match",
+    [
+        ({"faiss_class": "IndexIVFPQ"}, "records class 'IndexIVFPQ', which cannot hold its PQIndex"),
+        ({"faiss_class": "IndexFlatL2"}, "records class 'IndexFlatL2'"),
+        ({"faiss_class": 3}, "records class 3"),
+        ({"faiss_class": "IndexPQ", "nprobe": 4}, "records nprobe=4 for a IndexPQ"),
+    ],
+)
+def test_read_index_refuses_inconsistent_annotations(small_trained, tmp_path, annotations, match):
+    small_trained["PQ8"].native.save(tmp_path / "x.fcpq", annotations=annotations)
+    with pytest.raises(fc.IndexFileError, match=match):
+        fc.read_index(tmp_path / "x.fcpq")
+
+
+@pytest.mark.parametrize("nprobe", [0, -2, True, 1.5, "4"])
+def test_read_index_refuses_a_bad_nprobe(small_trained, tmp_path, nprobe):
+    small_trained["IVF16,PQ8"].native.save(
+        tmp_path / "x.fcpq", annotations={"faiss_class": "IndexIVFPQ", "nprobe": nprobe}
+    )
+    with pytest.raises(fc.IndexFileError, match="records nprobe"):
+        fc.read_index(tmp_path / "x.fcpq")
+
+
 def test_file_errors(small_trained, tmp_path):
-    with pytest.raises(NotImplementedError, match="4-bit codes"):
-        fc.write_index(small_trained["PQ8x4"], str(tmp_path / "x.fcpq"))
+    with pytest.raises(TypeError, match="annotations must map str keys"):
+        small_trained["PQ8"].native.save(tmp_path / "x.fcpq", annotations={"a": [1]})
     with pytest.raises(TypeError, match="write_index: index must be a fastcore_ai.search index"):
         fc.write_index(faiss.IndexFlatL2(D_DIM), str(tmp_path / "x.fcpq"))
     faiss.write_index(faiss.IndexFlatL2(D_DIM), str(tmp_path / "faiss.index"))

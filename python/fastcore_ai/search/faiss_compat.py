@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from .index import IVFPQIndex, PQIndex, load_index
+from .index import IndexFileError, IVFPQIndex, PQIndex, load_index_and_annotations
 
 __all__ = [
     "METRIC_INNER_PRODUCT",
@@ -720,6 +720,19 @@ def index_factory(d, description, metric=METRIC_L2) -> Index:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# the classes a file can name, with the native indexes each can hold (a file naming another pairing was
+# tampered with)
+_FILE_CLASSES = {
+    "IndexPQ": (IndexPQ, lambda native: type(native) is PQIndex),
+    "IndexPQFastScan": (IndexPQFastScan, lambda native: type(native) is PQIndex and native.nbits == 4),
+    "IndexIVFPQ": (IndexIVFPQ, lambda native: isinstance(native, IVFPQIndex)),
+    "IndexIVFPQFastScan": (
+        IndexIVFPQFastScan,
+        lambda native: isinstance(native, IVFPQIndex) and native.nbits == 4 and not native.by_residual,
+    ),
+}
+
+
 def _check_path(where: str, path) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{where}: path must be a str or os.PathLike, got {type(path).__name__} (no FAISS IOWriter)")
@@ -736,13 +749,12 @@ def write_index(index: Index, path) -> None:
             f"got {type(index).__name__}"
         )
     path = _check_path(where, path)
-    if isinstance(index, IndexPQ) and index.nbits == 4:
-        # The file records (kind, nbits) only, and a 4-bit PQIndex file is read back as the fast-scan.
-        raise NotImplementedError(
-            f"{where}: an IndexPQ with 4-bit codes (exact ADC, 'PQ{{M}}x4') cannot be written yet: the index file "
-            "does not record the scan, so it would be read back as IndexPQFastScan ('PQ{M}x4fs')"
-        )
-    index.native.save(path)
+    # the class (IndexPQ and IndexPQFastScan both hold a 4-bit PQIndex; they differ in the scan) and the
+    # search-time nprobe travel as annotations, so read_index gives back the index that was written
+    annotations = {"faiss_class": type(index).__name__}
+    if isinstance(index, _IVFIndex):
+        annotations["nprobe"] = index.nprobe
+    index.native.save(path, annotations=annotations)
 
 
 def read_index(path, io_flags=0) -> Index:
@@ -754,12 +766,25 @@ def read_index(path, io_flags=0) -> Index:
         raise NotImplementedError(
             f"{where}: io_flags (FAISS's mmap / read-only flags) is not supported, got {io_flags!r}"
         )
-    native = load_index(path)
+    native, annotations = load_index_and_annotations(path)
     if isinstance(native, IVFPQIndex):
-        if native.nbits == 4 and not native.by_residual:
-            return IndexIVFPQFastScan._wrap(native)
-        return IndexIVFPQ._wrap(native)
-    return IndexPQFastScan._wrap(native) if native.nbits == 4 else IndexPQ._wrap(native)
+        default = IndexIVFPQFastScan if native.nbits == 4 and not native.by_residual else IndexIVFPQ
+    else:
+        default = IndexPQFastScan if native.nbits == 4 else IndexPQ
+    name = annotations.get("faiss_class", default.__name__)
+    cls, holds = _FILE_CLASSES.get(name, (None, None)) if isinstance(name, str) else (None, None)
+    if cls is None or not holds(native):
+        raise IndexFileError(
+            f"{where}: {path!r} records class {name!r}, which cannot hold its {type(native).__name__} "
+            f"(nbits={native.nbits}{', by_residual=' + str(native.by_residual) if isinstance(native, IVFPQIndex) else ''})"
+        )
+    index = cls._wrap(native)
+    if "nprobe" in annotations:
+        nprobe = annotations["nprobe"]
+        if not issubclass(cls, _IVFIndex) or not _is_int(nprobe) or nprobe < 1:
+            raise IndexFileError(f"{where}: {path!r} records nprobe={nprobe!r} for a {name}")
+        index.nprobe = nprobe
+    return index
 
 
 def clone_index(index: Index) -> Index:

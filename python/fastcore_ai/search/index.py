@@ -33,7 +33,7 @@ from .. import ops
 from ..ops.pq import best_columns, nearest_centroid
 from ._format import IndexFileError, read_index_file, write_index_file
 
-__all__ = ["PQIndex", "IVFPQIndex", "IndexFileError", "load_index"]
+__all__ = ["PQIndex", "IVFPQIndex", "IndexFileError", "load_index", "load_index_and_annotations"]
 
 
 def _err(cls: str, message: str) -> str:
@@ -266,17 +266,23 @@ class PQIndex:
             arrays["codebooks"] = self.codebooks
         return arrays
 
-    def save(self, path) -> None:
+    def save(self, path, annotations: Optional[dict] = None) -> None:
         """Write the index atomically (temp file, fsync, rename) in the versioned, checksummed format. On
-        failure (an OSError naming the path, e.g. a full disk) the file already at path is left unchanged."""
+        failure (an OSError naming the path, e.g. a full disk) the file already at path is left unchanged.
+
+        annotations: optional {str: int | float | str | bool} stored with the index and returned by
+        load_index_and_annotations (the FAISS-style API keeps its class and nprobe there)."""
+        who = f"{type(self).__name__}.save"
         with self._lock:
             meta, arrays = self._meta(), self._arrays()
-        write_index_file(path, meta, arrays, who=f"{type(self).__name__}.save")
+        if annotations is not None:
+            meta["annotations"] = _checked_annotations(annotations, lambda problem: TypeError(f"{who}: {problem}"))
+        write_index_file(path, meta, arrays, who=who)
 
     @classmethod
     def load(cls, path) -> "PQIndex":
         """The index saved at path; IndexFileError if the file is damaged or holds another kind of index."""
-        return _index_from_file(path, expected=cls)
+        return _index_from_file(path, expected=cls)[0]
 
     @classmethod
     def _params_from_meta(cls, meta: dict, where: str) -> dict:
@@ -496,6 +502,21 @@ class IVFPQIndex(PQIndex):
 _KINDS = {cls._kind: cls for cls in (PQIndex, IVFPQIndex)}
 
 
+_ANNOTATION_VALUE_TYPES = (bool, int, float, str)
+
+
+def _checked_annotations(annotations, error) -> dict:
+    """A copy of annotations, a dict of str keys to scalar values; error(problem) builds what is raised."""
+    if not isinstance(annotations, dict):
+        raise error(f"annotations must be a dict, got {type(annotations).__name__}")
+    for key, value in annotations.items():
+        if not isinstance(key, str) or not isinstance(value, _ANNOTATION_VALUE_TYPES):
+            raise error(
+                f"annotations must map str keys to bool, int, float or str values, got {key!r}: {type(value).__name__}"
+            )
+    return dict(annotations)
+
+
 def _meta_field(meta: dict, key: str, kind: type, where: str):
     """meta[key], which must be of type kind (an int is not a bool, nor a bool an int)."""
     if key not in meta:
@@ -530,9 +551,10 @@ def _require_finite(array: Tensor, name: str, where: str) -> None:
         raise IndexFileError(f"fastcore_ai.search: {where}: {name} hold NaN or inf")
 
 
-def _index_from_file(path, expected: Optional[type] = None) -> PQIndex:
-    """The index in the file, every check passed before its attributes are set (so no partly-built index
-    can escape); expected: the class whose load was called, checked against the file's kind first."""
+def _index_from_file(path, expected: Optional[type] = None) -> Tuple[PQIndex, dict]:
+    """(the index in the file, its annotations), every check passed before the index's attributes are set
+    (so no partly-built index can escape); expected: the class whose load was called, checked against the
+    file's kind first."""
     meta, arrays = read_index_file(path)
     where = f"index file {path!r}"
     kind = meta.get("kind")
@@ -549,12 +571,20 @@ def _index_from_file(path, expected: Optional[type] = None) -> PQIndex:
         index = cls(**params)
     except (TypeError, ValueError) as error:
         raise IndexFileError(f"fastcore_ai.search: {where} has inconsistent metadata ({error})") from error
+    annotations = _checked_annotations(
+        meta.get("annotations", {}), lambda problem: IndexFileError(f"fastcore_ai.search: {where}: {problem}")
+    )
     for name, value in index._state_from_file(meta, arrays, where).items():
         setattr(index, name, value)
-    return index
+    return index, annotations
 
 
 def load_index(path) -> PQIndex:
     """Load a PQIndex or IVFPQIndex written by .save(path); IndexFileError when the file is truncated,
     tampered with, of another format version or inconsistent (nothing is built from a file that fails)."""
+    return _index_from_file(path)[0]
+
+
+def load_index_and_annotations(path) -> Tuple[PQIndex, dict]:
+    """load_index(path) and the annotations it was saved with ({} when none)."""
     return _index_from_file(path)
