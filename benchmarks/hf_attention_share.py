@@ -39,6 +39,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="the tiny models (a smoke run)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf_models._register()
@@ -46,17 +47,13 @@ def main() -> None:
     for name, attention in implementations.items():
         ALL_ATTENTION_FUNCTIONS.register(f"timed_{name}", timed(attention))
         ALL_MASK_ATTENTION_FUNCTIONS.register(f"timed_{name}", sdpa_mask)
-    models = [
-        ("bert-base B=16 L=128 30% right-padded", hf_models._bert, 16, 128, 0.3, "right"),
-        ("llama-8L-2048 gqa32/8 B=2 L=512 0% padded", hf_models._llama, 2, 512, 0.0, "left"),
-        ("llama-8L-2048 gqa32/8 B=2 L=512 30% left-padded", hf_models._llama, 2, 512, 0.3, "left"),
-    ]
     print(f"{args.threads} threads, torch {torch.__version__}, median of rounds 2..{args.rounds}\n")
     print("| model (forward, float32) | attention | in attention ms | model ms | attention share |")
     print("|---|---|---:|---:|---:|")
-    for label, build, batch, length, padded, side in models:
+    for label, build, batch, length, padded, side in hf_models.forward_shapes(args.quick):
+        label = f"{label} B={batch} L={length} {int(padded * 100)}% {side}-padded"
         torch.manual_seed(0)
-        model, vocab = build(False)
+        model, vocab = build(args.quick)
         ids, mask = hf_models._padded_batch(batch, length, vocab, padded, side)
         samples = {name: [] for name in implementations}
         with torch.no_grad():

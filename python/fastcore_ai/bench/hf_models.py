@@ -159,16 +159,25 @@ def hf_attention_cases(device: str, quick: bool = False) -> list:
         shape = f"{label} B={batch} prompt={prompt} generate {new_tokens} tokens (KV cache) float32"
         cases.append(Case("hf_attention", shape, setup, providers, error, peer="hf-sdpa"))
 
+    for shape in forward_shapes(quick):
+        forward_case(*shape)
     if quick:
-        forward_case("bert-tiny", _bert, 4, 32, 0.3, "right")
-        forward_case("llama-tiny", _llama, 2, 64, 0.0, "left")
         decode_case("llama-tiny", _llama, 1, 8, 4)
     else:
-        forward_case("bert-base", _bert, 16, 128, 0.3, "right")
-        forward_case("llama-8L-2048 gqa32/8", _llama, 2, 512, 0.0, "left")
-        forward_case("llama-8L-2048 gqa32/8", _llama, 2, 512, 0.3, "left")
         decode_case("llama-8L-2048 gqa32/8", _llama, 2, 64, 64)
     return cases
+
+
+def forward_shapes(quick: bool = False) -> list:
+    """The whole-model forwards measured: (label, build, batch, length, padded fraction, padding side);
+    build(quick) -> (model, vocab). benchmarks/hf_attention_share.py times attention inside the same ones."""
+    if quick:
+        return [("bert-tiny", _bert, 4, 32, 0.3, "right"), ("llama-tiny", _llama, 2, 64, 0.0, "left")]
+    return [
+        ("bert-base", _bert, 16, 128, 0.3, "right"),
+        ("llama-8L-2048 gqa32/8", _llama, 2, 512, 0.0, "left"),
+        ("llama-8L-2048 gqa32/8", _llama, 2, 512, 0.3, "left"),
+    ]
 
 
 FAMILIES = {"hf_attention": hf_attention_cases}

@@ -720,16 +720,17 @@ def index_factory(d, description, metric=METRIC_L2) -> Index:
 # ---------------------------------------------------------------------------------------------------------
 
 
-# the classes a file can name, with the native indexes each can hold (a file naming another pairing was
-# tampered with)
+# The classes a file can name, with the native indexes each can hold (a file naming another pairing was
+# tampered with). Without an annotation (a file from PQIndex.save) the first class that holds the native
+# index is read: 4-bit codes are fast-scan codes unless the file says IndexPQ.
 _FILE_CLASSES = {
-    "IndexPQ": (IndexPQ, lambda native: type(native) is PQIndex),
-    "IndexPQFastScan": (IndexPQFastScan, lambda native: type(native) is PQIndex and native.nbits == 4),
-    "IndexIVFPQ": (IndexIVFPQ, lambda native: isinstance(native, IVFPQIndex)),
     "IndexIVFPQFastScan": (
         IndexIVFPQFastScan,
         lambda native: isinstance(native, IVFPQIndex) and native.nbits == 4 and not native.by_residual,
     ),
+    "IndexIVFPQ": (IndexIVFPQ, lambda native: isinstance(native, IVFPQIndex)),
+    "IndexPQFastScan": (IndexPQFastScan, lambda native: type(native) is PQIndex and native.nbits == 4),
+    "IndexPQ": (IndexPQ, lambda native: type(native) is PQIndex),
 }
 
 
@@ -767,23 +768,23 @@ def read_index(path, io_flags=0) -> Index:
             f"{where}: io_flags (FAISS's mmap / read-only flags) is not supported, got {io_flags!r}"
         )
     native, annotations = load_index_and_annotations(path)
-    if isinstance(native, IVFPQIndex):
-        default = IndexIVFPQFastScan if native.nbits == 4 and not native.by_residual else IndexIVFPQ
-    else:
-        default = IndexPQFastScan if native.nbits == 4 else IndexPQ
-    name = annotations.get("faiss_class", default.__name__)
+    default = next(name for name, (_, holds) in _FILE_CLASSES.items() if holds(native))
+    name = annotations.get("faiss_class", default)
     cls, holds = _FILE_CLASSES.get(name, (None, None)) if isinstance(name, str) else (None, None)
     if cls is None or not holds(native):
         raise IndexFileError(
-            f"{where}: {path!r} records class {name!r}, which cannot hold its {type(native).__name__} "
-            f"(nbits={native.nbits}{', by_residual=' + str(native.by_residual) if isinstance(native, IVFPQIndex) else ''})"
+            f"{where}: {path!r} records class {name!r}, which cannot hold its {type(native).__name__} (nbits={native.nbits})"
         )
     index = cls._wrap(native)
     if "nprobe" in annotations:
-        nprobe = annotations["nprobe"]
-        if not issubclass(cls, _IVFIndex) or not _is_int(nprobe) or nprobe < 1:
-            raise IndexFileError(f"{where}: {path!r} records nprobe={nprobe!r} for a {name}")
-        index.nprobe = nprobe
+        try:
+            if not isinstance(index, _IVFIndex):
+                raise ValueError("only IVF indexes have an nprobe")
+            index.nprobe = annotations["nprobe"]  # the setter's own checks
+        except (TypeError, ValueError) as error:
+            raise IndexFileError(
+                f"{where}: {path!r} records nprobe={annotations['nprobe']!r} for a {name} ({error})"
+            ) from error
     return index
 
 
